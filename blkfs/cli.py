@@ -1,0 +1,507 @@
+"""`blkfs`: mount, unmount and query the block-tracking filesystem."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, NoReturn
+
+from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
+from .control import ControlClient, ControlError
+from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
+from .mount import MountOptions, QuietError
+from .runtime import DaemonInfo, mount_fstype
+
+PROG = "blkfs"
+START_TIMEOUT = 30.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line: what is wrong and where to look, not a usage dump.
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+def _block_size(text: str) -> int:
+    try:
+        size = parse_size(text)
+        check_block_size(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad block size {text!r}: use a power of two from 4K to 1M, e.g. 64K"
+        ) from None
+    return size
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return v
+
+
+def _nonneg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description=(
+            "A FUSE filesystem in front of a directory of VM disk images and memory files. "
+            "It passes everything through and records which blocks were written (dirty bitmaps, "
+            "swapped per epoch) and how often (heat)."
+        ),
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    m = sub.add_parser(
+        "mount",
+        help="mount BACKING on MOUNTPOINT (returns once ready)",
+        description="Mount BACKING on MOUNTPOINT. Returns once the mount is ready, "
+        "with the daemon in the background (log: BACKING/.blkfs/blkfs.log), "
+        "or stays in the foreground with --fg.",
+    )
+    m.add_argument("backing", metavar="BACKING", help="directory holding the VM files")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="empty directory to mount on")
+    m.add_argument(
+        "--block-size",
+        type=_block_size,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="SIZE",
+        help="tracking block size, a power of two from 4K to 1M (default 64K)",
+    )
+    m.add_argument("--fg", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket path (default: in /run/blkfs or $XDG_RUNTIME_DIR)",
+    )
+    m.add_argument(
+        "--heat-half-life",
+        type=_positive,
+        default=DEFAULT_HALF_LIFE,
+        metavar="SECONDS",
+        help=f"heat halves every SECONDS (default {DEFAULT_HALF_LIFE:g})",
+    )
+    m.add_argument(
+        "--static-heat",
+        type=_nonneg,
+        default=DEFAULT_STATIC_HEAT,
+        metavar="H",
+        help=f"blocks with heat <= H are static (default {DEFAULT_STATIC_HEAT:g})",
+    )
+    m.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="plain passthrough, nothing recorded (for comparison)",
+    )
+    m.add_argument(
+        "--xattr",
+        action="store_true",
+        help="pass extended attributes through (costs a GETXATTR before every write)",
+    )
+    m.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users (e.g. a qemu user) use the mount; modes are enforced",
+    )
+    m.add_argument("--debug", action="store_true", help="log every request")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="unmount cleanly and save tracking state")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument(
+        "--timeout",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to save its state (default 60)",
+    )
+
+    s = sub.add_parser("status", help="per file: size, blocks, dirty, static/dynamic, hottest")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--static-heat", type=_nonneg, metavar="H", help="threshold for this query")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser(
+        "dirty",
+        help="dirty extents of FILE in the current epoch",
+        description="Dirty extents of FILE. With --swap: end the epoch and print "
+        "the set it collected. Before a swap the file is fsynced through the mount "
+        "so writes still in the page cache (mmap) reach blkfs first.",
+    )
+    d.add_argument("mountpoint", metavar="MOUNTPOINT")
+    d.add_argument("file", metavar="FILE", help="path relative to the mount (or under it)")
+    d.add_argument("--swap", action="store_true", help="end the epoch and return its set")
+    d.add_argument("--no-flush", action="store_true", help="do not fsync FILE before --swap")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+
+    h = sub.add_parser("heat", help="heat per block of FILE and its static/dynamic split")
+    h.add_argument("mountpoint", metavar="MOUNTPOINT")
+    h.add_argument("file", metavar="FILE")
+    h.add_argument("--static-heat", type=_nonneg, metavar="H", help="threshold for this query")
+    h.add_argument("--json", action="store_true", help="machine-readable output")
+
+    f = sub.add_parser(
+        "freeze",
+        help="hold writes to FILEs (all files if none) until thaw",
+        description="Hold writes to the FILEs (every file if none is given) until "
+        "'blkfs thaw'. Reads go on. Returns once no write is in flight.",
+    )
+    f.add_argument("mountpoint", metavar="MOUNTPOINT")
+    f.add_argument("files", metavar="FILE", nargs="*")
+    t = sub.add_parser("thaw", help="release writes held by freeze")
+    t.add_argument("mountpoint", metavar="MOUNTPOINT")
+    t.add_argument("files", metavar="FILE", nargs="*")
+    return p
+
+
+# -- mount / umount ------------------------------------------------------------------------
+
+
+def _mount_options(a: argparse.Namespace) -> MountOptions:
+    return MountOptions(
+        backing=os.path.abspath(a.backing),
+        mountpoint=os.path.abspath(a.mountpoint),
+        block_size=a.block_size,
+        half_life=a.heat_half_life,
+        static_heat=a.static_heat,
+        tracking=not a.no_tracking,
+        xattr=a.xattr,
+        allow_other=a.allow_other,
+        control=os.path.abspath(a.control) if a.control else None,
+        debug=a.debug,
+    )
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    from .mount import check_mount_args, run_daemon
+
+    opts = _mount_options(a)
+    check_mount_args(opts)
+    if a.fg or a.ready_fd is not None:
+        return run_daemon(opts, a.ready_fd, foreground=a.fg)
+    r, w = os.pipe()
+    args = [
+        sys.executable,
+        "-m",
+        "blkfs.cli",
+        "mount",
+        opts.backing,
+        opts.mountpoint,
+        "--block-size",
+        str(opts.block_size),
+        "--heat-half-life",
+        str(opts.half_life),
+        "--static-heat",
+        str(opts.static_heat),
+        "--ready-fd",
+        str(w),
+    ]
+    args += [
+        flag
+        for flag, on in (
+            ("--no-tracking", not opts.tracking),
+            ("--xattr", opts.xattr),
+            ("--allow-other", opts.allow_other),
+            ("--debug", opts.debug),
+        )
+        if on
+    ]
+    if opts.control:
+        args += ["--control", opts.control]
+    proc = subprocess.Popen(
+        args,
+        pass_fds=(w,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
+    )
+    os.close(w)
+    answer = _read_ready(r, proc)
+    if answer != "ok":
+        if answer.startswith("error: "):
+            raise QuietError(answer.removeprefix("error: "))
+        raise QuietError(
+            f"the blkfs daemon did not start ({answer or 'it exited'}); "
+            f"see {os.path.join(opts.meta_dir, 'blkfs.log')}"
+        )
+    print(
+        f"blkfs: mounted {opts.backing} on {opts.mountpoint} (block size "
+        f"{opts.block_size // 1024}K, tracking {'on' if opts.tracking else 'off'}, "
+        f"pid {proc.pid}); unmount with: blkfs umount {opts.mountpoint}"
+    )
+    return 0
+
+
+def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    import select
+
+    data = b""
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.terminate()
+                return "timed out"
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace").strip()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    mnt = os.path.abspath(a.mountpoint)
+    fstype = mount_fstype(mnt)
+    if fstype is None:
+        raise QuietError(f"{a.mountpoint} is not mounted: nothing to unmount")
+    if fstype != "fuse.blkfs":
+        raise QuietError(f"{a.mountpoint} is a {fstype} mount, not blkfs: use umount")
+    info = DaemonInfo.find(mnt)
+    r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        if "busy" in msg.lower():
+            raise QuietError(
+                f"{a.mountpoint} is busy: close the files open on it "
+                f"(fuser -vm {a.mountpoint}) and retry"
+            )
+        raise QuietError(f"cannot unmount {a.mountpoint}: {msg}")
+    if info is None or _gone(info.pid):
+        print(
+            f"blkfs: unmounted {a.mountpoint} (its daemon had died: tracking state was not "
+            "saved, the next mount reports every block dirty)"
+        )
+        return 0
+    deadline = time.monotonic() + a.timeout
+    while not _gone(info.pid):
+        if time.monotonic() > deadline:
+            raise QuietError(
+                f"unmounted {a.mountpoint}, but daemon pid {info.pid} is still "
+                f"saving after {a.timeout:g}s: see {info.backing}/.blkfs/blkfs.log"
+            )
+        time.sleep(0.02)
+    print(f"blkfs: unmounted {a.mountpoint}; tracking state saved")
+    return 0
+
+
+# -- queries -------------------------------------------------------------------------------
+
+
+def _rel(mountpoint: str, file: str) -> str:
+    """Accept FILE relative to the mount, or an absolute path under it."""
+    if os.path.isabs(file):
+        mnt = os.path.abspath(mountpoint)
+        full = os.path.abspath(file)
+        if os.path.commonpath([full, mnt]) != mnt:
+            raise QuietError(f"{file} is not under {mountpoint}: give a path inside the mount")
+        return os.path.relpath(full, mnt)
+    return file
+
+
+def _kib(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_extents(exts: list[list[int]], limit: int = 12) -> str:
+    parts = [f"{b}" if c == 1 else f"{b}-{b + c - 1}" for b, c in exts[:limit]]
+    if len(exts) > limit:
+        parts.append(f"... ({len(exts) - limit} more extents)")
+    return ", ".join(parts) or "none"
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    with ControlClient.for_mount(a.mountpoint) as c:
+        args = {} if a.static_heat is None else {"static_heat": a.static_heat}
+        st = c.call("status", **args)
+    if a.json:
+        _print_json(st)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    frozen = " (all frozen)" if st["frozen_all"] else ""
+    con.print(
+        f"[bold]{a.mountpoint}[/] ← {st['backing']}  block size {_kib(st['block_size'])}, "
+        f"tracking {'on' if st['tracking'] else 'off'}, heat half-life "
+        f"{st['half_life']:g}s, static ≤ {st['static_heat']:g}{frozen}"
+    )
+    t = Table()
+    for col, just in (
+        ("file", "left"),
+        ("size", "right"),
+        ("blocks", "right"),
+        ("epoch", "right"),
+        ("dirty", "right"),
+        ("static", "right"),
+        ("dynamic", "right"),
+        ("hottest blocks (heat)", "left"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for f in st["files"]:
+        if "blocks" not in f:
+            t.add_row(f["file"], _human(f["size"]), "-", "-", "-", "-", "-", "")
+            continue
+        hot = ", ".join(f"{b} ({h:g})" for b, h in f["hottest"][:3])
+        name = f["file"] + (" [frozen]" if f["frozen"] else "")
+        t.add_row(
+            name,
+            _human(f["size"]),
+            str(f["blocks"]),
+            str(f["epoch"]),
+            str(f["dirty"]),
+            str(f["static"]),
+            str(f["dynamic"]),
+            hot,
+        )
+    con.print(t)
+    return 0
+
+
+def _flush(mountpoint: str, rel: str) -> None:
+    """fsync FILE through the mount: a barrier for writes still in the page cache."""
+    path = os.path.join(mountpoint, rel)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # the daemon reports the missing file in its own words
+    except OSError as exc:
+        raise QuietError(f"cannot open {path} to flush it: {exc.strerror}") from None
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cmd_dirty(a: argparse.Namespace) -> int:
+    rel = _rel(a.mountpoint, a.file)
+    with ControlClient.for_mount(a.mountpoint) as c:
+        if a.swap and not a.no_flush:
+            _flush(a.mountpoint, rel)
+        d = c.call("dirty", file=rel, swap=a.swap)
+    if a.json:
+        _print_json({k: d[k] for k in ("file", "epoch", "block_size", "extents")})
+        return 0
+    n = sum(c for _, c in d["extents"])
+    what = "ended" if a.swap else "current"
+    print(
+        f"{d['file']}: {what} epoch {d['epoch']}: {n} dirty blocks of {_kib(d['block_size'])} "
+        f"({_human(n * d['block_size'])}): {_fmt_extents(d['extents'])}"
+    )
+    return 0
+
+
+def cmd_heat(a: argparse.Namespace) -> int:
+    rel = _rel(a.mountpoint, a.file)
+    with ControlClient.for_mount(a.mountpoint) as c:
+        args = {} if a.static_heat is None else {"static_heat": a.static_heat}
+        h = c.call("heat", file=rel, **args)
+    if a.json:
+        _print_json(h)
+        return 0
+    print(
+        f"{h['file']}: {h['blocks']} blocks of {_kib(h['block_size'])}, half-life "
+        f"{h['half_life']:g}s: {h['static']} static (heat ≤ {h['static_heat']:g}), "
+        f"{h['dynamic']} dynamic"
+    )
+    print(f"  dynamic: {_fmt_extents(h['dynamic_extents'])}")
+    runs = sorted(h["heat"], key=lambda e: -e[2])[:10]
+    if runs:
+        print(
+            "  hottest runs: "
+            + ", ".join(f"{b}{'' if c == 1 else f'-{b + c - 1}'}: {v:g}" for b, c, v in runs)
+        )
+    return 0
+
+
+def cmd_freeze(a: argparse.Namespace) -> int:
+    files = [_rel(a.mountpoint, f) for f in a.files]
+    with ControlClient.for_mount(a.mountpoint) as c:
+        r = c.call("freeze", files=files)
+    what = ", ".join(files) if files else "all files"
+    print(
+        f"blkfs: froze {what} ({r['frozen']} tracked); writes wait until: blkfs thaw {a.mountpoint}"
+    )
+    return 0
+
+
+def cmd_thaw(a: argparse.Namespace) -> int:
+    files = [_rel(a.mountpoint, f) for f in a.files]
+    with ControlClient.for_mount(a.mountpoint) as c:
+        c.call("thaw", files=files)
+    print(f"blkfs: thawed {', '.join(files) if files else 'all files'}")
+    return 0
+
+
+COMMANDS = {
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "status": cmd_status,
+    "dirty": cmd_dirty,
+    "heat": cmd_heat,
+    "freeze": cmd_freeze,
+    "thaw": cmd_thaw,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[a.cmd](a)
+    except (QuietError, ControlError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exitcode", 1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The control socket: a Unix stream socket speaking newline-delimited JSON.
+
+Request ``{"op": "dirty", "file": "disk.raw", "swap": true}``; answer
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
+
+Only the daemon's owner and root may talk to it (invariant 6): the socket is
+0600 inside a 0700 runtime directory, and every connection's peer
+credentials (SO_PEERCRED) are checked before anything is read.
+
+The server runs in the daemon's trio loop, on the same thread as the FUSE
+handlers, so an op sees the trackers between two handler steps, never in the
+middle of one.  The client is plain blocking sockets, for CLIs and scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .runtime import DaemonInfo, mount_fstype
+
+if TYPE_CHECKING:
+    from .fs import BlkFS
+    from .tracker import FileTracker
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20  # bytes in one request line
+HOTTEST = 5
+
+
+class ControlError(Exception):
+    """A request the daemon refused, with a message meant for the user."""
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class Controller:
+    """The ops of the control socket, over a BlkFS instance."""
+
+    def __init__(self, fs: BlkFS, info: DaemonInfo) -> None:
+        self.fs = fs
+        self.info = info
+
+    # -- helpers -------------------------------------------------------------
+
+    def _resolve(self, rel: Any) -> tuple[str, FileTracker]:
+        if not isinstance(rel, str) or not rel:
+            raise ControlError("a FILE relative to the mount is required")
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts:
+            raise ControlError(f"{rel!r}: give the file relative to the mount, without '..'")
+        if p.parts and p.parts[0] == ".blkfs":
+            raise ControlError(f"no such file {rel!r} under {self.info.mountpoint}")
+        backing = self.fs.backing
+        full = os.path.realpath(os.path.join(backing, rel))
+        if os.path.commonpath([full, backing]) != backing:
+            raise ControlError(f"{rel!r} leads outside the mount")
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            raise ControlError(
+                f"no such file {rel!r} under {self.info.mountpoint}: "
+                f"give a path relative to the mount (see: blkfs status {self.info.mountpoint})"
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ControlError(f"{rel!r} is not a regular file: only regular files are tracked")
+        self._need_tracking()
+        relpath = os.path.relpath(full, backing)
+        return relpath, self.fs.tracker_for((st.st_dev, st.st_ino), st, relpath)
+
+    def _need_tracking(self) -> None:
+        if not self.fs.tracking:
+            raise ControlError(
+                f"{self.info.mountpoint} is mounted with --no-tracking: "
+                "remount without it to track writes"
+            )
+
+    def _threshold(self, args: dict[str, Any]) -> float:
+        t = args.get("static_heat")
+        if t is None:
+            return self.fs.static_heat
+        if not isinstance(t, (int, float)) or t < 0:
+            raise ControlError("static_heat must be a number >= 0")
+        return float(t)
+
+    def _trackers(self, files: Any) -> list[FileTracker] | None:
+        if files is None or files == []:
+            return None
+        if not isinstance(files, list):
+            raise ControlError("files must be a list of paths")
+        return [self._resolve(f)[1] for f in files]
+
+    # -- ops -----------------------------------------------------------------
+
+    def op_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "mountpoint": self.info.mountpoint,
+            "backing": self.fs.backing,
+            "block_size": 1 << self.fs.shift,
+            "tracking": self.fs.tracking,
+            "half_life": self.fs.half_life,
+            "static_heat": self.fs.static_heat,
+            "frozen_all": self.fs.frozen_all,
+            "faults": self.fs.faults,
+        }
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        threshold = self._threshold(args)
+        now = time.monotonic()
+        files = []
+        for rel, st, tr in self.fs.tracked_files():
+            entry: dict[str, Any] = {"file": rel, "size": st.st_size}
+            if tr is not None:
+                static, dynamic = tr.heat.split(tr.nblocks, threshold, now)
+                entry.update(
+                    block_size=tr.block_size,
+                    blocks=tr.nblocks,
+                    epoch=tr.bitmap.epoch,
+                    dirty=tr.bitmap.count(),
+                    static=static,
+                    dynamic=dynamic,
+                    hottest=[[b, round(h, 3)] for b, h in tr.heat.hottest(HOTTEST, now)],
+                    writes=tr.writes,
+                    frozen=tr.frozen,
+                    restored=tr.restored,
+                )
+            files.append(entry)
+        return {**self.op_info(args), "static_heat": threshold, "files": files}
+
+    def op_dirty(self, args: dict[str, Any]) -> dict[str, Any]:
+        rel, tr = self._resolve(args.get("file"))
+        if args.get("swap"):
+            epoch, exts = tr.swap()
+        else:
+            epoch, exts = tr.bitmap.epoch, tr.dirty_extents()
+        return {
+            "file": rel,
+            "epoch": epoch,
+            "block_size": tr.block_size,
+            "size": tr.size,
+            "extents": [list(e) for e in exts],
+        }
+
+    def op_heat(self, args: dict[str, Any]) -> dict[str, Any]:
+        rel, tr = self._resolve(args.get("file"))
+        threshold = self._threshold(args)
+        now = time.monotonic()
+        static, dynamic = tr.heat.split_extents(tr.nblocks, threshold, now)
+        return {
+            "file": rel,
+            "block_size": tr.block_size,
+            "blocks": tr.nblocks,
+            "half_life": self.fs.half_life,
+            "static_heat": threshold,
+            "static": sum(c for _, c in static),
+            "dynamic": sum(c for _, c in dynamic),
+            "static_extents": [list(e) for e in static],
+            "dynamic_extents": [list(e) for e in dynamic],
+            "heat": [list(e) for e in tr.heat.extents(now)],
+        }
+
+    def op_freeze(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._need_tracking()
+        return {"frozen": self.fs.freeze(self._trackers(args.get("files")))}
+
+    def op_thaw(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._need_tracking()
+        return {"thawed": self.fs.thaw(self._trackers(args.get("files")))}
+
+    def dispatch(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                raise ControlError('a request is a JSON object with an "op" string')
+            fn = getattr(self, "op_" + req["op"], None)
+            if fn is None:
+                raise ControlError(f"unknown op {req['op']!r}")
+            return {"ok": True, "result": fn(req)}
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except ValueError:
+            return {"ok": False, "error": "request is not valid JSON"}
+        except Exception as exc:
+            log.exception("control request %r failed", line[:200])
+            return {"ok": False, "error": f"internal error: {exc!r} (see the daemon log)"}
+
+
+async def serve(controller: Controller, path: str, *, task_status: Any = None) -> None:
+    """Listen on `path` (trio task; reports readiness through task_status)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # stale socket of a dead daemon; the mount check came first
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    owner = os.getuid()
+
+    async def handle(stream: Any) -> None:
+        async with stream:
+            try:
+                uid = peer_uid(stream.socket)
+                if uid not in (0, owner):
+                    log.warning("control: refused uid %d (owner is %d)", uid, owner)
+                    await stream.send_all(
+                        json.dumps(
+                            {
+                                "ok": False,
+                                "error": f"permission denied: uid {uid} does not own "
+                                "this blkfs daemon",
+                            }
+                        ).encode()
+                        + b"\n"
+                    )
+                    return
+                buf = b""
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        reply = controller.dispatch(line)
+                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    if len(buf) > MAX_REQUEST:
+                        await stream.send_all(
+                            json.dumps({"ok": False, "error": "request too large"}).encode() + b"\n"
+                        )
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                return
+
+    listener = trio.SocketListener(sock)
+    if task_status is not None:
+        task_status.started()
+    try:
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+# -- client ---------------------------------------------------------------------------
+
+
+class DaemonNotRunning(ControlError):
+    pass
+
+
+def find_socket(mountpoint: str) -> str:
+    """The control socket serving `mountpoint`, or DaemonNotRunning with advice."""
+    mnt = os.path.abspath(mountpoint)
+    if not os.path.isdir(mnt) and mount_fstype(mnt) is None:
+        raise DaemonNotRunning(f"{mountpoint} does not exist: give the blkfs mount point")
+    fstype = mount_fstype(mnt)
+    if fstype is None:
+        raise DaemonNotRunning(
+            f"{mountpoint} is not mounted: mount it with 'blkfs mount BACKING {mountpoint}'"
+        )
+    if fstype != "fuse.blkfs":
+        raise DaemonNotRunning(f"{mountpoint} is a {fstype} mount, not blkfs")
+    info = DaemonInfo.find(mnt)
+    if info is None or not info.alive():
+        raise DaemonNotRunning(
+            f"the blkfs daemon of {mountpoint} is not running (crashed?): "
+            f"run 'fusermount3 -u {mountpoint}', then mount it again"
+        )
+    return info.control
+
+
+class ControlClient:
+    """Blocking client: one connection, one request at a time."""
+
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.close()
+            raise DaemonNotRunning(f"no blkfs daemon answers on {path}") from None
+        except PermissionError:
+            self.sock.close()
+            raise ControlError(
+                f"permission denied on {path}: only the daemon's owner and root may use it"
+            ) from None
+        self._buf = b""
+
+    @classmethod
+    def for_mount(cls, mountpoint: str, timeout: float = 60.0) -> ControlClient:
+        return cls(find_socket(mountpoint), timeout)
+
+    def call(self, op: str, **args: Any) -> Any:
+        try:
+            self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while b"\n" not in self._buf:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    raise ControlError(f"the blkfs daemon on {self.path} closed the connection")
+                self._buf += data
+        except OSError as exc:
+            raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}") from None
+        line, self._buf = self._buf.split(b"\n", 1)
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise ControlError(reply.get("error", "unknown error"))
+        return reply["result"]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

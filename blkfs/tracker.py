@@ -1,0 +1,286 @@
+"""Per-file tracking state and its persistence (pure: no FUSE, no trio).
+
+A ``FileTracker`` holds what blkfs knows about one regular file: its size as
+written through the mount, the dirty bitmap of the current epoch and the heat
+of its blocks.  Hard links share one tracker: trackers are keyed by the
+backing file's ``(st_dev, st_ino)``.
+
+Persistence (invariant 5): on a clean unmount every tracker is written to
+``STATE_FILE`` together with the identity of the file it describes (size,
+mtime, ctime).  On mount the file is read and removed *before* the mount
+serves any request, so after an unclean exit there is no state and every file
+is reported all-dirty.  A saved record is used only if the file still has the
+identity it had at unmount; anything else (changed behind blkfs's back,
+different block size, unreadable state) falls back to all-dirty.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from .bitmap import DirtyBitmap, Extent, blocks_for, extents, from_extents
+from .heat import DEFAULT_HALF_LIFE, Heat
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+
+FileKey = tuple[int, int]  # (st_dev, st_ino) of the backing file
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """What must be unchanged for a saved bitmap to still be complete."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class FileTracker:
+    """Dirty bitmap + heat + size of one tracked file."""
+
+    __slots__ = ("bitmap", "frozen", "heat", "key", "restored", "shift", "size", "writes")
+
+    def __init__(
+        self,
+        key: FileKey,
+        size: int,
+        shift: int,
+        *,
+        half_life: float = DEFAULT_HALF_LIFE,
+        now: float = 0.0,
+        all_dirty: bool = True,
+    ) -> None:
+        self.key = key
+        self.shift = shift
+        self.size = size
+        self.bitmap = DirtyBitmap(blocks_for(size, shift), all_dirty=all_dirty)
+        self.heat = Heat(half_life, now)
+        self.frozen = False
+        self.restored = False  # True when the bitmap came from a clean-shutdown record
+        self.writes = 0
+
+    @property
+    def block_size(self) -> int:
+        return 1 << self.shift
+
+    @property
+    def nblocks(self) -> int:
+        return blocks_for(self.size, self.shift)
+
+    def on_write(self, offset: int, length: int, now: float) -> None:
+        """Record `length` bytes written at `offset`, after they reached the backing file.
+
+        This is the write hot path: a few integer ops, a slice assignment and
+        a dict update.
+        """
+        if length <= 0:
+            return
+        end = offset + length
+        if end > self.size:
+            self._grow(end)
+        shift = self.shift
+        first = offset >> shift
+        last = (end - 1) >> shift
+        self.bitmap.mark(first, last)
+        self.heat.bump(first, last, now)
+        self.writes += 1
+
+    def _grow(self, new_size: int) -> None:
+        """Mark every block between the old and the new end of file.
+
+        A hole left by growth reads as zeros, which is new content for the
+        copy: blocks in it (and the old partial last block) are dirty.
+        """
+        old = self.size
+        self.size = new_size
+        self.bitmap.mark(old >> self.shift, (new_size - 1) >> self.shift)
+
+    def on_resize(self, new_size: int) -> None:
+        """Truncate/extend: drop blocks past EOF, mark blocks that growth adds."""
+        if new_size > self.size:
+            self._grow(new_size)
+        elif new_size < self.size:
+            self.size = new_size
+            n = blocks_for(new_size, self.shift)
+            self.bitmap.resize(n)
+            self.heat.truncate(n)
+
+    def mark_all(self) -> None:
+        """Report every block dirty (used when completeness cannot be proven)."""
+        n = self.nblocks
+        self.bitmap.resize(0)
+        self.bitmap.resize(n)
+        if n:
+            self.bitmap.mark(0, n - 1)
+
+    def swap(self) -> tuple[int, list[Extent]]:
+        """End the current epoch: return (its number, its dirty extents)."""
+        self.bitmap.resize(self.nblocks)
+        epoch, bits = self.bitmap.swap()
+        return epoch, extents(bits)
+
+    def dirty_extents(self) -> list[Extent]:
+        return self.bitmap.extents()
+
+    # -- persistence ------------------------------------------------------------
+
+    def to_record(self, ident: FileIdentity, path: str, now: float) -> dict[str, Any]:
+        pairs = self.heat.snapshot(now)
+        blocks = array("Q", (b for b, _ in pairs))
+        values = array("d", (h for _, h in pairs))
+        return {
+            "dev": self.key[0],
+            "ino": self.key[1],
+            "path": path,
+            "size": ident.size,
+            "mtime_ns": ident.mtime_ns,
+            "ctime_ns": ident.ctime_ns,
+            "epoch": self.bitmap.epoch,
+            "dirty": self.bitmap.extents(),
+            "heat_blocks": base64.b64encode(blocks.tobytes()).decode(),
+            "heat_values": base64.b64encode(values.tobytes()).decode(),
+        }
+
+    @classmethod
+    def from_record(
+        cls,
+        rec: dict[str, Any],
+        shift: int,
+        *,
+        half_life: float,
+        now: float,
+        elapsed: float,
+    ) -> FileTracker:
+        tr = cls(
+            (rec["dev"], rec["ino"]),
+            rec["size"],
+            shift,
+            half_life=half_life,
+            now=now,
+            all_dirty=False,
+        )
+        tr.bitmap.bits = from_extents(rec["dirty"], tr.nblocks)
+        tr.bitmap.epoch = int(rec["epoch"])
+        blocks = array("Q")
+        blocks.frombytes(base64.b64decode(rec["heat_blocks"]))
+        values = array("d")
+        values.frombytes(base64.b64decode(rec["heat_values"]))
+        tr.heat.restore(list(zip(blocks, values, strict=True)), now, elapsed)
+        tr.restored = True
+        return tr
+
+
+class SavedState:
+    """Records of the last clean unmount, consumed as files are first seen."""
+
+    def __init__(self, records: dict[FileKey, dict[str, Any]], saved_at: float) -> None:
+        self.records = records
+        self.saved_at = saved_at
+
+    @classmethod
+    def empty(cls) -> SavedState:
+        return cls({}, time.time())
+
+    def take(
+        self,
+        key: FileKey,
+        st: os.stat_result,
+        shift: int,
+        *,
+        half_life: float,
+        now: float,
+    ) -> FileTracker | None:
+        """The restored tracker for `key` if its record still proves completeness."""
+        rec = self.records.pop(key, None)
+        if rec is None:
+            return None
+        if FileIdentity.of(st) != FileIdentity(rec["size"], rec["mtime_ns"], rec["ctime_ns"]):
+            log.info("%s changed while unmounted: reporting it all dirty", rec.get("path", key))
+            return None
+        try:
+            return FileTracker.from_record(
+                rec, shift, half_life=half_life, now=now, elapsed=time.time() - self.saved_at
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning(
+                "bad saved record for %s (%s): reporting it all dirty", rec.get("path", key), exc
+            )
+            return None
+
+
+def load_state(meta_dir: str, block_size: int) -> SavedState:
+    """Read and remove the clean-shutdown state; empty when absent or unusable.
+
+    The file is unlinked (and the directory fsynced) before the mount serves
+    anything: a crash from here on leaves no state behind, so the next mount
+    reports everything dirty.
+    """
+    path = os.path.join(meta_dir, STATE_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return SavedState.empty()
+    try:
+        os.unlink(path)
+        _fsync_dir(meta_dir)
+    except OSError:
+        log.exception("cannot remove %s: refusing to trust it", path)
+        return SavedState.empty()
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown format {doc.get('format')!r}")
+        if doc.get("block_size") != block_size:
+            log.info(
+                "saved state has block size %s, mount uses %s: all files dirty",
+                doc.get("block_size"),
+                block_size,
+            )
+            return SavedState.empty()
+        records = {(r["dev"], r["ino"]): r for r in doc["files"]}
+        return SavedState(records, float(doc["saved_at"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("unreadable tracking state %s (%s): all files dirty", path, exc)
+        return SavedState.empty()
+
+
+def save_state(meta_dir: str, block_size: int, records: list[dict[str, Any]]) -> str:
+    """Write the clean-shutdown state atomically (tmp + fsync + rename + fsync dir)."""
+    path = os.path.join(meta_dir, STATE_FILE)
+    tmp = path + ".tmp"
+    doc = {
+        "format": STATE_FORMAT,
+        "block_size": block_size,
+        "saved_at": time.time(),
+        "files": records,
+    }
+    with open(tmp, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    _fsync_dir(meta_dir)
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

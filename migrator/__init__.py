@@ -1,0 +1,1 @@
+"""migrator: live migration of a VM's files between two blkfs mounts (to come)."""
