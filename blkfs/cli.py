@@ -14,7 +14,7 @@ from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
 from .control import ControlClient, ControlError
 from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
 from .mount import MountOptions, QuietError
-from .runtime import DaemonInfo, mount_fstype
+from .runtime import DaemonInfo, mount_fstype, process_gone
 
 PROG = "blkfs"
 START_TIMEOUT = 30.0
@@ -272,14 +272,6 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
     return data.decode(errors="replace").strip()
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return True
-
-
 def cmd_umount(a: argparse.Namespace) -> int:
     mnt = os.path.abspath(a.mountpoint)
     fstype = mount_fstype(mnt)
@@ -297,14 +289,14 @@ def cmd_umount(a: argparse.Namespace) -> int:
                 f"(fuser -vm {a.mountpoint}) and retry"
             )
         raise QuietError(f"cannot unmount {a.mountpoint}: {msg}")
-    if info is None or _gone(info.pid):
+    if info is None or process_gone(info.pid):
         print(
             f"blkfs: unmounted {a.mountpoint} (its daemon had died: tracking state was not "
             "saved, the next mount reports every block dirty)"
         )
         return 0
     deadline = time.monotonic() + a.timeout
-    while not _gone(info.pid):
+    while not process_gone(info.pid):
         if time.monotonic() > deadline:
             raise QuietError(
                 f"unmounted {a.mountpoint}, but daemon pid {info.pid} is still "

@@ -302,7 +302,8 @@ class ControlClient:
             self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
-            raise DaemonNotRunning(f"no blkfs daemon answers on {path}") from None
+            raise DaemonNotRunning(f"no blkfs daemon answers on {path}: is it still running? "
+                                   "(look for blkfs in ps; remount if it died)") from None
         except PermissionError:
             self.sock.close()
             raise ControlError(

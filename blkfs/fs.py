@@ -418,7 +418,7 @@ class BlkFS(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return os.readlink(os.fsencode(_proc(self._node(inode).fd)))
+        return os.readlink(b"", dir_fd=self._node(inode).fd)  # readlinkat(fd, "")
 
     @handler
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

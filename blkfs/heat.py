@@ -67,10 +67,15 @@ class Heat:
     # -- queries --------------------------------------------------------------
 
     def _scale(self, now: float) -> float:
-        return 2.0 ** (-(now - self._t0) * self._inv)
+        e = (now - self._t0) * self._inv
+        if e > _RESCALE_EXP:  # long idle: rescale before 2**-e underflows to 0
+            self._rescale(now)
+            e = 0.0
+        return 2.0**-e
 
     def value(self, block: int, now: float) -> float:
-        return self._stored.get(block, 0.0) * self._scale(now)
+        scale = self._scale(now)  # first: it may rescale the stored values
+        return self._stored.get(block, 0.0) * scale
 
     def written(self) -> int:
         """Number of blocks with any recorded heat."""
@@ -91,20 +96,22 @@ class Heat:
 
     def _threshold_pos(self, threshold: float, now: float) -> int:
         """Index position of the first written block hotter than `threshold`."""
+        scale = self._scale(now)
         index = self._refresh()
-        limit = threshold / self._scale(now)
+        # A tiny tolerance: a block written once has heat 1 up to rounding.
+        limit = threshold * (1.0 + 1e-9) / scale
         return index.bisect_right((limit, float("inf")))
 
     def split(self, nblocks: int, threshold: float, now: float) -> tuple[int, int]:
         """(static, dynamic) block counts among the first `nblocks` blocks."""
-        index = self._refresh()
-        dynamic = len(index) - self._threshold_pos(threshold, now)
+        pos = self._threshold_pos(threshold, now)
+        dynamic = sum(1 for _, b in self._index.islice(pos) if b < nblocks)
         return nblocks - dynamic, dynamic
 
     def dynamic_blocks(self, threshold: float, now: float) -> list[int]:
         """Blocks hotter than `threshold`, coldest first."""
-        index = self._refresh()
-        return [b for _, b in index.islice(self._threshold_pos(threshold, now))]
+        pos = self._threshold_pos(threshold, now)
+        return [b for _, b in self._index.islice(pos)]
 
     def split_extents(
         self, nblocks: int, threshold: float, now: float
@@ -122,19 +129,20 @@ class Heat:
         Never-written blocks (heat 0) come first in block order, then the
         written ones by rising heat.
         """
-        stored = self._stored
-        for b in range(nblocks):
-            if b not in stored:
-                yield b, 0.0
         scale = self._scale(now)
-        for v, b in self._refresh():
+        index = list(self._refresh())  # a copy: the caller may write while iterating
+        written = {b for _, b in index}
+        for b in range(nblocks):
+            if b not in written:
+                yield b, 0.0
+        for v, b in index:
             if b < nblocks:
                 yield b, v * scale
 
     def hottest(self, k: int, now: float) -> list[tuple[int, float]]:
         """The k hottest blocks as (block, heat), hottest first."""
-        index = self._refresh()
         scale = self._scale(now)
+        index = self._refresh()
         n = len(index)
         return [(b, v * scale) for v, b in index.islice(max(0, n - k), n, reverse=True)]
 
@@ -160,7 +168,7 @@ class Heat:
         self._changed.update(gone)
 
     def _rescale(self, now: float) -> None:
-        scale = self._scale(now)
+        scale = 2.0 ** (-(now - self._t0) * self._inv)
         self._stored = {b: v * scale for b, v in self._stored.items() if v * scale > _NEGLIGIBLE}
         self._t0 = now
         self._index = SortedList()

@@ -80,13 +80,7 @@ class DaemonInfo:
             return None
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return not process_gone(self.pid)
 
 
 def _unescape(field: str) -> str:
@@ -124,3 +118,12 @@ def mount_fstype(path: str) -> str | None:
             if mnt in (target, real):
                 found = right.split()[0]  # the last mount on a path wins
     return found
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True

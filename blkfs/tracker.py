@@ -208,10 +208,10 @@ class SavedState:
         rec = self.records.pop(key, None)
         if rec is None:
             return None
-        if FileIdentity.of(st) != FileIdentity(rec["size"], rec["mtime_ns"], rec["ctime_ns"]):
-            log.info("%s changed while unmounted: reporting it all dirty", rec.get("path", key))
-            return None
         try:
+            if FileIdentity.of(st) != FileIdentity(rec["size"], rec["mtime_ns"], rec["ctime_ns"]):
+                log.info("%s changed while unmounted: reporting it all dirty", rec.get("path", key))
+                return None
             return FileTracker.from_record(
                 rec, shift, half_life=half_life, now=now, elapsed=time.time() - self.saved_at
             )
@@ -243,6 +243,8 @@ def load_state(meta_dir: str, block_size: int) -> SavedState:
         return SavedState.empty()
     try:
         doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         if doc.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown format {doc.get('format')!r}")
         if doc.get("block_size") != block_size:
@@ -254,7 +256,7 @@ def load_state(meta_dir: str, block_size: int) -> SavedState:
             return SavedState.empty()
         records = {(r["dev"], r["ino"]): r for r in doc["files"]}
         return SavedState(records, float(doc["saved_at"]))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("unreadable tracking state %s (%s): all files dirty", path, exc)
         return SavedState.empty()
 

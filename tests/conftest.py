@@ -1,0 +1,136 @@
+"""Fixtures: real blkfs mounts on temporary mount points, always unmounted."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blkfs.control import ControlClient
+from blkfs.runtime import DaemonInfo, mount_fstype, process_gone
+
+BLKFS = [sys.executable, "-m", "blkfs.cli"]
+
+
+def fuse_available() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is missing (apt-get install fuse3)"
+    return None
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    reason = fuse_available()
+    if reason is None:
+        return
+    for item in items:
+        if "mount" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def run_blkfs(*args: str, check: bool = False, **kw: Any) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([*BLKFS, *args], capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"blkfs {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+def force_unmount(mnt: str, pid: int | None = None) -> None:
+    """Last-resort cleanup: lazy unmount and kill the daemon."""
+    if mount_fstype(mnt) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Mount:
+    backing: Path
+    mnt: Path
+    pid: int = 0
+
+    def path(self, rel: str) -> Path:
+        return self.mnt / rel
+
+    def client(self) -> ControlClient:
+        return ControlClient.for_mount(str(self.mnt))
+
+    def call(self, op: str, **args: Any) -> Any:
+        with self.client() as c:
+            return c.call(op, **args)
+
+    def dirty(self, rel: str, swap: bool = False) -> list[tuple[int, int]]:
+        return [tuple(e) for e in self.call("dirty", file=rel, swap=swap)["extents"]]
+
+    def swap(self, rel: str) -> list[tuple[int, int]]:
+        return self.dirty(rel, swap=True)
+
+    def mounted(self) -> bool:
+        return mount_fstype(str(self.mnt)) == "fuse.blkfs"
+
+    def umount(self) -> None:
+        run_blkfs("umount", str(self.mnt), check=True)
+
+    def kill9(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not process_gone(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+
+
+@pytest.fixture
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path_factory.mktemp("rt")
+    monkeypatch.setenv("BLKFS_RUNTIME_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def mount_factory(
+    tmp_path: Path, runtime_dir: Path
+) -> Iterator[Callable[..., Mount]]:
+    mounts: list[Mount] = []
+
+    def make(*extra: str, backing: Path | None = None, mnt: Path | None = None) -> Mount:
+        b = backing or tmp_path / "backing"
+        m = mnt or tmp_path / "mnt"
+        b.mkdir(exist_ok=True)
+        m.mkdir(exist_ok=True)
+        r = run_blkfs("mount", str(b), str(m), *extra, check=True)
+        assert "mounted" in r.stdout
+        info = DaemonInfo.find(str(m))
+        assert info is not None
+        mount = Mount(b, m, info.pid)
+        mounts.append(mount)
+        return mount
+
+    yield make
+    for mount in mounts:
+        mnt = str(mount.mnt)
+        if mount_fstype(mnt) is not None:
+            r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+            if r.returncode != 0:
+                force_unmount(mnt, mount.pid)
+        deadline = time.monotonic() + 20
+        while not process_gone(mount.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not process_gone(mount.pid):
+            force_unmount(mnt, mount.pid)
+
+
+@pytest.fixture
+def mount(mount_factory: Callable[..., Mount]) -> Mount:
+    return mount_factory("--block-size", "64K")
