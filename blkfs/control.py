@@ -222,16 +222,10 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
                 uid = peer_uid(stream.socket)
                 if uid not in (0, owner):
                     log.warning("control: refused uid %d (owner is %d)", uid, owner)
-                    await stream.send_all(
-                        json.dumps(
-                            {
-                                "ok": False,
-                                "error": f"permission denied: uid {uid} does not own "
-                                "this blkfs daemon",
-                            }
-                        ).encode()
-                        + b"\n"
-                    )
+                    msg = f"permission denied: uid {uid} does not own this blkfs daemon"
+                    await stream.send_all(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
+                    with trio.move_on_after(1):  # let the peer read the reason before we close
+                        await stream.receive_some(MAX_REQUEST)
                     return
                 buf = b""
                 while True:

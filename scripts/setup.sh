@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian machine: system packages (when missing),
+# a virtual environment in .venv, and the project installed editable with its
+# test extras.  Sourced or run by scripts/demo.sh and scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# fuse3: fusermount3 and /dev/fuse support; libfuse3-dev + pkg-config + gcc +
+# python3-dev: to build pyfuse3; fio: benchmarks and the fio tests;
+# python3-venv: the venv; iproute2: network-namespace tests.
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv fio iproute2)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing system packages: ${missing[*]} - run as root, or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv with $($PY --version 2>&1)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.blkfs-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "setup: installing the project and its test dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" >"$stamp"
+fi
