@@ -227,7 +227,12 @@ class BlkFS(pyfuse3.Operations):
     def _drop(self, node: Node) -> None:
         if node.tracker is not None:
             try:
-                self.paths[node.key] = self._relpath(node.fd)
+                if os.fstat(node.fd).st_nlink == 0:
+                    # Deleted: its inode number may be reused by a new file.
+                    self.trackers.pop(node.key, None)
+                    self.paths.pop(node.key, None)
+                else:
+                    self.paths[node.key] = self._relpath(node.fd)
             except OSError:
                 pass
         del self._nodes[node.ino]
@@ -614,7 +619,14 @@ class BlkFS(pyfuse3.Operations):
             os.close(fd)
             raise
         node = self._nodes[entry.st_ino]
-        tr = self._tracker_of(node)
+        tr = None
+        if self.tracking:
+            # A new file: never inherit a tracker or a saved record from an earlier
+            # file that had the same (reused) inode number.
+            self.saved.records.pop(node.key, None)
+            tr = FileTracker(node.key, 0, self.shift, half_life=self.half_life, now=_now())
+            tr.frozen = self.frozen_all
+            self.trackers[node.key] = node.tracker = tr
         return pyfuse3.FileInfo(fh=self._new_fh(fd, tr), keep_cache=True), entry
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

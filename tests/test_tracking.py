@@ -308,3 +308,17 @@ def test_no_tracking_mount_is_a_plain_passthrough(mount_factory: Callable[..., M
     with pytest.raises(ControlError, match="--no-tracking"):
         m.call("dirty", file="f")
     assert m.call("info")["tracking"] is False
+
+
+def test_a_new_file_never_inherits_an_old_files_tracking(mount: Mount) -> None:
+    """Inode numbers are reused after delete: a new file must start afresh."""
+    for i in range(20):
+        p = mount.path(f"f{i}")
+        p.write_bytes(b"\0" * 16 * B)
+        mount.swap(f"f{i}")
+        os.unlink(p)
+    q = mount.path("new")
+    pwrite(q, b"n", 0)
+    st = {f["file"]: f for f in mount.call("status")["files"]}["new"]
+    assert st["size"] == 1 and st["blocks"] == 1 and st["dirty"] == 1
+    assert mount.dirty("new") == [(0, 1)]
