@@ -64,6 +64,16 @@ class Heat:
                 stored[b] = get(b, 0.0) + w
             self._changed.update(range(first, last + 1))
 
+    def bump_one(self, block: int, now: float) -> None:
+        """`bump(block, block, now)`, without the range handling (most writes)."""
+        e = (now - self._t0) * self._inv
+        if e > _RESCALE_EXP:
+            self._rescale(now)
+            e = 0.0
+        stored = self._stored
+        stored[block] = stored.get(block, 0.0) + 2.0**e
+        self._changed.add(block)
+
     # -- queries --------------------------------------------------------------
 
     def _scale(self, now: float) -> float:
