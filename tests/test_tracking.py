@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import pytest
 
 from blkfs.bitmap import iter_blocks
 from blkfs.control import ControlError
+from blkfs.runtime import process_gone
 
 from .conftest import Mount, run_blkfs
 
@@ -322,3 +324,18 @@ def test_a_new_file_never_inherits_an_old_files_tracking(mount: Mount) -> None:
     st = {f["file"]: f for f in mount.call("status")["files"]}["new"]
     assert st["size"] == 1 and st["blocks"] == 1 and st["dirty"] == 1
     assert mount.dirty("new") == [(0, 1)]
+
+
+def test_sigterm_is_a_clean_unmount(mount_factory: Callable[..., Mount]) -> None:
+    m = mount_factory()
+    m.path("disk.raw").write_bytes(b"\0" * 4 * B)
+    m.swap("disk.raw")
+    pwrite(m.path("disk.raw"), b"t", 2 * B)
+    os.kill(m.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while not process_gone(m.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process_gone(m.pid) and not m.mounted()
+    assert (m.backing / ".blkfs" / "state.json").exists()
+    m2 = mount_factory()
+    assert m2.dirty("disk.raw") == [(2, 1)]
