@@ -1,0 +1,160 @@
+"""Round planning for pre-copy migration (pure: no I/O, no trio).
+
+Two decisions live here:
+
+* **What to send first.** The initial copy sends static blocks before dynamic
+  ones, each coldest first (a block that has not changed for a long time is
+  unlikely to change before switchover, so copying it early is rarely wasted).
+* **When to stop iterating.** After each round the dirty set is measured; the
+  migration switches over when that set is small enough — by block count, or by
+  the downtime it would cost at the bandwidth measured so far (QEMU's rule:
+  remaining bytes <= bandwidth x downtime limit) — or when the rounds stop
+  converging (the set has not shrunk for ``stall_rounds`` rounds, or
+  ``max_rounds`` is reached), in which case the policy says switch over anyway
+  or abort.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+Extent = tuple[int, int]
+
+
+def initial_order(
+    nblocks: int, heat_runs: Iterable[tuple[int, int, float]], threshold: float
+) -> tuple[list[Extent], list[Extent]]:
+    """(static extents, dynamic extents), each coldest first.
+
+    `heat_runs` are blkfs's ``(first, count, heat)`` runs of written blocks
+    (``blkfs heat``); blocks in no run were never written (heat 0) and come
+    first, in block order.
+    """
+    written = bytearray(nblocks)
+    runs: list[tuple[float, int, int]] = []
+    for first, count, heat in heat_runs:
+        stop = min(first + count, nblocks)
+        if stop <= first:
+            continue
+        written[first:stop] = b"\x01" * (stop - first)
+        runs.append((heat, first, stop - first))
+    static: list[Extent] = []
+    pos = written.find(0)
+    while pos != -1:
+        end = written.find(1, pos)
+        end = nblocks if end == -1 else end
+        static.append((pos, end - pos))
+        pos = written.find(0, end)
+    dynamic: list[Extent] = []
+    for heat, first, count in sorted(runs):
+        (static if heat <= threshold * (1 + 1e-9) else dynamic).append((first, count))
+    return static, dynamic
+
+
+def batches(extents: Iterable[Extent], max_blocks: int) -> Iterator[Extent]:
+    """Split extents into runs of at most `max_blocks` (one wire frame each)."""
+    if max_blocks < 1:
+        raise ValueError("max_blocks must be >= 1")
+    for first, count in extents:
+        while count > 0:
+            n = min(count, max_blocks)
+            yield first, n
+            first += n
+            count -= n
+
+
+class Verdict(enum.Enum):
+    CONTINUE = "continue"
+    SWITCHOVER = "switchover"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """When to stop iterating. Give `threshold_blocks` or `downtime_ms` (the default)."""
+
+    threshold_blocks: int | None = None
+    downtime_ms: float = 300.0
+    max_rounds: int = 30
+    stall_rounds: int = 3
+    on_stall: Verdict = Verdict.SWITCHOVER
+
+    def __post_init__(self) -> None:
+        if self.threshold_blocks is not None and self.threshold_blocks < 0:
+            raise ValueError("threshold_blocks must be >= 0")
+        if self.downtime_ms <= 0:
+            raise ValueError("downtime_ms must be > 0")
+        if self.max_rounds < 1 or self.stall_rounds < 1:
+            raise ValueError("max_rounds and stall_rounds must be >= 1")
+        if self.on_stall is Verdict.CONTINUE:
+            raise ValueError("on_stall must be SWITCHOVER or ABORT")
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    round: int
+    dirty_blocks: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class RoundPlanner:
+    """Feeds on round statistics; says whether to run another round."""
+
+    policy: Policy
+    block_size: int
+    rounds: list[RoundStats] = field(default_factory=list)
+    _sent: int = 0
+    _busy: float = 0.0
+
+    def record_transfer(self, nbytes: int, seconds: float) -> None:
+        """Account bytes moved (initial copy included) for the bandwidth estimate."""
+        self._sent += nbytes
+        self._busy += max(seconds, 0.0)
+
+    def record_round(self, stats: RoundStats) -> None:
+        self.rounds.append(stats)
+        self.record_transfer(stats.bytes, stats.seconds)
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second measured so far (0 before anything was sent)."""
+        return self._sent / self._busy if self._busy > 0 else 0.0
+
+    def expected_downtime_ms(self, pending_blocks: int) -> float:
+        bw = self.bandwidth
+        if pending_blocks == 0:
+            return 0.0
+        return float("inf") if bw <= 0 else pending_blocks * self.block_size / bw * 1000.0
+
+    def decide(self, pending_blocks: int) -> Decision:
+        """Decide after a swap found `pending_blocks` dirty blocks to send."""
+        p = self.policy
+        if p.threshold_blocks is not None:
+            if pending_blocks <= p.threshold_blocks:
+                return Decision(Verdict.SWITCHOVER, f"{pending_blocks} dirty blocks <= threshold "
+                                f"{p.threshold_blocks}")
+        else:
+            expect = self.expected_downtime_ms(pending_blocks)
+            if expect <= p.downtime_ms:
+                return Decision(Verdict.SWITCHOVER, f"{pending_blocks} dirty blocks: expected "
+                                f"downtime {expect:.1f} ms <= {p.downtime_ms:g} ms")
+        if len(self.rounds) >= p.max_rounds:
+            return Decision(p.on_stall, f"not converged after {len(self.rounds)} rounds "
+                            f"(max {p.max_rounds}); {pending_blocks} blocks still dirty")
+        counts = [r.dirty_blocks for r in self.rounds] + [pending_blocks]
+        k = p.stall_rounds
+        if len(counts) > k and min(counts[-k:]) >= min(counts[:-k]):
+            return Decision(p.on_stall, f"dirty set stopped shrinking for {k} rounds "
+                            f"({pending_blocks} blocks dirty; the VM writes faster than the "
+                            "link moves data)")
+        return Decision(Verdict.CONTINUE, f"{pending_blocks} dirty blocks")

@@ -1,0 +1,94 @@
+"""The round planner and the initial copy order (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from migrator.plan import (
+    Policy,
+    RoundPlanner,
+    RoundStats,
+    Verdict,
+    batches,
+    initial_order,
+)
+
+
+def test_initial_order_static_coldest_first_then_dynamic() -> None:
+    runs = [(2, 1, 0.5), (5, 2, 9.0), (7, 1, 0.9), (9, 1, 3.0)]
+    static, dynamic = initial_order(10, runs, threshold=1.0)
+    # never written (heat 0) in block order, then written static blocks by rising heat
+    assert static == [(0, 2), (3, 2), (8, 1), (2, 1), (7, 1)]
+    assert dynamic == [(9, 1), (5, 2)]
+
+
+@given(st.integers(0, 200), st.lists(st.tuples(st.integers(0, 220), st.integers(1, 5),
+                                               st.floats(0, 50)), max_size=30))
+def test_initial_order_covers_every_block_once(
+    nblocks: int, raw: list[tuple[int, int, float]]
+) -> None:
+    # blkfs gives non-overlapping runs: make them so
+    seen: set[int] = set()
+    runs = []
+    for first, count, heat in raw:
+        blocks = [b for b in range(first, first + count) if b not in seen]
+        if blocks == list(range(first, first + count)):
+            seen.update(blocks)
+            runs.append((first, count, heat))
+    static, dynamic = initial_order(nblocks, runs, 1.0)
+    covered = [b for first, count in static + dynamic for b in range(first, first + count)]
+    assert sorted(covered) == list(range(nblocks))
+
+
+def test_batches_split_long_extents() -> None:
+    assert list(batches([(0, 5), (10, 2)], 2)) == [(0, 2), (2, 2), (4, 1), (10, 2)]
+    with pytest.raises(ValueError):
+        list(batches([(0, 1)], 0))
+
+
+def test_switchover_by_block_threshold() -> None:
+    p = RoundPlanner(Policy(threshold_blocks=10), block_size=65536)
+    p.record_round(RoundStats(1, 100, 100 * 65536, 1.0))
+    assert p.decide(50).verdict is Verdict.CONTINUE
+    d = p.decide(10)
+    assert d.verdict is Verdict.SWITCHOVER and "threshold" in d.reason
+
+
+def test_switchover_by_expected_downtime() -> None:
+    p = RoundPlanner(Policy(downtime_ms=100), block_size=1 << 20)
+    assert p.decide(1).verdict is Verdict.CONTINUE  # no bandwidth measured yet
+    p.record_transfer(100 << 20, 1.0)  # 100 MiB/s
+    assert p.expected_downtime_ms(10) == pytest.approx(100.0)
+    assert p.decide(10).verdict is Verdict.SWITCHOVER
+    assert p.decide(11).verdict is Verdict.CONTINUE
+    assert p.decide(0).verdict is Verdict.SWITCHOVER
+
+
+def test_stall_detection_and_policy() -> None:
+    for on_stall in (Verdict.SWITCHOVER, Verdict.ABORT):
+        p = RoundPlanner(Policy(threshold_blocks=0, stall_rounds=2, on_stall=on_stall), 4096)
+        for i, n in enumerate([100, 60, 70, 65]):
+            p.record_round(RoundStats(i + 1, n, n * 4096, 0.1))
+        d = p.decide(80)  # 70, 65, 80: no improvement on 60 for more than 2 rounds
+        assert d.verdict is on_stall and "stopped shrinking" in d.reason
+    p = RoundPlanner(Policy(threshold_blocks=0, stall_rounds=2), 4096)
+    for i, n in enumerate([100, 60, 70]):
+        p.record_round(RoundStats(i + 1, n, n * 4096, 0.1))
+    assert p.decide(50).verdict is Verdict.CONTINUE  # shrinking again
+
+
+def test_max_rounds() -> None:
+    p = RoundPlanner(Policy(threshold_blocks=0, max_rounds=3, on_stall=Verdict.ABORT), 4096)
+    for i in range(3):
+        p.record_round(RoundStats(i + 1, 100 - i * 10, 1, 0.1))
+    d = p.decide(50)
+    assert d.verdict is Verdict.ABORT and "3 rounds" in d.reason
+
+
+def test_policy_validation() -> None:
+    for kw in ({"threshold_blocks": -1}, {"downtime_ms": 0}, {"max_rounds": 0},
+               {"on_stall": Verdict.CONTINUE}):
+        with pytest.raises(ValueError):
+            Policy(**kw)  # type: ignore[arg-type]
