@@ -20,6 +20,8 @@ import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from blkfs.bitmap import extents, from_extents
+
 Extent = tuple[int, int]
 
 
@@ -51,6 +53,13 @@ def initial_order(
     for heat, first, count in sorted(runs):
         (static if heat <= threshold * (1 + 1e-9) else dynamic).append((first, count))
     return static, dynamic
+
+
+def union_extents(a: Iterable[Extent], b: Iterable[Extent]) -> list[Extent]:
+    """Blocks in either set, as sorted extents (the held set plus the last swap)."""
+    both = list(a) + list(b)
+    bm = from_extents(both, max((f + c for f, c in both), default=0))
+    return extents(bm)
 
 
 def batches(extents: Iterable[Extent], max_blocks: int) -> Iterator[Extent]:

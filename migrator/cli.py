@@ -1,0 +1,198 @@
+"""`migrator`: live migration of a VM's files between two blkfs mounts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import NoReturn
+
+import trio
+from rich.console import Console
+
+from blkfs.control import ControlError
+
+from . import protocol as p
+from .plan import Policy, Verdict
+from .report import print_summary
+from .transport import MigrationError, parse_hostport, read_key
+from .vm import AdapterError, parse_adapter
+
+PROG = "migrator"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count >= 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog=PROG, description="Live-migrate a running VM's disk and memory files "
+                 "between two blkfs mounts over TCP: static blocks first, iterative dirty "
+                 "rounds, a short suspend, verified with xxh3.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="destination: receive migrations into a blkfs mount")
+    s.add_argument("--mount", required=True, help="the destination blkfs mount point")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to listen on (port 0: any free port)")
+    s.add_argument("--key-file", required=True, metavar="FILE",
+                   help="shared key (same file on both hosts, mode 0600)")
+    s.add_argument("--resume-cmd", metavar="CMD",
+                   help="shell command that starts the VM on the destination at switchover "
+                   "(env MIGRATOR_MOUNT is the mount); the downtime ends when it returns")
+    s.add_argument("--once", action="store_true",
+                   help="exit after one migration (status 0 only if it completed)")
+
+    m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'")
+    m.add_argument("--mount", required=True, help="the source blkfs mount point")
+    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
+    m.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
+    m.add_argument("files", nargs="+", metavar="FILE", help="files, relative to the mount")
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("--threshold-blocks", type=_count, metavar="N",
+                   help="switch over once a round leaves at most N dirty blocks")
+    g.add_argument("--downtime-ms", type=_positive, metavar="MS",
+                   help="switch over once the dirty set fits in MS at the measured bandwidth "
+                   "(default 300)")
+    m.add_argument("--max-rounds", type=_count, default=30, metavar="R",
+                   help="give up iterating after R rounds (default 30)")
+    m.add_argument("--on-stall", choices=("switchover", "abort"), default="switchover",
+                   help="when the rounds stop converging: switch over anyway (default) or abort")
+    m.add_argument("--bandwidth", type=_positive, metavar="MB/s", help="cap the link bandwidth")
+    m.add_argument("--static-heat", type=float, metavar="H",
+                   help="blocks with heat <= H are static (default: the mount's)")
+    m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
+                   help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT' or freeze (default)")
+    m.add_argument("--report", metavar="PATH", help="write the JSON report here")
+
+    d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
+                       "a live migration over loopback, verification")
+    d.add_argument("--disk-size", default="256M", help="simulated VM disk (default 256M)")
+    d.add_argument("--mem-size", default="64M", help="simulated VM memory (default 64M)")
+    d.add_argument("--write-rate", type=float, default=20.0, metavar="MB/s",
+                   help="how fast the VM writes (default 20)")
+    d.add_argument("--bandwidth", type=_positive, metavar="MB/s", help="cap the link bandwidth")
+    d.add_argument("--report", default="reports/migrate-demo.json", metavar="PATH",
+                   help="JSON report (default reports/migrate-demo.json)")
+    return ap
+
+
+def _policy(a: argparse.Namespace) -> Policy:
+    if a.max_rounds < 1:
+        raise MigrationError("--max-rounds must be at least 1")
+    return Policy(threshold_blocks=a.threshold_blocks,
+                  downtime_ms=a.downtime_ms if a.downtime_ms else 300.0,
+                  max_rounds=a.max_rounds,
+                  on_stall=Verdict.SWITCHOVER if a.on_stall == "switchover" else Verdict.ABORT)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .dest import serve
+
+    mount = os.path.abspath(a.mount)
+    from blkfs.runtime import mount_fstype
+
+    if mount_fstype(mount) != "fuse.blkfs":
+        raise MigrationError(f"{a.mount} is not a blkfs mount: mount it first with "
+                             f"'blkfs mount BACKING {a.mount}'")
+    host, port = parse_hostport(a.listen, listen=True)
+    key = read_key(a.key_file)
+    completed = trio.run(serve, mount, host, port, key, a.resume_cmd, a.once)
+    return 0 if completed or not a.once else 1
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    from .source import LiveProgress, MigrateOptions, Source
+
+    console = Console(stderr=True)
+    key = read_key(a.key_file)
+    adapter = parse_adapter(a.suspend, a.mount, a.files)
+    opts = MigrateOptions(mount=a.mount, to=a.to, key=key, files=a.files, policy=_policy(a),
+                          bandwidth_mb_s=a.bandwidth, static_heat=a.static_heat,
+                          report_path=a.report)
+    src = Source(opts, adapter, console)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+            nursery.start_soon(LiveProgress(src, console).run)
+            try:
+                await src.run()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        print_summary(src.report, Console())
+        if a.report:
+            Console().print(f"JSON report: {a.report}")
+    if src.report.status != "completed":
+        raise MigrationError(src.report.error or "the migration did not complete")
+    return 0
+
+
+async def _cancel_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(a)
+
+
+COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    a = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[a.cmd](a)
+    except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, (MigrationError, AdapterError, p.ProtocolError, ControlError)):
+            print(f"{PROG}: error: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, (KeyboardInterrupt, trio.Cancelled)):
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from trio nurseries."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

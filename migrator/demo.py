@@ -1,0 +1,143 @@
+"""`migrator demo`: a live migration on one machine with nothing to set up.
+
+Two blkfs mounts in a temporary directory play the two hosts; a simulated VM
+(migrator.simvm) writes to its disk and memory files on the source mount; a
+`migrator serve` and a `migrator migrate` move it over loopback TCP while it
+runs, resume it on the destination, and verify.  Then the VM's own ledger is
+checked on the destination, and everything is unmounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from blkfs.bitmap import parse_size
+
+PY = sys.executable
+console = Console()
+
+
+class DemoError(Exception):
+    pass
+
+
+def _run(*args: str, what: str) -> str:
+    r = subprocess.run(list(args), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise DemoError(f"{what} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return r.stdout
+
+
+def _blkfs(*args: str) -> str:
+    return _run(PY, "-m", "blkfs.cli", *args, what="blkfs " + args[0])
+
+
+def _simvm(*args: str) -> str:
+    return _run(PY, "-m", "migrator.simvm", *args, what="simvm " + args[0])
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except (FileNotFoundError, IndexError):
+            return
+        time.sleep(0.05)
+
+
+def run_demo(a: argparse.Namespace) -> int:
+    try:
+        disk, mem = parse_size(a.disk_size), parse_size(a.mem_size)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
+    work = Path(tempfile.mkdtemp(prefix="migrator-demo-"))
+    os.environ["BLKFS_RUNTIME_DIR"] = str(work / "run")
+    key = work / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    key.chmod(0o600)
+    mounts: list[Path] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        console.print(f"[bold]migrator demo[/] in {work}")
+        for side in ("src", "dst"):
+            (work / f"{side}-backing").mkdir()
+            (work / side).mkdir()
+            _blkfs("mount", str(work / f"{side}-backing"), str(work / side),
+                   "--heat-half-life", "5", "--static-heat", "2")
+            mounts.append(work / side)
+        src, dst = mounts
+        console.print(f"source mount {src}, destination mount {dst} (two blkfs daemons)")
+        _simvm("create", str(src), "--disk-size", str(disk), "--mem-size", str(mem))
+        vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(src), "--rate",
+                               str(a.write_rate)], stdout=subprocess.DEVNULL)
+        procs.append(vm)
+        console.print(f"simulated VM pid {vm.pid}: disk.raw {a.disk_size}, vm.mem {a.mem_size}, "
+                      f"writing {a.write_rate:g} MB/s (90 % of writes on 10 % of the blocks)")
+        dest_vm_log = work / "dest-vm.log"
+        pidfile = work / "dest-vm.pid"
+        resume = (f"{shlex.quote(PY)} -m migrator.simvm run \"$MIGRATOR_MOUNT\" --resume "
+                  f"--rate {a.write_rate} --seconds 2 >{shlex.quote(str(dest_vm_log))} 2>&1 & "
+                  f"echo $! >{shlex.quote(str(pidfile))}")
+        serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst),
+                                  "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
+                                  "--resume-cmd", resume], stdout=subprocess.PIPE, text=True)
+        procs.append(serve)  # type: ignore[arg-type]
+        assert serve.stdout is not None
+        line = serve.stdout.readline()
+        m = re.search(r"listening on [^:]+:(\d+)", line)
+        if not m:
+            raise DemoError(f"migrator serve did not start: {line.strip() or 'no output'}")
+        port = m.group(1)
+        console.print(f"migrator serve listening on 127.0.0.1:{port}; letting the VM run 3 s "
+                      "so blkfs learns which blocks are hot")
+        time.sleep(3)
+        cmd = [PY, "-m", "migrator.cli", "migrate", "--mount", str(src), "--to",
+               f"127.0.0.1:{port}", "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
+               "--report", a.report, "disk.raw", "vm.mem"]
+        if a.bandwidth:
+            cmd += ["--bandwidth", str(a.bandwidth)]
+        console.rule("migrator migrate")
+        rc = subprocess.run(cmd).returncode
+        console.rule()
+        out, _ = serve.communicate(timeout=60)
+        for ln in out.strip().splitlines():
+            console.print(ln)
+        if rc != 0:
+            raise DemoError("the migration failed (see above); the source VM keeps running")
+        vm.wait(timeout=10)
+        if pidfile.exists():
+            dest_pid = int(pidfile.read_text())
+            console.print(f"the VM resumed on the destination (pid {dest_pid}) and writes there "
+                          "for 2 s")
+            _wait_gone(dest_pid, 30)
+        console.print(_simvm("check", str(dst)).strip())
+        console.print(f"[bold green]done[/]: the VM moved from {src} to {dst} while writing; "
+                      f"report: {a.report}")
+        return 0
+    except DemoError as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        return 1
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait()
+        for mnt in reversed(mounts):
+            r = subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)], capture_output=True)
+            if r.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)

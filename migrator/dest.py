@@ -1,0 +1,303 @@
+"""`migrator serve`: the destination side.
+
+It writes the blocks it receives into the files under its blkfs mount, keeps
+an xxh3 digest of every block it wrote, runs the resume hook when the source
+commits, and compares its digests with the source's after the resume (so the
+check costs no downtime).
+
+A migration's files are listed in ``<mount>/.migration-state.json``, written
+(and fsynced) *before* any file is touched, with ``"status": "incomplete"``;
+only a verified migration turns it to ``"complete"``.  Anything else — abort,
+crash, kill -9, disk full — leaves it incomplete (invariant 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import xxhash
+
+from . import protocol as p
+from .transport import Channel, MigrationError, PeerAborted
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = ".migration-state.json"
+RESERVED = {STATE_NAME, ".blkfs"}
+
+
+def state_path(mount: str) -> str:
+    return os.path.join(mount, STATE_NAME)
+
+
+def read_state(mount: str) -> dict[str, Any] | None:
+    try:
+        with open(state_path(mount)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _write_state(mount: str, state: dict[str, Any]) -> None:
+    path = state_path(mount)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _File:
+    entry: p.FileEntry
+    path: str
+    fd: int
+    size: int
+    digests: dict[int, int] = field(default_factory=dict)
+    verified: int = 0
+
+
+class DestSession:
+    """One incoming migration on an authenticated channel."""
+
+    def __init__(self, mount: str, ch: Channel, resume_cmd: str | None) -> None:
+        self.mount = os.path.realpath(mount)
+        self.ch = ch
+        self.resume_cmd = resume_cmd
+        self.files: dict[int, _File] = {}
+        self.block_size = 0
+        self.state: dict[str, Any] = {}
+        self.mismatches: list[str] = []
+        self.blocks_written = 0
+
+    # -- setup ------------------------------------------------------------------
+
+    def _target(self, name: str) -> str:
+        """The path for a manifest name: inside the mount, never a reserved name."""
+        parts = name.split("/")
+        if parts[0] in RESERVED:
+            raise MigrationError(f"refusing file name {name!r}: reserved on the destination")
+        full = os.path.realpath(os.path.join(self.mount, name))
+        if os.path.commonpath([full, self.mount]) != self.mount or full == self.mount:
+            raise MigrationError(f"refusing file name {name!r}: it leads outside {self.mount}")
+        return full
+
+    def _check_space(self, man: p.Manifest, targets: list[str]) -> None:
+        need = 0
+        for f, path in zip(man.files, targets, strict=True):
+            try:
+                have = os.stat(path).st_blocks * 512
+            except FileNotFoundError:
+                have = 0
+            need += max(0, f.size - have)
+        sv = os.statvfs(self.mount)
+        free = sv.f_bavail * sv.f_frsize
+        if need > free:
+            raise MigrationError(f"destination disk full: the migration needs {need} more bytes, "
+                                 f"{self.mount} has {free} free")
+
+    def open_files(self, man: p.Manifest, peer: str) -> None:
+        targets = [self._target(f.name) for f in man.files]
+        self._check_space(man, targets)
+        self.block_size = man.block_size
+        self.state = {
+            "migration": str(uuid.uuid4()),
+            "status": "incomplete",
+            "source": peer,
+            "started_at": time.time(),
+            "files": [{"name": f.name, "size": f.size} for f in man.files],
+        }
+        _write_state(self.mount, self.state)  # before any file is touched
+        for f, path in zip(man.files, targets, strict=True):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, f.size)
+            self.files[f.file_id] = _File(f, path, fd, f.size)
+
+    def close_files(self) -> None:
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+
+    # -- data -------------------------------------------------------------------
+
+    def write_blocks(self, ev: p.Blocks) -> None:
+        f = self.files[ev.file_id]
+        bs = self.block_size
+        try:
+            os.pwrite(f.fd, ev.data, ev.first_block * bs)
+        except OSError as exc:
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise MigrationError(f"destination disk full writing {f.entry.name}") from None
+            raise MigrationError(f"cannot write {f.entry.name}: {exc.strerror}") from None
+        mv = memoryview(ev.data)
+        h = xxhash.xxh3_64_intdigest
+        for i in range(0, len(mv), bs):
+            f.digests[ev.first_block + i // bs] = h(mv[i:i + bs])
+        self.blocks_written += (len(mv) + bs - 1) // bs
+
+    def resize(self, ev: p.Resize) -> None:
+        f = self.files[ev.file_id]
+        os.ftruncate(f.fd, ev.size)
+        f.size = ev.size
+        nblocks = (ev.size + self.block_size - 1) // self.block_size
+        for b in [b for b in f.digests if b >= nblocks]:
+            del f.digests[b]
+        if ev.size % self.block_size and nblocks - 1 in f.digests:
+            del f.digests[nblocks - 1]  # its tail changed: the source resends it
+
+    def check_digests(self, ev: p.Digests) -> None:
+        f = self.files[ev.file_id]
+        for i, d in enumerate(ev.digests):
+            b = ev.first_block + i
+            mine = f.digests.get(b)
+            if mine != d:
+                what = "never received" if mine is None else "differs"
+                if len(self.mismatches) < 20:
+                    self.mismatches.append(f"{f.entry.name} block {b} {what}")
+                else:
+                    self.mismatches.append("")
+            f.verified += 1
+
+    def verdict(self) -> tuple[bool, str]:
+        for f in self.files.values():
+            nblocks = (f.size + self.block_size - 1) // self.block_size
+            if f.verified != nblocks:
+                self.mismatches.append(f"{f.entry.name}: {f.verified} of {nblocks} blocks checked")
+        bad = [m for m in self.mismatches if m]
+        n = len(self.mismatches)
+        return n == 0, "; ".join(bad[:5]) + (f" (+{n - 5} more)" if n > 5 else "")
+
+    async def _fsync_all(self) -> None:
+        for f in self.files.values():
+            await trio.to_thread.run_sync(os.fsync, f.fd)
+
+    async def _resume(self) -> None:
+        if not self.resume_cmd:
+            return
+        env = dict(os.environ, MIGRATOR_MOUNT=self.mount)
+        r = await trio.run_process(["sh", "-c", self.resume_cmd], env=env, check=False,
+                                   capture_stdout=True, capture_stderr=True)
+        if r.returncode != 0:
+            msg = (r.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            raise MigrationError(f"the resume command failed (exit {r.returncode}): {msg}")
+
+    # -- the session ----------------------------------------------------------------
+
+    async def run(self, peer: str) -> dict[str, Any]:
+        ch = self.ch
+        await ch.handshake()
+        man = await ch.expect(p.Manifest)
+        self.open_files(man, peer)
+        await ch.send(p.Ready())
+        log.info("migration %s from %s: %d files", self.state["migration"], peer, len(man.files))
+        t_switch = None
+        while True:
+            ev = await ch.receive()
+            if isinstance(ev, p.Blocks):
+                self.write_blocks(ev)
+            elif isinstance(ev, p.Resize):
+                self.resize(ev)
+            elif isinstance(ev, p.RoundDone):
+                await ch.send(p.RoundAck(ev.round))
+            elif isinstance(ev, p.Switchover):
+                t_switch = time.monotonic()
+            elif isinstance(ev, p.Commit):
+                await self._fsync_all()
+                await self._resume()
+                ms = (time.monotonic() - t_switch) * 1000 if t_switch else 0.0
+                await ch.send(p.Resumed(ms))
+            elif isinstance(ev, p.Digests):
+                self.check_digests(ev)
+            elif isinstance(ev, p.VerifyDone):
+                ok, detail = self.verdict()
+                if ok:
+                    self.state.update(status="complete", completed_at=time.time())
+                    _write_state(self.mount, self.state)
+                await ch.send(p.Verified(ok, len(self.mismatches), detail))
+                if not ok:
+                    raise MigrationError(f"verification failed: {detail}")
+            elif isinstance(ev, p.Done):
+                return self.state
+
+
+async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
+                    resume_cmd: str | None, lock: trio.Lock) -> bool:
+    """Handle one connection; True when a migration completed."""
+    try:
+        peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+    except OSError:
+        peer = "?"
+    ch = Channel(stream, "dest", key)
+    if lock.locked():
+        await ch.abort("the destination is busy with another migration")
+        await ch.aclose()
+        return False
+    async with lock:
+        session = DestSession(mount, ch, resume_cmd)
+        try:
+            state = await session.run(peer)
+            log.info("migration %s complete: %d blocks written", state["migration"],
+                     session.blocks_written)
+            print(f"migrator serve: migration from {peer} complete and verified "
+                  f"({len(session.files)} files)", flush=True)
+            return True
+        except (MigrationError, p.ProtocolError, OSError) as exc:
+            msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
+            if not isinstance(exc, PeerAborted):
+                await ch.abort(msg)
+            if session.state:
+                session.state.update(status="incomplete", error=msg)
+                try:
+                    _write_state(session.mount, session.state)
+                except OSError:
+                    log.exception("cannot update the migration state")
+            print(f"migrator serve: migration from {peer} failed: {msg}; the files stay marked "
+                  "incomplete", flush=True)
+            return False
+        finally:
+            session.close_files()
+            await ch.aclose()
+
+
+async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | None,
+                once: bool, task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
+    """Accept migrations until cancelled; with `once`, one and return whether it completed."""
+    lock = trio.Lock()
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise MigrationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = listeners[0].socket.getsockname()[1]
+    task_status.started(bound)
+    print(f"migrator serve: listening on {host}:{bound}, writing into {mount}", flush=True)
+    completed = False
+
+    async def accept_loop(ln: trio.SocketListener, nursery: trio.Nursery) -> None:
+        nonlocal completed
+        async with ln:
+            while True:
+                stream = await ln.accept()
+                if once:
+                    completed = await serve_one(stream, mount, key, resume_cmd, lock)
+                    nursery.cancel_scope.cancel()
+                    return
+                nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock)
+
+    async with trio.open_nursery() as nursery:
+        for ln in listeners:
+            nursery.start_soon(accept_loop, ln, nursery)
+    return completed

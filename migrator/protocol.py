@@ -1,0 +1,811 @@
+"""The migration wire protocol as a sans-IO state machine (pure: no sockets, no trio, no I/O).
+
+Like h11, a :class:`Connection` turns received bytes into events (``receive_data`` +
+``next_event``) and events into bytes to write (``send``), and holds the one state table that says
+who may send what when.  The I/O shell only moves bytes; every limit and check lives here, so a
+broken or hostile peer is refused in one place and the whole protocol is tested in memory.
+
+A session (S = source, D = dest; the right column is the state in which those frames are legal)::
+
+    S                                         D
+    Hello  ---------------------------------->        both at once, any order    HELLO
+           <---------------------------------- Hello
+    Auth   ---------------------------------->        each after the peer's      AUTH
+           <---------------------------------- Auth   Hello (MAC binds nonces)
+    Manifest -------------------------------->                                   MANIFEST
+           <---------------------------------- Ready  files created              READY
+    Blocks, Resize ..., RoundDone(n) -------->                                   COPYING
+    Blocks, Resize ... (next round, pipelined)                                   ROUND_END
+           <---------------------------------- RoundAck(n)  round n is written
+    ... more rounds ...
+    Switchover ------------------------------>        VM suspended               COPYING
+    Blocks, Resize ..., Commit -------------->        the last set               SWITCHOVER
+           <---------------------------------- Resumed(ms)                       RESUMING
+    Digests ..., VerifyDone ----------------->        xxh3 of every block        VERIFYING
+           <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
+    Done ------------------------------------>        both CLOSED                FINISHING
+
+Abort(reason) may come from either side in any state but CLOSED (even before Auth); both sides
+then end in ABORTED.  A broken rule from the peer moves the connection to ERROR for good.
+
+Frame: u8 type, u32 big-endian payload length, payload.  Control frames carry a compact JSON object
+whose keys are exactly the event's fields (bytes as lowercase hex); Blocks and Digests are binary.
+The handshake proves that the peer knows the shared key; it does not protect later frames from an
+on-path attacker (run the stream through TLS or SSH for that).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
+from types import MappingProxyType
+from typing import Literal
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
+HEADER = struct.Struct(">BI")  # frame type, payload length
+MAX_FRAME = HEADER.size + MAX_PAYLOAD  # the most unparsed input a peer can make us hold
+MAX_BLOCKS_DATA = 8 * 2**20
+MAX_DIGESTS_PER_FRAME = 65536
+MAX_FILES = 1024
+MAX_FILE_SIZE = 2**50
+MAX_NAME_BYTES = 4096
+MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux: longer names cannot be created anyway
+MAX_REASON = 1000
+NONCE_SIZE = 32
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 4096, 2**20
+SOURCE, DEST = "source", "dest"
+ROLES = (SOURCE, DEST)
+
+_U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1
+_BLOCKS = struct.Struct(">IQ")  # file_id, first_block; the data follows
+_DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
+_MAC_CONTEXT = b"blkfs-migrator/1|"
+
+
+class ProtocolError(Exception):
+    """A rule of the protocol was broken; the message says which."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something illegal: nothing was sent and the state did not change."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something illegal: the connection is now in ERROR."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The peer's Auth MAC is wrong: it does not know the shared key."""
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame of each side: who it is and a fresh nonce, so a MAC cannot be replayed."""
+
+    version: int
+    role: str
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Proof that the sender knows the shared key: HMAC over its role and both nonces."""
+
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One migrated file: its id in later frames, its path under the root, its size."""
+
+    file_id: int
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The files to migrate; fixes the block size and the sizes that later frames must respect."""
+
+    block_size: int
+    files: tuple[FileEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The destination created the files and can take blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """A run of whole blocks (or a run that ends at the end of the file)."""
+
+    file_id: int
+    first_block: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    """A file changed size on the source."""
+
+    file_id: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundDone:
+    """End of a pre-copy round; the destination acks once the round's data is written."""
+
+    round: int
+    blocks: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAck:
+    """The round's data is written on the destination."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """The VM is suspended: the Blocks and Resize that follow are the last set."""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """The last set is sent: the destination may resume the VM."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """The destination's resume hook ran, after `ms` milliseconds."""
+
+    ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """xxh3_64 of consecutive blocks, for the destination to compare with its own."""
+
+    file_id: int
+    first_block: int
+    digests: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyDone:
+    """Every digest is sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """The destination's verdict on the digests."""
+
+    ok: bool
+    mismatches: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Either side gives up; the reason is for humans (the peer's is untrusted text)."""
+
+    reason: str
+
+    @classmethod
+    def about(cls, text: str) -> Abort:
+        """An Abort that always encodes (clipped, unencodable characters replaced), for error
+        paths that must not fail themselves."""
+        return cls(text.encode("utf-8", "replace").decode("utf-8")[:MAX_REASON])
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The migration is over; both sides close."""
+
+
+Event = (
+    Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
+    | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done
+)
+
+
+class FrameType(enum.IntEnum):
+    """The type byte of each frame."""
+
+    HELLO = 1
+    AUTH = 2
+    MANIFEST = 3
+    READY = 4
+    BLOCKS = 5
+    RESIZE = 6
+    ROUND_DONE = 7
+    ROUND_ACK = 8
+    SWITCHOVER = 9
+    COMMIT = 10
+    RESUMED = 11
+    DIGESTS = 12
+    VERIFY_DONE = 13
+    VERIFIED = 14
+    ABORT = 15
+    DONE = 16
+
+
+_EVENT_OF: dict[int, type[Event]] = {
+    FrameType.HELLO: Hello, FrameType.AUTH: Auth, FrameType.MANIFEST: Manifest,
+    FrameType.READY: Ready, FrameType.BLOCKS: Blocks, FrameType.RESIZE: Resize,
+    FrameType.ROUND_DONE: RoundDone, FrameType.ROUND_ACK: RoundAck,
+    FrameType.SWITCHOVER: Switchover, FrameType.COMMIT: Commit, FrameType.RESUMED: Resumed,
+    FrameType.DIGESTS: Digests, FrameType.VERIFY_DONE: VerifyDone,
+    FrameType.VERIFIED: Verified, FrameType.ABORT: Abort, FrameType.DONE: Done,
+}
+_TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
+
+
+class NeedData(enum.Enum):
+    """Type of the NEED_DATA sentinel."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = NeedData.NEED_DATA  # next_event(): no complete frame yet, feed more bytes
+
+
+# -- the state table -------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where the conversation is; both sides pass through the same states."""
+
+    HELLO = enum.auto()  # each side sends Hello once
+    AUTH = enum.auto()  # each side sends Auth once
+    MANIFEST = enum.auto()  # the source sends the Manifest
+    READY = enum.auto()  # the dest creates the files
+    COPYING = enum.auto()  # pre-copy rounds
+    ROUND_END = enum.auto()  # a RoundDone waits for its RoundAck
+    SWITCHOVER = enum.auto()  # the VM is suspended; the last set flows
+    RESUMING = enum.auto()  # the dest resumes the VM
+    VERIFYING = enum.auto()  # digests flow
+    VERDICT = enum.auto()  # the dest compares
+    FINISHING = enum.auto()  # the source says Done
+    CLOSED = enum.auto()
+    ABORTED = enum.auto()
+    ERROR = enum.auto()
+
+
+# (state, sender, event) -> next state.  Hello and Auth are the exception: each side sends one,
+# the two may cross on the wire, and the state moves on when both have (_BOTH_SIDES).
+_TABLE: dict[tuple[State, str, type[Event]], State] = {
+    (State.HELLO, SOURCE, Hello): State.AUTH,
+    (State.HELLO, DEST, Hello): State.AUTH,
+    (State.AUTH, SOURCE, Auth): State.MANIFEST,
+    (State.AUTH, DEST, Auth): State.MANIFEST,
+    (State.MANIFEST, SOURCE, Manifest): State.READY,
+    (State.READY, DEST, Ready): State.COPYING,
+    (State.COPYING, SOURCE, Blocks): State.COPYING,
+    (State.COPYING, SOURCE, Resize): State.COPYING,
+    (State.COPYING, SOURCE, RoundDone): State.ROUND_END,
+    (State.ROUND_END, SOURCE, Blocks): State.ROUND_END,
+    (State.ROUND_END, SOURCE, Resize): State.ROUND_END,
+    (State.ROUND_END, DEST, RoundAck): State.COPYING,
+    (State.COPYING, SOURCE, Switchover): State.SWITCHOVER,
+    (State.SWITCHOVER, SOURCE, Blocks): State.SWITCHOVER,
+    (State.SWITCHOVER, SOURCE, Resize): State.SWITCHOVER,
+    (State.SWITCHOVER, SOURCE, Commit): State.RESUMING,
+    (State.RESUMING, DEST, Resumed): State.VERIFYING,
+    (State.VERIFYING, SOURCE, Digests): State.VERIFYING,
+    (State.VERIFYING, SOURCE, VerifyDone): State.VERDICT,
+    (State.VERDICT, DEST, Verified): State.FINISHING,
+    (State.FINISHING, SOURCE, Done): State.CLOSED,
+}
+_FINAL = {State.CLOSED, State.ABORTED, State.ERROR}
+# either side may give up at any point until the end
+_TABLE.update(
+    {(st, who, Abort): State.ABORTED for st in State if st not in _FINAL for who in ROLES})
+_BOTH_SIDES = {(State.HELLO, Hello), (State.AUTH, Auth)}
+
+
+# -- field checks (shared by send and receive) -----------------------------------------------
+
+
+def _show(value: object) -> str:
+    """repr() clipped, for messages that quote what a peer sent."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(value: object, lo: int, hi: int, what: str) -> int:
+    if type(value) is not int:  # bool is a subclass of int: refuse it too
+        raise ProtocolError(f"{what} must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{what} {value} is outside {lo}..{hi}")
+    return value
+
+
+def _text(value: object, limit: int, what: str) -> None:
+    if type(value) is not str:
+        raise ProtocolError(f"{what} must be a string, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} is {len(value)} characters long, more than {limit}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{what} is not valid UTF-8 text") from None
+
+
+def _bytes32(value: object, what: str) -> None:
+    if type(value) is not bytes or len(value) != 32:
+        raise ProtocolError(f"{what} must be 32 bytes, not {_show(value)}")
+
+
+def check_file_name(name: object) -> str:
+    """Return `name` if it is a plain relative path, so no manifest can make the destination
+    write outside its root; raise ProtocolError otherwise."""
+    if type(name) is not str:
+        raise ProtocolError(f"file name must be a string, not {type(name).__name__}")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ProtocolError(f"file name {_show(name)} is not valid UTF-8") from None
+    if not name:
+        raise ProtocolError("file name is empty")
+    if size > MAX_NAME_BYTES:
+        raise ProtocolError(f"file name is {size} bytes long, more than {MAX_NAME_BYTES}")
+    if "\0" in name:
+        raise ProtocolError(f"file name {_show(name)} contains NUL")
+    if name.startswith("/"):
+        raise ProtocolError(f"file name {_show(name)} is absolute")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            kind = f"a {part!r}" if part else "an empty"
+            raise ProtocolError(f"file name {_show(name)} has {kind} component")
+        if len(part.encode()) > MAX_COMPONENT_BYTES:
+            raise ProtocolError(f"file name {_show(name)} has a component over 255 bytes")
+    return name
+
+
+def _check_manifest(m: Manifest) -> None:
+    bs = _int(m.block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, "block_size")
+    if bs & (bs - 1):
+        raise ProtocolError(f"block_size {bs} is not a power of two")
+    if type(m.files) is not tuple:
+        raise ProtocolError("Manifest.files must be a tuple of FileEntry")
+    if len(m.files) > MAX_FILES:
+        raise ProtocolError(f"manifest lists {len(m.files)} files, more than {MAX_FILES}")
+    ids: set[int] = set()
+    names: set[str] = set()
+    for entry in m.files:
+        if type(entry) is not FileEntry:
+            raise ProtocolError(f"manifest entry {_show(entry)} is not a FileEntry")
+        _int(entry.file_id, 0, MAX_FILES - 1, "file_id")
+        check_file_name(entry.name)
+        _int(entry.size, 0, MAX_FILE_SIZE, f"size of {_show(entry.name)}")
+        if entry.file_id in ids:
+            raise ProtocolError(f"manifest has file_id {entry.file_id} twice")
+        if entry.name in names:
+            raise ProtocolError(f"manifest has file name {_show(entry.name)} twice")
+        ids.add(entry.file_id)
+        names.add(entry.name)
+    # sorted by components, a path that is a directory of others is directly followed by one
+    for a, b in pairwise(sorted(tuple(name.split("/")) for name in names)):
+        if b[: len(a)] == a:
+            raise ProtocolError(f"{_show('/'.join(a))} is both a file and a directory")
+
+
+def check_event(event: Event) -> None:
+    """Raise ProtocolError unless every field of `event` has the right type and range.
+
+    These are the rules that need no context; Connection adds those that depend on the state,
+    the manifest and the handshake."""
+    match event:
+        case Hello():
+            _int(event.version, 0, _U32, "Hello.version")
+            if event.role not in ROLES:
+                raise ProtocolError(f"Hello.role must be source or dest, not {_show(event.role)}")
+            _bytes32(event.nonce, "Hello.nonce")
+        case Auth():
+            _bytes32(event.mac, "Auth.mac")
+        case Manifest():
+            _check_manifest(event)
+        case Blocks():
+            _int(event.file_id, 0, _U32, "Blocks.file_id")
+            _int(event.first_block, 0, _U64, "Blocks.first_block")
+            if type(event.data) is not bytes:
+                raise ProtocolError(f"Blocks.data must be bytes, not {type(event.data).__name__}")
+            if len(event.data) > MAX_BLOCKS_DATA:
+                raise ProtocolError(f"Blocks carry {len(event.data)} bytes, more than 8 MiB")
+        case Resize():
+            _int(event.file_id, 0, _U32, "Resize.file_id")
+            _int(event.size, 0, MAX_FILE_SIZE, "Resize.size")
+        case RoundDone():
+            _int(event.round, 0, _MAX_COUNT, "RoundDone.round")
+            _int(event.blocks, 0, _MAX_COUNT, "RoundDone.blocks")
+            _int(event.bytes, 0, _MAX_COUNT, "RoundDone.bytes")
+        case RoundAck():
+            _int(event.round, 0, _MAX_COUNT, "RoundAck.round")
+        case Resumed():
+            if type(event.ms) not in (int, float) or not 0 <= event.ms < math.inf:
+                raise ProtocolError(f"Resumed.ms must be a finite number >= 0, not {event.ms!r}")
+        case Digests():
+            _int(event.file_id, 0, _U32, "Digests.file_id")
+            _int(event.first_block, 0, _U64, "Digests.first_block")
+            if type(event.digests) is not tuple:
+                raise ProtocolError("Digests.digests must be a tuple of u64")
+            _int(len(event.digests), 1, MAX_DIGESTS_PER_FRAME, "number of digests")
+        case Verified():
+            if type(event.ok) is not bool:
+                raise ProtocolError(f"Verified.ok must be a bool, not {type(event.ok).__name__}")
+            _int(event.mismatches, 0, _MAX_COUNT, "Verified.mismatches")
+            _text(event.detail, MAX_REASON, "Verified.detail")
+            if event.ok and event.mismatches:
+                raise ProtocolError(f"Verified says ok with {event.mismatches} mismatches")
+        case Abort():
+            _text(event.reason, MAX_REASON, "Abort.reason")
+        case Ready() | Switchover() | Commit() | VerifyDone() | Done():
+            pass
+        case _:
+            raise ProtocolError(f"{_show(event)} is not a protocol event")
+
+
+# -- encoding --------------------------------------------------------------------------------
+
+_HEX_FIELDS = frozenset({"nonce", "mac"})  # bytes fields, as lowercase hex in JSON
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def encode(event: Event) -> bytes:
+    """One frame for `event`, after check_event (whether the state allows it is not checked)."""
+    check_event(event)
+    if type(event) is Blocks:
+        parts = [_BLOCKS.pack(event.file_id, event.first_block), event.data]
+    elif type(event) is Digests:
+        try:
+            digests = struct.pack(f">{len(event.digests)}Q", *event.digests)
+        except struct.error:
+            raise ProtocolError("every digest must be an integer in 0..2**64-1") from None
+        parts = [_DIGESTS.pack(event.file_id, event.first_block, len(event.digests)), digests]
+    else:
+        obj = {f.name: getattr(event, f.name) for f in fields(event)}
+        for name in _HEX_FIELDS & obj.keys():
+            obj[name] = obj[name].hex()
+        if "files" in obj:
+            obj["files"] = [asdict(entry) for entry in obj["files"]]
+        parts = [json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()]
+    size = sum(map(len, parts))
+    if size > MAX_PAYLOAD:
+        name = type(event).__name__
+        raise ProtocolError(f"{name} needs {size} bytes, more than {MAX_PAYLOAD}")
+    return b"".join([HEADER.pack(_TYPE_OF[type(event)], size), *parts])  # one copy of the data
+
+
+def _check_header(code: int, length: int) -> type[Event]:
+    cls = _EVENT_OF.get(code)
+    if cls is None:
+        raise ProtocolError(f"unknown frame type {code:#04x}")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"{cls.__name__} frame of {length} bytes is over the limit of "
+                            f"{MAX_PAYLOAD}")
+    return cls
+
+
+def decode(frame: bytes) -> Event:
+    """The event in one whole frame (header included); ProtocolError if it is not exactly one."""
+    if len(frame) < HEADER.size:
+        raise ProtocolError(f"a frame is at least {HEADER.size} bytes, not {len(frame)}")
+    code, length = HEADER.unpack_from(frame)
+    cls = _check_header(code, length)
+    if len(frame) != HEADER.size + length:
+        raise ProtocolError(f"frame says {length} payload bytes, has {len(frame) - HEADER.size}")
+    return _decode_payload(cls, frame[HEADER.size :])
+
+
+def _decode_payload(cls: type[Event], payload: bytes) -> Event:
+    name = cls.__name__
+    if cls is Blocks:
+        if len(payload) < _BLOCKS.size:
+            raise ProtocolError(f"Blocks frame of {len(payload)} bytes is shorter than its header")
+        file_id, first = _BLOCKS.unpack_from(payload)
+        event: Event = Blocks(file_id, first, payload[_BLOCKS.size :])
+    elif cls is Digests:
+        if len(payload) < _DIGESTS.size:
+            raise ProtocolError(f"Digests frame of {len(payload)} bytes is shorter than its header")
+        file_id, first, count = _DIGESTS.unpack_from(payload)
+        _int(count, 1, MAX_DIGESTS_PER_FRAME, "number of digests")
+        if len(payload) != _DIGESTS.size + 8 * count:
+            raise ProtocolError(f"Digests frame says {count} digests but carries "
+                                f"{len(payload) - _DIGESTS.size} bytes of them")
+        event = Digests(file_id, first, struct.unpack_from(f">{count}Q", payload, _DIGESTS.size))
+    else:
+        obj = _load_json(payload, name)
+        if cls is Hello and type(obj.get("version")) is int and obj["version"] != PROTOCOL_VERSION:
+            raise ProtocolError(f"peer speaks protocol version {obj['version']}, "
+                                f"we speak {PROTOCOL_VERSION}")
+        args = _exact_keys(obj, [f.name for f in fields(cls)], name)
+        for key in _HEX_FIELDS & args.keys():
+            args[key] = _unhex(args[key], f"{name}.{key}")
+        if "files" in args:
+            args["files"] = _files(args["files"])
+        if cls is Resumed and type(args["ms"]) is int:  # a JSON peer may write 12 for 12.0
+            args["ms"] = float(args["ms"]) if abs(args["ms"]) < 2**53 else math.inf
+        event = cls(**args)
+    check_event(event)
+    return event
+
+
+def _load_json(payload: bytes, name: str) -> dict[str, object]:
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            raise ProtocolError(f"{name} has a key twice")
+        return obj
+
+    def no_constants(word: str) -> object:
+        raise ProtocolError(f"{name} contains {word}, which is not JSON")
+
+    try:
+        obj = json.loads(payload.decode(), object_pairs_hook=no_duplicates,
+                         parse_constant=no_constants)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{name} payload is not a JSON object: {exc}") from None
+    if type(obj) is not dict:
+        raise ProtocolError(f"{name} payload must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def _exact_keys(obj: object, names: list[str], what: str) -> dict[str, object]:
+    if type(obj) is not dict:
+        raise ProtocolError(f"{what} must be a JSON object, not {type(obj).__name__}")
+    missing, extra = set(names) - obj.keys(), obj.keys() - set(names)
+    if missing:
+        raise ProtocolError(f"{what} lacks {', '.join(sorted(missing))}")
+    if extra:
+        raise ProtocolError(f"{what} has unexpected keys {_show(sorted(extra))}")
+    return dict(obj)
+
+
+def _unhex(value: object, what: str) -> bytes:
+    if type(value) is not str or len(value) % 2 or not set(value) <= _HEX_DIGITS:
+        raise ProtocolError(f"{what} must be lowercase hex, not {_show(value)}")
+    return bytes.fromhex(value)
+
+
+def _files(value: object) -> tuple[FileEntry, ...]:
+    if type(value) is not list:
+        raise ProtocolError(f"Manifest.files must be a list, not {type(value).__name__}")
+    if len(value) > MAX_FILES:
+        raise ProtocolError(f"manifest lists {len(value)} files, more than {MAX_FILES}")
+    keys = [f.name for f in fields(FileEntry)]
+    return tuple(FileEntry(**_exact_keys(item, keys, "manifest entry")) for item in value)
+
+
+# -- the connection --------------------------------------------------------------------------
+
+
+class Connection:
+    """One side of a migration: bytes in, events out; events in, bytes out.  No I/O."""
+
+    def __init__(self, role: str, key: bytes, nonce: bytes | None = None) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be 'source' or 'dest', not {role!r}")
+        if type(key) is not bytes or not key:
+            raise ValueError("the shared key must be non-empty bytes")
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+        if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
+            raise ValueError(f"the nonce must be {NONCE_SIZE} bytes")
+        self.role = role
+        self.peer_role = DEST if role == SOURCE else SOURCE
+        self._key = key
+        self._nonce = nonce
+        self._peer_nonce = b""
+        self._state = State.HELLO
+        self._done: set[str] = set()  # who sent this HELLO/AUTH phase's event
+        self._buf = bytearray()
+        self._eof = False
+        self._why = ""  # the error or abort that ended the connection
+        self._manifest: Manifest | None = None
+        self._sizes: dict[int, int] = {}
+        self._round = -1  # the last RoundDone's round
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self._manifest
+
+    @property
+    def sizes(self) -> Mapping[int, int]:
+        """Current size of each file by file_id: the manifest's, updated by Resize."""
+        return MappingProxyType(self._sizes)
+
+    def hello_event(self) -> Hello:
+        """Our Hello (the only one send() accepts)."""
+        return Hello(PROTOCOL_VERSION, self.role, self._nonce)
+
+    def auth_event(self) -> Auth:
+        """Our Auth, once both Hellos are known (the MAC covers the peer's nonce)."""
+        if self._state is not State.AUTH:
+            raise LocalProtocolError(f"Auth needs both Hellos first (state {self._state.name})")
+        return Auth(self._mac(self.role))
+
+    def send(self, event: Event) -> bytes:
+        """The bytes to write for `event`; LocalProtocolError, state unchanged, if illegal."""
+        try:
+            data = encode(event)
+            if not (self._state is State.ERROR and type(event) is Abort):  # may say why we quit
+                self._apply(event, self.role)
+        except ProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        return data
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer (b"" means EOF); next_event() parses them."""
+        self._refuse_if_over()
+        if self._eof:
+            raise LocalProtocolError("receive_data() after EOF")
+        if not data:
+            self._eof = True
+            return
+        if len(self._buf) >= MAX_FRAME:
+            raise LocalProtocolError("call next_event() until NEED_DATA before feeding more")
+        self._buf += data
+        try:
+            self._header()  # refuse a bad header now, before its payload arrives
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
+        """The peer's next event, or NEED_DATA; RemoteProtocolError (state ERROR) if illegal."""
+        self._refuse_if_over()
+        try:
+            header = self._header()
+            end = HEADER.size + header[1] if header else 0
+            if not header or len(self._buf) < end:
+                if self._eof and (self._buf or self._state is not State.CLOSED):
+                    where = " in the middle of a frame" if self._buf else ""
+                    raise ProtocolError(
+                        f"peer closed the connection during {self._state.name}{where}")
+                return NEED_DATA
+            with memoryview(self._buf) as view:
+                payload = bytes(view[HEADER.size : end])
+            del self._buf[:end]
+            event = _decode_payload(header[0], payload)
+            self._apply(event, self.peer_role)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        return event
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _refuse_if_over(self) -> None:
+        if self._state is State.ERROR:
+            raise RemoteProtocolError(f"connection is in ERROR: {self._why}")
+        if self._state is State.ABORTED:
+            raise ProtocolError(f"connection was aborted: {self._why}")
+
+    def _fail(self, exc: ProtocolError) -> RemoteProtocolError:
+        self._state = State.ERROR
+        self._why = str(exc)
+        self._buf = bytearray()
+        return exc if isinstance(exc, RemoteProtocolError) else RemoteProtocolError(str(exc))
+
+    def _header(self) -> tuple[type[Event], int] | None:
+        """The front frame's (event class, length) once 5 bytes are in, checked for the state."""
+        if len(self._buf) < HEADER.size:
+            return None
+        code, length = HEADER.unpack_from(self._buf)
+        cls = _check_header(code, length)
+        self._next_state(self._state, self.peer_role, cls)
+        return cls, length
+
+    def _next_state(self, state: State, sender: str, cls: type[Event]) -> State:
+        nxt = _TABLE.get((state, sender, cls))
+        who = "peer" if sender == self.peer_role else "we"
+        if nxt is None:
+            raise ProtocolError(f"{who} ({sender}) may not send {cls.__name__} in state "
+                                f"{state.name}")
+        if (state, cls) in _BOTH_SIDES and sender in self._done:
+            raise ProtocolError(f"{who} ({sender}) already sent {cls.__name__}")
+        return nxt
+
+    def _mac(self, sender: str) -> bytes:
+        nonces = self._peer_nonce + self._nonce if sender == self.role else (
+            self._nonce + self._peer_nonce)  # receiver's nonce, then the sender's
+        message = _MAC_CONTEXT + sender.encode() + b"|" + nonces
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def _apply(self, event: Event, sender: str) -> None:
+        """Check `event` from `sender` against the table and what we know, then commit it."""
+        nxt = self._next_state(self._state, sender, type(event))
+        self._check_context(event, sender)
+        match event:  # nothing changed before this point
+            case Hello() if sender == self.peer_role:
+                self._peer_nonce = event.nonce
+            case Manifest():
+                self._manifest = event
+                self._sizes = {entry.file_id: entry.size for entry in event.files}
+            case Resize():
+                self._sizes[event.file_id] = event.size
+            case RoundDone():
+                self._round = event.round
+            case Abort():
+                self._why = f"{'peer' if sender == self.peer_role else 'we'} said {event.reason!r}"
+        if (self._state, type(event)) in _BOTH_SIDES:
+            self._done.add(sender)
+            if len(self._done) < len(ROLES):
+                return
+            self._done.clear()
+        self._state = nxt
+
+    def _check_context(self, event: Event, sender: str) -> None:
+        """The rules that depend on the handshake, the manifest and the rounds."""
+        remote = sender == self.peer_role
+        lie = "peer lies about sizes" if remote else "refusing to lie about sizes"
+        match event:
+            case Hello() if not remote:
+                if event != self.hello_event():
+                    raise ProtocolError("send hello_event(): a Hello carries our role and nonce")
+            case Hello():
+                if event.role == self.role:
+                    raise ProtocolError(f"peer says it is the {event.role}, and so are we")
+                if event.nonce == self._nonce:
+                    raise ProtocolError("peer echoed our nonce")
+            case Auth() if not remote:
+                if event.mac != self._mac(sender):
+                    raise ProtocolError("send auth_event(): this Auth does not carry our MAC")
+            case Auth():
+                if not hmac.compare_digest(event.mac, self._mac(sender)):
+                    raise AuthenticationError("the peer does not know the shared key "
+                                              "(its Auth MAC is wrong)")
+            case Blocks():
+                size, bs = self._size_of(event.file_id, lie), self._block_size()
+                end = event.first_block * bs + len(event.data)
+                where = f"Blocks for file {event.file_id} at block {event.first_block}"
+                if not event.data:
+                    raise ProtocolError(f"{lie}: {where} carry no data")
+                if end > size:
+                    raise ProtocolError(f"{lie}: {where} end at byte {end}, past its size {size}")
+                if len(event.data) % bs and end != size:
+                    raise ProtocolError(f"{lie}: {where} carry {len(event.data)} bytes: not whole "
+                                        f"blocks of {bs}, nor the tail of the file")
+            case Resize():
+                self._size_of(event.file_id, lie)
+            case Digests():
+                size, bs = self._size_of(event.file_id, lie), self._block_size()
+                nblocks, stop = -(-size // bs), event.first_block + len(event.digests)
+                if stop > nblocks:
+                    raise ProtocolError(f"{lie}: Digests for file {event.file_id} reach block "
+                                        f"{stop - 1}, it has {nblocks} blocks")
+            case RoundDone():
+                if event.round <= self._round:
+                    raise ProtocolError(f"RoundDone for round {event.round} after round "
+                                        f"{self._round}: rounds must increase")
+            case RoundAck():
+                if event.round != self._round:
+                    raise ProtocolError(f"RoundAck for round {event.round}, but round "
+                                        f"{self._round} is the one waiting")
+
+    def _size_of(self, file_id: int, lie: str) -> int:
+        if file_id not in self._sizes:
+            raise ProtocolError(f"{lie}: file_id {file_id} is not in the manifest")
+        return self._sizes[file_id]
+
+    def _block_size(self) -> int:
+        assert self._manifest is not None  # the table allows sizes only after the Manifest
+        return self._manifest.block_size

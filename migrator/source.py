@@ -1,0 +1,390 @@
+"""`migrator migrate`: the source side of a live pre-copy migration.
+
+Phases (docs/migration.md has the diagram):
+
+1. connect, handshake (mutual HMAC proof of the shared key), manifest;
+2. start an epoch on every file (swap), then the initial copy: static blocks
+   coldest first, then dynamic blocks, while the epoch collects new writes;
+3. rounds: flush (fsync through the mount), swap, send exactly those blocks,
+   until the planner says the dirty set is small enough or stopped shrinking;
+4. switchover: suspend the VM, flush, last swap, send the last set, commit —
+   the destination runs its resume hook; downtime = suspend → resumed;
+5. verification after the resume: xxh3 of every source block (the source no
+   longer changes) against the destination's digests of what it wrote.
+
+Before the destination confirms the resume, any failure resumes the source VM
+and leaves its files untouched (the migrator only reads them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+import xxhash
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from blkfs.control import ControlClient, ControlError
+
+from . import protocol as p
+from .plan import (
+    Policy,
+    RoundPlanner,
+    RoundStats,
+    Verdict,
+    batches,
+    initial_order,
+    union_extents,
+)
+from .report import MigrationReport, RoundReport
+from .transport import Channel, MigrationError, parse_hostport
+from .vm import AdapterError, VMAdapter
+
+Extent = tuple[int, int]
+CONNECT_TIMEOUT = 10.0
+FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
+
+
+@dataclass
+class MigrateOptions:
+    mount: str
+    to: str
+    key: bytes
+    files: list[str]
+    policy: Policy
+    bandwidth_mb_s: float | None = None
+    static_heat: float | None = None
+    report_path: str | None = None
+
+
+class _Src:
+    """An open source file: read straight from the backing file (the mount's daemon
+    writes synchronously, so the backing file holds every write it has tracked)."""
+
+    def __init__(self, file_id: int, rel: str, backing: str, mount: str) -> None:
+        self.file_id = file_id
+        self.rel = rel
+        self.fd = os.open(os.path.join(backing, rel), os.O_RDONLY | os.O_CLOEXEC)
+        self.mount_path = os.path.join(mount, rel)
+        self.size = os.fstat(self.fd).st_size
+
+
+class Source:
+    def __init__(self, opts: MigrateOptions, adapter: VMAdapter, console: Console) -> None:
+        self.opts = opts
+        self.adapter = adapter
+        self.console = console
+        self.report = MigrationReport()
+        self.files: list[_Src] = []
+        self.block_size = 0
+        self.ch: Channel | None = None
+        self.client: ControlClient | None = None
+        self.suspended = False
+        self.switched = False
+        self.phase = "connecting"
+        self.round = 0
+        self.pending = 0
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _rel(self, name: str) -> str:
+        mnt = os.path.abspath(self.opts.mount)
+        if os.path.isabs(name):
+            full = os.path.abspath(name)
+            if os.path.commonpath([full, mnt]) != mnt:
+                raise MigrationError(f"{name} is not under {self.opts.mount}")
+            return os.path.relpath(full, mnt)
+        return os.path.normpath(name)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        assert self.client is not None
+        try:
+            return self.client.call(op, **args)
+        except ControlError as exc:
+            raise MigrationError(f"blkfs on {self.opts.mount}: {exc}") from None
+
+    async def _flush(self) -> None:
+        """fsync through the mount: page-cache writes (mmap) reach blkfs and get marked."""
+        def flush(path: str) -> None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        for f in self.files:
+            await trio.to_thread.run_sync(flush, f.mount_path)
+
+    def _swap(self) -> dict[int, list[Extent]]:
+        return {f.file_id: [tuple(e) for e in self._call("dirty", file=f.rel, swap=True)
+                            ["extents"]] for f in self.files}
+
+    async def _sync_sizes(self) -> None:
+        assert self.ch is not None
+        for f in self.files:
+            size = os.fstat(f.fd).st_size
+            if size != f.size:
+                await self.ch.send(p.Resize(f.file_id, size))
+                f.size = size
+
+    async def _send(self, f: _Src, exts: list[Extent]) -> tuple[int, int]:
+        """Send these blocks of `f`; returns (blocks, data bytes)."""
+        assert self.ch is not None
+        bs = self.block_size
+        nblocks = (f.size + bs - 1) // bs
+        blocks = nbytes = 0
+        for first, count in batches(exts, FRAME_DATA // bs):
+            if first >= nblocks:
+                continue
+            count = min(count, nblocks - first)
+            data = os.pread(f.fd, count * bs, first * bs)
+            end = first * bs + len(data)
+            if len(data) % bs and end != f.size:
+                data = data[: len(data) // bs * bs]  # shrank meanwhile: the next round resizes
+            if not data:
+                continue
+            await self.ch.send(p.Blocks(f.file_id, first, data))
+            blocks += (len(data) + bs - 1) // bs
+            nbytes += len(data)
+            self.report.bytes_sent = self.ch.bytes_sent
+        self.report.blocks_sent += blocks
+        return blocks, nbytes
+
+    async def _send_sets(self, sets: dict[int, list[Extent]]) -> tuple[int, int]:
+        await self._sync_sizes()
+        blocks = nbytes = 0
+        for f in self.files:
+            b, n = await self._send(f, sets.get(f.file_id, []))
+            blocks += b
+            nbytes += n
+        return blocks, nbytes
+
+    # -- phases -----------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        host, port = parse_hostport(self.opts.to)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise MigrationError(f"cannot connect to {host}:{port}: no answer within "
+                                 f"{CONNECT_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise MigrationError(f"cannot connect to {host}:{port}: {exc.strerror or exc} "
+                                 "(is 'migrator serve' running there?)") from None
+        limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
+        self.ch = Channel(stream, "source", self.opts.key, limit)
+        await self.ch.handshake()
+
+    def _open(self) -> None:
+        try:
+            self.client = ControlClient.for_mount(self.opts.mount)
+        except ControlError as exc:
+            raise MigrationError(str(exc)) from None
+        info = self._call("info")
+        if not info["tracking"]:
+            raise MigrationError(f"{self.opts.mount} is mounted with --no-tracking: remount it "
+                                 "with tracking to migrate from it")
+        self.block_size = info["block_size"]
+        self.report.block_size = self.block_size
+        rels = [self._rel(n) for n in self.opts.files]
+        if len(set(rels)) != len(rels):
+            raise MigrationError("a file is named twice")
+        for rel in rels:
+            self._call("dirty", file=rel)  # exists, is a regular file, inside the mount
+        self.files = [_Src(i, rel, info["backing"], self.opts.mount) for i, rel in enumerate(rels)]
+
+    async def _initial_copy(self, planner: RoundPlanner) -> None:
+        assert self.ch is not None
+        self.phase = "initial copy"
+        now = time.monotonic()
+        static: dict[int, list[Extent]] = {}
+        dynamic: dict[int, list[Extent]] = {}
+        for f in self.files:
+            args: dict[str, Any] = {"file": f.rel}
+            if self.opts.static_heat is not None:
+                args["static_heat"] = self.opts.static_heat
+            h = self._call("heat", **args)
+            nblocks = (f.size + self.block_size - 1) // self.block_size
+            static[f.file_id], dynamic[f.file_id] = initial_order(nblocks, h["heat"],
+                                                                  h["static_heat"])
+            self.report.static_blocks += sum(c for _, c in static[f.file_id])
+            self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
+        self.pending = self.report.static_blocks + self.report.dynamic_blocks
+        _, n1 = await self._send_sets(static)
+        _, n2 = await self._send_sets(dynamic)
+        self.report.initial_copy_s = time.monotonic() - now
+        planner.record_transfer(n1 + n2, self.report.initial_copy_s)
+
+    async def _rounds(self, planner: RoundPlanner) -> dict[int, list[Extent]]:
+        """Iterate until the planner says switch over; returns the swapped set held back."""
+        assert self.ch is not None
+        while True:
+            self.phase = "dirty rounds"
+            await self._flush()
+            sets = self._swap()
+            self.report.dirty_sync_count += 1
+            self.pending = sum(c for exts in sets.values() for _, c in exts)
+            decision = planner.decide(self.pending)
+            self.report.expected_downtime_ms = round(planner.expected_downtime_ms(self.pending), 2)
+            if decision.verdict is Verdict.SWITCHOVER:
+                self.report.switchover_reason = decision.reason
+                return sets
+            if decision.verdict is Verdict.ABORT:
+                raise MigrationError(f"{decision.reason}: aborting as asked (--on-stall abort)")
+            self.round += 1
+            t = time.monotonic()
+            blocks, nbytes = await self._send_sets(sets)
+            await self.ch.send(p.RoundDone(self.round, blocks, nbytes))
+            ack = await self.ch.expect(p.RoundAck)
+            if ack.round != self.round:
+                raise MigrationError(f"bad peer: acknowledged round {ack.round}, not {self.round}")
+            stats = RoundStats(self.round, blocks, nbytes, time.monotonic() - t)
+            planner.record_round(stats)
+            self.report.rounds.append(RoundReport(**stats.__dict__))
+
+    async def _switchover(self, held: dict[int, list[Extent]]) -> None:
+        assert self.ch is not None
+        self.phase = "switchover"
+        if self.adapter.flush_before_suspend:
+            await self._flush()
+        t_suspend = time.monotonic()
+        self.suspended = True
+        self.adapter.suspend()
+        if not self.adapter.flush_before_suspend:
+            await self._flush()
+        await self.ch.send(p.Switchover())
+        last = self._swap()
+        self.report.dirty_sync_count += 1
+        union = {f.file_id: union_extents(held.get(f.file_id, []), last.get(f.file_id, []))
+                 for f in self.files}
+        blocks, _ = await self._send_sets(union)
+        self.report.last_set_blocks = blocks
+        await self.ch.send(p.Commit())
+        await self.ch.expect(p.Resumed)
+        self.switched = True
+        self.report.downtime_ms = round((time.monotonic() - t_suspend) * 1000, 2)
+
+    async def _verify(self) -> None:
+        assert self.ch is not None
+        self.phase = "verifying"
+        t = time.monotonic()
+        bs = self.block_size
+        h = xxhash.xxh3_64_intdigest
+        for f in self.files:
+            nblocks = (f.size + bs - 1) // bs
+            for first in range(0, nblocks, 8192):
+                count = min(8192, nblocks - first)
+                data = memoryview(os.pread(f.fd, count * bs, first * bs))
+                digests = tuple(h(data[i:i + bs]) for i in range(0, len(data), bs))
+                await self.ch.send(p.Digests(f.file_id, first, digests))
+        await self.ch.send(p.VerifyDone())
+        v = await self.ch.expect(p.Verified)
+        self.report.verify_s = round(time.monotonic() - t, 3)
+        self.report.verified = v.ok
+        if not v.ok:
+            raise MigrationError(f"VERIFICATION FAILED: {v.mismatches} blocks differ on the "
+                                 f"destination ({v.detail})")
+        await self.ch.send(p.Done())
+
+    # -- the whole migration --------------------------------------------------------
+
+    async def run(self) -> MigrationReport:
+        r = self.report
+        t0 = time.monotonic()
+        planner: RoundPlanner | None = None
+        try:
+            self._open()
+            await self._connect()
+            assert self.ch is not None
+            for f in self.files:  # the epoch that collects writes from now on
+                self._call("dirty", file=f.rel, swap=True)
+                f.size = os.fstat(f.fd).st_size
+            r.files = [{"name": f.rel, "size": f.size} for f in self.files]
+            r.data_bytes = sum(f.size for f in self.files)
+            await self.ch.send(p.Manifest(self.block_size, tuple(
+                p.FileEntry(f.file_id, f.rel, f.size) for f in self.files)))
+            await self.ch.expect(p.Ready)
+            r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
+            r.status = "active"
+            planner = RoundPlanner(self.opts.policy, self.block_size)
+            await self._initial_copy(planner)
+            held = await self._rounds(planner)
+            await self._switchover(held)
+            r.source_vm = self.adapter.finish()
+            await self._verify()
+            r.status = "completed"
+        except (MigrationError, AdapterError, p.ProtocolError, OSError,
+                trio.Cancelled, KeyboardInterrupt) as exc:
+            r.status = "failed"
+            r.error = _message(exc)
+            await self._fail(r.error)
+            raise
+        finally:
+            r.total_s = round(time.monotonic() - t0, 3)
+            if planner is not None:
+                r.mbps = round(planner.bandwidth / 1e6, 1)
+            if self.ch is not None:
+                r.bytes_sent = self.ch.bytes_sent
+                await self.ch.aclose()
+            for f in self.files:
+                os.close(f.fd)
+            if self.client is not None:
+                self.client.close()
+            if self.opts.report_path:
+                r.write(self.opts.report_path)
+        return r
+
+    async def _fail(self, reason: str) -> None:
+        """Before the destination resumed: give the VM back its run, tell the peer."""
+        with trio.CancelScope(shield=True):
+            if self.suspended and not self.switched:
+                try:
+                    self.adapter.resume()
+                except AdapterError as exc:
+                    self.report.error = f"{reason}; and resuming the source VM failed: {exc}"
+                self.suspended = False
+            if self.switched:
+                self.report.source_vm = ("the VM already runs on the destination; the source "
+                                         "copy stays stopped")
+            if self.ch is not None:
+                await self.ch.abort(reason)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
+        return "interrupted"
+    if isinstance(exc, OSError) and not isinstance(exc, MigrationError):
+        return f"I/O error: {exc}"
+    return str(exc)
+
+
+class LiveProgress:
+    """A progress line: phase, round, dirty blocks, MB/s, ETA (refreshed from the source)."""
+
+    def __init__(self, src: Source, console: Console) -> None:
+        self.src = src
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 console=console, transient=True)
+
+    async def run(self) -> None:
+        with self.progress:
+            task = self.progress.add_task("connecting", total=None, info="")
+            t0 = time.monotonic()
+            while True:
+                s = self.src
+                elapsed = time.monotonic() - t0
+                sent = s.ch.bytes_sent if s.ch else 0
+                mbps = sent / elapsed / 1e6 if elapsed > 0 else 0.0
+                total = s.report.data_bytes or None
+                info = f"round {s.round}, {s.pending} dirty blocks, {mbps:.0f} MB/s"
+                if s.phase == "initial copy" and total and mbps > 0:
+                    info += f", ETA {max(0.0, (total - sent) / 1e6 / mbps):.1f} s"
+                self.progress.update(task, description=s.phase, info=info, total=total,
+                                     completed=min(sent, total or sent))
+                await trio.sleep(0.2)

@@ -1,0 +1,141 @@
+"""The protocol over trio TCP streams: handshake, bandwidth limit, aborts.
+
+All protocol rules (states, limits, authentication) live in the pure
+``protocol`` module; this shell only moves bytes and time.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from typing import Any
+
+import trio
+
+from . import protocol as p
+
+HANDSHAKE_TIMEOUT = 10.0
+RECV_CHUNK = 1 << 20
+
+
+class MigrationError(Exception):
+    """A failure to report to the user in one line."""
+
+
+class PeerAborted(MigrationError):
+    pass
+
+
+def read_key(path: str) -> bytes:
+    """The shared key, refusing files others can read and keys too short to matter."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except FileNotFoundError:
+        raise MigrationError(f"key file {path} does not exist: create one on both hosts with "
+                             f"'head -c 32 /dev/urandom > {path}; chmod 600 {path}'") from None
+    except OSError as exc:
+        raise MigrationError(f"cannot read key file {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise MigrationError(f"key file {path} is readable by other users: chmod 600 {path}")
+    if len(key) < 16:
+        raise MigrationError(f"the key in {path} is too short ({len(key)} bytes): use at least "
+                             "16 random bytes")
+    return key
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1", *, listen: bool = False
+                   ) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        n = int(port)
+    except ValueError:
+        n = -1
+    if not (0 if listen else 1) <= n < 65536:
+        raise MigrationError(f"bad address {text!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
+    return host, n
+
+
+class Channel:
+    """One migration connection: a protocol Connection on a byte stream."""
+
+    def __init__(self, stream: trio.abc.Stream, role: str, key: bytes,
+                 limit_bytes_per_s: float | None = None) -> None:
+        self.stream = stream
+        self.role = role
+        self.conn = p.Connection(role, key)
+        self.limit = limit_bytes_per_s
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._t0 = time.monotonic()
+        self._send_lock = trio.Lock()
+
+    async def send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        async with self._send_lock:
+            if self.limit:
+                # Token bucket: never run ahead of limit x elapsed.
+                ahead = (self.bytes_sent + len(data)) / self.limit - (time.monotonic() - self._t0)
+                if ahead > 0:
+                    await trio.sleep(ahead)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise MigrationError(f"connection to the peer lost while sending: {exc}") from None
+            self.bytes_sent += len(data)
+
+    async def receive(self) -> Any:
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except p.ProtocolError as exc:
+                raise MigrationError(f"bad peer: {exc}") from None
+            if ev is not p.NEED_DATA:
+                if isinstance(ev, p.Abort):
+                    raise PeerAborted(f"the peer aborted: {ev.reason}")
+                return ev
+            try:
+                data = await self.stream.receive_some(RECV_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise MigrationError(f"connection to the peer lost: {exc}") from None
+            self.bytes_received += len(data)
+            try:
+                self.conn.receive_data(data)
+            except p.ProtocolError as exc:
+                raise MigrationError(f"bad peer: {exc}") from None
+
+    async def expect(self, *types: type) -> Any:
+        ev = await self.receive()
+        if not isinstance(ev, types):
+            raise MigrationError(f"bad peer: expected {' or '.join(t.__name__ for t in types)}, "
+                                 f"got {type(ev).__name__}")
+        return ev
+
+    async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Hello both ways, then mutual proof of the shared key."""
+        try:
+            with trio.fail_after(timeout):
+                await self.send(self.conn.hello_event())
+                await self.expect(p.Hello)
+                await self.send(self.conn.auth_event())
+                await self.expect(p.Auth)
+        except trio.TooSlowError:
+            raise MigrationError(f"the peer did not complete the handshake within {timeout:g} s "
+                                 "(is it a migrator?)") from None
+
+    async def abort(self, reason: str) -> None:
+        """Tell the peer why we stop, if the connection still allows it."""
+        with trio.move_on_after(2):
+            try:
+                await self.send(p.Abort.about(reason))
+            except (MigrationError, p.ProtocolError):
+                pass
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2):
+            await self.stream.aclose()
