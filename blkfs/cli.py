@@ -11,7 +11,7 @@ import time
 from typing import Any, NoReturn
 
 from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
-from .control import ControlClient, ControlError
+from .control import ControlClient, ControlError, flush_file
 from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
 from .mount import MountOptions, QuietError
 from .runtime import DaemonInfo, mount_fstype, process_gone
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("mountpoint", metavar="MOUNTPOINT")
     d.add_argument("file", metavar="FILE", help="path relative to the mount (or under it)")
     d.add_argument("--swap", action="store_true", help="end the epoch and return its set")
-    d.add_argument("--no-flush", action="store_true", help="do not fsync FILE before --swap")
+    d.add_argument("--no-flush", action="store_true",
+                   help="do not flush FILE's page cache before --swap")
     d.add_argument("--json", action="store_true", help="machine-readable output")
 
     h = sub.add_parser("heat", help="heat per block of FILE and its static/dynamic split")
@@ -398,18 +399,14 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def _flush(mountpoint: str, rel: str) -> None:
-    """fsync FILE through the mount: a barrier for writes still in the page cache."""
+    """Writes still in the page cache (mmap) reach the daemon before the swap."""
     path = os.path.join(mountpoint, rel)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        flush_file(path)
     except FileNotFoundError:
         return  # the daemon reports the missing file in its own words
     except OSError as exc:
-        raise QuietError(f"cannot open {path} to flush it: {exc.strerror}") from None
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise QuietError(f"cannot flush {path}: {exc.strerror}") from None
 
 
 def cmd_dirty(a: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ middle of one.  The client is plain blocking sockets, for CLIs and scripts.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -36,6 +37,29 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20  # bytes in one request line
 HOTTEST = 5
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_WHOLE = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+
+
+def flush_file(path: str) -> None:
+    """Push the page-cache writes of a file under a mount into the daemon, and wait.
+
+    The barrier before a swap: writes through a shared mmap sit in the kernel
+    page cache until writeback.  sync_file_range on the FUSE file writes them
+    back and waits for the daemon's replies (so they are marked), without the
+    FSYNC that would make the daemon flush the backing file to disk.  syncfs
+    is not a barrier for them.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.sync_file_range(fd, 0, 0, _SYNC_WHOLE) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+    finally:
+        os.close(fd)
 
 
 class ControlError(Exception):

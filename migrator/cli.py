@@ -17,7 +17,7 @@ from blkfs.control import ControlError
 from . import protocol as p
 from .plan import Policy, Verdict
 from .report import print_summary
-from .transport import MigrationError, parse_hostport, read_key
+from .transport import MigrationError, leaf, parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
 
 PROG = "migrator"
@@ -177,21 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[a.cmd](a)
     except BaseException as exc:
-        leaf = _leaf(exc)
-        if isinstance(leaf, (MigrationError, AdapterError, p.ProtocolError, ControlError)):
-            print(f"{PROG}: error: {leaf}", file=sys.stderr)
+        err = leaf(exc)
+        if isinstance(err, (MigrationError, AdapterError, p.ProtocolError, ControlError)):
+            print(f"{PROG}: error: {err}", file=sys.stderr)
             return 1
-        if isinstance(leaf, (KeyboardInterrupt, trio.Cancelled)):
+        if isinstance(err, (KeyboardInterrupt, trio.Cancelled)):
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
         raise
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from trio nurseries."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import trio
 import xxhash
 
 from . import protocol as p
-from .transport import Channel, MigrationError, PeerAborted
+from .transport import Channel, MigrationError, PeerAborted, leaf
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class DestSession:
         self.state: dict[str, Any] = {}
         self.mismatches: list[str] = []
         self.blocks_written = 0
+        self.t_switch: float | None = None
 
     # -- setup ------------------------------------------------------------------
 
@@ -204,34 +205,52 @@ class DestSession:
         self.open_files(man, peer)
         await ch.send(p.Ready())
         log.info("migration %s from %s: %d files", self.state["migration"], peer, len(man.files))
-        t_switch = None
-        while True:
-            ev = await ch.receive()
-            if isinstance(ev, p.Blocks):
-                self.write_blocks(ev)
-            elif isinstance(ev, p.Resize):
-                self.resize(ev)
-            elif isinstance(ev, p.RoundDone):
-                await ch.send(p.RoundAck(ev.round))
-            elif isinstance(ev, p.Switchover):
-                t_switch = time.monotonic()
-            elif isinstance(ev, p.Commit):
-                await self._fsync_all()
-                await self._resume()
-                ms = (time.monotonic() - t_switch) * 1000 if t_switch else 0.0
-                await ch.send(p.Resumed(ms))
-            elif isinstance(ev, p.Digests):
-                self.check_digests(ev)
-            elif isinstance(ev, p.VerifyDone):
-                ok, detail = self.verdict()
-                if ok:
-                    self.state.update(status="complete", completed_at=time.time())
-                    _write_state(self.mount, self.state)
-                await ch.send(p.Verified(ok, len(self.mismatches), detail))
-                if not ok:
-                    raise MigrationError(f"verification failed: {detail}")
-            elif isinstance(ev, p.Done):
-                return self.state
+        # The receiver stays up to a few frames ahead of the writer, so network
+        # reads and file writes overlap; the writer handles events in order.
+        tx, rx = trio.open_memory_channel[Any](4)
+
+        async def receiver() -> None:
+            async with tx:
+                while True:
+                    ev = await ch.receive()
+                    await tx.send(ev)
+                    if isinstance(ev, p.Done):
+                        return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            async with rx:
+                async for ev in rx:
+                    await self._handle(ev)
+        return self.state
+
+    async def _handle(self, ev: Any) -> None:
+        ch = self.ch
+        if isinstance(ev, p.Blocks):
+            await trio.to_thread.run_sync(self.write_blocks, ev)
+        elif isinstance(ev, p.Resize):
+            self.resize(ev)
+        elif isinstance(ev, p.RoundDone):
+            await ch.send(p.RoundAck(ev.round))
+        elif isinstance(ev, p.Switchover):
+            self.t_switch = time.monotonic()
+        elif isinstance(ev, p.Commit):
+            # No fsync here: it would lengthen the downtime; files are made
+            # durable before the migration is marked complete.
+            await self._resume()
+            ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
+            await ch.send(p.Resumed(ms))
+        elif isinstance(ev, p.Digests):
+            self.check_digests(ev)
+        elif isinstance(ev, p.VerifyDone):
+            await self._fsync_all()
+            ok, detail = self.verdict()
+            if ok:
+                self.state.update(status="complete", completed_at=time.time())
+                _write_state(self.mount, self.state)
+            await ch.send(p.Verified(ok, len(self.mismatches), detail))
+            if not ok:
+                raise MigrationError(f"verification failed: {detail}")
 
 
 async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
@@ -255,7 +274,10 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
             print(f"migrator serve: migration from {peer} complete and verified "
                   f"({len(session.files)} files)", flush=True)
             return True
-        except (MigrationError, p.ProtocolError, OSError) as exc:
+        except BaseException as group:
+            exc = leaf(group)
+            if not isinstance(exc, (MigrationError, p.ProtocolError, OSError)):
+                raise
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
             if not isinstance(exc, PeerAborted):
                 await ch.abort(msg)

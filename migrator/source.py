@@ -28,7 +28,7 @@ import xxhash
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from blkfs.control import ControlClient, ControlError
+from blkfs.control import ControlClient, ControlError, flush_file
 
 from . import protocol as p
 from .plan import (
@@ -41,7 +41,7 @@ from .plan import (
     union_extents,
 )
 from .report import MigrationReport, RoundReport
-from .transport import Channel, MigrationError, parse_hostport
+from .transport import Channel, MigrationError, leaf, parse_hostport
 from .vm import AdapterError, VMAdapter
 
 Extent = tuple[int, int]
@@ -108,16 +108,9 @@ class Source:
             raise MigrationError(f"blkfs on {self.opts.mount}: {exc}") from None
 
     async def _flush(self) -> None:
-        """fsync through the mount: page-cache writes (mmap) reach blkfs and get marked."""
-        def flush(path: str) -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
+        """Page-cache writes (guest RAM through mmap) reach blkfs and get marked."""
         for f in self.files:
-            await trio.to_thread.run_sync(flush, f.mount_path)
+            await trio.to_thread.run_sync(flush_file, f.mount_path)
 
     def _swap(self) -> dict[int, list[Extent]]:
         return {f.file_id: [tuple(e) for e in self._call("dirty", file=f.rel, swap=True)
@@ -132,25 +125,39 @@ class Source:
                 f.size = size
 
     async def _send(self, f: _Src, exts: list[Extent]) -> tuple[int, int]:
-        """Send these blocks of `f`; returns (blocks, data bytes)."""
+        """Send these blocks of `f`; returns (blocks, data bytes).
+
+        A reader thread stays one frame ahead of the sender, so disk reads and
+        network sends overlap.
+        """
         assert self.ch is not None
+        ch = self.ch
         bs = self.block_size
         nblocks = (f.size + bs - 1) // bs
+        todo = [(first, min(count, nblocks - first))
+                for first, count in batches(exts, FRAME_DATA // bs) if first < nblocks]
         blocks = nbytes = 0
-        for first, count in batches(exts, FRAME_DATA // bs):
-            if first >= nblocks:
-                continue
-            count = min(count, nblocks - first)
-            data = os.pread(f.fd, count * bs, first * bs)
-            end = first * bs + len(data)
-            if len(data) % bs and end != f.size:
-                data = data[: len(data) // bs * bs]  # shrank meanwhile: the next round resizes
-            if not data:
-                continue
-            await self.ch.send(p.Blocks(f.file_id, first, data))
-            blocks += (len(data) + bs - 1) // bs
-            nbytes += len(data)
-            self.report.bytes_sent = self.ch.bytes_sent
+        tx, rx = trio.open_memory_channel[tuple[int, bytes]](2)
+
+        async def reader() -> None:
+            async with tx:
+                for first, count in todo:
+                    data = await trio.to_thread.run_sync(os.pread, f.fd, count * bs, first * bs)
+                    await tx.send((first, data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with rx:
+                async for first, data in rx:
+                    end = first * bs + len(data)
+                    if len(data) % bs and end != f.size:
+                        data = data[: len(data) // bs * bs]  # shrank meanwhile: resized later
+                    if not data:
+                        continue
+                    await ch.send(p.Blocks(f.file_id, first, data))
+                    blocks += (len(data) + bs - 1) // bs
+                    nbytes += len(data)
+                    self.report.bytes_sent = ch.bytes_sent
         self.report.blocks_sent += blocks
         return blocks, nbytes
 
@@ -215,8 +222,12 @@ class Source:
             self.report.static_blocks += sum(c for _, c in static[f.file_id])
             self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
         self.pending = self.report.static_blocks + self.report.dynamic_blocks
-        _, n1 = await self._send_sets(static)
-        _, n2 = await self._send_sets(dynamic)
+        b1, n1 = await self._send_sets(static)
+        b2, n2 = await self._send_sets(dynamic)
+        # Round 0: wait until the destination wrote it all, so its backlog never
+        # lands in the downtime.
+        await self.ch.send(p.RoundDone(0, b1 + b2, n1 + n2))
+        await self.ch.expect(p.RoundAck)
         self.report.initial_copy_s = time.monotonic() - now
         planner.record_transfer(n1 + n2, self.report.initial_copy_s)
 
@@ -318,8 +329,7 @@ class Source:
             r.source_vm = self.adapter.finish()
             await self._verify()
             r.status = "completed"
-        except (MigrationError, AdapterError, p.ProtocolError, OSError,
-                trio.Cancelled, KeyboardInterrupt) as exc:
+        except BaseException as exc:  # errors, Ctrl-C and cancellation alike
             r.status = "failed"
             r.error = _message(exc)
             await self._fail(r.error)
@@ -356,11 +366,14 @@ class Source:
 
 
 def _message(exc: BaseException) -> str:
+    exc = leaf(exc)
     if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
         return "interrupted"
-    if isinstance(exc, OSError) and not isinstance(exc, MigrationError):
+    if isinstance(exc, OSError):
         return f"I/O error: {exc}"
-    return str(exc)
+    if isinstance(exc, (MigrationError, AdapterError, p.ProtocolError)):
+        return str(exc)
+    return f"internal error: {exc!r}"
 
 
 class LiveProgress:

@@ -27,6 +27,13 @@ class PeerAborted(MigrationError):
     pass
 
 
+def leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from trio nurseries."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def read_key(path: str) -> bytes:
     """The shared key, refusing files others can read and keys too short to matter."""
     try:

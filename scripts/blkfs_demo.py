@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from blkfs.bitmap import parse_size
-from blkfs.control import ControlClient
+from blkfs.control import ControlClient, flush_file
 
 BLKFS = [sys.executable, "-m", "blkfs.cli"]
 WRITE_SIZE = 4096
@@ -83,14 +83,6 @@ def hot_blocks(nblocks: int, fraction: float, seed: int) -> list[int]:
                                                        max(1, int(nblocks * fraction))))
 
 
-def fsync_through_mount(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--disk-size", default="64M", help="disk image size (default 64M)")
@@ -143,10 +135,10 @@ def main() -> int:
                           console=console, transient=False) as prog:
                 task = prog.add_task("simulated VM writing", total=a.seconds, dirty="")
                 while vm.is_alive():
-                    # What a migrator does each round: fsync through the mount, so
+                    # What a migrator does each round: flush through the mount, so
                     # guest-RAM writes sitting in the page cache reach blkfs.
                     for name in files:
-                        fsync_through_mount(mnt / name)
+                        flush_file(str(mnt / name))
                     st = c.call("status")
                     dirty = ", ".join(f"{f['file']}: {f['dirty']} dirty / {f['dynamic']} hot"
                                       for f in st["files"])
@@ -158,7 +150,7 @@ def main() -> int:
             if vm.exitcode != 0:
                 raise SystemExit(f"the simulated VM failed (exit {vm.exitcode})")
             for name in files:
-                fsync_through_mount(mnt / name)  # mmap writes reach blkfs at fsync
+                flush_file(str(mnt / name))  # mmap writes reach blkfs at fsync
             status = c.call("status")
             heat = {n: c.call("heat", file=n) for n in files}
             dirty = {n: c.call("dirty", file=n) for n in files}

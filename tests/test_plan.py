@@ -13,6 +13,7 @@ from migrator.plan import (
     Verdict,
     batches,
     initial_order,
+    union_extents,
 )
 
 
@@ -92,3 +93,9 @@ def test_policy_validation() -> None:
                {"on_stall": Verdict.CONTINUE}):
         with pytest.raises(ValueError):
             Policy(**kw)  # type: ignore[arg-type]
+
+
+def test_union_extents() -> None:
+    assert union_extents([(0, 2), (10, 1)], [(1, 3), (11, 2)]) == [(0, 4), (10, 3)]
+    assert union_extents([], []) == []
+    assert union_extents([(5, 1)], []) == [(5, 1)]

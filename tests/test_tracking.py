@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blkfs.bitmap import iter_blocks
-from blkfs.control import ControlError
+from blkfs.control import ControlError, flush_file
 from blkfs.runtime import process_gone
 
 from .conftest import Mount, run_blkfs
@@ -285,7 +285,7 @@ def test_no_lost_write_under_concurrent_swaps(
         try:
             def round_() -> None:
                 nonlocal swaps, copied
-                os.fsync(fd)  # the barrier for mmap writes still in the page cache
+                flush_file(str(p))  # the barrier for mmap writes still in the page cache
                 exts = c.call("dirty", file="disk.raw", swap=True)["extents"]
                 swaps += 1
                 for b in iter_blocks(exts):
@@ -339,3 +339,19 @@ def test_sigterm_is_a_clean_unmount(mount_factory: Callable[..., Mount]) -> None
     assert (m.backing / ".blkfs" / "state.json").exists()
     m2 = mount_factory()
     assert m2.dirty("disk.raw") == [(2, 1)]
+
+
+def test_flush_file_is_a_barrier_for_mmap_writes(mount: Mount) -> None:
+    """sync_file_range through the mount pushes page-cache writes to the daemon
+    (no FSYNC of the backing file needed); without it they stay in the cache."""
+    p = mount.path("vm.mem")
+    p.write_bytes(b"\0" * 64 * B)
+    with open(p, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED)
+        for rnd in range(3):
+            mount.swap("vm.mem")
+            for b in (3, 17, 40):
+                m[b * B + rnd] = 1
+            flush_file(str(p))
+            assert mount.swap("vm.mem") == [(3, 1), (17, 1), (40, 1)]
+        m.close()

@@ -1,0 +1,424 @@
+"""Live migration between two real blkfs mounts over TCP (loopback, and two namespaces)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from migrator import protocol as p
+
+from .conftest import Mount, run_blkfs
+
+pytestmark = pytest.mark.mount
+
+MIGRATOR = [sys.executable, "-m", "migrator.cli"]
+SIMVM = [sys.executable, "-m", "migrator.simvm"]
+
+
+@pytest.fixture
+def hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, Mount]:
+    src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
+    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    return src, dst
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    k = tmp_path / "key"
+    k.write_text(os.urandom(32).hex())
+    k.chmod(0o600)
+    return k
+
+
+class Server:
+    def __init__(self, dst: Mount, key: Path, *extra: str, netns: str | None = None,
+                 listen: str = "127.0.0.1:0") -> None:
+        pre = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen([*pre, *MIGRATOR, "serve", "--mount", str(dst.mnt),
+                                      "--listen", listen, "--key-file", str(key), "--once",
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on [^ ]+:(\d+),", line)
+        assert m, line + self.proc.stderr.read()  # type: ignore[union-attr]
+        self.port = int(m.group(1))
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out + err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+def migrate(src: Mount, port: int, key: Path, *args: str, host: str = "127.0.0.1",
+            netns: str | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+    pre = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run([*pre, *MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                           f"{host}:{port}", "--key-file", str(key), *args],
+                          capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def state(dst: Mount) -> dict[str, object] | None:
+    f = dst.mnt / ".migration-state.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def last_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert lines, r
+    return lines[-1]
+
+
+def test_idle_files_arrive_byte_exact(hosts: tuple[Mount, Mount], key: Path,
+                                      servers: list[Server], tmp_path: Path) -> None:
+    src, dst = hosts
+    (src.mnt / "vms").mkdir()
+    (src.mnt / "vms" / "disk.raw").write_bytes(os.urandom(3 * 1024 * 1024 + 777))
+    (src.mnt / "vm.mem").write_bytes(os.urandom(2 * 1024 * 1024))
+    (src.mnt / "empty").write_bytes(b"")
+    s = Server(dst, key)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    r = migrate(src, s.port, key, "vms/disk.raw", "vm.mem", "empty", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    rc, out = s.finish()
+    assert rc == 0 and "complete and verified" in out
+    for name in ("vms/disk.raw", "vm.mem", "empty"):
+        assert digest(dst.mnt / name) == digest(src.mnt / name), name
+    st = state(dst)
+    assert st is not None and st["status"] == "complete"
+    rep = json.loads(report.read_text())
+    for k in ("total_s", "downtime_ms", "bytes_sent", "data_bytes", "static_blocks",
+              "dynamic_blocks", "rounds", "verified"):
+        assert k in rep, k
+    assert rep["verified"] is True and rep["status"] == "completed"
+    assert rep["data_bytes"] == 5 * 1024 * 1024 + 777
+    assert rep["data_bytes"] <= rep["bytes_sent"] <= 1.01 * rep["data_bytes"] + 4096
+    assert "stay frozen" in r.stdout  # the default adapter: blkfs freeze
+    run_blkfs("thaw", str(src.mnt), check=True)
+
+
+@pytest.mark.slow
+def test_live_vm_migrates_with_no_lost_write(hosts: tuple[Mount, Mount], key: Path,
+                                             servers: list[Server], tmp_path: Path) -> None:
+    """Invariant 2: the destination equals the source at the suspend point, and the
+    VM's own ledger proves it holds the latest version of every block."""
+    src, dst = hosts
+    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "32M", "--mem-size", "16M"],
+                   check=True, capture_output=True)
+    vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "20"],
+                          stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        s = Server(dst, key)
+        servers.append(s)
+        report = tmp_path / "report.json"
+        r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm.pid}",
+                    "--report", str(report))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert vm.wait(timeout=10) == -signal.SIGKILL  # the source copy is retired
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
+    rc, out = s.finish()
+    assert rc == 0, out
+    for name in ("disk.raw", "vm.mem"):  # the source files are as they were at suspend
+        assert digest(dst.mnt / name) == digest(src.mnt / name), name
+    chk = subprocess.run([*SIMVM, "check", str(dst.mnt), "--json"], capture_output=True,
+                         text=True)
+    res = json.loads(chk.stdout)
+    assert chk.returncode == 0 and res["ok"] and res["written_units"] > 100, res
+    rep = json.loads(report.read_text())
+    assert rep["downtime_ms"] is not None and rep["verified"]
+    assert rep["static_blocks"] + rep["dynamic_blocks"] == (48 << 20) // 65536
+    # The VM resumes on the destination from its own state and stays consistent.
+    subprocess.run([*SIMVM, "run", str(dst.mnt), "--resume", "--rate", "20", "--seconds",
+                    "0.5"], check=True, capture_output=True)
+    chk = subprocess.run([*SIMVM, "check", str(dst.mnt), "--json"], capture_output=True,
+                         text=True)
+    assert json.loads(chk.stdout)["generation"] == 2 and chk.returncode == 0
+
+
+# -- abort safety (invariant 3) and bad input (invariant 6) ------------------------------
+
+
+@pytest.fixture
+def idle_vm() -> Iterator[subprocess.Popen[bytes]]:
+    """A process standing in for the VM: it must never be left stopped by a failure."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def fill_source(src: Mount, mib: int = 16) -> dict[str, str]:
+    (src.mnt / "disk.raw").write_bytes(os.urandom(mib << 20))
+    (src.mnt / "vm.mem").write_bytes(os.urandom(4 << 20))
+    return {n: digest(src.mnt / n) for n in ("disk.raw", "vm.mem")}
+
+
+def assert_source_whole(src: Mount, before: dict[str, str], vm: subprocess.Popen[bytes]) -> None:
+    assert vm.poll() is None and not stopped(vm.pid), "the source VM was left stopped"
+    for n, d in before.items():
+        assert digest(src.mnt / n) == d, f"{n} changed"
+
+
+def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: Path,
+                                              servers: list[Server], tmp_path: Path,
+                                              idle_vm: subprocess.Popen[bytes]) -> None:
+    src, dst = hosts
+    before = fill_source(src)
+    other = tmp_path / "other-key"
+    other.write_text(os.urandom(32).hex())
+    other.chmod(0o600)
+    s = Server(dst, key)
+    servers.append(s)
+    r = migrate(src, s.port, other, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
+    assert r.returncode == 1 and "shared key" in last_line(r)
+    rc, out = s.finish()
+    assert rc == 1 and "shared key" in out
+    assert state(dst) is None and not (dst.mnt / "disk.raw").exists()
+    assert_source_whole(src, before, idle_vm)
+
+
+def test_closed_port_and_bad_arguments(hosts: tuple[Mount, Mount], key: Path,
+                                       tmp_path: Path) -> None:
+    src, _ = hosts
+    fill_source(src, 1)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    r = migrate(src, port, key, "disk.raw")
+    assert r.returncode == 1 and "cannot connect" in last_line(r)
+    assert "migrator serve" in last_line(r)
+    r = migrate(src, port, key, "nope.raw")
+    assert r.returncode == 1 and "no such file" in last_line(r)
+    loose = tmp_path / "loose-key"
+    loose.write_text("x" * 40)
+    loose.chmod(0o644)
+    r = migrate(src, port, loose, "disk.raw")
+    assert r.returncode == 1 and "chmod 600" in last_line(r)
+    r = migrate(src, port, key, "disk.raw", "--suspend", "pid:999999999")
+    assert r.returncode == 1 and "no process" in last_line(r)
+    r = subprocess.run([*MIGRATOR, "serve", "--mount", str(tmp_path), "--listen", "127.0.0.1:0",
+                        "--key-file", str(key)], capture_output=True, text=True)
+    assert r.returncode == 1 and "not a blkfs mount" in last_line(r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill-destination", "sigterm-source", "kill9-source"])
+def test_failure_mid_copy_leaves_the_source_whole(
+    hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
+    idle_vm: subprocess.Popen[bytes], how: str
+) -> None:
+    src, dst = hosts
+    before = fill_source(src, 32)
+    s = Server(dst, key)
+    servers.append(s)
+    pre: list[str] = []
+    proc = subprocess.Popen([*pre, *MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                             f"127.0.0.1:{s.port}", "--key-file", str(key), "--bandwidth", "10",
+                             "--suspend", f"pid:{idle_vm.pid}", "disk.raw", "vm.mem"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # mid initial copy: 36 MiB at 10 MB/s
+    if how == "kill-destination":
+        s.proc.kill()
+    elif how == "sigterm-source":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.kill()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    if how != "kill9-source":
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("migrator: error:"), err
+        assert ("interrupted" in line) if how == "sigterm-source" else ("lost" in line or
+                                                                        "closed" in line), line
+    if how != "kill-destination":
+        rc, sout = s.finish()
+        assert rc == 1 and "incomplete" in sout
+    st = state(dst)
+    assert st is not None and st["status"] == "incomplete"
+    assert_source_whole(src, before, idle_vm)
+    # ... and a new attempt completes.
+    s2 = Server(dst, key)
+    servers.append(s2)
+    r = migrate(src, s2.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}")
+    assert r.returncode == 0, r.stderr
+    assert s2.finish()[0] == 0 and state(dst)["status"] == "complete"  # type: ignore[index]
+    assert digest(dst.mnt / "disk.raw") == before["disk.raw"]
+
+
+def test_destination_disk_full(mount_factory: Callable[..., Mount], key: Path,
+                               servers: list[Server], tmp_path: Path,
+                               idle_vm: subprocess.Popen[bytes]) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
+        dst = mount_factory(backing=small / "backing", mnt=tmp_path / "dst")
+        before = fill_source(src, 16)
+        s = Server(dst, key)
+        servers.append(s)
+        r2 = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}")
+        assert r2.returncode == 1 and "disk full" in last_line(r2), r2.stderr
+        assert s.finish()[0] == 1
+        assert_source_whole(src, before, idle_vm)
+        subprocess.run(["fusermount3", "-u", str(dst.mnt)], capture_output=True)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_garbage_from_a_fake_destination(hosts: tuple[Mount, Mount], key: Path,
+                                         idle_vm: subprocess.Popen[bytes]) -> None:
+    src, _ = hosts
+    before = fill_source(src, 1)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def speak_garbage() -> None:
+        conn, _ = srv.accept()
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + os.urandom(100))
+        time.sleep(0.5)
+        conn.close()
+
+    t = threading.Thread(target=speak_garbage, daemon=True)
+    t.start()
+    r = migrate(src, srv.getsockname()[1], key, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
+    srv.close()
+    assert r.returncode == 1 and "bad peer" in last_line(r), r.stderr
+    assert_source_whole(src, before, idle_vm)
+
+
+def _handshaken_client(port: int, key: bytes) -> tuple[socket.socket, p.Connection]:
+    sk = socket.create_connection(("127.0.0.1", port))
+    conn = p.Connection("source", key)
+    sk.sendall(conn.send(conn.hello_event()))
+    while True:
+        ev = conn.next_event()
+        if ev is p.NEED_DATA:
+            conn.receive_data(sk.recv(65536))
+        elif isinstance(ev, p.Hello):
+            break
+    sk.sendall(conn.send(conn.auth_event()))
+    while conn.next_event() is p.NEED_DATA:
+        conn.receive_data(sk.recv(65536))
+    return sk, conn
+
+
+def _raw_frame(ftype: p.FrameType, payload: bytes) -> bytes:
+    return p.HEADER.pack(int(ftype), len(payload)) + payload
+
+
+@pytest.mark.parametrize("attack", ["garbage", "dotdot", "absolute", "lie-size", "huge-frame"])
+def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
+                                       servers: list[Server], tmp_path: Path,
+                                       attack: str) -> None:
+    """Invariant 6: no peer message makes the destination write outside its mount or
+    allocate without bound; each is refused and the destination stays incomplete."""
+    _, dst = hosts
+    s = Server(dst, key)
+    servers.append(s)
+    if attack == "garbage":
+        with socket.create_connection(("127.0.0.1", s.port)) as sk:
+            sk.sendall(os.urandom(64))
+            time.sleep(0.3)
+    else:
+        sk, _conn = _handshaken_client(s.port, key.read_text().strip().encode())
+        with sk:
+            if attack in ("dotdot", "absolute"):
+                name = "../escaped" if attack == "dotdot" else str(tmp_path / "escaped")
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}]}
+                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
+            elif attack == "lie-size":
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}]}
+                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
+                time.sleep(0.3)
+                sk.sendall(_raw_frame(p.FrameType.BLOCKS, struct.pack(">IQ", 0, 1000)
+                                      + b"x" * 65536))
+            else:
+                sk.sendall(p.HEADER.pack(int(p.FrameType.BLOCKS), 2**31))
+            time.sleep(0.3)
+    rc, out = s.finish()
+    assert rc == 1, out
+    assert not (tmp_path / "escaped").exists() and not (dst.mnt.parent / "escaped").exists()
+    st = state(dst)
+    assert st is None or st["status"] == "incomplete"
+    if attack == "lie-size":
+        assert "lies about sizes" in out
+
+
+@pytest.mark.slow
+def test_across_two_network_namespaces(hosts: tuple[Mount, Mount], key: Path,
+                                       servers: list[Server]) -> None:
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 (ip netns)")
+    tag = f"bk{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+    cmds = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
+            ["ip", "link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y"],
+            ["ip", "link", "set", f"{tag}x", "netns", a],
+            ["ip", "link", "set", f"{tag}y", "netns", b],
+            ["ip", "-n", a, "addr", "add", "10.231.77.1/24", "dev", f"{tag}x"],
+            ["ip", "-n", b, "addr", "add", "10.231.77.2/24", "dev", f"{tag}y"],
+            ["ip", "-n", a, "link", "set", f"{tag}x", "up"], ["ip", "-n", b, "link", "set",
+                                                              f"{tag}y", "up"],
+            ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
+    try:
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"network namespaces unavailable here: {' '.join(c)}: {r.stderr}")
+        src, dst = hosts
+        before = fill_source(src, 8)
+        s = Server(dst, key, netns=b, listen="10.231.77.2:0")
+        servers.append(s)
+        r = migrate(src, s.port, key, "disk.raw", "vm.mem", host="10.231.77.2", netns=a)
+        assert r.returncode == 0, r.stderr
+        assert s.finish()[0] == 0
+        for n, d in before.items():
+            assert digest(dst.mnt / n) == d
+    finally:
+        subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", b], capture_output=True)
