@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="switch over once a round leaves at most N dirty blocks")
     g.add_argument("--downtime-ms", type=_positive, metavar="MS",
                    help="switch over once the dirty set fits in MS at the measured bandwidth "
-                   "(default 300)")
+                   "(default 50)")
     m.add_argument("--max-rounds", type=_count, default=30, metavar="R",
                    help="give up iterating after R rounds (default 30)")
     m.add_argument("--on-stall", choices=("switchover", "abort"), default="switchover",
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
                    help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT' or freeze (default)")
     m.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    m.add_argument("--stop-and-copy", action="store_true",
+                   help="baseline for comparison: suspend first, copy everything, resume")
+    m.add_argument("--no-static-first", action="store_true",
+                   help="baseline for comparison: initial copy in block order, not coldest first")
 
     d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
                        "a live migration over loopback, verification")
@@ -104,7 +108,7 @@ def _policy(a: argparse.Namespace) -> Policy:
     if a.max_rounds < 1:
         raise MigrationError("--max-rounds must be at least 1")
     return Policy(threshold_blocks=a.threshold_blocks,
-                  downtime_ms=a.downtime_ms if a.downtime_ms else 300.0,
+                  downtime_ms=a.downtime_ms if a.downtime_ms else 50.0,
                   max_rounds=a.max_rounds,
                   on_stall=Verdict.SWITCHOVER if a.on_stall == "switchover" else Verdict.ABORT)
 
@@ -132,7 +136,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     adapter = parse_adapter(a.suspend, a.mount, a.files)
     opts = MigrateOptions(mount=a.mount, to=a.to, key=key, files=a.files, policy=_policy(a),
                           bandwidth_mb_s=a.bandwidth, static_heat=a.static_heat,
-                          report_path=a.report)
+                          report_path=a.report, stop_and_copy=a.stop_and_copy,
+                          static_first=not a.no_static_first)
     src = Source(opts, adapter, console)
 
     async def main() -> None:

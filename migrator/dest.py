@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = ".migration-state.json"
 RESERVED = {STATE_NAME, ".blkfs"}
+THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
 
 
 def state_path(mount: str) -> str:
@@ -227,7 +228,10 @@ class DestSession:
     async def _handle(self, ev: Any) -> None:
         ch = self.ch
         if isinstance(ev, p.Blocks):
-            await trio.to_thread.run_sync(self.write_blocks, ev)
+            if len(ev.data) >= THREAD_WRITE:
+                await trio.to_thread.run_sync(self.write_blocks, ev)
+            else:  # a thread hop costs more than a small write
+                self.write_blocks(ev)
         elif isinstance(ev, p.Resize):
             self.resize(ev)
         elif isinstance(ev, p.RoundDone):

@@ -91,7 +91,7 @@ class Policy:
     """When to stop iterating. Give `threshold_blocks` or `downtime_ms` (the default)."""
 
     threshold_blocks: int | None = None
-    downtime_ms: float = 300.0
+    downtime_ms: float = 50.0
     max_rounds: int = 30
     stall_rounds: int = 3
     on_stall: Verdict = Verdict.SWITCHOVER

@@ -34,6 +34,7 @@ class MigrationReport:
     total_s: float = 0.0
     setup_ms: float = 0.0
     downtime_ms: float | None = None
+    downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
     expected_downtime_ms: float | None = None
     bytes_sent: int = 0  # on the wire, frames and headers included
     data_bytes: int = 0  # size of the migrated files
@@ -86,7 +87,9 @@ def print_summary(r: MigrationReport, console: Console) -> None:
     rows = [
         ("files", ", ".join(f"{f['name']} ({human_bytes(f['size'])})" for f in r.files)),
         ("total time", f"{r.total_s:.2f} s (initial copy {r.initial_copy_s:.2f} s)"),
-        ("downtime", f"{dt} (expected {edt})"),
+        ("downtime", f"{dt} (expected {edt}; "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in r.downtime_breakdown_ms.items())
+                     + ")"),
         ("data / sent", f"{human_bytes(r.data_bytes)} / {human_bytes(r.bytes_sent)}"
                         + (f" ({r.bytes_sent / r.data_bytes:.3f}x)" if r.data_bytes else "")),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),

@@ -47,6 +47,7 @@ from .vm import AdapterError, VMAdapter
 Extent = tuple[int, int]
 CONNECT_TIMEOUT = 10.0
 FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
+THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
 
 
 @dataclass
@@ -59,6 +60,9 @@ class MigrateOptions:
     bandwidth_mb_s: float | None = None
     static_heat: float | None = None
     report_path: str | None = None
+    # Baselines for comparison (scripts/bench_migrate.py), not for production use:
+    stop_and_copy: bool = False  # suspend first, copy everything, resume
+    static_first: bool = True  # False: initial copy in block order
 
 
 class _Src:
@@ -84,6 +88,7 @@ class Source:
         self.ch: Channel | None = None
         self.client: ControlClient | None = None
         self.suspended = False
+        self.t_suspend = 0.0
         self.switched = False
         self.phase = "connecting"
         self.round = 0
@@ -142,7 +147,11 @@ class Source:
         async def reader() -> None:
             async with tx:
                 for first, count in todo:
-                    data = await trio.to_thread.run_sync(os.pread, f.fd, count * bs, first * bs)
+                    n = count * bs
+                    if n >= THREAD_READ:
+                        data = await trio.to_thread.run_sync(os.pread, f.fd, n, first * bs)
+                    else:  # a thread hop costs more than a small page-cache read
+                        data = os.pread(f.fd, n, first * bs)
                     await tx.send((first, data))
 
         async with trio.open_nursery() as nursery:
@@ -217,8 +226,11 @@ class Source:
                 args["static_heat"] = self.opts.static_heat
             h = self._call("heat", **args)
             nblocks = (f.size + self.block_size - 1) // self.block_size
-            static[f.file_id], dynamic[f.file_id] = initial_order(nblocks, h["heat"],
-                                                                  h["static_heat"])
+            if self.opts.static_first:
+                static[f.file_id], dynamic[f.file_id] = initial_order(nblocks, h["heat"],
+                                                                      h["static_heat"])
+            else:
+                static[f.file_id], dynamic[f.file_id] = [(0, nblocks)] if nblocks else [], []
             self.report.static_blocks += sum(c for _, c in static[f.file_id])
             self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
         self.pending = self.report.static_blocks + self.report.dynamic_blocks
@@ -258,27 +270,42 @@ class Source:
             planner.record_round(stats)
             self.report.rounds.append(RoundReport(**stats.__dict__))
 
+    async def _suspend(self) -> None:
+        bd = self.report.downtime_breakdown_ms
+        if self.adapter.flush_before_suspend:
+            await self._flush()
+        self.t_suspend = t = time.monotonic()
+        self.suspended = True
+        self.adapter.suspend()
+        bd["suspend"] = _ms(t)
+        if not self.adapter.flush_before_suspend:
+            t = time.monotonic()
+            await self._flush()
+            bd["flush"] = _ms(t)
+
     async def _switchover(self, held: dict[int, list[Extent]]) -> None:
         assert self.ch is not None
         self.phase = "switchover"
-        if self.adapter.flush_before_suspend:
-            await self._flush()
-        t_suspend = time.monotonic()
-        self.suspended = True
-        self.adapter.suspend()
-        if not self.adapter.flush_before_suspend:
-            await self._flush()
+        bd = self.report.downtime_breakdown_ms
+        if not self.suspended:
+            await self._suspend()
+        t = time.monotonic()
         await self.ch.send(p.Switchover())
         last = self._swap()
         self.report.dirty_sync_count += 1
         union = {f.file_id: union_extents(held.get(f.file_id, []), last.get(f.file_id, []))
                  for f in self.files}
+        bd["swap"] = _ms(t)
+        t = time.monotonic()
         blocks, _ = await self._send_sets(union)
         self.report.last_set_blocks = blocks
         await self.ch.send(p.Commit())
+        bd["send_last_set"] = _ms(t)
+        t = time.monotonic()
         await self.ch.expect(p.Resumed)
+        bd["destination_resume"] = _ms(t)
         self.switched = True
-        self.report.downtime_ms = round((time.monotonic() - t_suspend) * 1000, 2)
+        self.report.downtime_ms = _ms(self.t_suspend)
 
     async def _verify(self) -> None:
         assert self.ch is not None
@@ -323,8 +350,10 @@ class Source:
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
             planner = RoundPlanner(self.opts.policy, self.block_size)
+            if self.opts.stop_and_copy:
+                await self._suspend()
             await self._initial_copy(planner)
-            held = await self._rounds(planner)
+            held = {} if self.opts.stop_and_copy else await self._rounds(planner)
             await self._switchover(held)
             r.source_vm = self.adapter.finish()
             await self._verify()
@@ -363,6 +392,10 @@ class Source:
                                          "copy stays stopped")
             if self.ch is not None:
                 await self.ch.abort(reason)
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 2)
 
 
 def _message(exc: BaseException) -> str:
