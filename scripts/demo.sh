@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job (set-up first): a blkfs demo on local defaults in a temp dir.
-# Extra arguments go to the demo, e.g. scripts/demo.sh --seconds 20 --write-rate 50
+# The main job (set-up first): a live migration of a running simulated VM between
+# two blkfs mounts on this machine, verified, on local defaults in a temp dir.
+# Extra arguments go to `migrator demo`, e.g. scripts/demo.sh --disk-size 1G --write-rate 40
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
-exec .venv/bin/python scripts/blkfs_demo.py "$@"
+exec .venv/bin/migrator demo "$@"
