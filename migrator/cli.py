@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(env MIGRATOR_MOUNT is the mount); the downtime ends when it returns")
     s.add_argument("--once", action="store_true",
                    help="exit after one migration (status 0 only if it completed)")
+    s.add_argument("--io-timeout", type=_positive, default=60.0, metavar="S",
+                   help="abort when the peer sends or takes nothing for S seconds (default 60)")
 
     m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'")
     m.add_argument("--mount", required=True, help="the source blkfs mount point")
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
                    help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT' or freeze (default)")
     m.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    m.add_argument("--io-timeout", type=_positive, default=60.0, metavar="S",
+                   help="abort when the peer takes or sends nothing for S seconds (default 60)")
     m.add_argument("--stop-and-copy", action="store_true",
                    help="baseline for comparison: suspend first, copy everything, resume")
     m.add_argument("--no-static-first", action="store_true",
@@ -124,7 +128,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                              f"'blkfs mount BACKING {a.mount}'")
     host, port = parse_hostport(a.listen, listen=True)
     key = read_key(a.key_file)
-    completed = trio.run(serve, mount, host, port, key, a.resume_cmd, a.once)
+    completed = trio.run(serve, mount, host, port, key, a.resume_cmd, a.once, a.io_timeout)
     return 0 if completed or not a.once else 1
 
 
@@ -137,7 +141,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     opts = MigrateOptions(mount=a.mount, to=a.to, key=key, files=a.files, policy=_policy(a),
                           bandwidth_mb_s=a.bandwidth, static_heat=a.static_heat,
                           report_path=a.report, stop_and_copy=a.stop_and_copy,
-                          static_first=not a.no_static_first)
+                          static_first=not a.no_static_first, io_timeout=a.io_timeout)
     src = Source(opts, adapter, console)
 
     async def main() -> None:

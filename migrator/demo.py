@@ -92,8 +92,8 @@ def run_demo(a: argparse.Namespace) -> int:
         dest_vm_log = work / "dest-vm.log"
         pidfile = work / "dest-vm.pid"
         resume = (f"{shlex.quote(PY)} -m migrator.simvm run \"$MIGRATOR_MOUNT\" --resume "
-                  f"--rate {a.write_rate / 1.048576:.3f} --seconds 2 >{shlex.quote(str(dest_vm_log))} 2>&1 & "
-                  f"echo $! >{shlex.quote(str(pidfile))}")
+                  f"--rate {a.write_rate / 1.048576:.3f} --seconds 2 "
+                  f">{shlex.quote(str(dest_vm_log))} 2>&1 & echo $! >{shlex.quote(str(pidfile))}")
         serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst),
                                   "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
                                   "--resume-cmd", resume], stdout=subprocess.PIPE, text=True)

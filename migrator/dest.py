@@ -25,7 +25,7 @@ import trio
 import xxhash
 
 from . import protocol as p
-from .transport import Channel, MigrationError, PeerAborted, leaf
+from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +258,13 @@ class DestSession:
 
 
 async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
-                    resume_cmd: str | None, lock: trio.Lock) -> bool:
+                    resume_cmd: str | None, lock: trio.Lock, io_timeout: float) -> bool:
     """Handle one connection; True when a migration completed."""
     try:
         peer = "{}:{}".format(*stream.socket.getpeername()[:2])
     except OSError:
         peer = "?"
-    ch = Channel(stream, "dest", key)
+    ch = Channel(stream, "dest", key, io_timeout=io_timeout)
     if lock.locked():
         await ch.abort("the destination is busy with another migration")
         await ch.aclose()
@@ -300,7 +300,8 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
 
 
 async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | None,
-                once: bool, task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
+                once: bool, io_timeout: float = IO_TIMEOUT,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
     """Accept migrations until cancelled; with `once`, one and return whether it completed."""
     lock = trio.Lock()
     try:
@@ -318,10 +319,10 @@ async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | 
             while True:
                 stream = await ln.accept()
                 if once:
-                    completed = await serve_one(stream, mount, key, resume_cmd, lock)
+                    completed = await serve_one(stream, mount, key, resume_cmd, lock, io_timeout)
                     nursery.cancel_scope.cancel()
                     return
-                nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock)
+                nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock, io_timeout)
 
     async with trio.open_nursery() as nursery:
         for ln in listeners:

@@ -41,7 +41,7 @@ from .plan import (
     union_extents,
 )
 from .report import MigrationReport, RoundReport
-from .transport import Channel, MigrationError, leaf, parse_hostport
+from .transport import IO_TIMEOUT, Channel, MigrationError, leaf, parse_hostport
 from .vm import AdapterError, VMAdapter
 
 Extent = tuple[int, int]
@@ -63,6 +63,7 @@ class MigrateOptions:
     # Baselines for comparison (scripts/bench_migrate.py), not for production use:
     stop_and_copy: bool = False  # suspend first, copy everything, resume
     static_first: bool = True  # False: initial copy in block order
+    io_timeout: float = IO_TIMEOUT
 
 
 class _Src:
@@ -193,7 +194,7 @@ class Source:
             raise MigrationError(f"cannot connect to {host}:{port}: {exc.strerror or exc} "
                                  "(is 'migrator serve' running there?)") from None
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
-        self.ch = Channel(stream, "source", self.opts.key, limit)
+        self.ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout)
         await self.ch.handshake()
 
     def _open(self) -> None:

@@ -16,6 +16,7 @@ import trio
 from . import protocol as p
 
 HANDSHAKE_TIMEOUT = 10.0
+IO_TIMEOUT = 60.0  # no progress for this long: the network is cut or the peer is stuck
 RECV_CHUNK = 1 << 20
 
 
@@ -72,8 +73,9 @@ class Channel:
     """One migration connection: a protocol Connection on a byte stream."""
 
     def __init__(self, stream: trio.abc.Stream, role: str, key: bytes,
-                 limit_bytes_per_s: float | None = None) -> None:
+                 limit_bytes_per_s: float | None = None, io_timeout: float = IO_TIMEOUT) -> None:
         self.stream = stream
+        self.io_timeout = io_timeout
         self.role = role
         self.conn = p.Connection(role, key)
         self.limit = limit_bytes_per_s
@@ -91,7 +93,11 @@ class Channel:
                 if ahead > 0:
                     await trio.sleep(ahead)
             try:
-                await self.stream.send_all(data)
+                with trio.fail_after(self.io_timeout):
+                    await self.stream.send_all(data)
+            except trio.TooSlowError:
+                raise MigrationError(f"the peer took no data for {self.io_timeout:g} s: "
+                                     "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise MigrationError(f"connection to the peer lost while sending: {exc}") from None
             self.bytes_sent += len(data)
@@ -107,7 +113,11 @@ class Channel:
                     raise PeerAborted(f"the peer aborted: {ev.reason}")
                 return ev
             try:
-                data = await self.stream.receive_some(RECV_CHUNK)
+                with trio.fail_after(self.io_timeout):
+                    data = await self.stream.receive_some(RECV_CHUNK)
+            except trio.TooSlowError:
+                raise MigrationError(f"nothing from the peer for {self.io_timeout:g} s: "
+                                     "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise MigrationError(f"connection to the peer lost: {exc}") from None
             self.bytes_received += len(data)

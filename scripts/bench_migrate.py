@@ -171,8 +171,9 @@ def main() -> int:
     results["targets"] = targets
     for k, ok in targets.items():
         console.print(f"  {'[green]met[/]' if ok else '[red]MISSED[/]'}  {k}")
-    console.print(f"  stop-and-copy downtime / ours: {sac['downtime_ms'] / ours['downtime_ms']:.0f}x;"
-                  f" total / idle cp: {ours['total_s'] / results['idle_cp_s']:.2f}x")
+    ratio = sac["downtime_ms"] / ours["downtime_ms"]
+    console.print(f"  stop-and-copy downtime / ours: {ratio:.0f}x; "
+                  f"total / idle cp: {ours['total_s'] / results['idle_cp_s']:.2f}x")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
     console.print(f"JSON: {a.json}")

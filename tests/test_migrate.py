@@ -389,36 +389,69 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
         assert "lies about sizes" in out
 
 
-@pytest.mark.slow
-def test_across_two_network_namespaces(hosts: tuple[Mount, Mount], key: Path,
-                                       servers: list[Server]) -> None:
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair: (ns_a, ns_b, veth end in ns_a)."""
     if shutil.which("ip") is None or os.geteuid() != 0:
         pytest.skip("needs root and iproute2 (ip netns)")
     tag = f"bk{os.getpid() % 100000}"
-    a, b = f"{tag}a", f"{tag}b"
+    a, b, x, y = f"{tag}a", f"{tag}b", f"{tag}x", f"{tag}y"
     cmds = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
-            ["ip", "link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y"],
-            ["ip", "link", "set", f"{tag}x", "netns", a],
-            ["ip", "link", "set", f"{tag}y", "netns", b],
-            ["ip", "-n", a, "addr", "add", "10.231.77.1/24", "dev", f"{tag}x"],
-            ["ip", "-n", b, "addr", "add", "10.231.77.2/24", "dev", f"{tag}y"],
-            ["ip", "-n", a, "link", "set", f"{tag}x", "up"], ["ip", "-n", b, "link", "set",
-                                                              f"{tag}y", "up"],
+            ["ip", "link", "add", x, "type", "veth", "peer", "name", y],
+            ["ip", "link", "set", x, "netns", a], ["ip", "link", "set", y, "netns", b],
+            ["ip", "-n", a, "addr", "add", "10.231.77.1/24", "dev", x],
+            ["ip", "-n", b, "addr", "add", "10.231.77.2/24", "dev", y],
+            ["ip", "-n", a, "link", "set", x, "up"], ["ip", "-n", b, "link", "set", y, "up"],
             ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
     try:
         for c in cmds:
             r = subprocess.run(c, capture_output=True, text=True)
             if r.returncode != 0:
                 pytest.skip(f"network namespaces unavailable here: {' '.join(c)}: {r.stderr}")
-        src, dst = hosts
-        before = fill_source(src, 8)
-        s = Server(dst, key, netns=b, listen="10.231.77.2:0")
-        servers.append(s)
-        r = migrate(src, s.port, key, "disk.raw", "vm.mem", host="10.231.77.2", netns=a)
-        assert r.returncode == 0, r.stderr
-        assert s.finish()[0] == 0
-        for n, d in before.items():
-            assert digest(dst.mnt / n) == d
+        yield a, b, x
     finally:
         subprocess.run(["ip", "netns", "del", a], capture_output=True)
         subprocess.run(["ip", "netns", "del", b], capture_output=True)
+
+
+@pytest.mark.slow
+def test_across_two_network_namespaces(hosts: tuple[Mount, Mount], key: Path,
+                                       servers: list[Server],
+                                       netns_pair: tuple[str, str, str]) -> None:
+    a, b, _ = netns_pair
+    src, dst = hosts
+    before = fill_source(src, 8)
+    s = Server(dst, key, netns=b, listen="10.231.77.2:0")
+    servers.append(s)
+    r = migrate(src, s.port, key, "disk.raw", "vm.mem", host="10.231.77.2", netns=a)
+    assert r.returncode == 0, r.stderr
+    assert s.finish()[0] == 0
+    for n, d in before.items():
+        assert digest(dst.mnt / n) == d
+
+
+@pytest.mark.slow
+def test_network_cut_mid_copy(hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
+                              netns_pair: tuple[str, str, str],
+                              idle_vm: subprocess.Popen[bytes]) -> None:
+    """A cut without a reset (link down): both sides notice within --io-timeout."""
+    a, b, veth = netns_pair
+    src, dst = hosts
+    before = fill_source(src, 32)
+    s = Server(dst, key, "--io-timeout", "3", netns=b, listen="10.231.77.2:0")
+    servers.append(s)
+    proc = subprocess.Popen(["ip", "netns", "exec", a, *MIGRATOR, "migrate", "--mount",
+                             str(src.mnt), "--to", f"10.231.77.2:{s.port}", "--key-file",
+                             str(key), "--bandwidth", "10", "--io-timeout", "3", "--suspend",
+                             f"pid:{idle_vm.pid}", "disk.raw", "vm.mem"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    subprocess.run(["ip", "-n", a, "link", "set", veth, "down"], check=True)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "network cut" in err.strip().splitlines()[-1], err
+    rc, out = s.finish()
+    assert rc == 1 and "network cut" in out
+    st = state(dst)
+    assert st is not None and st["status"] == "incomplete"
+    assert_source_whole(src, before, idle_vm)
