@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
+from .cliutil import OneLineParser, non_negative, positive
 from .control import ControlClient, ControlError, flush_file
 from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
 from .mount import MountOptions, QuietError
@@ -18,12 +19,6 @@ from .runtime import DaemonInfo, mount_fstype, process_gone
 
 PROG = "blkfs"
 START_TIMEOUT = 30.0
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line: what is wrong and where to look, not a usage dump.
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 def _block_size(text: str) -> int:
@@ -37,28 +32,8 @@ def _block_size(text: str) -> int:
     return size
 
 
-def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return v
-
-
-def _nonneg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description=(
             "A FUSE filesystem in front of a directory of VM disk images and memory files. "
@@ -66,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             "swapped per epoch) and how often (heat)."
         ),
     )
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser, metavar="COMMAND")
 
     m = sub.add_parser(
         "mount",
@@ -92,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--heat-half-life",
-        type=_positive,
+        type=positive,
         default=DEFAULT_HALF_LIFE,
         metavar="SECONDS",
         help=f"heat halves every SECONDS (default {DEFAULT_HALF_LIFE:g})",
     )
     m.add_argument(
         "--static-heat",
-        type=_nonneg,
+        type=non_negative,
         default=DEFAULT_STATIC_HEAT,
         metavar="H",
         help=f"blocks with heat <= H are static (default {DEFAULT_STATIC_HEAT:g})",
@@ -126,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for the daemon to save its state (default 60)",
@@ -134,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="per file: size, blocks, dirty, static/dynamic, hottest")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
-    s.add_argument("--static-heat", type=_nonneg, metavar="H", help="threshold for this query")
+    s.add_argument("--static-heat", type=non_negative, metavar="H", help="threshold for this query")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     d = sub.add_parser(
@@ -154,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("heat", help="heat per block of FILE and its static/dynamic split")
     h.add_argument("mountpoint", metavar="MOUNTPOINT")
     h.add_argument("file", metavar="FILE")
-    h.add_argument("--static-heat", type=_nonneg, metavar="H", help="threshold for this query")
+    h.add_argument("--static-heat", type=non_negative, metavar="H", help="threshold for this query")
     h.add_argument("--json", action="store_true", help="machine-readable output")
 
     f = sub.add_parser(

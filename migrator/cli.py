@@ -7,11 +7,11 @@ import logging
 import os
 import signal
 import sys
-from typing import NoReturn
 
 import trio
 from rich.console import Console
 
+from blkfs.cliutil import OneLineParser, count, positive
 from blkfs.control import ControlError
 
 from . import protocol as p
@@ -23,36 +23,12 @@ from .vm import AdapterError, parse_adapter
 PROG = "migrator"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
-
-
-def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count >= 0")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description="Live-migrate a running VM's disk and memory files "
+    ap = OneLineParser(prog=PROG, description="Live-migrate a running VM's disk and memory files "
                  "between two blkfs mounts over TCP: static blocks first, iterative dirty "
                  "rounds, a short suspend, verified with xxh3.")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser,
+                            metavar="COMMAND")
 
     s = sub.add_parser("serve", help="destination: receive migrations into a blkfs mount")
     s.add_argument("--mount", required=True, help="the destination blkfs mount point")
@@ -65,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(env MIGRATOR_MOUNT is the mount); the downtime ends when it returns")
     s.add_argument("--once", action="store_true",
                    help="exit after one migration (status 0 only if it completed)")
-    s.add_argument("--io-timeout", type=_positive, default=60.0, metavar="S",
+    s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer sends or takes nothing for S seconds (default 60)")
 
     m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'")
@@ -74,22 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
     m.add_argument("files", nargs="+", metavar="FILE", help="files, relative to the mount")
     g = m.add_mutually_exclusive_group()
-    g.add_argument("--threshold-blocks", type=_count, metavar="N",
+    g.add_argument("--threshold-blocks", type=count, metavar="N",
                    help="switch over once a round leaves at most N dirty blocks")
-    g.add_argument("--downtime-ms", type=_positive, metavar="MS",
+    g.add_argument("--downtime-ms", type=positive, metavar="MS",
                    help="switch over once the dirty set fits in MS at the measured bandwidth "
                    "(default 50)")
-    m.add_argument("--max-rounds", type=_count, default=30, metavar="R",
+    m.add_argument("--max-rounds", type=count, default=30, metavar="R",
                    help="give up iterating after R rounds (default 30)")
     m.add_argument("--on-stall", choices=("switchover", "abort"), default="switchover",
                    help="when the rounds stop converging: switch over anyway (default) or abort")
-    m.add_argument("--bandwidth", type=_positive, metavar="MB/s", help="cap the link bandwidth")
+    m.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
     m.add_argument("--static-heat", type=float, metavar="H",
                    help="blocks with heat <= H are static (default: the mount's)")
     m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
                    help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT' or freeze (default)")
     m.add_argument("--report", metavar="PATH", help="write the JSON report here")
-    m.add_argument("--io-timeout", type=_positive, default=60.0, metavar="S",
+    m.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer takes or sends nothing for S seconds (default 60)")
     m.add_argument("--stop-and-copy", action="store_true",
                    help="baseline for comparison: suspend first, copy everything, resume")
@@ -102,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mem-size", default="64M", help="simulated VM memory (default 64M)")
     d.add_argument("--write-rate", type=float, default=20.0, metavar="MB/s",
                    help="how fast the VM writes (default 20)")
-    d.add_argument("--bandwidth", type=_positive, metavar="MB/s", help="cap the link bandwidth")
+    d.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
     d.add_argument("--report", default="reports/migrate-demo.json", metavar="PATH",
                    help="JSON report (default reports/migrate-demo.json)")
     return ap
