@@ -256,6 +256,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
     if fstype != "fuse.blkfs":
         raise QuietError(f"{a.mountpoint} is a {fstype} mount, not blkfs: use umount")
     info = DaemonInfo.find(mnt)
+    alive = info is not None and not process_gone(info.pid)  # before: it exits fast after
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
@@ -265,7 +266,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
                 f"(fuser -vm {a.mountpoint}) and retry"
             )
         raise QuietError(f"cannot unmount {a.mountpoint}: {msg}")
-    if info is None or process_gone(info.pid):
+    if info is None or not alive:
         print(
             f"blkfs: unmounted {a.mountpoint} (its daemon had died: tracking state was not "
             "saved, the next mount reports every block dirty)"
@@ -279,6 +280,10 @@ def cmd_umount(a: argparse.Namespace) -> int:
                 f"saving after {a.timeout:g}s: see {info.backing}/.blkfs/blkfs.log"
             )
         time.sleep(0.02)
+    if info.tracking and not os.path.exists(os.path.join(info.backing, ".blkfs", "state.json")):
+        raise QuietError(f"unmounted {a.mountpoint}, but the daemon did not save its tracking "
+                         f"state (see {info.backing}/.blkfs/blkfs.log): the next mount reports "
+                         "every block dirty")
     print(f"blkfs: unmounted {a.mountpoint}; tracking state saved")
     return 0
 
