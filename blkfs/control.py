@@ -144,6 +144,7 @@ class Controller:
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         threshold = self._threshold(args)
+        self.fs.settle_heat()
         now = time.monotonic()
         files = []
         for rel, st, tr in self.fs.tracked_files():
@@ -183,6 +184,7 @@ class Controller:
         rel, tr = self._resolve(args.get("file"))
         threshold = self._threshold(args)
         now = time.monotonic()
+        tr.settle_heat(now)
         static, dynamic = tr.heat.split_extents(tr.nblocks, threshold, now)
         return {
             "file": rel,

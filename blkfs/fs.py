@@ -275,6 +275,18 @@ class BlkFS(pyfuse3.Operations):
             tr = node.tracker = self.tracker_for(node.key, os.fstat(node.fd))
         return tr
 
+    def settle_heat(self) -> None:
+        """Count the writes logged since the last settle into the heat of their blocks."""
+        now = _now()
+        for tr in self.trackers.values():
+            tr.settle_heat(now)
+
+    async def settle_heat_forever(self, interval: float = 1.0) -> None:
+        """Settle heat every `interval` s, so a write's heat is dated within that."""
+        while True:
+            await trio.sleep(interval)
+            self.settle_heat()
+
     async def wait_thawed(self, tr: FileTracker) -> None:
         while tr.frozen:
             ev = self._thaw_events.get(tr.key)
@@ -649,7 +661,7 @@ class BlkFS(pyfuse3.Operations):
             if tr.frozen:
                 await self.wait_thawed(tr)
             n = os.pwrite(of.fd, buf, off)
-            tr.on_write(off, n, _now())  # after the data reached the backing file
+            tr.on_write(off, n)  # after the data reached the backing file
             return n
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None

@@ -64,15 +64,18 @@ class Heat:
                 stored[b] = get(b, 0.0) + w
             self._changed.update(range(first, last + 1))
 
-    def bump_one(self, block: int, now: float) -> None:
-        """`bump(block, block, now)`, without the range handling (most writes)."""
+    def bump_many(self, blocks: list[int], now: float) -> None:
+        """Count one write of each listed block (repeats count again) at `now`."""
         e = (now - self._t0) * self._inv
         if e > _RESCALE_EXP:
             self._rescale(now)
             e = 0.0
+        w = 2.0**e
         stored = self._stored
-        stored[block] = stored.get(block, 0.0) + 2.0**e
-        self._changed.add(block)
+        get = stored.get
+        for b in blocks:
+            stored[b] = get(b, 0.0) + w
+        self._changed.update(blocks)
 
     # -- queries --------------------------------------------------------------
 

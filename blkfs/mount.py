@@ -155,6 +155,7 @@ async def _serve(fs: BlkFS, info: DaemonInfo, ready: _Ready) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, control.Controller(fs, info), info.control)
         nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(fs.settle_heat_forever)
         info.write()
         ready.send("ok")
         log.info(

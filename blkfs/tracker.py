@@ -52,7 +52,8 @@ class FileIdentity:
 class FileTracker:
     """Dirty bitmap + heat + size of one tracked file."""
 
-    __slots__ = ("bitmap", "frozen", "heat", "key", "restored", "shift", "size", "writes")
+    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "key", "restored", "shift", "size",
+                 "writes")
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class FileTracker:
         self.size = size
         self.bitmap = DirtyBitmap(blocks_for(size, shift), all_dirty=all_dirty)
         self.heat = Heat(half_life, now)
+        self.heat_log: list[int] = []  # blocks written since the last settle_heat
         self.frozen = False
         self.restored = False  # True when the bitmap came from a clean-shutdown record
         self.writes = 0
@@ -81,12 +83,15 @@ class FileTracker:
     def nblocks(self) -> int:
         return blocks_for(self.size, self.shift)
 
-    def on_write(self, offset: int, length: int, now: float) -> None:
+    def on_write(self, offset: int, length: int) -> None:
         """Record `length` bytes written at `offset`, after they reached the backing file.
 
-        This is the write hot path (~0.5 us): a few integer ops, one byte or
-        slice store and a dict update.  `_grow` keeps the bitmap at least as
-        long as the file, so the single-block store needs no bounds check.
+        The write hot path: a byte (or slice) store in the bitmap and a list
+        append.  Heat is settled later in batches (`settle_heat`, about once a
+        second and before every heat query): a dict update per write and a
+        clock read cost more than the rest of the tracking together.  `_grow`
+        keeps the bitmap at least as long as the file, so the single-block
+        store needs no bounds check.
         """
         end = offset + length
         if length <= 0:
@@ -99,10 +104,16 @@ class FileTracker:
         self.writes += 1
         if first == last:
             self.bitmap.bits[first] = 1
-            self.heat.bump_one(first, now)
+            self.heat_log.append(first)
         else:
             self.bitmap.mark(first, last)
-            self.heat.bump(first, last, now)
+            self.heat_log.extend(range(first, last + 1))
+
+    def settle_heat(self, now: float) -> None:
+        """Count the writes logged since the last call as happening at `now`."""
+        if self.heat_log:
+            self.heat.bump_many(self.heat_log, now)
+            self.heat_log.clear()
 
     def _grow(self, new_size: int) -> None:
         """Mark every block between the old and the new end of file.
@@ -123,6 +134,7 @@ class FileTracker:
             n = blocks_for(new_size, self.shift)
             self.bitmap.resize(n)
             self.heat.truncate(n)
+            self.heat_log = [b for b in self.heat_log if b < n]
 
     def mark_all(self) -> None:
         """Report every block dirty (used when completeness cannot be proven)."""
@@ -144,6 +156,7 @@ class FileTracker:
     # -- persistence ------------------------------------------------------------
 
     def to_record(self, ident: FileIdentity, path: str, now: float) -> dict[str, Any]:
+        self.settle_heat(now)
         pairs = self.heat.snapshot(now)
         blocks = array("Q", (b for b, _ in pairs))
         values = array("d", (h for _, h in pairs))

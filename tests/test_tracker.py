@@ -59,6 +59,12 @@ def test_new_clean_tracker() -> None:
     assert clean(0).nblocks == 0
 
 
+def write(tr: FileTracker, offset: int, length: int, now: float) -> None:
+    """A write, with its heat counted at `now` (the daemon settles heat in batches)."""
+    tr.on_write(offset, length)
+    tr.settle_heat(now)
+
+
 # -- on_write -----------------------------------------------------------------------
 
 
@@ -80,7 +86,7 @@ def test_new_clean_tracker() -> None:
 )
 def test_on_write_marks_covered_blocks(offset: int, length: int, expected: list) -> None:
     tr = clean(16 * BS)
-    tr.on_write(offset, length, 0.0)
+    write(tr, offset, length, 0.0)
     assert tr.dirty_extents() == expected
     assert tr.size == 16 * BS
     assert tr.writes == 1
@@ -93,8 +99,8 @@ def test_on_write_marks_covered_blocks(offset: int, length: int, expected: list)
 @pytest.mark.parametrize("offset", [0, 5, BS, 100 * BS])
 def test_on_write_length_zero_does_nothing(offset: int) -> None:
     tr = clean(4 * BS)
-    tr.on_write(offset, 0, 0.0)
-    tr.on_write(offset, -3, 0.0)
+    write(tr, offset, 0, 0.0)
+    write(tr, offset, -3, 0.0)
     assert tr.dirty_extents() == []
     assert tr.size == 4 * BS
     assert tr.nblocks == 4
@@ -106,14 +112,14 @@ def test_on_write_length_zero_does_nothing(offset: int) -> None:
 def test_on_write_inside_file_marks_exactly(offset: int, length: int) -> None:
     size = 24 * BS
     tr = clean(size)
-    tr.on_write(offset, length, 0.0)
+    write(tr, offset, length, 0.0)
     assert tr.dirty_extents() == to_extents(blocks_of(offset, length))
     assert tr.size == size
 
 
 def test_write_past_eof_marks_the_hole() -> None:
     tr = clean(10000)  # blocks 0..2, block 2 partial
-    tr.on_write(30000, 100, 0.0)
+    write(tr, 30000, 100, 0.0)
     assert tr.size == 30100
     assert tr.nblocks == 8
     assert len(tr.bitmap) == 8
@@ -126,31 +132,31 @@ def test_write_past_eof_marks_the_hole() -> None:
 
 def test_write_past_eof_from_block_boundary() -> None:
     tr = clean(2 * BS)
-    tr.on_write(20000, 1, 0.0)  # block 4
+    write(tr, 20000, 1, 0.0)  # block 4
     assert tr.size == 20001
     assert tr.dirty_extents() == [(2, 3)]  # blocks 0 and 1 stay clean
 
 
 def test_append_at_eof() -> None:
     tr = clean(2 * BS)
-    tr.on_write(2 * BS, 100, 0.0)
+    write(tr, 2 * BS, 100, 0.0)
     assert tr.dirty_extents() == [(2, 1)]
     assert tr.size == 2 * BS + 100
-    tr.on_write(2 * BS + 100, 50, 0.0)  # still inside block 2
+    write(tr, 2 * BS + 100, 50, 0.0)  # still inside block 2
     assert tr.dirty_extents() == [(2, 1)]
     assert tr.size == 2 * BS + 150
 
 
 def test_write_overlapping_eof() -> None:
     tr = clean(2 * BS + 10)
-    tr.on_write(BS + 5, 2 * BS, 0.0)  # blocks 1..3, grows the file
+    write(tr, BS + 5, 2 * BS, 0.0)  # blocks 1..3, grows the file
     assert tr.size == 3 * BS + 5
     assert tr.dirty_extents() == [(1, 3)]
 
 
 def test_write_into_empty_file() -> None:
     tr = clean(0)
-    tr.on_write(0, 5, 0.0)
+    write(tr, 0, 5, 0.0)
     assert tr.size == 5
     assert tr.dirty_extents() == [(0, 1)]
 
@@ -160,7 +166,7 @@ def test_write_into_empty_file() -> None:
 
 def test_shrink_drops_dirty_blocks_and_heat() -> None:
     tr = FileTracker(KEY, 10 * BS, SHIFT, half_life=HL, now=0.0, all_dirty=True)
-    tr.on_write(0, 10 * BS, 0.0)
+    write(tr, 0, 10 * BS, 0.0)
     tr.on_resize(3 * BS)
     assert tr.size == 3 * BS
     assert tr.nblocks == 3
@@ -174,8 +180,8 @@ def test_shrink_drops_dirty_blocks_and_heat() -> None:
 
 def test_shrink_mid_block_keeps_partial_block() -> None:
     tr = clean(10 * BS)
-    tr.on_write(2 * BS, BS, 0.0)
-    tr.on_write(5 * BS, BS, 0.0)
+    write(tr, 2 * BS, BS, 0.0)
+    write(tr, 5 * BS, BS, 0.0)
     tr.on_resize(2 * BS + 10)  # block 2 survives, partially
     assert tr.nblocks == 3
     assert tr.dirty_extents() == [(2, 1)]
@@ -184,7 +190,7 @@ def test_shrink_mid_block_keeps_partial_block() -> None:
 
 def test_shrink_to_zero() -> None:
     tr = FileTracker(KEY, 5 * BS, SHIFT, half_life=HL)
-    tr.on_write(0, 5 * BS, 0.0)
+    write(tr, 0, 5 * BS, 0.0)
     tr.on_resize(0)
     assert tr.nblocks == 0
     assert tr.dirty_extents() == []
@@ -238,12 +244,12 @@ def test_mark_all() -> None:
 
 def test_swap_returns_set_and_starts_empty_epoch() -> None:
     tr = clean(8 * BS)
-    tr.on_write(BS, 2 * BS, 0.0)
+    write(tr, BS, 2 * BS, 0.0)
     assert tr.swap() == (0, [(1, 2)])
     assert tr.dirty_extents() == []
     assert tr.bitmap.epoch == 1
     assert len(tr.bitmap) == 8
-    tr.on_write(7 * BS, 1, 0.0)
+    write(tr, 7 * BS, 1, 0.0)
     assert tr.swap() == (1, [(7, 1)])
     assert tr.swap() == (2, [])
     assert tr.bitmap.epoch == 3
@@ -269,7 +275,7 @@ def test_no_lost_write(size: int, ops: list[tuple[str, int, int]]) -> None:
     epoch = 0
     for op, offset, length in ops:
         if op == "w":
-            tr.on_write(offset, length, 0.0)
+            write(tr, offset, length, 0.0)
             if length > 0:
                 pending |= blocks_of(offset, length)
         else:
@@ -292,7 +298,7 @@ def test_matches_exact_model(size: int, ops: list[tuple[str, int, int]]) -> None
     model: set[int] = set()
     for op, arg, length in ops:
         if op == "w":
-            tr.on_write(arg, length, 0.0)
+            write(tr, arg, length, 0.0)
             if length > 0:
                 end = arg + length
                 if end > size:
@@ -321,11 +327,11 @@ def test_matches_exact_model(size: int, ops: list[tuple[str, int, int]]) -> None
 
 def _busy_tracker() -> FileTracker:
     tr = clean(10 * BS + 123)
-    tr.on_write(0, 3 * BS, 0.0)
+    write(tr, 0, 3 * BS, 0.0)
     tr.swap()
-    tr.on_write(BS, 10, 1.0)
-    tr.on_write(5 * BS, 2 * BS, 2.0)
-    tr.on_write(5 * BS, 1, 3.0)
+    write(tr, BS, 10, 1.0)
+    write(tr, 5 * BS, 2 * BS, 2.0)
+    write(tr, 5 * BS, 1, 3.0)
     return tr
 
 
@@ -350,7 +356,7 @@ def test_record_round_trip() -> None:
     for b in range(back.nblocks):
         assert back.heat.value(b, 500.0) == pytest.approx(tr.heat.value(b, 10.0), rel=1e-12)
     # the restored tracker keeps working
-    back.on_write(9 * BS, 1, 500.0)
+    write(back, 9 * BS, 1, 500.0)
     assert back.swap() == (1, [(1, 1), (5, 2), (9, 1)])
 
 
@@ -381,7 +387,7 @@ def test_record_round_trip_property(size: int, ws: list[tuple[int, int]], swap_f
     for i, (off, n) in enumerate(ws):
         if swap_first and i == len(ws) // 2:
             tr.swap()
-        tr.on_write(off, n, float(i))
+        write(tr, off, n, float(i))
     now = float(len(ws))
     rec = _json_round_trip(tr.to_record(FileIdentity(tr.size, 0, 0), "x", now))
     back = FileTracker.from_record(rec, SHIFT, half_life=HL, now=now, elapsed=0.0)
@@ -487,9 +493,9 @@ def _saved_for(image: Path) -> tuple[FileTracker, os.stat_result, SavedState]:
     st_ = os.stat(image)
     key = (st_.st_dev, st_.st_ino)
     tr = FileTracker(key, st_.st_size, SHIFT, half_life=HL, now=0.0, all_dirty=False)
-    tr.on_write(BS, BS, 0.0)
-    tr.on_write(BS, BS, 0.0)
-    tr.on_write(4 * BS, 5, 0.0)
+    write(tr, BS, BS, 0.0)
+    write(tr, BS, BS, 0.0)
+    write(tr, 4 * BS, 5, 0.0)
     rec = _json_round_trip(tr.to_record(FileIdentity.of(st_), str(image), 0.0))
     return tr, st_, SavedState({key: rec}, time.time())
 
