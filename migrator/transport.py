@@ -42,8 +42,9 @@ def read_key(path: str) -> bytes:
         with open(path, "rb") as f:
             key = f.read().strip()
     except FileNotFoundError:
-        raise MigrationError(f"key file {path} does not exist: create one on both hosts with "
-                             f"'head -c 32 /dev/urandom > {path}; chmod 600 {path}'") from None
+        raise MigrationError(f"key file {path} does not exist: create one and copy it to both "
+                             "hosts: python3 -c 'import secrets; print(secrets.token_hex(32))' "
+                             f"> {path}; chmod 600 {path}") from None
     except OSError as exc:
         raise MigrationError(f"cannot read key file {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
