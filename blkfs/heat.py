@@ -17,7 +17,7 @@ the write path never pays the O(log n) insert.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from sortedcontainers import SortedList
 
@@ -45,26 +45,13 @@ class Heat:
         self._indexed: dict[int, float] = {}
         self._changed: set[int] = set()
 
-    # -- hot path -------------------------------------------------------------
+    # -- writes (counted in batches, see FileTracker.settle_heat) ---------------
 
     def bump(self, first: int, last: int, now: float) -> None:
         """Count one write of blocks first..last inclusive at time `now`."""
-        e = (now - self._t0) * self._inv
-        if e > _RESCALE_EXP:
-            self._rescale(now)
-            e = 0.0
-        w = 2.0**e
-        stored = self._stored
-        if first == last:
-            stored[first] = stored.get(first, 0.0) + w
-            self._changed.add(first)
-        else:
-            get = stored.get
-            for b in range(first, last + 1):
-                stored[b] = get(b, 0.0) + w
-            self._changed.update(range(first, last + 1))
+        self.bump_many(range(first, last + 1), now)
 
-    def bump_many(self, blocks: list[int], now: float) -> None:
+    def bump_many(self, blocks: Sequence[int], now: float) -> None:
         """Count one write of each listed block (repeats count again) at `now`."""
         e = (now - self._t0) * self._inv
         if e > _RESCALE_EXP:
