@@ -180,6 +180,18 @@ class Controller:
             "extents": [list(e) for e in exts],
         }
 
+    def op_clear(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Clear the dirty marks of some blocks before reading them (see FileTracker.clear)."""
+        rel, tr = self._resolve(args.get("file"))
+        exts = args.get("extents")
+        if not isinstance(exts, list) or not all(
+            isinstance(e, list) and len(e) == 2 and all(type(x) is int and x >= 0 for x in e)
+            for e in exts
+        ):
+            raise ControlError("extents must be a list of [first_block, count] pairs")
+        tr.clear([(f, c) for f, c in exts])
+        return {"file": rel, "epoch": tr.bitmap.epoch}
+
     def op_heat(self, args: dict[str, Any]) -> dict[str, Any]:
         rel, tr = self._resolve(args.get("file"))
         threshold = self._threshold(args)

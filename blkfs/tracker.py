@@ -150,6 +150,19 @@ class FileTracker:
         epoch, bits = self.bitmap.swap()
         return epoch, extents(bits)
 
+    def clear(self, exts: list[Extent]) -> None:
+        """Forget these blocks' dirty marks: the caller is about to read them.
+
+        A copier that clears a range *before* reading it loses nothing (a write
+        after the clear is marked again) and need not resend blocks whose
+        writes all came before it read them.
+        """
+        bits = self.bitmap.bits
+        for first, count in exts:
+            stop = min(first + count, len(bits))
+            if stop > first:
+                bits[first:stop] = bytes(stop - first)
+
     def dirty_extents(self) -> list[Extent]:
         return self.bitmap.extents()
 

@@ -130,7 +130,7 @@ class Source:
                 await self.ch.send(p.Resize(f.file_id, size))
                 f.size = size
 
-    async def _send(self, f: _Src, exts: list[Extent]) -> tuple[int, int]:
+    async def _send(self, f: _Src, exts: list[Extent], clear: bool = False) -> tuple[int, int]:
         """Send these blocks of `f`; returns (blocks, data bytes).
 
         A reader thread stays one frame ahead of the sender, so disk reads and
@@ -148,6 +148,8 @@ class Source:
         async def reader() -> None:
             async with tx:
                 for first, count in todo:
+                    if clear:  # initial copy: writes that came before this read need no resend
+                        self._call("clear", file=f.rel, extents=[[first, count]])
                     n = count * bs
                     if n >= THREAD_READ:
                         data = await trio.to_thread.run_sync(os.pread, f.fd, n, first * bs)
@@ -171,11 +173,12 @@ class Source:
         self.report.blocks_sent += blocks
         return blocks, nbytes
 
-    async def _send_sets(self, sets: dict[int, list[Extent]]) -> tuple[int, int]:
+    async def _send_sets(self, sets: dict[int, list[Extent]],
+                         clear: bool = False) -> tuple[int, int]:
         await self._sync_sizes()
         blocks = nbytes = 0
         for f in self.files:
-            b, n = await self._send(f, sets.get(f.file_id, []))
+            b, n = await self._send(f, sets.get(f.file_id, []), clear)
             blocks += b
             nbytes += n
         return blocks, nbytes
@@ -235,8 +238,8 @@ class Source:
             self.report.static_blocks += sum(c for _, c in static[f.file_id])
             self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
         self.pending = self.report.static_blocks + self.report.dynamic_blocks
-        b1, n1 = await self._send_sets(static)
-        b2, n2 = await self._send_sets(dynamic)
+        b1, n1 = await self._send_sets(static, clear=True)
+        b2, n2 = await self._send_sets(dynamic, clear=True)
         # Round 0: wait until the destination wrote it all, so its backlog never
         # lands in the downtime.
         await self.ch.send(p.RoundDone(0, b1 + b2, n1 + n2))

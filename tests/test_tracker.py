@@ -597,3 +597,12 @@ def test_save_load_take_end_to_end(tmp_path: Path, image: Path) -> None:
     assert back is not None
     assert back.dirty_extents() == tr.dirty_extents()
     assert back.bitmap.epoch == tr.bitmap.epoch
+
+
+def test_clear_before_read_loses_no_write() -> None:
+    """A copier clears a range, then reads it: writes after the clear stay marked."""
+    tr = FileTracker((1, 1), 8 * BS, SHIFT)
+    tr.clear([(0, 4), (6, 10)])  # past the end is ignored
+    assert tr.dirty_extents() == [(4, 2)]
+    tr.on_write(BS, 1)  # written after the clear (and after the read that followed it)
+    assert tr.dirty_extents() == [(1, 1), (4, 2)]

@@ -355,3 +355,15 @@ def test_flush_file_is_a_barrier_for_mmap_writes(mount: Mount) -> None:
             flush_file(str(p))
             assert mount.swap("vm.mem") == [(3, 1), (17, 1), (40, 1)]
         m.close()
+
+
+def test_clear_drops_marks_of_a_range_and_checks_its_input(mount: Mount) -> None:
+    p = mount.path("disk.raw")
+    p.write_bytes(b"\0" * 8 * B)
+    assert mount.call("clear", file="disk.raw", extents=[[0, 3], [5, 1]])["epoch"] == 0
+    assert mount.dirty("disk.raw") == [(3, 2), (6, 2)]
+    pwrite(p, b"x", 0)
+    assert mount.dirty("disk.raw") == [(0, 1), (3, 2), (6, 2)]
+    for bad in ([[0]], [[-1, 2]], "0-3", [[True, 1]]):
+        with pytest.raises(ControlError, match="extents"):
+            mount.call("clear", file="disk.raw", extents=bad)
