@@ -132,7 +132,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     try:
         trio.run(main)
     finally:
-        print_summary(src.report, Console())
+        if src.report.files:  # got past the handshake: there is something to summarize
+            print_summary(src.report, Console())
         if a.report:
             Console().print(f"JSON report: {a.report}")
     if src.report.status != "completed":
