@@ -136,14 +136,6 @@ class FileTracker:
             self.heat.truncate(n)
             self.heat_log = [b for b in self.heat_log if b < n]
 
-    def mark_all(self) -> None:
-        """Report every block dirty (used when completeness cannot be proven)."""
-        n = self.nblocks
-        self.bitmap.resize(0)
-        self.bitmap.resize(n)
-        if n:
-            self.bitmap.mark(0, n - 1)
-
     def swap(self) -> tuple[int, list[Extent]]:
         """End the current epoch: return (its number, its dirty extents)."""
         self.bitmap.resize(self.nblocks)

@@ -81,7 +81,8 @@ class DestSession:
         self.files: dict[int, _File] = {}
         self.block_size = 0
         self.state: dict[str, Any] = {}
-        self.mismatches: list[str] = []
+        self.mismatches: list[str] = []  # the first few, for the message
+        self.mismatch_count = 0
         self.blocks_written = 0
         self.t_switch: float | None = None
 
@@ -161,27 +162,29 @@ class DestSession:
         if ev.size % self.block_size and nblocks - 1 in f.digests:
             del f.digests[nblocks - 1]  # its tail changed: the source resends it
 
+    def _mismatch(self, text: str) -> None:
+        self.mismatch_count += 1
+        if len(self.mismatches) < 5:
+            self.mismatches.append(text)
+
     def check_digests(self, ev: p.Digests) -> None:
         f = self.files[ev.file_id]
         for i, d in enumerate(ev.digests):
             b = ev.first_block + i
             mine = f.digests.get(b)
             if mine != d:
-                what = "never received" if mine is None else "differs"
-                if len(self.mismatches) < 20:
-                    self.mismatches.append(f"{f.entry.name} block {b} {what}")
-                else:
-                    self.mismatches.append("")
+                self._mismatch(f"{f.entry.name} block {b} "
+                               + ("never received" if mine is None else "differs"))
             f.verified += 1
 
     def verdict(self) -> tuple[bool, str]:
         for f in self.files.values():
             nblocks = (f.size + self.block_size - 1) // self.block_size
             if f.verified != nblocks:
-                self.mismatches.append(f"{f.entry.name}: {f.verified} of {nblocks} blocks checked")
-        bad = [m for m in self.mismatches if m]
-        n = len(self.mismatches)
-        return n == 0, "; ".join(bad[:5]) + (f" (+{n - 5} more)" if n > 5 else "")
+                self._mismatch(f"{f.entry.name}: {f.verified} of {nblocks} blocks checked")
+        n = self.mismatch_count
+        more = f" (+{n - len(self.mismatches)} more)" if n > len(self.mismatches) else ""
+        return n == 0, "; ".join(self.mismatches) + more
 
     async def _fsync_all(self) -> None:
         for f in self.files.values():
@@ -252,7 +255,7 @@ class DestSession:
             if ok:
                 self.state.update(status="complete", completed_at=time.time())
                 _write_state(self.mount, self.state)
-            await ch.send(p.Verified(ok, len(self.mismatches), detail))
+            await ch.send(p.Verified(ok, self.mismatch_count, detail))
             if not ok:
                 raise MigrationError(f"verification failed: {detail}")
 

@@ -230,15 +230,6 @@ def test_shrink_then_grow_remarks_blocks() -> None:
     assert tr.dirty_extents() == [(1, 3)]
 
 
-def test_mark_all() -> None:
-    tr = clean(3 * BS + 1)
-    tr.mark_all()
-    assert tr.dirty_extents() == [(0, 4)]
-    empty = clean(0)
-    empty.mark_all()
-    assert empty.dirty_extents() == []
-
-
 # -- swap ---------------------------------------------------------------------------
 
 
