@@ -9,15 +9,22 @@ that reader was told, before and after it read the data, and the data's hash
 matches the header.  Otherwise the read is refused and the reader falls back
 (to a demand fetch from the source).
 
-This module holds the rules; the I/O over the slot file and header table
-comes with the post-copy issue.
+The rules (SlotHeader, SlotAllocator, checked_read, summarize) are pure;
+SpillArea is the plain-file I/O over a spill directory (no trio, no FUSE), so
+the source migrator, the destination daemon and `blkfs spill` share it.
+docs/spill.md has the on-disk format.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -25,6 +32,10 @@ import xxhash
 _HEADER = struct.Struct("<IQQIQI")
 HEADER_SIZE = 64  # on disk, padded: room to grow without moving slots
 FLAG_FILLED = 1  # the slot holds a page (content written and hashed)
+FLAG_FREE = 2  # the destination installed that page: reusable, content kept
+SPILL_VERSION = 1
+MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME = "manifest.json", "headers", "slots"
+MAX_SLOTS = 1 << 24
 
 
 class SpillError(Exception):
@@ -127,9 +138,185 @@ def checked_read(
         if (h.generation != expect.generation or not h.flags & FLAG_FILLED
                 or h.file_id != file_id or h.block != block):
             return None
-    if before != after or len(data) < before.length:
+    # The writer may mark the slot free meanwhile (content kept): not a change.
+    if (before.length, before.digest) != (after.length, after.digest) or len(data) < before.length:
         return None
     page = data[:before.length]
     if xxhash.xxh3_64_intdigest(page) != before.digest:
         return None
     return page
+
+
+def summarize(headers: Iterable[SlotHeader]) -> dict[str, int]:
+    """Counts for an operator: slots holding a page, free (installed) and never used."""
+    in_use = free = unused = max_gen = 0
+    for h in headers:
+        max_gen = max(max_gen, h.generation)
+        if h.generation == 0:
+            unused += 1
+        elif h.flags & FLAG_FREE:
+            free += 1
+        elif h.flags & FLAG_FILLED:
+            in_use += 1
+        else:
+            in_use += 1  # being written
+    return {"in_use": in_use, "free": free, "unused": unused, "max_generation": max_gen}
+
+
+class SpillArea:
+    """A spill directory: ``manifest.json``, ``headers`` (N x 64 B) and ``slots`` (N blocks).
+
+    Only the source writes it (`create`, `put`, `mark_free`, `flush`); the
+    destination and `blkfs spill` only read it (`open`, `read`, `scan`).
+    A page is written header-first: the new generation without FLAG_FILLED,
+    then the data, then the header with FLAG_FILLED and the hash, so a reader
+    that overlaps a reallocation sees another generation or a bad hash.
+    """
+
+    def __init__(self, path: str, manifest: dict[str, Any], writable: bool) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.migration: str = manifest["migration"]
+        self.block_size: int = manifest["block_size"]
+        self.nslots: int = manifest["slots"]
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        self._hfd = os.open(os.path.join(path, HEADERS_NAME), mode | os.O_CLOEXEC)
+        try:
+            self._sfd = os.open(os.path.join(path, SLOTS_NAME), mode | os.O_CLOEXEC)
+        except BaseException:
+            os.close(self._hfd)
+            raise
+        need = (self.nslots * HEADER_SIZE, self.nslots * self.block_size)
+        have = (os.fstat(self._hfd).st_size, os.fstat(self._sfd).st_size)
+        if have != need:
+            self.close()
+            raise SpillError(f"spill area {path} is damaged: headers and slots are {have[0]} and "
+                             f"{have[1]} bytes, the manifest says {need[0]} and {need[1]}")
+
+    # -- setup ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, migration: str, block_size: int, nslots: int,
+               files: dict[int, str]) -> SpillArea:
+        """A fresh area for one migration (any earlier area in `path` is replaced)."""
+        if not 1 <= nslots <= MAX_SLOTS:
+            raise SpillError(f"--spill-slots must be 1..{MAX_SLOTS}, not {nslots}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            for name in (MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME):
+                try:
+                    os.unlink(os.path.join(path, name))
+                except FileNotFoundError:
+                    pass
+            for name, size in ((HEADERS_NAME, nslots * HEADER_SIZE),
+                               (SLOTS_NAME, nslots * block_size)):
+                fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT | os.O_EXCL
+                             | os.O_CLOEXEC, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, size)  # reserve it now: no ENOSPC mid-way
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            manifest = {
+                "version": SPILL_VERSION, "migration": migration, "block_size": block_size,
+                "slots": nslots, "header_size": HEADER_SIZE, "created_at": time.time(),
+                "files": {str(k): v for k, v in files.items()},
+            }
+            tmp = os.path.join(path, MANIFEST_NAME + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(path, MANIFEST_NAME))  # last: the area is ready
+        except OSError as exc:
+            raise SpillError(f"cannot create the spill area in {path}: {exc.strerror or exc}"
+                             ) from None
+        return cls(path, manifest, writable=True)
+
+    @classmethod
+    def open(cls, path: str, migration: str | None = None) -> SpillArea:
+        """Open an existing area read-only; `migration` must match when given."""
+        try:
+            with open(os.path.join(path, MANIFEST_NAME)) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise SpillError(f"no spill area in {path} (no {MANIFEST_NAME}): give the directory "
+                             "the source writes (--spill)") from None
+        except (OSError, ValueError) as exc:
+            raise SpillError(f"cannot read the spill manifest in {path}: {exc}") from None
+        if not isinstance(manifest, dict) or manifest.get("version") != SPILL_VERSION:
+            raise SpillError(f"{path}/{MANIFEST_NAME} is not a version {SPILL_VERSION} manifest")
+        try:
+            ok = (isinstance(manifest["migration"], str)
+                  and type(manifest["block_size"]) is int and manifest["block_size"] > 0
+                  and type(manifest["slots"]) is int and 1 <= manifest["slots"] <= MAX_SLOTS)
+        except KeyError:
+            ok = False
+        if not ok:
+            raise SpillError(f"{path}/{MANIFEST_NAME} is malformed")
+        if migration is not None and manifest["migration"] != migration:
+            raise SpillError(f"the spill area in {path} belongs to migration "
+                             f"{manifest['migration']}, not {migration}: is --spill the "
+                             "directory the source writes?")
+        try:
+            return cls(path, manifest, writable=False)
+        except OSError as exc:
+            raise SpillError(f"cannot open the spill area in {path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        for fd in (self._hfd, self._sfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- writer (source) ------------------------------------------------------------
+
+    def _header_at(self, slot: int, h: SlotHeader) -> None:
+        os.pwrite(self._hfd, h.pack(), slot * HEADER_SIZE)
+
+    def put(self, ref: SlotRef, file_id: int, block: int, data: bytes) -> SlotHeader:
+        """Store one page in slot `ref` (just allocated); returns its header."""
+        if len(data) > self.block_size:
+            raise SpillError(f"a page of {len(data)} bytes does not fit a slot of "
+                             f"{self.block_size}")
+        self._header_at(ref.slot, SlotHeader(file_id, block, ref.generation, 0, 0, 0))
+        os.pwrite(self._sfd, data, ref.slot * self.block_size)
+        h = fill_header(file_id, block, ref, data)
+        self._header_at(ref.slot, h)
+        return h
+
+    def mark_free(self, ref: SlotRef, h: SlotHeader) -> None:
+        """Record that the page of `ref` was installed (for `blkfs spill`); content kept."""
+        self._header_at(ref.slot, SlotHeader(h.file_id, h.block, h.generation, h.length,
+                                             h.digest, h.flags | FLAG_FREE))
+
+    def flush(self) -> None:
+        """Make every page written so far durable: after this the source may vanish."""
+        os.fdatasync(self._sfd)
+        os.fdatasync(self._hfd)
+
+    # -- reader (destination, operator) ---------------------------------------------
+
+    def header(self, slot: int) -> SlotHeader:
+        return SlotHeader.unpack(os.pread(self._hfd, HEADER_SIZE, slot * HEADER_SIZE))
+
+    def read(self, ref: SlotRef, file_id: int, block: int) -> bytes | None:
+        """The page in `ref` if the generation and hash checks pass, else None."""
+        if not 0 <= ref.slot < self.nslots:
+            return None
+        before = self.header(ref.slot)
+        if before.generation != ref.generation or not before.flags & FLAG_FILLED:
+            return None  # not performed: the slot moved on (or is being written)
+        data = os.pread(self._sfd, self.block_size, ref.slot * self.block_size)
+        return checked_read(ref, file_id, block, before, data, self.header(ref.slot))
+
+    def scan(self) -> list[SlotHeader]:
+        """Every slot header, in slot order (one read)."""
+        raw = os.pread(self._hfd, self.nslots * HEADER_SIZE, 0)
+        return [SlotHeader.unpack(raw[i:i + HEADER_SIZE])
+                for i in range(0, len(raw), HEADER_SIZE)]
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": self.path, "migration": self.migration, "block_size": self.block_size,
+                "slots": self.nslots, **summarize(self.scan())}
