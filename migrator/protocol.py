@@ -25,6 +25,19 @@ A session (S = source, D = dest; the right column is the state in which those fr
            <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
     Done ------------------------------------>        both CLOSED                FINISHING
 
+Post-copy (announced by Postcopy + Absent in SWITCHOVER) changes the end::
+
+    Switchover, Blocks ..., Postcopy, Absent ..., Commit -->  pages left absent  SWITCHOVER
+    SpillRefs ..., Blocks (fetched) ... ----->        from Commit on             RESUMING
+           <---------------------------------- Fetch ..., SlotFree ...
+           <---------------------------------- Resumed(ms)                       RESUMING
+    SpillRefs ..., Blocks ..., SpillFlushed ->  <-- Fetch ..., SlotFree ...      POSTCOPY
+           <---------------------------------- PostcopyDone(stats)  all installed
+    (SpillRefs, Blocks, SpillFlushed already on the wire)                       POSTCOPY_END
+    Digests ..., VerifyDone ----------------->                                   VERIFYING
+           <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
+    Done ------------------------------------>        both CLOSED                FINISHING
+
 Abort(reason) may come from either side in any state but CLOSED (even before Auth); both sides
 then end in ABORTED.  A broken rule from the peer moves the connection to ERROR for good.
 
@@ -55,6 +68,9 @@ HEADER = struct.Struct(">BI")  # frame type, payload length
 MAX_FRAME = HEADER.size + MAX_PAYLOAD  # the most unparsed input a peer can make us hold
 MAX_BLOCKS_DATA = 8 * 2**20
 MAX_DIGESTS_PER_FRAME = 65536
+MAX_ITEMS_PER_FRAME = 65536  # extents in Absent, refs in SpillRefs, slots in SlotFree
+MAX_SLOTS = 1 << 24
+MAX_PATH = 4096
 MAX_FILES = 1024
 MAX_FILE_SIZE = 2**50
 MAX_NAME_BYTES = 4096
@@ -68,6 +84,7 @@ ROLES = (SOURCE, DEST)
 _U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1
 _BLOCKS = struct.Struct(">IQ")  # file_id, first_block; the data follows
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
+_REF = struct.Struct(">IQIQ")  # a SpillRefs record: file_id, block, slot, generation
 _MAC_CONTEXT = b"blkfs-migrator/1|"
 
 
@@ -202,6 +219,68 @@ class Verified:
 
 
 @dataclass(frozen=True, slots=True)
+class Postcopy:
+    """The pages named by the Absent frames that follow stay absent on the destination; the
+    source writes them into the spill area `spill` (`slots` slots) of migration `migration`."""
+
+    migration: str
+    spill: str
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """Blocks of one file that the destination must treat as absent: (first, count) runs."""
+
+    file_id: int
+    extents: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SpillRefs:
+    """Where absent pages are: (file_id, block, slot, generation) each."""
+
+    refs: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SpillFlushed:
+    """Every remaining page is in the spill area and durable: the source may now vanish."""
+
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """The destination needs these blocks now (a read waits): send them ahead of the rest."""
+
+    file_id: int
+    first_block: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFree:
+    """The destination installed the pages of these (slot, generation): reuse them."""
+
+    slots: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyDone:
+    """Every absent block is installed on the destination; its post-copy figures."""
+
+    demand_faults: int
+    pages_via_spill: int
+    pages_via_demand_fetch: int
+    generation_mismatches: int
+    hash_mismatches: int
+    demand_fault_p50_ms: float
+    demand_fault_p99_ms: float
+    postcopy_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     """Either side gives up; the reason is for humans (the peer's is untrusted text)."""
 
@@ -221,7 +300,8 @@ class Done:
 
 Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
-    | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done
+    | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
+    | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone
 )
 
 
@@ -244,6 +324,13 @@ class FrameType(enum.IntEnum):
     VERIFIED = 14
     ABORT = 15
     DONE = 16
+    POSTCOPY = 17
+    ABSENT = 18
+    SPILL_REFS = 19
+    SPILL_FLUSHED = 20
+    FETCH = 21
+    SLOT_FREE = 22
+    POSTCOPY_DONE = 23
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -253,6 +340,9 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.SWITCHOVER: Switchover, FrameType.COMMIT: Commit, FrameType.RESUMED: Resumed,
     FrameType.DIGESTS: Digests, FrameType.VERIFY_DONE: VerifyDone,
     FrameType.VERIFIED: Verified, FrameType.ABORT: Abort, FrameType.DONE: Done,
+    FrameType.POSTCOPY: Postcopy, FrameType.ABSENT: Absent, FrameType.SPILL_REFS: SpillRefs,
+    FrameType.SPILL_FLUSHED: SpillFlushed, FrameType.FETCH: Fetch,
+    FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -279,7 +369,9 @@ class State(enum.Enum):
     COPYING = enum.auto()  # pre-copy rounds
     ROUND_END = enum.auto()  # a RoundDone waits for its RoundAck
     SWITCHOVER = enum.auto()  # the VM is suspended; the last set flows
-    RESUMING = enum.auto()  # the dest resumes the VM
+    RESUMING = enum.auto()  # the dest resumes the VM (post-copy traffic may flow)
+    POSTCOPY = enum.auto()  # resumed; absent pages flow through the spill and fetches
+    POSTCOPY_END = enum.auto()  # the dest has every page; frames already sent still arrive
     VERIFYING = enum.auto()  # digests flow
     VERDICT = enum.auto()  # the dest compares
     FINISHING = enum.auto()  # the source says Done
@@ -312,7 +404,22 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.VERIFYING, SOURCE, VerifyDone): State.VERDICT,
     (State.VERDICT, DEST, Verified): State.FINISHING,
     (State.FINISHING, SOURCE, Done): State.CLOSED,
+    # post-copy (legal only once Postcopy was sent; see _check_context)
+    (State.SWITCHOVER, SOURCE, Postcopy): State.SWITCHOVER,
+    (State.SWITCHOVER, SOURCE, Absent): State.SWITCHOVER,
+    (State.POSTCOPY, DEST, PostcopyDone): State.POSTCOPY_END,
+    (State.POSTCOPY_END, SOURCE, Digests): State.VERIFYING,
+    (State.POSTCOPY_END, SOURCE, VerifyDone): State.VERDICT,
 }
+for _st in (State.RESUMING, State.POSTCOPY, State.POSTCOPY_END):
+    for _cls in (Blocks, SpillRefs, SpillFlushed):
+        _TABLE[(_st, SOURCE, _cls)] = _st
+for _st in (State.RESUMING, State.POSTCOPY):
+    for _cls in (Fetch, SlotFree):
+        _TABLE[(_st, DEST, _cls)] = _st
+_POSTCOPY_ONLY = {(State.RESUMING, Blocks), (State.RESUMING, SpillRefs),
+                  (State.RESUMING, SpillFlushed), (State.RESUMING, Fetch),
+                  (State.RESUMING, SlotFree), (State.SWITCHOVER, Absent)}
 _FINAL = {State.CLOSED, State.ABORTED, State.ERROR}
 # either side may give up at any point until the end
 _TABLE.update(
@@ -456,10 +563,51 @@ def check_event(event: Event) -> None:
                 raise ProtocolError(f"Verified says ok with {event.mismatches} mismatches")
         case Abort():
             _text(event.reason, MAX_REASON, "Abort.reason")
+        case Postcopy():
+            _text(event.migration, 64, "Postcopy.migration")
+            _text(event.spill, MAX_PATH, "Postcopy.spill")
+            _int(event.slots, 1, MAX_SLOTS, "Postcopy.slots")
+        case Absent():
+            _int(event.file_id, 0, _U32, "Absent.file_id")
+            _pairs(event.extents, "Absent.extents")
+        case SpillRefs():
+            if type(event.refs) is not tuple or not all(
+                    type(r) is tuple and len(r) == 4 for r in event.refs):
+                raise ProtocolError("SpillRefs.refs must be a tuple of 4-tuples")
+            _int(len(event.refs), 1, MAX_ITEMS_PER_FRAME, "number of refs")
+            for f, b, sl, g in event.refs:
+                _int(f, 0, _U32, "ref file_id")
+                _int(b, 0, _U64, "ref block")
+                _int(sl, 0, MAX_SLOTS - 1, "ref slot")
+                _int(g, 1, _U64, "ref generation")
+        case SpillFlushed():
+            _int(event.pages, 0, _MAX_COUNT, "SpillFlushed.pages")
+        case Fetch():
+            _int(event.file_id, 0, _U32, "Fetch.file_id")
+            _int(event.first_block, 0, _U64, "Fetch.first_block")
+            _int(event.count, 1, MAX_BLOCKS_DATA // MIN_BLOCK_SIZE, "Fetch.count")
+        case SlotFree():
+            _pairs(event.slots, "SlotFree.slots")
+        case PostcopyDone():
+            for f in fields(PostcopyDone):
+                v = getattr(event, f.name)
+                if f.type == "int":
+                    _int(v, 0, _MAX_COUNT, f"PostcopyDone.{f.name}")
+                elif type(v) not in (int, float) or not 0 <= v < math.inf:
+                    raise ProtocolError(f"PostcopyDone.{f.name} must be a finite number >= 0")
         case Ready() | Switchover() | Commit() | VerifyDone() | Done():
             pass
         case _:
             raise ProtocolError(f"{_show(event)} is not a protocol event")
+
+
+def _pairs(value: object, what: str) -> None:
+    if type(value) is not tuple or not all(type(x) is tuple and len(x) == 2 for x in value):
+        raise ProtocolError(f"{what} must be a tuple of pairs")
+    _int(len(value), 0, MAX_ITEMS_PER_FRAME, f"number of {what}")
+    for a, b in value:
+        _int(a, 0, _U64, what)
+        _int(b, 0, _U64, what)
 
 
 # -- encoding --------------------------------------------------------------------------------
@@ -479,6 +627,8 @@ def encode(event: Event) -> bytes:
         except struct.error:
             raise ProtocolError("every digest must be an integer in 0..2**64-1") from None
         parts = [_DIGESTS.pack(event.file_id, event.first_block, len(event.digests)), digests]
+    elif type(event) is SpillRefs:
+        parts = [b"".join(_REF.pack(*r) for r in event.refs)]
     else:
         obj = {f.name: getattr(event, f.name) for f in fields(event)}
         for name in _HEX_FIELDS & obj.keys():
@@ -530,6 +680,10 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
             raise ProtocolError(f"Digests frame says {count} digests but carries "
                                 f"{len(payload) - _DIGESTS.size} bytes of them")
         event = Digests(file_id, first, struct.unpack_from(f">{count}Q", payload, _DIGESTS.size))
+    elif cls is SpillRefs:
+        if not payload or len(payload) % _REF.size:
+            raise ProtocolError(f"SpillRefs frame of {len(payload)} bytes is not whole refs")
+        event = SpillRefs(tuple(_REF.iter_unpack(payload)))
     else:
         obj = _load_json(payload, name)
         if cls is Hello and type(obj.get("version")) is int and obj["version"] != PROTOCOL_VERSION:
@@ -540,6 +694,13 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
             args[key] = _unhex(args[key], f"{name}.{key}")
         if "files" in args:
             args["files"] = _files(args["files"])
+        for key in ("extents", "slots"):
+            if key in args and cls in (Absent, SlotFree):
+                args[key] = _pair_list(args[key], f"{name}.{key}")
+        if cls is PostcopyDone:
+            for f in fields(PostcopyDone):
+                if f.type == "float" and type(args[f.name]) is int:
+                    args[f.name] = float(args[f.name]) if abs(args[f.name]) < 2**53 else math.inf
         if cls is Resumed and type(args["ms"]) is int:  # a JSON peer may write 12 for 12.0
             args["ms"] = float(args["ms"]) if abs(args["ms"]) < 2**53 else math.inf
         event = cls(**args)
@@ -584,6 +745,14 @@ def _unhex(value: object, what: str) -> bytes:
     return bytes.fromhex(value)
 
 
+def _pair_list(value: object, what: str) -> tuple[tuple[int, int], ...]:
+    if type(value) is not list or len(value) > MAX_ITEMS_PER_FRAME:
+        raise ProtocolError(f"{what} must be a list of at most {MAX_ITEMS_PER_FRAME} pairs")
+    if not all(type(x) is list and len(x) == 2 for x in value):
+        raise ProtocolError(f"{what} must be a list of [a, b] pairs")
+    return tuple((x[0], x[1]) for x in value)
+
+
 def _files(value: object) -> tuple[FileEntry, ...]:
     if type(value) is not list:
         raise ProtocolError(f"Manifest.files must be a list, not {type(value).__name__}")
@@ -620,10 +789,16 @@ class Connection:
         self._manifest: Manifest | None = None
         self._sizes: dict[int, int] = {}
         self._round = -1  # the last RoundDone's round
+        self._postcopy: Postcopy | None = None
 
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def postcopy(self) -> Postcopy | None:
+        """The Postcopy announcement, once sent: the session ends with post-copy."""
+        return self._postcopy
 
     @property
     def manifest(self) -> Manifest | None:
@@ -744,6 +919,11 @@ class Connection:
                 self._sizes[event.file_id] = event.size
             case RoundDone():
                 self._round = event.round
+            case Postcopy():
+                self._postcopy = event
+                nxt = State.SWITCHOVER
+            case Resumed() if self._postcopy is not None:
+                nxt = State.POSTCOPY
             case Abort():
                 self._why = f"{'peer' if sender == self.peer_role else 'we'} said {event.reason!r}"
         if (self._state, type(event)) in _BOTH_SIDES:
@@ -757,6 +937,9 @@ class Connection:
         """The rules that depend on the handshake, the manifest and the rounds."""
         remote = sender == self.peer_role
         lie = "peer lies about sizes" if remote else "refusing to lie about sizes"
+        if (self._state, type(event)) in _POSTCOPY_ONLY and self._postcopy is None:
+            raise ProtocolError(f"{type(event).__name__} in state {self._state.name} without "
+                                "a Postcopy announcement")
         match event:
             case Hello() if not remote:
                 if event != self.hello_event():
@@ -796,10 +979,44 @@ class Connection:
                 if event.round <= self._round:
                     raise ProtocolError(f"RoundDone for round {event.round} after round "
                                         f"{self._round}: rounds must increase")
+            case Postcopy():
+                if self._postcopy is not None:
+                    raise ProtocolError("Postcopy sent twice")
+            case Absent():
+                if self._postcopy is None:
+                    raise ProtocolError("Absent before Postcopy")
+                nblocks = self._nblocks(event.file_id, lie)
+                for first, count in event.extents:
+                    if count < 1 or first + count > nblocks:
+                        raise ProtocolError(f"{lie}: Absent run {first}+{count} of file "
+                                            f"{event.file_id} is outside its {nblocks} blocks")
+            case SpillRefs():
+                assert self._postcopy is not None
+                for f, b, sl, _g in event.refs:
+                    if b >= self._nblocks(f, lie):
+                        raise ProtocolError(f"{lie}: spill ref for block {b} of file {f}, "
+                                            "past its end")
+                    if sl >= self._postcopy.slots:
+                        raise ProtocolError(f"spill ref to slot {sl} of "
+                                            f"{self._postcopy.slots}")
+            case Fetch():
+                nblocks = self._nblocks(event.file_id, lie)
+                if event.first_block + event.count > nblocks:
+                    raise ProtocolError(f"Fetch of blocks {event.first_block}+{event.count} of "
+                                        f"file {event.file_id}: it has {nblocks}")
+                if event.count * self._block_size() > MAX_BLOCKS_DATA:
+                    raise ProtocolError(f"Fetch of {event.count} blocks is over 8 MiB")
+            case SlotFree():
+                assert self._postcopy is not None
+                if any(sl >= self._postcopy.slots for sl, _g in event.slots):
+                    raise ProtocolError("SlotFree names a slot past the spill area")
             case RoundAck():
                 if event.round != self._round:
                     raise ProtocolError(f"RoundAck for round {event.round}, but round "
                                         f"{self._round} is the one waiting")
+
+    def _nblocks(self, file_id: int, lie: str) -> int:
+        return -(-self._size_of(file_id, lie) // self._block_size())
 
     def _size_of(self, file_id: int, lie: str) -> int:
         if file_id not in self._sizes:
