@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let other users (e.g. a qemu user) use the mount; modes are enforced",
     )
+    m.add_argument(
+        "--spill",
+        metavar="DIR",
+        help="show the spill area in DIR read-only as MOUNTPOINT/.spill (see: blkfs spill)",
+    )
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -143,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("thaw", help="release writes held by freeze")
     t.add_argument("mountpoint", metavar="MOUNTPOINT")
     t.add_argument("files", metavar="FILE", nargs="*")
+
+    sp = sub.add_parser(
+        "spill",
+        help="the spill area: slots in use, free, generations; post-copy progress",
+        description="Show the spill area of a mount (the one given with --spill, or the one "
+        "an incoming post-copy migration uses): how many slots hold a page, how many the "
+        "destination freed (content kept), the highest generation, and post-copy counters.",
+    )
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--slots", action="store_true", help="list every used slot's header")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -161,6 +177,7 @@ def _mount_options(a: argparse.Namespace) -> MountOptions:
         allow_other=a.allow_other,
         control=os.path.abspath(a.control) if a.control else None,
         debug=a.debug,
+        spill=os.path.abspath(a.spill) if a.spill else None,
     )
 
 
@@ -200,6 +217,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
     ]
     if opts.control:
         args += ["--control", opts.control]
+    if opts.spill:
+        args += ["--spill", opts.spill]
     proc = subprocess.Popen(
         args,
         pass_fds=(w,),
@@ -449,6 +468,31 @@ def cmd_thaw(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spill(a: argparse.Namespace) -> int:
+    with ControlClient.for_mount(a.mountpoint) as c:
+        r = c.call("spill", slots=a.slots)
+    if a.json:
+        _print_json(r)
+        return 0
+    if not r.get("exists"):
+        print(f"{r['path']}: {r['error']}")
+        return 0
+    print(f"spill area {r['path']} (migration {r['migration']}): {r['slots']} slots of "
+          f"{_kib(r['block_size'])}: {r['in_use']} in use, {r['free']} free (installed, content "
+          f"kept), {r['unused']} never used; highest generation {r['max_generation']}")
+    pc = r.get("postcopy")
+    if pc:
+        print(f"post-copy: {pc['remaining']} blocks absent, {pc['pages_via_spill']} + "
+              f"{pc['pages_via_drain']} installed from slots, {pc['pages_via_demand_fetch']} "
+              f"fetched; {pc['demand_faults']} faults (p99 {pc['demand_fault_p99_ms']} ms); "
+              f"{pc['generation_mismatches']} generation and {pc['hash_mismatches']} hash "
+              f"mismatches refused; {pc['missing_count']} missing")
+    for slot, file_id, block, gen, flags in r.get("slot_headers", []):
+        state = "free" if flags & 2 else "in use" if flags & 1 else "writing"
+        print(f"  slot {slot}: file {file_id} block {block} generation {gen} {state}")
+    return 0
+
+
 COMMANDS = {
     "mount": cmd_mount,
     "umount": cmd_umount,
@@ -457,6 +501,7 @@ COMMANDS = {
     "heat": cmd_heat,
     "freeze": cmd_freeze,
     "thaw": cmd_thaw,
+    "spill": cmd_spill,
 }
 
 

@@ -15,6 +15,7 @@ middle of one.  The client is plain blocking sockets, for CLIs and scripts.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20  # bytes in one request line
+MAX_DATA = 16 << 20  # bytes of binary payload after a request line ("data_len")
+LAZY_WAIT_MAX = 5.0  # seconds a lazy_wait long poll may hold the connection
 HOTTEST = 5
 
 
@@ -219,15 +222,123 @@ class Controller:
         self._need_tracking()
         return {"thawed": self.fs.thaw(self._trackers(args.get("files")))}
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
+    # -- spill area and post-copy (docs/spill.md) ---------------------------------
+
+    def op_spill(self, args: dict[str, Any]) -> dict[str, Any]:
+        from .spill import SpillArea, SpillError
+
+        path = self.fs.spill_dir
+        if not path:
+            raise ControlError(f"{self.info.mountpoint} has no spill area: mount with --spill DIR, "
+                               "or start a post-copy migration")
         try:
-            req = json.loads(line)
+            area = SpillArea.open(path)
+        except SpillError as exc:
+            return {"path": path, "exists": False, "error": str(exc)}
+        try:
+            out: dict[str, Any] = {"exists": True, **area.summary()}
+            if args.get("slots"):
+                out["slot_headers"] = [
+                    [i, h.file_id, h.block, h.generation, h.flags]
+                    for i, h in enumerate(area.scan()) if h.generation]
+        finally:
+            area.close()
+        pc = self.fs.postcopy
+        if pc is not None:
+            out["postcopy"] = {"migration": pc.migration, **pc.report()}
+        return out
+
+    def _postcopy(self) -> Any:
+        pc = self.fs.postcopy
+        if pc is None:
+            raise ControlError("no post-copy is running on this mount")
+        return pc
+
+    async def op_lazy_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        """{migration, block_size, spill, files: [{file_id, file, extents}]}"""
+        from .spill import SpillError
+
+        files = args.get("files")
+        if not isinstance(files, list) or not files:
+            raise ControlError("files must be a non-empty list")
+        todo = []
+        for f in files:
+            if not isinstance(f, dict) or type(f.get("file_id")) is not int:
+                raise ControlError("each file needs file_id, file and extents")
+            rel, tr = self._resolve(f.get("file"))
+            exts = f.get("extents")
+            if not isinstance(exts, list) or not all(
+                    isinstance(e, list) and len(e) == 2 and all(type(x) is int and x >= 0
+                                                                 for x in e) for e in exts):
+                raise ControlError("extents must be a list of [first_block, count] pairs")
+            todo.append((f["file_id"], rel, tr, [(a, b) for a, b in exts]))
+        try:
+            pc = await self.fs.begin_postcopy(str(args.get("migration")),
+                                              int(args.get("block_size", 0)),
+                                              args.get("spill"), todo)
+        except (ValueError, SpillError) as exc:
+            raise ControlError(str(exc)) from None
+        return {"remaining": pc.remaining}
+
+    def op_lazy_refs(self, args: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+        """Spill refs as binary (file_id u32, block u64, slot u32, generation u64), big-endian."""
+        pc = self._postcopy()
+        if len(data) % _REF.size:
+            raise ControlError(f"refs payload of {len(data)} bytes is not {_REF.size}-byte records")
+        try:
+            pc.add_refs(list(_REF.iter_unpack(data)))
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        return {"remaining": pc.remaining}
+
+    def op_lazy_install(self, args: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+        pc = self._postcopy()
+        file_id, first = args.get("file_id"), args.get("first_block")
+        if type(file_id) is not int or type(first) is not int or first < 0:
+            raise ControlError("lazy_install needs file_id and first_block")
+        try:
+            n = pc.install_fetched(file_id, first, data)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        return {"installed": n, "remaining": pc.remaining}
+
+    async def op_lazy_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+        t = args.get("timeout", 1.0)
+        if not isinstance(t, (int, float)) or not 0 <= t <= LAZY_WAIT_MAX:
+            raise ControlError(f"timeout must be 0..{LAZY_WAIT_MAX} s")
+        return await self._postcopy().wait_news(float(t))
+
+    def op_lazy_report(self, args: dict[str, Any]) -> dict[str, Any]:
+        pc = self._postcopy()
+        out = pc.report()
+        if args.get("digests"):
+            out["digests"] = pc.digests()
+        return out
+
+    async def op_lazy_source_lost(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._postcopy().lose_source()
+
+    # -- dispatch ------------------------------------------------------------------
+
+    async def dispatch(self, line: bytes, data: bytes = b"",
+                       req: Any = None) -> dict[str, Any]:
+        try:
+            if req is None:
+                req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                 raise ControlError('a request is a JSON object with an "op" string')
             fn = getattr(self, "op_" + req["op"], None)
             if fn is None:
                 raise ControlError(f"unknown op {req['op']!r}")
-            return {"ok": True, "result": fn(req)}
+            if req["op"] in _DATA_OPS:
+                result = fn(req, data)
+            elif data:
+                raise ControlError(f"op {req['op']!r} takes no data")
+            else:
+                result = fn(req)
+            if inspect.isawaitable(result):
+                result = await result
+            return {"ok": True, "result": result}
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
         except ValueError:
@@ -235,6 +346,24 @@ class Controller:
         except Exception as exc:
             log.exception("control request %r failed", line[:200])
             return {"ok": False, "error": f"internal error: {exc!r} (see the daemon log)"}
+
+
+_DATA_OPS = {"lazy_refs", "lazy_install"}
+_REF = struct.Struct(">IQIQ")  # a spill ref in lazy_refs: file_id, block, slot, generation
+
+
+def pack_refs(refs: list[tuple[int, int, int, int]]) -> bytes:
+    return b"".join(_REF.pack(*r) for r in refs)
+
+
+def _request(line: bytes) -> tuple[Any, int]:
+    """The parsed request (None if not JSON) and the payload bytes that follow it."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return None, 0
+    n = req.get("data_len", 0) if isinstance(req, dict) else 0
+    return req, n if type(n) is int and 0 <= n <= MAX_DATA else 0
 
 
 async def serve(controller: Controller, path: str, *, task_status: Any = None) -> None:
@@ -267,13 +396,20 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
                     return
                 buf = b""
                 while True:
-                    data = await stream.receive_some(65536)
+                    data = await stream.receive_some(1 << 20)
                     if not data:
                         return
                     buf += data
                     while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        reply = controller.dispatch(line)
+                        line, rest = buf.split(b"\n", 1)
+                        req, need = _request(line)
+                        while len(rest) < need:  # a binary payload follows the line
+                            more = await stream.receive_some(1 << 20)
+                            if not more:
+                                return
+                            rest += more
+                        payload, buf = rest[:need], rest[need:]
+                        reply = await controller.dispatch(line, payload, req)
                         await stream.send_all(json.dumps(reply).encode() + b"\n")
                     if len(buf) > MAX_REQUEST:
                         await stream.send_all(
@@ -347,9 +483,11 @@ class ControlClient:
     def for_mount(cls, mountpoint: str, timeout: float = 60.0) -> ControlClient:
         return cls(find_socket(mountpoint), timeout)
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, data: bytes = b"", **args: Any) -> Any:
+        if data:
+            args["data_len"] = len(data)
         try:
-            self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n" + data)
             while b"\n" not in self._buf:
                 data = self.sock.recv(1 << 20)
                 if not data:

@@ -36,11 +36,14 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from .absent import AbsentMap
+from .lazy import Postcopy
 from .tracker import FileIdentity, FileKey, FileTracker, SavedState
 
 log = logging.getLogger(__name__)
 
 META_NAME = b".blkfs"  # hidden metadata dir at the backing root
+SPILL_NAME = b".spill"  # read-only view of the spill area at the mount root
 ATTR_TIMEOUT = 60.0  # the daemon is the only writer: cache attributes and entries
 _STRIP_FLAGS = os.O_DIRECT | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _AT_EMPTY_PATH = 0x1000
@@ -96,14 +99,15 @@ def handler(fn: F) -> F:
 class Node:
     """A FUSE inode: an O_PATH fd on the backing object and its lookup count."""
 
-    __slots__ = ("fd", "ino", "is_reg", "key", "lookups", "tracker")
+    __slots__ = ("fd", "ino", "is_reg", "key", "lookups", "readonly", "tracker")
 
-    def __init__(self, ino: int, fd: int, key: FileKey, mode: int) -> None:
+    def __init__(self, ino: int, fd: int, key: FileKey, mode: int, readonly: bool = False) -> None:
         self.ino = ino
         self.fd = fd
         self.key = key
         self.is_reg = stat.S_ISREG(mode)
         self.lookups = 0
+        self.readonly = readonly  # inside the .spill view
         self.tracker: FileTracker | None = None
 
 
@@ -138,6 +142,7 @@ class BlkFS(pyfuse3.Operations):
         tracking: bool = True,
         xattr: bool = False,
         saved: SavedState | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.backing = os.path.realpath(backing)
@@ -148,6 +153,9 @@ class BlkFS(pyfuse3.Operations):
         self.xattr = xattr
         self.saved = saved or SavedState.empty()
         self.faults = 0  # internal errors answered EIO
+        self.spill_dir = os.path.realpath(spill_dir) if spill_dir else None
+        self.postcopy: Postcopy | None = None  # lazy mode of an incoming post-copy
+        self.nursery: trio.Nursery | None = None  # for background tasks (the drain)
         self.frozen_all = False
         self.root_fd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(self.root_fd)
@@ -201,7 +209,8 @@ class BlkFS(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _attach(self, dir_fd: int, name: bytes, st: os.stat_result) -> Node:
+    def _attach(self, dir_fd: int | None, name: bytes, st: os.stat_result,
+                readonly: bool = False) -> Node:
         """The node for `name` in `dir_fd`, creating it (lookup count 0) if new."""
         key = (st.st_dev, st.st_ino)
         ino = self._by_key.get(key)
@@ -212,15 +221,15 @@ class BlkFS(pyfuse3.Operations):
         if (fst.st_dev, fst.st_ino) != key:  # replaced between stat and open
             os.close(fd)
             raise FUSEError(errno.EAGAIN)
-        node = Node(self._nodeid(st), fd, key, st.st_mode)
+        node = Node(self._nodeid(st), fd, key, st.st_mode, readonly)
         self._nodes[node.ino] = node
         self._by_key[key] = node.ino
         return node
 
     def _lookup_entry(
-        self, dir_fd: int, name: bytes, st: os.stat_result
+        self, dir_fd: int | None, name: bytes, st: os.stat_result, readonly: bool = False
     ) -> pyfuse3.EntryAttributes:
-        node = self._attach(dir_fd, name, st)
+        node = self._attach(dir_fd, name, st, readonly)
         node.lookups += 1
         return self._entry(node.ino, st)
 
@@ -242,8 +251,19 @@ class BlkFS(pyfuse3.Operations):
     def _check_name(self, parent: int, name: bytes) -> None:
         if b"/" in name or name in (b"", b".", b".."):
             raise FUSEError(errno.EINVAL)
-        if parent == pyfuse3.ROOT_INODE and name == META_NAME:
+        if parent == pyfuse3.ROOT_INODE and (
+                name == META_NAME or (name == SPILL_NAME and self.spill_dir)):
             raise FUSEError(errno.EPERM)
+        if self._node(parent).readonly:
+            raise FUSEError(errno.EROFS)
+
+    def _spill_stat(self) -> os.stat_result | None:
+        if not self.spill_dir:
+            return None
+        try:
+            return os.stat(self.spill_dir)
+        except OSError:
+            return None
 
     def _relpath(self, fd: int) -> str:
         real = os.readlink(_proc(fd))
@@ -268,7 +288,7 @@ class BlkFS(pyfuse3.Operations):
         return tr
 
     def _tracker_of(self, node: Node) -> FileTracker | None:
-        if not self.tracking or not node.is_reg:
+        if not self.tracking or not node.is_reg or node.readonly:
             return None
         tr = node.tracker
         if tr is None:
@@ -318,6 +338,51 @@ class BlkFS(pyfuse3.Operations):
             if ev is not None:
                 ev.set()
         return len(trackers)
+
+    async def begin_postcopy(
+        self, migration: str, block_size: int, spill_path: str | None,
+        files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]],
+    ) -> Postcopy:
+        """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
+        from .lazy import LazyFile, invalidate
+        from .spill import SpillArea
+
+        if self.postcopy is not None and not self.postcopy.done:
+            raise ValueError(f"post-copy {self.postcopy.migration} is still running here")
+        if block_size != 1 << self.shift:
+            raise ValueError(f"the migration uses {block_size}-byte blocks, this mount "
+                             f"{1 << self.shift}: mount the destination with --block-size "
+                             f"{block_size}")
+        spill = SpillArea.open(spill_path, migration) if spill_path else None
+        if self.postcopy is not None:
+            self.postcopy.close()
+        pc = Postcopy(migration, block_size, spill)
+        inos = []
+        for file_id, rel, tr, extents in files:
+            fd = os.open(os.path.join(self.backing, rel), os.O_RDWR | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            lf = LazyFile(file_id, rel, tr.key, self._nodeid_of(st), fd,
+                          AbsentMap(tr.nblocks, self.shift, extents), st.st_size)
+            pc.add_file(lf)
+            inos.append(lf.ino)
+        self.postcopy = pc
+        if spill_path:
+            self.spill_dir = os.path.realpath(spill_path)
+        for file_id, _rel, tr, _ext in files:  # reads wait from now on ...
+            tr.lazy = pc.by_id[file_id]
+        for ino in inos:  # ... and none is answered from the page cache
+            await trio.to_thread.run_sync(invalidate, ino)
+        if self.nursery is not None:
+            self.nursery.start_soon(pc.drain_forever)
+        log.info("post-copy %s: %d absent blocks in %d files, spill %s", migration,
+                 pc.remaining, len(files), spill_path)
+        return pc
+
+    def _nodeid_of(self, st: os.stat_result) -> int:
+        ino = self._by_key.get((st.st_dev, st.st_ino))
+        if ino is not None:
+            return ino
+        return st.st_ino if st.st_dev == self.root_dev else 0
 
     def tracked_files(self) -> list[tuple[str, os.stat_result, FileTracker | None]]:
         """Every regular file under the backing dir (metadata dir excluded)."""
@@ -371,10 +436,13 @@ class BlkFS(pyfuse3.Operations):
         if name == b"." or (name == b".." and parent_inode == pyfuse3.ROOT_INODE):
             p.lookups += 1
             return self._entry(p.ino, os.fstat(p.fd))
-        if parent_inode == pyfuse3.ROOT_INODE and name == META_NAME:
-            raise FUSEError(errno.ENOENT)
+        if parent_inode == pyfuse3.ROOT_INODE and name in (META_NAME, SPILL_NAME):
+            sst = self._spill_stat() if name == SPILL_NAME else None
+            if sst is None:
+                raise FUSEError(errno.ENOENT)
+            return self._lookup_entry(None, os.fsencode(self.spill_dir or ""), sst, True)
         st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
-        return self._lookup_entry(p.fd, name, st)
+        return self._lookup_entry(p.fd, name, st, p.readonly)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -403,12 +471,17 @@ class BlkFS(pyfuse3.Operations):
         ctx: Any,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        if node.readonly:
+            raise FUSEError(errno.EROFS)
         path = _proc(node.fd)
         is_link = stat.S_ISLNK(os.fstat(node.fd).st_mode)
         if fields.update_size:
             tr = self._tracker_of(node)
             if tr is not None and tr.frozen:
                 await self.wait_thawed(tr)
+            if tr is not None and tr.lazy is not None and self.postcopy is not None:
+                # The block that the new end cuts keeps its head: install it first.
+                await self.postcopy.ensure(tr.lazy, attr.st_size, 1)
             of = self._files.get(fh) if fh is not None else None
             if of is not None:
                 os.ftruncate(of.fd, attr.st_size)
@@ -416,6 +489,9 @@ class BlkFS(pyfuse3.Operations):
                 os.truncate(path, attr.st_size)
             if tr is not None:
                 tr.on_resize(attr.st_size)
+                if tr.lazy is not None:
+                    tr.lazy.size = attr.st_size
+                    tr.lazy.absent.truncate(tr.nblocks)
         if fields.update_mode:
             if is_link:
                 raise FUSEError(errno.EOPNOTSUPP)
@@ -505,6 +581,8 @@ class BlkFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._check_name(new_parent_inode, new_name)
         node = self._node(inode)
+        if node.readonly:
+            raise FUSEError(errno.EROFS)
         np = self._node(new_parent_inode)
         os.link(_proc(node.fd), new_name, dst_dir_fd=np.fd, follow_symlinks=True)
         node.lookups += 1
@@ -554,12 +632,25 @@ class BlkFS(pyfuse3.Operations):
         if dh.entries is None or start_id == 0:
             names = os.listdir(os.fsencode(_proc(node.fd)))
             if node.ino == pyfuse3.ROOT_INODE:
-                names = [n for n in names if n != META_NAME]
+                names = [n for n in names if n not in (META_NAME, SPILL_NAME)]
+                if self._spill_stat() is not None:
+                    names.append(SPILL_NAME)
             dh.entries = [b".", b"..", *names]
         entries = dh.entries
         for i in range(start_id, len(entries)):
             name = entries[i]
             try:
+                if node.ino == pyfuse3.ROOT_INODE and name == SPILL_NAME:
+                    sst = self._spill_stat()
+                    if sst is None:
+                        continue
+                    child = self._attach(None, os.fsencode(self.spill_dir or ""), sst, True)
+                    if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, sst), i + 1):
+                        if child.lookups == 0:
+                            self._drop(child)
+                        break
+                    child.lookups += 1
+                    continue
                 st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
                 if i < 2:
                     # The kernel never links "." and "..": no node, no lookup count.
@@ -570,7 +661,7 @@ class BlkFS(pyfuse3.Operations):
                     if not pyfuse3.readdir_reply(token, name, self._entry(ino, st), i + 1):
                         break
                     continue
-                child = self._attach(node.fd, name, st)
+                child = self._attach(node.fd, name, st, node.readonly)
             except (FileNotFoundError, FUSEError):
                 continue  # gone since the listing
             if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st), i + 1):
@@ -603,12 +694,17 @@ class BlkFS(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        if node.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+            raise FUSEError(errno.EROFS)
         tr = self._tracker_of(node)
         if flags & os.O_TRUNC and tr is not None and tr.frozen:
             await self.wait_thawed(tr)
         fd = os.open(_proc(node.fd), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
         if flags & os.O_TRUNC and tr is not None:
             tr.on_resize(0)
+            if tr.lazy is not None:
+                tr.lazy.size = 0
+                tr.lazy.absent.truncate(0)
         # keep_cache: another opener (a migrator, `cat`) must not drop the
         # pages a hypervisor has mapped; the daemon is the only writer.
         return pyfuse3.FileInfo(fh=self._new_fh(fd, tr), keep_cache=True)
@@ -643,7 +739,14 @@ class BlkFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
-            return os.pread(self._files[fh].fd, size, off)
+            of = self._files[fh]
+            tr = of.tracker
+            if tr is not None and tr.lazy is not None and tr.lazy.absent.count:
+                assert self.postcopy is not None
+                await self.postcopy.ensure(tr.lazy, off, size)  # never a stale page
+            return os.pread(of.fd, size, off)
+        except FUSEError:
+            raise
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
@@ -660,9 +763,15 @@ class BlkFS(pyfuse3.Operations):
                 return os.pwrite(of.fd, buf, off)
             if tr.frozen:
                 await self.wait_thawed(tr)
+            if tr.lazy is not None and tr.lazy.absent.count:
+                assert self.postcopy is not None
+                # Install first: the write lands on the block's final content.
+                await self.postcopy.ensure(tr.lazy, off, len(buf))
             n = os.pwrite(of.fd, buf, off)
             tr.on_write(off, n)  # after the data reached the backing file
             return n
+        except FUSEError:
+            raise
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
@@ -698,7 +807,10 @@ class BlkFS(pyfuse3.Operations):
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        os.setxattr(self._xattr_path(inode), name, value)
+        path = self._xattr_path(inode)
+        if self._node(inode).readonly:
+            raise FUSEError(errno.EROFS)
+        os.setxattr(path, name, value)
 
     @handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
@@ -706,7 +818,10 @@ class BlkFS(pyfuse3.Operations):
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        os.removexattr(self._xattr_path(inode), name)
+        path = self._xattr_path(inode)
+        if self._node(inode).readonly:
+            raise FUSEError(errno.EROFS)
+        os.removexattr(path, name)
 
     # -- teardown -------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ class MountOptions:
     allow_other: bool = False
     control: str | None = None
     debug: bool = False
+    spill: str | None = None  # a spill area to show read-only as MOUNTPOINT/.spill
 
     @property
     def meta_dir(self) -> str:
@@ -153,6 +154,7 @@ class _Ready:
 
 async def _serve(fs: BlkFS, info: DaemonInfo, ready: _Ready) -> None:
     async with trio.open_nursery() as nursery:
+        fs.nursery = nursery
         await nursery.start(control.serve, control.Controller(fs, info), info.control)
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(fs.settle_heat_forever)
@@ -206,6 +208,7 @@ def _run(opts: MountOptions, ready: _Ready, foreground: bool) -> int:
         tracking=opts.tracking,
         xattr=opts.xattr,
         saved=saved,
+        spill_dir=opts.spill,
     )
     mnt = os.path.realpath(opts.mountpoint)
     info = DaemonInfo(
@@ -241,6 +244,8 @@ def _run(opts: MountOptions, ready: _Ready, foreground: bool) -> int:
         raise
     finally:
         pyfuse3.close(unmount=True)
+        if fs.postcopy is not None:
+            fs.postcopy.close()
         fs.close_all()
         info.remove()
         if clean and opts.tracking:

@@ -52,8 +52,8 @@ class FileIdentity:
 class FileTracker:
     """Dirty bitmap + heat + size of one tracked file."""
 
-    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "key", "restored", "shift", "size",
-                 "writes")
+    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "key", "lazy", "restored", "shift",
+                 "size", "writes")
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class FileTracker:
         self.frozen = False
         self.restored = False  # True when the bitmap came from a clean-shutdown record
         self.writes = 0
+        self.lazy: Any = None  # a lazy.LazyFile while post-copy installs this file
 
     @property
     def block_size(self) -> int:

@@ -1,0 +1,401 @@
+"""Destination lazy mode (post-copy): absent blocks, served from spill slots or fetched.
+
+The migrator (``migrator serve``) turns it on for some files with the
+``lazy_begin`` control op, before the VM resumes.  From then on, inside the
+daemon's trio loop:
+
+* a read or write that touches an absent block waits (``ensure``) until the
+  block is installed — first from its spill slot if the migrator told us one
+  (generation checked before and after the read, hash checked), else by a
+  demand fetch: the block joins ``wanted``, which the migrator collects with
+  the long-polling ``lazy_wait`` op and fetches from the source ahead of the
+  background stream, then hands back with ``lazy_install``;
+* a background drain installs every block whose slot it was told
+  (``lazy_refs``) in the order told, and reports the slots it freed;
+* ``install`` is the only writer of absent blocks: on the trio thread, no
+  await between the absent check and the pwrite, so a guest write (which
+  waits for the install first) can never be overwritten by a late install.
+
+If the source is lost (``lazy_source_lost``), the spill headers are scanned
+for every absent block; what the spill holds is installed, the rest is
+*missing*: reads of it fail with EIO (never zeros) and the list is reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyfuse3
+import trio
+import xxhash
+from pyfuse3 import FUSEError
+
+from .absent import AbsentMap
+from .spill import FLAG_FILLED, SlotRef, SpillArea, SpillError
+
+if TYPE_CHECKING:
+    from .tracker import FileKey
+
+log = logging.getLogger(__name__)
+
+DRAIN_BATCH = 32  # slots read per thread hop by the drain
+MAX_LATENCIES = 1 << 16
+
+
+@dataclass
+class LazyFile:
+    file_id: int
+    rel: str
+    key: FileKey
+    ino: int
+    fd: int  # read-write fd on the backing file: installs go here
+    absent: AbsentMap
+    size: int
+    refs: dict[int, SlotRef] = field(default_factory=dict)  # block -> slot told by the source
+    digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was installed
+    missing: set[int] = field(default_factory=set)  # absent, and no one can supply it any more
+
+
+class Postcopy:
+    """Lazy mode of one incoming migration, inside the destination daemon."""
+
+    def __init__(self, migration: str, block_size: int, spill: SpillArea | None) -> None:
+        self.migration = migration
+        self.block_size = block_size
+        self.spill = spill
+        self.files: dict[FileKey, LazyFile] = {}
+        self.by_id: dict[int, LazyFile] = {}
+        self._pending: dict[tuple[int, int], trio.Event] = {}  # being obtained
+        self._wanted: list[tuple[int, int]] = []  # to fetch, not yet handed to the migrator
+        self._freed: list[tuple[int, int]] = []  # (slot, generation) to report
+        self._queue: deque[tuple[int, int]] = deque()  # (file_id, block) refs for the drain
+        self._queue_ready = trio.Event()
+        self._news = trio.Event()
+        self._drain_lock = trio.Lock()  # one drain at a time: a batch in flight is finished
+        self.source_lost = False
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self.stats: dict[str, int] = {
+            "demand_faults": 0, "pages_via_spill": 0, "pages_via_demand_fetch": 0,
+            "pages_via_drain": 0, "generation_mismatches": 0, "hash_mismatches": 0,
+            "refs_received": 0,
+        }
+        self.fault_ms: list[float] = []
+
+    # -- setup ---------------------------------------------------------------------
+
+    def add_file(self, lf: LazyFile) -> None:
+        self.files[lf.key] = lf
+        self.by_id[lf.file_id] = lf
+
+    @property
+    def remaining(self) -> int:
+        return sum(lf.absent.count for lf in self.files.values())
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def missing(self) -> list[tuple[str, int]]:
+        return [(lf.rel, b) for lf in self.files.values() for b in sorted(lf.missing)]
+
+    def close(self) -> None:
+        for lf in self.files.values():
+            os.close(lf.fd)
+        if self.spill is not None:
+            self.spill.close()
+
+    def _notify(self) -> None:
+        self._news.set()
+
+    # -- the only writer of absent blocks -----------------------------------------------
+
+    def install(self, lf: LazyFile, block: int, data: bytes, via: str,
+                digest: int | None = None) -> bool:
+        """Write the block's final content and make it present; False if it already was."""
+        if not lf.absent.is_absent(block):
+            return False
+        bs = self.block_size
+        end = min(lf.size, (block + 1) * bs)
+        want = max(0, end - block * bs)
+        if len(data) < want:
+            raise ValueError(f"block {block} of {lf.rel}: {len(data)} bytes, need {want}")
+        page = data[:want]
+        os.pwrite(lf.fd, page, block * bs)  # no await from the absent check to the mark
+        lf.absent.install(block)
+        lf.digests[block] = digest if digest is not None else xxhash.xxh3_64_intdigest(page)
+        lf.missing.discard(block)
+        self.stats["pages_via_" + via] += 1
+        ref = lf.refs.pop(block, None)
+        if ref is not None:
+            self._freed.append((ref.slot, ref.generation))
+        ev = self._pending.pop((lf.file_id, block), None)
+        if ev is not None:
+            ev.set()
+        if self.done and self.finished_at is None:
+            self.finished_at = time.monotonic()
+            log.info("post-copy %s: every block installed", self.migration)
+        self._notify()
+        return True
+
+    # -- handlers' side ------------------------------------------------------------------
+
+    async def ensure(self, lf: LazyFile, offset: int, length: int) -> None:
+        """Return once every block that [offset, offset+length) touches is present."""
+        blocks = lf.absent.absent_in(offset, length)
+        if not blocks:
+            return
+        t0 = time.monotonic()
+        self.stats["demand_faults"] += 1
+        while True:
+            blocks = [b for b in blocks if lf.absent.is_absent(b)]
+            if not blocks:
+                break
+            lost = [b for b in blocks if b in lf.missing]
+            if lost:
+                log.error("read of %s block %d: missing (source lost before it was spilled)",
+                          lf.rel, lost[0])
+                raise FUSEError(errno.EIO)
+            mine = [b for b in blocks if (lf.file_id, b) not in self._pending]
+            for b in mine:
+                self._pending[(lf.file_id, b)] = trio.Event()
+            if mine:
+                await self._obtain(lf, mine)
+            for b in blocks:
+                ev = self._pending.get((lf.file_id, b))
+                if ev is not None:
+                    await ev.wait()
+                    break
+        ms = (time.monotonic() - t0) * 1000
+        if len(self.fault_ms) < MAX_LATENCIES:
+            self.fault_ms.append(ms)
+
+    async def _obtain(self, lf: LazyFile, blocks: list[int]) -> None:
+        """Blocks this task took on: from their slots when possible, else wanted."""
+        with_ref = [b for b in blocks if b in lf.refs] if self.spill is not None else []
+        if with_ref:
+            await self._from_spill(lf, with_ref, "spill")
+        rest = [b for b in blocks if lf.absent.is_absent(b)]
+        if rest:
+            self._want(lf, rest)
+
+    def _want(self, lf: LazyFile, blocks: list[int]) -> None:
+        if self.source_lost:
+            self._give_up(lf, blocks)
+            return
+        self._wanted.extend((lf.file_id, b) for b in blocks)
+        self._notify()
+
+    def _give_up(self, lf: LazyFile, blocks: list[int]) -> None:
+        for b in blocks:
+            lf.missing.add(b)
+            ev = self._pending.pop((lf.file_id, b), None)
+            if ev is not None:
+                ev.set()  # its waiters see it missing and answer EIO
+
+    async def _from_spill(self, lf: LazyFile, blocks: list[int], via: str) -> None:
+        """Read these blocks' slots in one thread hop; install what passes the checks."""
+        spill = self.spill
+        assert spill is not None
+        refs = [(b, lf.refs[b]) for b in blocks]
+
+        def read_all() -> list[bytes | None]:
+            return [spill.read(ref, lf.file_id, b) for b, ref in refs]
+
+        try:
+            pages = await trio.to_thread.run_sync(read_all)
+        except OSError as exc:
+            log.error("spill area %s unreadable: %s; fetching from the source", spill.path, exc)
+            pages = [None] * len(refs)
+        for (b, ref), page in zip(refs, pages, strict=True):
+            if page is None:
+                self._refused(lf, b, ref)
+            elif lf.absent.is_absent(b):
+                self.install(lf, b, page, via, digest=xxhash.xxh3_64_intdigest(page))
+            elif lf.refs.get(b) == ref:  # installed meanwhile: the slot is free anyway
+                del lf.refs[b]
+                self._freed.append((ref.slot, ref.generation))
+
+    def _refused(self, lf: LazyFile, block: int, ref: SlotRef) -> None:
+        """A slot read that failed its checks: never used; the block is fetched instead."""
+        assert self.spill is not None
+        try:
+            h = self.spill.header(ref.slot)
+            kind = ("hash_mismatches" if h.generation == ref.generation and h.flags & FLAG_FILLED
+                    else "generation_mismatches")
+        except (OSError, SpillError):
+            kind = "generation_mismatches"
+        self.stats[kind] += 1
+        log.warning("spill slot %d (generation %d) for %s block %d refused (%s); fetching it",
+                    ref.slot, ref.generation, lf.rel, block, kind.replace("_", " "))
+        if lf.refs.get(block) == ref:
+            del lf.refs[block]  # never try that slot again
+
+    # -- the migrator's side -------------------------------------------------------------
+
+    def add_refs(self, refs: list[tuple[int, int, int, int]]) -> None:
+        """(file_id, block, slot, generation) from the source: queue them for the drain."""
+        for file_id, block, slot, gen in refs:
+            lf = self.by_id.get(file_id)
+            if lf is None or not 0 <= slot < (self.spill.nslots if self.spill else 0):
+                raise ValueError(f"bad spill ref {(file_id, block, slot, gen)}")
+            self.stats["refs_received"] += 1
+            ref = SlotRef(slot, gen)
+            if not lf.absent.is_absent(block):
+                self._freed.append((slot, gen))  # fetched already: free at once
+                continue
+            lf.refs[block] = ref
+            self._queue.append((file_id, block))
+        self._queue_ready.set()
+        self._notify()
+
+    def install_fetched(self, file_id: int, first: int, data: bytes) -> int:
+        """Blocks the migrator fetched from the source; returns how many were still absent."""
+        lf = self.by_id.get(file_id)
+        if lf is None:
+            raise ValueError(f"no lazy file {file_id}")
+        bs = self.block_size
+        n = 0
+        for i in range(0, max(len(data), 1), bs):
+            b = first + i // bs
+            if self.install(lf, b, data[i:i + bs], "demand_fetch"):
+                n += 1
+        return n
+
+    def take_news(self) -> dict[str, Any]:
+        wanted, self._wanted = self._wanted, []
+        freed, self._freed = self._freed, []
+        self._news = trio.Event()
+        return {
+            "wanted": [list(w) for w in wanted],
+            "freed": [list(f) for f in freed],
+            "remaining": self.remaining,
+            "done": self.done,
+            "source_lost": self.source_lost,
+            "missing": [[rel, b] for rel, b in self.missing()[:1000]],
+            "missing_count": sum(len(lf.missing) for lf in self.files.values()),
+        }
+
+    async def wait_news(self, timeout: float) -> dict[str, Any]:
+        if not (self._wanted or self._freed or self.done):
+            with trio.move_on_after(timeout):
+                await self._news.wait()
+        return self.take_news()
+
+    def report(self) -> dict[str, Any]:
+        lat = sorted(self.fault_ms)
+        return {
+            **self.stats,
+            "remaining": self.remaining,
+            "demand_fault_p50_ms": round(_pct(lat, 50), 3),
+            "demand_fault_p99_ms": round(_pct(lat, 99), 3),
+            "postcopy_s": round((self.finished_at or time.monotonic()) - self.started, 3),
+            "missing_count": sum(len(lf.missing) for lf in self.files.values()),
+        }
+
+    def digests(self) -> list[list[int]]:
+        return [[lf.file_id, b, d] for lf in self.files.values() for b, d in lf.digests.items()]
+
+    async def lose_source(self) -> dict[str, Any]:
+        """The source is gone: complete from the spill headers, name what is missing."""
+        self.source_lost = True
+        found = 0
+        if self.spill is not None:
+            try:
+                headers = await trio.to_thread.run_sync(self.spill.scan)
+            except OSError as exc:
+                log.error("cannot scan the spill area %s: %s", self.spill.path, exc)
+                headers = []
+            for slot, h in enumerate(headers):
+                lf = self.by_id.get(h.file_id)
+                if (lf is None or not h.flags & FLAG_FILLED or not lf.absent.is_absent(h.block)
+                        or h.generation == 0):
+                    continue
+                old = lf.refs.get(h.block)
+                if old is None or old.generation < h.generation or old.slot != slot:
+                    lf.refs[h.block] = SlotRef(slot, h.generation)
+                    self._queue.append((lf.file_id, h.block))
+                    found += 1
+            self._queue_ready.set()
+        await self.drain_queue()
+        for lf in self.files.values():
+            rest = lf.absent.blocks()
+            self._give_up(lf, rest)
+            # wanted blocks no one will fetch now
+        self._wanted.clear()
+        missing = self.missing()
+        if missing:
+            log.error("post-copy %s: source lost; %d blocks missing (first: %s block %d)",
+                      self.migration, len(missing), *missing[0])
+        self._notify()
+        return {"found_in_spill": found, **self.take_news()}
+
+    # -- the drain ---------------------------------------------------------------------
+
+    async def drain_queue(self) -> None:
+        """Install every queued ref now (batches of slot reads off the trio thread)."""
+        async with self._drain_lock:
+            await self._drain_unlocked()
+
+    async def _drain_unlocked(self) -> None:
+        while self._queue:
+            batch: list[tuple[int, int]] = []
+            while self._queue and len(batch) < DRAIN_BATCH:
+                file_id, b = self._queue.popleft()
+                lf = self.by_id[file_id]
+                key = (file_id, b)
+                if not lf.absent.is_absent(b) or key in self._pending or b not in lf.refs:
+                    if not lf.absent.is_absent(b) and b in lf.refs:
+                        ref = lf.refs.pop(b)
+                        self._freed.append((ref.slot, ref.generation))
+                    continue
+                self._pending[key] = trio.Event()
+                batch.append(key)
+            by_file: dict[int, list[int]] = {}
+            for file_id, b in batch:
+                by_file.setdefault(file_id, []).append(b)
+            for file_id, blocks in by_file.items():
+                lf = self.by_id[file_id]
+                await self._from_spill(lf, blocks, "drain")
+                rest = [b for b in blocks if lf.absent.is_absent(b)]
+                if rest:
+                    self._want(lf, rest)  # refused slots: fetch them
+
+    async def drain_forever(self) -> None:
+        while not self.done:
+            await self._queue_ready.wait()
+            self._queue_ready = trio.Event()
+            try:
+                await self.drain_queue()
+            except Exception:
+                log.exception("post-copy drain failed; blocks are still fetched on demand")
+                await trio.sleep(0.1)
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return 0.0
+    k = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[k - 1]
+
+
+def invalidate(ino: int) -> None:
+    """Drop the kernel's cached pages of `ino` (call from a worker thread, never the loop).
+
+    Pages the migrator wrote through the mount in earlier rounds may sit in the
+    page cache with content older than the block's final one; a read must reach
+    the daemon so it waits for the install.
+    """
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # the kernel does not know the inode: nothing cached
+            raise
