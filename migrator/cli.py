@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
 import sys
+import tempfile
 
 import trio
 from rich.console import Console
@@ -21,6 +23,7 @@ from .transport import MigrationError, leaf, parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
 
 PROG = "migrator"
+DEFAULT_SPILL = os.path.join(tempfile.gettempdir(), f"migrator-spill-{os.getuid()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after one migration (status 0 only if it completed)")
     s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer sends or takes nothing for S seconds (default 60)")
+    s.add_argument("--spill", metavar="DIR",
+                   help="post-copy: where this host sees the spill area (default: the path the "
+                   "source announces, which is right on one machine or a same-path mount)")
 
     m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'")
     m.add_argument("--mount", required=True, help="the source blkfs mount point")
@@ -71,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline for comparison: suspend first, copy everything, resume")
     m.add_argument("--no-static-first", action="store_true",
                    help="baseline for comparison: initial copy in block order, not coldest first")
+    pc = m.add_argument_group("post-copy (docs/spill.md)")
+    pc.add_argument("--postcopy", nargs="?", const="on", default="off",
+                    choices=("on", "auto", "off"),
+                    help="leave the memory pages of the last dirty set absent on the "
+                    "destination, resume it at once and move them through the spill area; "
+                    "'auto': only when pre-copy stops converging (default off)")
+    pc.add_argument("--spill", metavar="DIR",
+                    help="the spill area, on storage both hosts reach (NFS, CephFS, "
+                    "GlusterFS; any local directory on one machine); default "
+                    f"{DEFAULT_SPILL}")
+    pc.add_argument("--spill-slots", type=count, default=1024, metavar="N",
+                    help="slots in the spill area, one block each (default 1024); may be far "
+                    "fewer than the pages to move: freed slots are reused")
+    pc.add_argument("--spill-bandwidth", type=positive, metavar="MB/s",
+                    help="cap writes into the spill area (shared storage other hosts use)")
+    pc.add_argument("--memory", action="append", metavar="FILE",
+                    help="a memory file to post-copy (repeatable; default: the files named "
+                    "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
 
     d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
                        "a live migration over loopback, verification")
@@ -81,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
     d.add_argument("--report", default="reports/migrate-demo.json", metavar="PATH",
                    help="JSON report (default reports/migrate-demo.json)")
+    d.add_argument("--postcopy", action="store_true",
+                   help="post-copy the memory through a spill area (with a VM that writes "
+                   "memory faster than the link, so pre-copy alone would not converge)")
     return ap
 
 
@@ -104,7 +131,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                              f"'blkfs mount BACKING {a.mount}'")
     host, port = parse_hostport(a.listen, listen=True)
     key = read_key(a.key_file)
-    completed = trio.run(serve, mount, host, port, key, a.resume_cmd, a.once, a.io_timeout)
+    spill = os.path.abspath(a.spill) if a.spill else None
+    completed = trio.run(functools.partial(serve, mount, host, port, key, a.resume_cmd, a.once,
+                                           a.io_timeout, spill=spill))
     return 0 if completed or not a.once else 1
 
 
@@ -114,10 +143,18 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     console = Console(stderr=True)
     key = read_key(a.key_file)
     adapter = parse_adapter(a.suspend, a.mount, a.files)
+    if a.postcopy != "off" and a.stop_and_copy:
+        raise MigrationError("--postcopy and --stop-and-copy exclude each other")
+    if a.spill_slots < 1:
+        raise MigrationError("--spill-slots must be at least 1")
     opts = MigrateOptions(mount=a.mount, to=a.to, key=key, files=a.files, policy=_policy(a),
                           bandwidth_mb_s=a.bandwidth, static_heat=a.static_heat,
                           report_path=a.report, stop_and_copy=a.stop_and_copy,
-                          static_first=not a.no_static_first, io_timeout=a.io_timeout)
+                          static_first=not a.no_static_first, io_timeout=a.io_timeout,
+                          postcopy=a.postcopy,
+                          spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
+                          spill_slots=a.spill_slots, memory_files=a.memory,
+                          spill_rate_mb_s=a.spill_bandwidth)
     src = Source(opts, adapter, console)
 
     async def main() -> None:

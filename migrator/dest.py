@@ -25,11 +25,18 @@ import trio
 import xxhash
 
 from . import protocol as p
+from .postcopy import DestPostcopy
 from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = ".migration-state.json"
+
+
+class VerificationFailed(MigrationError):
+    pass
+
+
 RESERVED = {STATE_NAME, ".blkfs"}
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
 
@@ -74,10 +81,15 @@ class _File:
 class DestSession:
     """One incoming migration on an authenticated channel."""
 
-    def __init__(self, mount: str, ch: Channel, resume_cmd: str | None) -> None:
+    def __init__(self, mount: str, ch: Channel, resume_cmd: str | None,
+                 spill_override: str | None = None) -> None:
         self.mount = os.path.realpath(mount)
         self.ch = ch
         self.resume_cmd = resume_cmd
+        self.spill_override = spill_override
+        self.pc: DestPostcopy | None = None  # once the source announced post-copy
+        self.committed = False
+        self._nursery: trio.Nursery | None = None
         self.files: dict[int, _File] = {}
         self.block_size = 0
         self.state: dict[str, Any] = {}
@@ -222,25 +234,90 @@ class DestSession:
                         return
 
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(receiver)
             async with rx:
                 async for ev in rx:
                     await self._handle(ev)
         return self.state
 
+    async def _resume_postcopy(self) -> None:
+        """The resume hook runs while the post-copy traffic flows (the VM reads absent pages
+        while it starts)."""
+        assert self.pc is not None
+        await self._resume()
+        self.pc.resumed.set()  # the VM runs here now, whatever happens to the source
+        ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
+        await self.ch.send(p.Resumed(ms))
+
+    async def finish_without_source(self, why: str) -> tuple[bool, str]:
+        """The source is gone after the resume: complete from the spill area, or say what is
+        missing.  Returns (complete, message)."""
+        assert self.pc is not None
+        out = await self.pc.source_lost()
+        self._merge_digests()
+        n = out["missing_count"]
+        self.state["postcopy"] = self.pc.report
+        if n == 0:
+            self.state.update(status="complete", completed_at=time.time(),
+                              verified="post-copy pages checked against the spill hashes; "
+                              f"the source was lost before the final digests ({why})")
+            _write_state(self.mount, self.state)
+            return True, (f"source lost ({why}); completed from the spill area alone "
+                          f"({out['found_in_spill']} pages found there)")
+        missing = out["missing"]
+        shown = ", ".join(f"{rel} block {b}" for rel, b in missing[:10])
+        more = f" (+{n - 10} more)" if n > 10 else ""
+        self.state.update(status="incomplete", error=f"source lost ({why})",
+                          missing_blocks=[[rel, b] for rel, b in missing], missing_count=n)
+        _write_state(self.mount, self.state)
+        return False, (f"source lost ({why}) before every page reached the spill area: "
+                       f"{n} blocks missing: {shown}{more}; reads of them fail with EIO, "
+                       "everything else is served")
+
+    def _merge_digests(self) -> None:
+        assert self.pc is not None
+        for fid, b, d in self.pc.digests:
+            f = self.files.get(fid)
+            if f is not None:
+                f.digests[b] = d
+
     async def _handle(self, ev: Any) -> None:
         ch = self.ch
-        if isinstance(ev, p.Blocks):
+        if isinstance(ev, p.Blocks) and self.committed:
+            assert self.pc is not None
+            await self.pc.install(ev)  # a fetched block: into lazy mode, not through the mount
+        elif isinstance(ev, p.Blocks):
             if len(ev.data) >= THREAD_WRITE:
                 await trio.to_thread.run_sync(self.write_blocks, ev)
             else:  # a thread hop costs more than a small write
                 self.write_blocks(ev)
         elif isinstance(ev, p.Resize):
             self.resize(ev)
+        elif isinstance(ev, p.Postcopy):
+            self.pc = DestPostcopy(self.mount, ch, ev, self.block_size, self.spill_override)
+            self.pc.on_digests = self._merge_digests
+        elif isinstance(ev, p.Absent):
+            assert self.pc is not None
+            self.pc.add_absent(ev)
+        elif isinstance(ev, p.SpillRefs):
+            assert self.pc is not None
+            await self.pc.refs(ev)
+        elif isinstance(ev, p.SpillFlushed):
+            assert self.pc is not None
+            self.pc.spill_flushed = True
+            log.info("source: spill flushed (%d pages)", ev.pages)
         elif isinstance(ev, p.RoundDone):
             await ch.send(p.RoundAck(ev.round))
         elif isinstance(ev, p.Switchover):
             self.t_switch = time.monotonic()
+        elif isinstance(ev, p.Commit) and self.pc is not None:
+            self.committed = True
+            names = {fid: os.path.relpath(f.path, self.mount) for fid, f in self.files.items()}
+            await self.pc.begin(names)  # before the VM can read anything
+            assert self._nursery is not None
+            self._nursery.start_soon(self.pc.pump)
+            self._nursery.start_soon(self._resume_postcopy)
         elif isinstance(ev, p.Commit):
             # No fsync here: it would lengthen the downtime; files are made
             # durable before the migration is marked complete.
@@ -250,6 +327,8 @@ class DestSession:
         elif isinstance(ev, p.Digests):
             self.check_digests(ev)
         elif isinstance(ev, p.VerifyDone):
+            if self.pc is not None:
+                self.state["postcopy"] = self.pc.report
             await self._fsync_all()
             ok, detail = self.verdict()
             if ok:
@@ -257,11 +336,12 @@ class DestSession:
                 _write_state(self.mount, self.state)
             await ch.send(p.Verified(ok, self.mismatch_count, detail))
             if not ok:
-                raise MigrationError(f"verification failed: {detail}")
+                raise VerificationFailed(f"verification failed: {detail}")
 
 
 async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
-                    resume_cmd: str | None, lock: trio.Lock, io_timeout: float) -> bool:
+                    resume_cmd: str | None, lock: trio.Lock, io_timeout: float,
+                    spill: str | None = None) -> bool:
     """Handle one connection; True when a migration completed."""
     try:
         peer = "{}:{}".format(*stream.socket.getpeername()[:2])
@@ -273,7 +353,7 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
         await ch.aclose()
         return False
     async with lock:
-        session = DestSession(mount, ch, resume_cmd)
+        session = DestSession(mount, ch, resume_cmd, spill)
         try:
             state = await session.run(peer)
             log.info("migration %s complete: %d blocks written", state["migration"],
@@ -288,6 +368,15 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
             if not isinstance(exc, PeerAborted):
                 await ch.abort(msg)
+            if (session.pc is not None and session.pc.resumed.is_set()
+                    and not isinstance(exc, VerificationFailed)):
+                # After the resume the VM runs here: never roll back; finish what we can.
+                try:
+                    ok, text = await session.finish_without_source(msg)
+                except (MigrationError, OSError) as exc2:
+                    ok, text = False, f"{msg}; and completing from the spill failed: {exc2}"
+                print(f"migrator serve: migration from {peer}: {text}", flush=True)
+                return ok
             if session.state:
                 session.state.update(status="incomplete", error=msg)
                 try:
@@ -299,12 +388,14 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
             return False
         finally:
             session.close_files()
+            if session.pc is not None:
+                await session.pc.aclose()
             await ch.aclose()
 
 
 async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | None,
                 once: bool, io_timeout: float = IO_TIMEOUT,
-                task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
+                task_status: Any = trio.TASK_STATUS_IGNORED, spill: str | None = None) -> bool:
     """Accept migrations until cancelled; with `once`, one and return whether it completed."""
     lock = trio.Lock()
     try:
@@ -322,10 +413,12 @@ async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | 
             while True:
                 stream = await ln.accept()
                 if once:
-                    completed = await serve_one(stream, mount, key, resume_cmd, lock, io_timeout)
+                    completed = await serve_one(stream, mount, key, resume_cmd, lock, io_timeout,
+                                                spill)
                     nursery.cancel_scope.cancel()
                     return
-                nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock, io_timeout)
+                nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock, io_timeout,
+                                   spill)
 
     async with trio.open_nursery() as nursery:
         for ln in listeners:

@@ -84,6 +84,7 @@ class Verdict(enum.Enum):
 class Decision:
     verdict: Verdict
     reason: str
+    stalled: bool = False  # not converging: post-copy (--postcopy=auto) takes over here
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,12 @@ class RoundPlanner:
                                 f"downtime {expect:.1f} ms <= {p.downtime_ms:g} ms")
         if len(self.rounds) >= p.max_rounds:
             return Decision(p.on_stall, f"not converged after {len(self.rounds)} rounds "
-                            f"(max {p.max_rounds}); {pending_blocks} blocks still dirty")
+                            f"(max {p.max_rounds}); {pending_blocks} blocks still dirty",
+                            stalled=True)
         counts = [r.dirty_blocks for r in self.rounds] + [pending_blocks]
         k = p.stall_rounds
         if len(counts) > k and min(counts[-k:]) >= min(counts[:-k]):
             return Decision(p.on_stall, f"dirty set stopped shrinking for {k} rounds "
                             f"({pending_blocks} blocks dirty; the VM writes faster than the "
-                            "link moves data)")
+                            "link moves data)", stalled=True)
         return Decision(Verdict.CONTINUE, f"{pending_blocks} dirty blocks")

@@ -51,6 +51,21 @@ class MigrationReport:
     verify_s: float = 0.0
     source_vm: str = ""
     started_at: float = field(default_factory=time.time)
+    # post-copy (None/0 in a pure pre-copy migration)
+    postcopy_files: list[str] = field(default_factory=list)
+    postcopy_pages: int = 0  # memory pages left absent at switchover
+    postcopy_s: float | None = None  # Commit -> the destination has every page
+    resume_ms: float | None = None  # suspend -> running on the destination
+    spill_flushed_s: float | None = None  # Commit -> every page durable in the spill area
+    pages_spilled: int = 0
+    pages_via_spill: int = 0
+    pages_via_demand_fetch: int = 0
+    demand_faults: int = 0
+    demand_fault_p50_ms: float | None = None
+    demand_fault_p99_ms: float | None = None
+    slot_reuses: int = 0
+    generation_mismatches: int = 0
+    hash_mismatches: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,6 +114,13 @@ def print_summary(r: MigrationReport, console: Console) -> None:
         ("bandwidth", f"{r.mbps:.0f} MB/s"),
         ("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)"),
     ]
+    if r.postcopy_files:
+        rows.append(("post-copy", f"{r.postcopy_pages} pages of {', '.join(r.postcopy_files)} "
+                     f"in {r.postcopy_s if r.postcopy_s is not None else '-'} s: "
+                     f"{r.pages_via_spill} from the spill area, {r.pages_via_demand_fetch} "
+                     f"fetched; {r.demand_faults} faults, p50 {r.demand_fault_p50_ms} ms, p99 "
+                     f"{r.demand_fault_p99_ms} ms; {r.slot_reuses} slot reuses; "
+                     f"{r.generation_mismatches + r.hash_mismatches} slot reads refused"))
     if r.source_vm:
         rows.append(("source VM", r.source_vm))
     for k, v in rows:

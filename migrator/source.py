@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from blkfs.control import ControlClient, ControlError, flush_file
+from blkfs.spill import SpillArea, SpillError
 
 from . import protocol as p
 from .plan import (
@@ -40,6 +42,7 @@ from .plan import (
     initial_order,
     union_extents,
 )
+from .postcopy import SourcePostcopy, is_memory_file
 from .report import MigrationReport, RoundReport
 from .transport import IO_TIMEOUT, Channel, MigrationError, leaf, parse_hostport
 from .vm import AdapterError, VMAdapter
@@ -64,6 +67,11 @@ class MigrateOptions:
     stop_and_copy: bool = False  # suspend first, copy everything, resume
     static_first: bool = True  # False: initial copy in block order
     io_timeout: float = IO_TIMEOUT
+    postcopy: str = "off"  # off | on | auto (when pre-copy stops converging)
+    spill_dir: str | None = None
+    spill_slots: int = 1024
+    memory_files: list[str] | None = None  # post-copied files (default: by name, see postcopy)
+    spill_rate_mb_s: float | None = None  # cap on writes into the spill area
 
 
 class _Src:
@@ -94,6 +102,10 @@ class Source:
         self.phase = "connecting"
         self.round = 0
         self.pending = 0
+        self.use_postcopy = opts.postcopy == "on"
+        self.spill: SpillArea | None = None
+        self.memory_ids: set[int] = set()
+        self.pc: SourcePostcopy | None = None
 
     # -- helpers ----------------------------------------------------------------
 
@@ -217,6 +229,33 @@ class Source:
         for rel in rels:
             self._call("dirty", file=rel)  # exists, is a regular file, inside the mount
         self.files = [_Src(i, rel, info["backing"], self.opts.mount) for i, rel in enumerate(rels)]
+        if self.opts.postcopy != "off":
+            self._postcopy_setup(rels)
+
+    def _postcopy_setup(self, rels: list[str]) -> None:
+        """Which files are memory, and a fresh spill area, before anything is sent."""
+        mem = self.opts.memory_files
+        if mem:
+            mem_rels = {self._rel(m) for m in mem}
+            unknown = mem_rels - set(rels)
+            if unknown:
+                raise MigrationError(f"--memory {sorted(unknown)[0]} is not one of the migrated "
+                                     "files")
+        else:
+            mem_rels = {r for r in rels if is_memory_file(r)}
+            if not mem_rels:
+                raise MigrationError("--postcopy: no memory file among the migrated files; name "
+                                     "it with --memory FILE (disks always stay pre-copy)")
+        self.memory_ids = {f.file_id for f in self.files if f.rel in mem_rels}
+        self.report.postcopy_files = sorted(mem_rels)
+        path = self.opts.spill_dir
+        assert path is not None
+        try:
+            self.spill = SpillArea.create(path, str(uuid.uuid4()), self.block_size,
+                                          self.opts.spill_slots,
+                                          {f.file_id: f.rel for f in self.files})
+        except SpillError as exc:
+            raise MigrationError(str(exc)) from None
 
     async def _initial_copy(self, planner: RoundPlanner) -> None:
         assert self.ch is not None
@@ -258,6 +297,10 @@ class Source:
             self.pending = sum(c for exts in sets.values() for _, c in exts)
             decision = planner.decide(self.pending)
             self.report.expected_downtime_ms = round(planner.expected_downtime_ms(self.pending), 2)
+            if decision.stalled and self.opts.postcopy == "auto":
+                self.use_postcopy = True
+                self.report.switchover_reason = decision.reason + "; switching to post-copy"
+                return sets
             if decision.verdict is Verdict.SWITCHOVER:
                 self.report.switchover_reason = decision.reason
                 return sets
@@ -301,6 +344,9 @@ class Source:
                  for f in self.files}
         bd["swap"] = _ms(t)
         t = time.monotonic()
+        if self.use_postcopy:
+            await self._switchover_postcopy(union, t)
+            return
         blocks, _ = await self._send_sets(union)
         self.report.last_set_blocks = blocks
         await self.ch.send(p.Commit())
@@ -310,6 +356,60 @@ class Source:
         bd["destination_resume"] = _ms(t)
         self.switched = True
         self.report.downtime_ms = _ms(self.t_suspend)
+
+    async def _switchover_postcopy(self, union: dict[int, list[Extent]], t: float) -> None:
+        """Disks' last set now; memory pages stay absent and follow through the spill area."""
+        assert self.ch is not None and self.spill is not None
+        r = self.report
+        bd = r.downtime_breakdown_ms
+        disks = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
+        absent = {fid: e for fid, e in union.items() if fid in self.memory_ids and e}
+        blocks, _ = await self._send_sets(disks)
+        r.last_set_blocks = blocks
+        await self.ch.send(p.Postcopy(self.spill.migration, os.path.abspath(self.spill.path),
+                                      self.spill.nslots))
+        for fid, exts in absent.items():
+            for i in range(0, len(exts), p.MAX_ITEMS_PER_FRAME):
+                await self.ch.send(p.Absent(fid, tuple(exts[i:i + p.MAX_ITEMS_PER_FRAME])))
+        await self.ch.send(p.Commit())
+        bd["send_last_set"] = _ms(t)
+        t = time.monotonic()
+        by_id = {f.file_id: f for f in self.files}
+        pc = self.pc = SourcePostcopy(
+            self.ch, self.spill, self.spill.nslots, self.block_size,
+            {fid: by_id[fid].fd for fid in self.memory_ids},
+            {fid: by_id[fid].size for fid in self.memory_ids}, absent,
+            self.opts.spill_rate_mb_s * 1e6 if self.opts.spill_rate_mb_s else None)
+        r.postcopy_pages = pc.stats.pages
+        pc.on_flushed = lambda n: self.console.print(
+            f"migrator: spill flushed ({n} pages): the source may now go away")
+        self.phase = "post-copy"
+        async with trio.open_nursery() as nursery:
+            done: dict[str, Any] = {}
+
+            async def run_pc() -> None:
+                done.update(await pc.run())
+
+            nursery.start_soon(run_pc)
+            await pc.resumed.wait()
+            bd["destination_resume"] = _ms(t)
+            self.switched = True
+            r.downtime_ms = r.resume_ms = _ms(self.t_suspend)
+            self.console.print(f"migrator: resumed on the destination after {r.downtime_ms} ms; "
+                               f"post-copy of {pc.stats.pages} pages")
+            r.source_vm = self.adapter.finish()
+        st = pc.stats
+        r.postcopy_s = round(time.monotonic() - t, 3)
+        r.spill_flushed_s = st.spill_flushed_s
+        r.slot_reuses = st.slot_reuses
+        r.pages_spilled = st.spilled
+        r.pages_via_spill = done.get("pages_via_spill", 0)
+        r.pages_via_demand_fetch = done.get("pages_via_demand_fetch", 0)
+        r.demand_faults = done.get("demand_faults", 0)
+        r.demand_fault_p50_ms = done.get("demand_fault_p50_ms")
+        r.demand_fault_p99_ms = done.get("demand_fault_p99_ms")
+        r.generation_mismatches = done.get("generation_mismatches", 0)
+        r.hash_mismatches = done.get("hash_mismatches", 0)
 
     async def _verify(self) -> None:
         assert self.ch is not None
@@ -359,7 +459,8 @@ class Source:
             await self._initial_copy(planner)
             held = {} if self.opts.stop_and_copy else await self._rounds(planner)
             await self._switchover(held)
-            r.source_vm = self.adapter.finish()
+            if not r.source_vm:
+                r.source_vm = self.adapter.finish()
             await self._verify()
             r.status = "completed"
         except BaseException as exc:  # errors, Ctrl-C and cancellation alike
@@ -376,6 +477,8 @@ class Source:
                 await self.ch.aclose()
             for f in self.files:
                 os.close(f.fd)
+            if self.spill is not None:
+                self.spill.close()
             if self.client is not None:
                 self.client.close()
             if self.opts.report_path:

@@ -1,0 +1,240 @@
+"""Post-copy through the spill area, between two real blkfs mounts (invariant 4).
+
+The destination's "VM" is a reader that mmaps vm.mem through the destination mount as soon
+as the resume hook runs and reads every page: each page it sees must be the source's final
+page, whether the drain installed it from a spill slot or the read waited for a demand fetch.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Mount
+from .test_migrate import MIGRATOR, SIMVM, Server, digest, hosts, key, servers, state
+
+pytestmark = pytest.mark.mount
+__all__ = ["hosts", "key", "servers"]  # fixtures, re-exported for pytest
+
+BS = 65536
+READER = r"""
+import hashlib, json, mmap, os, sys, time
+path, out, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+fd = os.open(path, os.O_RDONLY)
+size = os.fstat(fd).st_size
+mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+pages = []
+for off in range(0, size, 65536):
+    pages.append(hashlib.sha256(mm[off:off + 65536]).hexdigest())
+    time.sleep(pause)
+json.dump(pages, open(out + ".tmp", "w")); os.rename(out + ".tmp", out)
+"""
+
+
+def block_hashes(path: Path) -> list[str]:
+    data = path.read_bytes()
+    return [hashlib.sha256(data[i:i + BS]).hexdigest() for i in range(0, len(data), BS)]
+
+
+@pytest.fixture
+def vm(hosts: tuple[Mount, Mount]) -> Iterator[subprocess.Popen[bytes]]:
+    """A simulated VM that dirties its memory faster than pre-copy likes."""
+    src, _ = hosts
+    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "8M", "--mem-size", "24M",
+                    "--unit", "65536"], check=True, capture_output=True)
+    proc = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "60", "--hot-fraction",
+                             "0.5"], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+class Migration:
+    """`migrator migrate --postcopy` in the background, its stderr read line by line."""
+
+    def __init__(self, src: Mount, port: int, key: Path, vm_pid: int, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to", f"127.0.0.1:{port}",
+             "--key-file", str(key), "--suspend", f"pid:{vm_pid}", "--postcopy", *args,
+             "disk.raw", "vm.mem"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no {text!r} from migrate: {''.join(self.lines)}")
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.lines) + out + err
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+
+def test_postcopy_reader_sees_only_final_pages(hosts: tuple[Mount, Mount], key: Path,
+                                                servers: list[Server], tmp_path: Path,
+                                                vm: subprocess.Popen[bytes]) -> None:
+    src, dst = hosts
+    seen, early = tmp_path / "seen.json", tmp_path / "early.bin"
+    # The hook reads the VM's first page synchronously (as QEMU reads RAM while loading its
+    # state, before it resumes), then starts the reader and returns.
+    hook = (f"head -c 4096 \"$MIGRATOR_MOUNT/vm.mem\" > {early} && "
+            f"{sys.executable} -c '{READER}' \"$MIGRATOR_MOUNT/vm.mem\" {seen} 0.004 "
+            f"</dev/null >/dev/null 2>&1 &")
+    s = Server(dst, key, "--resume-cmd", hook)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
+                  "--spill-slots", "8", "--spill-bandwidth", "8", "--report", str(report))
+    rc, out = m.finish()
+    assert rc == 0, out
+    assert vm.wait(timeout=10) == -signal.SIGKILL
+    rc, sout = s.finish()
+    assert rc == 0 and "complete and verified" in sout, sout
+    deadline = time.monotonic() + 30
+    while not seen.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    final = block_hashes(src.backing / "vm.mem")  # the source at the suspend point
+    assert json.loads(seen.read_text()) == final  # every page the reader saw was final
+    assert early.read_bytes() == (src.backing / "vm.mem").read_bytes()[:4096]
+    assert digest(dst.mnt / "vm.mem") == digest(src.mnt / "vm.mem")
+    assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
+    rep = json.loads(report.read_text())
+    assert rep["verified"] and rep["postcopy_pages"] > 8, rep
+    assert rep["pages_via_spill"] + rep["pages_via_demand_fetch"] == rep["postcopy_pages"]
+    assert rep["demand_faults"] > 0 and rep["pages_via_demand_fetch"] > 0
+    assert rep["demand_fault_p99_ms"] is not None and rep["resume_ms"] is not None
+    if rep["pages_spilled"] > 8:
+        assert rep["slot_reuses"] >= rep["pages_spilled"] - 8  # N=8 slots carried them all
+    for k in ("postcopy_s", "resume_ms", "demand_faults", "demand_fault_p50_ms",
+              "demand_fault_p99_ms", "pages_via_spill", "pages_via_demand_fetch",
+              "slot_reuses", "generation_mismatches"):
+        assert k in rep, k
+    st = state(dst)
+    assert st is not None and st["status"] == "complete"
+    chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
+    spill = subprocess.run([sys.executable, "-m", "blkfs.cli", "spill", str(dst.mnt), "--json"],
+                           capture_output=True, text=True, check=True)
+    info = json.loads(spill.stdout)
+    assert info["slots"] == 8 and info["in_use"] == 0 and info["postcopy"]["remaining"] == 0
+    assert sorted(os.listdir(dst.mnt / ".spill")) == ["headers", "manifest.json", "slots"]
+    with pytest.raises(OSError) as e:
+        (dst.mnt / ".spill" / "slots").write_bytes(b"x")
+    assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def stop_dest_on_resume() -> str:
+    """A resume hook that freezes `migrator serve` itself: nothing more reaches its daemon."""
+    return "kill -STOP $PPID"
+
+
+def test_source_killed_after_spill_flush_dest_completes(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        vm: subprocess.Popen[bytes]) -> None:
+    src, dst = hosts
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume())
+    servers.append(s)
+    m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
+                  "--spill-bandwidth", "50")
+    try:
+        m.wait_for("spill flushed")
+    finally:
+        m.kill9()  # kill -9 the source migrator: only the spill area is left
+        os.kill(s.proc.pid, signal.SIGCONT)
+    rc, out = s.finish(timeout=60)
+    assert rc == 0 and "completed from the spill area alone" in out, out
+    vm.kill()
+    vm.wait()
+    st = state(dst)
+    assert st is not None and st["status"] == "complete", st
+    assert digest(dst.mnt / "vm.mem") == digest(src.backing / "vm.mem")
+    assert digest(dst.mnt / "disk.raw") == digest(src.backing / "disk.raw")
+
+
+def test_source_killed_before_spill_flush_dest_names_missing(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        vm: subprocess.Popen[bytes]) -> None:
+    src, dst = hosts
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume())
+    servers.append(s)
+    # 2 slots and a frozen destination: the source cannot get every page into the spill.
+    m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
+                  "--spill-slots", "2")
+    time.sleep(2.0)
+    m.kill9()
+    os.kill(s.proc.pid, signal.SIGCONT)
+    rc, out = s.finish(timeout=60)
+    assert rc == 1 and "blocks missing: vm.mem block" in out, out
+    st = state(dst)
+    assert st is not None and st["status"] == "incomplete" and st["missing_count"] > 0, st
+    missing = [b for name, b in st["missing_blocks"] if name == "vm.mem"]
+    # Never zeros or stale bytes: a missing page is an error; everything else is served.
+    fd = os.open(dst.mnt / "vm.mem", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, missing[0] * BS)
+        assert e.value.errno == errno.EIO
+        present = next(b for b in range(24 * 16) if b not in set(missing))
+        assert os.pread(fd, 4096, present * BS) == \
+            (src.backing / "vm.mem").read_bytes()[present * BS:present * BS + 4096]
+    finally:
+        os.close(fd)
+    assert digest(dst.mnt / "disk.raw") == digest(src.backing / "disk.raw")
+    vm.kill()
+    vm.wait()
+
+
+def test_corrupted_spill_slot_is_refused_and_fetched(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        vm: subprocess.Popen[bytes]) -> None:
+    src, dst = hosts
+    spill = tmp_path / "spill"
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume())
+    servers.append(s)
+    report = tmp_path / "report.json"
+    m = Migration(src, s.port, key, vm.pid, "--spill", str(spill), "--spill-bandwidth", "50",
+                  "--report", str(report))
+    try:
+        m.wait_for("spill flushed")
+        manifest = json.loads((spill / "manifest.json").read_text())
+        fd = os.open(spill / "slots", os.O_RDWR)
+        try:  # flip a byte in every slot: the headers (and their hashes) stay as they were
+            for slot in range(manifest["slots"]):
+                b = os.pread(fd, 1, slot * BS + 100)
+                if b:
+                    os.pwrite(fd, bytes([b[0] ^ 0xFF]), slot * BS + 100)
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+    rc, out = m.finish()
+    assert rc == 0, out
+    rc, sout = s.finish()
+    assert rc == 0 and "complete and verified" in sout, sout
+    assert digest(dst.mnt / "vm.mem") == digest(src.mnt / "vm.mem")
+    rep = json.loads(report.read_text())
+    assert rep["hash_mismatches"] > 0 and rep["pages_via_demand_fetch"] > 0, rep
+    assert rep["pages_via_spill"] + rep["pages_via_demand_fetch"] == rep["postcopy_pages"]
