@@ -39,7 +39,8 @@ u64 generation of the writer) followed by the filler: a 64-byte BLAKE2b digest o
 (file_id, unit, version) repeated, minus its first 32 bytes.  A unit at version 0 is all zeros.
 
 Each write picks the disk or the memory region with probability proportional to their unit
-counts (so both get the same write rate per byte), then a unit: with probability ``hot_share``
+counts (so both get the same write rate per byte; ``--mem-share`` overrides it, e.g. for a VM
+that dirties RAM far more than its disk), then a unit: with probability ``hot_share``
 from the file's hot set (a fraction ``hot_fraction`` of its units, drawn from the seed),
 otherwise uniformly.  Order: header ``last_*``, data (memory: filler first, stamp last), ledger
 entry, header ``total_writes``.  A SIGSTOP can land anywhere in that order, so `check` accepts
@@ -386,6 +387,7 @@ def run(
     hot_fraction: float = 0.1,
     hot_share: float = 0.9,
     resume: bool = False,
+    mem_share: float | None = None,
 ) -> int:
     """Write until `seconds` pass (None: until SIGTERM/SIGINT); return the writes done.
 
@@ -397,6 +399,8 @@ def run(
         raise SimVMError(f"seconds {seconds} is not a positive number")
     if not 0 <= hot_fraction <= 1 or not 0 <= hot_share <= 1:
         raise SimVMError("hot fraction and hot share must be between 0 and 1")
+    if mem_share is not None and not 0 <= mem_share <= 1:
+        raise SimVMError("mem share must be between 0 and 1")
     d = Path(dir)
     mem_path, disk_path = d / mem_name, d / disk_name
     fds: list[int] = []
@@ -427,7 +431,8 @@ def run(
             if resume:
                 h = dataclasses.replace(h, total_writes=_recover(mm, disk_fd, h, gen))
             return _write_loop(
-                mm, disk_fd, h, gen, rate_mb_s, seconds, hot_fraction, hot_share, stop
+                mm, disk_fd, h, gen, rate_mb_s, seconds, hot_fraction, hot_share, stop,
+                mem_share,
             )
         finally:
             mm.flush()
@@ -512,6 +517,7 @@ def _write_loop(
     hot_fraction: float,
     hot_share: float,
     stop: list[bool],
+    mem_share: float | None = None,
 ) -> int:
     size = h.unit_size
     reps = size // 64
@@ -522,7 +528,7 @@ def _write_loop(
     )
     ledger_base = (PAGE, PAGE + 4 * h.disk_units)
     data_start = h.data_start
-    p_disk = h.disk_units / (h.disk_units + h.mem_units)
+    p_disk = h.disk_units / (h.disk_units + h.mem_units) if mem_share is None else 1 - mem_share
     rnd = random.Random(f"simvm-run:{h.seed}:{gen}").random
     blake2b = hashlib.blake2b
     key, stamp_pack, u32, u64, last = _FILL_KEY.pack, STAMP.pack, _U32.pack, _U64.pack, _LAST.pack
@@ -772,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hot-fraction", type=_number(0, 1, "between 0 and 1"), default=0.1)
     r.add_argument("--hot-share", type=_number(0, 1, "between 0 and 1"), default=0.9)
     r.add_argument("--resume", action="store_true", help="continue a VM that ran before")
+    r.add_argument("--mem-share", type=_number(0, 1, "between 0 and 1"), metavar="F",
+                   help="fraction of writes that go to memory (default: by size)")
 
     k = sub.add_parser("check", help="verify every unit of both files (exit 1 if not ok)")
     files(k)
@@ -810,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
                 hot_fraction=a.hot_fraction,
                 hot_share=a.hot_share,
                 resume=a.resume,
+                mem_share=a.mem_share,
             )
             h = read_header(a.dir, a.mem_name)
             print(f"{n} writes in {time.monotonic() - t0:.2f} s (generation {h.generation})")
