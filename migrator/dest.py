@@ -245,7 +245,8 @@ class DestSession:
         """The resume hook runs while the post-copy traffic flows (the VM reads absent pages
         while it starts)."""
         assert self.pc is not None
-        await self._resume()
+        with trio.CancelScope(shield=True):  # a lost source must not leave the hook half-run
+            await self._resume()
         self.pc.resumed.set()  # the VM runs here now, whatever happens to the source
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
         await self.ch.send(p.Resumed(ms))
@@ -282,8 +283,19 @@ class DestSession:
             if f is not None:
                 f.digests[b] = d
 
+    def _begin_lazy(self) -> None:
+        """Every Absent is in (they come right after Postcopy): turn lazy mode on while the
+        disks' last set still flows."""
+        assert self.pc is not None and self._nursery is not None
+        self.pc.begin_started = True
+        names = {fid: os.path.relpath(f.path, self.mount) for fid, f in self.files.items()}
+        self._nursery.start_soon(self.pc.begin, names)
+
     async def _handle(self, ev: Any) -> None:
         ch = self.ch
+        if (self.pc is not None and not self.pc.begin_started
+                and not isinstance(ev, (p.Postcopy, p.Absent))):
+            self._begin_lazy()
         if isinstance(ev, p.Blocks) and self.committed:
             assert self.pc is not None
             await self.pc.install(ev)  # a fetched block: into lazy mode, not through the mount
@@ -297,6 +309,8 @@ class DestSession:
         elif isinstance(ev, p.Postcopy):
             self.pc = DestPostcopy(self.mount, ch, ev, self.block_size, self.spill_override)
             self.pc.on_digests = self._merge_digests
+            assert self._nursery is not None
+            self._nursery.start_soon(self.pc.prepare)
         elif isinstance(ev, p.Absent):
             assert self.pc is not None
             self.pc.add_absent(ev)
@@ -313,8 +327,7 @@ class DestSession:
             self.t_switch = time.monotonic()
         elif isinstance(ev, p.Commit) and self.pc is not None:
             self.committed = True
-            names = {fid: os.path.relpath(f.path, self.mount) for fid, f in self.files.items()}
-            await self.pc.begin(names)  # before the VM can read anything
+            await self.pc.begun.wait()  # before the VM can read anything
             assert self._nursery is not None
             self._nursery.start_soon(self.pc.pump)
             self._nursery.start_soon(self._resume_postcopy)

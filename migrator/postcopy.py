@@ -266,6 +266,9 @@ class DestPostcopy:
         self.ctl: AsyncControl | None = None
         self.poll: AsyncControl | None = None
         self.started = False
+        self.begun = trio.Event()  # lazy mode is on in the daemon
+        self.begin_started = False
+        self._prepared = trio.Event()
         self.spill_usable = True
         self.spill_flushed = False
         self.resumed = trio.Event()
@@ -276,23 +279,33 @@ class DestPostcopy:
     def add_absent(self, ev: p.Absent) -> None:
         self.absent.setdefault(ev.file_id, []).extend(ev.extents)
 
+    async def prepare(self) -> None:
+        """What needs no absent map (connections, the spill check), while the last set flows."""
+        try:
+            try:
+                area = SpillArea.open(self.spill_path, self.announce.migration)
+                area.close()
+            except Exception as exc:  # SpillError, OSError: fetch everything instead
+                log.warning("spill area unusable (%s): every remaining page is fetched from "
+                            "the source", exc)
+                self.spill_usable = False
+            self.ctl = await AsyncControl.connect(self.mount)
+            self.poll = await AsyncControl.connect(self.mount)
+        finally:
+            self._prepared.set()
+
     async def begin(self, names: dict[int, str]) -> None:
         """Lazy mode on, before the VM resumes: from now on its reads of these blocks wait."""
-        try:
-            area = SpillArea.open(self.spill_path, self.announce.migration)
-            area.close()
-        except Exception as exc:  # SpillError, OSError: fetch everything instead
-            log.warning("spill area unusable (%s): every remaining page is fetched from the "
-                        "source", exc)
-            self.spill_usable = False
-        self.ctl = await AsyncControl.connect(self.mount)
-        self.poll = await AsyncControl.connect(self.mount)
+        await self._prepared.wait()
+        if self.ctl is None:
+            raise MigrationError("post-copy: the connection to the blkfs daemon failed")
         files = [{"file_id": fid, "file": names[fid], "extents": [list(e) for e in exts]}
                  for fid, exts in self.absent.items()]
         await self.ctl.call("lazy_begin", migration=self.announce.migration,
                             block_size=self.block_size,
                             spill=self.spill_path if self.spill_usable else None, files=files)
         self.started = True
+        self.begun.set()
 
     async def refs(self, ev: p.SpillRefs) -> None:
         assert self.ctl is not None

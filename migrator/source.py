@@ -364,13 +364,14 @@ class Source:
         bd = r.downtime_breakdown_ms
         disks = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
         absent = {fid: e for fid, e in union.items() if fid in self.memory_ids and e}
-        blocks, _ = await self._send_sets(disks)
-        r.last_set_blocks = blocks
+        # Absent first: the destination turns lazy mode on while the disks' last set flows.
         await self.ch.send(p.Postcopy(self.spill.migration, os.path.abspath(self.spill.path),
                                       self.spill.nslots))
         for fid, exts in absent.items():
             for i in range(0, len(exts), p.MAX_ITEMS_PER_FRAME):
                 await self.ch.send(p.Absent(fid, tuple(exts[i:i + p.MAX_ITEMS_PER_FRAME])))
+        blocks, _ = await self._send_sets(disks)
+        r.last_set_blocks = blocks
         await self.ch.send(p.Commit())
         bd["send_last_set"] = _ms(t)
         t = time.monotonic()

@@ -7,7 +7,15 @@ writes to a disk and a memory file for a warm-up period, then is migrated:
 
 * stop-and-copy — suspend, copy everything, resume (``--stop-and-copy``);
 * pre-copy in block order — no static-first ordering (``--no-static-first``);
-* ours — static blocks coldest first, dirty rounds, switchover.
+* ours — static blocks coldest first, dirty rounds, switchover;
+* post-copy — the same, but the memory pages of the last set stay absent on the
+  destination and follow through a spill area while the VM already runs there.
+
+A second workload, "hot memory", writes memory faster than the link (``--bandwidth``)
+so that pre-copy cannot converge: pre-copy with ``--on-stall abort`` gives up,
+``--postcopy=auto`` switches to post-copy and completes.  In the post-copy runs the VM
+resumes on the destination (``simvm run --resume``) and faults its memory in while the
+drain runs.
 
 Also measured: an idle ``cp`` of the same files from the source mount to the
 destination mount (both through FUSE, VM not running). Every migration is
@@ -15,6 +23,7 @@ verified by the migrator and checked against the VM's own ledger.
 
     .venv/bin/python scripts/bench_migrate.py            # 1 GiB disk + 256 MiB memory
     .venv/bin/python scripts/bench_migrate.py --quick    # 256 MiB + 64 MiB, shorter warm-up
+    .venv/bin/python scripts/bench_migrate.py --only-postcopy   # post-copy rows only
 """
 
 from __future__ import annotations
@@ -80,19 +89,30 @@ def idle_cp(a: argparse.Namespace, root: Path) -> float:
         return time.monotonic() - t
 
 
-def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str]) -> dict[str, Any]:
+def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
+             write_rate: float | None = None, hot_fraction: float = 0.1,
+             bandwidth: float | None = None, dest_vm: bool = False,
+             may_fail: bool = False) -> dict[str, Any]:
     key = root / "key"
     key.write_text(os.urandom(32).hex())
     key.chmod(0o600)
+    rate = (write_rate or a.write_rate) / 1.048576
+    pidfile = root / "dest-vm.pid"
+    extra: list[str] = []
+    if dest_vm:  # the VM runs on the destination right away and faults its memory in
+        extra = ["--resume-cmd", f"{PY} -m migrator.simvm run \"$MIGRATOR_MOUNT\" --resume "
+                 f"--rate {rate:.3f} --hot-fraction {hot_fraction} --seconds 3 "
+                 f">/dev/null 2>&1 & echo $! > {pidfile}"]
+        flags = [*flags, "--spill", str(root / "spill")]
     with Hosts(root) as h:
         sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
            "--mem-size", a.mem_size, "--unit", str(UNIT))
         vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(h.src), "--rate",
-                               str(a.write_rate / 1.048576), "--hot-fraction", "0.1",
+                               str(rate), "--hot-fraction", str(hot_fraction),
                                "--hot-share", "0.9"], stdout=subprocess.DEVNULL)
         serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(h.dst),
-                                  "--listen", "127.0.0.1:0", "--key-file", str(key), "--once"],
-                                 stdout=subprocess.PIPE, text=True)
+                                  "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
+                                  *extra], stdout=subprocess.PIPE, text=True)
         try:
             assert serve.stdout is not None
             port = re.search(r":(\d+),", serve.stdout.readline())
@@ -103,16 +123,25 @@ def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str]) -> 
             cmd = [PY, "-m", "migrator.cli", "migrate", "--mount", str(h.src), "--to",
                    f"127.0.0.1:{port.group(1)}", "--key-file", str(key), "--suspend",
                    f"pid:{vm.pid}", "--report", str(report), *flags, "disk.raw", "vm.mem"]
-            if a.bandwidth:
-                cmd += ["--bandwidth", str(a.bandwidth)]
+            bw = bandwidth or a.bandwidth
+            if bw:
+                cmd += ["--bandwidth", str(bw)]
             r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
+            if r.returncode != 0 and not may_fail:
                 raise SystemExit(f"{name}: migration failed: {r.stderr.strip()[-300:]}")
+            rep = json.loads(report.read_text())
+            if r.returncode != 0:
+                rep["ledger_check"] = False
+                return rep
             serve.communicate(timeout=60)
             vm.wait(timeout=10)
+            if pidfile.exists():  # let the destination VM finish before checking it
+                pid = int(pidfile.read_text())
+                deadline = time.monotonic() + 30
+                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                    time.sleep(0.1)
             chk = subprocess.run([PY, "-m", "migrator.simvm", "check", str(h.dst)],
                                  capture_output=True, text=True)
-            rep = json.loads(report.read_text())
             rep["ledger_check"] = chk.returncode == 0
             return rep
         finally:
@@ -132,48 +161,106 @@ def main() -> int:
     ap.add_argument("--bandwidth", type=float, metavar="MB/s", help="cap the link")
     ap.add_argument("--json", default="reports/bench_migrate.json")
     ap.add_argument("--quick", action="store_true", help="256M + 64M, 2 s warm-up")
+    ap.add_argument("--hot-rate", type=float, default=80.0, metavar="MB/s",
+                    help="hot-memory workload: VM write rate (default 80)")
+    ap.add_argument("--hot-bandwidth", type=float, default=40.0, metavar="MB/s",
+                    help="hot-memory workload: link cap (default 40)")
+    ap.add_argument("--only-postcopy", action="store_true", help="only the post-copy rows")
     a = ap.parse_args()
     if a.quick:
         a.disk_size, a.mem_size, a.warmup = "256M", "64M", 2.0
     results: dict[str, Any] = {"params": vars(a)}
-    scenarios = [("stop-and-copy", ["--stop-and-copy"]),
-                 ("pre-copy, block order", ["--no-static-first"]),
-                 ("ours (static first)", [])]
+    scenarios: list[tuple[str, list[str], dict[str, Any]]] = [
+        ("stop-and-copy", ["--stop-and-copy"], {}),
+        ("pre-copy, block order", ["--no-static-first"], {}),
+        ("ours (static first)", [], {}),
+        ("ours + post-copy", ["--postcopy"], {"dest_vm": True}),
+    ]
+    hot = {"write_rate": a.hot_rate, "hot_fraction": 0.5, "bandwidth": a.hot_bandwidth,
+           "may_fail": True}
+    hot_scenarios: list[tuple[str, list[str], dict[str, Any]]] = [
+        ("hot memory: pre-copy", ["--on-stall", "abort"], hot),
+        ("hot memory: --postcopy=auto", ["--postcopy=auto"], {**hot, "dest_vm": True}),
+    ]
+    if a.only_postcopy:
+        scenarios = scenarios[3:]
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
-        console.print(f"idle cp of {a.disk_size} + {a.mem_size} between the two mounts ...")
-        (Path(tmp) / "cp").mkdir()
-        results["idle_cp_s"] = round(idle_cp(a, Path(tmp) / "cp"), 3)
-        for name, flags in scenarios:
+        if not a.only_postcopy:
+            console.print(f"idle cp of {a.disk_size} + {a.mem_size} between the two mounts ...")
+            (Path(tmp) / "cp").mkdir()
+            results["idle_cp_s"] = round(idle_cp(a, Path(tmp) / "cp"), 3)
+        for name, flags, kw in scenarios + hot_scenarios:
             console.print(f"{name} ...")
             root = Path(tmp) / re.sub(r"\W+", "-", name)
             root.mkdir()
-            results[name] = scenario(a, root, name, flags)
+            results[name] = scenario(a, root, name, flags, **kw)
             shutil.rmtree(root, ignore_errors=True)
     t = Table(title=f"live migration, {a.disk_size} disk + {a.mem_size} memory, VM writing "
               f"{a.write_rate:g} MB/s (90 % on 10 % of the blocks)")
     for col in ("scenario", "total s", "downtime ms", "sent / data", "rounds", "verified"):
         t.add_column(col, justify="left" if col == "scenario" else "right")
-    for name, _ in scenarios:
+    for name, _, _ in scenarios:
         r = results[name]
         t.add_row(name, f"{r['total_s']:.2f}", f"{r['downtime_ms']:.1f}",
                   f"{r['bytes_sent'] / r['data_bytes']:.3f}", str(len(r["rounds"])),
                   "yes" if r["verified"] and r["ledger_check"] else "NO")
-    t.add_row("idle cp (mount to mount)", f"{results['idle_cp_s']:.2f}", "-", "1.000", "-", "-")
+    if "idle_cp_s" in results:
+        t.add_row("idle cp (mount to mount)", f"{results['idle_cp_s']:.2f}", "-", "1.000", "-",
+                  "-")
     console.print(t)
-    ours, sac = results["ours (static first)"], results["stop-and-copy"]
-    targets = {
-        "downtime <= 50 ms": ours["downtime_ms"] <= 50,
-        "downtime >= 50x shorter than stop-and-copy":
-            sac["downtime_ms"] >= 50 * ours["downtime_ms"],
-        "bytes sent <= 1.15 x data": ours["bytes_sent"] <= 1.15 * ours["data_bytes"],
-        "total <= 1.5 x idle cp": ours["total_s"] <= 1.5 * results["idle_cp_s"],
-    }
+    pt = Table(title="post-copy (VM resumed on the destination at once, faulting memory in)")
+    for col in ("scenario", "status", "total s", "downtime ms", "rounds", "post-copy s",
+                "pages", "via spill", "fetched", "faults", "p50 ms", "p99 ms", "slot reuses",
+                "refused"):
+        pt.add_column(col, justify="left" if col in ("scenario", "status") else "right")
+    for name, _, _ in [s for s in scenarios if "post-copy" in s[0]] + hot_scenarios:
+        r = results[name]
+        status = r["status"] if r["status"] != "completed" else (
+            "verified" if r["verified"] and r["ledger_check"] else "NOT VERIFIED")
+        if r["status"] != "completed":
+            status = f"gave up: {(r.get('error') or '')[:60]}"
+        pc = bool(r.get("postcopy_s") is not None)
+        pt.add_row(name, status, f"{r['total_s']:.2f}",
+                   "-" if r["downtime_ms"] is None else f"{r['downtime_ms']:.1f}",
+                   str(len(r["rounds"])),
+                   f"{r['postcopy_s']:.2f}" if pc else "-",
+                   str(r["postcopy_pages"]) if pc else "-",
+                   str(r["pages_via_spill"]) if pc else "-",
+                   str(r["pages_via_demand_fetch"]) if pc else "-",
+                   str(r["demand_faults"]) if pc else "-",
+                   f"{r['demand_fault_p50_ms']:.2f}" if pc else "-",
+                   f"{r['demand_fault_p99_ms']:.2f}" if pc else "-",
+                   str(r["slot_reuses"]) if pc else "-",
+                   str(r["generation_mismatches"] + r["hash_mismatches"]) if pc else "-")
+    console.print(pt)
+    targets = {}
+    if not a.only_postcopy:
+        ours, sac = results["ours (static first)"], results["stop-and-copy"]
+        targets = {
+            "downtime <= 50 ms": ours["downtime_ms"] <= 50,
+            "downtime >= 50x shorter than stop-and-copy":
+                sac["downtime_ms"] >= 50 * ours["downtime_ms"],
+            "bytes sent <= 1.15 x data": ours["bytes_sent"] <= 1.15 * ours["data_bytes"],
+            "total <= 1.5 x idle cp": ours["total_s"] <= 1.5 * results["idle_cp_s"],
+        }
+    pcr, hp, ha = (results["ours + post-copy"], results["hot memory: pre-copy"],
+                   results["hot memory: --postcopy=auto"])
+    targets.update({
+        "post-copy: resume <= 20 ms after suspend": all(
+            r.get("resume_ms") is not None and r["resume_ms"] <= 20 for r in (pcr, ha)),
+        "post-copy: demand-fault p99 <= 5 ms": all(
+            (r.get("demand_fault_p99_ms") or 0) <= 5 for r in (pcr, ha)),
+        "hot memory: pre-copy gives up, post-copy completes":
+            hp["status"] != "completed" and ha["status"] == "completed" and ha["verified"]
+            and ha["ledger_check"],
+    })
     results["targets"] = targets
     for k, ok in targets.items():
         console.print(f"  {'[green]met[/]' if ok else '[red]MISSED[/]'}  {k}")
-    ratio = sac["downtime_ms"] / ours["downtime_ms"]
-    console.print(f"  stop-and-copy downtime / ours: {ratio:.0f}x; "
-                  f"total / idle cp: {ours['total_s'] / results['idle_cp_s']:.2f}x")
+    if not a.only_postcopy:
+        ratio = sac["downtime_ms"] / ours["downtime_ms"]
+        console.print(f"  stop-and-copy downtime / ours: {ratio:.0f}x; "
+                      f"total / idle cp: {ours['total_s'] / results['idle_cp_s']:.2f}x")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
     console.print(f"JSON: {a.json}")
