@@ -195,7 +195,8 @@ COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("MIGRATOR_LOG", "WARNING").upper(),
+                        format="%(name)s: %(message)s")
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)

@@ -138,7 +138,7 @@ class DestSession:
         _write_state(self.mount, self.state)  # before any file is touched
         for f, path in zip(man.files, targets, strict=True):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_DIRECT, 0o600)
             os.ftruncate(fd, f.size)
             self.files[f.file_id] = _File(f, path, fd, f.size)
 
@@ -245,8 +245,10 @@ class DestSession:
         """The resume hook runs while the post-copy traffic flows (the VM reads absent pages
         while it starts)."""
         assert self.pc is not None
+        t = time.monotonic()
         with trio.CancelScope(shield=True):  # a lost source must not leave the hook half-run
             await self._resume()
+        log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
         self.pc.resumed.set()  # the VM runs here now, whatever happens to the source
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
         await self.ch.send(p.Resumed(ms))
@@ -327,7 +329,10 @@ class DestSession:
             self.t_switch = time.monotonic()
         elif isinstance(ev, p.Commit) and self.pc is not None:
             self.committed = True
+            t = time.monotonic()
             await self.pc.begun.wait()  # before the VM can read anything
+            log.info("commit %.1f ms after switchover; lazy mode on after %.1f ms more",
+                     (t - (self.t_switch or t)) * 1000, (time.monotonic() - t) * 1000)
             assert self._nursery is not None
             self._nursery.start_soon(self.pc.pump)
             self._nursery.start_soon(self._resume_postcopy)

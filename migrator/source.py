@@ -294,7 +294,10 @@ class Source:
             await self._flush()
             sets = self._swap()
             self.report.dirty_sync_count += 1
-            self.pending = sum(c for exts in sets.values() for _, c in exts)
+            self.pending = sum(c for fid, exts in sets.items() for _, c in exts
+                               if not (self.use_postcopy and fid in self.memory_ids))
+            # With post-copy on, memory pages are not copied in the downtime: only the
+            # disks' dirty set decides when to switch over.
             decision = planner.decide(self.pending)
             self.report.expected_downtime_ms = round(planner.expected_downtime_ms(self.pending), 2)
             if decision.stalled and self.opts.postcopy == "auto":

@@ -92,16 +92,18 @@ def idle_cp(a: argparse.Namespace, root: Path) -> float:
 def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
              write_rate: float | None = None, hot_fraction: float = 0.1,
              bandwidth: float | None = None, dest_vm: bool = False,
-             may_fail: bool = False) -> dict[str, Any]:
+             may_fail: bool = False, mem_share: float | None = None) -> dict[str, Any]:
     key = root / "key"
     key.write_text(os.urandom(32).hex())
     key.chmod(0o600)
     rate = (write_rate or a.write_rate) / 1.048576
     pidfile = root / "dest-vm.pid"
+    share = ["--mem-share", str(mem_share)] if mem_share is not None else []
     extra: list[str] = []
     if dest_vm:  # the VM runs on the destination right away and faults its memory in
         extra = ["--resume-cmd", f"{PY} -m migrator.simvm run \"$MIGRATOR_MOUNT\" --resume "
-                 f"--rate {rate:.3f} --hot-fraction {hot_fraction} --seconds 3 "
+                 f"--rate {rate:.3f} --hot-fraction {hot_fraction} {' '.join(share)} "
+                 "--seconds 3 "
                  f">/dev/null 2>&1 & echo $! > {pidfile}"]
         flags = [*flags, "--spill", str(root / "spill")]
     with Hosts(root) as h:
@@ -109,7 +111,7 @@ def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
            "--mem-size", a.mem_size, "--unit", str(UNIT))
         vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(h.src), "--rate",
                                str(rate), "--hot-fraction", str(hot_fraction),
-                               "--hot-share", "0.9"], stdout=subprocess.DEVNULL)
+                               "--hot-share", "0.9", *share], stdout=subprocess.DEVNULL)
         serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(h.dst),
                                   "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
                                   *extra], stdout=subprocess.PIPE, text=True)
@@ -177,7 +179,7 @@ def main() -> int:
         ("ours + post-copy", ["--postcopy"], {"dest_vm": True}),
     ]
     hot = {"write_rate": a.hot_rate, "hot_fraction": 0.5, "bandwidth": a.hot_bandwidth,
-           "may_fail": True}
+           "may_fail": True, "mem_share": 0.95}
     hot_scenarios: list[tuple[str, list[str], dict[str, Any]]] = [
         ("hot memory: pre-copy", ["--on-stall", "abort"], hot),
         ("hot memory: --postcopy=auto", ["--postcopy=auto"], {**hot, "dest_vm": True}),

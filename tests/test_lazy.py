@@ -1,0 +1,157 @@
+"""Lazy mode of the destination daemon, in process (trio, real files, no FUSE mount)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from pyfuse3 import FUSEError
+
+from blkfs.absent import AbsentMap
+from blkfs.lazy import LazyFile, Postcopy
+from blkfs.spill import SlotAllocator, SpillArea
+
+BS = 4096
+NBLOCKS = 8
+
+
+def final(b: int) -> bytes:
+    return bytes([b + 1]) * BS
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Postcopy, LazyFile, SpillArea, SlotAllocator]:
+    path = tmp_path / "vm.mem"
+    path.write_bytes(b"\xee" * BS * NBLOCKS)  # stale content: never to be served
+    area = SpillArea.create(str(tmp_path / "spill"), "m1", BS, 4, {0: "vm.mem"})
+    pc = Postcopy("m1", BS, SpillArea.open(str(tmp_path / "spill"), "m1"))
+    fd = os.open(path, os.O_RDWR)
+    lf = LazyFile(0, "vm.mem", (0, 0), 0, fd, AbsentMap(NBLOCKS, 12, [(2, 4)]), BS * NBLOCKS)
+    pc.add_file(lf)
+    return pc, lf, area, SlotAllocator(4)
+
+
+async def wanted(pc: Postcopy) -> list[list[int]]:
+    """The next non-empty list of wanted blocks (news may also be frees)."""
+    while True:
+        news = await pc.wait_news(1.0)
+        if news["wanted"]:
+            return news["wanted"]
+
+
+def content(lf: LazyFile, b: int) -> bytes:
+    return os.pread(lf.fd, BS, b * BS)
+
+
+async def test_read_of_absent_block_waits_for_the_fetch(setup) -> None:
+    pc, lf, _area, _ = setup
+    await pc.ensure(lf, 0, 2 * BS)  # present blocks: no wait
+    assert pc.stats["demand_faults"] == 0
+    done = trio.Event()
+
+    async def reader() -> None:
+        await pc.ensure(lf, 2 * BS + 100, 10)
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        assert await wanted(pc) == [[0, 2]] and not done.is_set()
+        assert pc.install_fetched(0, 2, final(2)) == 1
+        await done.wait()
+    assert content(lf, 2) == final(2) and pc.stats["pages_via_demand_fetch"] == 1
+    assert pc.install_fetched(0, 2, b"\0" * BS) == 0  # a late duplicate changes nothing
+    assert content(lf, 2) == final(2)
+
+
+async def test_spill_slot_served_when_generation_and_hash_match(setup) -> None:
+    pc, lf, area, alloc = setup
+    ref = alloc.allocate()
+    assert ref is not None
+    area.put(ref, 0, 3, final(3))
+    pc.add_refs([(0, 3, ref.slot, ref.generation)])
+    await pc.ensure(lf, 3 * BS, BS)
+    assert content(lf, 3) == final(3) and pc.stats["pages_via_spill"] == 1
+    assert pc.take_news()["freed"] == [[ref.slot, ref.generation]]
+
+
+async def test_reused_slot_is_refused_and_fetched(setup) -> None:
+    pc, lf, area, alloc = setup
+    old = alloc.allocate()
+    assert old is not None
+    area.put(old, 0, 4, final(4))
+    assert alloc.release(old)  # (as if installed elsewhere) and reused for another page
+    while (new := alloc.allocate()) is not None and new.slot != old.slot:
+        pass
+    assert new is not None
+    area.put(new, 0, 5, final(5))
+    pc.add_refs([(0, 4, old.slot, old.generation)])  # a late, stale ref
+    async with trio.open_nursery() as n:
+        n.start_soon(pc.ensure, lf, 4 * BS, BS)
+        assert await wanted(pc) == [[0, 4]]
+        pc.install_fetched(0, 4, final(4))
+    assert content(lf, 4) == final(4)
+    assert pc.stats["generation_mismatches"] == 1 and pc.stats["pages_via_spill"] == 0
+
+
+async def test_corrupted_slot_is_refused(setup, tmp_path: Path) -> None:
+    pc, lf, area, alloc = setup
+    ref = alloc.allocate()
+    assert ref is not None
+    area.put(ref, 0, 2, final(2))
+    fd = os.open(tmp_path / "spill" / "slots", os.O_RDWR)
+    os.pwrite(fd, b"\x00", ref.slot * BS + 7)
+    os.close(fd)
+    pc.add_refs([(0, 2, ref.slot, ref.generation)])
+    await pc.drain_queue()
+    assert lf.absent.is_absent(2) and pc.stats["hash_mismatches"] == 1
+    assert pc.take_news()["wanted"] == [[0, 2]]
+    assert content(lf, 2) == b"\xee" * BS  # nothing was installed from the bad slot
+
+
+async def test_write_to_absent_block_installs_it_first(setup) -> None:
+    """A partial write must land on the block's final content, never on the stale bytes."""
+    pc, lf, area, alloc = setup
+    ref = alloc.allocate()
+    assert ref is not None
+    area.put(ref, 0, 5, final(5))
+    pc.add_refs([(0, 5, ref.slot, ref.generation)])
+    await pc.ensure(lf, 5 * BS + 10, 3)  # what fs.write does before its pwrite
+    os.pwrite(lf.fd, b"abc", 5 * BS + 10)
+    want = bytearray(final(5))
+    want[10:13] = b"abc"
+    assert content(lf, 5) == bytes(want)
+    pc.install_fetched(0, 5, final(5))  # a fetch reply that crossed: must not clobber it
+    assert content(lf, 5) == bytes(want)
+
+
+async def test_source_lost_completes_from_spill_headers_or_names_missing(setup) -> None:
+    pc, lf, area, alloc = setup
+    for b in (2, 3, 4):  # in the spill, but the destination was never told where
+        ref = alloc.allocate()
+        assert ref is not None
+        area.put(ref, 0, b, final(b))
+    area.flush()
+    out = await pc.lose_source()
+    assert out["found_in_spill"] == 3 and out["missing"] == [["vm.mem", 5]]
+    for b in (2, 3, 4):
+        assert content(lf, b) == final(b)
+    with pytest.raises(FUSEError) as e:
+        await pc.ensure(lf, 5 * BS, 1)
+    assert e.value.errno == errno.EIO
+    await pc.ensure(lf, 0, 5 * BS)  # everything else is served
+
+
+async def test_report_counts_faults(setup) -> None:
+    pc, lf, _, _ = setup
+    async with trio.open_nursery() as n:
+        n.start_soon(pc.ensure, lf, 2 * BS, 4 * BS)
+        assert sorted(await wanted(pc)) == [[0, 2], [0, 3], [0, 4], [0, 5]]  # one request
+        for b in range(2, 6):
+            pc.install_fetched(0, b, final(b))
+    r = pc.report()
+    assert r["demand_faults"] == 1 and r["remaining"] == 0 and pc.done
+    assert r["demand_fault_p99_ms"] >= r["demand_fault_p50_ms"] >= 0
+    assert sorted(pc.digests())[0][:2] == [0, 2]
