@@ -287,17 +287,23 @@ class Source:
         planner.record_transfer(n1 + n2, self.report.initial_copy_s)
 
     async def _rounds(self, planner: RoundPlanner) -> dict[int, list[Extent]]:
-        """Iterate until the planner says switch over; returns the swapped set held back."""
+        """Iterate until the planner says switch over; returns the swapped set held back.
+
+        With post-copy on, memory is not sent in rounds: whatever of it is dirtied goes
+        post-copy anyway, so the rounds carry the disks alone, stay short, and their dirty
+        set alone decides when to switch over.  Memory's dirty sets accumulate meanwhile.
+        """
         assert self.ch is not None
+        backlog: dict[int, list[Extent]] = {}  # memory dirtied in rounds, held for post-copy
         while True:
             self.phase = "dirty rounds"
             await self._flush()
             sets = self._swap()
             self.report.dirty_sync_count += 1
-            self.pending = sum(c for fid, exts in sets.items() for _, c in exts
-                               if not (self.use_postcopy and fid in self.memory_ids))
-            # With post-copy on, memory pages are not copied in the downtime: only the
-            # disks' dirty set decides when to switch over.
+            if self.use_postcopy:
+                for fid in self.memory_ids:
+                    backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
+            self.pending = sum(c for exts in sets.values() for _, c in exts)
             decision = planner.decide(self.pending)
             self.report.expected_downtime_ms = round(planner.expected_downtime_ms(self.pending), 2)
             if decision.stalled and self.opts.postcopy == "auto":
@@ -306,7 +312,7 @@ class Source:
                 return sets
             if decision.verdict is Verdict.SWITCHOVER:
                 self.report.switchover_reason = decision.reason
-                return sets
+                return {**sets, **backlog}
             if decision.verdict is Verdict.ABORT:
                 raise MigrationError(f"{decision.reason}: aborting as asked (--on-stall abort)")
             self.round += 1

@@ -177,15 +177,18 @@ def main() -> int:
         ("pre-copy, block order", ["--no-static-first"], {}),
         ("ours (static first)", [], {}),
         ("ours + post-copy", ["--postcopy"], {"dest_vm": True}),
+        ("ours + post-copy, spill at 100 MB/s", ["--postcopy", "--spill-bandwidth", "100"],
+         {"dest_vm": True}),
     ]
     hot = {"write_rate": a.hot_rate, "hot_fraction": 0.5, "bandwidth": a.hot_bandwidth,
            "may_fail": True, "mem_share": 0.95}
     hot_scenarios: list[tuple[str, list[str], dict[str, Any]]] = [
         ("hot memory: pre-copy", ["--on-stall", "abort"], hot),
-        ("hot memory: --postcopy=auto", ["--postcopy=auto"], {**hot, "dest_vm": True}),
+        ("hot memory: --postcopy=auto", ["--postcopy=auto", "--spill-bandwidth", "100"],
+         {**hot, "dest_vm": True}),
     ]
     if a.only_postcopy:
-        scenarios = scenarios[3:]
+        scenarios = [x for x in scenarios if "post-copy" in x[0]]
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         if not a.only_postcopy:
             console.print(f"idle cp of {a.disk_size} + {a.mem_size} between the two mounts ...")
