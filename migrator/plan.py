@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from blkfs.bitmap import extents, from_extents
 
@@ -96,6 +96,8 @@ class Policy:
     max_rounds: int = 30
     stall_rounds: int = 3
     on_stall: Verdict = Verdict.SWITCHOVER
+    # Once memory goes post-copy, only the disks' last set is in the downtime: aim lower.
+    postcopy_downtime_ms: float = 20.0
 
     def __post_init__(self) -> None:
         if self.threshold_blocks is not None and self.threshold_blocks < 0:
@@ -125,6 +127,14 @@ class RoundPlanner:
     rounds: list[RoundStats] = field(default_factory=list)
     _sent: int = 0
     _busy: float = 0.0
+
+    def enter_postcopy(self) -> None:
+        """From now on the pending sets are the disks' only: their own target, a fresh count
+        of rounds (stall detection starts over), the bandwidth measured so far kept."""
+        if self.policy.threshold_blocks is None:
+            self.policy = replace(self.policy, downtime_ms=min(
+                self.policy.downtime_ms, self.policy.postcopy_downtime_ms))
+        self.rounds = []
 
     def record_transfer(self, nbytes: int, seconds: float) -> None:
         """Account bytes moved (initial copy included) for the bandwidth estimate."""

@@ -99,3 +99,18 @@ def test_union_extents() -> None:
     assert union_extents([(0, 2), (10, 1)], [(1, 3), (11, 2)]) == [(0, 4), (10, 3)]
     assert union_extents([], []) == []
     assert union_extents([(5, 1)], []) == [(5, 1)]
+
+
+def test_entering_postcopy_aims_lower_and_restarts_stall_detection() -> None:
+    from migrator.plan import Policy, RoundPlanner, RoundStats, Verdict
+
+    pl = RoundPlanner(Policy(downtime_ms=50, stall_rounds=1), 65536)
+    pl.record_transfer(100 * 65536, 1.0)  # 100 blocks/s: 10 ms per block
+    pl.record_round(RoundStats(1, 10, 10 * 65536, 0.1))
+    assert pl.decide(4).verdict is Verdict.SWITCHOVER  # 40 ms <= 50
+    assert pl.decide(12).stalled
+    pl.enter_postcopy()
+    assert pl.rounds == [] and pl.bandwidth > 0
+    d = pl.decide(4)  # 40 ms > 20: another disk round
+    assert d.verdict is Verdict.CONTINUE and not d.stalled
+    assert pl.decide(1).verdict is Verdict.SWITCHOVER
