@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume-cmd", metavar="CMD",
                    help="shell command that starts the VM on the destination at switchover "
                    "(env MIGRATOR_MOUNT is the mount); the downtime ends when it returns")
+    s.add_argument("--resume", metavar="qemu:CMDLINE_FILE|QMP_SOCKET",
+                   help="resume a QEMU guest at switchover: start QEMU from the command line "
+                   "in CMDLINE_FILE ($MIGRATOR_MOUNT expanded; -incoming defer and a QMP "
+                   "socket are added) as soon as the files exist, or use the QEMU already "
+                   "waiting on QMP_SOCKET; it loads the device state the source sends, then "
+                   "cont")
     s.add_argument("--once", action="store_true",
                    help="exit after one migration (status 0 only if it completed)")
     s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
@@ -60,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="switch over once a round leaves at most N dirty blocks")
     g.add_argument("--downtime-ms", type=positive, metavar="MS",
                    help="switch over once the dirty set fits in MS at the measured bandwidth "
-                   "(default 50)")
+                   "(default 50; 20 for the disks' set once memory goes post-copy)")
     m.add_argument("--max-rounds", type=count, default=30, metavar="R",
                    help="give up iterating after R rounds (default 30)")
     m.add_argument("--on-stall", choices=("switchover", "abort"), default="switchover",
@@ -69,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--static-heat", type=float, metavar="H",
                    help="blocks with heat <= H are static (default: the mount's)")
     m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
-                   help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT' or freeze (default)")
+                   help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET or "
+                   "freeze (default)")
     m.add_argument("--report", metavar="PATH", help="write the JSON report here")
     m.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer takes or sends nothing for S seconds (default 60)")
@@ -116,6 +124,7 @@ def _policy(a: argparse.Namespace) -> Policy:
         raise MigrationError("--max-rounds must be at least 1")
     return Policy(threshold_blocks=a.threshold_blocks,
                   downtime_ms=a.downtime_ms if a.downtime_ms else 50.0,
+                  postcopy_downtime_ms=a.downtime_ms if a.downtime_ms else 20.0,
                   max_rounds=a.max_rounds,
                   on_stall=Verdict.SWITCHOVER if a.on_stall == "switchover" else Verdict.ABORT)
 
@@ -132,8 +141,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
     host, port = parse_hostport(a.listen, listen=True)
     key = read_key(a.key_file)
     spill = os.path.abspath(a.spill) if a.spill else None
+    qemu = None
+    if a.resume:
+        kind, _, spec = a.resume.partition(":")
+        if kind != "qemu" or not spec:
+            raise MigrationError(f"--resume {a.resume!r}: use qemu:CMDLINE_FILE or "
+                                 "qemu:QMP_SOCKET")
+        if a.resume_cmd:
+            raise MigrationError("--resume and --resume-cmd exclude each other")
+        if not os.path.exists(spec):
+            raise MigrationError(f"--resume qemu:{spec}: no such file")
+        if shutil.which("qemu-system-x86_64") is None and not spec.endswith(".sock"):
+            raise MigrationError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
+        qemu = os.path.abspath(spec)
     completed = trio.run(functools.partial(serve, mount, host, port, key, a.resume_cmd, a.once,
-                                           a.io_timeout, spill=spill))
+                                           a.io_timeout, spill=spill, qemu=qemu))
     return 0 if completed or not a.once else 1
 
 

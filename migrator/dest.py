@@ -26,6 +26,8 @@ import xxhash
 
 from . import protocol as p
 from .postcopy import DestPostcopy
+from .qemu import QemuError, QemuTarget
+from .qmp import QMPError
 from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,19 @@ class DestSession:
     """One incoming migration on an authenticated channel."""
 
     def __init__(self, mount: str, ch: Channel, resume_cmd: str | None,
-                 spill_override: str | None = None) -> None:
+                 spill_override: str | None = None, qemu_spec: str | None = None) -> None:
         self.mount = os.path.realpath(mount)
         self.ch = ch
         self.resume_cmd = resume_cmd
+        self.qemu_spec = qemu_spec
+        self.qemu: QemuTarget | None = None
+        self._qemu_ready = trio.Event()
+        self._qemu_error: str | None = None
+        self.device_state = bytearray()
         self.spill_override = spill_override
         self.pc: DestPostcopy | None = None  # once the source announced post-copy
         self.committed = False
+        self.resumed = False  # pre-copy: the resume hook returned
         self._nursery: trio.Nursery | None = None
         self.files: dict[int, _File] = {}
         self.block_size = 0
@@ -202,7 +210,28 @@ class DestSession:
         for f in self.files.values():
             await trio.to_thread.run_sync(os.fsync, f.fd)
 
+    async def _start_qemu(self) -> None:
+        """The waiting QEMU opens its files now, long before the switchover needs it."""
+        assert self.qemu is not None
+        try:
+            await trio.to_thread.run_sync(self.qemu.start)
+        except QemuError as exc:
+            self._qemu_error = str(exc)
+        except QMPError as exc:
+            self._qemu_error = str(exc)
+        finally:
+            self._qemu_ready.set()
+
     async def _resume(self) -> None:
+        if self.qemu is not None:
+            await self._qemu_ready.wait()
+            if self._qemu_error:
+                raise MigrationError(f"destination QEMU: {self._qemu_error}")
+            try:
+                await trio.to_thread.run_sync(self.qemu.incoming, bytes(self.device_state))
+            except QemuError as exc:
+                raise MigrationError(f"destination QEMU: {exc}") from None
+            return
         if not self.resume_cmd:
             return
         env = dict(os.environ, MIGRATOR_MOUNT=self.mount)
@@ -220,6 +249,11 @@ class DestSession:
         man = await ch.expect(p.Manifest)
         self.open_files(man, peer)
         await ch.send(p.Ready())
+        if self.qemu_spec:
+            try:
+                self.qemu = QemuTarget(self.qemu_spec, self.mount)
+            except QemuError as exc:
+                raise MigrationError(str(exc)) from None
         log.info("migration %s from %s: %d files", self.state["migration"], peer, len(man.files))
         # The receiver stays up to a few frames ahead of the writer, so network
         # reads and file writes overlap; the writer handles events in order.
@@ -235,6 +269,8 @@ class DestSession:
 
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.qemu is not None:
+                nursery.start_soon(self._start_qemu)
             nursery.start_soon(receiver)
             async with rx:
                 async for ev in rx:
@@ -308,6 +344,11 @@ class DestSession:
                 self.write_blocks(ev)
         elif isinstance(ev, p.Resize):
             self.resize(ev)
+        elif isinstance(ev, p.DeviceState):
+            if self.qemu is None:
+                raise MigrationError("the source sends a QEMU device state: run 'migrator serve' "
+                                     "with --resume qemu:CMDLINE_FILE|QMP_SOCKET")
+            self.device_state += ev.data
         elif isinstance(ev, p.Postcopy):
             self.pc = DestPostcopy(self.mount, ch, ev, self.block_size, self.spill_override)
             self.pc.on_digests = self._merge_digests
@@ -340,6 +381,7 @@ class DestSession:
             # No fsync here: it would lengthen the downtime; files are made
             # durable before the migration is marked complete.
             await self._resume()
+            self.resumed = True
             ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
             await ch.send(p.Resumed(ms))
         elif isinstance(ev, p.Digests):
@@ -359,7 +401,7 @@ class DestSession:
 
 async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
                     resume_cmd: str | None, lock: trio.Lock, io_timeout: float,
-                    spill: str | None = None) -> bool:
+                    spill: str | None = None, qemu: str | None = None) -> bool:
     """Handle one connection; True when a migration completed."""
     try:
         peer = "{}:{}".format(*stream.socket.getpeername()[:2])
@@ -371,13 +413,16 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
         await ch.aclose()
         return False
     async with lock:
-        session = DestSession(mount, ch, resume_cmd, spill)
+        session = DestSession(mount, ch, resume_cmd, spill, qemu)
         try:
             state = await session.run(peer)
             log.info("migration %s complete: %d blocks written", state["migration"],
                      session.blocks_written)
             print(f"migrator serve: migration from {peer} complete and verified "
                   f"({len(session.files)} files)", flush=True)
+            if session.qemu is not None and session.qemu.pid:
+                print(f"migrator serve: the guest runs in QEMU pid {session.qemu.pid} (QMP and "
+                      f"log in {session.qemu.dir})", flush=True)
             return True
         except BaseException as group:
             exc = leaf(group)
@@ -386,6 +431,9 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
             if not isinstance(exc, PeerAborted):
                 await ch.abort(msg)
+            resumed = session.pc.resumed.is_set() if session.pc is not None else session.resumed
+            if session.qemu is not None and not resumed:
+                session.qemu.abort()  # before cont: the source's QEMU goes on (invariant 3)
             if (session.pc is not None and session.pc.resumed.is_set()
                     and not isinstance(exc, VerificationFailed)):
                 # After the resume the VM runs here: never roll back; finish what we can.
@@ -405,6 +453,8 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
                   "incomplete", flush=True)
             return False
         finally:
+            if session.qemu is not None:
+                session.qemu.detach()
             session.close_files()
             if session.pc is not None:
                 await session.pc.aclose()
@@ -413,7 +463,8 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
 
 async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | None,
                 once: bool, io_timeout: float = IO_TIMEOUT,
-                task_status: Any = trio.TASK_STATUS_IGNORED, spill: str | None = None) -> bool:
+                task_status: Any = trio.TASK_STATUS_IGNORED, spill: str | None = None,
+                qemu: str | None = None) -> bool:
     """Accept migrations until cancelled; with `once`, one and return whether it completed."""
     lock = trio.Lock()
     try:
@@ -432,11 +483,11 @@ async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | 
                 stream = await ln.accept()
                 if once:
                     completed = await serve_one(stream, mount, key, resume_cmd, lock, io_timeout,
-                                                spill)
+                                                spill, qemu)
                     nursery.cancel_scope.cancel()
                     return
                 nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock, io_timeout,
-                                   spill)
+                                   spill, qemu)
 
     async with trio.open_nursery() as nursery:
         for ln in listeners:

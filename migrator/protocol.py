@@ -27,7 +27,7 @@ A session (S = source, D = dest; the right column is the state in which those fr
 
 Post-copy (announced by Postcopy + Absent in SWITCHOVER) changes the end::
 
-    Switchover, Blocks ..., Postcopy, Absent ..., Commit -->  pages left absent  SWITCHOVER
+    Switchover, Postcopy, Absent ..., Blocks ..., Commit ->  pages left absent  SWITCHOVER
     SpillRefs ..., Blocks (fetched) ... ----->        from Commit on             RESUMING
            <---------------------------------- Fetch ..., SlotFree ...
            <---------------------------------- Resumed(ms)                       RESUMING
@@ -37,6 +37,9 @@ Post-copy (announced by Postcopy + Absent in SWITCHOVER) changes the end::
     Digests ..., VerifyDone ----------------->                                   VERIFYING
            <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
     Done ------------------------------------>        both CLOSED                FINISHING
+
+A hypervisor's device state (DeviceState chunks, e.g. QEMU's migration stream with RAM left
+out) may follow Switchover, before Commit, in either kind of session.
 
 Abort(reason) may come from either side in any state but CLOSED (even before Auth); both sides
 then end in ABORTED.  A broken rule from the peer moves the connection to ERROR for good.
@@ -71,6 +74,7 @@ MAX_DIGESTS_PER_FRAME = 65536
 MAX_ITEMS_PER_FRAME = 65536  # extents in Absent, refs in SpillRefs, slots in SlotFree
 MAX_SLOTS = 1 << 24
 MAX_PATH = 4096
+MAX_DEVICE_STATE = 256 * 2**20  # a hypervisor's device state (QEMU: ~0.4-1 MiB) in all
 MAX_FILES = 1024
 MAX_FILE_SIZE = 2**50
 MAX_NAME_BYTES = 4096
@@ -219,6 +223,14 @@ class Verified:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A chunk of the hypervisor's device state (QEMU's migration stream without RAM), sent
+    after the VM stopped and before Commit; the destination feeds it to its hypervisor."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Postcopy:
     """The pages named by the Absent frames that follow stay absent on the destination; the
     source writes them into the spill area `spill` (`slots` slots) of migration `migration`."""
@@ -301,7 +313,7 @@ class Done:
 Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
-    | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone
+    | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState
 )
 
 
@@ -331,6 +343,7 @@ class FrameType(enum.IntEnum):
     FETCH = 21
     SLOT_FREE = 22
     POSTCOPY_DONE = 23
+    DEVICE_STATE = 24
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -343,6 +356,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.POSTCOPY: Postcopy, FrameType.ABSENT: Absent, FrameType.SPILL_REFS: SpillRefs,
     FrameType.SPILL_FLUSHED: SpillFlushed, FrameType.FETCH: Fetch,
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
+    FrameType.DEVICE_STATE: DeviceState,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -407,6 +421,7 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     # post-copy (legal only once Postcopy was sent; see _check_context)
     (State.SWITCHOVER, SOURCE, Postcopy): State.SWITCHOVER,
     (State.SWITCHOVER, SOURCE, Absent): State.SWITCHOVER,
+    (State.SWITCHOVER, SOURCE, DeviceState): State.SWITCHOVER,
     (State.POSTCOPY, DEST, PostcopyDone): State.POSTCOPY_END,
     (State.POSTCOPY_END, SOURCE, Digests): State.VERIFYING,
     (State.POSTCOPY_END, SOURCE, VerifyDone): State.VERDICT,
@@ -595,6 +610,12 @@ def check_event(event: Event) -> None:
                     _int(v, 0, _MAX_COUNT, f"PostcopyDone.{f.name}")
                 elif type(v) not in (int, float) or not 0 <= v < math.inf:
                     raise ProtocolError(f"PostcopyDone.{f.name} must be a finite number >= 0")
+        case DeviceState():
+            if type(event.data) is not bytes or not event.data:
+                raise ProtocolError("DeviceState.data must be non-empty bytes")
+            if len(event.data) > MAX_BLOCKS_DATA:
+                raise ProtocolError(f"DeviceState carries {len(event.data)} bytes, more than "
+                                    "8 MiB")
         case Ready() | Switchover() | Commit() | VerifyDone() | Done():
             pass
         case _:
@@ -629,6 +650,8 @@ def encode(event: Event) -> bytes:
         parts = [_DIGESTS.pack(event.file_id, event.first_block, len(event.digests)), digests]
     elif type(event) is SpillRefs:
         parts = [b"".join(_REF.pack(*r) for r in event.refs)]
+    elif type(event) is DeviceState:
+        parts = [event.data]
     else:
         obj = {f.name: getattr(event, f.name) for f in fields(event)}
         for name in _HEX_FIELDS & obj.keys():
@@ -680,6 +703,8 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
             raise ProtocolError(f"Digests frame says {count} digests but carries "
                                 f"{len(payload) - _DIGESTS.size} bytes of them")
         event = Digests(file_id, first, struct.unpack_from(f">{count}Q", payload, _DIGESTS.size))
+    elif cls is DeviceState:
+        event = DeviceState(payload)
     elif cls is SpillRefs:
         if not payload or len(payload) % _REF.size:
             raise ProtocolError(f"SpillRefs frame of {len(payload)} bytes is not whole refs")
@@ -790,6 +815,7 @@ class Connection:
         self._sizes: dict[int, int] = {}
         self._round = -1  # the last RoundDone's round
         self._postcopy: Postcopy | None = None
+        self._device_state = 0  # bytes of DeviceState so far
 
     @property
     def state(self) -> State:
@@ -924,6 +950,8 @@ class Connection:
                 nxt = State.SWITCHOVER
             case Resumed() if self._postcopy is not None:
                 nxt = State.POSTCOPY
+            case DeviceState():
+                self._device_state += len(event.data)
             case Abort():
                 self._why = f"{'peer' if sender == self.peer_role else 'we'} said {event.reason!r}"
         if (self._state, type(event)) in _BOTH_SIDES:
@@ -979,6 +1007,9 @@ class Connection:
                 if event.round <= self._round:
                     raise ProtocolError(f"RoundDone for round {event.round} after round "
                                         f"{self._round}: rounds must increase")
+            case DeviceState():
+                if self._device_state + len(event.data) > MAX_DEVICE_STATE:
+                    raise ProtocolError(f"device state over {MAX_DEVICE_STATE} bytes")
             case Postcopy():
                 if self._postcopy is not None:
                     raise ProtocolError("Postcopy sent twice")

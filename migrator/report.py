@@ -50,9 +50,11 @@ class MigrationReport:
     verified: bool = False
     verify_s: float = 0.0
     source_vm: str = ""
+    device_state_bytes: int = 0  # the hypervisor's own state (QEMU), sent in the downtime
     started_at: float = field(default_factory=time.time)
     # post-copy (None/0 in a pure pre-copy migration)
     postcopy_files: list[str] = field(default_factory=list)
+    postcopy_reason: str = ""  # --postcopy=auto: why pre-copy of memory was given up
     postcopy_pages: int = 0  # memory pages left absent at switchover
     postcopy_s: float | None = None  # Commit -> the destination has every page
     resume_ms: float | None = None  # suspend -> running on the destination

@@ -306,10 +306,15 @@ class Source:
             self.pending = sum(c for exts in sets.values() for _, c in exts)
             decision = planner.decide(self.pending)
             self.report.expected_downtime_ms = round(planner.expected_downtime_ms(self.pending), 2)
-            if decision.stalled and self.opts.postcopy == "auto":
+            if decision.stalled and self.opts.postcopy == "auto" and not self.use_postcopy:
+                # Memory outruns the link: it goes post-copy; the disks go on converging alone.
                 self.use_postcopy = True
-                self.report.switchover_reason = decision.reason + "; switching to post-copy"
-                return sets
+                planner.enter_postcopy()
+                self.report.postcopy_reason = decision.reason
+                for fid in self.memory_ids:
+                    backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
+                self.pending = sum(c for exts in sets.values() for _, c in exts)
+                decision = planner.decide(self.pending)
             if decision.verdict is Verdict.SWITCHOVER:
                 self.report.switchover_reason = decision.reason
                 return {**sets, **backlog}
@@ -332,7 +337,7 @@ class Source:
             await self._flush()
         self.t_suspend = t = time.monotonic()
         self.suspended = True
-        self.adapter.suspend()
+        await trio.to_thread.run_sync(self.adapter.suspend)
         bd["suspend"] = _ms(t)
         if not self.adapter.flush_before_suspend:
             t = time.monotonic()
@@ -358,6 +363,7 @@ class Source:
             return
         blocks, _ = await self._send_sets(union)
         self.report.last_set_blocks = blocks
+        await self._send_device_state()
         await self.ch.send(p.Commit())
         bd["send_last_set"] = _ms(t)
         t = time.monotonic()
@@ -365,6 +371,14 @@ class Source:
         bd["destination_resume"] = _ms(t)
         self.switched = True
         self.report.downtime_ms = _ms(self.t_suspend)
+
+    async def _send_device_state(self) -> None:
+        """The hypervisor's device state (QEMU), saved at suspend, for the destination's."""
+        assert self.ch is not None
+        state = getattr(self.adapter, "device_state", b"")
+        for i in range(0, len(state), p.MAX_BLOCKS_DATA):
+            await self.ch.send(p.DeviceState(state[i:i + p.MAX_BLOCKS_DATA]))
+        self.report.device_state_bytes = len(state)
 
     async def _switchover_postcopy(self, union: dict[int, list[Extent]], t: float) -> None:
         """Disks' last set now; memory pages stay absent and follow through the spill area."""
@@ -381,6 +395,7 @@ class Source:
                 await self.ch.send(p.Absent(fid, tuple(exts[i:i + p.MAX_ITEMS_PER_FRAME])))
         blocks, _ = await self._send_sets(disks)
         r.last_set_blocks = blocks
+        await self._send_device_state()
         await self.ch.send(p.Commit())
         bd["send_last_set"] = _ms(t)
         t = time.monotonic()
@@ -464,6 +479,8 @@ class Source:
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
             planner = RoundPlanner(self.opts.policy, self.block_size)
+            if self.use_postcopy:
+                planner.enter_postcopy()
             if self.opts.stop_and_copy:
                 await self._suspend()
             await self._initial_copy(planner)

@@ -4,7 +4,9 @@
 
 * ``pid:PID``          — SIGSTOP / SIGCONT a process (a simulated VM, Firecracker, ...);
 * ``cmd:STOP::CONT``   — two shell commands, e.g. ``cmd:virsh suspend vm1::virsh resume vm1``;
-* ``freeze``           — blkfs freezes the migrated files (writes wait, reads go on).
+* ``freeze``           — blkfs freezes the migrated files (writes wait, reads go on);
+* ``qemu:QMP_SOCKET``  — QEMU's ``stop`` and its device state (``migrate`` with
+  ``x-ignore-shared``, see migrator.qemu); ``cont`` on failure, ``quit`` after.
 
 Suspend and flush order matters.  A process adapter stops the writer first and
 then fsyncs through the mount, so the pages it dirtied in the kernel page cache
@@ -129,6 +131,40 @@ class FreezeAdapter:
                 f"{self.mountpoint}'")
 
 
+class QemuAdapter:
+    flush_before_suspend = False  # stop first: then the RAM file's dirty pages are final
+
+    def __init__(self, qmp_path: str) -> None:
+        from .qemu import QemuError, QemuSource
+
+        self.name = f"qemu:{qmp_path}"
+        self._error = QemuError
+        try:
+            self.qemu = QemuSource(qmp_path)
+        except QemuError as exc:
+            raise AdapterError(str(exc)) from None
+
+    @property
+    def device_state(self) -> bytes:
+        return self.qemu.device_state
+
+    def suspend(self) -> None:
+        try:
+            self.qemu.stop_and_save()
+        except self._error as exc:
+            raise AdapterError(str(exc)) from None
+
+    def resume(self) -> None:
+        try:
+            self.qemu.cont()
+        except self._error as exc:
+            raise AdapterError(str(exc)) from None
+
+    def finish(self) -> str:
+        self.qemu.quit()
+        return "source QEMU quit (the guest runs on the destination now)"
+
+
 def parse_adapter(spec: str, mountpoint: str, files: list[str]) -> VMAdapter:
     if spec == "freeze":
         return FreezeAdapter(mountpoint, files)
@@ -143,7 +179,12 @@ def parse_adapter(spec: str, mountpoint: str, files: list[str]) -> VMAdapter:
         if not sep:
             raise AdapterError("cmd adapter needs two commands: --suspend 'cmd:STOP::CONT'")
         return CmdAdapter(stop, cont)
-    raise AdapterError(f"unknown --suspend {spec!r}: use pid:PID, 'cmd:STOP::CONT' or freeze")
+    if kind == "qemu":
+        if not arg:
+            raise AdapterError("qemu adapter needs the QMP socket: --suspend qemu:/path/qmp.sock")
+        return QemuAdapter(arg)
+    raise AdapterError(f"unknown --suspend {spec!r}: use pid:PID, 'cmd:STOP::CONT', "
+                       "qemu:QMP_SOCKET or freeze")
 
 
 def _state(pid: int) -> str | None:

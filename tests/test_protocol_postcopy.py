@@ -9,6 +9,7 @@ from migrator.protocol import (
     Blocks,
     Commit,
     Connection,
+    DeviceState,
     Digests,
     Done,
     Fetch,
@@ -142,3 +143,18 @@ def test_bad_fields(event: object, match: str) -> None:
 def test_manifest_unchanged() -> None:
     c = Connection("source", b"k" * 16)
     assert c.postcopy is None and MANIFEST.block_size == BS
+
+
+def test_device_state_flows_before_commit_and_is_bounded() -> None:
+    link = at_switchover()
+    play(link, [("source", DeviceState(b"QEVM" * 100)), ("source", DeviceState(b"x")),
+                ("source", Commit())])
+    link = at_switchover()
+    chunk = encode(DeviceState(b"\0" * (8 << 20)))
+    for _ in range(32):  # 256 MiB is allowed ...
+        link.dest.receive_data(chunk)
+        assert isinstance(link.dest.next_event(), DeviceState)
+    refused(link.dest, chunk, "device state over")  # ... not a byte more
+    assert decode(encode(DeviceState(b"abc"))) == DeviceState(b"abc")
+    with pytest.raises(ProtocolError, match="non-empty"):
+        encode(DeviceState(b""))

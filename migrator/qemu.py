@@ -1,0 +1,241 @@
+"""QEMU on both ends: blkfs and the migrator move the disk and the RAM file, QEMU moves only its
+device state (migration capability ``x-ignore-shared``: RAM in a shared memory-backend-file is
+left out of QEMU's stream).
+
+Source (``--suspend qemu:QMP_SOCKET``): ``stop``, then QEMU's ``migrate`` into a unix socket in
+a private (0700) directory that the migrator reads: the device state (~0.4-1 MiB) goes to the
+destination over the migration connection, never through a file a stranger could read.  On a
+failure before the switchover: ``cont``.  After it: ``quit``.
+
+Destination (``serve --resume qemu:CMDLINE_FILE|QMP_SOCKET``): a QEMU waiting with ``-incoming
+defer`` (started by us from the command line in CMDLINE_FILE as soon as the migration's files
+exist, or one already running); at the switchover ``migrate-incoming`` from a private unix
+socket that the migrator fills with the received device state, wait for ``completed``, then
+``cont``.  QEMU reads guest RAM while it loads its device state: in post-copy those reads
+arrive at blkfs as reads of absent blocks and are served then.
+
+Blocking code on purpose (the QMP client is blocking): callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+
+from .qmp import QMP, QMPError
+
+MIGRATE_TIMEOUT = 60.0
+START_TIMEOUT = 20.0
+
+
+class QemuError(Exception):
+    """A QEMU step failed; the message carries QEMU's own words."""
+
+
+def _private_dir(prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=prefix)  # mode 0700: nobody else can reach the socket
+
+
+def _wait_migration(q: QMP, what: str, timeout: float = MIGRATE_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = q.command("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise QemuError(f"QEMU {what} {status}: {info.get('error-desc', 'no reason given')}")
+        if time.monotonic() > deadline:
+            raise QemuError(f"QEMU {what} did not complete within {timeout:g} s (status "
+                            f"{status})")
+        time.sleep(0.002)
+
+
+def _ignore_shared(q: QMP) -> None:
+    q.execute("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
+
+def _connect_qmp(path: str, timeout: float = 10.0) -> QMP:
+    try:
+        return QMP(path, timeout)
+    except QMPError as exc:
+        raise QemuError(str(exc)) from None
+
+
+class QemuSource:
+    """The source QEMU: stop, save the device state, and cont or quit."""
+
+    def __init__(self, qmp_path: str) -> None:
+        self.path = qmp_path
+        self.q = _connect_qmp(qmp_path)
+        try:
+            status = self.q.command("query-status")["status"]
+        except QMPError as exc:
+            raise QemuError(str(exc)) from None
+        if status != "running":
+            self.q.close()
+            raise QemuError(f"the QEMU on {qmp_path} is {status!r}, not running: nothing to "
+                            "migrate live")
+        self.device_state = b""
+
+    def stop_and_save(self) -> bytes:
+        """`stop`, then QEMU's device state (RAM in the shared file left out)."""
+        try:
+            self.q.command("stop")
+            _ignore_shared(self.q)
+            d = _private_dir("migrator-qemu-")
+            try:
+                path = os.path.join(d, "state.sock")
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as ls:
+                    ls.bind(path)
+                    ls.listen(1)
+                    ls.settimeout(MIGRATE_TIMEOUT)
+                    self.q.command("migrate", uri=f"unix:{path}")
+                    conn, _ = ls.accept()
+                    with conn:
+                        conn.settimeout(MIGRATE_TIMEOUT)
+                        chunks = []
+                        while data := conn.recv(1 << 20):
+                            chunks.append(data)
+                _wait_migration(self.q, "migrate (device state)")
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+        except QMPError as exc:
+            raise QemuError(str(exc)) from None
+        except OSError as exc:
+            raise QemuError(f"reading QEMU's device state: {exc}") from None
+        self.device_state = b"".join(chunks)
+        if not self.device_state:
+            raise QemuError("QEMU wrote an empty device state")
+        return self.device_state
+
+    def cont(self) -> None:
+        try:
+            self.q.command("cont")
+        except QMPError as exc:
+            raise QemuError(str(exc)) from None
+
+    def quit(self) -> None:
+        try:
+            self.q.command("quit")
+        except (QMPError, OSError):
+            pass  # it may close the socket before it answers
+        self.q.close()
+
+
+class QemuTarget:
+    """The destination QEMU, waiting for its device state with `-incoming defer`."""
+
+    def __init__(self, spec: str, mount: str) -> None:
+        self.spec = spec
+        self.mount = mount
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.q: QMP | None = None
+        self.dir = ""
+        self.log = ""
+        try:
+            is_sock = stat.S_ISSOCK(os.stat(spec).st_mode)
+        except FileNotFoundError:
+            raise QemuError(f"--resume qemu:{spec}: no such file (give a QEMU command-line "
+                            "file or the QMP socket of a QEMU started with -incoming defer)"
+                            ) from None
+        self.attach = is_sock
+        if not is_sock:
+            with open(spec) as f:
+                text = " ".join(line.strip() for line in f
+                                if line.strip() and not line.lstrip().startswith("#"))
+            os.environ.setdefault("MIGRATOR_MOUNT", mount)
+            self.argv = shlex.split(os.path.expandvars(text.replace("$MIGRATOR_MOUNT", mount)))
+            if not self.argv:
+                raise QemuError(f"{spec} holds no QEMU command line")
+
+    def start(self) -> None:
+        """Start (or reach) the waiting QEMU; it opens its files on the mount."""
+        if self.attach:
+            self.q = _connect_qmp(self.spec)
+            status = self.q.command("query-status")["status"]
+            if status != "inmigrate":
+                raise QemuError(f"the QEMU on {self.spec} is {status!r}: start it with "
+                                "-incoming defer")
+            return
+        self.dir = _private_dir("migrator-qemu-dst-")
+        qmp = os.path.join(self.dir, "qmp.sock")
+        self.log = os.path.join(self.dir, "qemu.log")
+        argv = [*self.argv, "-S", "-incoming", "defer", "-qmp", f"unix:{qmp},server=on,wait=off"]
+        with open(self.log, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=log, start_new_session=True)
+            except OSError as exc:
+                raise QemuError(f"cannot start {argv[0]}: {exc.strerror}") from None
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(qmp):
+            if self.proc.poll() is not None:
+                raise QemuError(f"the destination QEMU exited at start: {self._last_words()}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"the destination QEMU opened no QMP socket within "
+                                f"{START_TIMEOUT:g} s")
+            time.sleep(0.02)
+        self.q = _connect_qmp(qmp)
+
+    def _last_words(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "no message"
+
+    def incoming(self, state: bytes) -> None:
+        """Load the device state and `cont`: the VM runs here from now on."""
+        assert self.q is not None
+        q = self.q
+        d = self.dir or _private_dir("migrator-qemu-dst-")
+        path = os.path.join(d, "state.sock")
+        try:
+            _ignore_shared(q)
+            q.command("migrate-incoming", uri=f"unix:{path}")
+            deadline = time.monotonic() + START_TIMEOUT
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                while True:
+                    try:
+                        s.connect(path)
+                        break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        if time.monotonic() > deadline:
+                            raise QemuError("QEMU did not listen for its device state") from None
+                        time.sleep(0.001)
+                s.sendall(state)
+            _wait_migration(q, "migrate-incoming")
+            q.command("cont")
+        except QMPError as exc:
+            raise QemuError(str(exc)) from None
+        except OSError as exc:
+            raise QemuError(f"feeding QEMU its device state: {exc}") from None
+        finally:
+            if not self.dir:
+                shutil.rmtree(d, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def abort(self) -> None:
+        """Before `cont`: a QEMU we started goes away; one we attached to is left as it is."""
+        if self.q is not None:
+            self.q.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def detach(self) -> None:
+        """After `cont`: QEMU runs on, without us."""
+        if self.q is not None:
+            self.q.close()
