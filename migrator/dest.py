@@ -215,10 +215,10 @@ class DestSession:
         assert self.qemu is not None
         try:
             await trio.to_thread.run_sync(self.qemu.start)
-        except QemuError as exc:
+        except (QemuError, QMPError) as exc:
             self._qemu_error = str(exc)
-        except QMPError as exc:
-            self._qemu_error = str(exc)
+            # Abort now, long before the source stops its VM.
+            raise MigrationError(f"destination QEMU: {exc}") from None
         finally:
             self._qemu_ready.set()
 

@@ -7,8 +7,10 @@ All protocol rules (states, limits, authentication) live in the pure
 from __future__ import annotations
 
 import os
+import select
 import stat
 import time
+from collections import deque
 from typing import Any
 
 import trio
@@ -84,8 +86,39 @@ class Channel:
         self.bytes_received = 0
         self._t0 = time.monotonic()
         self._send_lock = trio.Lock()
+        self._early: deque[Any] = deque()  # events read while sending (see _peer_spoke)
+
+    def _peer_spoke(self) -> None:
+        """Before each send: has the peer said something we were not waiting for?
+
+        A source busy copying reads nothing until the next RoundAck; if the destination
+        aborts meanwhile (disk full, its QEMU failed), its reason must not be lost in the
+        connection reset that follows.
+        """
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:
+            return
+        try:
+            ready, _, _ = select.select([sock.fileno()], [], [], 0)
+            if not ready:
+                return
+            data = os.read(sock.fileno(), RECV_CHUNK)  # trio keeps it non-blocking
+        except (OSError, ValueError):
+            return  # the send itself will report a broken connection
+        if not data:
+            return
+        self.bytes_received += len(data)
+        try:
+            self.conn.receive_data(data)
+            while (ev := self.conn.next_event()) is not p.NEED_DATA:
+                if isinstance(ev, p.Abort):
+                    raise PeerAborted(f"the peer aborted: {ev.reason}")
+                self._early.append(ev)
+        except p.ProtocolError as exc:
+            raise MigrationError(f"bad peer: {exc}") from None
 
     async def send(self, event: Any) -> None:
+        self._peer_spoke()
         data = self.conn.send(event)
         async with self._send_lock:
             if self.limit:
@@ -104,6 +137,8 @@ class Channel:
             self.bytes_sent += len(data)
 
     async def receive(self) -> Any:
+        if self._early:
+            return self._early.popleft()
         while True:
             try:
                 ev = self.conn.next_event()
@@ -147,11 +182,23 @@ class Channel:
                                  "(is it a migrator?)") from None
 
     async def abort(self, reason: str) -> None:
-        """Tell the peer why we stop, if the connection still allows it."""
+        """Tell the peer why we stop, if the connection still allows it.
+
+        Then half-close and read until the peer closes (2 s at most): closing with its
+        data unread would reset the connection and could destroy the Abort before the
+        peer reads it.
+        """
         with trio.move_on_after(2):
             try:
-                await self.send(p.Abort.about(reason))
-            except (MigrationError, p.ProtocolError):
+                data = self.conn.send(p.Abort.about(reason))
+                async with self._send_lock:
+                    await self.stream.send_all(data)
+                if isinstance(self.stream, trio.SocketStream):
+                    await self.stream.send_eof()
+                    while await self.stream.receive_some(RECV_CHUNK):
+                        pass
+            except (MigrationError, p.ProtocolError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, OSError):
                 pass
 
     async def aclose(self) -> None:

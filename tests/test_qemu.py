@@ -172,3 +172,45 @@ class _Pid:
                 pass
             time.sleep(0.05)
         return 0
+
+
+def test_destination_qemu_failure_conts_the_source(guest: Path,
+                                                   mount_factory: Callable[..., Mount],
+                                                   tmp_path: Path,
+                                                   procs: list[subprocess.Popen[bytes]]) -> None:
+    """Invariant 3 with QEMU: the destination QEMU cannot start; the source guest goes on."""
+    src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
+    dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
+    key = tmp_path / "key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o600)
+    for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
+        with open(src.mnt / name, "wb") as f:
+            f.truncate(size)
+    con_src = tmp_path / "console-src.log"
+    qmp_src = tmp_path / "qmp-src.sock"
+    with open(tmp_path / "qemu-src.log", "wb") as log:
+        source = subprocess.Popen([*qemu_argv(guest, str(src.mnt), con_src, "writeback"),
+                                   "-qmp", f"unix:{qmp_src},server=on,wait=off"],
+                                  stdout=log, stderr=log)
+    procs.append(source)
+    wait_ticks(con_src, 1, 60)
+    cmdline = tmp_path / "bad.cmdline"
+    cmdline.write_text(" ".join(qemu_argv(guest, "$MIGRATOR_MOUNT", tmp_path / "c.log",
+                                          "writeback")) + " -no-such-option\n")
+    s = Server(dst, key, "--resume", f"qemu:{cmdline}")
+    try:
+        r = subprocess.run([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                            f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
+                            f"qemu:{qmp_src}", "disk.raw", "vm.mem"],
+                           capture_output=True, text=True, timeout=120)
+        rc, _out = s.finish(timeout=60)
+    finally:
+        s.kill()
+    assert r.returncode == 1 and rc == 1
+    assert "-no-such-option" in r.stderr, r.stderr  # QEMU's own words reach the user
+    n = len(ticks(con_src))
+    wait_ticks(con_src, n + 2, 30)  # the source guest runs on
+    assert source.poll() is None
+    st = json.loads((dst.mnt / ".migration-state.json").read_text())
+    assert st["status"] == "incomplete"
