@@ -403,11 +403,14 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
                     while b"\n" in buf:
                         line, rest = buf.split(b"\n", 1)
                         req, need = _request(line)
-                        while len(rest) < need:  # a binary payload follows the line
-                            more = await stream.receive_some(1 << 20)
-                            if not more:
-                                return
-                            rest += more
+                        if len(rest) < need:  # a binary payload follows the line
+                            acc = bytearray(rest)
+                            while len(acc) < need:
+                                more = await stream.receive_some(max(need - len(acc), 65536))
+                                if not more:
+                                    return
+                                acc += more
+                            rest = bytes(acc)
                         payload, buf = rest[:need], rest[need:]
                         reply = await controller.dispatch(line, payload, req)
                         await stream.send_all(json.dumps(reply).encode() + b"\n")

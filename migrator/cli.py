@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
     d.add_argument("--report", default="reports/migrate-demo.json", metavar="PATH",
                    help="JSON report (default reports/migrate-demo.json)")
+    d.add_argument("--vm", choices=("sim", "qemu"), default="sim",
+                   help="sim: the simulated VM (default); qemu: a real QEMU guest (TCG) built "
+                   "from Debian packages, migrated with its serial console shown")
     d.add_argument("--postcopy", action="store_true",
                    help="post-copy the memory through a spill area (with a VM that writes "
                    "memory faster than the link, so pre-copy alone would not converge)")

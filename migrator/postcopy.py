@@ -70,6 +70,8 @@ class SourceStats:
     fetches: int = 0
     slot_reuses: int = 0
     spill_flushed_s: float | None = None  # after Commit
+    spilled_bytes: int = 0
+    fetched_bytes: dict[int, int] = field(default_factory=dict)  # by file id
     dest: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +154,8 @@ class SourcePostcopy:
             self.done_blocks.add((ev.file_id, b))
         self.stats.fetches += 1
         self.stats.fetched_blocks += ev.count
+        fb = self.stats.fetched_bytes
+        fb[ev.file_id] = fb.get(ev.file_id, 0) + len(data)
         await self.ch.send(p.Blocks(ev.file_id, ev.first_block, data))
 
     def _release(self, ev: p.SlotFree) -> None:
@@ -198,6 +202,7 @@ class SourcePostcopy:
                                      f"{exc.strerror or exc}") from None
             for (ref, _fid, _b), h in zip(batch, headers, strict=True):
                 self.headers[ref.slot] = h
+                self.stats.spilled_bytes += h.length
             await self.ch.send(p.SpillRefs(tuple((fid, b, ref.slot, ref.generation)
                                                  for ref, fid, b in batch)))
             sent += len(batch)
@@ -363,7 +368,8 @@ class DestPostcopy:
         r = self.report
         await self.ch.send(p.PostcopyDone(
             r["demand_faults"], r["pages_via_spill"] + r["pages_via_drain"],
-            r["pages_via_demand_fetch"], r["generation_mismatches"], r["hash_mismatches"],
+            r["pages_via_demand_fetch"], r["pages_via_drain"], r["generation_mismatches"],
+            r["hash_mismatches"],
             float(r["demand_fault_p50_ms"]), float(r["demand_fault_p99_ms"]),
             float(r["postcopy_s"])))
 

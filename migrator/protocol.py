@@ -283,8 +283,9 @@ class PostcopyDone:
     """Every absent block is installed on the destination; its post-copy figures."""
 
     demand_faults: int
-    pages_via_spill: int
+    pages_via_spill: int  # installed from spill slots: by the drain or by a waiting read
     pages_via_demand_fetch: int
+    pages_via_drain: int  # of pages_via_spill, those the drain installed before any read
     generation_mismatches: int
     hash_mismatches: int
     demand_fault_p50_ms: float

@@ -39,6 +39,8 @@ class MigrationReport:
     bytes_sent: int = 0  # on the wire, frames and headers included
     data_bytes: int = 0  # size of the migrated files
     blocks_sent: int = 0
+    bytes_by_file: dict[str, int] = field(default_factory=dict)  # block data over the link
+    spill_bytes: int = 0  # post-copy pages written into the spill area
     static_blocks: int = 0
     dynamic_blocks: int = 0
     initial_copy_s: float = 0.0
@@ -62,6 +64,8 @@ class MigrationReport:
     pages_spilled: int = 0
     pages_via_spill: int = 0
     pages_via_demand_fetch: int = 0
+    pages_drained: int = 0  # installed by the background drain before anything read them
+    pages_faulted_in: int = 0  # installed because a read (the guest) waited for them
     demand_faults: int = 0
     demand_fault_p50_ms: float | None = None
     demand_fault_p99_ms: float | None = None

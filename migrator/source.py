@@ -181,6 +181,8 @@ class Source:
                     await ch.send(p.Blocks(f.file_id, first, data))
                     blocks += (len(data) + bs - 1) // bs
                     nbytes += len(data)
+                    by_file = self.report.bytes_by_file
+                    by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
                     self.report.bytes_sent = ch.bytes_sent
         self.report.blocks_sent += blocks
         return blocks, nbytes
@@ -430,6 +432,12 @@ class Source:
         r.pages_spilled = st.spilled
         r.pages_via_spill = done.get("pages_via_spill", 0)
         r.pages_via_demand_fetch = done.get("pages_via_demand_fetch", 0)
+        r.pages_drained = done.get("pages_via_drain", 0)
+        for fid, n in st.fetched_bytes.items():
+            name = by_id[fid].rel
+            r.bytes_by_file[name] = r.bytes_by_file.get(name, 0) + n
+        r.spill_bytes = st.spilled_bytes
+        r.pages_faulted_in = r.postcopy_pages - r.pages_drained
         r.demand_faults = done.get("demand_faults", 0)
         r.demand_fault_p50_ms = done.get("demand_fault_p50_ms")
         r.demand_fault_p99_ms = done.get("demand_fault_p99_ms")

@@ -118,9 +118,9 @@ def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Moun
         rc, out = s.finish(timeout=60)
     finally:
         s.kill()
-    m = re.search(r"QEMU pid (\d+)", out)
+    m = re.search(r"QEMU pid (\d+) \(QMP and log in (\S+)\)", out)
     if m:  # the destination QEMU runs detached from `migrator serve`: ours to stop
-        procs.append(_Pid(int(m.group(1))))  # type: ignore[arg-type]
+        procs.append(_Pid(int(m.group(1)), m.group(2)))  # type: ignore[arg-type]
     assert r.returncode == 0, r.stdout + r.stderr + out
     assert rc == 0 and "complete and verified" in out, out
     assert source.wait(timeout=15) == 0  # the source QEMU quit
@@ -150,8 +150,9 @@ def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Moun
 class _Pid:
     """A process we did not start (the destination QEMU), with the Popen calls procs needs."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, qemu_dir: str) -> None:
         self.pid = pid
+        self.dir = qemu_dir  # its private QMP/log directory
 
     def poll(self) -> int | None:
         return None if os.path.exists(f"/proc/{self.pid}") else 0
@@ -171,6 +172,7 @@ class _Pid:
             except ChildProcessError:
                 pass
             time.sleep(0.05)
+        shutil.rmtree(self.dir, ignore_errors=True)
         return 0
 
 
