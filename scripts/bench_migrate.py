@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 PY = sys.executable
-console = Console()
+console = Console(width=200)
 UNIT = 65536
 
 

@@ -7,8 +7,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # fuse3: fusermount3 and /dev/fuse support; libfuse3-dev + pkg-config + gcc +
 # python3-dev: to build pyfuse3; fio: benchmarks and the fio tests;
-# python3-venv: the venv; iproute2: network-namespace tests.
-PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv fio iproute2)
+# python3-venv: the venv; iproute2: network-namespace tests; qemu-system-x86 +
+# busybox-static: the QEMU guest of the end-to-end tests and of `migrator demo --vm qemu`
+# (scripts/build_guest.sh adds the kernel, downloaded and unpacked, never installed).
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv fio iproute2
+          qemu-system-x86 busybox-static)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -238,3 +238,26 @@ def test_corrupted_spill_slot_is_refused_and_fetched(
     rep = json.loads(report.read_text())
     assert rep["hash_mismatches"] > 0 and rep["pages_via_demand_fetch"] > 0, rep
     assert rep["pages_via_spill"] + rep["pages_via_demand_fetch"] == rep["postcopy_pages"]
+
+
+def test_few_slots_carry_many_pages(hosts: tuple[Mount, Mount], key: Path,
+                                    servers: list[Server], tmp_path: Path,
+                                    vm: subprocess.Popen[bytes]) -> None:
+    """N = 4 slots for ~100 pages: freed slots are reused at once, under new generations."""
+    src, dst = hosts
+    s = Server(dst, key)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
+                  "--spill-slots", "4", "--report", str(report))
+    rc, out = m.finish()
+    assert rc == 0, out
+    assert s.finish()[0] == 0
+    rep = json.loads(report.read_text())
+    assert rep["pages_spilled"] > 4 and rep["slot_reuses"] == rep["pages_spilled"] - 4, rep
+    assert rep["generation_mismatches"] == 0 and rep["verified"]
+    assert digest(dst.mnt / "vm.mem") == digest(src.mnt / "vm.mem")
+    headers = json.loads(subprocess.run(
+        [sys.executable, "-m", "blkfs.cli", "spill", str(dst.mnt), "--json", "--slots"],
+        capture_output=True, text=True, check=True).stdout)
+    assert headers["max_generation"] > 1 and headers["free"] == 4

@@ -140,11 +140,14 @@ def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Moun
     if postcopy:
         assert rep["postcopy_pages"] > 0
         assert rep["pages_via_spill"] + rep["pages_via_demand_fetch"] == rep["postcopy_pages"]
-    print(f"\n{cache} postcopy={postcopy}: downtime {rep['downtime_ms']} ms, total "
-          f"{rep['total_s']} s, bytes {rep['bytes_sent']}, device state "
-          f"{rep['device_state_bytes']}, post-copy pages {rep['postcopy_pages']} "
-          f"(spill {rep['pages_via_spill']}, fetched {rep['pages_via_demand_fetch']}, faults "
-          f"{rep['demand_faults']})")
+    # The figures for the closing note (pytest -s): what moved, and how.
+    print(f"\n{cache} postcopy={postcopy}: downtime {rep['downtime_ms']} ms "
+          f"{rep['downtime_breakdown_ms']}, total {rep['total_s']} s, link bytes by file "
+          f"{rep['bytes_by_file']}, spill bytes {rep['spill_bytes']}, device state "
+          f"{rep['device_state_bytes']}, post-copy pages {rep['postcopy_pages']}: faulted in "
+          f"{rep['pages_faulted_in']} (fetched {rep['pages_via_demand_fetch']}), drained "
+          f"{rep['pages_drained']}; faults {rep['demand_faults']} p99 "
+          f"{rep['demand_fault_p99_ms']} ms")
 
 
 class _Pid:
