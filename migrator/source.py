@@ -360,9 +360,9 @@ class Source:
                  for f in self.files}
         bd["swap"] = _ms(t)
         t = time.monotonic()
-        if self.use_postcopy:
+        if self.use_postcopy and any(union.get(fid) for fid in self.memory_ids):
             await self._switchover_postcopy(union, t)
-            return
+            return  # (no memory page left to move: a plain commit)
         blocks, _ = await self._send_sets(union)
         self.report.last_set_blocks = blocks
         await self._send_device_state()

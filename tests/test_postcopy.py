@@ -261,3 +261,25 @@ def test_few_slots_carry_many_pages(hosts: tuple[Mount, Mount], key: Path,
         [sys.executable, "-m", "blkfs.cli", "spill", str(dst.mnt), "--json", "--slots"],
         capture_output=True, text=True, check=True).stdout)
     assert headers["max_generation"] > 1 and headers["free"] == 4
+
+
+def test_postcopy_with_nothing_left_to_move_commits_plainly(hosts: tuple[Mount, Mount],
+                                                           key: Path, servers: list[Server],
+                                                           tmp_path: Path) -> None:
+    src, dst = hosts
+    (src.mnt / "disk.raw").write_bytes(os.urandom(1 << 20))
+    (src.mnt / "vm.mem").write_bytes(os.urandom(1 << 20))
+    s = Server(dst, key)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    r = subprocess.run([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                        f"127.0.0.1:{s.port}", "--key-file", str(key), "--postcopy", "--spill",
+                        str(tmp_path / "spill"), "--report", str(report), "disk.raw", "vm.mem"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert s.finish()[0] == 0
+    rep = json.loads(report.read_text())
+    assert rep["verified"] and rep["postcopy_pages"] == 0
+    assert digest(dst.mnt / "vm.mem") == digest(src.mnt / "vm.mem")
+    subprocess.run([sys.executable, "-m", "blkfs.cli", "thaw", str(src.mnt)], check=True,
+                   capture_output=True)
