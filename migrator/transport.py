@@ -118,16 +118,24 @@ class Channel:
             raise MigrationError(f"bad peer: {exc}") from None
 
     async def send(self, event: Any) -> None:
+        """Send one frame, whole or not at all.
+
+        Cancellation may stop us while we wait for the lock or the bandwidth budget, but
+        never once the frame is applied to the protocol state and partly written: half a
+        frame would leave the peer reading garbage (seen when post-copy ended while the
+        spill writer was sending).
+        """
         self._peer_spoke()
-        data = self.conn.send(event)
         async with self._send_lock:
             if self.limit:
                 # Token bucket: never run ahead of limit x elapsed.
-                ahead = (self.bytes_sent + len(data)) / self.limit - (time.monotonic() - self._t0)
+                size = len(getattr(event, "data", b"")) + 64
+                ahead = (self.bytes_sent + size) / self.limit - (time.monotonic() - self._t0)
                 if ahead > 0:
                     await trio.sleep(ahead)
+            data = self.conn.send(event)
             try:
-                with trio.fail_after(self.io_timeout):
+                with trio.CancelScope(shield=True), trio.fail_after(self.io_timeout):
                     await self.stream.send_all(data)
             except trio.TooSlowError:
                 raise MigrationError(f"the peer took no data for {self.io_timeout:g} s: "
