@@ -87,6 +87,7 @@ class Channel:
         self._t0 = time.monotonic()
         self._send_lock = trio.Lock()
         self._early: deque[Any] = deque()  # events read while sending (see _peer_spoke)
+        self._receiving = False  # a task waits in receive(): it reads the socket itself
 
     def _peer_spoke(self) -> None:
         """Before each send: has the peer said something we were not waiting for?
@@ -96,8 +97,8 @@ class Channel:
         connection reset that follows.
         """
         sock = getattr(self.stream, "socket", None)
-        if sock is None:
-            return
+        if sock is None or self._receiving:
+            return  # a receiver would never learn about events read here: let it read them
         try:
             ready, _, _ = select.select([sock.fileno()], [], [], 0)
             if not ready:
@@ -147,6 +148,13 @@ class Channel:
     async def receive(self) -> Any:
         if self._early:
             return self._early.popleft()
+        self._receiving = True
+        try:
+            return await self._receive()
+        finally:
+            self._receiving = False
+
+    async def _receive(self) -> Any:
         while True:
             try:
                 ev = self.conn.next_event()

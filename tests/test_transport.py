@@ -51,3 +51,37 @@ async def test_cancelled_send_still_writes_the_whole_frame() -> None:
             n.start_soon(cancel_once_started)
             await src.send(ev)  # cancelled after the first 100 bytes went out
     assert bytes(wire.wire) == p.encode(ev)  # whole: the peer never reads half a frame
+
+
+def _postcopy_conn(ch: Channel) -> None:
+    c = ch.conn
+    c._state = p.State.POSTCOPY  # both sides may speak: refs one way, fetches the other
+    c._sizes = {0: 1 << 30}
+    c._manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
+    c._postcopy = p.Postcopy("m", "/spill", 8)
+
+
+async def test_a_frame_that_arrives_while_sending_reaches_the_waiting_receiver() -> None:
+    """The spill writer sends while the receive loop waits for a Fetch: the check for an early
+    Abort before each send must not swallow the Fetch (that deadlocked a post-copy)."""
+    import socket
+
+    mine, peer = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(mine))
+    ch = Channel(stream, "source", KEY, io_timeout=5)
+    _postcopy_conn(ch)
+    fetch = p.Fetch(0, 7, 1)
+    got: list[object] = []
+
+    async def receiver() -> None:
+        got.append(await ch.receive())
+
+    with trio.fail_after(3):
+        async with trio.open_nursery() as n:
+            n.start_soon(receiver)
+            await trio.sleep(0.05)  # the receiver now waits on the socket
+            peer.sendall(p.encode(fetch))  # arrives ...
+            await ch.send(p.SpillRefs(((0, 1, 0, 1),)))  # ... just before this send
+    assert got == [fetch]
+    peer.close()
+    await stream.aclose()
