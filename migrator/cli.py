@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-static-first", action="store_true",
                    help="baseline for comparison: initial copy in block order, not coldest first")
     pc = m.add_argument_group("post-copy (docs/spill.md)")
-    pc.add_argument("--postcopy", nargs="?", const="on", default="off",
-                    choices=("on", "auto", "off"),
+    pc.add_argument("--postcopy", nargs="?", const="on", default="off", type=_postcopy_mode,
+                    metavar="on|auto|off",
                     help="leave the memory pages of the last dirty set absent on the "
                     "destination, resume it at once and move them through the spill area; "
                     "'auto': only when pre-copy stops converging (default off)")
@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-copy the memory through a spill area (with a VM that writes "
                    "memory faster than the link, so pre-copy alone would not converge)")
     return ap
+
+
+def _postcopy_mode(text: str) -> str:
+    if text not in ("on", "auto", "off"):
+        raise argparse.ArgumentTypeError(
+            f"takes on, auto or off, not {text!r} (a FILE right after a bare --postcopy is "
+            "read as its value: write --postcopy=on, or put the FILEs first)")
+    return text
 
 
 def _policy(a: argparse.Namespace) -> Policy:
