@@ -335,8 +335,10 @@ class DestSession:
                 and not isinstance(ev, (p.Postcopy, p.Absent))):
             self._begin_lazy()
         if isinstance(ev, p.Blocks) and self.committed:
-            assert self.pc is not None
-            await self.pc.install(ev)  # a fetched block: into lazy mode, not through the mount
+            assert self.pc is not None and self._nursery is not None
+            # A fetched block, for a read that waits: into lazy mode (not through the
+            # mount), without waiting for it here.
+            self._nursery.start_soon(self.pc.install, ev)
         elif isinstance(ev, p.Blocks):
             if len(ev.data) >= THREAD_WRITE:
                 await trio.to_thread.run_sync(self.write_blocks, ev)

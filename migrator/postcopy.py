@@ -280,6 +280,7 @@ class DestPostcopy:
         self.absent: dict[int, list[Extent]] = {}
         self.ctl: AsyncControl | None = None
         self.poll: AsyncControl | None = None
+        self.inst: AsyncControl | None = None  # fetched blocks: never queued behind refs
         self.started = False
         self.begun = trio.Event()  # lazy mode is on in the daemon
         self.begin_started = False
@@ -306,6 +307,7 @@ class DestPostcopy:
                 self.spill_usable = False
             self.ctl = await AsyncControl.connect(self.mount)
             self.poll = await AsyncControl.connect(self.mount)
+            self.inst = await AsyncControl.connect(self.mount)
         finally:
             self._prepared.set()
 
@@ -339,9 +341,11 @@ class DestPostcopy:
         await self.ch.send(p.SlotFree(tuple((s, g) for _f, _b, s, g in ev.refs)))
 
     async def install(self, ev: p.Blocks) -> None:
-        assert self.ctl is not None
-        await self.ctl.call("lazy_install", data=ev.data, file_id=ev.file_id,
-                            first_block=ev.first_block)
+        """A fetched block (a read waits for it): on its own connection, off the event
+        handler's queue."""
+        assert self.inst is not None
+        await self.inst.call("lazy_install", data=ev.data, file_id=ev.file_id,
+                             first_block=ev.first_block)
 
     async def _fetch(self, by_file: dict[int, list[int]]) -> None:
         limit = max(1, p.MAX_BLOCKS_DATA // self.block_size)
@@ -390,7 +394,7 @@ class DestPostcopy:
         return out
 
     async def aclose(self) -> None:
-        for c in (self.ctl, self.poll):
+        for c in (self.ctl, self.poll, self.inst):
             if c is not None:
                 with trio.move_on_after(1):
                     await c.aclose()
