@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 
@@ -162,7 +163,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise MigrationError("--resume and --resume-cmd exclude each other")
         if not os.path.exists(spec):
             raise MigrationError(f"--resume qemu:{spec}: no such file")
-        if shutil.which("qemu-system-x86_64") is None and not spec.endswith(".sock"):
+        if not stat.S_ISSOCK(os.stat(spec).st_mode) and shutil.which(
+                "qemu-system-x86_64") is None:
             raise MigrationError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
         qemu = os.path.abspath(spec)
     completed = trio.run(functools.partial(serve, mount, host, port, key, a.resume_cmd, a.once,

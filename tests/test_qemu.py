@@ -81,12 +81,14 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         pr.wait()
 
 
-@pytest.mark.parametrize(("cache", "postcopy"), [("writeback", False), ("none", False),
-                                                 ("writeback", True)],
-                         ids=["precopy-writeback", "precopy-cache-none", "postcopy"])
+@pytest.mark.parametrize(("cache", "postcopy", "attach"),
+                         [("writeback", False, False), ("none", False, False),
+                          ("writeback", True, False), ("writeback", False, True)],
+                         ids=["precopy-writeback", "precopy-cache-none", "postcopy",
+                              "precopy-own-destination-qemu"])
 def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Mount],
                                   tmp_path: Path, procs: list[subprocess.Popen[bytes]],
-                                  cache: str, postcopy: bool) -> None:
+                                  cache: str, postcopy: bool, attach: bool) -> None:
     src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
     dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
     key = tmp_path / "key"
@@ -107,7 +109,21 @@ def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Moun
     cmdline = tmp_path / "qemu-dst.cmdline"
     cmdline.write_text(" ".join(f"'{a}'" for a in qemu_argv(guest, "$MIGRATOR_MOUNT", con_dst,
                                                               cache)) + "\n")
-    s = Server(dst, key, "--resume", f"qemu:{cmdline}")
+    resume = f"qemu:{cmdline}"
+    if attach:  # a destination QEMU the user started, waiting with -incoming defer
+        for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
+            with open(dst.mnt / name, "wb") as f:
+                f.truncate(size)
+        qmp_dst = tmp_path / "qmp-dst.sock"
+        with open(tmp_path / "qemu-dst.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [*qemu_argv(guest, str(dst.mnt), con_dst, cache), "-S", "-incoming", "defer",
+                 "-qmp", f"unix:{qmp_dst},server=on,wait=off"], stdout=log, stderr=log))
+        deadline = time.monotonic() + 20
+        while not qmp_dst.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        resume = f"qemu:{qmp_dst}"
+    s = Server(dst, key, "--resume", resume)
     report = tmp_path / "report.json"
     extra = ["--postcopy", "--spill", str(tmp_path / "spill")] if postcopy else []
     try:
