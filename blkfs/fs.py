@@ -37,7 +37,8 @@ import trio
 from pyfuse3 import FUSEError
 
 from .absent import AbsentMap
-from .lazy import Postcopy
+from .lazy import LazyFile, Postcopy, invalidate
+from .spill import SpillArea
 from .tracker import FileIdentity, FileKey, FileTracker, SavedState
 
 log = logging.getLogger(__name__)
@@ -344,9 +345,6 @@ class BlkFS(pyfuse3.Operations):
         files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]],
     ) -> Postcopy:
         """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
-        from .lazy import LazyFile, invalidate
-        from .spill import SpillArea
-
         if self.postcopy is not None and not self.postcopy.done:
             raise ValueError(f"post-copy {self.postcopy.migration} is still running here")
         if block_size != 1 << self.shift:

@@ -66,6 +66,39 @@ def _wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _workdir(prefix: str) -> tuple[Path, Path]:
+    """A private work dir (its own blkfs runtime registry) and a fresh key in it."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["BLKFS_RUNTIME_DIR"] = str(work / "run")
+    key = work / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    key.chmod(0o600)
+    return work, key
+
+
+def _mount_hosts(work: Path, mounts: list[Path], *flags: str) -> tuple[Path, Path]:
+    """Two blkfs mounts, src and dst, standing for the two hosts (appended to `mounts`)."""
+    for side in ("src", "dst"):
+        (work / f"{side}-backing").mkdir()
+        (work / side).mkdir()
+        _blkfs("mount", str(work / f"{side}-backing"), str(work / side), *flags)
+        mounts.append(work / side)
+    return mounts[0], mounts[1]
+
+
+def _teardown(procs: list[subprocess.Popen[bytes]], mounts: list[Path], work: Path) -> None:
+    """Processes first (nothing may hold a mount), then the mounts, then the work dir."""
+    for pr in procs:
+        if pr.poll() is None:
+            pr.kill()
+            pr.wait()
+    for mnt in reversed(mounts):
+        r = subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def run_demo(a: argparse.Namespace) -> int:
     if a.vm == "qemu":
         return run_qemu_demo(a)
@@ -73,22 +106,12 @@ def run_demo(a: argparse.Namespace) -> int:
         disk, mem = parse_size(a.disk_size), parse_size(a.mem_size)
     except ValueError as exc:
         raise DemoError(str(exc)) from None
-    work = Path(tempfile.mkdtemp(prefix="migrator-demo-"))
-    os.environ["BLKFS_RUNTIME_DIR"] = str(work / "run")
-    key = work / "key"
-    key.write_bytes(os.urandom(32).hex().encode())
-    key.chmod(0o600)
+    work, key = _workdir("migrator-demo-")
     mounts: list[Path] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
         console.print(f"[bold]migrator demo[/] in {work}")
-        for side in ("src", "dst"):
-            (work / f"{side}-backing").mkdir()
-            (work / side).mkdir()
-            _blkfs("mount", str(work / f"{side}-backing"), str(work / side),
-                   "--heat-half-life", "5", "--static-heat", "2")
-            mounts.append(work / side)
-        src, dst = mounts
+        src, dst = _mount_hosts(work, mounts, "--heat-half-life", "5", "--static-heat", "2")
         console.print(f"source mount {src}, destination mount {dst} (two blkfs daemons)")
         # 64 KiB units: the VM's hot set is 10 % of blkfs's 64 KiB blocks
         _simvm("create", str(src), "--disk-size", str(disk), "--mem-size", str(mem),
@@ -157,15 +180,7 @@ def run_demo(a: argparse.Namespace) -> int:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
     finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait()
-        for mnt in reversed(mounts):
-            r = subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)], capture_output=True)
-            if r.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+        _teardown(procs, mounts, work)
 
 
 # -- a real QEMU guest -----------------------------------------------------------------------
@@ -207,11 +222,7 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
     """Boot a tiny Debian-kernel guest on one mount, migrate it live to the other."""
     if shutil.which("qemu-system-x86_64") is None and os.geteuid() != 0:
         raise DemoError("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
-    work = Path(tempfile.mkdtemp(prefix="migrator-qemu-demo-"))
-    os.environ["BLKFS_RUNTIME_DIR"] = str(work / "run")
-    key = work / "key"
-    key.write_bytes(os.urandom(32).hex().encode())
-    key.chmod(0o600)
+    work, key = _workdir("migrator-qemu-demo-")
     mounts: list[Path] = []
     pids: list[int] = []
     qemu_dirs: list[str] = []
@@ -225,12 +236,7 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
             raise DemoError(f"building the guest failed: "
                             f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
         guest = Path(r.stdout.strip().splitlines()[-1])
-        for side in ("src", "dst"):
-            (work / f"{side}-backing").mkdir()
-            (work / side).mkdir()
-            _blkfs("mount", str(work / f"{side}-backing"), str(work / side))
-            mounts.append(work / side)
-        src, dst = mounts
+        src, dst = _mount_hosts(work, mounts)
         for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
             with open(src / name, "wb") as f:
                 f.truncate(size)
@@ -298,12 +304,4 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
             _wait_gone(pid, 10)
         for d in qemu_dirs:
             shutil.rmtree(d, ignore_errors=True)
-        for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait()
-        for mnt in reversed(mounts):
-            r = subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)], capture_output=True)
-            if r.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+        _teardown(procs, mounts, work)

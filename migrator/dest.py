@@ -91,12 +91,11 @@ class DestSession:
         self.qemu_spec = qemu_spec
         self.qemu: QemuTarget | None = None
         self._qemu_ready = trio.Event()
-        self._qemu_error: str | None = None
         self.device_state = bytearray()
         self.spill_override = spill_override
         self.pc: DestPostcopy | None = None  # once the source announced post-copy
         self.committed = False
-        self.resumed = False  # pre-copy: the resume hook returned
+        self.resumed = False  # the resume hook returned: the VM runs here now
         self._nursery: trio.Nursery | None = None
         self.files: dict[int, _File] = {}
         self.block_size = 0
@@ -216,7 +215,6 @@ class DestSession:
         try:
             await trio.to_thread.run_sync(self.qemu.start)
         except (QemuError, QMPError) as exc:
-            self._qemu_error = str(exc)
             # Abort now, long before the source stops its VM.
             raise MigrationError(f"destination QEMU: {exc}") from None
         finally:
@@ -224,9 +222,7 @@ class DestSession:
 
     async def _resume(self) -> None:
         if self.qemu is not None:
-            await self._qemu_ready.wait()
-            if self._qemu_error:
-                raise MigrationError(f"destination QEMU: {self._qemu_error}")
+            await self._qemu_ready.wait()  # (a failed start has aborted the session)
             try:
                 await trio.to_thread.run_sync(self.qemu.incoming, bytes(self.device_state))
             except QemuError as exc:
@@ -285,7 +281,8 @@ class DestSession:
         with trio.CancelScope(shield=True):  # a lost source must not leave the hook half-run
             await self._resume()
         log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
-        self.pc.resumed.set()  # the VM runs here now, whatever happens to the source
+        self.resumed = True  # the VM runs here now, whatever happens to the source
+        self.pc.resumed.set()
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
         await self.ch.send(p.Resumed(ms))
 
@@ -363,8 +360,6 @@ class DestSession:
             assert self.pc is not None
             await self.pc.refs(ev)
         elif isinstance(ev, p.SpillFlushed):
-            assert self.pc is not None
-            self.pc.spill_flushed = True
             log.info("source: spill flushed (%d pages)", ev.pages)
         elif isinstance(ev, p.RoundDone):
             await ch.send(p.RoundAck(ev.round))
@@ -433,10 +428,9 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
             if not isinstance(exc, PeerAborted):
                 await ch.abort(msg)
-            resumed = session.pc.resumed.is_set() if session.pc is not None else session.resumed
-            if session.qemu is not None and not resumed:
+            if session.qemu is not None and not session.resumed:
                 session.qemu.abort()  # before cont: the source's QEMU goes on (invariant 3)
-            if (session.pc is not None and session.pc.resumed.is_set()
+            if (session.pc is not None and session.resumed
                     and not isinstance(exc, VerificationFailed)):
                 # After the resume the VM runs here: never roll back; finish what we can.
                 try:

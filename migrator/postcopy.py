@@ -67,13 +67,10 @@ def runs(blocks: Iterable[int], limit: int) -> list[Extent]:
 class SourceStats:
     pages: int = 0  # pages left absent at switchover
     spilled: int = 0
-    fetched_blocks: int = 0
-    fetches: int = 0
     slot_reuses: int = 0
     spill_flushed_s: float | None = None  # after Commit
     spilled_bytes: int = 0
     fetched_bytes: dict[int, int] = field(default_factory=dict)  # by file id
-    dest: dict[str, Any] = field(default_factory=dict)
 
 
 class SourcePostcopy:
@@ -97,7 +94,6 @@ class SourcePostcopy:
         self.stats = SourceStats(pages=len(self.todo))
         self._freed = trio.Event()
         self.resumed = trio.Event()
-        self.resumed_ms = 0.0
         self.t_commit = time.monotonic()
         self.on_flushed: Any = None  # callback, for the CLI's "spill flushed" line
 
@@ -123,7 +119,6 @@ class SourcePostcopy:
                     elif isinstance(ev, p.SlotFree):
                         self._release(ev)
                     elif isinstance(ev, p.Resumed):
-                        self.resumed_ms = ev.ms
                         self.resumed.set()
                     elif isinstance(ev, p.PostcopyDone):
                         result.update({f: getattr(ev, f) for f in ev.__dataclass_fields__})
@@ -139,7 +134,6 @@ class SourcePostcopy:
             if self.alloc.release(SlotRef(slot, h.generation)):
                 self.spill.mark_free(SlotRef(slot, h.generation), h)
         self.stats.slot_reuses = self.alloc.reuses
-        self.stats.dest = result
         return result
 
     async def _answer(self, ev: p.Fetch) -> None:
@@ -153,8 +147,6 @@ class SourcePostcopy:
             return
         for b in range(ev.first_block, ev.first_block + ev.count):
             self.done_blocks.add((ev.file_id, b))
-        self.stats.fetches += 1
-        self.stats.fetched_blocks += ev.count
         fb = self.stats.fetched_bytes
         fb[ev.file_id] = fb.get(ev.file_id, 0) + len(data)
         await self.ch.send(p.Blocks(ev.file_id, ev.first_block, data))
@@ -281,12 +273,10 @@ class DestPostcopy:
         self.ctl: AsyncControl | None = None
         self.poll: AsyncControl | None = None
         self.inst: AsyncControl | None = None  # fetched blocks: never queued behind refs
-        self.started = False
         self.begun = trio.Event()  # lazy mode is on in the daemon
         self.begin_started = False
         self._prepared = trio.Event()
         self.spill_usable = True
-        self.spill_flushed = False
         self.resumed = trio.Event()
         self.report: dict[str, Any] = {}
         self.digests: list[list[int]] = []
@@ -323,7 +313,6 @@ class DestPostcopy:
         await self.ctl.call("lazy_begin", migration=self.announce.migration,
                             block_size=self.block_size,
                             spill=self.spill_path if self.spill_usable else None, files=files)
-        self.started = True
         self.begun.set()
         log.info("lazy mode on: waited %.1f ms for the connections, lazy_begin %.1f ms",
                  (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)

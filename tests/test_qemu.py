@@ -70,6 +70,33 @@ def wait_ticks(console: Path, n: int, timeout: float) -> list[str]:
                             if console.exists() else "(no console)"))
 
 
+def two_hosts(mount_factory: Callable[..., Mount],
+              tmp_path: Path) -> tuple[Mount, Mount, Path]:
+    """Source and destination mounts, the key, and the guest's empty disk and RAM files."""
+    src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
+    dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
+    key = tmp_path / "key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o600)
+    for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
+        with open(src.mnt / name, "wb") as f:
+            f.truncate(size)
+    return src, dst, key
+
+
+def boot_source(guest: Path, src: Mount, tmp_path: Path, cache: str,
+                procs: list[subprocess.Popen[bytes]]) -> tuple[subprocess.Popen[bytes], Path,
+                                                               Path]:
+    """The source QEMU on `src`: (process, serial console file, QMP socket)."""
+    con_src, qmp_src = tmp_path / "console-src.log", tmp_path / "qmp-src.sock"
+    with open(tmp_path / "qemu-src.log", "wb") as log:
+        source = subprocess.Popen([*qemu_argv(guest, str(src.mnt), con_src, cache),
+                                   "-qmp", f"unix:{qmp_src},server=on,wait=off"],
+                                  stdout=log, stderr=log)
+    procs.append(source)
+    return source, con_src, qmp_src
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """QEMUs to kill before the mounts go (unmount only after QEMU has exited)."""
@@ -89,21 +116,9 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Mount],
                                   tmp_path: Path, procs: list[subprocess.Popen[bytes]],
                                   cache: str, postcopy: bool, attach: bool) -> None:
-    src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
-    key = tmp_path / "key"
-    key.write_text(os.urandom(32).hex())
-    key.chmod(0o600)
-    for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
-        with open(src.mnt / name, "wb") as f:
-            f.truncate(size)
-    con_src, con_dst = tmp_path / "console-src.log", tmp_path / "console-dst.log"
-    qmp_src = tmp_path / "qmp-src.sock"
-    with open(tmp_path / "qemu-src.log", "wb") as log:
-        source = subprocess.Popen([*qemu_argv(guest, str(src.mnt), con_src, cache),
-                                   "-qmp", f"unix:{qmp_src},server=on,wait=off"],
-                                  stdout=log, stderr=log)
-    procs.append(source)
+    src, dst, key = two_hosts(mount_factory, tmp_path)
+    source, con_src, qmp_src = boot_source(guest, src, tmp_path, cache, procs)
+    con_dst = tmp_path / "console-dst.log"
     before = wait_ticks(con_src, 2, 60)
     canary = re.search(r"CANARY (\w+)", con_src.read_text()).group(1)  # type: ignore[union-attr]
     cmdline = tmp_path / "qemu-dst.cmdline"
@@ -200,21 +215,8 @@ def test_destination_qemu_failure_conts_the_source(guest: Path,
                                                    tmp_path: Path,
                                                    procs: list[subprocess.Popen[bytes]]) -> None:
     """Invariant 3 with QEMU: the destination QEMU cannot start; the source guest goes on."""
-    src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
-    key = tmp_path / "key"
-    key.write_text(os.urandom(32).hex())
-    key.chmod(0o600)
-    for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
-        with open(src.mnt / name, "wb") as f:
-            f.truncate(size)
-    con_src = tmp_path / "console-src.log"
-    qmp_src = tmp_path / "qmp-src.sock"
-    with open(tmp_path / "qemu-src.log", "wb") as log:
-        source = subprocess.Popen([*qemu_argv(guest, str(src.mnt), con_src, "writeback"),
-                                   "-qmp", f"unix:{qmp_src},server=on,wait=off"],
-                                  stdout=log, stderr=log)
-    procs.append(source)
+    src, dst, key = two_hosts(mount_factory, tmp_path)
+    source, con_src, qmp_src = boot_source(guest, src, tmp_path, "writeback", procs)
     wait_ticks(con_src, 1, 60)
     cmdline = tmp_path / "bad.cmdline"
     cmdline.write_text(" ".join(qemu_argv(guest, "$MIGRATOR_MOUNT", tmp_path / "c.log",
