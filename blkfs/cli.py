@@ -10,8 +10,9 @@ import sys
 import time
 from typing import Any
 
+from . import ctlproto as cp
 from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
-from .cliutil import OneLineParser, non_negative, positive
+from .cliutil import OneLineParser, human_bytes, non_negative, positive, size_text
 from .control import ControlClient, ControlError, flush_file
 from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
 from .mount import MountOptions, QuietError
@@ -321,22 +322,7 @@ def _rel(mountpoint: str, file: str) -> str:
     return file
 
 
-def _kib(n: int) -> str:
-    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_extents(exts: list[list[int]], limit: int = 12) -> str:
+def _fmt_extents(exts: tuple[tuple[int, int], ...], limit: int = 12) -> str:
     parts = [f"{b}" if c == 1 else f"{b}-{b + c - 1}" for b, c in exts[:limit]]
     if len(exts) > limit:
         parts.append(f"... ({len(exts) - limit} more extents)")
@@ -350,21 +336,23 @@ def _print_json(obj: Any) -> None:
 
 def cmd_status(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
-        args = {} if a.static_heat is None else {"static_heat": a.static_heat}
-        st = c.call("status", **args)
+        st = c.call(cp.Status(static_heat=a.static_heat))
     if a.json:
-        _print_json(st)
+        _print_json(cp.to_dict(st))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     con = Console()
-    frozen = " (all frozen)" if st["frozen_all"] else ""
+    frozen = " (all frozen)" if st.frozen_all else ""
     con.print(
-        f"[bold]{a.mountpoint}[/] ← {st['backing']}  block size {_kib(st['block_size'])}, "
-        f"tracking {'on' if st['tracking'] else 'off'}, heat half-life "
-        f"{st['half_life']:g}s, static ≤ {st['static_heat']:g}{frozen}"
+        f"[bold]{a.mountpoint}[/] ← {st.backing}  block size {size_text(st.block_size)}, "
+        f"tracking {'on' if st.tracking else 'off'}, heat half-life "
+        f"{st.half_life:g}s, static ≤ {st.static_heat:g}{frozen}"
     )
+    if st.trust_lost:
+        con.print("[bold red]a write may have gone unmarked (see the daemon log): the tracking "
+                  "state will not be saved at unmount[/]")
     t = Table()
     for col, just in (
         ("file", "left"),
@@ -377,22 +365,14 @@ def cmd_status(a: argparse.Namespace) -> int:
         ("hottest blocks (heat)", "left"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for f in st["files"]:
-        if "blocks" not in f:
-            t.add_row(f["file"], _human(f["size"]), "-", "-", "-", "-", "-", "")
+    for f in st.files:
+        if f.blocks is None:
+            t.add_row(f.file, human_bytes(f.size), "-", "-", "-", "-", "-", "")
             continue
-        hot = ", ".join(f"{b} ({h:g})" for b, h in f["hottest"][:3])
-        name = f["file"] + (" [frozen]" if f["frozen"] else "")
-        t.add_row(
-            name,
-            _human(f["size"]),
-            str(f["blocks"]),
-            str(f["epoch"]),
-            str(f["dirty"]),
-            str(f["static"]),
-            str(f["dynamic"]),
-            hot,
-        )
+        hot = ", ".join(f"{b} ({h:g})" for b, h in f.hottest[:3])
+        name = f.file + (" [frozen]" if f.frozen else "")
+        t.add_row(name, human_bytes(f.size), str(f.blocks), str(f.epoch), str(f.dirty),
+                  str(f.static), str(f.dynamic), hot)
     con.print(t)
     return 0
 
@@ -413,15 +393,15 @@ def cmd_dirty(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
         if a.swap and not a.no_flush:
             _flush(a.mountpoint, rel)
-        d = c.call("dirty", file=rel, swap=a.swap)
+        d = c.call(cp.Dirty(rel, swap=a.swap))
     if a.json:
-        _print_json({k: d[k] for k in ("file", "epoch", "block_size", "extents")})
+        _print_json({k: v for k, v in cp.to_dict(d).items() if k != "size"})
         return 0
-    n = sum(c for _, c in d["extents"])
+    n = sum(c for _, c in d.extents)
     what = "ended" if a.swap else "current"
     print(
-        f"{d['file']}: {what} epoch {d['epoch']}: {n} dirty blocks of {_kib(d['block_size'])} "
-        f"({_human(n * d['block_size'])}): {_fmt_extents(d['extents'])}"
+        f"{d.file}: {what} epoch {d.epoch}: {n} dirty blocks of {size_text(d.block_size)} "
+        f"({human_bytes(n * d.block_size)}): {_fmt_extents(d.extents)}"
     )
     return 0
 
@@ -429,18 +409,17 @@ def cmd_dirty(a: argparse.Namespace) -> int:
 def cmd_heat(a: argparse.Namespace) -> int:
     rel = _rel(a.mountpoint, a.file)
     with ControlClient.for_mount(a.mountpoint) as c:
-        args = {} if a.static_heat is None else {"static_heat": a.static_heat}
-        h = c.call("heat", file=rel, **args)
+        h = c.call(cp.Heat(rel, static_heat=a.static_heat))
     if a.json:
-        _print_json(h)
+        _print_json(cp.to_dict(h))
         return 0
     print(
-        f"{h['file']}: {h['blocks']} blocks of {_kib(h['block_size'])}, half-life "
-        f"{h['half_life']:g}s: {h['static']} static (heat ≤ {h['static_heat']:g}), "
-        f"{h['dynamic']} dynamic"
+        f"{h.file}: {h.blocks} blocks of {size_text(h.block_size)}, half-life "
+        f"{h.half_life:g}s: {h.static} static (heat ≤ {h.static_heat:g}), "
+        f"{h.dynamic} dynamic"
     )
-    print(f"  dynamic: {_fmt_extents(h['dynamic_extents'])}")
-    runs = sorted(h["heat"], key=lambda e: -e[2])[:10]
+    print(f"  dynamic: {_fmt_extents(h.dynamic_extents)}")
+    runs = sorted(h.heat, key=lambda e: -e[2])[:10]
     if runs:
         print(
             "  hottest runs: "
@@ -450,44 +429,44 @@ def cmd_heat(a: argparse.Namespace) -> int:
 
 
 def cmd_freeze(a: argparse.Namespace) -> int:
-    files = [_rel(a.mountpoint, f) for f in a.files]
+    files = tuple(_rel(a.mountpoint, f) for f in a.files)
     with ControlClient.for_mount(a.mountpoint) as c:
-        r = c.call("freeze", files=files)
+        r = c.call(cp.Freeze(files))
     what = ", ".join(files) if files else "all files"
     print(
-        f"blkfs: froze {what} ({r['frozen']} tracked); writes wait until: blkfs thaw {a.mountpoint}"
+        f"blkfs: froze {what} ({r.count} tracked); writes wait until: blkfs thaw {a.mountpoint}"
     )
     return 0
 
 
 def cmd_thaw(a: argparse.Namespace) -> int:
-    files = [_rel(a.mountpoint, f) for f in a.files]
+    files = tuple(_rel(a.mountpoint, f) for f in a.files)
     with ControlClient.for_mount(a.mountpoint) as c:
-        c.call("thaw", files=files)
+        c.call(cp.Thaw(files))
     print(f"blkfs: thawed {', '.join(files) if files else 'all files'}")
     return 0
 
 
 def cmd_spill(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
-        r = c.call("spill", slots=a.slots)
+        r = c.call(cp.Spill(slots=a.slots))
     if a.json:
-        _print_json(r)
+        _print_json(cp.to_dict(r))
         return 0
-    if not r.get("exists"):
-        print(f"{r['path']}: {r['error']}")
-        return 0
-    print(f"spill area {r['path']} (migration {r['migration']}): {r['slots']} slots of "
-          f"{_kib(r['block_size'])}: {r['in_use']} in use, {r['free']} free (installed, content "
-          f"kept), {r['unused']} never used; highest generation {r['max_generation']}")
-    pc = r.get("postcopy")
-    if pc:
-        print(f"post-copy: {pc['remaining']} blocks absent, {pc['pages_via_spill']} + "
-              f"{pc['pages_via_drain']} installed from slots, {pc['pages_via_demand_fetch']} "
-              f"fetched; {pc['demand_faults']} faults (p99 {pc['demand_fault_p99_ms']} ms); "
-              f"{pc['generation_mismatches']} generation and {pc['hash_mismatches']} hash "
-              f"mismatches refused; {pc['missing_count']} missing")
-    for slot, file_id, block, gen, flags in r.get("slot_headers", []):
+    if not r.exists:
+        print(f"{r.path}: {r.error}")
+    else:
+        print(f"spill area {r.path} (migration {r.migration}): {r.slots} slots of "
+              f"{size_text(r.block_size)}: {r.in_use} in use, {r.free} free (installed, "
+              f"content kept), {r.unused} never used; highest generation {r.max_generation}")
+    pc = r.postcopy
+    if pc is not None:
+        print(f"post-copy: {pc.remaining} blocks absent, {pc.pages_via_spill} + "
+              f"{pc.pages_via_drain} installed from slots, {pc.pages_via_demand_fetch} "
+              f"fetched; {pc.demand_faults} faults (p99 {pc.demand_fault_p99_ms} ms); "
+              f"{pc.generation_mismatches} generation and {pc.hash_mismatches} hash "
+              f"mismatches refused; {pc.missing_count} missing")
+    for slot, file_id, block, gen, flags in r.slot_headers:
         state = "free" if flags & 2 else "in use" if flags & 1 else "writing"
         print(f"  slot {slot}: file {file_id} block {block} generation {gen} {state}")
     return 0

@@ -1,4 +1,4 @@
-"""Argument parsing shared by the `blkfs` and `migrator` commands."""
+"""Argument parsing and number formatting shared by the `blkfs` and `migrator` commands."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def _number(convert: Callable[[str], float], ok: Callable[[float], bool],
 positive = _number(float, lambda v: v > 0, "a positive number")
 non_negative = _number(float, lambda v: v >= 0, "a number >= 0")
 count = _number(int, lambda v: v >= 0, "a whole number >= 0")
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 1.5 MiB, 3.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def size_text(n: int) -> str:
+    """A size as the options take it: 64K, 1M, 16G (exact), else plain bytes."""
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -1,7 +1,4 @@
-"""The control socket: a Unix stream socket speaking newline-delimited JSON.
-
-Request ``{"op": "dirty", "file": "disk.raw", "swap": true}``; answer
-``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
+"""The control socket: a Unix stream socket speaking the protocol of blkfs.ctlproto.
 
 Only the daemon's owner and root may talk to it (invariant 6): the socket is
 0600 inside a 0700 runtime directory, and every connection's peer
@@ -9,36 +6,36 @@ credentials (SO_PEERCRED) are checked before anything is read.
 
 The server runs in the daemon's trio loop, on the same thread as the FUSE
 handlers, so an op sees the trackers between two handler steps, never in the
-middle of one.  The client is plain blocking sockets, for CLIs and scripts.
+middle of one.  It talks to the tracking state (Registry) and to lazy mode,
+never to the FUSE class.  Two clients share the codec: a blocking one for CLIs
+and scripts, a trio one for the migrator.
 """
 
 from __future__ import annotations
 
 import ctypes
-import inspect
-import json
 import logging
 import os
 import socket
 import stat
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from . import ctlproto as cp
+from .ctlproto import ControlError
+from .lazy import LazyError, LazyMode
+from .registry import META_NAME, Registry
 from .runtime import DaemonInfo, mount_fstype
-
-if TYPE_CHECKING:
-    from .fs import BlkFS
-    from .tracker import FileTracker
+from .spill import SpillArea, SpillError, unpack_refs
+from .tracker import FileTracker
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 1 << 20  # bytes in one request line
-MAX_DATA = 16 << 20  # bytes of binary payload after a request line ("data_len")
-LAZY_WAIT_MAX = 5.0  # seconds a lazy_wait long poll may hold the connection
 HOTTEST = 5
 
 
@@ -65,33 +62,35 @@ def flush_file(path: str) -> None:
         os.close(fd)
 
 
-class ControlError(Exception):
-    """A request the daemon refused, with a message meant for the user."""
-
-
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
 
 
-class Controller:
-    """The ops of the control socket, over a BlkFS instance."""
+Extents = tuple[tuple[int, int], ...]
 
-    def __init__(self, fs: BlkFS, info: DaemonInfo) -> None:
-        self.fs = fs
+
+class Controller:
+    """The ops of the control socket, over a mount's Registry and LazyMode."""
+
+    def __init__(self, registry: Registry, lazy: LazyMode, info: DaemonInfo,
+                 faults: Callable[[], int] = lambda: 0) -> None:
+        self.registry = registry
+        self.lazy = lazy
         self.info = info
+        self.faults = faults
 
     # -- helpers -------------------------------------------------------------
 
-    def _resolve(self, rel: Any) -> tuple[str, FileTracker]:
-        if not isinstance(rel, str) or not rel:
+    def _resolve(self, rel: str) -> tuple[str, FileTracker]:
+        if not rel:
             raise ControlError("a FILE relative to the mount is required")
         p = PurePosixPath(rel)
         if p.is_absolute() or ".." in p.parts:
             raise ControlError(f"{rel!r}: give the file relative to the mount, without '..'")
-        if p.parts and p.parts[0] == ".blkfs":
+        if p.parts and p.parts[0] == META_NAME:
             raise ControlError(f"no such file {rel!r} under {self.info.mountpoint}")
-        backing = self.fs.backing
+        backing = self.registry.backing
         full = os.path.realpath(os.path.join(backing, rel))
         if os.path.commonpath([full, backing]) != backing:
             raise ControlError(f"{rel!r} leads outside the mount")
@@ -106,264 +105,171 @@ class Controller:
             raise ControlError(f"{rel!r} is not a regular file: only regular files are tracked")
         self._need_tracking()
         relpath = os.path.relpath(full, backing)
-        return relpath, self.fs.tracker_for((st.st_dev, st.st_ino), st, relpath)
+        return relpath, self.registry.tracker_for((st.st_dev, st.st_ino), st, relpath)
 
     def _need_tracking(self) -> None:
-        if not self.fs.tracking:
+        if not self.registry.tracking:
             raise ControlError(
                 f"{self.info.mountpoint} is mounted with --no-tracking: "
                 "remount without it to track writes"
             )
 
-    def _threshold(self, args: dict[str, Any]) -> float:
-        t = args.get("static_heat")
-        if t is None:
-            return self.fs.static_heat
-        if not isinstance(t, (int, float)) or t < 0:
-            raise ControlError("static_heat must be a number >= 0")
-        return float(t)
+    def _threshold(self, t: float | None) -> float:
+        return self.registry.static_heat if t is None else t
 
-    def _trackers(self, files: Any) -> list[FileTracker] | None:
-        if files is None or files == []:
-            return None
-        if not isinstance(files, list):
-            raise ControlError("files must be a list of paths")
-        return [self._resolve(f)[1] for f in files]
+    def _trackers(self, files: tuple[str, ...]) -> list[FileTracker] | None:
+        return [self._resolve(f)[1] for f in files] if files else None
 
     # -- ops -----------------------------------------------------------------
 
-    def op_info(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "mountpoint": self.info.mountpoint,
-            "backing": self.fs.backing,
-            "block_size": 1 << self.fs.shift,
-            "tracking": self.fs.tracking,
-            "half_life": self.fs.half_life,
-            "static_heat": self.fs.static_heat,
-            "frozen_all": self.fs.frozen_all,
-            "faults": self.fs.faults,
-        }
+    def info_reply(self) -> dict[str, Any]:
+        reg = self.registry
+        return {"pid": os.getpid(), "mountpoint": self.info.mountpoint,
+                "backing": reg.backing, "block_size": reg.block_size,
+                "tracking": reg.tracking, "half_life": reg.half_life,
+                "static_heat": reg.static_heat, "frozen_all": reg.frozen_all,
+                "faults": self.faults(), "trust_lost": reg.trust_lost}
 
-    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        threshold = self._threshold(args)
-        self.fs.settle_heat()
+    def op_info(self, req: cp.Info) -> cp.InfoReply:
+        return cp.InfoReply(**self.info_reply())
+
+    def op_status(self, req: cp.Status) -> cp.StatusReply:
+        threshold = self._threshold(req.static_heat)
+        self.registry.settle_heat()
         now = time.monotonic()
         files = []
-        for rel, st, tr in self.fs.tracked_files():
-            entry: dict[str, Any] = {"file": rel, "size": st.st_size}
-            if tr is not None:
-                static, dynamic = tr.heat.split(tr.nblocks, threshold, now)
-                entry.update(
-                    block_size=tr.block_size,
-                    blocks=tr.nblocks,
-                    epoch=tr.bitmap.epoch,
-                    dirty=tr.bitmap.count(),
-                    static=static,
-                    dynamic=dynamic,
-                    hottest=[[b, round(h, 3)] for b, h in tr.heat.hottest(HOTTEST, now)],
-                    writes=tr.writes,
-                    frozen=tr.frozen,
-                    restored=tr.restored,
-                )
-            files.append(entry)
-        return {**self.op_info(args), "static_heat": threshold, "files": files}
+        for rel, st, tr in self.registry.tracked_files():
+            if tr is None:
+                files.append(cp.FileStatus(rel, st.st_size))
+                continue
+            static, dynamic = tr.heat.split(tr.nblocks, threshold, now)
+            files.append(cp.FileStatus(
+                rel, st.st_size, block_size=tr.block_size, blocks=tr.nblocks,
+                epoch=tr.bitmap.epoch, dirty=tr.bitmap.count(), static=static, dynamic=dynamic,
+                hottest=tuple((b, round(h, 3)) for b, h in tr.heat.hottest(HOTTEST, now)),
+                writes=tr.writes, frozen=tr.frozen, restored=tr.restored))
+        return cp.StatusReply(**{**self.info_reply(), "static_heat": threshold},
+                              files=tuple(files))
 
-    def op_dirty(self, args: dict[str, Any]) -> dict[str, Any]:
-        rel, tr = self._resolve(args.get("file"))
-        if args.get("swap"):
+    def op_dirty(self, req: cp.Dirty) -> cp.DirtyReply:
+        rel, tr = self._resolve(req.file)
+        if req.swap:
             epoch, exts = tr.swap()
         else:
             epoch, exts = tr.bitmap.epoch, tr.dirty_extents()
-        return {
-            "file": rel,
-            "epoch": epoch,
-            "block_size": tr.block_size,
-            "size": tr.size,
-            "extents": [list(e) for e in exts],
-        }
+        return cp.DirtyReply(rel, epoch, tr.block_size, tr.size, tuple(exts))
 
-    def op_clear(self, args: dict[str, Any]) -> dict[str, Any]:
+    def op_clear(self, req: cp.Clear) -> cp.ClearReply:
         """Clear the dirty marks of some blocks before reading them (see FileTracker.clear)."""
-        rel, tr = self._resolve(args.get("file"))
-        exts = args.get("extents")
-        if not isinstance(exts, list) or not all(
-            isinstance(e, list) and len(e) == 2 and all(type(x) is int and x >= 0 for x in e)
-            for e in exts
-        ):
-            raise ControlError("extents must be a list of [first_block, count] pairs")
-        tr.clear([(f, c) for f, c in exts])
-        return {"file": rel, "epoch": tr.bitmap.epoch}
+        rel, tr = self._resolve(req.file)
+        tr.clear(list(req.extents))
+        return cp.ClearReply(rel, tr.bitmap.epoch)
 
-    def op_heat(self, args: dict[str, Any]) -> dict[str, Any]:
-        rel, tr = self._resolve(args.get("file"))
-        threshold = self._threshold(args)
+    def op_heat(self, req: cp.Heat) -> cp.HeatReply:
+        rel, tr = self._resolve(req.file)
+        threshold = self._threshold(req.static_heat)
         now = time.monotonic()
         tr.settle_heat(now)
         static, dynamic = tr.heat.split_extents(tr.nblocks, threshold, now)
-        return {
-            "file": rel,
-            "block_size": tr.block_size,
-            "blocks": tr.nblocks,
-            "half_life": self.fs.half_life,
-            "static_heat": threshold,
-            "static": sum(c for _, c in static),
-            "dynamic": sum(c for _, c in dynamic),
-            "static_extents": [list(e) for e in static],
-            "dynamic_extents": [list(e) for e in dynamic],
-            "heat": [list(e) for e in tr.heat.extents(now)],
-        }
+        return cp.HeatReply(
+            rel, tr.block_size, tr.nblocks, self.registry.half_life, threshold,
+            sum(c for _, c in static), sum(c for _, c in dynamic), tuple(static),
+            tuple(dynamic), tuple(tr.heat.extents(now)))
 
-    def op_freeze(self, args: dict[str, Any]) -> dict[str, Any]:
+    def op_freeze(self, req: cp.Freeze) -> cp.Count:
         self._need_tracking()
-        return {"frozen": self.fs.freeze(self._trackers(args.get("files")))}
+        return cp.Count(self.registry.freeze(self._trackers(req.files)))
 
-    def op_thaw(self, args: dict[str, Any]) -> dict[str, Any]:
+    def op_thaw(self, req: cp.Thaw) -> cp.Count:
         self._need_tracking()
-        return {"thawed": self.fs.thaw(self._trackers(args.get("files")))}
+        return cp.Count(self.registry.thaw(self._trackers(req.files)))
 
     # -- spill area and post-copy (docs/spill.md) ---------------------------------
 
-    def op_spill(self, args: dict[str, Any]) -> dict[str, Any]:
-        from .spill import SpillArea, SpillError
-
-        path = self.fs.spill_dir
+    def op_spill(self, req: cp.Spill) -> cp.SpillReply:
+        path = self.lazy.spill_dir
         if not path:
             raise ControlError(f"{self.info.mountpoint} has no spill area: mount with --spill DIR, "
                                "or start a post-copy migration")
+        pc = self.lazy.current
+        running: dict[str, Any] = {} if pc is None else {
+            "postcopy_migration": pc.migration, "postcopy": pc.report()}
         try:
             area = SpillArea.open(path)
         except SpillError as exc:
-            return {"path": path, "exists": False, "error": str(exc)}
+            return cp.SpillReply(path, exists=False, error=str(exc), **running)
         try:
-            out: dict[str, Any] = {"exists": True, **area.summary()}
-            if args.get("slots"):
-                out["slot_headers"] = [
-                    [i, h.file_id, h.block, h.generation, h.flags]
-                    for i, h in enumerate(area.scan()) if h.generation]
+            headers: tuple[tuple[int, int, int, int, int], ...] = ()
+            if req.slots:
+                headers = tuple((i, h.file_id, h.block, h.generation, h.flags)
+                                for i, h in enumerate(area.scan()) if h.generation)
+            return cp.SpillReply(exists=True, **area.summary(), slot_headers=headers, **running)
         finally:
             area.close()
-        pc = self.fs.postcopy
-        if pc is not None:
-            out["postcopy"] = {"migration": pc.migration, **pc.report()}
-        return out
 
-    def _postcopy(self) -> Any:
-        pc = self.fs.postcopy
-        if pc is None:
-            raise ControlError("no post-copy is running on this mount")
-        return pc
-
-    async def op_lazy_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        """{migration, block_size, spill, files: [{file_id, file, extents}]}"""
-        from .spill import SpillError
-
-        files = args.get("files")
-        if not isinstance(files, list) or not files:
-            raise ControlError("files must be a non-empty list")
+    async def op_lazy_begin(self, req: cp.LazyBegin) -> cp.Remaining:
         todo = []
-        for f in files:
-            if not isinstance(f, dict) or type(f.get("file_id")) is not int:
-                raise ControlError("each file needs file_id, file and extents")
-            rel, tr = self._resolve(f.get("file"))
-            exts = f.get("extents")
-            if not isinstance(exts, list) or not all(
-                    isinstance(e, list) and len(e) == 2 and all(type(x) is int and x >= 0
-                                                                 for x in e) for e in exts):
-                raise ControlError("extents must be a list of [first_block, count] pairs")
-            todo.append((f["file_id"], rel, tr, [(a, b) for a, b in exts]))
-        try:
-            pc = await self.fs.begin_postcopy(str(args.get("migration")),
-                                              int(args.get("block_size", 0)),
-                                              args.get("spill"), todo)
-        except (ValueError, SpillError) as exc:
-            raise ControlError(str(exc)) from None
-        return {"remaining": pc.remaining}
+        for f in req.files:
+            rel, tr = self._resolve(f.file)
+            todo.append((f.file_id, rel, tr, list(f.extents)))
+        pc = await self.lazy.begin(self.registry.backing, req.migration, req.block_size,
+                                   req.spill, todo)
+        return cp.Remaining(pc.remaining)
 
-    def op_lazy_refs(self, args: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
-        """Spill refs as binary (file_id u32, block u64, slot u32, generation u64), big-endian."""
-        pc = self._postcopy()
-        if len(data) % _REF.size:
-            raise ControlError(f"refs payload of {len(data)} bytes is not {_REF.size}-byte records")
+    def op_lazy_refs(self, req: cp.LazyRefs) -> cp.Remaining:
+        pc = self.lazy.require()
         try:
-            pc.add_refs(list(_REF.iter_unpack(data)))
+            pc.add_refs(unpack_refs(req.data))
         except ValueError as exc:
             raise ControlError(str(exc)) from None
-        return {"remaining": pc.remaining}
+        return cp.Remaining(pc.remaining)
 
-    def op_lazy_install(self, args: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
-        pc = self._postcopy()
-        file_id, first = args.get("file_id"), args.get("first_block")
-        if type(file_id) is not int or type(first) is not int or first < 0:
-            raise ControlError("lazy_install needs file_id and first_block")
+    def op_lazy_install(self, req: cp.LazyInstall) -> cp.Installed:
+        pc = self.lazy.require()
         try:
-            n = pc.install_fetched(file_id, first, data)
+            n = pc.install_fetched(req.file_id, req.first_block, req.data)
         except ValueError as exc:
             raise ControlError(str(exc)) from None
-        return {"installed": n, "remaining": pc.remaining}
+        return cp.Installed(n, pc.remaining)
 
-    async def op_lazy_wait(self, args: dict[str, Any]) -> dict[str, Any]:
-        t = args.get("timeout", 1.0)
-        if not isinstance(t, (int, float)) or not 0 <= t <= LAZY_WAIT_MAX:
-            raise ControlError(f"timeout must be 0..{LAZY_WAIT_MAX} s")
-        return await self._postcopy().wait_news(float(t))
+    async def op_lazy_wait(self, req: cp.LazyWait) -> cp.News:
+        return await self.lazy.require().wait_news(req.timeout)
 
-    def op_lazy_report(self, args: dict[str, Any]) -> dict[str, Any]:
-        pc = self._postcopy()
-        out = pc.report()
-        if args.get("digests"):
-            out["digests"] = pc.digests()
-        return out
+    def op_lazy_report(self, req: cp.LazyReport) -> cp.LazyReportReply:
+        pc = self.lazy.require()
+        return cp.LazyReportReply(pc.report(), pc.digests() if req.digests else ())
 
-    async def op_lazy_source_lost(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._postcopy().lose_source()
+    async def op_lazy_source_lost(self, req: cp.LazySourceLost) -> cp.SourceLostReply:
+        found, news = await self.lazy.require().lose_source()
+        return cp.SourceLostReply(found, news)
 
     # -- dispatch ------------------------------------------------------------------
 
-    async def dispatch(self, line: bytes, data: bytes = b"",
-                       req: Any = None) -> dict[str, Any]:
+    async def dispatch(self, req: cp.Request) -> Any:
+        """The reply to `req`, or the ControlError to answer."""
         try:
-            if req is None:
-                req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                raise ControlError('a request is a JSON object with an "op" string')
-            fn = getattr(self, "op_" + req["op"], None)
-            if fn is None:
-                raise ControlError(f"unknown op {req['op']!r}")
-            if req["op"] in _DATA_OPS:
-                result = fn(req, data)
-            elif data:
-                raise ControlError(f"op {req['op']!r} takes no data")
-            else:
-                result = fn(req)
-            if inspect.isawaitable(result):
+            result = OPS[type(req)](self, req)
+            if isinstance(result, Awaitable):
                 result = await result
-            return {"ok": True, "result": result}
+            return result
         except ControlError as exc:
-            return {"ok": False, "error": str(exc)}
-        except ValueError:
-            return {"ok": False, "error": "request is not valid JSON"}
+            return exc
+        except LazyError as exc:
+            return ControlError(str(exc))
         except Exception as exc:
-            log.exception("control request %r failed", line[:200])
-            return {"ok": False, "error": f"internal error: {exc!r} (see the daemon log)"}
+            log.exception("control request %s failed", req.OP)
+            return ControlError(f"internal error: {exc!r} (see the daemon log)")
 
 
-_DATA_OPS = {"lazy_refs", "lazy_install"}
-_REF = struct.Struct(">IQIQ")  # a spill ref in lazy_refs: file_id, block, slot, generation
-
-
-def pack_refs(refs: list[tuple[int, int, int, int]]) -> bytes:
-    return b"".join(_REF.pack(*r) for r in refs)
-
-
-def _request(line: bytes) -> tuple[Any, int]:
-    """The parsed request (None if not JSON) and the payload bytes that follow it."""
-    try:
-        req = json.loads(line)
-    except ValueError:
-        return None, 0
-    n = req.get("data_len", 0) if isinstance(req, dict) else 0
-    return req, n if type(n) is int and 0 <= n <= MAX_DATA else 0
+OPS: dict[type[cp.Request], Callable[[Controller, Any], Any]] = {
+    cp.Info: Controller.op_info, cp.Status: Controller.op_status, cp.Dirty: Controller.op_dirty,
+    cp.Clear: Controller.op_clear, cp.Heat: Controller.op_heat, cp.Freeze: Controller.op_freeze,
+    cp.Thaw: Controller.op_thaw, cp.Spill: Controller.op_spill,
+    cp.LazyBegin: Controller.op_lazy_begin, cp.LazyRefs: Controller.op_lazy_refs,
+    cp.LazyInstall: Controller.op_lazy_install, cp.LazyWait: Controller.op_lazy_wait,
+    cp.LazyReport: Controller.op_lazy_report, cp.LazySourceLost: Controller.op_lazy_source_lost,
+}
+assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 
 
 async def serve(controller: Controller, path: str, *, task_status: Any = None) -> None:
@@ -390,35 +296,20 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
                 if uid not in (0, owner):
                     log.warning("control: refused uid %d (owner is %d)", uid, owner)
                     msg = f"permission denied: uid {uid} does not own this blkfs daemon"
-                    await stream.send_all(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
+                    await stream.send_all(cp.encode_reply(ControlError(msg)))
                     with trio.move_on_after(1):  # let the peer read the reason before we close
-                        await stream.receive_some(MAX_REQUEST)
+                        await stream.receive_some(cp.MAX_REQUEST)
                     return
-                buf = b""
-                while True:
-                    data = await stream.receive_some(1 << 20)
+                reader = cp.RequestReader()
+                while not reader.closed:
+                    data = await stream.receive_some(max(1 << 20, reader.wants()))
                     if not data:
                         return
-                    buf += data
-                    while b"\n" in buf:
-                        line, rest = buf.split(b"\n", 1)
-                        req, need = _request(line)
-                        if len(rest) < need:  # a binary payload follows the line
-                            acc = bytearray(rest)
-                            while len(acc) < need:
-                                more = await stream.receive_some(max(need - len(acc), 65536))
-                                if not more:
-                                    return
-                                acc += more
-                            rest = bytes(acc)
-                        payload, buf = rest[:need], rest[need:]
-                        reply = await controller.dispatch(line, payload, req)
-                        await stream.send_all(json.dumps(reply).encode() + b"\n")
-                    if len(buf) > MAX_REQUEST:
-                        await stream.send_all(
-                            json.dumps({"ok": False, "error": "request too large"}).encode() + b"\n"
-                        )
-                        return
+                    reader.feed(data)
+                    for req in reader:
+                        reply = req if isinstance(req, ControlError) else (
+                            await controller.dispatch(req))
+                        await stream.send_all(cp.encode_reply(reply))
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 return
 
@@ -480,29 +371,26 @@ class ControlClient:
             raise ControlError(
                 f"permission denied on {path}: only the daemon's owner and root may use it"
             ) from None
-        self._buf = b""
+        self._buf = bytearray()
 
     @classmethod
     def for_mount(cls, mountpoint: str, timeout: float = 60.0) -> ControlClient:
         return cls(find_socket(mountpoint), timeout)
 
-    def call(self, op: str, data: bytes = b"", **args: Any) -> Any:
-        if data:
-            args["data_len"] = len(data)
+    def call(self, req: cp.Request) -> Any:
+        """Send `req`, return its typed reply; ControlError with the daemon's message."""
         try:
-            self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n" + data)
-            while b"\n" not in self._buf:
+            self.sock.sendall(cp.encode_request(req))
+            while (end := self._buf.find(b"\n")) == -1:
                 data = self.sock.recv(1 << 20)
                 if not data:
                     raise ControlError(f"the blkfs daemon on {self.path} closed the connection")
                 self._buf += data
         except OSError as exc:
             raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}") from None
-        line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "unknown error"))
-        return reply["result"]
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
+        return cp.decode_reply(line, req)
 
     def close(self) -> None:
         self.sock.close()
@@ -512,3 +400,46 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncControlClient:
+    """The trio client (the migrator's destination side): requests on one connection are
+    answered in order, so a lock keeps each request and its reply together."""
+
+    def __init__(self, stream: trio.SocketStream, path: str) -> None:
+        self.stream = stream
+        self.path = path
+        self._buf = bytearray()
+        self._lock = trio.Lock()
+
+    @classmethod
+    async def for_mount(cls, mountpoint: str, sndbuf: int | None = None) -> AsyncControlClient:
+        path = find_socket(mountpoint)
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as exc:
+            raise DaemonNotRunning(f"cannot reach the blkfs daemon of {mountpoint}: {exc}"
+                                   ) from None
+        if sndbuf:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        return cls(stream, path)
+
+    async def call(self, req: cp.Request) -> Any:
+        async with self._lock:
+            try:
+                await self.stream.send_all(cp.encode_request(req))
+                while (end := self._buf.find(b"\n")) == -1:
+                    chunk = await self.stream.receive_some(1 << 20)
+                    if not chunk:
+                        raise ControlError(f"the blkfs daemon on {self.path} closed the "
+                                           "connection (did it crash?)")
+                    self._buf += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}"
+                                   ) from None
+            line = bytes(self._buf[:end])
+            del self._buf[:end + 1]
+        return cp.decode_reply(line, req)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -36,10 +35,9 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .absent import AbsentMap
-from .lazy import LazyFile, Postcopy, invalidate
-from .spill import SpillArea
-from .tracker import FileIdentity, FileKey, FileTracker, SavedState
+from .lazy import BlockMissing, LazyMode
+from .registry import Registry
+from .tracker import FileKey, FileTracker
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +62,29 @@ def _fchown_fd(fd: int, uid: int, gid: int) -> None:
     _check(_libc.fchownat(fd, b"", uid, gid, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
 
 
+def _utimens_fd(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    """Set the times of the object an O_PATH fd refers to, a symlink itself included."""
+    times = (_Timespec * 2)((atime_ns // 10**9, atime_ns % 10**9),
+                            (mtime_ns // 10**9, mtime_ns % 10**9))
+    _check(_libc.utimensat(fd, b"", times, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _invalidate_inode(ino: int) -> None:
+    """Drop the kernel's cached pages of `ino` (from a worker thread, never the loop: it can
+    block under the writeback cache)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # the kernel does not know the inode: nothing cached
+            raise
+
+
 def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> None:
     _check(_libc.renameat2(olddir, old, newdir, new, ctypes.c_uint(flags)))
-
-
-_now = time.monotonic
 
 
 def _proc(fd: int) -> str:
@@ -129,35 +145,21 @@ class DirHandle:
 
 
 class BlkFS(pyfuse3.Operations):
+    """The FUSE handlers; tracking state lives in the Registry, post-copy in LazyMode."""
+
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(
-        self,
-        backing: str,
-        *,
-        shift: int,
-        half_life: float,
-        static_heat: float,
-        tracking: bool = True,
-        xattr: bool = False,
-        saved: SavedState | None = None,
-        spill_dir: str | None = None,
-    ) -> None:
+    def __init__(self, registry: Registry, *, xattr: bool = False,
+                 spill_dir: str | None = None) -> None:
         super().__init__()
-        self.backing = os.path.realpath(backing)
-        self.shift = shift
-        self.half_life = half_life
-        self.static_heat = static_heat
-        self.tracking = tracking
+        self.registry = registry
+        self.backing = registry.backing
+        self.tracking = registry.tracking
         self.xattr = xattr
-        self.saved = saved or SavedState.empty()
         self.faults = 0  # internal errors answered EIO
-        self.spill_dir = os.path.realpath(spill_dir) if spill_dir else None
-        self.postcopy: Postcopy | None = None  # lazy mode of an incoming post-copy
-        self.nursery: trio.Nursery | None = None  # for background tasks (the drain)
-        self.frozen_all = False
+        self.lazy = LazyMode(registry.shift, self._invalidate, spill_dir)
         self.root_fd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(self.root_fd)
         self.root_dev = st.st_dev
@@ -169,11 +171,6 @@ class BlkFS(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
-        self.trackers: dict[FileKey, FileTracker] = {}
-        self._thaw_events: dict[FileKey, trio.Event] = {}
-        # Last known path (relative) of tracked files whose inode the kernel forgot,
-        # or that were reached only through the control socket: unmount needs them.
-        self.paths: dict[FileKey, str] = {}
 
     # -- inodes -----------------------------------------------------------------
 
@@ -237,12 +234,8 @@ class BlkFS(pyfuse3.Operations):
     def _drop(self, node: Node) -> None:
         if node.tracker is not None:
             try:
-                if os.fstat(node.fd).st_nlink == 0:
-                    # Deleted: its inode number may be reused by a new file.
-                    self.trackers.pop(node.key, None)
-                    self.paths.pop(node.key, None)
-                else:
-                    self.paths[node.key] = self._relpath(node.fd)
+                gone = os.fstat(node.fd).st_nlink == 0
+                self.registry.forget(node.key, None if gone else self._relpath(node.fd))
             except OSError:
                 pass
         del self._nodes[node.ino]
@@ -253,16 +246,16 @@ class BlkFS(pyfuse3.Operations):
         if b"/" in name or name in (b"", b".", b".."):
             raise FUSEError(errno.EINVAL)
         if parent == pyfuse3.ROOT_INODE and (
-                name == META_NAME or (name == SPILL_NAME and self.spill_dir)):
+                name == META_NAME or (name == SPILL_NAME and self.lazy.spill_dir)):
             raise FUSEError(errno.EPERM)
         if self._node(parent).readonly:
             raise FUSEError(errno.EROFS)
 
     def _spill_stat(self) -> os.stat_result | None:
-        if not self.spill_dir:
+        if not self.lazy.spill_dir:
             return None
         try:
-            return os.stat(self.spill_dir)
+            return os.stat(self.lazy.spill_dir)
         except OSError:
             return None
 
@@ -272,157 +265,42 @@ class BlkFS(pyfuse3.Operations):
 
     # -- tracking -----------------------------------------------------------------
 
-    def tracker_for(self, key: FileKey, st: os.stat_result, path: str | None = None) -> FileTracker:
-        """The tracker of a regular file, restored from saved state or all-dirty."""
-        if path is not None:
-            self.paths[key] = path
-        tr = self.trackers.get(key)
-        if tr is None:
-            now = time.monotonic()
-            tr = self.saved.take(key, st, self.shift, half_life=self.half_life, now=now)
-            if tr is None:
-                tr = FileTracker(
-                    key, st.st_size, self.shift, half_life=self.half_life, now=now, all_dirty=True
-                )
-            tr.frozen = self.frozen_all
-            self.trackers[key] = tr
-        return tr
-
     def _tracker_of(self, node: Node) -> FileTracker | None:
         if not self.tracking or not node.is_reg or node.readonly:
             return None
         tr = node.tracker
         if tr is None:
-            tr = node.tracker = self.tracker_for(node.key, os.fstat(node.fd))
+            tr = node.tracker = self.registry.tracker_for(node.key, os.fstat(node.fd))
         return tr
 
-    def settle_heat(self) -> None:
-        """Count the writes logged since the last settle into the heat of their blocks."""
-        now = _now()
-        for tr in self.trackers.values():
-            tr.settle_heat(now)
+    def live_fds(self) -> dict[FileKey, int]:
+        """An fd on every inode the kernel still knows, by key (for saving the state)."""
+        return {n.key: n.fd for n in self._nodes.values()}
 
-    async def settle_heat_forever(self, interval: float = 1.0) -> None:
-        """Settle heat every `interval` s, so a write's heat is dated within that."""
-        while True:
-            await trio.sleep(interval)
-            self.settle_heat()
-
-    async def wait_thawed(self, tr: FileTracker) -> None:
-        while tr.frozen:
-            ev = self._thaw_events.get(tr.key)
-            if ev is None:
-                ev = self._thaw_events[tr.key] = trio.Event()
-            await ev.wait()
-
-    def freeze(self, trackers: list[FileTracker] | None) -> int:
-        """Hold writes to these files (all when None) until thaw.
-
-        Returns once no write to them is in flight: a write handler marks its
-        blocks without awaiting after it passed the freeze check, so every
-        write that passed the check has already been marked when we run.
-        """
-        if trackers is None:
-            self.frozen_all = True
-            trackers = list(self.trackers.values())
-        for tr in trackers:
-            tr.frozen = True
-        return len(trackers)
-
-    def thaw(self, trackers: list[FileTracker] | None) -> int:
-        if trackers is None:
-            self.frozen_all = False
-            trackers = list(self.trackers.values())
-        for tr in trackers:
-            tr.frozen = False
-            ev = self._thaw_events.pop(tr.key, None)
-            if ev is not None:
-                ev.set()
-        return len(trackers)
-
-    async def begin_postcopy(
-        self, migration: str, block_size: int, spill_path: str | None,
-        files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]],
-    ) -> Postcopy:
-        """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
-        if self.postcopy is not None and not self.postcopy.done:
-            raise ValueError(f"post-copy {self.postcopy.migration} is still running here")
-        if block_size != 1 << self.shift:
-            raise ValueError(f"the migration uses {block_size}-byte blocks, this mount "
-                             f"{1 << self.shift}: mount the destination with --block-size "
-                             f"{block_size}")
-        spill = SpillArea.open(spill_path, migration) if spill_path else None
-        if self.postcopy is not None:
-            self.postcopy.close()
-        pc = Postcopy(migration, block_size, spill)
-        inos = []
-        for file_id, rel, tr, extents in files:
-            fd = os.open(os.path.join(self.backing, rel), os.O_RDWR | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            lf = LazyFile(file_id, rel, tr.key, self._nodeid_of(st), fd,
-                          AbsentMap(tr.nblocks, self.shift, extents), st.st_size)
-            pc.add_file(lf)
-            inos.append(lf.ino)
-        self.postcopy = pc
-        if spill_path:
-            self.spill_dir = os.path.realpath(spill_path)
-        for file_id, _rel, tr, _ext in files:  # reads wait from now on ...
-            tr.lazy = pc.by_id[file_id]
-        for ino in inos:  # ... and none is answered from the page cache
-            await trio.to_thread.run_sync(invalidate, ino)
-        if self.nursery is not None:
-            self.nursery.start_soon(pc.drain_forever)
-        log.info("post-copy %s: %d absent blocks in %d files, spill %s", migration,
-                 pc.remaining, len(files), spill_path)
-        return pc
-
-    def _nodeid_of(self, st: os.stat_result) -> int:
-        ino = self._by_key.get((st.st_dev, st.st_ino))
+    async def _invalidate(self, key: FileKey) -> None:
+        """Drop the kernel's cached pages of a file (LazyMode changes files behind it)."""
+        ino = self._by_key.get(key)
         if ino is not None:
-            return ino
-        return st.st_ino if st.st_dev == self.root_dev else 0
+            await trio.to_thread.run_sync(_invalidate_inode, ino)
 
-    def tracked_files(self) -> list[tuple[str, os.stat_result, FileTracker | None]]:
-        """Every regular file under the backing dir (metadata dir excluded)."""
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.backing):
-            if dirpath == self.backing and META_NAME.decode() in dirnames:
-                dirnames.remove(META_NAME.decode())
-            dirnames.sort()
-            for fn in sorted(filenames):
-                path = os.path.join(dirpath, fn)
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                rel = os.path.relpath(path, self.backing)
-                tr = self.tracker_for((st.st_dev, st.st_ino), st, rel) if self.tracking else None
-                out.append((rel, st, tr))
-        return out
+    def _write_fault(self, of: OpenFile, what: str) -> None:
+        """An internal error in a handler that may have changed a tracked file's content or
+        size: the tracker cannot say what reached the backing file (invariant 5)."""
+        if of.tracker is None:
+            return
+        try:
+            size: int | None = os.fstat(of.fd).st_size
+        except OSError:
+            size = None
+        self.registry.mark_unsafe(of.tracker, f"internal error in {what}")
+        if size is not None and of.tracker.size < size:
+            of.tracker.mark_all(size)
 
-    def save_records(self) -> list[dict[str, Any]]:
-        """Records of every tracker whose file still exists, for the state file."""
-        now = time.monotonic()
-        records: list[dict[str, Any]] = []
-        live = {n.key: n for n in self._nodes.values()}
-        for key, tr in self.trackers.items():
-            node = live.get(key)
-            try:
-                if node is not None:
-                    st, path = os.fstat(node.fd), self._relpath(node.fd)
-                elif key in self.paths:
-                    path = self.paths[key]
-                    st = os.lstat(os.path.join(self.backing, path))
-                else:
-                    continue
-            except OSError:
-                continue
-            if st.st_nlink == 0 or (st.st_dev, st.st_ino) != key:
-                continue  # deleted, or the name now holds another file
-            records.append(tr.to_record(FileIdentity.of(st), path, now))
-        return records
+    @staticmethod
+    def _resized(tr: FileTracker, size: int) -> None:
+        tr.on_resize(size)
+        if tr.lazy is not None:
+            tr.lazy.resize(size, tr.nblocks)
 
     # -- FUSE: inodes and attributes ----------------------------------------------
 
@@ -438,7 +316,7 @@ class BlkFS(pyfuse3.Operations):
             sst = self._spill_stat() if name == SPILL_NAME else None
             if sst is None:
                 raise FUSEError(errno.ENOENT)
-            return self._lookup_entry(None, os.fsencode(self.spill_dir or ""), sst, True)
+            return self._lookup_entry(None, os.fsencode(self.lazy.spill_dir or ""), sst, True)
         st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
         return self._lookup_entry(p.fd, name, st, p.readonly)
 
@@ -476,20 +354,17 @@ class BlkFS(pyfuse3.Operations):
         if fields.update_size:
             tr = self._tracker_of(node)
             if tr is not None and tr.frozen:
-                await self.wait_thawed(tr)
-            if tr is not None and tr.lazy is not None and self.postcopy is not None:
+                await self.registry.wait_thawed(tr)
+            if tr is not None and tr.lazy is not None:
                 # The block that the new end cuts keeps its head: install it first.
-                await self.postcopy.ensure(tr.lazy, attr.st_size, 1)
+                await self.lazy.ensure(tr.lazy, attr.st_size, 1)
             of = self._files.get(fh) if fh is not None else None
             if of is not None:
                 os.ftruncate(of.fd, attr.st_size)
             else:
                 os.truncate(path, attr.st_size)
             if tr is not None:
-                tr.on_resize(attr.st_size)
-                if tr.lazy is not None:
-                    tr.lazy.size = attr.st_size
-                    tr.lazy.absent.truncate(tr.nblocks)
+                self._resized(tr, attr.st_size)
         if fields.update_mode:
             if is_link:
                 raise FUSEError(errno.EOPNOTSUPP)
@@ -499,12 +374,13 @@ class BlkFS(pyfuse3.Operations):
             gid = attr.st_gid if fields.update_gid else -1
             _fchown_fd(node.fd, uid, gid)
         if fields.update_atime or fields.update_mtime:
-            if is_link:
-                raise FUSEError(errno.EOPNOTSUPP)
             cur = os.fstat(node.fd)
             atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
-            os.utime(path, ns=(atime, mtime))
+            if is_link:  # the link's own times, as ext4 sets them (utimensat on the O_PATH fd)
+                _utimens_fd(node.fd, atime, mtime)
+            else:
+                os.utime(path, ns=(atime, mtime))
         return self._entry(inode, os.fstat(node.fd))
 
     @handler
@@ -642,7 +518,8 @@ class BlkFS(pyfuse3.Operations):
                     sst = self._spill_stat()
                     if sst is None:
                         continue
-                    child = self._attach(None, os.fsencode(self.spill_dir or ""), sst, True)
+                    child = self._attach(None, os.fsencode(self.lazy.spill_dir or ""), sst,
+                                         True)
                     if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, sst), i + 1):
                         if child.lookups == 0:
                             self._drop(child)
@@ -696,13 +573,10 @@ class BlkFS(pyfuse3.Operations):
             raise FUSEError(errno.EROFS)
         tr = self._tracker_of(node)
         if flags & os.O_TRUNC and tr is not None and tr.frozen:
-            await self.wait_thawed(tr)
+            await self.registry.wait_thawed(tr)
         fd = os.open(_proc(node.fd), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
         if flags & os.O_TRUNC and tr is not None:
-            tr.on_resize(0)
-            if tr.lazy is not None:
-                tr.lazy.size = 0
-                tr.lazy.absent.truncate(0)
+            self._resized(tr, 0)
         # keep_cache: another opener (a migrator, `cat`) must not drop the
         # pages a hypervisor has mapped; the daemon is the only writer.
         return pyfuse3.FileInfo(fh=self._new_fh(fd, tr), keep_cache=True)
@@ -727,12 +601,7 @@ class BlkFS(pyfuse3.Operations):
         node = self._nodes[entry.st_ino]
         tr = None
         if self.tracking:
-            # A new file: never inherit a tracker or a saved record from an earlier
-            # file that had the same (reused) inode number.
-            self.saved.records.pop(node.key, None)
-            tr = FileTracker(node.key, 0, self.shift, half_life=self.half_life, now=_now())
-            tr.frozen = self.frozen_all
-            self.trackers[node.key] = node.tracker = tr
+            tr = node.tracker = self.registry.new_file(node.key)
         return pyfuse3.FileInfo(fh=self._new_fh(fd, tr), keep_cache=True), entry
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -740,11 +609,12 @@ class BlkFS(pyfuse3.Operations):
             of = self._files[fh]
             tr = of.tracker
             if tr is not None and tr.lazy is not None and tr.lazy.absent.count:
-                assert self.postcopy is not None
-                await self.postcopy.ensure(tr.lazy, off, size)  # never a stale page
+                await self.lazy.ensure(tr.lazy, off, size)  # never a stale page
             return os.pread(of.fd, size, off)
         except FUSEError:
             raise
+        except BlockMissing:
+            raise FUSEError(errno.EIO) from None
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
@@ -760,21 +630,25 @@ class BlkFS(pyfuse3.Operations):
             if tr is None:
                 return os.pwrite(of.fd, buf, off)
             if tr.frozen:
-                await self.wait_thawed(tr)
+                await self.registry.wait_thawed(tr)
             if tr.lazy is not None and tr.lazy.absent.count:
-                assert self.postcopy is not None
                 # Install first: the write lands on the block's final content.
-                await self.postcopy.ensure(tr.lazy, off, len(buf))
+                await self.lazy.ensure(tr.lazy, off, len(buf))
             n = os.pwrite(of.fd, buf, off)
             tr.on_write(off, n)  # after the data reached the backing file
             return n
         except FUSEError:
             raise
+        except BlockMissing:
+            raise FUSEError(errno.EIO) from None
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             self.faults += 1
             log.exception("internal error in write(fh=%d, off=%d, len=%d)", fh, off, len(buf))
+            of = self._files.get(fh)
+            if of is not None:
+                self._write_fault(of, f"write(fh={fh}, off={off}, len={len(buf)})")
             raise FUSEError(errno.EIO) from None
 
     @handler

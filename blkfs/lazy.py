@@ -1,8 +1,9 @@
 """Destination lazy mode (post-copy): absent blocks, served from spill slots or fetched.
 
 The migrator (``migrator serve``) turns it on for some files with the
-``lazy_begin`` control op, before the VM resumes.  From then on, inside the
-daemon's trio loop:
+``lazy_begin`` control op, before the VM resumes (`LazyMode.begin`: it opens the
+backing files, makes their trackers point here, drops the kernel's cached pages and
+starts the drain).  From then on, inside the daemon's trio loop:
 
 * a read or write that touches an absent block waits (``ensure``) until the
   block is installed — first from its spill slot if the migrator told us one
@@ -18,30 +19,27 @@ daemon's trio loop:
 
 If the source is lost (``lazy_source_lost``), the spill headers are scanned
 for every absent block; what the spill holds is installed, the rest is
-*missing*: reads of it fail with EIO (never zeros) and the list is reported.
+*missing*: reads of it raise BlockMissing, which the FUSE layer answers with EIO
+(never zeros), and the list is reported.  Nothing here knows FUSE.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-import pyfuse3
 import trio
 import xxhash
-from pyfuse3 import FUSEError
 
 from .absent import AbsentMap
+from .ctlproto import MAX_LISTED, News, PostcopyStats
 from .spill import FLAG_FILLED, SlotRef, SpillArea, SpillError
-
-if TYPE_CHECKING:
-    from .tracker import FileKey
+from .tracker import FileKey, FileTracker
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +47,41 @@ DRAIN_BATCH = 32  # slots read per thread hop by the drain
 MAX_LATENCIES = 1 << 16
 
 
+class LazyError(Exception):
+    """Lazy mode cannot do what was asked; the message is for the user."""
+
+
+class BlockMissing(Exception):
+    """An absent block that no one can supply any more (the source is lost)."""
+
+
 @dataclass
 class LazyFile:
     file_id: int
     rel: str
     key: FileKey
-    ino: int
     fd: int  # read-write fd on the backing file: installs go here
     absent: AbsentMap
     size: int
     refs: dict[int, SlotRef] = field(default_factory=dict)  # block -> slot told by the source
     digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was installed
     missing: set[int] = field(default_factory=set)  # absent, and no one can supply it any more
+
+    def resize(self, size: int, nblocks: int) -> None:
+        """The file was truncated or extended through the mount."""
+        self.size = size
+        self.absent.truncate(nblocks)
+
+
+@dataclass
+class _Counts:
+    demand_faults: int = 0
+    pages_via_spill: int = 0
+    pages_via_drain: int = 0
+    pages_via_demand_fetch: int = 0
+    generation_mismatches: int = 0
+    hash_mismatches: int = 0
+    refs_received: int = 0
 
 
 class Postcopy:
@@ -82,11 +103,7 @@ class Postcopy:
         self.source_lost = False
         self.started = time.monotonic()
         self.finished_at: float | None = None
-        self.stats: dict[str, int] = {
-            "demand_faults": 0, "pages_via_spill": 0, "pages_via_demand_fetch": 0,
-            "pages_via_drain": 0, "generation_mismatches": 0, "hash_mismatches": 0,
-            "refs_received": 0,
-        }
+        self.counts = _Counts()
         self.fault_ms: list[float] = []
 
     # -- setup ---------------------------------------------------------------------
@@ -117,8 +134,7 @@ class Postcopy:
 
     # -- the only writer of absent blocks -----------------------------------------------
 
-    def install(self, lf: LazyFile, block: int, data: bytes, via: str,
-                digest: int | None = None) -> bool:
+    def install(self, lf: LazyFile, block: int, data: bytes, digest: int | None = None) -> bool:
         """Write the block's final content and make it present; False if it already was."""
         if not lf.absent.is_absent(block):
             return False
@@ -132,7 +148,6 @@ class Postcopy:
         lf.absent.install(block)
         lf.digests[block] = digest if digest is not None else xxhash.xxh3_64_intdigest(page)
         lf.missing.discard(block)
-        self.stats["pages_via_" + via] += 1
         ref = lf.refs.pop(block, None)
         if ref is not None:
             self._freed.append((ref.slot, ref.generation))
@@ -153,7 +168,7 @@ class Postcopy:
         if not blocks:
             return
         t0 = time.monotonic()
-        self.stats["demand_faults"] += 1
+        self.counts.demand_faults += 1
         while True:
             blocks = [b for b in blocks if lf.absent.is_absent(b)]
             if not blocks:
@@ -162,7 +177,7 @@ class Postcopy:
             if lost:
                 log.error("read of %s block %d: missing (source lost before it was spilled)",
                           lf.rel, lost[0])
-                raise FUSEError(errno.EIO)
+                raise BlockMissing(f"{lf.rel} block {lost[0]}")
             mine = [b for b in blocks if (lf.file_id, b) not in self._pending]
             for b in mine:
                 self._pending[(lf.file_id, b)] = trio.Event()
@@ -181,7 +196,7 @@ class Postcopy:
         """Blocks this task took on: from their slots when possible, else wanted."""
         with_ref = [b for b in blocks if b in lf.refs] if self.spill is not None else []
         if with_ref:
-            await self._from_spill(lf, with_ref, "spill")
+            await self._from_spill(lf, with_ref, drain=False)
         rest = [b for b in blocks if lf.absent.is_absent(b)]
         if rest:
             self._want(lf, rest)
@@ -200,7 +215,7 @@ class Postcopy:
             if ev is not None:
                 ev.set()  # its waiters see it missing and answer EIO
 
-    async def _from_spill(self, lf: LazyFile, blocks: list[int], via: str) -> None:
+    async def _from_spill(self, lf: LazyFile, blocks: list[int], drain: bool) -> None:
         """Read these blocks' slots in one thread hop; install what passes the checks."""
         spill = self.spill
         assert spill is not None
@@ -217,8 +232,11 @@ class Postcopy:
         for (b, ref), page in zip(refs, pages, strict=True):
             if page is None:
                 self._refused(lf, b, ref)
-            elif lf.absent.is_absent(b):
-                self.install(lf, b, page, via, digest=xxhash.xxh3_64_intdigest(page))
+            elif self.install(lf, b, page, digest=xxhash.xxh3_64_intdigest(page)):
+                if drain:
+                    self.counts.pages_via_drain += 1
+                else:
+                    self.counts.pages_via_spill += 1
             elif lf.refs.get(b) == ref:  # installed meanwhile: the slot is free anyway
                 del lf.refs[b]
                 self._freed.append((ref.slot, ref.generation))
@@ -228,13 +246,16 @@ class Postcopy:
         assert self.spill is not None
         try:
             h = self.spill.header(ref.slot)
-            kind = ("hash_mismatches" if h.generation == ref.generation and h.flags & FLAG_FILLED
-                    else "generation_mismatches")
+            torn = h.generation == ref.generation and h.flags & FLAG_FILLED
         except (OSError, SpillError):
-            kind = "generation_mismatches"
-        self.stats[kind] += 1
-        log.warning("spill slot %d (generation %d) for %s block %d refused (%s); fetching it",
-                    ref.slot, ref.generation, lf.rel, block, kind.replace("_", " "))
+            torn = False
+        if torn:
+            self.counts.hash_mismatches += 1
+        else:
+            self.counts.generation_mismatches += 1
+        log.warning("spill slot %d (generation %d) for %s block %d refused (%s mismatch); "
+                    "fetching it", ref.slot, ref.generation, lf.rel, block,
+                    "hash" if torn else "generation")
         if lf.refs.get(block) == ref:
             del lf.refs[block]  # never try that slot again
 
@@ -246,7 +267,7 @@ class Postcopy:
             lf = self.by_id.get(file_id)
             if lf is None or not 0 <= slot < (self.spill.nslots if self.spill else 0):
                 raise ValueError(f"bad spill ref {(file_id, block, slot, gen)}")
-            self.stats["refs_received"] += 1
+            self.counts.refs_received += 1
             ref = SlotRef(slot, gen)
             if not lf.absent.is_absent(block):
                 self._freed.append((slot, gen))  # fetched already: free at once
@@ -265,45 +286,45 @@ class Postcopy:
         n = 0
         for i in range(0, max(len(data), 1), bs):
             b = first + i // bs
-            if self.install(lf, b, data[i:i + bs], "demand_fetch"):
+            if self.install(lf, b, data[i:i + bs]):
                 n += 1
+        self.counts.pages_via_demand_fetch += n
         return n
 
-    def take_news(self) -> dict[str, Any]:
+    def take_news(self) -> News:
         wanted, self._wanted = self._wanted, []
         freed, self._freed = self._freed, []
         self._news = trio.Event()
-        return {
-            "wanted": [list(w) for w in wanted],
-            "freed": [list(f) for f in freed],
-            "remaining": self.remaining,
-            "done": self.done,
-            "source_lost": self.source_lost,
-            "missing": [[rel, b] for rel, b in self.missing()[:1000]],
-            "missing_count": sum(len(lf.missing) for lf in self.files.values()),
-        }
+        return News(wanted=tuple(wanted), freed=tuple(freed), remaining=self.remaining,
+                    done=self.done, source_lost=self.source_lost,
+                    missing=tuple(self.missing()[:MAX_LISTED]),
+                    missing_count=sum(len(lf.missing) for lf in self.files.values()))
 
-    async def wait_news(self, timeout: float) -> dict[str, Any]:
+    async def wait_news(self, timeout: float) -> News:
         if not (self._wanted or self._freed or self.done):
             with trio.move_on_after(timeout):
                 await self._news.wait()
         return self.take_news()
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> PostcopyStats:
         lat = sorted(self.fault_ms)
-        return {
-            **self.stats,
-            "remaining": self.remaining,
-            "demand_fault_p50_ms": round(_pct(lat, 50), 3),
-            "demand_fault_p99_ms": round(_pct(lat, 99), 3),
-            "postcopy_s": round((self.finished_at or time.monotonic()) - self.started, 3),
-            "missing_count": sum(len(lf.missing) for lf in self.files.values()),
-        }
+        c = self.counts
+        return PostcopyStats(
+            demand_faults=c.demand_faults, pages_via_spill=c.pages_via_spill,
+            pages_via_drain=c.pages_via_drain, pages_via_demand_fetch=c.pages_via_demand_fetch,
+            generation_mismatches=c.generation_mismatches, hash_mismatches=c.hash_mismatches,
+            refs_received=c.refs_received, remaining=self.remaining,
+            missing_count=sum(len(lf.missing) for lf in self.files.values()),
+            demand_fault_p50_ms=round(_pct(lat, 50), 3),
+            demand_fault_p99_ms=round(_pct(lat, 99), 3),
+            postcopy_s=round((self.finished_at or time.monotonic()) - self.started, 3))
 
-    def digests(self) -> list[list[int]]:
-        return [[lf.file_id, b, d] for lf in self.files.values() for b, d in lf.digests.items()]
+    def digests(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((lf.file_id, b, d) for lf in self.files.values()
+                     for b, d in lf.digests.items())
 
-    async def lose_source(self) -> dict[str, Any]:
+    async def lose_source(self) -> tuple[int, News]:
+        """Returns (pages found in the spill headers, the news)."""
         """The source is gone: complete from the spill headers, name what is missing."""
         self.source_lost = True
         found = 0
@@ -335,7 +356,7 @@ class Postcopy:
             log.error("post-copy %s: source lost; %d blocks missing (first: %s block %d)",
                       self.migration, len(missing), *missing[0])
         self._notify()
-        return {"found_in_spill": found, **self.take_news()}
+        return found, self.take_news()
 
     # -- the drain ---------------------------------------------------------------------
 
@@ -363,7 +384,7 @@ class Postcopy:
                 by_file.setdefault(file_id, []).append(b)
             for file_id, blocks in by_file.items():
                 lf = self.by_id[file_id]
-                await self._from_spill(lf, blocks, "drain")
+                await self._from_spill(lf, blocks, drain=True)
                 rest = [b for b in blocks if lf.absent.is_absent(b)]
                 if rest:
                     self._want(lf, rest)  # refused slots: fetch them
@@ -387,15 +408,81 @@ def _pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[k - 1]
 
 
-def invalidate(ino: int) -> None:
-    """Drop the kernel's cached pages of `ino` (call from a worker thread, never the loop).
+class LazyMode:
+    """The daemon's side of post-copy: at most one incoming migration's Postcopy at a time.
 
-    Pages the migrator wrote through the mount in earlier rounds may sit in the
-    page cache with content older than the block's final one; a read must reach
-    the daemon so it waits for the install.
+    `invalidate(key)` drops the kernel's cached pages of a file (the FUSE layer's job);
+    `nursery` (set by the mount) runs the drain.
     """
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:  # the kernel does not know the inode: nothing cached
+
+    def __init__(self, block_shift: int,
+                 invalidate: Callable[[FileKey], Awaitable[None]],
+                 spill_dir: str | None = None) -> None:
+        self.shift = block_shift
+        self._invalidate = invalidate
+        self.spill_dir = os.path.realpath(spill_dir) if spill_dir else None
+        self.current: Postcopy | None = None
+        self.nursery: trio.Nursery | None = None
+        self._trackers: list[FileTracker] = []  # those whose .lazy points into `current`
+
+    def require(self) -> Postcopy:
+        if self.current is None:
+            raise LazyError("no post-copy is running on this mount")
+        return self.current
+
+    async def ensure(self, lf: LazyFile, offset: int, length: int) -> None:
+        """Wait until the blocks that a read or write touches are present."""
+        if lf.absent.count:
+            await self.require().ensure(lf, offset, length)
+
+    async def begin(self, backing: str, migration: str, block_size: int,
+                    spill_path: str | None,
+                    files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]]
+                    ) -> Postcopy:
+        """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
+        if self.current is not None and not self.current.done:
+            raise LazyError(f"post-copy {self.current.migration} is still running here")
+        if block_size != 1 << self.shift:
+            raise LazyError(f"the migration uses {block_size}-byte blocks, this mount "
+                            f"{1 << self.shift}: mount the destination with --block-size "
+                            f"{block_size}")
+        try:
+            spill = SpillArea.open(spill_path, migration) if spill_path else None
+        except SpillError as exc:
+            raise LazyError(str(exc)) from None
+        self.close()
+        pc = Postcopy(migration, block_size, spill)
+        try:
+            for file_id, rel, tr, extents in files:
+                fd = os.open(os.path.join(backing, rel), os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    absent = AbsentMap(tr.nblocks, self.shift, extents)
+                except ValueError as exc:
+                    os.close(fd)
+                    raise LazyError(f"{rel}: {exc}") from None
+                pc.add_file(LazyFile(file_id, rel, tr.key, fd, absent, os.fstat(fd).st_size))
+        except BaseException:
+            pc.close()
             raise
+        self.current = pc
+        if spill_path:
+            self.spill_dir = os.path.realpath(spill_path)
+        for file_id, _rel, tr, _ext in files:  # reads wait from now on ...
+            tr.lazy = pc.by_id[file_id]
+            self._trackers.append(tr)
+        for lf in pc.files.values():  # ... and none is answered from the page cache
+            await self._invalidate(lf.key)
+        if self.nursery is not None:
+            self.nursery.start_soon(pc.drain_forever)
+        log.info("post-copy %s: %d absent blocks in %d files, spill %s", migration,
+                 pc.remaining, len(files), spill_path)
+        return pc
+
+    def close(self) -> None:
+        """End the current post-copy (done, or the mount goes away)."""
+        for tr in self._trackers:
+            tr.lazy = None
+        self._trackers.clear()
+        if self.current is not None:
+            self.current.close()
+            self.current = None

@@ -3,8 +3,16 @@
 Order matters for invariant 5: the saved tracking state is read and removed
 before the filesystem is mounted, and written again only after a clean end
 (unmounted by ``fusermount3 -u`` / ``blkfs umount``, or SIGTERM/SIGINT) once
-the kernel can no longer send writes.  A crash leaves no state, so the next
-mount reports every block dirty.
+the kernel can no longer send writes, and only if no write may have gone
+unmarked (``Registry.trust_lost``).  A crash leaves no state, so the next mount
+reports every block dirty.
+
+The whole lifecycle is one ``AsyncExitStack`` (the s3ql model): the nursery
+first, then each resource with its cleanup pushed right after it is taken, so
+teardown runs in reverse order whatever stops the daemon; ``pyfuse3.close``
+unmounts only after a clean end (after a crash the mount point stays dead,
+ENOTCONN, until ``fusermount3 -u``, rather than be unmounted by a daemon in an
+unknown state).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import pyfuse3
@@ -22,8 +31,9 @@ import trio
 from . import control
 from .bitmap import check_block_size
 from .fs import META_NAME, BlkFS
+from .registry import Registry
 from .runtime import DaemonInfo, default_socket, ensure_runtime_dir, mount_fstype
-from .tracker import SavedState, load_state, save_state
+from .tracker import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -152,25 +162,6 @@ class _Ready:
                 self.fd = None
 
 
-async def _serve(fs: BlkFS, info: DaemonInfo, ready: _Ready) -> None:
-    async with trio.open_nursery() as nursery:
-        fs.nursery = nursery
-        await nursery.start(control.serve, control.Controller(fs, info), info.control)
-        nursery.start_soon(_stop_on_signals)
-        nursery.start_soon(fs.settle_heat_forever)
-        info.write()
-        ready.send("ok")
-        log.info(
-            "serving %s on %s (block size %d, tracking %s)",
-            fs.backing,
-            info.mountpoint,
-            1 << fs.shift,
-            "on" if fs.tracking else "off",
-        )
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-
-
 async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
@@ -194,65 +185,80 @@ def run_daemon(opts: MountOptions, ready_fd: int | None, foreground: bool) -> in
 def _run(opts: MountOptions, ready: _Ready, foreground: bool) -> int:
     os.makedirs(opts.meta_dir, mode=0o700, exist_ok=True)
     lock_fd = _take_lock(opts.meta_dir)
-    setup_logging(opts, foreground)
-    shift = check_block_size(opts.block_size)
-    # Consume the saved state before mounting: from here on a crash means all-dirty.
-    saved = load_state(opts.meta_dir, opts.block_size)
-    if not opts.tracking:
-        saved = SavedState.empty()
-    fs = BlkFS(
-        opts.backing,
-        shift=shift,
-        half_life=opts.half_life,
-        static_heat=opts.static_heat,
-        tracking=opts.tracking,
-        xattr=opts.xattr,
-        saved=saved,
-        spill_dir=opts.spill,
-    )
-    mnt = os.path.realpath(opts.mountpoint)
-    info = DaemonInfo(
-        pid=os.getpid(),
-        mountpoint=mnt,
-        backing=fs.backing,
-        control=opts.control or default_socket(mnt),
-        block_size=opts.block_size,
-        tracking=opts.tracking,
-    )
-    ensure_runtime_dir()
-    fuse_opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    fuse_opts |= {"fsname=blkfs:" + fs.backing, "subtype=blkfs"}
-    if opts.allow_other:
-        fuse_opts.add("allow_other")
-    os.umask(0)  # create() gets the caller's mode with its umask already applied
     try:
-        pyfuse3.init(fs, mnt, fuse_opts)
-    except RuntimeError as exc:
-        if saved.records:  # nothing was written: put the consumed state back
-            save_state(opts.meta_dir, opts.block_size, list(saved.records.values()))
-        os.close(lock_fd)
-        raise QuietError(f"cannot mount {mnt}: {exc}") from None
-    clean = False
-    try:
-        trio.run(_serve, fs, info, ready)
-        clean = True
+        setup_logging(opts, foreground)
+        # Consume the saved state before mounting: from here on a crash means all-dirty.
+        saved = load_state(opts.meta_dir, opts.block_size) if opts.tracking else None
+        registry = Registry(opts.backing, shift=check_block_size(opts.block_size),
+                            half_life=opts.half_life, static_heat=opts.static_heat,
+                            tracking=opts.tracking, saved=saved)
+        trio.run(_main, opts, registry, ready)
+    except QuietError:
+        raise
     except BaseException:
-        log.exception(
-            "daemon stopped by an error: tracking state will not be saved "
-            "(the next mount reports every block dirty)"
-        )
+        log.exception("the daemon stopped by an error")
         raise
     finally:
-        pyfuse3.close(unmount=True)
-        if fs.postcopy is not None:
-            fs.postcopy.close()
-        fs.close_all()
-        info.remove()
-        if clean and opts.tracking:
-            records = fs.save_records() + list(fs.saved.records.values())
-            path = save_state(opts.meta_dir, opts.block_size, records)
-            log.info(
-                "unmounted cleanly; tracking state of %d files saved to %s", len(records), path
-            )
         os.close(lock_fd)
     return 0
+
+
+async def _main(opts: MountOptions, registry: Registry, ready: _Ready) -> None:
+    clean = False  # pyfuse3.main() returned: unmounted, or SIGTERM
+    serving = False  # the kernel may have sent requests
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        fs = BlkFS(registry, xattr=opts.xattr, spill_dir=opts.spill)
+        stack.callback(fs.close_all)
+        fs.lazy.nursery = nursery
+        stack.callback(fs.lazy.close)
+        mnt = os.path.realpath(opts.mountpoint)
+        info = DaemonInfo(pid=os.getpid(), mountpoint=mnt, backing=registry.backing,
+                          control=opts.control or default_socket(mnt),
+                          block_size=opts.block_size, tracking=opts.tracking)
+        ensure_runtime_dir()
+        fuse_opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+        fuse_opts |= {"fsname=blkfs:" + registry.backing, "subtype=blkfs"}
+        if opts.allow_other:
+            fuse_opts.add("allow_other")
+        os.umask(0)  # create() gets the caller's mode with its umask already applied
+        try:
+            pyfuse3.init(fs, mnt, fuse_opts)
+        except RuntimeError as exc:
+            if registry.saved.records:  # nothing was written: put the consumed state back
+                save_state(opts.meta_dir, opts.block_size, list(registry.saved.records.values()))
+            raise QuietError(f"cannot mount {mnt}: {exc}") from None
+        # On the way out (reverse order): unmount, then save the state, only when clean.
+        stack.callback(lambda: _save(opts, registry, fs) if clean else _unclean(serving))
+        stack.callback(lambda: pyfuse3.close(unmount=clean or not serving))
+        controller = control.Controller(registry, fs.lazy, info, faults=lambda: fs.faults)
+        await nursery.start(control.serve, controller, info.control)
+        stack.callback(info.remove)
+        nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(registry.settle_heat_forever)
+        info.write()
+        serving = True
+        ready.send("ok")
+        log.info("serving %s on %s (block size %d, tracking %s)", registry.backing, mnt,
+                 registry.block_size, "on" if registry.tracking else "off")
+        await pyfuse3.main()
+        clean = True
+        nursery.cancel_scope.cancel()
+
+
+def _unclean(serving: bool) -> None:
+    if serving:
+        log.error("daemon stopped by an error: tracking state will not be saved (the next "
+                  "mount reports every block dirty); unmount with fusermount3 -u")
+
+
+def _save(opts: MountOptions, registry: Registry, fs: BlkFS) -> None:
+    if not opts.tracking:
+        return
+    if registry.trust_lost:
+        log.error("a write may have reached a backing file unmarked (see the errors above): "
+                  "tracking state not saved, the next mount reports every block dirty")
+        return
+    records = registry.records(fs.live_fds())
+    path = save_state(opts.meta_dir, opts.block_size, records)
+    log.info("unmounted cleanly; tracking state of %d files saved to %s", len(records), path)

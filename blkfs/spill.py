@@ -38,6 +38,20 @@ MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME = "manifest.json", "headers", "slots"
 MAX_SLOTS = 1 << 24
 
 
+REF = struct.Struct(">IQIQ")  # a spill ref on the wire: file_id, block, slot, generation
+
+
+def pack_refs(refs: Iterable[tuple[int, int, int, int]]) -> bytes:
+    """Spill refs as the migration frames and the control socket carry them."""
+    return b"".join(REF.pack(*r) for r in refs)
+
+
+def unpack_refs(data: bytes) -> list[tuple[int, int, int, int]]:
+    if len(data) % REF.size:
+        raise ValueError(f"{len(data)} bytes of spill refs are not {REF.size}-byte records")
+    return list(REF.iter_unpack(data))
+
+
 class SpillError(Exception):
     pass
 

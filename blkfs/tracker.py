@@ -137,6 +137,16 @@ class FileTracker:
             self.heat.truncate(n)
             self.heat_log = [b for b in self.heat_log if b < n]
 
+    def mark_all(self, size: int | None = None) -> None:
+        """Report every block dirty (a write may have gone unmarked), up to `size` if the
+        file is known to be longer than what was tracked."""
+        if size is not None and size > self.size:
+            self._grow(size)
+        n = self.nblocks
+        self.bitmap.resize(n)
+        if n:
+            self.bitmap.mark(0, n - 1)
+
     def swap(self) -> tuple[int, list[Extent]]:
         """End the current epoch: return (its number, its dirty extents)."""
         self.bitmap.resize(self.nblocks)

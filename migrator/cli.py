@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import shutil
@@ -11,6 +10,8 @@ import signal
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 from rich.console import Console
@@ -23,6 +24,9 @@ from .plan import Policy, Verdict
 from .report import print_summary
 from .transport import MigrationError, leaf, parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
+
+if TYPE_CHECKING:
+    from .dest import ServeOptions
 
 PROG = "migrator"
 DEFAULT_SPILL = os.path.join(tempfile.gettempdir(), f"migrator-spill-{os.getuid()}")
@@ -141,15 +145,19 @@ def _policy(a: argparse.Namespace) -> Policy:
                   on_stall=Verdict.SWITCHOVER if a.on_stall == "switchover" else Verdict.ABORT)
 
 
+def _say(prefix: str) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        print(f"{prefix}: {text}", flush=True)
+
+    return say
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .dest import serve
+    from .dest import ServeOptions
+    from .stores import check_blkfs_mount
 
     mount = os.path.abspath(a.mount)
-    from blkfs.runtime import mount_fstype
-
-    if mount_fstype(mount) != "fuse.blkfs":
-        raise MigrationError(f"{a.mount} is not a blkfs mount: mount it first with "
-                             f"'blkfs mount BACKING {a.mount}'")
+    check_blkfs_mount(mount)
     host, port = parse_hostport(a.listen, listen=True)
     key = read_key(a.key_file)
     spill = os.path.abspath(a.spill) if a.spill else None
@@ -167,13 +175,30 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 "qemu-system-x86_64") is None:
             raise MigrationError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
         qemu = os.path.abspath(spec)
-    completed = trio.run(functools.partial(serve, mount, host, port, key, a.resume_cmd, a.once,
-                                           a.io_timeout, spill=spill, qemu=qemu))
-    return 0 if completed or not a.once else 1
+    opts = ServeOptions(mount, key, a.resume_cmd, a.io_timeout, spill, qemu,
+                        say=_say("migrator serve"))
+
+    ok = trio.run(_serve_main, opts, host, port, a.once, mount)
+    return 0 if ok or not a.once else 1
+
+
+async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, mount: str) -> bool:
+    from .dest import serve
+
+    result: list[bool] = []
+
+    async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        result.append(await serve(opts, host, port, once, task_status=task_status))
+
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(run)
+        print(f"migrator serve: listening on {host}:{bound}, writing into {mount}", flush=True)
+    return bool(result and result[0])
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from .source import LiveProgress, MigrateOptions, Source
+    from .report import LiveProgress
+    from .source import MigrateOptions, Source, SourceHooks
 
     console = Console(stderr=True)
     key = read_key(a.key_file)
@@ -190,12 +215,13 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth)
-    src = Source(opts, adapter, console)
+    src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
+        f"migrator: {text}")))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
-            nursery.start_soon(LiveProgress(src, console).run)
+            nursery.start_soon(LiveProgress(src.progress, console).run)
             try:
                 await src.run()
             finally:

@@ -9,83 +9,67 @@ A migration's files are listed in ``<mount>/.migration-state.json``, written
 (and fsynced) *before* any file is touched, with ``"status": "incomplete"``;
 only a verified migration turns it to ``"complete"``.  Anything else — abort,
 crash, kill -9, disk full — leaves it incomplete (invariant 3).
+
+Library code here logs; what a person reads comes back as a `SessionOutcome` that
+the CLI prints.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 import xxhash
 
+from blkfs import ctlproto as cp
+
 from . import protocol as p
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
+from .stores import DestFiles, MountDest
 from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = ".migration-state.json"
+THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
+# States in which the source's Blocks are fetched pages for lazy mode, not copy data.
+_FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
 
 
 class VerificationFailed(MigrationError):
     pass
 
 
-RESERVED = {STATE_NAME, ".blkfs"}
-THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
-
-
-def state_path(mount: str) -> str:
-    return os.path.join(mount, STATE_NAME)
-
-
-def read_state(mount: str) -> dict[str, Any] | None:
-    try:
-        with open(state_path(mount)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def _write_state(mount: str, state: dict[str, Any]) -> None:
-    path = state_path(mount)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class _File:
     entry: p.FileEntry
-    path: str
-    fd: int
     size: int
     digests: dict[int, int] = field(default_factory=dict)
     verified: int = 0
 
 
+@dataclass
+class SessionOutcome:
+    """How one incoming migration ended, in words for the operator (none for a refusal)."""
+
+    completed: bool
+    text: str
+
+
 class DestSession:
     """One incoming migration on an authenticated channel."""
 
-    def __init__(self, mount: str, ch: Channel, resume_cmd: str | None,
+    def __init__(self, files: DestFiles, ch: Channel, resume_cmd: str | None = None,
                  spill_override: str | None = None, qemu_spec: str | None = None) -> None:
-        self.mount = os.path.realpath(mount)
+        self.store = files
+        self.mount = files.mount
         self.ch = ch
         self.resume_cmd = resume_cmd
         self.qemu_spec = qemu_spec
@@ -94,8 +78,7 @@ class DestSession:
         self.device_state = bytearray()
         self.spill_override = spill_override
         self.pc: DestPostcopy | None = None  # once the source announced post-copy
-        self.committed = False
-        self.resumed = False  # the resume hook returned: the VM runs here now
+        self.resumed = trio.Event()  # the resume hook returned: the VM runs here now
         self._nursery: trio.Nursery | None = None
         self.files: dict[int, _File] = {}
         self.block_size = 0
@@ -107,33 +90,8 @@ class DestSession:
 
     # -- setup ------------------------------------------------------------------
 
-    def _target(self, name: str) -> str:
-        """The path for a manifest name: inside the mount, never a reserved name."""
-        parts = name.split("/")
-        if parts[0] in RESERVED:
-            raise MigrationError(f"refusing file name {name!r}: reserved on the destination")
-        full = os.path.realpath(os.path.join(self.mount, name))
-        if os.path.commonpath([full, self.mount]) != self.mount or full == self.mount:
-            raise MigrationError(f"refusing file name {name!r}: it leads outside {self.mount}")
-        return full
-
-    def _check_space(self, man: p.Manifest, targets: list[str]) -> None:
-        need = 0
-        for f, path in zip(man.files, targets, strict=True):
-            try:
-                have = os.stat(path).st_blocks * 512
-            except FileNotFoundError:
-                have = 0
-            need += max(0, f.size - have)
-        sv = os.statvfs(self.mount)
-        free = sv.f_bavail * sv.f_frsize
-        if need > free:
-            raise MigrationError(f"destination disk full: the migration needs {need} more bytes, "
-                                 f"{self.mount} has {free} free")
-
     def open_files(self, man: p.Manifest, peer: str) -> None:
-        targets = [self._target(f.name) for f in man.files]
-        self._check_space(man, targets)
+        self.store.prepare(man)
         self.block_size = man.block_size
         self.state = {
             "migration": str(uuid.uuid4()),
@@ -142,29 +100,21 @@ class DestSession:
             "started_at": time.time(),
             "files": [{"name": f.name, "size": f.size} for f in man.files],
         }
-        _write_state(self.mount, self.state)  # before any file is touched
-        for f, path in zip(man.files, targets, strict=True):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_DIRECT, 0o600)
-            os.ftruncate(fd, f.size)
-            self.files[f.file_id] = _File(f, path, fd, f.size)
+        self.store.write_state(self.state)  # before any file is touched
+        self.store.create(man)
+        for f in man.files:
+            self.files[f.file_id] = _File(f, f.size)
 
-    def close_files(self) -> None:
-        for f in self.files.values():
-            os.close(f.fd)
-        self.files.clear()
+    def _save_state(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.store.write_state(self.state)
 
     # -- data -------------------------------------------------------------------
 
     def write_blocks(self, ev: p.Blocks) -> None:
         f = self.files[ev.file_id]
         bs = self.block_size
-        try:
-            os.pwrite(f.fd, ev.data, ev.first_block * bs)
-        except OSError as exc:
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise MigrationError(f"destination disk full writing {f.entry.name}") from None
-            raise MigrationError(f"cannot write {f.entry.name}: {exc.strerror}") from None
+        self.store.write(ev.file_id, ev.first_block * bs, ev.data)
         mv = memoryview(ev.data)
         h = xxhash.xxh3_64_intdigest
         for i in range(0, len(mv), bs):
@@ -173,7 +123,7 @@ class DestSession:
 
     def resize(self, ev: p.Resize) -> None:
         f = self.files[ev.file_id]
-        os.ftruncate(f.fd, ev.size)
+        self.store.resize(ev.file_id, ev.size)
         f.size = ev.size
         nblocks = (ev.size + self.block_size - 1) // self.block_size
         for b in [b for b in f.digests if b >= nblocks]:
@@ -204,10 +154,6 @@ class DestSession:
         n = self.mismatch_count
         more = f" (+{n - len(self.mismatches)} more)" if n > len(self.mismatches) else ""
         return n == 0, "; ".join(self.mismatches) + more
-
-    async def _fsync_all(self) -> None:
-        for f in self.files.values():
-            await trio.to_thread.run_sync(os.fsync, f.fd)
 
     async def _start_qemu(self) -> None:
         """The waiting QEMU opens its files now, long before the switchover needs it."""
@@ -251,15 +197,16 @@ class DestSession:
             except QemuError as exc:
                 raise MigrationError(str(exc)) from None
         log.info("migration %s from %s: %d files", self.state["migration"], peer, len(man.files))
-        # The receiver stays up to a few frames ahead of the writer, so network
-        # reads and file writes overlap; the writer handles events in order.
-        tx, rx = trio.open_memory_channel[Any](4)
+        # The receiver stays up to a few frames ahead of the writer, so network reads and
+        # file writes overlap; the writer handles events in order, each with the protocol
+        # state it arrived in (the connection's own state may be ahead by then).
+        tx, rx = trio.open_memory_channel[tuple[Any, p.State]](4)
 
         async def receiver() -> None:
             async with tx:
                 while True:
                     ev = await ch.receive()
-                    await tx.send(ev)
+                    await tx.send((ev, ch.conn.state))
                     if isinstance(ev, p.Done):
                         return
 
@@ -269,47 +216,44 @@ class DestSession:
                 nursery.start_soon(self._start_qemu)
             nursery.start_soon(receiver)
             async with rx:
-                async for ev in rx:
-                    await self._handle(ev)
+                async for ev, state in rx:
+                    await self._handle(ev, state)
         return self.state
 
     async def _resume_postcopy(self) -> None:
         """The resume hook runs while the post-copy traffic flows (the VM reads absent pages
         while it starts)."""
-        assert self.pc is not None
         t = time.monotonic()
         with trio.CancelScope(shield=True):  # a lost source must not leave the hook half-run
             await self._resume()
         log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
-        self.resumed = True  # the VM runs here now, whatever happens to the source
-        self.pc.resumed.set()
+        self.resumed.set()  # the VM runs here now, whatever happens to the source
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
         await self.ch.send(p.Resumed(ms))
 
-    async def finish_without_source(self, why: str) -> tuple[bool, str]:
+    async def finish_without_source(self, why: str) -> SessionOutcome:
         """The source is gone after the resume: complete from the spill area, or say what is
-        missing.  Returns (complete, message)."""
+        missing."""
         assert self.pc is not None
         out = await self.pc.source_lost()
         self._merge_digests()
-        n = out["missing_count"]
-        self.state["postcopy"] = self.pc.report
+        news = out.news
+        n = news.missing_count
+        if self.pc.stats is not None:
+            self.state["postcopy"] = cp.to_dict(self.pc.stats)
         if n == 0:
-            self.state.update(status="complete", completed_at=time.time(),
-                              verified="post-copy pages checked against the spill hashes; "
-                              f"the source was lost before the final digests ({why})")
-            _write_state(self.mount, self.state)
-            return True, (f"source lost ({why}); completed from the spill area alone "
-                          f"({out['found_in_spill']} pages found there)")
-        missing = out["missing"]
-        shown = ", ".join(f"{rel} block {b}" for rel, b in missing[:10])
+            self._save_state(status="complete", completed_at=time.time(),
+                             verified="post-copy pages checked against the spill hashes; the "
+                             f"source was lost before the final digests ({why})")
+            return SessionOutcome(True, f"source lost ({why}); completed from the spill area "
+                                  f"alone ({out.found_in_spill} pages found there)")
+        shown = ", ".join(f"{rel} block {b}" for rel, b in news.missing[:10])
         more = f" (+{n - 10} more)" if n > 10 else ""
-        self.state.update(status="incomplete", error=f"source lost ({why})",
-                          missing_blocks=[[rel, b] for rel, b in missing], missing_count=n)
-        _write_state(self.mount, self.state)
-        return False, (f"source lost ({why}) before every page reached the spill area: "
-                       f"{n} blocks missing: {shown}{more}; reads of them fail with EIO, "
-                       "everything else is served")
+        self._save_state(status="incomplete", error=f"source lost ({why})",
+                         missing_blocks=[list(m) for m in news.missing], missing_count=n)
+        return SessionOutcome(False, f"source lost ({why}) before every page reached the "
+                              f"spill area: {n} blocks missing: {shown}{more}; reads of them "
+                              "fail with EIO, everything else is served")
 
     def _merge_digests(self) -> None:
         assert self.pc is not None
@@ -318,24 +262,16 @@ class DestSession:
             if f is not None:
                 f.digests[b] = d
 
-    def _begin_lazy(self) -> None:
-        """Every Absent is in (they come right after Postcopy): turn lazy mode on while the
-        disks' last set still flows."""
-        assert self.pc is not None and self._nursery is not None
-        self.pc.begin_started = True
-        names = {fid: os.path.relpath(f.path, self.mount) for fid, f in self.files.items()}
-        self._nursery.start_soon(self.pc.begin, names)
-
-    async def _handle(self, ev: Any) -> None:
+    async def _handle(self, ev: Any, state: p.State) -> None:
         ch = self.ch
-        if (self.pc is not None and not self.pc.begin_started
-                and not isinstance(ev, (p.Postcopy, p.Absent))):
-            self._begin_lazy()
-        if isinstance(ev, p.Blocks) and self.committed:
-            assert self.pc is not None and self._nursery is not None
+        pc = self.pc
+        if pc is not None and not pc.absent_done.is_set() and not isinstance(ev, p.Absent):
+            pc.absent_done.set()  # Absent frames come right after Postcopy, all together
+        if isinstance(ev, p.Blocks) and state in _FETCH_STATES:
+            assert pc is not None and self._nursery is not None
             # A fetched block, for a read that waits: into lazy mode (not through the
             # mount), without waiting for it here.
-            self._nursery.start_soon(self.pc.install, ev)
+            self._nursery.start_soon(pc.install, ev)
         elif isinstance(ev, p.Blocks):
             if len(ev.data) >= THREAD_WRITE:
                 await trio.to_thread.run_sync(self.write_blocks, ev)
@@ -349,78 +285,86 @@ class DestSession:
                                      "with --resume qemu:CMDLINE_FILE|QMP_SOCKET")
             self.device_state += ev.data
         elif isinstance(ev, p.Postcopy):
-            self.pc = DestPostcopy(self.mount, ch, ev, self.block_size, self.spill_override)
-            self.pc.on_digests = self._merge_digests
             assert self._nursery is not None
-            self._nursery.start_soon(self.pc.prepare)
+            self.pc = DestPostcopy(self.mount, ch, ev, self.block_size, self.spill_override,
+                                   self.resumed)
+            self.pc.on_digests = self._merge_digests
+            names = {fid: f.entry.name for fid, f in self.files.items()}
+            self._nursery.start_soon(self.pc.setup, names)
         elif isinstance(ev, p.Absent):
-            assert self.pc is not None
-            self.pc.add_absent(ev)
+            assert pc is not None
+            pc.add_absent(ev)
         elif isinstance(ev, p.SpillRefs):
-            assert self.pc is not None
-            await self.pc.refs(ev)
+            assert pc is not None
+            await pc.refs(ev)
         elif isinstance(ev, p.SpillFlushed):
             log.info("source: spill flushed (%d pages)", ev.pages)
         elif isinstance(ev, p.RoundDone):
             await ch.send(p.RoundAck(ev.round))
         elif isinstance(ev, p.Switchover):
             self.t_switch = time.monotonic()
-        elif isinstance(ev, p.Commit) and self.pc is not None:
-            self.committed = True
+        elif isinstance(ev, p.Commit) and pc is not None:
             t = time.monotonic()
-            await self.pc.begun.wait()  # before the VM can read anything
+            await pc.begun.wait()  # before the VM can read anything
             log.info("commit %.1f ms after switchover; lazy mode on after %.1f ms more",
                      (t - (self.t_switch or t)) * 1000, (time.monotonic() - t) * 1000)
             assert self._nursery is not None
-            self._nursery.start_soon(self.pc.pump)
+            self._nursery.start_soon(pc.pump)
             self._nursery.start_soon(self._resume_postcopy)
         elif isinstance(ev, p.Commit):
             # No fsync here: it would lengthen the downtime; files are made
             # durable before the migration is marked complete.
             await self._resume()
-            self.resumed = True
+            self.resumed.set()
             ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
             await ch.send(p.Resumed(ms))
         elif isinstance(ev, p.Digests):
             self.check_digests(ev)
         elif isinstance(ev, p.VerifyDone):
-            if self.pc is not None:
-                self.state["postcopy"] = self.pc.report
-            await self._fsync_all()
+            if pc is not None and pc.stats is not None:
+                self.state["postcopy"] = cp.to_dict(pc.stats)
+            await self.store.sync()
             ok, detail = self.verdict()
             if ok:
-                self.state.update(status="complete", completed_at=time.time())
-                _write_state(self.mount, self.state)
+                self._save_state(status="complete", completed_at=time.time())
             await ch.send(p.Verified(ok, self.mismatch_count, detail))
             if not ok:
                 raise VerificationFailed(f"verification failed: {detail}")
 
 
-async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
-                    resume_cmd: str | None, lock: trio.Lock, io_timeout: float,
-                    spill: str | None = None, qemu: str | None = None) -> bool:
-    """Handle one connection; True when a migration completed."""
-    try:
-        peer = "{}:{}".format(*stream.socket.getpeername()[:2])
-    except OSError:
-        peer = "?"
-    ch = Channel(stream, "dest", key, io_timeout=io_timeout)
+@dataclass
+class ServeOptions:
+    mount: str
+    key: bytes
+    resume_cmd: str | None = None
+    io_timeout: float = IO_TIMEOUT
+    spill: str | None = None  # where this host sees the spill area (default: as announced)
+    qemu: str | None = None  # --resume qemu:SPEC
+    say: Callable[[str], None] = field(default=lambda text: None)  # one line for the operator
+    open_files: Callable[[str], DestFiles] = field(default=MountDest)
+
+
+async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock,
+                    peer: str = "?") -> SessionOutcome:
+    """Handle one connection."""
+    ch = Channel(stream, "dest", opts.key, io_timeout=opts.io_timeout)
     if lock.locked():
+        log.info("refused %s: busy with another migration", peer)
         await ch.abort("the destination is busy with another migration")
         await ch.aclose()
-        return False
+        return SessionOutcome(False, "")
     async with lock:
-        session = DestSession(mount, ch, resume_cmd, spill, qemu)
+        session = DestSession(opts.open_files(opts.mount), ch, opts.resume_cmd, opts.spill,
+                              opts.qemu)
         try:
             state = await session.run(peer)
             log.info("migration %s complete: %d blocks written", state["migration"],
                      session.blocks_written)
-            print(f"migrator serve: migration from {peer} complete and verified "
-                  f"({len(session.files)} files)", flush=True)
+            text = f"migration from {peer} complete and verified ({len(session.files)} files)"
             if session.qemu is not None and session.qemu.pid:
-                print(f"migrator serve: the guest runs in QEMU pid {session.qemu.pid} (QMP and "
-                      f"log in {session.qemu.dir})", flush=True)
-            return True
+                text += (f"; the guest runs in QEMU pid {session.qemu.pid} (QMP and log in "
+                         f"{session.qemu.dir})")
+            return SessionOutcome(True, text)
         except BaseException as group:
             exc = leaf(group)
             if not isinstance(exc, (MigrationError, p.ProtocolError, OSError)):
@@ -428,49 +372,57 @@ async def serve_one(stream: trio.SocketStream, mount: str, key: bytes,
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
             if not isinstance(exc, PeerAborted):
                 await ch.abort(msg)
-            if session.qemu is not None and not session.resumed:
+            resumed = session.resumed.is_set()
+            if session.qemu is not None and not resumed:
                 session.qemu.abort()  # before cont: the source's QEMU goes on (invariant 3)
-            if (session.pc is not None and session.resumed
-                    and not isinstance(exc, VerificationFailed)):
+            if session.pc is not None and resumed and not isinstance(exc, VerificationFailed):
                 # After the resume the VM runs here: never roll back; finish what we can.
                 try:
-                    ok, text = await session.finish_without_source(msg)
+                    out = await session.finish_without_source(msg)
                 except (MigrationError, OSError) as exc2:
-                    ok, text = False, f"{msg}; and completing from the spill failed: {exc2}"
-                print(f"migrator serve: migration from {peer}: {text}", flush=True)
-                return ok
+                    out = SessionOutcome(False, f"{msg}; and completing from the spill failed: "
+                                         f"{exc2}")
+                return SessionOutcome(out.completed, f"migration from {peer}: {out.text}")
             if session.state:
-                session.state.update(status="incomplete", error=msg)
                 try:
-                    _write_state(session.mount, session.state)
+                    session._save_state(status="incomplete", error=msg)
                 except OSError:
                     log.exception("cannot update the migration state")
-            print(f"migrator serve: migration from {peer} failed: {msg}; the files stay marked "
-                  "incomplete", flush=True)
-            return False
+            return SessionOutcome(False, f"migration from {peer} failed: {msg}; the files stay "
+                                  "marked incomplete")
         finally:
             if session.qemu is not None:
                 session.qemu.detach()
-            session.close_files()
+            session.store.close()
             if session.pc is not None:
                 await session.pc.aclose()
             await ch.aclose()
 
 
-async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | None,
-                once: bool, io_timeout: float = IO_TIMEOUT,
-                task_status: Any = trio.TASK_STATUS_IGNORED, spill: str | None = None,
-                qemu: str | None = None) -> bool:
-    """Accept migrations until cancelled; with `once`, one and return whether it completed."""
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        return "{}:{}".format(*stream.socket.getpeername()[:2])
+    except OSError:
+        return "?"
+
+
+async def serve(opts: ServeOptions, host: str, port: int, once: bool,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
+    """Accept migrations until cancelled (reports the bound port through task_status); with
+    `once`, one, and return whether it completed."""
     lock = trio.Lock()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise MigrationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    bound = listeners[0].socket.getsockname()[1]
-    task_status.started(bound)
-    print(f"migrator serve: listening on {host}:{bound}, writing into {mount}", flush=True)
+    task_status.started(listeners[0].socket.getsockname()[1])
     completed = False
+
+    async def one(stream: trio.SocketStream) -> bool:
+        outcome = await serve_one(stream, opts, lock, _peer(stream))
+        if outcome.text:
+            opts.say(outcome.text)
+        return outcome.completed
 
     async def accept_loop(ln: trio.SocketListener, nursery: trio.Nursery) -> None:
         nonlocal completed
@@ -478,12 +430,10 @@ async def serve(mount: str, host: str, port: int, key: bytes, resume_cmd: str | 
             while True:
                 stream = await ln.accept()
                 if once:
-                    completed = await serve_one(stream, mount, key, resume_cmd, lock, io_timeout,
-                                                spill, qemu)
+                    completed = await one(stream)
                     nursery.cancel_scope.cancel()
                     return
-                nursery.start_soon(serve_one, stream, mount, key, resume_cmd, lock, io_timeout,
-                                   spill, qemu)
+                nursery.start_soon(one, stream)
 
     async with trio.open_nursery() as nursery:
         for ln in listeners:

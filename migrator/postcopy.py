@@ -18,20 +18,18 @@ slots the daemon freed (sent as SlotFree), until every block is installed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
-from blkfs.control import ControlError, find_socket, pack_refs
-from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea
+from blkfs import ctlproto as cp
+from blkfs.control import AsyncControlClient, ControlError
+from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea, pack_refs
 
 from . import protocol as p
 from .transport import Channel, MigrationError
@@ -76,15 +74,15 @@ class SourceStats:
 class SourcePostcopy:
     """The source's side from Commit to the destination's PostcopyDone."""
 
-    def __init__(self, ch: Channel, spill: SpillArea, nslots: int, block_size: int,
-                 fds: dict[int, int], sizes: dict[int, int],
+    def __init__(self, ch: Channel, spill: SpillArea, block_size: int,
+                 read: Callable[[int, int, int], bytes], sizes: dict[int, int],
                  absent: dict[int, list[Extent]], spill_rate: float | None = None) -> None:
         self.ch = ch
         self.spill_rate = spill_rate  # bytes/s into the spill area (shared storage), or None
         self.spill = spill
-        self.alloc = SlotAllocator(nslots)
+        self.alloc = SlotAllocator(spill.nslots)
         self.bs = block_size
-        self.fds = fds
+        self.read = read  # (file_id, offset, length) of the suspended source's files
         self.sizes = sizes
         self.todo: deque[tuple[int, int]] = deque(
             (fid, b) for fid, exts in absent.items() for first, n in exts
@@ -95,19 +93,19 @@ class SourcePostcopy:
         self._freed = trio.Event()
         self.resumed = trio.Event()
         self.t_commit = time.monotonic()
-        self.on_flushed: Any = None  # callback, for the CLI's "spill flushed" line
+        self.on_flushed: Callable[[int], None] | None = None  # for the CLI's line
 
     def _page(self, file_id: int, block: int) -> bytes:
         size = self.sizes[file_id]
         n = max(0, min(self.bs, size - block * self.bs))
-        data = os.pread(self.fds[file_id], n, block * self.bs)
+        data = self.read(file_id, block * self.bs, n)
         if len(data) != n:
             raise MigrationError(f"source file {file_id} shrank under the migration")
         return data
 
-    async def run(self) -> dict[str, Any]:
-        """Until the destination has every page; returns its PostcopyDone figures."""
-        result: dict[str, Any] = {}
+    async def run(self) -> p.PostcopyDone:
+        """Until the destination has every page; returns its PostcopyDone."""
+        result: list[p.PostcopyDone] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._spill_writer)
 
@@ -121,7 +119,7 @@ class SourcePostcopy:
                     elif isinstance(ev, p.Resumed):
                         self.resumed.set()
                     elif isinstance(ev, p.PostcopyDone):
-                        result.update({f: getattr(ev, f) for f in ev.__dataclass_fields__})
+                        result.append(ev)
                         nursery.cancel_scope.cancel()
                         return
                     else:
@@ -134,15 +132,15 @@ class SourcePostcopy:
             if self.alloc.release(SlotRef(slot, h.generation)):
                 self.spill.mark_free(SlotRef(slot, h.generation), h)
         self.stats.slot_reuses = self.alloc.reuses
-        return result
+        return result[0]
 
     async def _answer(self, ev: p.Fetch) -> None:
-        if ev.file_id not in self.fds:
+        if ev.file_id not in self.sizes:
             raise MigrationError(f"bad peer: fetch of file {ev.file_id}, which is not post-copied")
         size = self.sizes[ev.file_id]
         start = ev.first_block * self.bs
         n = max(0, min(ev.count * self.bs, size - start))
-        data = os.pread(self.fds[ev.file_id], n, start) if n else b""
+        data = self.read(ev.file_id, start, n) if n else b""
         if not data:
             return
         for b in range(ev.first_block, ev.first_block + ev.count):
@@ -211,116 +209,80 @@ class SourcePostcopy:
 # -- destination ----------------------------------------------------------------------------
 
 
-class AsyncControl:
-    """A trio client of a blkfs control socket (the blocking one lives in blkfs.control)."""
-
-    def __init__(self, stream: trio.SocketStream, path: str) -> None:
-        self.stream = stream
-        self.path = path
-        self._buf = b""
-        self._lock = trio.Lock()
-
-    @classmethod
-    async def connect(cls, mount: str) -> AsyncControl:
-        try:
-            path = find_socket(mount)
-            stream = await trio.open_unix_socket(path)
-            # Fetched blocks go to the daemon in one write (1 MiB faults), not in 200 KiB
-            # rounds of the default buffer, each waiting for the other process to run.
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            return cls(stream, path)
-        except ControlError as exc:
-            raise MigrationError(str(exc)) from None
-        except OSError as exc:
-            raise MigrationError(f"cannot reach the blkfs daemon of {mount}: {exc}") from None
-
-    async def call(self, op: str, data: bytes = b"", **args: Any) -> Any:
-        if data:
-            args["data_len"] = len(data)
-        async with self._lock:
-            try:
-                await self.stream.send_all(json.dumps({"op": op, **args}).encode() + b"\n" + data)
-                while b"\n" not in self._buf:
-                    chunk = await self.stream.receive_some(1 << 20)
-                    if not chunk:
-                        raise MigrationError(f"the blkfs daemon on {self.path} closed the "
-                                             "connection (did it crash?)")
-                    self._buf += chunk
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise MigrationError(f"talking to the blkfs daemon on {self.path}: {exc}"
-                                     ) from None
-            line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise MigrationError(f"blkfs: {reply.get('error', 'unknown error')}")
-        return reply["result"]
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 class DestPostcopy:
-    """The destination's bridge: migration connection <-> lazy mode of its blkfs daemon."""
+    """The destination's bridge: migration connection <-> lazy mode of its blkfs daemon.
+
+    `setup` (a task started at Postcopy) connects to the daemon and checks the spill area
+    while the Absent frames arrive, then turns lazy mode on once `absent_done` says they are
+    all in; `begun` is set from then on.  `resumed` is the session's: PostcopyDone waits
+    for it."""
 
     def __init__(self, mount: str, ch: Channel, announce: p.Postcopy, block_size: int,
-                 spill_override: str | None) -> None:
+                 spill_override: str | None, resumed: trio.Event) -> None:
         self.mount = mount
         self.ch = ch
         self.announce = announce
         self.block_size = block_size
         self.spill_path = spill_override or announce.spill
         self.absent: dict[int, list[Extent]] = {}
-        self.ctl: AsyncControl | None = None
-        self.poll: AsyncControl | None = None
-        self.inst: AsyncControl | None = None  # fetched blocks: never queued behind refs
+        self.absent_done = trio.Event()  # every Absent frame is in
         self.begun = trio.Event()  # lazy mode is on in the daemon
-        self.begin_started = False
-        self._prepared = trio.Event()
+        self.resumed = resumed
         self.spill_usable = True
-        self.resumed = trio.Event()
-        self.report: dict[str, Any] = {}
-        self.digests: list[list[int]] = []
-        self.on_digests: Any = None  # called once the daemon's digests are in self.digests
+        self.ctl: AsyncControlClient | None = None
+        self.poll: AsyncControlClient | None = None
+        self.inst: AsyncControlClient | None = None  # fetched blocks: never queued behind refs
+        self.stats: cp.PostcopyStats | None = None
+        self.digests: tuple[tuple[int, int, int], ...] = ()
+        self.on_digests: Callable[[], None] | None = None  # once `digests` are in
 
     def add_absent(self, ev: p.Absent) -> None:
         self.absent.setdefault(ev.file_id, []).extend(ev.extents)
 
-    async def prepare(self) -> None:
-        """What needs no absent map (connections, the spill check), while the last set flows."""
+    async def _connect(self, sndbuf: int | None = None) -> AsyncControlClient:
         try:
-            try:
-                area = SpillArea.open(self.spill_path, self.announce.migration)
-                area.close()
-            except Exception as exc:  # SpillError, OSError: fetch everything instead
-                log.warning("spill area unusable (%s): every remaining page is fetched from "
-                            "the source", exc)
-                self.spill_usable = False
-            self.ctl = await AsyncControl.connect(self.mount)
-            self.poll = await AsyncControl.connect(self.mount)
-            self.inst = await AsyncControl.connect(self.mount)
-        finally:
-            self._prepared.set()
+            return await AsyncControlClient.for_mount(self.mount, sndbuf)
+        except ControlError as exc:
+            raise MigrationError(str(exc)) from None
 
-    async def begin(self, names: dict[int, str]) -> None:
-        """Lazy mode on, before the VM resumes: from now on its reads of these blocks wait."""
-        t0 = time.monotonic()
-        await self._prepared.wait()
-        t1 = time.monotonic()
-        if self.ctl is None:
+    async def _call(self, client: AsyncControlClient | None, req: cp.Request) -> object:
+        if client is None:
             raise MigrationError("post-copy: the connection to the blkfs daemon failed")
-        files = [{"file_id": fid, "file": names[fid], "extents": [list(e) for e in exts]}
-                 for fid, exts in self.absent.items()]
-        await self.ctl.call("lazy_begin", migration=self.announce.migration,
-                            block_size=self.block_size,
-                            spill=self.spill_path if self.spill_usable else None, files=files)
+        try:
+            return await client.call(req)
+        except ControlError as exc:
+            raise MigrationError(f"blkfs: {exc}") from None
+
+    async def setup(self, names: dict[int, str]) -> None:
+        """Lazy mode on, before the VM resumes: from then on its reads of absent blocks wait.
+        What needs no absent map (connections, the spill check) runs while Absent arrives."""
+        t0 = time.monotonic()
+        try:
+            area = SpillArea.open(self.spill_path, self.announce.migration)
+            area.close()
+        except Exception as exc:  # SpillError, OSError: fetch everything instead
+            log.warning("spill area unusable (%s): every remaining page is fetched from "
+                        "the source", exc)
+            self.spill_usable = False
+        self.ctl = await self._connect()
+        self.poll = await self._connect()
+        # Fetched blocks go to the daemon in one write (1 MiB faults), not in 200 KiB rounds
+        # of the default buffer, each waiting for the other process to run.
+        self.inst = await self._connect(sndbuf=4 << 20)
+        await self.absent_done.wait()
+        t1 = time.monotonic()
+        files = tuple(cp.LazyFileSpec(fid, names[fid], tuple(exts))
+                      for fid, exts in self.absent.items())
+        await self._call(self.ctl, cp.LazyBegin(
+            self.announce.migration, self.block_size,
+            self.spill_path if self.spill_usable else None, files))
         self.begun.set()
-        log.info("lazy mode on: waited %.1f ms for the connections, lazy_begin %.1f ms",
-                 (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+        log.info("lazy mode on: %.1f ms to connect, lazy_begin %.1f ms", (t1 - t0) * 1000,
+                 (time.monotonic() - t1) * 1000)
 
     async def refs(self, ev: p.SpillRefs) -> None:
-        assert self.ctl is not None
         if self.spill_usable:
-            await self.ctl.call("lazy_refs", data=pack_refs(list(ev.refs)))
+            await self._call(self.ctl, cp.LazyRefs(pack_refs(ev.refs)))
             return
         # No spill here: fetch those pages instead, and free their slots at once.
         by_file: dict[int, list[int]] = {}
@@ -332,9 +294,7 @@ class DestPostcopy:
     async def install(self, ev: p.Blocks) -> None:
         """A fetched block (a read waits for it): on its own connection, off the event
         handler's queue."""
-        assert self.inst is not None
-        await self.inst.call("lazy_install", data=ev.data, file_id=ev.file_id,
-                             first_block=ev.first_block)
+        await self._call(self.inst, cp.LazyInstall(ev.file_id, ev.first_block, ev.data))
 
     async def _fetch(self, by_file: dict[int, list[int]]) -> None:
         limit = max(1, p.MAX_BLOCKS_DATA // self.block_size)
@@ -344,40 +304,38 @@ class DestPostcopy:
 
     async def pump(self) -> None:
         """Carry the daemon's wants and frees to the source until every block is installed."""
-        assert self.poll is not None
         while True:
-            news = await self.poll.call("lazy_wait", timeout=1.0)
+            news = await self._call(self.poll, cp.LazyWait(timeout=1.0))
+            assert isinstance(news, cp.News)
             by_file: dict[int, list[int]] = {}
-            for fid, b in news["wanted"]:
+            for fid, b in news.wanted:
                 by_file.setdefault(fid, []).append(b)
             if by_file:
                 await self._fetch(by_file)
-            freed = news["freed"]
+            freed = news.freed
             for i in range(0, len(freed), p.MAX_ITEMS_PER_FRAME):
-                await self.ch.send(p.SlotFree(tuple((s, g) for s, g in
-                                                    freed[i:i + p.MAX_ITEMS_PER_FRAME])))
-            if news["done"]:
+                await self.ch.send(p.SlotFree(freed[i:i + p.MAX_ITEMS_PER_FRAME]))
+            if news.done:
                 break
         await self.resumed.wait()  # PostcopyDone only after Resumed
-        self.report = await self.poll.call("lazy_report", digests=True)
-        self.digests = self.report.pop("digests")
+        await self._report(self.poll)
+        assert self.stats is not None
+        await self.ch.send(p.PostcopyDone(self.stats))
+
+    async def _report(self, client: AsyncControlClient | None) -> None:
+        rep = await self._call(client, cp.LazyReport(digests=True))
+        assert isinstance(rep, cp.LazyReportReply)
+        self.stats, self.digests = rep.stats, rep.digests
         if self.on_digests is not None:
             self.on_digests()  # before PostcopyDone: the source's Digests come after it
-        r = self.report
-        await self.ch.send(p.PostcopyDone(
-            r["demand_faults"], r["pages_via_spill"] + r["pages_via_drain"],
-            r["pages_via_demand_fetch"], r["pages_via_drain"], r["generation_mismatches"],
-            r["hash_mismatches"],
-            float(r["demand_fault_p50_ms"]), float(r["demand_fault_p99_ms"]),
-            float(r["postcopy_s"])))
 
-    async def source_lost(self) -> dict[str, Any]:
+    async def source_lost(self) -> cp.SourceLostReply:
         """Complete from the spill area alone, or name what is missing."""
-        ctl = await AsyncControl.connect(self.mount)
+        ctl = await self._connect()
         try:
-            out = await ctl.call("lazy_source_lost")
-            self.report = await ctl.call("lazy_report", digests=True)
-            self.digests = self.report.pop("digests")
+            out = await self._call(ctl, cp.LazySourceLost())
+            assert isinstance(out, cp.SourceLostReply)
+            await self._report(ctl)
         finally:
             await ctl.aclose()
         return out

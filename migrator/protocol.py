@@ -65,6 +65,10 @@ from itertools import pairwise
 from types import MappingProxyType
 from typing import Literal
 
+from blkfs.ctlproto import ControlError, PostcopyStats, conform
+from blkfs.spill import REF as _REF
+from blkfs.spill import pack_refs, unpack_refs
+
 PROTOCOL_VERSION = 1
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
@@ -88,7 +92,6 @@ ROLES = (SOURCE, DEST)
 _U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1
 _BLOCKS = struct.Struct(">IQ")  # file_id, first_block; the data follows
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
-_REF = struct.Struct(">IQIQ")  # a SpillRefs record: file_id, block, slot, generation
 _MAC_CONTEXT = b"blkfs-migrator/1|"
 
 
@@ -280,17 +283,9 @@ class SlotFree:
 
 @dataclass(frozen=True, slots=True)
 class PostcopyDone:
-    """Every absent block is installed on the destination; its post-copy figures."""
+    """Every absent block is installed on the destination; its daemon's post-copy figures."""
 
-    demand_faults: int
-    pages_via_spill: int  # installed from spill slots: by the drain or by a waiting read
-    pages_via_demand_fetch: int
-    pages_via_drain: int  # of pages_via_spill, those the drain installed before any read
-    generation_mismatches: int
-    hash_mismatches: int
-    demand_fault_p50_ms: float
-    demand_fault_p99_ms: float
-    postcopy_s: float
+    stats: PostcopyStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,11 +600,13 @@ def check_event(event: Event) -> None:
         case SlotFree():
             _pairs(event.slots, "SlotFree.slots")
         case PostcopyDone():
-            for f in fields(PostcopyDone):
-                v = getattr(event, f.name)
+            if type(event.stats) is not PostcopyStats:
+                raise ProtocolError("PostcopyDone.stats must be PostcopyStats")
+            for f in fields(PostcopyStats):
+                v = getattr(event.stats, f.name)
                 if f.type == "int":
                     _int(v, 0, _MAX_COUNT, f"PostcopyDone.{f.name}")
-                elif type(v) not in (int, float) or not 0 <= v < math.inf:
+                elif type(v) is not float or not 0 <= v < math.inf:
                     raise ProtocolError(f"PostcopyDone.{f.name} must be a finite number >= 0")
         case DeviceState():
             if type(event.data) is not bytes or not event.data:
@@ -650,7 +647,7 @@ def encode(event: Event) -> bytes:
             raise ProtocolError("every digest must be an integer in 0..2**64-1") from None
         parts = [_DIGESTS.pack(event.file_id, event.first_block, len(event.digests)), digests]
     elif type(event) is SpillRefs:
-        parts = [b"".join(_REF.pack(*r) for r in event.refs)]
+        parts = [pack_refs(event.refs)]
     elif type(event) is DeviceState:
         parts = [event.data]
     else:
@@ -659,6 +656,8 @@ def encode(event: Event) -> bytes:
             obj[name] = obj[name].hex()
         if "files" in obj:
             obj["files"] = [asdict(entry) for entry in obj["files"]]
+        if "stats" in obj:
+            obj["stats"] = asdict(obj["stats"])
         parts = [json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()]
     size = sum(map(len, parts))
     if size > MAX_PAYLOAD:
@@ -709,7 +708,7 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
     elif cls is SpillRefs:
         if not payload or len(payload) % _REF.size:
             raise ProtocolError(f"SpillRefs frame of {len(payload)} bytes is not whole refs")
-        event = SpillRefs(tuple(_REF.iter_unpack(payload)))
+        event = SpillRefs(tuple(unpack_refs(payload)))
     else:
         obj = _load_json(payload, name)
         if cls is Hello and type(obj.get("version")) is int and obj["version"] != PROTOCOL_VERSION:
@@ -724,9 +723,10 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
             if key in args and cls in (Absent, SlotFree):
                 args[key] = _pair_list(args[key], f"{name}.{key}")
         if cls is PostcopyDone:
-            for f in fields(PostcopyDone):
-                if f.type == "float" and type(args[f.name]) is int:
-                    args[f.name] = float(args[f.name]) if abs(args[f.name]) < 2**53 else math.inf
+            try:
+                args["stats"] = conform(PostcopyStats, args["stats"], "PostcopyDone.stats")
+            except ControlError as exc:
+                raise ProtocolError(str(exc)) from None
         if cls is Resumed and type(args["ms"]) is int:  # a JSON peer may write 12 for 12.0
             args["ms"] = float(args["ms"]) if abs(args["ms"]) < 2**53 else math.inf
         event = cls(**args)

@@ -1,5 +1,6 @@
 """Migration metrics: the JSON report, the summary and the live progress line.
 
+The engine fills a `MigrationReport` and a `Progress`; only this module and the CLI show them.
 Field names follow QEMU's ``query-migrate`` where one fits (total time,
 downtime, expected downtime, setup time, mbps, dirty-sync count), in
 snake_case with their unit as a suffix.
@@ -11,18 +12,38 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import trio
 from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
+
+from blkfs.cliutil import human_bytes
+from blkfs.ctlproto import PostcopyStats
+
+from .plan import RoundStats
+
+
+class _Counted(Protocol):
+    bytes_sent: int
 
 
 @dataclass
-class RoundReport:
-    round: int
-    dirty_blocks: int
-    bytes: int
-    seconds: float
+class Progress:
+    """Where a running migration is, for the live line (the engine updates it)."""
+
+    phase: str = "connecting"
+    round: int = 0
+    pending: int = 0  # dirty blocks to send
+    bytes_sent: int = 0
+    total: int = 0  # data bytes of the migrated files
+    channel: _Counted | None = None  # bytes on the wire, frames included, as they go
+
+    @property
+    def sent(self) -> int:
+        return self.channel.bytes_sent if self.channel is not None else self.bytes_sent
 
 
 @dataclass
@@ -44,7 +65,7 @@ class MigrationReport:
     static_blocks: int = 0
     dynamic_blocks: int = 0
     initial_copy_s: float = 0.0
-    rounds: list[RoundReport] = field(default_factory=list)
+    rounds: list[RoundStats] = field(default_factory=list)
     dirty_sync_count: int = 0
     last_set_blocks: int = 0
     switchover_reason: str = ""
@@ -62,16 +83,8 @@ class MigrationReport:
     resume_ms: float | None = None  # suspend -> running on the destination
     spill_flushed_s: float | None = None  # Commit -> every page durable in the spill area
     pages_spilled: int = 0
-    pages_via_spill: int = 0
-    pages_via_demand_fetch: int = 0
-    pages_drained: int = 0  # installed by the background drain before anything read them
-    pages_faulted_in: int = 0  # installed because a read (the guest) waited for them
-    demand_faults: int = 0
-    demand_fault_p50_ms: float | None = None
-    demand_fault_p99_ms: float | None = None
     slot_reuses: int = 0
-    generation_mismatches: int = 0
-    hash_mismatches: int = 0
+    postcopy: PostcopyStats | None = None  # the destination daemon's figures, as it sent them
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,14 +99,6 @@ class MigrationReport:
             json.dump(self.to_json(), f, indent=1)
             f.write("\n")
         os.replace(tmp, path)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
 
 
 def print_summary(r: MigrationReport, console: Console) -> None:
@@ -120,15 +125,48 @@ def print_summary(r: MigrationReport, console: Console) -> None:
         ("bandwidth", f"{r.mbps:.0f} MB/s"),
         ("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)"),
     ]
-    if r.postcopy_files:
+    pc = r.postcopy
+    if r.postcopy_files and pc is not None:
         rows.append(("post-copy", f"{r.postcopy_pages} pages of {', '.join(r.postcopy_files)} "
                      f"in {r.postcopy_s if r.postcopy_s is not None else '-'} s: "
-                     f"{r.pages_via_spill} from the spill area, {r.pages_via_demand_fetch} "
-                     f"fetched; {r.demand_faults} faults, p50 {r.demand_fault_p50_ms} ms, p99 "
-                     f"{r.demand_fault_p99_ms} ms; {r.slot_reuses} slot reuses; "
-                     f"{r.generation_mismatches + r.hash_mismatches} slot reads refused"))
+                     f"{pc.pages_from_spill} from the spill area ({pc.pages_via_drain} by the "
+                     f"drain), {pc.pages_via_demand_fetch} fetched; {pc.demand_faults} faults, "
+                     f"p50 {pc.demand_fault_p50_ms} ms, p99 {pc.demand_fault_p99_ms} ms; "
+                     f"{r.slot_reuses} slot reuses; {pc.slot_reads_refused} slot reads "
+                     "refused"))
     if r.source_vm:
         rows.append(("source VM", r.source_vm))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+class LiveProgress:
+    """A progress line: phase, round, dirty blocks, MB/s, ETA, refreshed five times a second.
+
+    The bar counts bytes on the wire against the data size and never runs backwards."""
+
+    def __init__(self, progress: Progress, console: Console) -> None:
+        self.p = progress
+        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                console=console, transient=True)
+
+    async def run(self) -> None:
+        with self.bar:
+            task = self.bar.add_task("connecting", total=None, info="")
+            t0 = time.monotonic()
+            shown = 0
+            while True:
+                p = self.p
+                elapsed = time.monotonic() - t0
+                sent = p.sent
+                mbps = sent / elapsed / 1e6 if elapsed > 0 else 0.0
+                total = p.total or None
+                info = f"round {p.round}, {p.pending} dirty blocks, {mbps:.0f} MB/s"
+                if p.phase == "initial copy" and total and mbps > 0:
+                    info += f", ETA {max(0.0, (total - sent) / 1e6 / mbps):.1f} s"
+                shown = max(shown, min(sent, total or sent))
+                self.bar.update(task, description=p.phase, info=info, total=total,
+                                completed=shown)
+                await trio.sleep(0.2)

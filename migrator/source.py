@@ -21,15 +21,12 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import trio
 import xxhash
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from blkfs.control import ControlClient, ControlError, flush_file
 from blkfs.spill import SpillArea, SpillError
 
 from . import protocol as p
@@ -43,7 +40,8 @@ from .plan import (
     union_extents,
 )
 from .postcopy import SourcePostcopy, is_memory_file
-from .report import MigrationReport, RoundReport
+from .report import MigrationReport, Progress
+from .stores import BlkfsSource, SourceFiles
 from .transport import IO_TIMEOUT, Channel, MigrationError, leaf, parse_hostport
 from .vm import AdapterError, VMAdapter
 
@@ -74,82 +72,86 @@ class MigrateOptions:
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
 
 
-class _Src:
-    """An open source file: read straight from the backing file (the mount's daemon
-    writes synchronously, so the backing file holds every write it has tracked)."""
+@dataclass
+class _File:
+    file_id: int
+    rel: str
+    size: int
 
-    def __init__(self, file_id: int, rel: str, backing: str, mount: str) -> None:
-        self.file_id = file_id
-        self.rel = rel
-        self.fd = os.open(os.path.join(backing, rel), os.O_RDONLY | os.O_CLOEXEC)
-        self.mount_path = os.path.join(mount, rel)
-        self.size = os.fstat(self.fd).st_size
+
+async def tcp_connect(to: str) -> trio.abc.Stream:
+    host, port = parse_hostport(to)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise MigrationError(f"cannot connect to {host}:{port}: no answer within "
+                             f"{CONNECT_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise MigrationError(f"cannot connect to {host}:{port}: {exc.strerror or exc} "
+                             "(is 'migrator serve' running there?)") from None
+
+
+@dataclass
+class SourceHooks:
+    """How the engine reaches the world; the defaults are the real ones."""
+
+    open_files: Callable[[MigrateOptions], SourceFiles] = field(
+        default=lambda o: BlkfsSource(o.mount, o.files))
+    connect: Callable[[MigrateOptions], Awaitable[trio.abc.Stream]] = field(
+        default=lambda o: tcp_connect(o.to))
+    notify: Callable[[str], None] = field(default=lambda text: None)  # milestones, one line
 
 
 class Source:
-    def __init__(self, opts: MigrateOptions, adapter: VMAdapter, console: Console) -> None:
+    def __init__(self, opts: MigrateOptions, adapter: VMAdapter,
+                 hooks: SourceHooks | None = None) -> None:
         self.opts = opts
         self.adapter = adapter
-        self.console = console
+        self.hooks = hooks or SourceHooks()
         self.report = MigrationReport()
-        self.files: list[_Src] = []
+        self.progress = Progress()
+        self.store: SourceFiles | None = None
+        self.files: list[_File] = []
         self.block_size = 0
         self.ch: Channel | None = None
-        self.client: ControlClient | None = None
         self.suspended = False
         self.t_suspend = 0.0
         self.switched = False
-        self.phase = "connecting"
-        self.round = 0
-        self.pending = 0
-        self.use_postcopy = opts.postcopy == "on"
+        self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
         self.spill: SpillArea | None = None
         self.memory_ids: set[int] = set()
         self.pc: SourcePostcopy | None = None
 
     # -- helpers ----------------------------------------------------------------
 
-    def _rel(self, name: str) -> str:
-        mnt = os.path.abspath(self.opts.mount)
-        if os.path.isabs(name):
-            full = os.path.abspath(name)
-            if os.path.commonpath([full, mnt]) != mnt:
-                raise MigrationError(f"{name} is not under {self.opts.mount}")
-            return os.path.relpath(full, mnt)
-        return os.path.normpath(name)
+    @property
+    def _store(self) -> SourceFiles:
+        assert self.store is not None
+        return self.store
 
-    def _call(self, op: str, **args: Any) -> Any:
-        assert self.client is not None
-        try:
-            return self.client.call(op, **args)
-        except ControlError as exc:
-            raise MigrationError(f"blkfs on {self.opts.mount}: {exc}") from None
-
-    async def _flush(self) -> None:
-        """Page-cache writes (guest RAM through mmap) reach blkfs and get marked."""
-        for f in self.files:
-            await trio.to_thread.run_sync(flush_file, f.mount_path)
+    def _phase(self, phase: str) -> None:
+        self.progress.phase = phase
 
     def _swap(self) -> dict[int, list[Extent]]:
-        return {f.file_id: [tuple(e) for e in self._call("dirty", file=f.rel, swap=True)
-                            ["extents"]] for f in self.files}
+        return {f.file_id: self._store.swap(f.file_id) for f in self.files}
 
     async def _sync_sizes(self) -> None:
         assert self.ch is not None
         for f in self.files:
-            size = os.fstat(f.fd).st_size
+            size = self._store.size(f.file_id)
             if size != f.size:
                 await self.ch.send(p.Resize(f.file_id, size))
                 f.size = size
 
-    async def _send(self, f: _Src, exts: list[Extent], clear: bool = False) -> tuple[int, int]:
+    async def _send(self, f: _File, exts: list[Extent], clear: bool = False) -> tuple[int, int]:
         """Send these blocks of `f`; returns (blocks, data bytes).
 
-        A reader thread stays one frame ahead of the sender, so disk reads and
-        network sends overlap.
+        A reader stays one frame ahead of the sender, so disk reads and network sends
+        overlap.
         """
         assert self.ch is not None
-        ch = self.ch
+        ch, store = self.ch, self._store
         bs = self.block_size
         nblocks = (f.size + bs - 1) // bs
         todo = [(first, min(count, nblocks - first))
@@ -161,12 +163,12 @@ class Source:
             async with tx:
                 for first, count in todo:
                     if clear:  # initial copy: writes that came before this read need no resend
-                        self._call("clear", file=f.rel, extents=[[first, count]])
+                        store.clear(f.file_id, [(first, count)])
                     n = count * bs
                     if n >= THREAD_READ:
-                        data = await trio.to_thread.run_sync(os.pread, f.fd, n, first * bs)
+                        data = await trio.to_thread.run_sync(store.read, f.file_id, first * bs, n)
                     else:  # a thread hop costs more than a small page-cache read
-                        data = os.pread(f.fd, n, first * bs)
+                        data = store.read(f.file_id, first * bs, n)
                     await tx.send((first, data))
 
         async with trio.open_nursery() as nursery:
@@ -183,7 +185,7 @@ class Source:
                     nbytes += len(data)
                     by_file = self.report.bytes_by_file
                     by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
-                    self.report.bytes_sent = ch.bytes_sent
+                    self.progress.bytes_sent = self.report.bytes_sent = ch.bytes_sent
         self.report.blocks_sent += blocks
         return blocks, nbytes
 
@@ -200,45 +202,26 @@ class Source:
     # -- phases -----------------------------------------------------------------
 
     async def _connect(self) -> None:
-        host, port = parse_hostport(self.opts.to)
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
-        except trio.TooSlowError:
-            raise MigrationError(f"cannot connect to {host}:{port}: no answer within "
-                                 f"{CONNECT_TIMEOUT:g} s") from None
-        except OSError as exc:
-            raise MigrationError(f"cannot connect to {host}:{port}: {exc.strerror or exc} "
-                                 "(is 'migrator serve' running there?)") from None
+        stream = await self.hooks.connect(self.opts)
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
         self.ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout)
+        self.progress.channel = self.ch
         await self.ch.handshake()
 
     def _open(self) -> None:
-        try:
-            self.client = ControlClient.for_mount(self.opts.mount)
-        except ControlError as exc:
-            raise MigrationError(str(exc)) from None
-        info = self._call("info")
-        if not info["tracking"]:
-            raise MigrationError(f"{self.opts.mount} is mounted with --no-tracking: remount it "
-                                 "with tracking to migrate from it")
-        self.block_size = info["block_size"]
+        self.store = store = self.hooks.open_files(self.opts)
+        self.block_size = store.block_size
         self.report.block_size = self.block_size
-        rels = [self._rel(n) for n in self.opts.files]
-        if len(set(rels)) != len(rels):
-            raise MigrationError("a file is named twice")
-        for rel in rels:
-            self._call("dirty", file=rel)  # exists, is a regular file, inside the mount
-        self.files = [_Src(i, rel, info["backing"], self.opts.mount) for i, rel in enumerate(rels)]
+        self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
         if self.opts.postcopy != "off":
-            self._postcopy_setup(rels)
+            self._postcopy_setup(store.names)
 
     def _postcopy_setup(self, rels: list[str]) -> None:
         """Which files are memory, and a fresh spill area, before anything is sent."""
         mem = self.opts.memory_files
         if mem:
-            mem_rels = {self._rel(m) for m in mem}
+            mem_rels = {os.path.normpath(os.path.relpath(m, self.opts.mount)
+                                         if os.path.isabs(m) else m) for m in mem}
             unknown = mem_rels - set(rels)
             if unknown:
                 raise MigrationError(f"--memory {sorted(unknown)[0]} is not one of the migrated "
@@ -261,24 +244,20 @@ class Source:
 
     async def _initial_copy(self, planner: RoundPlanner) -> None:
         assert self.ch is not None
-        self.phase = "initial copy"
+        self._phase("initial copy")
         now = time.monotonic()
         static: dict[int, list[Extent]] = {}
         dynamic: dict[int, list[Extent]] = {}
         for f in self.files:
-            args: dict[str, Any] = {"file": f.rel}
-            if self.opts.static_heat is not None:
-                args["static_heat"] = self.opts.static_heat
-            h = self._call("heat", **args)
+            runs, threshold = self._store.heat(f.file_id, self.opts.static_heat)
             nblocks = (f.size + self.block_size - 1) // self.block_size
             if self.opts.static_first:
-                static[f.file_id], dynamic[f.file_id] = initial_order(nblocks, h["heat"],
-                                                                      h["static_heat"])
+                static[f.file_id], dynamic[f.file_id] = initial_order(nblocks, runs, threshold)
             else:
                 static[f.file_id], dynamic[f.file_id] = [(0, nblocks)] if nblocks else [], []
             self.report.static_blocks += sum(c for _, c in static[f.file_id])
             self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
-        self.pending = self.report.static_blocks + self.report.dynamic_blocks
+        self.progress.pending = self.report.static_blocks + self.report.dynamic_blocks
         b1, n1 = await self._send_sets(static, clear=True)
         b2, n2 = await self._send_sets(dynamic, clear=True)
         # Round 0: wait until the destination wrote it all, so its backlog never
@@ -297,17 +276,19 @@ class Source:
         """
         assert self.ch is not None
         backlog: dict[int, list[Extent]] = {}  # memory dirtied in rounds, held for post-copy
+        prog = self.progress
         while True:
-            self.phase = "dirty rounds"
-            await self._flush()
+            self._phase("dirty rounds")
+            await self._store.flush()
             sets = self._swap()
             self.report.dirty_sync_count += 1
             if self.use_postcopy:
                 for fid in self.memory_ids:
                     backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
-            self.pending = sum(c for exts in sets.values() for _, c in exts)
-            decision = planner.decide(self.pending)
-            self.report.expected_downtime_ms = round(planner.expected_downtime_ms(self.pending), 2)
+            prog.pending = sum(c for exts in sets.values() for _, c in exts)
+            decision = planner.decide(prog.pending)
+            self.report.expected_downtime_ms = round(planner.expected_downtime_ms(prog.pending),
+                                                     2)
             if decision.stalled and self.opts.postcopy == "auto" and not self.use_postcopy:
                 # Memory outruns the link: it goes post-copy; the disks go on converging alone.
                 self.use_postcopy = True
@@ -315,40 +296,40 @@ class Source:
                 self.report.postcopy_reason = decision.reason
                 for fid in self.memory_ids:
                     backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
-                self.pending = sum(c for exts in sets.values() for _, c in exts)
-                decision = planner.decide(self.pending)
+                prog.pending = sum(c for exts in sets.values() for _, c in exts)
+                decision = planner.decide(prog.pending)
             if decision.verdict is Verdict.SWITCHOVER:
                 self.report.switchover_reason = decision.reason
                 return {**sets, **backlog}
             if decision.verdict is Verdict.ABORT:
                 raise MigrationError(f"{decision.reason}: aborting as asked (--on-stall abort)")
-            self.round += 1
+            prog.round += 1
             t = time.monotonic()
             blocks, nbytes = await self._send_sets(sets)
-            await self.ch.send(p.RoundDone(self.round, blocks, nbytes))
+            await self.ch.send(p.RoundDone(prog.round, blocks, nbytes))
             ack = await self.ch.expect(p.RoundAck)
-            if ack.round != self.round:
-                raise MigrationError(f"bad peer: acknowledged round {ack.round}, not {self.round}")
-            stats = RoundStats(self.round, blocks, nbytes, time.monotonic() - t)
+            if ack.round != prog.round:
+                raise MigrationError(f"bad peer: acknowledged round {ack.round}, not {prog.round}")
+            stats = RoundStats(prog.round, blocks, nbytes, round(time.monotonic() - t, 4))
             planner.record_round(stats)
-            self.report.rounds.append(RoundReport(**stats.__dict__))
+            self.report.rounds.append(stats)
 
     async def _suspend(self) -> None:
         bd = self.report.downtime_breakdown_ms
         if self.adapter.flush_before_suspend:
-            await self._flush()
+            await self._store.flush()
         self.t_suspend = t = time.monotonic()
         self.suspended = True
         await trio.to_thread.run_sync(self.adapter.suspend)
         bd["suspend"] = _ms(t)
         if not self.adapter.flush_before_suspend:
             t = time.monotonic()
-            await self._flush()
+            await self._store.flush()
             bd["flush"] = _ms(t)
 
     async def _switchover(self, held: dict[int, list[Extent]]) -> None:
         assert self.ch is not None
-        self.phase = "switchover"
+        self._phase("switchover")
         bd = self.report.downtime_breakdown_ms
         if not self.suspended:
             await self._suspend()
@@ -403,50 +384,41 @@ class Source:
         t = time.monotonic()
         by_id = {f.file_id: f for f in self.files}
         pc = self.pc = SourcePostcopy(
-            self.ch, self.spill, self.spill.nslots, self.block_size,
-            {fid: by_id[fid].fd for fid in self.memory_ids},
+            self.ch, self.spill, self.block_size, self._store.read,
             {fid: by_id[fid].size for fid in self.memory_ids}, absent,
             self.opts.spill_rate_mb_s * 1e6 if self.opts.spill_rate_mb_s else None)
         r.postcopy_pages = pc.stats.pages
-        pc.on_flushed = lambda n: self.console.print(
-            f"migrator: spill flushed ({n} pages): the source may now go away")
-        self.phase = "post-copy"
+        pc.on_flushed = lambda n: self.hooks.notify(
+            f"spill flushed ({n} pages): the source may now go away")
+        self._phase("post-copy")
         async with trio.open_nursery() as nursery:
-            done: dict[str, Any] = {}
+            done: list[p.PostcopyDone] = []
 
             async def run_pc() -> None:
-                done.update(await pc.run())
+                done.append(await pc.run())
 
             nursery.start_soon(run_pc)
             await pc.resumed.wait()
             bd["destination_resume"] = _ms(t)
             self.switched = True
             r.downtime_ms = r.resume_ms = _ms(self.t_suspend)
-            self.console.print(f"migrator: resumed on the destination after {r.downtime_ms} ms; "
-                               f"post-copy of {pc.stats.pages} pages")
+            self.hooks.notify(f"resumed on the destination after {r.downtime_ms} ms; "
+                              f"post-copy of {pc.stats.pages} pages")
             r.source_vm = self.adapter.finish()
         st = pc.stats
+        r.postcopy = done[0].stats
         r.postcopy_s = round(time.monotonic() - t, 3)
         r.spill_flushed_s = st.spill_flushed_s
         r.slot_reuses = st.slot_reuses
         r.pages_spilled = st.spilled
-        r.pages_via_spill = done.get("pages_via_spill", 0)
-        r.pages_via_demand_fetch = done.get("pages_via_demand_fetch", 0)
-        r.pages_drained = done.get("pages_via_drain", 0)
         for fid, n in st.fetched_bytes.items():
             name = by_id[fid].rel
             r.bytes_by_file[name] = r.bytes_by_file.get(name, 0) + n
         r.spill_bytes = st.spilled_bytes
-        r.pages_faulted_in = r.postcopy_pages - r.pages_drained
-        r.demand_faults = done.get("demand_faults", 0)
-        r.demand_fault_p50_ms = done.get("demand_fault_p50_ms")
-        r.demand_fault_p99_ms = done.get("demand_fault_p99_ms")
-        r.generation_mismatches = done.get("generation_mismatches", 0)
-        r.hash_mismatches = done.get("hash_mismatches", 0)
 
     async def _verify(self) -> None:
         assert self.ch is not None
-        self.phase = "verifying"
+        self._phase("verifying")
         t = time.monotonic()
         bs = self.block_size
         h = xxhash.xxh3_64_intdigest
@@ -454,7 +426,7 @@ class Source:
             nblocks = (f.size + bs - 1) // bs
             for first in range(0, nblocks, 8192):
                 count = min(8192, nblocks - first)
-                data = memoryview(os.pread(f.fd, count * bs, first * bs))
+                data = memoryview(self._store.read(f.file_id, first * bs, count * bs))
                 digests = tuple(h(data[i:i + bs]) for i in range(0, len(data), bs))
                 await self.ch.send(p.Digests(f.file_id, first, digests))
         await self.ch.send(p.VerifyDone())
@@ -477,10 +449,10 @@ class Source:
             await self._connect()
             assert self.ch is not None
             for f in self.files:  # the epoch that collects writes from now on
-                self._call("dirty", file=f.rel, swap=True)
-                f.size = os.fstat(f.fd).st_size
+                self._store.swap(f.file_id)
+                f.size = self._store.size(f.file_id)
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
-            r.data_bytes = sum(f.size for f in self.files)
+            r.data_bytes = self.progress.total = sum(f.size for f in self.files)
             await self.ch.send(p.Manifest(self.block_size, tuple(
                 p.FileEntry(f.file_id, f.rel, f.size) for f in self.files)))
             await self.ch.expect(p.Ready)
@@ -510,12 +482,10 @@ class Source:
             if self.ch is not None:
                 r.bytes_sent = self.ch.bytes_sent
                 await self.ch.aclose()
-            for f in self.files:
-                os.close(f.fd)
             if self.spill is not None:
                 self.spill.close()
-            if self.client is not None:
-                self.client.close()
+            if self.store is not None:
+                self.store.close()
             if self.opts.report_path:
                 r.write(self.opts.report_path)
         return r
@@ -549,30 +519,3 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, (MigrationError, AdapterError, p.ProtocolError)):
         return str(exc)
     return f"internal error: {exc!r}"
-
-
-class LiveProgress:
-    """A progress line: phase, round, dirty blocks, MB/s, ETA (refreshed from the source)."""
-
-    def __init__(self, src: Source, console: Console) -> None:
-        self.src = src
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 console=console, transient=True)
-
-    async def run(self) -> None:
-        with self.progress:
-            task = self.progress.add_task("connecting", total=None, info="")
-            t0 = time.monotonic()
-            while True:
-                s = self.src
-                elapsed = time.monotonic() - t0
-                sent = s.ch.bytes_sent if s.ch else 0
-                mbps = sent / elapsed / 1e6 if elapsed > 0 else 0.0
-                total = s.report.data_bytes or None
-                info = f"round {s.round}, {s.pending} dirty blocks, {mbps:.0f} MB/s"
-                if s.phase == "initial copy" and total and mbps > 0:
-                    info += f", ETA {max(0.0, (total - sent) / 1e6 / mbps):.1f} s"
-                self.progress.update(task, description=s.phase, info=info, total=total,
-                                     completed=min(sent, total or sent))
-                await trio.sleep(0.2)

@@ -30,6 +30,7 @@ import subprocess
 import time
 from typing import Protocol
 
+from blkfs import ctlproto as cp
 from blkfs.control import ControlClient
 
 
@@ -120,11 +121,11 @@ class FreezeAdapter:
 
     def suspend(self) -> None:
         with ControlClient.for_mount(self.mountpoint) as c:
-            c.call("freeze", files=self.files)
+            c.call(cp.Freeze(tuple(self.files)))
 
     def resume(self) -> None:
         with ControlClient.for_mount(self.mountpoint) as c:
-            c.call("thaw", files=self.files)
+            c.call(cp.Thaw(tuple(self.files)))
 
     def finish(self) -> str:
         return (f"source files stay frozen: stop the source VM, then 'blkfs thaw "

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from blkfs.fs import BlkFS
+from blkfs.registry import Registry
 
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
 SIZE = 256 << 20
@@ -29,7 +30,7 @@ SIZE = 256 << 20
 async def write_cost_us(tracking: bool, bs: int, n: int) -> float:
     d = tempfile.mkdtemp(prefix="bench-handlers-")
     try:
-        fs = BlkFS(d, shift=16, half_life=60.0, static_heat=1.0, tracking=tracking)
+        fs = BlkFS(Registry(d, shift=16, half_life=60.0, static_heat=1.0, tracking=tracking))
         fi, _ = await fs.create(pyfuse3.ROOT_INODE, b"f", 0o644, os.O_RDWR, CTX)
         await fs.write(fi.fh, SIZE - 1, b"\0")  # full size, so writes do not grow it
         buf = os.urandom(bs)
@@ -41,7 +42,7 @@ async def write_cost_us(tracking: bool, bs: int, n: int) -> float:
             for o in offs:
                 await write(fi.fh, o, buf)
             best = min(best, (time.perf_counter() - t) / n)
-            fs.settle_heat()  # what the daemon does once a second
+            fs.registry.settle_heat()  # what the daemon does once a second
         await fs.release(fi.fh)
         fs.close_all()
         return best * 1e6

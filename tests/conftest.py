@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from blkfs import ctlproto as cp
 from blkfs.control import ControlClient
 from blkfs.runtime import DaemonInfo, mount_fstype, process_gone
 
@@ -68,8 +69,9 @@ class Mount:
         return ControlClient.for_mount(str(self.mnt))
 
     def call(self, op: str, **args: Any) -> Any:
+        """The reply to `op` as the JSON it travels as (checked as the daemon checks it)."""
         with self.client() as c:
-            return c.call(op, **args)
+            return cp.to_dict(c.call(cp.request(op, **args)))
 
     def dirty(self, rel: str, swap: bool = False) -> list[tuple[int, int]]:
         return [tuple(e) for e in self.call("dirty", file=rel, swap=swap)["extents"]]

@@ -6,15 +6,16 @@ import xxhash
 
 from migrator import protocol as p
 from migrator.dest import DestSession, _File
+from migrator.stores import MountDest
 
 BS = 4096
 
 
 def session(nblocks: int) -> tuple[DestSession, list[int]]:
-    s = DestSession("/", None, None)  # type: ignore[arg-type]
+    s = DestSession(MountDest("/"), None)  # type: ignore[arg-type]
     s.block_size = BS
     data = [bytes([i]) * BS for i in range(nblocks)]
-    f = _File(p.FileEntry(0, "disk.raw", nblocks * BS), "/nonexistent", -1, nblocks * BS)
+    f = _File(p.FileEntry(0, "disk.raw", nblocks * BS), nblocks * BS)
     f.digests = {i: xxhash.xxh3_64_intdigest(d) for i, d in enumerate(data)}
     s.files[0] = f
     return s, [xxhash.xxh3_64_intdigest(d) for d in data]

@@ -12,12 +12,13 @@ import pytest
 from pyfuse3 import FUSEError
 
 from blkfs.fs import BlkFS
+from blkfs.registry import Registry
 
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
 
 
 def make_fs(tmp_path: Path) -> BlkFS:
-    return BlkFS(str(tmp_path), shift=16, half_life=60.0, static_heat=1.0)
+    return BlkFS(Registry(str(tmp_path), shift=16, half_life=60.0, static_heat=1.0))
 
 
 async def test_os_errors_keep_their_errno(tmp_path: Path) -> None:

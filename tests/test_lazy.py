@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 import pytest
 import trio
-from pyfuse3 import FUSEError
 
 from blkfs.absent import AbsentMap
-from blkfs.lazy import LazyFile, Postcopy
+from blkfs.lazy import BlockMissing, LazyFile, Postcopy
 from blkfs.spill import SlotAllocator, SpillArea
 
 BS = 4096
@@ -29,7 +27,7 @@ def setup(tmp_path: Path) -> tuple[Postcopy, LazyFile, SpillArea, SlotAllocator]
     area = SpillArea.create(str(tmp_path / "spill"), "m1", BS, 4, {0: "vm.mem"})
     pc = Postcopy("m1", BS, SpillArea.open(str(tmp_path / "spill"), "m1"))
     fd = os.open(path, os.O_RDWR)
-    lf = LazyFile(0, "vm.mem", (0, 0), 0, fd, AbsentMap(NBLOCKS, 12, [(2, 4)]), BS * NBLOCKS)
+    lf = LazyFile(0, "vm.mem", (0, 0), fd, AbsentMap(NBLOCKS, 12, [(2, 4)]), BS * NBLOCKS)
     pc.add_file(lf)
     return pc, lf, area, SlotAllocator(4)
 
@@ -38,8 +36,8 @@ async def wanted(pc: Postcopy) -> list[list[int]]:
     """The next non-empty list of wanted blocks (news may also be frees)."""
     while True:
         news = await pc.wait_news(1.0)
-        if news["wanted"]:
-            return news["wanted"]
+        if news.wanted:
+            return [list(w) for w in news.wanted]
 
 
 def content(lf: LazyFile, b: int) -> bytes:
@@ -49,7 +47,7 @@ def content(lf: LazyFile, b: int) -> bytes:
 async def test_read_of_absent_block_waits_for_the_fetch(setup) -> None:
     pc, lf, _area, _ = setup
     await pc.ensure(lf, 0, 2 * BS)  # present blocks: no wait
-    assert pc.stats["demand_faults"] == 0
+    assert pc.counts.demand_faults == 0
     done = trio.Event()
 
     async def reader() -> None:
@@ -61,7 +59,7 @@ async def test_read_of_absent_block_waits_for_the_fetch(setup) -> None:
         assert await wanted(pc) == [[0, 2]] and not done.is_set()
         assert pc.install_fetched(0, 2, final(2)) == 1
         await done.wait()
-    assert content(lf, 2) == final(2) and pc.stats["pages_via_demand_fetch"] == 1
+    assert content(lf, 2) == final(2) and pc.counts.pages_via_demand_fetch == 1
     assert pc.install_fetched(0, 2, b"\0" * BS) == 0  # a late duplicate changes nothing
     assert content(lf, 2) == final(2)
 
@@ -73,8 +71,8 @@ async def test_spill_slot_served_when_generation_and_hash_match(setup) -> None:
     area.put(ref, 0, 3, final(3))
     pc.add_refs([(0, 3, ref.slot, ref.generation)])
     await pc.ensure(lf, 3 * BS, BS)
-    assert content(lf, 3) == final(3) and pc.stats["pages_via_spill"] == 1
-    assert pc.take_news()["freed"] == [[ref.slot, ref.generation]]
+    assert content(lf, 3) == final(3) and pc.counts.pages_via_spill == 1
+    assert pc.take_news().freed == ((ref.slot, ref.generation),)
 
 
 async def test_reused_slot_is_refused_and_fetched(setup) -> None:
@@ -93,7 +91,7 @@ async def test_reused_slot_is_refused_and_fetched(setup) -> None:
         assert await wanted(pc) == [[0, 4]]
         pc.install_fetched(0, 4, final(4))
     assert content(lf, 4) == final(4)
-    assert pc.stats["generation_mismatches"] == 1 and pc.stats["pages_via_spill"] == 0
+    assert pc.counts.generation_mismatches == 1 and pc.counts.pages_via_spill == 0
 
 
 async def test_corrupted_slot_is_refused(setup, tmp_path: Path) -> None:
@@ -106,8 +104,8 @@ async def test_corrupted_slot_is_refused(setup, tmp_path: Path) -> None:
     os.close(fd)
     pc.add_refs([(0, 2, ref.slot, ref.generation)])
     await pc.drain_queue()
-    assert lf.absent.is_absent(2) and pc.stats["hash_mismatches"] == 1
-    assert pc.take_news()["wanted"] == [[0, 2]]
+    assert lf.absent.is_absent(2) and pc.counts.hash_mismatches == 1
+    assert pc.take_news().wanted == ((0, 2),)
     assert content(lf, 2) == b"\xee" * BS  # nothing was installed from the bad slot
 
 
@@ -134,13 +132,12 @@ async def test_source_lost_completes_from_spill_headers_or_names_missing(setup) 
         assert ref is not None
         area.put(ref, 0, b, final(b))
     area.flush()
-    out = await pc.lose_source()
-    assert out["found_in_spill"] == 3 and out["missing"] == [["vm.mem", 5]]
+    found, news = await pc.lose_source()
+    assert found == 3 and news.missing == (("vm.mem", 5),)
     for b in (2, 3, 4):
         assert content(lf, b) == final(b)
-    with pytest.raises(FUSEError) as e:
+    with pytest.raises(BlockMissing):  # the FUSE layer answers EIO
         await pc.ensure(lf, 5 * BS, 1)
-    assert e.value.errno == errno.EIO
     await pc.ensure(lf, 0, 5 * BS)  # everything else is served
 
 
@@ -152,6 +149,6 @@ async def test_report_counts_faults(setup) -> None:
         for b in range(2, 6):
             pc.install_fetched(0, b, final(b))
     r = pc.report()
-    assert r["demand_faults"] == 1 and r["remaining"] == 0 and pc.done
-    assert r["demand_fault_p99_ms"] >= r["demand_fault_p50_ms"] >= 0
-    assert sorted(pc.digests())[0][:2] == [0, 2]
+    assert r.demand_faults == 1 and r.remaining == 0 and pc.done
+    assert r.demand_fault_p99_ms >= r.demand_fault_p50_ms >= 0
+    assert sorted(pc.digests())[0][:2] == (0, 2)

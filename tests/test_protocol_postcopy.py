@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from blkfs.ctlproto import PostcopyStats
 from migrator.protocol import (
     Absent,
     Blocks,
@@ -30,7 +31,7 @@ from migrator.protocol import (
 )
 from tests.test_protocol import BS, MANIFEST, Link, data, refused
 
-STATS = PostcopyDone(3, 10, 2, 8, 1, 0, 0.5, 2.25, 1.5)
+STATS = PostcopyDone(PostcopyStats(3, 2, 8, 2, 1, 0, 10, 0, 0, 0.5, 2.25, 1.5))
 
 
 def at_switchover() -> Link:
@@ -133,7 +134,8 @@ def test_round_trip(event: object) -> None:
     (Fetch(0, 0, 0), "count"),
     (SpillRefs(()), "number of refs"),
     (SpillRefs(((0, 0, 0, 0),)), "generation"),
-    (PostcopyDone(1, 1, 1, 1, 1, 1, -1.0, 1.0, 1.0), "finite number"),
+    (PostcopyDone(PostcopyStats(demand_fault_p50_ms=-1.0)), "finite number"),
+    (PostcopyDone(PostcopyStats(demand_faults=-1)), "demand_faults"),
 ])
 def test_bad_fields(event: object, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):

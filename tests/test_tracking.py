@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.bitmap import iter_blocks
+from blkfs import ctlproto as cp
 from blkfs.control import ControlError, flush_file
 from blkfs.runtime import process_gone
 
@@ -286,11 +286,11 @@ def test_no_lost_write_under_concurrent_swaps(
             def round_() -> None:
                 nonlocal swaps, copied
                 flush_file(str(p))  # the barrier for mmap writes still in the page cache
-                exts = c.call("dirty", file="disk.raw", swap=True)["extents"]
+                exts = c.call(cp.Dirty("disk.raw", swap=True)).extents
                 swaps += 1
-                for b in iter_blocks(exts):
-                    replica[b * B:(b + 1) * B] = os.pread(fd, B, b * B)
-                    copied += 1
+                for first, count in exts:
+                    replica[first * B:(first + count) * B] = os.pread(fd, count * B, first * B)
+                    copied += count
 
             while writer.poll() is None:
                 round_()

@@ -1,0 +1,262 @@
+"""The seams between the migration engine and the filesystem.
+
+`Source` (source.py) reads blocks and dirty sets through a `SourceFiles`, `DestSession`
+(dest.py) writes blocks and its state file through a `DestFiles`.  The real ones are here:
+a blkfs mount on each side.  The engine tests (tests/test_engine.py) run a whole migration
+over an in-memory stream with files in memory instead, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Protocol
+
+import trio
+
+from blkfs import ctlproto as cp
+from blkfs.control import ControlClient, ControlError, flush_file
+from blkfs.runtime import mount_fstype
+
+from . import protocol as p
+from .transport import MigrationError
+
+Extent = tuple[int, int]
+HeatRuns = tuple[tuple[int, int, float], ...]
+STATE_NAME = ".migration-state.json"
+RESERVED = {STATE_NAME, ".blkfs"}
+
+
+class SourceFiles(Protocol):
+    """The migrated files on the source, by file id (their index in `names`)."""
+
+    block_size: int
+    names: list[str]
+
+    def size(self, file_id: int) -> int: ...
+
+    def read(self, file_id: int, offset: int, length: int) -> bytes:
+        """Bytes as the VM wrote them (short at the end of the file)."""
+        ...
+
+    def swap(self, file_id: int) -> list[Extent]:
+        """End the file's epoch: the blocks written since the last swap."""
+        ...
+
+    def clear(self, file_id: int, extents: list[Extent]) -> None:
+        """Forget these blocks' dirty marks: they are about to be read."""
+        ...
+
+    def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
+        """(first, count, heat) runs of written blocks, and the static threshold used."""
+        ...
+
+    async def flush(self) -> None:
+        """Writes still in the page cache reach the tracker (the barrier before a swap)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DestFiles(Protocol):
+    """The destination's files of one incoming migration, by file id."""
+
+    mount: str
+
+    def prepare(self, manifest: p.Manifest) -> None:
+        """Refuse what cannot work (names, space) before anything is written."""
+        ...
+
+    def write_state(self, state: dict[str, object]) -> None:
+        """The migration's state record, durably (invariant 3: written before any file)."""
+        ...
+
+    def create(self, manifest: p.Manifest) -> None: ...
+
+    def write(self, file_id: int, offset: int, data: bytes) -> None: ...
+
+    def resize(self, file_id: int, size: int) -> None: ...
+
+    async def sync(self) -> None:
+        """Every written block durable."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- the source: a blkfs mount -------------------------------------------------------------------
+
+
+class BlkfsSource:
+    """Files under a source blkfs mount: dirty sets and heat from its daemon, data straight
+    from the backing files (the daemon writes synchronously, so the backing file holds
+    every write it has tracked)."""
+
+    def __init__(self, mount: str, names: list[str]) -> None:
+        self.mount = mount
+        try:
+            self.client = ControlClient.for_mount(mount)
+        except ControlError as exc:
+            raise MigrationError(str(exc)) from None
+        self.fds: list[int] = []
+        try:
+            info = self._call(cp.Info())
+            if not info.tracking:
+                raise MigrationError(f"{mount} is mounted with --no-tracking: remount it "
+                                     "with tracking to migrate from it")
+            self.block_size = info.block_size
+            self.names = [self._rel(n) for n in names]
+            if len(set(self.names)) != len(self.names):
+                raise MigrationError("a file is named twice")
+            for rel in self.names:
+                self._call(cp.Dirty(rel))  # exists, is a regular file, inside the mount
+            for rel in self.names:
+                self.fds.append(os.open(os.path.join(info.backing, rel),
+                                        os.O_RDONLY | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+
+    def _rel(self, name: str) -> str:
+        mnt = os.path.abspath(self.mount)
+        if os.path.isabs(name):
+            full = os.path.abspath(name)
+            if os.path.commonpath([full, mnt]) != mnt:
+                raise MigrationError(f"{name} is not under {self.mount}")
+            return os.path.relpath(full, mnt)
+        return os.path.normpath(name)
+
+    def _call(self, req: cp.Request) -> object:
+        try:
+            return self.client.call(req)
+        except ControlError as exc:
+            raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
+
+    def size(self, file_id: int) -> int:
+        return os.fstat(self.fds[file_id]).st_size
+
+    def read(self, file_id: int, offset: int, length: int) -> bytes:
+        return os.pread(self.fds[file_id], length, offset)
+
+    def swap(self, file_id: int) -> list[Extent]:
+        r = self._call(cp.Dirty(self.names[file_id], swap=True))
+        assert isinstance(r, cp.DirtyReply)
+        return list(r.extents)
+
+    def clear(self, file_id: int, extents: list[Extent]) -> None:
+        self._call(cp.Clear(self.names[file_id], tuple(extents)))
+
+    def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
+        r = self._call(cp.Heat(self.names[file_id], static_heat=static_heat))
+        assert isinstance(r, cp.HeatReply)
+        return r.heat, r.static_heat
+
+    async def flush(self) -> None:
+        for rel in self.names:
+            await trio.to_thread.run_sync(flush_file, os.path.join(self.mount, rel))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.client.close()
+
+
+# -- the destination: files under a blkfs mount ---------------------------------------------------
+
+
+def check_blkfs_mount(mount: str) -> None:
+    """Refuse to write into anything but a live blkfs mount (never a bare directory)."""
+    if mount_fstype(mount) != "fuse.blkfs":
+        raise MigrationError(f"{mount} is not a blkfs mount: mount it first with "
+                             f"'blkfs mount BACKING {mount}'")
+
+
+def write_json_durably(directory: str, name: str, obj: dict[str, object]) -> None:
+    path = os.path.join(directory, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MountDest:
+    """Files under the destination's blkfs mount, written through it (so its daemon tracks
+    them) with O_DIRECT (so no stale page cache is left for post-copy's lazy mode)."""
+
+    THREAD_WRITE = 1 << 20  # (dest.py moves writes this large off the trio thread)
+
+    def __init__(self, mount: str) -> None:
+        self.mount = os.path.realpath(mount)
+        self.fds: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+
+    def _target(self, name: str) -> str:
+        """The path for a manifest name: inside the mount, never a reserved name."""
+        parts = name.split("/")
+        if parts[0] in RESERVED:
+            raise MigrationError(f"refusing file name {name!r}: reserved on the destination")
+        full = os.path.realpath(os.path.join(self.mount, name))
+        if os.path.commonpath([full, self.mount]) != self.mount or full == self.mount:
+            raise MigrationError(f"refusing file name {name!r}: it leads outside {self.mount}")
+        return full
+
+    def prepare(self, manifest: p.Manifest) -> None:
+        check_blkfs_mount(self.mount)
+        need = 0
+        for f in manifest.files:
+            path = self._target(f.name)
+            try:
+                have = os.stat(path).st_blocks * 512
+            except FileNotFoundError:
+                have = 0
+            need += max(0, f.size - have)
+        sv = os.statvfs(self.mount)
+        free = sv.f_bavail * sv.f_frsize
+        if need > free:
+            raise MigrationError(f"destination disk full: the migration needs {need} more bytes, "
+                                 f"{self.mount} has {free} free")
+
+    def write_state(self, state: dict[str, object]) -> None:
+        write_json_durably(self.mount, STATE_NAME, state)
+
+    def create(self, manifest: p.Manifest) -> None:
+        for f in manifest.files:
+            path = self._target(f.name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_DIRECT, 0o600)
+            self.fds[f.file_id] = fd
+            self.names[f.file_id] = f.name
+            os.ftruncate(fd, f.size)
+
+    def write(self, file_id: int, offset: int, data: bytes) -> None:
+        try:
+            os.pwrite(self.fds[file_id], data, offset)
+        except OSError as exc:
+            name = self.names[file_id]
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MigrationError(f"destination disk full writing {name}") from None
+            raise MigrationError(f"cannot write {name}: {exc.strerror}") from None
+
+    def resize(self, file_id: int, size: int) -> None:
+        os.ftruncate(self.fds[file_id], size)
+
+    async def sync(self) -> None:
+        for fd in self.fds.values():
+            await trio.to_thread.run_sync(os.fsync, fd)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the daemon died under us (ENOTCONN): nothing more to release
+        self.fds.clear()
