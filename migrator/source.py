@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 import xxhash
@@ -101,6 +102,8 @@ class SourceHooks:
     connect: Callable[[MigrateOptions], Awaitable[trio.abc.Stream]] = field(
         default=lambda o: tcp_connect(o.to))
     notify: Callable[[str], None] = field(default=lambda text: None)  # milestones, one line
+    # Blocking work (the VM adapter, large reads) off the trio thread.
+    run_sync: Callable[..., Awaitable[Any]] = field(default=trio.to_thread.run_sync)
 
 
 class Source:
@@ -166,7 +169,7 @@ class Source:
                         store.clear(f.file_id, [(first, count)])
                     n = count * bs
                     if n >= THREAD_READ:
-                        data = await trio.to_thread.run_sync(store.read, f.file_id, first * bs, n)
+                        data = await self.hooks.run_sync(store.read, f.file_id, first * bs, n)
                     else:  # a thread hop costs more than a small page-cache read
                         data = store.read(f.file_id, first * bs, n)
                     await tx.send((first, data))
@@ -320,7 +323,7 @@ class Source:
             await self._store.flush()
         self.t_suspend = t = time.monotonic()
         self.suspended = True
-        await trio.to_thread.run_sync(self.adapter.suspend)
+        await self.hooks.run_sync(self.adapter.suspend)
         bd["suspend"] = _ms(t)
         if not self.adapter.flush_before_suspend:
             t = time.monotonic()

@@ -142,8 +142,30 @@ class Channel:
                 raise MigrationError(f"the peer took no data for {self.io_timeout:g} s: "
                                      "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                await self._why_peer_left()
                 raise MigrationError(f"connection to the peer lost while sending: {exc}") from None
             self.bytes_sent += len(data)
+
+    async def _why_peer_left(self) -> None:
+        """A send failed: the peer may have said why before it closed (an Abort we did not
+        read while busy sending).  Raise PeerAborted with its reason if it did."""
+        if self._receiving:
+            return  # the receiving task reads it
+        with trio.move_on_after(1):
+            while True:
+                try:
+                    data = await self.stream.receive_some(RECV_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if not data:
+                    return
+                try:
+                    self.conn.receive_data(data)
+                    while (ev := self.conn.next_event()) is not p.NEED_DATA:
+                        if isinstance(ev, p.Abort):
+                            raise PeerAborted(f"the peer aborted: {ev.reason}")
+                except p.ProtocolError:
+                    return
 
     async def receive(self) -> Any:
         if self._early:

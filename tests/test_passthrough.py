@@ -201,6 +201,22 @@ def test_directories_symlinks_rename_flags(mount: Mount) -> None:
     assert sorted(os.listdir(mount.path("many"))) == many
 
 
+def test_symlink_times_are_the_links_own_as_on_ext4(mount: Mount) -> None:
+    """utimensat(AT_SYMLINK_NOFOLLOW) sets the link's times and leaves its target's alone."""
+    target = mount.path("target")
+    target.write_bytes(b"t")
+    os.utime(target, ns=(1_000_000_000, 2_000_000_000))
+    link = mount.path("link")
+    os.symlink("target", link)
+    os.utime(link, ns=(3_000_000_123, 4_000_000_456), follow_symlinks=False)
+    st = os.lstat(link)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (3_000_000_123, 4_000_000_456)
+    backing = os.lstat(mount.backing / "link")
+    assert (backing.st_atime_ns, backing.st_mtime_ns) == (3_000_000_123, 4_000_000_456)
+    assert os.stat(target).st_mtime_ns == 2_000_000_000
+    assert mount.call("info")["faults"] == 0
+
+
 def test_errors_have_the_right_errno_and_the_daemon_survives(mount: Mount) -> None:
     cases = [
         (lambda: os.open(mount.path("nope"), os.O_RDONLY), errno.ENOENT),

@@ -1,0 +1,311 @@
+"""The migration engine in process: a Source against a DestSession over an in-memory stream,
+files in memory, on trio's autojump clock (no FUSE, no sockets, no real waiting).
+
+The fake VM writes at each flush (the barrier before every swap) until it is suspended, so
+every run is the same; the tests check what the mounted tests check, in milliseconds:
+the destination equals the source at the suspend point, and every failure before the
+switchover leaves the source VM running and the destination marked incomplete.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from migrator import protocol as p
+from migrator.dest import DestSession, SessionOutcome, ServeOptions, serve_one
+from migrator.plan import Policy, Verdict
+from migrator.source import MigrateOptions, Source, SourceHooks
+from migrator.transport import Channel, MigrationError
+from migrator.vm import AdapterError
+
+BS = 4096
+KEY = b"k" * 32
+
+
+async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """No worker threads: the autojump clock would jump while one runs."""
+    return fn(*args)
+
+
+class FakeVM:
+    """A VM adapter whose writes land in a MemorySource at each flush while it runs."""
+
+    name = "fake"
+    flush_before_suspend = False
+
+    def __init__(self, writes_per_flush: list[int], seed: int = 1) -> None:
+        self.plan = list(writes_per_flush)  # writes at the 1st, 2nd, ... flush; then the last
+        self.rng = random.Random(seed)
+        self.running = True
+        self.suspends = self.resumes = 0
+        self.finished = False
+        self.fail_suspend: str | None = None
+
+    def suspend(self) -> None:
+        if self.fail_suspend:
+            raise AdapterError(self.fail_suspend)
+        self.running = False
+        self.suspends += 1
+
+    def resume(self) -> None:
+        self.running = True
+        self.resumes += 1
+
+    def finish(self) -> str:
+        self.finished = True
+        return "fake VM retired"
+
+    def write_some(self, src: MemorySource) -> None:
+        if not self.running:
+            return
+        n = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
+        for _ in range(n):
+            fid = self.rng.randrange(len(src.data))
+            buf = src.data[fid]
+            off = self.rng.randrange(len(buf) // BS) * BS + self.rng.randrange(BS - 8)
+            buf[off:off + 8] = self.rng.randbytes(8)
+            src.dirty[fid].add(off // BS)
+
+
+class MemorySource:
+    """SourceFiles in memory: bytes, a dirty set per file (swap empties it), no heat."""
+
+    block_size = BS
+
+    def __init__(self, files: dict[str, bytes], vm: FakeVM) -> None:
+        self.names = list(files)
+        self.data = [bytearray(b) for b in files.values()]
+        self.dirty: list[set[int]] = [set(range(-(-len(b) // BS))) for b in self.data]
+        self.vm = vm
+        self.closed = False
+
+    def size(self, file_id: int) -> int:
+        return len(self.data[file_id])
+
+    def read(self, file_id: int, offset: int, length: int) -> bytes:
+        return bytes(self.data[file_id][offset:offset + length])
+
+    def swap(self, file_id: int) -> list[tuple[int, int]]:
+        blocks, self.dirty[file_id] = sorted(self.dirty[file_id]), set()
+        return [(b, 1) for b in blocks]
+
+    def clear(self, file_id: int, extents: list[tuple[int, int]]) -> None:
+        for first, count in extents:
+            self.dirty[file_id] -= set(range(first, first + count))
+
+    def heat(self, file_id: int, static_heat: float | None) -> tuple[tuple[Any, ...], float]:
+        return (), 1.0
+
+    async def flush(self) -> None:
+        self.vm.write_some(self)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryDest:
+    """DestFiles in memory; `fail_after_writes` makes a write fail like a full disk."""
+
+    mount = "/nonexistent-dest"
+
+    def __init__(self, fail_after_writes: int | None = None) -> None:
+        self.data: dict[int, bytearray] = {}
+        self.names: dict[int, str] = {}
+        self.states: list[dict[str, Any]] = []
+        self.writes = 0
+        self.fail_after_writes = fail_after_writes
+
+    def prepare(self, manifest: p.Manifest) -> None:
+        pass
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.states.append(dict(state))
+
+    def create(self, manifest: p.Manifest) -> None:
+        for f in manifest.files:
+            self.data[f.file_id] = bytearray(f.size)
+            self.names[f.file_id] = f.name
+
+    def write(self, file_id: int, offset: int, data: bytes) -> None:
+        if self.fail_after_writes is not None and self.writes >= self.fail_after_writes:
+            raise MigrationError(f"destination disk full writing {self.names[file_id]}")
+        self.writes += 1
+        buf = self.data[file_id]
+        buf[offset:offset + len(data)] = data
+
+    def resize(self, file_id: int, size: int) -> None:
+        buf = self.data[file_id]
+        del buf[size:]
+        buf.extend(bytes(size - len(buf)))
+
+    async def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def status(self) -> str | None:
+        return self.states[-1]["status"] if self.states else None
+
+
+def files(seed: int = 7) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {"disk.raw": rng.randbytes(64 * BS + 123), "vm.mem": rng.randbytes(32 * BS)}
+
+
+def options(**kw: Any) -> MigrateOptions:
+    kw.setdefault("policy", Policy(threshold_blocks=2, max_rounds=10))
+    return MigrateOptions(mount="/nonexistent-src", to="memory", key=KEY, files=[], **kw)
+
+
+async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: MigrateOptions,
+                  *, peer: Callable[[trio.abc.Stream], Awaitable[Any]] | None = None,
+                  ) -> tuple[Source, SessionOutcome | None, float]:
+    """Run both ends; returns the source (its report), the destination's outcome and the
+    migration's time on the (virtual) clock."""
+    left, right = trio.testing.memory_stream_pair()
+    source = Source(opts, vm, SourceHooks(open_files=lambda o: src,
+                                          connect=lambda o: _ready(left), run_sync=inline))
+    outcome: list[SessionOutcome] = []
+    sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
+                         open_files=lambda mount: dest)
+
+    async def destination() -> None:
+        if peer is not None:
+            await peer(right)
+        else:
+            outcome.append(await serve_one(right, sopts, trio.Lock(), "memory"))
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(destination)
+        try:
+            await source.run()
+        except (MigrationError, AdapterError, p.ProtocolError):
+            pass  # the report says it: source.report.error
+    return source, (outcome[0] if outcome else None), trio.current_time() - t0
+
+
+async def _ready(stream: trio.abc.Stream) -> trio.abc.Stream:
+    return stream
+
+
+def suspend_point(src: MemorySource) -> list[bytes]:
+    return [bytes(b) for b in src.data]
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+async def test_a_whole_precopy_migration_copies_the_suspend_point(autojump_clock: Any) -> None:
+    vm = FakeVM([20, 10, 5, 1, 0])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, outcome, _ = await migrate(src, vm, dest, options())
+    r = source.report
+    assert r.status == "completed" and r.verified, r.error
+    assert outcome is not None and outcome.completed, outcome
+    assert [bytes(dest.data[i]) for i in range(2)] == suspend_point(src)  # invariant 2
+    assert vm.suspends == 1 and vm.resumes == 0 and vm.finished
+    assert len(r.rounds) >= 1 and r.downtime_ms is not None
+    assert dest.states[0]["status"] == "incomplete" and dest.status == "complete"
+    assert src.closed
+
+
+async def test_a_round_that_stalls_aborts_and_the_vm_runs_on(autojump_clock: Any) -> None:
+    vm = FakeVM([30])  # as many dirty blocks every round: never converges
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    opts = options(policy=Policy(threshold_blocks=0, max_rounds=20, on_stall=Verdict.ABORT))
+    source, outcome, _ = await migrate(src, vm, dest, opts)
+    assert source.report.status == "failed"
+    assert "stopped shrinking" in (source.report.error or ""), source.report.error
+    assert vm.running and vm.suspends == 0  # never suspended: it just runs on
+    assert outcome is not None and not outcome.completed and "aborting as asked" in outcome.text
+    assert dest.status == "incomplete"  # invariant 3
+
+
+async def test_a_stall_with_switchover_policy_still_completes(autojump_clock: Any) -> None:
+    vm = FakeVM([30])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    opts = options(policy=Policy(threshold_blocks=0, max_rounds=20))
+    source, outcome, _ = await migrate(src, vm, dest, opts)
+    assert source.report.verified and "stopped shrinking" in source.report.switchover_reason
+    assert [bytes(dest.data[i]) for i in range(2)] == suspend_point(src)
+
+
+async def test_destination_abort_reaches_the_source_which_resumes(autojump_clock: Any) -> None:
+    vm = FakeVM([20, 10, 5, 0])
+    src, dest = MemorySource(files(), vm), MemoryDest(fail_after_writes=1)
+    source, outcome, _ = await migrate(src, vm, dest, options())
+    err = source.report.error or ""
+    assert source.report.status == "failed" and "destination disk full" in err, err
+    assert vm.running and not vm.finished  # the VM ran on, never retired
+    assert outcome is not None and not outcome.completed
+    assert dest.status == "incomplete"
+
+
+async def test_source_abort_at_suspend_resumes_nothing_and_marks_dest(
+        autojump_clock: Any) -> None:
+    vm = FakeVM([3, 0])
+    vm.fail_suspend = "the hypervisor refused to stop"
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, outcome, _ = await migrate(src, vm, dest, options())
+    assert "hypervisor refused" in (source.report.error or "")
+    assert vm.running and not vm.finished
+    assert outcome is not None and not outcome.completed
+    assert "the peer aborted: the hypervisor refused to stop" in outcome.text
+    assert dest.status == "incomplete"
+
+
+async def test_a_peer_that_stops_talking_times_out_on_the_virtual_clock(
+        autojump_clock: Any) -> None:
+    async def silent(stream: trio.abc.Stream) -> None:
+        ch = Channel(stream, "dest", KEY)
+        await ch.handshake()
+        await ch.expect(p.Manifest)
+        while await stream.receive_some(1 << 16):  # alive, but says nothing more (a hung
+            pass  # host); it goes when the source closes
+
+    vm = FakeVM([0])
+    src = MemorySource(files(), vm)
+    with trio.move_on_after(3600) as cs:
+        source, _, elapsed = await migrate(src, vm, MemoryDest(), options(io_timeout=60.0),
+                                           peer=silent)
+    assert not cs.cancelled_caught
+    assert "nothing from the peer for 60 s" in (source.report.error or ""), source.report.error
+    assert 60 <= elapsed < 61 and vm.running and vm.suspends == 0
+
+
+async def test_a_peer_that_speaks_garbage_is_refused(autojump_clock: Any) -> None:
+    async def garbage(stream: trio.abc.Stream) -> None:
+        await stream.send_all(b"\xff" * 64)
+        with trio.move_on_after(5):
+            while await stream.receive_some(1 << 16):
+                pass
+
+    vm = FakeVM([0])
+    source, _, _ = await migrate(MemorySource(files(), vm), vm, MemoryDest(), options(),
+                                 peer=garbage)
+    assert "bad peer" in (source.report.error or ""), source.report.error
+    assert vm.running
+
+
+async def test_a_destination_session_alone_refuses_a_wrong_key(autojump_clock: Any) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    session = DestSession(MemoryDest(), Channel(right, "dest", KEY))
+
+    async def stranger() -> None:
+        ch = Channel(left, "source", b"x" * 32)
+        with pytest.raises(MigrationError):
+            await ch.handshake()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stranger)
+        with pytest.raises(MigrationError, match="shared key"):
+            await session.run("memory")
