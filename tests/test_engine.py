@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from migrator import protocol as p
-from migrator.dest import DestSession, SessionOutcome, ServeOptions, serve_one
+from migrator.dest import DestSession, ServeOptions, SessionOutcome, serve_one
 from migrator.plan import Policy, Verdict
 from migrator.source import MigrateOptions, Source, SourceHooks
 from migrator.transport import Channel, MigrationError
@@ -236,6 +236,7 @@ async def test_a_stall_with_switchover_policy_still_completes(autojump_clock: An
     opts = options(policy=Policy(threshold_blocks=0, max_rounds=20))
     source, outcome, _ = await migrate(src, vm, dest, opts)
     assert source.report.verified and "stopped shrinking" in source.report.switchover_reason
+    assert outcome is not None and outcome.completed
     assert [bytes(dest.data[i]) for i in range(2)] == suspend_point(src)
 
 
