@@ -63,12 +63,3 @@ class AbsentMap:
 
     def blocks(self) -> list[int]:
         return self.absent_in(0, self.nblocks << self.shift)
-
-    def extents(self) -> list[Extent]:
-        out: list[Extent] = []
-        for b in self.blocks():
-            if out and out[-1][0] + out[-1][1] == b:
-                out[-1] = (out[-1][0], out[-1][1] + 1)
-            else:
-                out.append((b, 1))
-        return out

@@ -11,7 +11,7 @@ API and wire message uses.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 Extent = tuple[int, int]
 
@@ -76,12 +76,6 @@ def from_extents(exts: Iterable[Extent], nblocks: int) -> bytearray:
     return bm
 
 
-def iter_blocks(exts: Iterable[Extent]) -> Iterator[int]:
-    """Every block number covered by the extents."""
-    for first, count in exts:
-        yield from range(first, first + count)
-
-
 def to_extents(blocks: Iterable[int]) -> list[Extent]:
     """Group block numbers (any order, duplicates allowed) into sorted extents."""
     out: list[Extent] = []
@@ -91,11 +85,6 @@ def to_extents(blocks: Iterable[int]) -> list[Extent]:
         else:
             out.append((b, 1))
     return out
-
-
-def extent_blocks(exts: Iterable[Extent]) -> int:
-    """Total number of blocks in the extents."""
-    return sum(c for _, c in exts)
 
 
 class DirtyBitmap:

@@ -16,7 +16,7 @@ from .cliutil import OneLineParser, human_bytes, non_negative, positive, size_te
 from .control import ControlClient, ControlError, flush_file
 from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
 from .mount import MountOptions, QuietError
-from .runtime import DaemonInfo, mount_fstype, process_gone
+from .runtime import FSTYPE, DaemonInfo, mount_fstype, process_gone
 
 PROG = "blkfs"
 START_TIMEOUT = 30.0
@@ -273,7 +273,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
     fstype = mount_fstype(mnt)
     if fstype is None:
         raise QuietError(f"{a.mountpoint} is not mounted: nothing to unmount")
-    if fstype != "fuse.blkfs":
+    if fstype != FSTYPE:
         raise QuietError(f"{a.mountpoint} is a {fstype} mount, not blkfs: use umount")
     info = DaemonInfo.find(mnt)
     alive = info is not None and not process_gone(info.pid)  # before: it exits fast after

@@ -30,7 +30,7 @@ from . import ctlproto as cp
 from .ctlproto import ControlError
 from .lazy import LazyError, LazyMode
 from .registry import META_NAME, Registry
-from .runtime import DaemonInfo, mount_fstype
+from .runtime import FSTYPE, DaemonInfo, mount_fstype
 from .spill import SpillArea, SpillError, unpack_refs
 from .tracker import FileTracker
 
@@ -65,9 +65,6 @@ def flush_file(path: str) -> None:
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
-
-
-Extents = tuple[tuple[int, int], ...]
 
 
 class Controller:
@@ -342,7 +339,7 @@ def find_socket(mountpoint: str) -> str:
         raise DaemonNotRunning(
             f"{mountpoint} is not mounted: mount it with 'blkfs mount BACKING {mountpoint}'"
         )
-    if fstype != "fuse.blkfs":
+    if fstype != FSTYPE:
         raise DaemonNotRunning(f"{mountpoint} is a {fstype} mount, not blkfs")
     info = DaemonInfo.find(mnt)
     if info is None or not info.alive():

@@ -455,16 +455,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def request(op: str, **args: Any) -> Request:
-    """The request for `op` with these fields, checked as the daemon checks it."""
-    cls = OPS.get(op)
-    if cls is None:
-        raise ControlError(f"unknown op {op!r}")
-    req = from_dict(cls, args, op)
-    req.check()
-    return req
-
-
 # -- the codec ---------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ the write path never pays the O(log n) insert.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from sortedcontainers import SortedList
 
@@ -47,10 +47,6 @@ class Heat:
 
     # -- writes (counted in batches, see FileTracker.settle_heat) ---------------
 
-    def bump(self, first: int, last: int, now: float) -> None:
-        """Count one write of blocks first..last inclusive at time `now`."""
-        self.bump_many(range(first, last + 1), now)
-
     def bump_many(self, blocks: Sequence[int], now: float) -> None:
         """Count one write of each listed block (repeats count again) at `now`."""
         e = (now - self._t0) * self._inv
@@ -72,14 +68,6 @@ class Heat:
             self._rescale(now)
             e = 0.0
         return 2.0**-e
-
-    def value(self, block: int, now: float) -> float:
-        scale = self._scale(now)  # first: it may rescale the stored values
-        return self._stored.get(block, 0.0) * scale
-
-    def written(self) -> int:
-        """Number of blocks with any recorded heat."""
-        return len(self._stored)
 
     def _refresh(self) -> SortedList:
         index, indexed, stored = self._index, self._indexed, self._stored
@@ -122,22 +110,6 @@ class Heat:
         for b in dynamic:
             static[b] = 0
         return extents(static), to_extents(dynamic)
-
-    def coldest(self, nblocks: int, now: float) -> Iterator[tuple[int, float]]:
-        """Every block 0..nblocks-1 as (block, heat), coldest first.
-
-        Never-written blocks (heat 0) come first in block order, then the
-        written ones by rising heat.
-        """
-        scale = self._scale(now)
-        index = list(self._refresh())  # a copy: the caller may write while iterating
-        written = {b for _, b in index}
-        for b in range(nblocks):
-            if b not in written:
-                yield b, 0.0
-        for v, b in index:
-            if b < nblocks:
-                yield b, v * scale
 
     def hottest(self, k: int, now: float) -> list[tuple[int, float]]:
         """The k hottest blocks as (block, heat), hottest first."""

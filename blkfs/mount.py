@@ -32,7 +32,7 @@ from . import control
 from .bitmap import check_block_size
 from .fs import META_NAME, BlkFS
 from .registry import Registry
-from .runtime import DaemonInfo, default_socket, ensure_runtime_dir, mount_fstype
+from .runtime import FSTYPE, DaemonInfo, default_socket, ensure_runtime_dir, mount_fstype
 from .tracker import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def check_mount_args(opts: MountOptions) -> None:
     if fstype is not None:
         hint = (
             f"blkfs umount {opts.mountpoint}"
-            if fstype == "fuse.blkfs"
+            if fstype == FSTYPE
             else f"umount {opts.mountpoint}"
         )
         raise QuietError(

@@ -9,7 +9,7 @@ drag an event loop into ``vm.py`` or into the end-to-end test.  Stdlib only.
         q.execute("migrate-set-capabilities",
                   {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
         q.command("migrate", uri="exec:cat > /tmp/state")
-        q.wait_event("MIGRATION", ...)  # or poll query-migrate
+        q.command("query-migrate")  # poll until "completed"
 
 QMP argument names often contain hyphens: pass those through ``execute`` (a
 dict) or as ``command(name, **{"x-name": v})``; names are sent unchanged.
@@ -53,7 +53,6 @@ class QMP:
     def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout
-        self.events: list[dict[str, Any]] = []  # async events seen while waiting for replies
         self.greeting: dict[str, Any] = {}
         self._buf = b""
         self._next_id = 0
@@ -118,8 +117,7 @@ class QMP:
         while True:
             reply = self._read_message(deadline, f"the reply to {name}")
             if "event" in reply:
-                self.events.append(reply)
-                continue
+                continue  # asynchronous events (STOP, RESUME, ...): nothing waits for them
             # Replies carry our id; a parse error on QEMU's side comes back without one.
             if reply.get("id", msg_id) != msg_id:
                 continue
@@ -132,27 +130,6 @@ class QMP:
                 return reply["return"]
             raise QMPError(f"QMP {name}: unexpected reply {json.dumps(reply)[:200]}",
                            command=name)
-
-    def wait_event(self, name: str, timeout: float | None = None) -> dict[str, Any]:
-        """Return (and remove from ``events``) the first event called ``name``.
-
-        Events that arrived while a command waited for its reply count too, so a
-        caller that runs a command and then waits for its event cannot miss it.
-        """
-        for i, ev in enumerate(self.events):
-            if ev.get("event") == name:
-                return self.events.pop(i)
-        t = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + t
-        while True:
-            try:
-                msg = self._read_message(deadline, f"event {name}")
-            except QMPTimeout:
-                raise QMPTimeout(f"QMP: no {name} event within {t:g} s") from None
-            if msg.get("event") == name:
-                return msg
-            if "event" in msg:
-                self.events.append(msg)
 
     def close(self) -> None:
         """Close the connection (QEMU goes on running)."""

@@ -17,7 +17,7 @@ import trio
 
 from blkfs import ctlproto as cp
 from blkfs.control import ControlClient, ControlError, flush_file
-from blkfs.runtime import mount_fstype
+from blkfs.runtime import FSTYPE, mount_fstype
 
 from . import protocol as p
 from .transport import MigrationError
@@ -168,7 +168,7 @@ class BlkfsSource:
 
 def check_blkfs_mount(mount: str) -> None:
     """Refuse to write into anything but a live blkfs mount (never a bare directory)."""
-    if mount_fstype(mount) != "fuse.blkfs":
+    if mount_fstype(mount) != FSTYPE:
         raise MigrationError(f"{mount} is not a blkfs mount: mount it first with "
                              f"'blkfs mount BACKING {mount}'")
 

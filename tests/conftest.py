@@ -71,7 +71,9 @@ class Mount:
     def call(self, op: str, **args: Any) -> Any:
         """The reply to `op` as the JSON it travels as (checked as the daemon checks it)."""
         with self.client() as c:
-            return cp.to_dict(c.call(cp.request(op, **args)))
+            req = cp.from_dict(cp.OPS[op], args, op)
+            req.check()
+            return cp.to_dict(c.call(req))
 
     def dirty(self, rel: str, swap: bool = False) -> list[tuple[int, int]]:
         return [tuple(e) for e in self.call("dirty", file=rel, swap=swap)["extents"]]

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from blkfs.bitmap import to_extents
 from blkfs.heat import _NEGLIGIBLE, _RESCALE_EXP, DEFAULT_STATIC_HEAT, Heat
 
+from .heatview import bump, coldest, value, written
+
 HL = 60.0  # half-life used by most tests
 
 
@@ -31,11 +33,11 @@ def test_half_life_must_be_positive(half_life: float) -> None:
 
 def test_empty_heat() -> None:
     h = Heat(HL)
-    assert h.written() == 0
-    assert h.value(3, 100.0) == 0.0
+    assert written(h) == 0
+    assert value(h, 3, 100.0) == 0.0
     assert h.split(4, DEFAULT_STATIC_HEAT, 0.0) == (4, 0)
     assert h.split_extents(4, DEFAULT_STATIC_HEAT, 0.0) == ([(0, 4)], [])
-    assert list(h.coldest(3, 0.0)) == [(0, 0.0), (1, 0.0), (2, 0.0)]
+    assert list(coldest(h, 3, 0.0)) == [(0, 0.0), (1, 0.0), (2, 0.0)]
     assert h.hottest(5, 0.0) == []
     assert h.extents(0.0) == []
     assert h.snapshot(0.0) == []
@@ -46,37 +48,37 @@ def test_empty_heat() -> None:
 
 def test_bump_counts_one_per_write() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(2, 2, 0.0)
-    assert h.value(2, 0.0) == 1.0
-    h.bump(2, 2, 0.0)
-    assert h.value(2, 0.0) == 2.0
-    assert h.value(1, 0.0) == 0.0
-    assert h.written() == 1
+    bump(h, 2, 2, 0.0)
+    assert value(h, 2, 0.0) == 1.0
+    bump(h, 2, 2, 0.0)
+    assert value(h, 2, 0.0) == 2.0
+    assert value(h, 1, 0.0) == 0.0
+    assert written(h) == 1
 
 
 def test_bump_range_is_inclusive() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(3, 6, 0.0)
-    assert [h.value(b, 0.0) for b in range(8)] == [0, 0, 0, 1, 1, 1, 1, 0]
-    assert h.written() == 4
+    bump(h, 3, 6, 0.0)
+    assert [value(h, b, 0.0) for b in range(8)] == [0, 0, 0, 1, 1, 1, 1, 0]
+    assert written(h) == 4
 
 
 @pytest.mark.parametrize("t0", [0.0, 1000.0, -50.0])
 def test_heat_halves_every_half_life(t0: float) -> None:
     h = Heat(HL, now=t0)
-    h.bump(0, 0, t0 + 10.0)
-    assert h.value(0, t0 + 10.0) == approx(1.0)
-    assert h.value(0, t0 + 10.0 + HL) == approx(0.5)
-    assert h.value(0, t0 + 10.0 + 2 * HL) == approx(0.25)
-    assert h.value(0, t0 + 10.0 + HL / 2) == approx(2**-0.5)
+    bump(h, 0, 0, t0 + 10.0)
+    assert value(h, 0, t0 + 10.0) == approx(1.0)
+    assert value(h, 0, t0 + 10.0 + HL) == approx(0.5)
+    assert value(h, 0, t0 + 10.0 + 2 * HL) == approx(0.25)
+    assert value(h, 0, t0 + 10.0 + HL / 2) == approx(2**-0.5)
 
 
 def test_decayed_writes_add_up() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(0, 0, HL)  # first write has decayed to 0.5 by now
-    assert h.value(0, HL) == approx(1.5)
-    assert h.value(0, 2 * HL) == approx(0.75)
+    bump(h, 0, 0, 0.0)
+    bump(h, 0, 0, HL)  # first write has decayed to 0.5 by now
+    assert value(h, 0, HL) == approx(1.5)
+    assert value(h, 0, 2 * HL) == approx(0.75)
 
 
 # -- threshold split --------------------------------------------------------------------
@@ -84,18 +86,18 @@ def test_decayed_writes_add_up() -> None:
 
 def test_written_once_is_static_written_twice_is_dynamic() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(1, 1, 0.0)
-    h.bump(2, 2, 0.0)
-    h.bump(2, 2, 0.0)
-    assert h.value(1, 0.0) == 1.0
+    bump(h, 1, 1, 0.0)
+    bump(h, 2, 2, 0.0)
+    bump(h, 2, 2, 0.0)
+    assert value(h, 1, 0.0) == 1.0
     # heat exactly at the threshold is static ("at or under")
     assert h.split(4, 1.0, 0.0) == (3, 1)
     assert h.dynamic_blocks(1.0, 0.0) == [2]
     assert h.split_extents(4, 1.0, 0.0) == ([(0, 2), (3, 1)], [(2, 1)])
     # two writes spread over time are still hotter than 1 at the second write
-    h.bump(3, 3, 0.0)
-    h.bump(3, 3, 5 * HL)
-    assert h.value(3, 5 * HL) > 1.0
+    bump(h, 3, 3, 0.0)
+    bump(h, 3, 3, 5 * HL)
+    assert value(h, 3, 5 * HL) > 1.0
     assert 3 in h.dynamic_blocks(1.0, 5 * HL)
     # ...and everything cools down to static eventually
     assert h.split(4, 1.0, 10 * HL) == (4, 0)
@@ -106,8 +108,8 @@ def test_written_once_static_at_exact_half_lives() -> None:
     for k in range(0, 12):
         h = Heat(HL, now=0.0)
         now = k * HL
-        h.bump(0, 0, now)
-        assert h.value(0, now) == 1.0
+        bump(h, 0, 0, now)
+        assert value(h, 0, now) == 1.0
         assert h.split(1, 1.0, now) == (1, 0)
 
 
@@ -124,25 +126,25 @@ def test_written_once_static_at_exact_half_lives() -> None:
 def test_written_once_is_static_at_any_time(t0: float, dt: float) -> None:
     h = Heat(HL, now=t0)
     now = t0 + dt
-    h.bump(0, 0, now)
-    assert h.value(0, now) == pytest.approx(1.0, rel=1e-12)
+    bump(h, 0, 0, now)
+    assert value(h, 0, now) == pytest.approx(1.0, rel=1e-12)
     assert h.split(1, DEFAULT_STATIC_HEAT, now) == (1, 0)
 
 
 def test_split_threshold_zero_counts_every_written_block_dynamic() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(5, 6, 0.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 5, 6, 0.0)
     assert h.split(10, 0.0, 100 * HL) == (7, 3)
 
 
 def test_split_extents_partition_blocks() -> None:
     h = Heat(HL, now=0.0)
     for _ in range(3):
-        h.bump(2, 3, 0.0)
-    h.bump(7, 7, 0.0)
-    h.bump(7, 7, 0.0)
-    h.bump(9, 9, 0.0)  # once: static
+        bump(h, 2, 3, 0.0)
+    bump(h, 7, 7, 0.0)
+    bump(h, 7, 7, 0.0)
+    bump(h, 9, 9, 0.0)  # once: static
     static, dynamic = h.split_extents(10, 1.0, 0.0)
     assert dynamic == [(2, 2), (7, 1)]
     assert static == [(0, 2), (4, 3), (8, 2)]
@@ -160,8 +162,8 @@ def test_split_extents_partition_blocks() -> None:
 # through FileTracker today (it truncates heat on shrink), but the two disagree.
 def test_split_counts_only_first_nblocks() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(5, 5, 0.0)
-    h.bump(5, 5, 0.0)
+    bump(h, 5, 5, 0.0)
+    bump(h, 5, 5, 0.0)
     static, dynamic = h.split_extents(2, 1.0, 0.0)
     assert (sum(c for _, c in static), sum(c for _, c in dynamic)) == (2, 0)
     assert h.split(2, 1.0, 0.0) == (2, 0)
@@ -174,10 +176,10 @@ def test_split_counts_only_first_nblocks() -> None:
 # them).  value()/coldest()/hottest() are fine (they multiply).
 def test_split_long_after_last_write() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(0, 0, 0.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 0, 0, 0.0)
     later = 1100 * HL
-    assert h.value(0, later) == 0.0
+    assert value(h, 0, later) == 0.0
     assert h.split(2, 1.0, later) == (2, 0)
     assert h.split_extents(2, 1.0, later) == ([(0, 2)], [])
     assert h.dynamic_blocks(1.0, later) == []
@@ -194,11 +196,11 @@ def test_split_agrees_with_values(
     h = Heat(HL, now=0.0)
     for i, (b, n) in enumerate(writes):
         for _ in range(n):
-            h.bump(b, b, float(i))
+            bump(h, b, b, float(i))
     now = len(writes) + later
     nblocks = 16
     # keep clear of the exact boundary, where float rounding decides
-    vals = {b: h.value(b, now) for b in range(nblocks)}
+    vals = {b: value(h, b, now) for b in range(nblocks)}
     if any(math.isclose(v, threshold, rel_tol=1e-9) for v in vals.values()):
         return
     expected_dyn = sorted(b for b, v in vals.items() if v > threshold)
@@ -214,14 +216,14 @@ def test_split_agrees_with_values(
 
 def test_coldest_order() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(4, 4, 0.0)
-    h.bump(4, 4, 0.0)
-    h.bump(4, 4, 0.0)
-    h.bump(1, 1, 0.0)
-    h.bump(6, 6, 0.0)
-    h.bump(6, 6, 0.0)
-    h.bump(2, 2, 0.0)
-    got = list(h.coldest(8, 0.0))
+    bump(h, 4, 4, 0.0)
+    bump(h, 4, 4, 0.0)
+    bump(h, 4, 4, 0.0)
+    bump(h, 1, 1, 0.0)
+    bump(h, 6, 6, 0.0)
+    bump(h, 6, 6, 0.0)
+    bump(h, 2, 2, 0.0)
+    got = list(coldest(h, 8, 0.0))
     assert got == [
         (0, 0.0), (3, 0.0), (5, 0.0), (7, 0.0),  # never written, block order
         (1, 1.0), (2, 1.0),  # equal heat: block order
@@ -232,10 +234,10 @@ def test_coldest_order() -> None:
 
 def test_coldest_ignores_blocks_past_nblocks() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 5, 0.0)
-    h.bump(1, 1, 0.0)
-    assert [b for b, _ in h.coldest(3, 0.0)] == [0, 2, 1]
-    assert list(h.coldest(0, 0.0)) == []
+    bump(h, 0, 5, 0.0)
+    bump(h, 1, 1, 0.0)
+    assert [b for b, _ in coldest(h, 3, 0.0)] == [0, 2, 1]
+    assert list(coldest(h, 0, 0.0)) == []
 
 
 @given(
@@ -250,15 +252,15 @@ def test_coldest_covers_every_block_once(
     t = 0.0
     for b, n, dt in writes:
         t += dt
-        h.bump(b, b + n, t)
+        bump(h, b, b + n, t)
     now = t + later
-    got = list(h.coldest(nblocks, now))
+    got = list(coldest(h, nblocks, now))
     assert sorted(b for b, _ in got) == list(range(nblocks))
     heats = [v for _, v in got]
     for a, b in pairwise(heats):
         assert a <= b * (1 + 1e-12)
     for b, v in got:
-        assert v == pytest.approx(h.value(b, now), rel=1e-12)
+        assert v == pytest.approx(value(h, b, now), rel=1e-12)
     # never-written blocks first, in block order
     unwritten = [b for b, v in got if v == 0.0]
     assert unwritten == sorted(unwritten)
@@ -268,7 +270,7 @@ def test_hottest() -> None:
     h = Heat(HL, now=0.0)
     for b, n in [(0, 1), (1, 4), (2, 2), (3, 3)]:
         for _ in range(n):
-            h.bump(b, b, 0.0)
+            bump(h, b, b, 0.0)
     assert h.hottest(2, 0.0) == [(1, 4.0), (3, 3.0)]
     assert h.hottest(10, 0.0) == [(1, 4.0), (3, 3.0), (2, 2.0), (0, 1.0)]
     assert h.hottest(0, 0.0) == []
@@ -278,14 +280,14 @@ def test_hottest() -> None:
 def test_index_follows_later_writes() -> None:
     """Queries between writes must see blocks whose heat changed since the last query."""
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(1, 1, 0.0)
-    h.bump(1, 1, 0.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 1, 1, 0.0)
+    bump(h, 1, 1, 0.0)
     assert h.hottest(1, 0.0) == [(1, 2.0)]
-    h.bump(0, 0, 0.0)
-    h.bump(0, 0, 0.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 0, 0, 0.0)
     assert h.hottest(1, 0.0) == [(0, 3.0)]
-    assert [b for b, _ in h.coldest(2, 0.0)] == [1, 0]
+    assert [b for b, _ in coldest(h, 2, 0.0)] == [1, 0]
 
 
 # -- truncate -------------------------------------------------------------------------------
@@ -293,19 +295,19 @@ def test_index_follows_later_writes() -> None:
 
 def test_truncate_drops_blocks() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 9, 0.0)
-    h.bump(8, 8, 0.0)
+    bump(h, 0, 9, 0.0)
+    bump(h, 8, 8, 0.0)
     assert h.hottest(1, 0.0) == [(8, 2.0)]  # index built before truncate
     h.truncate(4)
-    assert h.written() == 4
-    assert h.value(8, 0.0) == 0.0
-    assert h.value(3, 0.0) == 1.0
+    assert written(h) == 4
+    assert value(h, 8, 0.0) == 0.0
+    assert value(h, 3, 0.0) == 1.0
     assert h.hottest(10, 0.0) == [(3, 1.0), (2, 1.0), (1, 1.0), (0, 1.0)]
     assert h.split(10, 0.5, 0.0) == (6, 4)
     assert h.extents(0.0) == [(0, 4, 1.0)]
-    assert [b for b, _ in h.coldest(6, 0.0)] == [4, 5, 0, 1, 2, 3]
+    assert [b for b, _ in coldest(h, 6, 0.0)] == [4, 5, 0, 1, 2, 3]
     h.truncate(0)
-    assert h.written() == 0
+    assert written(h) == 0
     assert h.hottest(10, 0.0) == []
 
 
@@ -316,14 +318,14 @@ def test_rescale_keeps_order_and_values() -> None:
     hl = 1.0
     h = Heat(hl, now=0.0)
     base = _RESCALE_EXP - 10  # writes close to the rescale point keep non-negligible heat
-    h.bump(0, 0, base)
+    bump(h, 0, 0, base)
     for _ in range(3):
-        h.bump(1, 1, base + 5)
-    h.bump(2, 2, base + 10)
-    h.bump(3, 3, 0.0)  # ancient: negligible by the time of the rescale
-    before_order = [b for b, _ in h.coldest(4, base + 10)]
+        bump(h, 1, 1, base + 5)
+    bump(h, 2, 2, base + 10)
+    bump(h, 3, 3, 0.0)  # ancient: negligible by the time of the rescale
+    before_order = [b for b, _ in coldest(h, 4, base + 10)]
     now = _RESCALE_EXP + 5  # past 512 half-lives: this bump rescales
-    h.bump(4, 4, now)
+    bump(h, 4, 4, now)
     assert h._t0 == now  # the rescale really happened (white-box)
     expected = {
         0: 2 ** -(now - base),
@@ -333,11 +335,11 @@ def test_rescale_keeps_order_and_values() -> None:
         4: 1.0,
     }
     for b, v in expected.items():
-        assert h.value(b, now) == pytest.approx(v, rel=1e-9, abs=_NEGLIGIBLE)
-    assert h.value(3, now) == 0.0
-    assert [b for b, _ in h.coldest(5, now)] == [*before_order, 4]
+        assert value(h, b, now) == pytest.approx(v, rel=1e-9, abs=_NEGLIGIBLE)
+    assert value(h, 3, now) == 0.0
+    assert [b for b, _ in coldest(h, 5, now)] == [*before_order, 4]
     assert h.hottest(1, now) == [(4, 1.0)]
-    assert h.value(1, now + hl) == pytest.approx(expected[1] / 2, rel=1e-9)
+    assert value(h, 1, now + hl) == pytest.approx(expected[1] / 2, rel=1e-9)
 
 
 bump_seqs = st.lists(
@@ -363,7 +365,7 @@ def test_matches_naive_model(
     t = 0.0
     for first, extra, dt in bumps:
         t += dt
-        h.bump(first, first + extra, t)
+        bump(h, first, first + extra, t)
         for b in range(first, first + extra + 1):
             history[b].append(t)
     now = t + later
@@ -373,9 +375,9 @@ def test_matches_naive_model(
 
     for b in range(16):
         # blocks under _NEGLIGIBLE at a rescale are dropped, hence the absolute tolerance
-        assert math.isclose(h.value(b, now), naive(b), rel_tol=1e-9, abs_tol=_NEGLIGIBLE)
+        assert math.isclose(value(h, b, now), naive(b), rel_tol=1e-9, abs_tol=_NEGLIGIBLE)
     # ordering by heat agrees with the model (up to rounding)
-    got = list(h.coldest(16, now))
+    got = list(coldest(h, 16, now))
     assert sorted(b for b, _ in got) == list(range(16))
     model = [naive(b) for b, _ in got]
     for a, c in pairwise(model):
@@ -387,20 +389,20 @@ def test_matches_naive_model(
 
 def test_extents_groups_equal_heat_runs() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 3, 0.0)
-    h.bump(5, 5, 0.0)
-    h.bump(6, 6, 0.0)
-    h.bump(6, 6, 0.0)
-    h.bump(7, 8, 0.0)
-    h.bump(7, 8, 0.0)
+    bump(h, 0, 3, 0.0)
+    bump(h, 5, 5, 0.0)
+    bump(h, 6, 6, 0.0)
+    bump(h, 6, 6, 0.0)
+    bump(h, 7, 8, 0.0)
+    bump(h, 7, 8, 0.0)
     assert h.extents(0.0) == [(0, 4, 1.0), (5, 1, 1.0), (6, 3, 2.0)]
     assert h.extents(HL) == [(0, 4, 0.5), (5, 1, 0.5), (6, 3, 1.0)]
 
 
 def test_extents_rounding_digits() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(1, 1, 1.0)  # heat 1.0 vs 2**(-1/60) ~ 0.9885 at t=1
+    bump(h, 0, 0, 0.0)
+    bump(h, 1, 1, 1.0)  # heat 1.0 vs 2**(-1/60) ~ 0.9885 at t=1
     assert h.extents(1.0, digits=1) == [(0, 2, 1.0)]
     assert h.extents(1.0, digits=2) == [(0, 1, 0.99), (1, 1, 1.0)]
 
@@ -410,53 +412,53 @@ def test_extents_rounding_digits() -> None:
 
 def test_snapshot_restore_round_trip() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(3, 4, 0.0)
-    h.bump(3, 3, 10.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 3, 4, 0.0)
+    bump(h, 3, 3, 10.0)
     pairs = h.snapshot(10.0)
     assert sorted(b for b, _ in pairs) == [0, 3, 4]
     r = Heat(HL, now=5000.0)
     r.restore(pairs, now=5000.0)
     for b in range(6):
-        assert r.value(b, 5000.0) == approx(h.value(b, 10.0))
-        assert r.value(b, 5000.0 + HL) == approx(h.value(b, 10.0 + HL))
-    assert [b for b, _ in r.coldest(6, 5000.0)] == [b for b, _ in h.coldest(6, 10.0)]
-    assert r.hottest(1, 5000.0) == [(3, approx(h.value(3, 10.0)))]
+        assert value(r, b, 5000.0) == approx(value(h, b, 10.0))
+        assert value(r, b, 5000.0 + HL) == approx(value(h, b, 10.0 + HL))
+    assert [b for b, _ in coldest(r, 6, 5000.0)] == [b for b, _ in coldest(h, 6, 10.0)]
+    assert r.hottest(1, 5000.0) == [(3, approx(value(h, 3, 10.0)))]
 
 
 def test_restore_applies_elapsed_decay() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(1, 1, 0.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 0, 0, 0.0)
+    bump(h, 1, 1, 0.0)
     pairs = h.snapshot(0.0)
     assert dict(pairs) == {0: 2.0, 1: 1.0}
     r = Heat(HL, now=100.0)
     r.restore(pairs, now=100.0, elapsed=HL)
-    assert r.value(0, 100.0) == approx(1.0)
-    assert r.value(1, 100.0) == approx(0.5)
-    assert r.value(0, 100.0 + HL) == approx(0.5)
+    assert value(r, 0, 100.0) == approx(1.0)
+    assert value(r, 1, 100.0) == approx(0.5)
+    assert value(r, 0, 100.0 + HL) == approx(0.5)
     # negative elapsed (clock went backwards) is treated as zero
     r.restore(pairs, now=0.0, elapsed=-HL)
-    assert r.value(0, 0.0) == 2.0
+    assert value(r, 0, 0.0) == 2.0
 
 
 def test_restore_replaces_previous_state_and_drops_negligible() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(7, 7, 0.0)
+    bump(h, 7, 7, 0.0)
     assert h.hottest(1, 0.0) == [(7, 1.0)]
     h.restore([(1, 1.0), (2, 1e-12)], now=0.0)
-    assert h.written() == 1
-    assert h.value(7, 0.0) == 0.0
+    assert written(h) == 1
+    assert value(h, 7, 0.0) == 0.0
     assert h.hottest(5, 0.0) == [(1, 1.0)]
     # a long elapsed time decays everything away
     h.restore([(1, 1.0)], now=0.0, elapsed=100 * HL)
-    assert h.written() == 0
+    assert written(h) == 0
 
 
 def test_snapshot_drops_negligible_heat() -> None:
     h = Heat(HL, now=0.0)
-    h.bump(0, 0, 0.0)
-    h.bump(1, 1, 40 * HL)
+    bump(h, 0, 0, 0.0)
+    bump(h, 1, 1, 40 * HL)
     assert [b for b, _ in h.snapshot(40 * HL)] == [1]
     assert h.snapshot(200 * HL) == []

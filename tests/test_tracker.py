@@ -23,6 +23,8 @@ from blkfs.tracker import (
     save_state,
 )
 
+from .heatview import value, written
+
 SHIFT = 12
 BS = 1 << SHIFT  # 4 KiB blocks keep the numbers small
 HL = 60.0
@@ -90,10 +92,10 @@ def test_on_write_marks_covered_blocks(offset: int, length: int, expected: list)
     assert tr.dirty_extents() == expected
     assert tr.size == 16 * BS
     assert tr.writes == 1
-    written = {b for first, n in expected for b in range(first, first + n)}
-    assert tr.heat.written() == len(written)
+    blocks = {b for first, n in expected for b in range(first, first + n)}
+    assert written(tr.heat) == len(blocks)
     for b in range(16):
-        assert tr.heat.value(b, 0.0) == (1.0 if b in written else 0.0)
+        assert value(tr.heat, b, 0.0) == (1.0 if b in blocks else 0.0)
 
 
 @pytest.mark.parametrize("offset", [0, 5, BS, 100 * BS])
@@ -105,7 +107,7 @@ def test_on_write_length_zero_does_nothing(offset: int) -> None:
     assert tr.size == 4 * BS
     assert tr.nblocks == 4
     assert tr.writes == 0
-    assert tr.heat.written() == 0
+    assert written(tr.heat) == 0
 
 
 @given(st.integers(0, 20 * BS - 1), st.integers(1, 3 * BS))
@@ -126,8 +128,8 @@ def test_write_past_eof_marks_the_hole() -> None:
     # old partial last block, the hole and the written block
     assert tr.dirty_extents() == [(2, 6)]
     # heat: only the written block
-    assert tr.heat.written() == 1
-    assert tr.heat.value(7, 0.0) == 1.0
+    assert written(tr.heat) == 1
+    assert value(tr.heat, 7, 0.0) == 1.0
 
 
 def test_write_past_eof_from_block_boundary() -> None:
@@ -172,8 +174,8 @@ def test_shrink_drops_dirty_blocks_and_heat() -> None:
     assert tr.nblocks == 3
     assert len(tr.bitmap) == 3
     assert tr.dirty_extents() == [(0, 3)]
-    assert tr.heat.written() == 3
-    assert tr.heat.value(5, 0.0) == 0.0
+    assert written(tr.heat) == 3
+    assert value(tr.heat, 5, 0.0) == 0.0
     assert tr.heat.hottest(10, 0.0) == [(2, 1.0), (1, 1.0), (0, 1.0)]
     assert tr.swap() == (0, [(0, 3)])
 
@@ -185,7 +187,7 @@ def test_shrink_mid_block_keeps_partial_block() -> None:
     tr.on_resize(2 * BS + 10)  # block 2 survives, partially
     assert tr.nblocks == 3
     assert tr.dirty_extents() == [(2, 1)]
-    assert tr.heat.written() == 1
+    assert written(tr.heat) == 1
 
 
 def test_shrink_to_zero() -> None:
@@ -194,7 +196,7 @@ def test_shrink_to_zero() -> None:
     tr.on_resize(0)
     assert tr.nblocks == 0
     assert tr.dirty_extents() == []
-    assert tr.heat.written() == 0
+    assert written(tr.heat) == 0
     assert tr.swap() == (0, [])
 
 
@@ -205,7 +207,7 @@ def test_grow_marks_new_blocks() -> None:
     assert tr.nblocks == 5
     assert len(tr.bitmap) == 5
     assert tr.dirty_extents() == [(2, 3)]
-    assert tr.heat.written() == 0
+    assert written(tr.heat) == 0
     assert tr.writes == 0
 
 
@@ -345,7 +347,7 @@ def test_record_round_trip() -> None:
     assert back.bitmap.epoch == tr.bitmap.epoch == 1
     assert back.restored
     for b in range(back.nblocks):
-        assert back.heat.value(b, 500.0) == pytest.approx(tr.heat.value(b, 10.0), rel=1e-12)
+        assert value(back.heat, b, 500.0) == pytest.approx(value(tr.heat, b, 10.0), rel=1e-12)
     # the restored tracker keeps working
     write(back, 9 * BS, 1, 500.0)
     assert back.swap() == (1, [(1, 1), (5, 2), (9, 1)])
@@ -356,7 +358,7 @@ def test_record_round_trip_with_elapsed_decay() -> None:
     rec = _json_round_trip(tr.to_record(FileIdentity(tr.size, 1, 2), "d", 3.0))
     back = FileTracker.from_record(rec, SHIFT, half_life=HL, now=0.0, elapsed=HL)
     for b in range(tr.nblocks):
-        assert back.heat.value(b, 0.0) == pytest.approx(tr.heat.value(b, 3.0) / 2, rel=1e-12)
+        assert value(back.heat, b, 0.0) == pytest.approx(value(tr.heat, b, 3.0) / 2, rel=1e-12)
 
 
 def test_record_of_fresh_tracker() -> None:
@@ -365,7 +367,7 @@ def test_record_of_fresh_tracker() -> None:
     back = FileTracker.from_record(rec, SHIFT, half_life=HL, now=0.0, elapsed=0.0)
     assert back.nblocks == 0
     assert back.dirty_extents() == []
-    assert back.heat.written() == 0
+    assert written(back.heat) == 0
 
 
 @given(
@@ -500,7 +502,7 @@ def test_take_restores_matching_record(image: Path) -> None:
     assert back.key == key
     assert back.size == st_.st_size
     assert back.dirty_extents() == [(1, 1), (4, 1)]
-    assert back.heat.value(1, 100.0) == pytest.approx(2.0, rel=1e-3)
+    assert value(back.heat, 1, 100.0) == pytest.approx(2.0, rel=1e-3)
     # a record is consumed once
     assert saved.take(key, st_, SHIFT, half_life=HL, now=100.0) is None
 
@@ -517,7 +519,7 @@ def test_take_decays_heat_by_time_since_save(image: Path) -> None:
     saved.saved_at = time.time() - HL  # saved one half-life ago
     back = saved.take((st_.st_dev, st_.st_ino), st_, SHIFT, half_life=HL, now=0.0)
     assert back is not None
-    assert back.heat.value(1, 0.0) == pytest.approx(1.0, rel=1e-3)
+    assert value(back.heat, 1, 0.0) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_take_refuses_changed_mtime(image: Path) -> None:
