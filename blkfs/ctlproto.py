@@ -402,7 +402,12 @@ def conform(tp: Any, value: Any, what: str) -> Any:
         args = typing.get_args(tp)
         if type(value) in (list, tuple):
             if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(conform(args[0], v, what) for v in value)
+                try:
+                    return tuple(conform(args[0], v, what) for v in value)
+                except ControlError:
+                    if dataclasses.is_dataclass(args[0]):
+                        raise  # its own message names the field inside
+                    # else: the whole list is named below
             if len(value) == len(args):
                 return tuple(conform(a, v, what) for a, v in zip(args, value, strict=True))
     elif dataclasses.is_dataclass(tp):

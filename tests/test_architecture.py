@@ -1,0 +1,103 @@
+"""The import rules of docs/architecture.md, checked on the source (ast, nothing imported)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("blkfs", "migrator")
+# Pure: no FUSE, no trio, no sockets, no processes - testable in microseconds.
+PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlproto",
+        "blkfs.tracker", "migrator.plan", "migrator.protocol", "migrator.simvm.format"}
+IO_MODULES = {"pyfuse3", "trio", "socket", "subprocess", "select", "signal"}
+FUSE_ONLY = {"blkfs.fs", "blkfs.mount"}  # the only ones that may import pyfuse3
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def imports(name: str, path: Path) -> set[str]:
+    """Every module `name` imports, absolute, at any depth of the file."""
+    tree = ast.parse(path.read_text())
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                stem = base[: len(base) - node.level + 1]
+                mod = ".".join([*stem, node.module] if node.module else stem)
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from . import x`
+    return found
+
+
+MODULES = modules()
+GRAPH = {name: imports(name, path) for name, path in MODULES.items()}
+
+
+def project_deps(name: str) -> set[str]:
+    return {m for m in GRAPH[name] if m in MODULES and m != name}
+
+
+@pytest.mark.parametrize("name", sorted(PURE))
+def test_pure_modules_do_no_io(name: str) -> None:
+    bad = {m for m in GRAPH[name] if m.split(".")[0] in IO_MODULES}
+    assert not bad, f"{name} is pure but imports {sorted(bad)}"
+    impure = {m for m in project_deps(name) if m not in PURE}
+    assert not impure, f"{name} is pure but imports {sorted(impure)}"
+
+
+def test_only_the_fuse_layer_imports_pyfuse3() -> None:
+    users = {n for n, deps in GRAPH.items() if any(m.split(".")[0] == "pyfuse3" for m in deps)}
+    assert users <= FUSE_ONLY, sorted(users - FUSE_ONLY)
+
+
+def test_the_control_socket_does_not_know_the_fuse_class() -> None:
+    assert "blkfs.fs" not in project_deps("blkfs.control")
+
+
+def test_the_simulated_vm_imports_nothing_of_the_project() -> None:
+    for name in MODULES:
+        if name.startswith("migrator.simvm"):
+            outside = {m for m in project_deps(name) if not m.startswith("migrator.simvm")
+                       and m != "migrator"}
+            assert not outside, f"{name} imports {sorted(outside)}"
+
+
+def test_blkfs_never_imports_the_migrator() -> None:
+    for name in MODULES:
+        if name.startswith("blkfs"):
+            assert not {m for m in project_deps(name) if m.startswith("migrator")}, name
+
+
+def test_no_import_cycles() -> None:
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(project_deps(name)):
+            if state.get(dep) == 1:
+                cycle = [*stack[stack.index(dep):], dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, [*stack, dep])
+        state[name] = 2
+
+    for name in sorted(MODULES):
+        if name not in state:
+            visit(name, [name])

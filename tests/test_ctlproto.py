@@ -1,0 +1,145 @@
+"""The control socket's protocol (pure) and its ops over a Registry, without a mount."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from blkfs import ctlproto as cp
+from blkfs.control import Controller
+from blkfs.lazy import LazyMode
+from blkfs.registry import Registry
+from blkfs.runtime import DaemonInfo
+from blkfs.spill import pack_refs
+
+# -- codec ----------------------------------------------------------------------------------
+
+
+def feed_bytewise(data: bytes) -> list[cp.Request | cp.ControlError]:
+    r = cp.RequestReader()
+    out: list[cp.Request | cp.ControlError] = []
+    for i in range(len(data)):
+        r.feed(data[i:i + 1])
+        out.extend(r)
+    return out
+
+
+def test_every_request_round_trips_byte_by_byte() -> None:
+    reqs = [cp.Info(), cp.Status(static_heat=2.5), cp.Dirty("disk.raw", swap=True),
+            cp.Clear("d", ((0, 3), (9, 1))), cp.Freeze(("a", "b")), cp.Thaw(),
+            cp.LazyRefs(pack_refs([(0, 1, 2, 3), (1, 2, 3, 4)])),
+            cp.LazyInstall(1, 7, b"\0\n\xff" * 100), cp.LazyWait(timeout=0.5),
+            cp.LazyBegin("m", 65536, None, (cp.LazyFileSpec(0, "vm.mem", ((0, 4),)),))]
+    assert feed_bytewise(b"".join(cp.encode_request(r) for r in reqs)) == reqs
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    (b"not json", "not valid JSON"),
+    (b'["op"]', '"op" string'),
+    (b'{"op": "frobnicate"}', "unknown op 'frobnicate'"),
+    (b'{"op": "dirty"}', "dirty: file is required"),
+    (b'{"op": "dirty", "file": 3}', "dirty: file must be a string"),
+    (b'{"op": "dirty", "file": "f", "bogus": 1}', "unknown field 'bogus'"),
+    (b'{"op": "clear", "file": "f", "extents": [[0]]}', "extents must be a list of [int, int]"),
+    (b'{"op": "clear", "file": "f", "extents": [[-1, 2]]}', "extents"),
+    (b'{"op": "clear", "file": "f", "extents": [[true, 1]]}', "extents"),
+    (b'{"op": "lazy_wait", "timeout": 60}', "timeout must be 0..5"),
+    (b'{"op": "info", "data_len": 3}\nabc', "takes no data"),
+    (b'{"op": "lazy_refs", "data": "x"}', "data travels as the payload"),
+])
+def test_bad_requests_get_a_message_naming_what_is_wrong(line: bytes, words: str) -> None:
+    [got] = feed_bytewise(line if line.endswith(b"abc") else line + b"\n")
+    assert isinstance(got, cp.ControlError) and words in str(got), got
+
+
+def test_a_huge_line_is_refused_and_ends_the_connection() -> None:
+    r = cp.RequestReader()
+    r.feed(b"x" * (cp.MAX_REQUEST + 1))
+    [got] = list(r)
+    assert isinstance(got, cp.ControlError) and "too large" in str(got) and r.closed
+
+
+def test_a_payload_is_awaited_whole() -> None:
+    data = cp.encode_request(cp.LazyInstall(0, 0, b"p" * 1000))
+    r = cp.RequestReader()
+    r.feed(data[:-10])
+    assert list(r) == [] and r.wants() == 10
+    r.feed(data[-10:])
+    assert list(r) == [cp.LazyInstall(0, 0, b"p" * 1000)]
+
+
+def test_replies_are_typed_and_errors_raise() -> None:
+    req = cp.Dirty("disk.raw")
+    reply = cp.DirtyReply("disk.raw", 3, 4096, 8192, ((0, 2),))
+    assert cp.decode_reply(cp.encode_reply(reply), req) == reply
+    with pytest.raises(cp.ControlError, match="no such file"):
+        cp.decode_reply(cp.encode_reply(cp.ControlError("no such file 'x'")), req)
+    bad = json.dumps({"ok": True, "result": {"file": "f"}}).encode()
+    with pytest.raises(cp.ControlError, match="reply to dirty: epoch is required"):
+        cp.decode_reply(bad, req)
+
+
+def test_postcopy_stats_travel_unchanged() -> None:
+    stats = cp.PostcopyStats(demand_faults=3, pages_via_spill=2, pages_via_drain=5,
+                             demand_fault_p99_ms=1.5)
+    back = cp.decode_reply(cp.encode_reply(cp.LazyReportReply(stats, ((0, 1, 2),))),
+                           cp.LazyReport())
+    assert back == cp.LazyReportReply(stats, ((0, 1, 2),))
+    assert back.stats.pages_from_spill == 7
+
+
+# -- ops over a registry, no mount -------------------------------------------------------------
+
+
+def controller(tmp_path: Path) -> Controller:
+    (tmp_path / "b").mkdir()
+    reg = Registry(str(tmp_path / "b"), shift=12, half_life=60.0, static_heat=1.0)
+
+    async def invalidate(key: object) -> None:
+        pass
+
+    info = DaemonInfo(os.getpid(), "/mnt/test", reg.backing, "/nowhere.sock", 4096, True)
+    return Controller(reg, LazyMode(12, invalidate), info)
+
+
+async def test_ops_without_a_mount(tmp_path: Path) -> None:
+    c = controller(tmp_path)
+    (tmp_path / "b" / "disk.raw").write_bytes(b"\0" * 5 * 4096)
+    first = await c.dispatch(cp.Dirty("disk.raw", swap=True))
+    assert first.extents == ((0, 5),)  # never seen before: all dirty (invariant 5)
+    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ()
+    tr = c.registry.trackers[next(iter(c.registry.trackers))]
+    tr.on_write(4096, 10)
+    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ((1, 1),)
+    assert (await c.dispatch(cp.Clear("disk.raw", ((1, 1),)))).epoch == 1
+    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ()
+    assert (await c.dispatch(cp.Freeze())).count == 1 and c.registry.frozen_all
+    assert (await c.dispatch(cp.Thaw(("disk.raw",)))).count == 1
+    status = await c.dispatch(cp.Status())
+    assert [f.file for f in status.files] == ["disk.raw"] and status.files[0].writes == 1
+    for bad, words in ((cp.Dirty("../etc/passwd"), "without '..'"),
+                       (cp.Dirty("nope"), "no such file"), (cp.Dirty(".blkfs/lock"), "no such"),
+                       (cp.LazyWait(), "no post-copy is running"),
+                       (cp.Spill(), "has no spill area")):
+        err = await c.dispatch(bad)
+        assert isinstance(err, cp.ControlError) and words in str(err), (bad, err)
+
+
+async def test_lazy_begin_refuses_another_block_size(tmp_path: Path) -> None:
+    c = controller(tmp_path)
+    (tmp_path / "b" / "vm.mem").write_bytes(b"\0" * 4 * 4096)
+    req = cp.LazyBegin("m1", 65536, None, (cp.LazyFileSpec(0, "vm.mem", ((0, 4),)),))
+    err = await c.dispatch(req)
+    assert isinstance(err, cp.ControlError) and "--block-size 65536" in str(err)
+    ok = await c.dispatch(cp.LazyBegin("m1", 4096, None, req.files))
+    assert ok == cp.Remaining(4)
+    news = await c.dispatch(cp.LazyWait(timeout=0))
+    assert news.remaining == 4 and not news.done
+    installed = await c.dispatch(cp.LazyInstall(0, 0, b"\1" * 4 * 4096))
+    assert installed == cp.Installed(4, 0)
+    report = await c.dispatch(cp.LazyReport(digests=True))
+    assert report.stats.pages_via_demand_fetch == 4 and len(report.digests) == 4
+    c.lazy.close()
