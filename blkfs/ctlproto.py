@@ -171,10 +171,10 @@ class Thaw(Request):
     files: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass
 class PostcopyStats:
-    """Post-copy figures of the destination daemon: the same object goes into the
-    ``PostcopyDone`` frame and the migration report."""
+    """Post-copy figures of the destination daemon, counted in place by lazy mode; a copy
+    goes into the ``PostcopyDone`` frame and the migration report unchanged."""
 
     demand_faults: int = 0  # reads (or writes) that waited for an absent block
     pages_via_spill: int = 0  # installed from a slot for a waiting read

@@ -419,35 +419,33 @@ class BlkFS(pyfuse3.Operations):
         uid, gid = self._owner(parent, ctx)
         os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
+    def _make(self, parent_inode: int, name: bytes, ctx: Any,
+              make: Callable[[int], None]) -> pyfuse3.EntryAttributes:
+        """A new directory entry made by `make(dir_fd)`, owned by the caller."""
+        self._check_name(parent_inode, name)
+        p = self._node(parent_inode)
+        make(p.fd)
+        self._set_owner(p.fd, name, p, ctx)
+        return self._lookup_entry(p.fd, name, os.stat(name, dir_fd=p.fd, follow_symlinks=False))
+
     @handler
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
-        p = self._node(parent_inode)
-        os.mkdir(name, mode, dir_fd=p.fd)
-        self._set_owner(p.fd, name, p, ctx)
-        return self._lookup_entry(p.fd, name, os.stat(name, dir_fd=p.fd, follow_symlinks=False))
+        return self._make(parent_inode, name, ctx, lambda d: os.mkdir(name, mode, dir_fd=d))
 
     @handler
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
-        p = self._node(parent_inode)
-        os.mknod(name, mode, rdev, dir_fd=p.fd)
-        self._set_owner(p.fd, name, p, ctx)
-        return self._lookup_entry(p.fd, name, os.stat(name, dir_fd=p.fd, follow_symlinks=False))
+        return self._make(parent_inode, name, ctx,
+                          lambda d: os.mknod(name, mode, rdev, dir_fd=d))
 
     @handler
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
-        p = self._node(parent_inode)
-        os.symlink(target, name, dir_fd=p.fd)
-        self._set_owner(p.fd, name, p, ctx)
-        return self._lookup_entry(p.fd, name, os.stat(name, dir_fd=p.fd, follow_symlinks=False))
+        return self._make(parent_inode, name, ctx, lambda d: os.symlink(target, name, dir_fd=d))
 
     @handler
     async def link(

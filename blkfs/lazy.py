@@ -25,6 +25,7 @@ for every absent block; what the spill holds is installed, the rest is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -73,17 +74,6 @@ class LazyFile:
         self.absent.truncate(nblocks)
 
 
-@dataclass
-class _Counts:
-    demand_faults: int = 0
-    pages_via_spill: int = 0
-    pages_via_drain: int = 0
-    pages_via_demand_fetch: int = 0
-    generation_mismatches: int = 0
-    hash_mismatches: int = 0
-    refs_received: int = 0
-
-
 class Postcopy:
     """Lazy mode of one incoming migration, inside the destination daemon."""
 
@@ -103,7 +93,7 @@ class Postcopy:
         self.source_lost = False
         self.started = time.monotonic()
         self.finished_at: float | None = None
-        self.counts = _Counts()
+        self.counts = PostcopyStats()  # the counters; report() adds the rest
         self.fault_ms: list[float] = []
 
     # -- setup ---------------------------------------------------------------------
@@ -308,12 +298,8 @@ class Postcopy:
 
     def report(self) -> PostcopyStats:
         lat = sorted(self.fault_ms)
-        c = self.counts
-        return PostcopyStats(
-            demand_faults=c.demand_faults, pages_via_spill=c.pages_via_spill,
-            pages_via_drain=c.pages_via_drain, pages_via_demand_fetch=c.pages_via_demand_fetch,
-            generation_mismatches=c.generation_mismatches, hash_mismatches=c.hash_mismatches,
-            refs_received=c.refs_received, remaining=self.remaining,
+        return dataclasses.replace(
+            self.counts, remaining=self.remaining,
             missing_count=sum(len(lf.missing) for lf in self.files.values()),
             demand_fault_p50_ms=round(_pct(lat, 50), 3),
             demand_fault_p99_ms=round(_pct(lat, 99), 3),

@@ -25,20 +25,9 @@ if [[ -f $out/vmlinuz && -f $out/initrd.gz && -f $out/stamp && $(cat "$out/stamp
   exit 0
 fi
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    log "missing system packages: ${missing[*]} - run as root, or: sudo apt-get install ${missing[*]}"
-    exit 1
-  fi
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+ensure_packages build_guest "${PACKAGES[@]}"
 busybox=/bin/busybox
 [[ -x $busybox ]] || { log "$busybox not found (package busybox-static)"; exit 1; }
 

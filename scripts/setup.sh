@@ -13,20 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv fio iproute2
           qemu-system-x86 busybox-static)
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "setup: missing system packages: ${missing[*]} - run as root, or: sudo apt-get install ${missing[*]}" >&2
-    exit 1
-  fi
-  echo "setup: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=lib.sh
+source scripts/lib.sh
+ensure_packages setup "${PACKAGES[@]}"
 
 PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then

@@ -7,13 +7,14 @@ checked byte for byte on the destination.  This is it: a process that stamps eve
 file*, the way a real VM's state lives in its RAM: migrate ``vm.mem`` and the VM can resume on the
 destination from it.
 
-It is a test tool, not part of the migrator, so it imports nothing of the engine nor of blkfs.
+It is a test tool, not part of the migrator: it imports nothing of the engine (only the
+pure size parser and one-line argument errors of blkfs).
 format.py holds the on-disk format (pure), writer.py the VM (create, run), check.py the checker,
 cli.py the command (``python -m migrator.simvm create|run|check``).
 """
 
 from .check import MAX_ERRORS, CheckResult, check
-from .cli import PROG, build_parser, main, parse_size
+from .cli import PROG, build_parser, main
 from .format import (
     BLOCK_MAGIC,
     DISK,
@@ -69,7 +70,6 @@ __all__ = [
     "layout",
     "main",
     "parse_header",
-    "parse_size",
     "read_header",
     "read_ledger",
     "run",

@@ -11,38 +11,16 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any
+
+from blkfs.bitmap import parse_size
+from blkfs.cliutil import OneLineParser
 
 from .check import check
 from .format import SimVMError, read_header
 from .writer import create, run
 
 PROG = "simvm"
-
-
-def parse_size(text: str) -> int:
-    """Parse '64K', '1M', '4096', '2G' (binary units) into bytes.
-
-    simvm's own, not blkfs's: the test tool must not depend on what it tests."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num = t.rstrip("KMGT")
-    unit = t[len(num) :]
-    if not num or unit not in units:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 4096, 64K, 1M)")
-    try:
-        value = int(num)
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 4096, 64K, 1M)") from None
-    if value < 0:
-        raise ValueError(f"size {text!r} is negative")
-    return value * units[unit]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line: what is wrong and where to look, not a usage dump.
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 def _size(text: str) -> int:
@@ -67,12 +45,12 @@ def _number(lo: float, hi: float | None, what: str, strict: bool = False) -> Any
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=f"python -m migrator.{PROG}",
         description="A simulated VM that stamps every write, so that a migrated copy of its "
         "disk and memory files can be verified byte for byte.",
     )
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser, metavar="COMMAND")
 
     def files(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("dir", metavar="DIR", help="directory of the VM files (e.g. a blkfs mount)")
