@@ -119,8 +119,9 @@ def print_summary(r: MigrationReport, console: Console) -> None:
         ("data / sent", f"{human_bytes(r.data_bytes)} / {human_bytes(r.bytes_sent)}"
                         + (f" ({r.bytes_sent / r.data_bytes:.3f}x)" if r.data_bytes else "")),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
-        ("rounds", f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
-                   + f" dirty blocks; last set {r.last_set_blocks}"),
+        ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
+                    + " dirty blocks" if r.rounds else "none")
+                   + f"; last set {r.last_set_blocks}"),
         ("switchover", r.switchover_reason or "-"),
         ("bandwidth", f"{r.mbps:.0f} MB/s"),
         ("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)"),
