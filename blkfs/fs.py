@@ -292,15 +292,17 @@ class BlkFS(pyfuse3.Operations):
             size: int | None = os.fstat(of.fd).st_size
         except OSError:
             size = None
-        self.registry.mark_unsafe(of.tracker, f"internal error in {what}")
-        if size is not None and of.tracker.size < size:
-            of.tracker.mark_all(size)
+        self.registry.mark_unsafe(of.tracker, f"internal error in {what}", size)
 
-    @staticmethod
-    def _resized(tr: FileTracker, size: int) -> None:
-        tr.on_resize(size)
-        if tr.lazy is not None:
-            tr.lazy.resize(size, tr.nblocks)
+    def _resized(self, tr: FileTracker, size: int) -> None:
+        """The backing file was truncated or extended to `size`: tell its tracker."""
+        try:
+            tr.on_resize(size)
+            if tr.lazy is not None:
+                tr.lazy.resize(size, tr.nblocks)
+        except Exception:
+            self.registry.mark_unsafe(tr, f"internal error recording a resize to {size}", size)
+            raise
 
     # -- FUSE: inodes and attributes ----------------------------------------------
 

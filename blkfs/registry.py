@@ -88,13 +88,14 @@ class Registry:
         else:
             self.paths[key] = path
 
-    def mark_unsafe(self, tr: FileTracker | None, why: str) -> None:
-        """A write may have reached `tr`'s file unmarked: report the whole file dirty, or,
-        if even that fails, never save this mount's state (invariant 5)."""
+    def mark_unsafe(self, tr: FileTracker | None, why: str, size: int | None = None) -> None:
+        """A write may have reached `tr`'s file unmarked (the file may now be `size` bytes):
+        report the whole file dirty, or, if even that fails, never save this mount's state
+        (invariant 5).  Never raises: it runs in a handler's error path."""
         try:
             if tr is None:
                 raise ValueError("no tracker")
-            tr.mark_all()
+            tr.mark_all(size)
             log.error("%s: every block of the file is reported dirty", why)
         except Exception:
             self.trust_lost = True

@@ -96,9 +96,10 @@ def _dirty_after_remount(reg: Registry, path: Path) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("marking_the_file_fails_too", [False, True])
+@pytest.mark.parametrize(("block", "blocks_after"), [(5, 8), (10, 11)])  # inside, past the end
 async def test_a_fault_after_the_pwrite_never_leaves_a_write_unreported(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marking_the_file_fails_too: bool,
-        caplog: pytest.LogCaptureFixture) -> None:
+        block: int, blocks_after: int, caplog: pytest.LogCaptureFixture) -> None:
     """Invariant 5, structurally: the data reached the backing file, the marking did not."""
     fs = make_fs(tmp_path)
     fi, _ = await fs.create(pyfuse3.ROOT_INODE, b"disk.raw", 0o644, os.O_RDWR, CTX)
@@ -114,16 +115,16 @@ async def test_a_fault_after_the_pwrite_never_leaves_a_write_unreported(
     if marking_the_file_fails_too:
         monkeypatch.setattr(FileTracker, "mark_all", broken)
     with pytest.raises(FUSEError) as ei:
-        await fs.write(fi.fh, 5 << 16, b"new data")
+        await fs.write(fi.fh, block << 16, b"new data")
     assert ei.value.errno == errno.EIO and fs.faults == 1
     monkeypatch.undo()
-    assert (tmp_path / "disk.raw").read_bytes()[5 << 16:(5 << 16) + 8] == b"new data"
+    assert (tmp_path / "disk.raw").read_bytes()[block << 16:(block << 16) + 8] == b"new data"
     assert fs.registry.trust_lost is marking_the_file_fails_too
     await fs.release(fi.fh)
     reg = _unmount_and_remount(tmp_path, fs)
-    # Either way the next mount reports block 5 dirty: the whole file, from the saved
+    # Either way the next mount reports the block dirty: the whole file, from the saved
     # record (marked all-dirty) or because nothing was saved at all.
-    assert _dirty_after_remount(reg, tmp_path / "disk.raw") == [(0, 8)]
+    assert _dirty_after_remount(reg, tmp_path / "disk.raw") == [(0, blocks_after)]
     assert "every block" in caplog.text
 
 
@@ -139,3 +140,30 @@ async def test_a_clean_unmount_saves_a_provably_complete_bitmap(tmp_path: Path) 
     await fs.release(fi.fh)
     reg = _unmount_and_remount(tmp_path, fs)
     assert _dirty_after_remount(reg, tmp_path / "disk.raw") == [(5, 1)]
+
+
+async def test_a_fault_recording_a_truncate_reports_the_file_dirty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = make_fs(tmp_path)
+    fi, entry = await fs.create(pyfuse3.ROOT_INODE, b"disk.raw", 0o644, os.O_RDWR, CTX)
+    await fs.write(fi.fh, 0, b"\1" * (4 << 16))
+    tr = fs._files[fi.fh].tracker
+    assert tr is not None
+    tr.swap()
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("simulated bug in on_resize")
+
+    monkeypatch.setattr(FileTracker, "on_resize", broken)
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 6 << 16
+    fields = SimpleNamespace(update_size=True, update_mode=False, update_uid=False,
+                             update_gid=False, update_atime=False, update_mtime=False)
+    with pytest.raises(FUSEError) as ei:
+        await fs.setattr(entry.st_ino, attr, fields, fi.fh, CTX)
+    assert ei.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert os.path.getsize(tmp_path / "disk.raw") == 6 << 16  # the backing file did grow
+    await fs.release(fi.fh)
+    reg = _unmount_and_remount(tmp_path, fs)
+    assert _dirty_after_remount(reg, tmp_path / "disk.raw") == [(0, 6)]
