@@ -109,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a memory file to post-copy (repeatable; default: the files named "
                     "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
 
+    r = sub.add_parser(
+        "resolve", help="settle a handoff that was cut: which host runs the VM",
+        description="After a migration was cut at the switchover, the source keeps its VM "
+        "suspended and says so. On the source, this asks the destination's 'migrator serve' "
+        "what its record says and retires or resumes the source copy; or a person decides "
+        "with --resume-here / --retire-here. On the destination, it says what this host's "
+        "record holds.")
+    r.add_argument("--mount", required=True, help="the blkfs mount of the VM's files")
+    r.add_argument("--to", metavar="HOST:PORT",
+                   help="the destination's 'migrator serve' (default: the one migrated to)")
+    r.add_argument("--key-file", metavar="FILE", help="shared key, to ask the destination")
+    dg = r.add_mutually_exclusive_group()
+    dg.add_argument("--resume-here", action="store_true",
+                    help="resume the source copy (only once the VM is stopped on the "
+                    "destination)")
+    dg.add_argument("--retire-here", action="store_true",
+                    help="retire the source copy (the VM runs on the destination)")
+
     d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
                        "a live migration over loopback, verification")
     d.add_argument("--disk-size", default="256M", help="simulated VM disk (default 256M)")
@@ -214,7 +232,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           postcopy=a.postcopy,
                           spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
                           spill_slots=a.spill_slots, memory_files=a.memory,
-                          spill_rate_mb_s=a.spill_bandwidth)
+                          spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend)
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 
@@ -239,6 +257,42 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve(a: argparse.Namespace) -> int:
+    from .ownership import DEST_RECORD, SOURCE_RECORD, SourceRecord
+    from .resolve import describe_dest, resolve_source
+    from .source import tcp_connect
+    from .stores import check_blkfs_mount, read_json, write_json_durably
+
+    mount = os.path.abspath(a.mount)
+    check_blkfs_mount(mount)
+    src = read_json(os.path.join(mount, SOURCE_RECORD))
+    dst = read_json(os.path.join(mount, DEST_RECORD))
+    decision = "resume" if a.resume_here else "retire" if a.retire_here else None
+    rec = SourceRecord.from_dict(src) if src else None
+    if rec is not None and rec.unsettled:
+        key = read_key(a.key_file) if a.key_file else None
+        to = a.to or rec.to
+
+        def write(r: SourceRecord) -> None:
+            write_json_durably(mount, SOURCE_RECORD, r.to_dict())
+
+        out = trio.run(resolve_source, rec, lambda: parse_adapter(rec.suspend, mount, rec.files),
+                       write, (lambda: tcp_connect(to)) if key else None, key, decision)
+        print(f"migrator resolve: {out.text}", flush=True)
+        return 0 if out.done else 1
+    if decision is not None:
+        raise MigrationError(f"nothing to {decision} on {a.mount}: no unsettled handoff here")
+    lines = []
+    if rec is not None:
+        lines.append(f"as a source: migration {rec.migration} is settled: {rec.state}"
+                     + (f" ({rec.detail})" if rec.detail else ""))
+    if dst is not None:
+        lines.append("as a destination: " + describe_dest(dst))
+    for ln in lines or [f"nothing to settle on {a.mount}: no migration record"]:
+        print(f"migrator resolve: {ln}")
+    return 0
+
+
 async def _cancel_on_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
@@ -252,7 +306,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
-COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo}
+COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "resolve": cmd_resolve,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

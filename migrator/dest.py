@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ import xxhash
 from blkfs import ctlproto as cp
 
 from . import protocol as p
+from .ownership import dest_answer
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
@@ -67,11 +68,13 @@ class DestSession:
     """One incoming migration on an authenticated channel."""
 
     def __init__(self, files: DestFiles, ch: Channel, resume_cmd: str | None = None,
-                 spill_override: str | None = None, qemu_spec: str | None = None) -> None:
+                 spill_override: str | None = None, qemu_spec: str | None = None,
+                 resume_hook: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store = files
         self.mount = files.mount
         self.ch = ch
         self.resume_cmd = resume_cmd
+        self.resume_hook = resume_hook  # in place of resume_cmd (the engine tests)
         self.qemu_spec = qemu_spec
         self.qemu: QemuTarget | None = None
         self._qemu_ready = trio.Event()
@@ -87,6 +90,7 @@ class DestSession:
         self.mismatch_count = 0
         self.blocks_written = 0
         self.t_switch: float | None = None
+        self.answered: tuple[str, str] | None = None  # a resolve query was answered
 
     # -- setup ------------------------------------------------------------------
 
@@ -94,8 +98,10 @@ class DestSession:
         self.store.prepare(man)
         self.block_size = man.block_size
         self.state = {
-            "migration": str(uuid.uuid4()),
+            "migration": man.migration or str(uuid.uuid4()),
             "status": "incomplete",
+            "owner": False,  # True once this host took the VM (written before it starts it)
+            "epoch": 0,
             "source": peer,
             "started_at": time.time(),
             "files": [{"name": f.name, "size": f.size} for f in man.files],
@@ -108,6 +114,33 @@ class DestSession:
     def _save_state(self, **changes: Any) -> None:
         self.state.update(changes)
         self.store.write_state(self.state)
+
+    @property
+    def owner(self) -> bool:
+        """This host took the VM: it runs here from now on, whatever happens to the source."""
+        return bool(self.state.get("owner"))
+
+    def _take_ownership(self, epoch: int) -> None:
+        """Durably, before the VM is started (the handoff, docs/migration.md)."""
+        self._save_state(owner=True, status="running", epoch=epoch, taken_at=time.time())
+
+    async def _start_vm(self) -> None:
+        """Take the VM and start it; a failed start is a refusal (the VM does not run here:
+        the source may run it again), recorded before the Abort that tells the source."""
+        assert self.owner
+        t = time.monotonic()
+        try:
+            with trio.CancelScope(shield=True):  # once owner, the start is never cut halfway
+                await self._resume()
+        except MigrationError as exc:
+            if self.qemu is not None:
+                self.qemu.abort()  # before the record says so: it must not run
+            self._save_state(owner=False, status="refused", error=str(exc))
+            raise
+        log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
+        self.resumed.set()  # the VM runs here now, whatever happens to the source
+        ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
+        await self.ch.send(p.Resumed(ms))
 
     # -- data -------------------------------------------------------------------
 
@@ -167,6 +200,9 @@ class DestSession:
             self._qemu_ready.set()
 
     async def _resume(self) -> None:
+        if self.resume_hook is not None:
+            await self.resume_hook()
+            return
         if self.qemu is not None:
             await self._qemu_ready.wait()  # (a failed start has aborted the session)
             try:
@@ -188,7 +224,10 @@ class DestSession:
     async def run(self, peer: str) -> dict[str, Any]:
         ch = self.ch
         await ch.handshake()
-        man = await ch.expect(p.Manifest)
+        man = await ch.expect(p.Manifest, p.Query)
+        if isinstance(man, p.Query):
+            await self.answer(man)
+            return {}
         self.open_files(man, peer)
         await ch.send(p.Ready())
         if self.qemu_spec:
@@ -201,11 +240,18 @@ class DestSession:
         # file writes overlap; the writer handles events in order, each with the protocol
         # state it arrived in (the connection's own state may be ahead by then).
         tx, rx = trio.open_memory_channel[tuple[Any, p.State]](4)
+        lost: list[MigrationError] = []
 
         async def receiver() -> None:
             async with tx:
                 while True:
-                    ev = await ch.receive()
+                    try:
+                        ev = await ch.receive()
+                    except MigrationError as exc:
+                        # What the peer said before it went (a Commit above all) is still
+                        # handled, in order; then the session fails with this.
+                        lost.append(exc)
+                        return
                     await tx.send((ev, ch.conn.state))
                     if isinstance(ev, p.Done):
                         return
@@ -218,18 +264,17 @@ class DestSession:
             async with rx:
                 async for ev, state in rx:
                     await self._handle(ev, state)
+                if lost:
+                    raise lost[0]
         return self.state
 
-    async def _resume_postcopy(self) -> None:
-        """The resume hook runs while the post-copy traffic flows (the VM reads absent pages
-        while it starts)."""
-        t = time.monotonic()
-        with trio.CancelScope(shield=True):  # a lost source must not leave the hook half-run
-            await self._resume()
-        log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
-        self.resumed.set()  # the VM runs here now, whatever happens to the source
-        ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
-        await self.ch.send(p.Resumed(ms))
+    async def answer(self, q: p.Query) -> None:
+        """`migrator resolve` on the source asks what this host's record says."""
+        status, epoch, detail = dest_answer(self.store.read_state(), q.migration)
+        log.info("resolve query for %s: %s (%s)", q.migration, status, detail)
+        await self.ch.send(p.Answer(q.migration, status, epoch, detail))
+        self.answered = (status, detail)
+
 
     async def finish_without_source(self, why: str) -> SessionOutcome:
         """The source is gone after the resume: complete from the spill area, or say what is
@@ -309,15 +354,15 @@ class DestSession:
             log.info("commit %.1f ms after switchover; lazy mode on after %.1f ms more",
                      (t - (self.t_switch or t)) * 1000, (time.monotonic() - t) * 1000)
             assert self._nursery is not None
+            self._take_ownership(ev.epoch)
             self._nursery.start_soon(pc.pump)
-            self._nursery.start_soon(self._resume_postcopy)
+            # The VM starts while the post-copy traffic flows (it reads absent pages then).
+            self._nursery.start_soon(self._start_vm)
         elif isinstance(ev, p.Commit):
-            # No fsync here: it would lengthen the downtime; files are made
+            # No fsync of the files here: it would lengthen the downtime; they are made
             # durable before the migration is marked complete.
-            await self._resume()
-            self.resumed.set()
-            ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
-            await ch.send(p.Resumed(ms))
+            self._take_ownership(ev.epoch)
+            await self._start_vm()
         elif isinstance(ev, p.Digests):
             self.check_digests(ev)
         elif isinstance(ev, p.VerifyDone):
@@ -326,7 +371,9 @@ class DestSession:
             await self.store.sync()
             ok, detail = self.verdict()
             if ok:
-                self._save_state(status="complete", completed_at=time.time())
+                self._save_state(status="complete", completed_at=time.time(), verified=True)
+            else:
+                self._save_state(verified=False, mismatches=self.mismatch_count, detail=detail)
             await ch.send(p.Verified(ok, self.mismatch_count, detail))
             if not ok:
                 raise VerificationFailed(f"verification failed: {detail}")
@@ -342,6 +389,7 @@ class ServeOptions:
     qemu: str | None = None  # --resume qemu:SPEC
     say: Callable[[str], None] = field(default=lambda text: None)  # one line for the operator
     open_files: Callable[[str], DestFiles] = field(default=MountDest)
+    resume_hook: Callable[[], Awaitable[None]] | None = None  # in place of resume_cmd (tests)
 
 
 async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock,
@@ -355,9 +403,12 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock
         return SessionOutcome(False, "")
     async with lock:
         session = DestSession(opts.open_files(opts.mount), ch, opts.resume_cmd, opts.spill,
-                              opts.qemu)
+                              opts.qemu, opts.resume_hook)
         try:
             state = await session.run(peer)
+            if session.answered is not None:
+                return SessionOutcome(False, f"{peer} asked about a migration: "
+                                      f"{session.answered[0]} ({session.answered[1]})")
             log.info("migration %s complete: %d blocks written", state["migration"],
                      session.blocks_written)
             text = f"migration from {peer} complete and verified ({len(session.files)} files)"
@@ -370,26 +421,7 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock
             if not isinstance(exc, (MigrationError, p.ProtocolError, OSError)):
                 raise
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
-            if not isinstance(exc, PeerAborted):
-                await ch.abort(msg)
-            resumed = session.resumed.is_set()
-            if session.qemu is not None and not resumed:
-                session.qemu.abort()  # before cont: the source's QEMU goes on (invariant 3)
-            if session.pc is not None and resumed and not isinstance(exc, VerificationFailed):
-                # After the resume the VM runs here: never roll back; finish what we can.
-                try:
-                    out = await session.finish_without_source(msg)
-                except (MigrationError, OSError) as exc2:
-                    out = SessionOutcome(False, f"{msg}; and completing from the spill failed: "
-                                         f"{exc2}")
-                return SessionOutcome(out.completed, f"migration from {peer}: {out.text}")
-            if session.state:
-                try:
-                    session._save_state(status="incomplete", error=msg)
-                except OSError:
-                    log.exception("cannot update the migration state")
-            return SessionOutcome(False, f"migration from {peer} failed: {msg}; the files stay "
-                                  "marked incomplete")
+            return await _failed(session, peer, msg, exc)
         finally:
             if session.qemu is not None:
                 session.qemu.detach()
@@ -397,6 +429,46 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock
             if session.pc is not None:
                 await session.pc.aclose()
             await ch.aclose()
+
+
+async def _failed(session: DestSession, peer: str, msg: str,
+                  exc: BaseException) -> SessionOutcome:
+    """A session that failed: say it in one line, and never leave two VMs."""
+    mid = session.state.get("migration", "?")
+    if not session.owner:
+        # Not taken: refuse for good (no QEMU left waiting, the record says so), then tell
+        # the source, which may run its VM again.
+        if session.qemu is not None:
+            session.qemu.abort()
+        if session.state:
+            try:
+                refused = session.state.get("status") == "refused"  # (its start failed)
+                session._save_state(status="refused" if refused else "incomplete", error=msg)
+            except OSError:
+                log.exception("cannot update the migration state")
+        if not isinstance(exc, PeerAborted):
+            await session.ch.abort(msg)
+        return SessionOutcome(False, f"migration from {peer} failed: {msg}; the files stay "
+                              "marked incomplete")
+    # Taken: the VM runs here. Never roll back, never Abort (the source would resume).
+    if isinstance(exc, VerificationFailed):
+        return SessionOutcome(False, f"migration {mid} from {peer}: VERIFICATION FAILED: {msg}; "
+                              "the VM runs here on a copy that differs from the source: stop "
+                              "it here, then resume the source copy there with 'migrator "
+                              "resolve --resume-here'")
+    if session.pc is not None and session.resumed.is_set():
+        try:
+            out = await session.finish_without_source(msg)
+        except (MigrationError, OSError) as exc2:
+            out = SessionOutcome(False, f"{msg}; and completing from the spill failed: {exc2}")
+        return SessionOutcome(out.completed, f"migration from {peer}: {out.text}")
+    try:
+        session._save_state(error=f"verification did not finish: {msg}")
+    except OSError:
+        log.exception("cannot update the migration state")
+    return SessionOutcome(False, f"migration {mid} from {peer}: the VM runs here, but the "
+                          f"source went before verification ({msg}); it holds its copy "
+                          "suspended until 'migrator resolve' there settles it")
 
 
 def _peer(stream: trio.SocketStream) -> str:

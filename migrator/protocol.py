@@ -69,7 +69,7 @@ from blkfs.ctlproto import ControlError, PostcopyStats, conform
 from blkfs.spill import REF as _REF
 from blkfs.spill import pack_refs, unpack_refs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 MAX_FRAME = HEADER.size + MAX_PAYLOAD  # the most unparsed input a peer can make us hold
@@ -87,6 +87,7 @@ MAX_REASON = 1000
 NONCE_SIZE = 32
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 4096, 2**20
 SOURCE, DEST = "source", "dest"
+ANSWER_STATUSES = ("owner", "refused", "unknown")
 ROLES = (SOURCE, DEST)
 
 _U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1
@@ -141,10 +142,12 @@ class FileEntry:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """The files to migrate; fixes the block size and the sizes that later frames must respect."""
+    """The files to migrate; fixes the block size and the sizes that later frames must respect.
+    `migration` names the migration in both sides' ownership records."""
 
     block_size: int
     files: tuple[FileEntry, ...]
+    migration: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +195,14 @@ class Switchover:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """The last set is sent: the destination may resume the VM."""
+    """The handoff: the last set is sent and the source has durably given the VM up (its
+    ownership record says so); the destination may take it, as ownership epoch `epoch`.
+
+    From here on the source resumes its copy only if the destination says Abort (which the
+    destination sends only while it has not taken the VM); a connection lost in between is
+    ambiguous and settled by `migrator resolve`, never by guessing."""
+
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,10 +316,30 @@ class Done:
     """The migration is over; both sides close."""
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Instead of a Manifest: what does the destination's record say of `migration`?
+    (`migrator resolve` on a source whose handoff was cut.)"""
+
+    migration: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The destination's ownership record of the migration asked about: `status` is
+    ``owner`` (it took the VM), ``refused`` (it never will), or ``unknown`` (no record of it:
+    settle by hand); `epoch` the ownership epoch it holds."""
+
+    migration: str
+    status: str
+    epoch: int
+    detail: str
+
+
 Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
-    | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState
+    | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
 )
 
 
@@ -340,6 +370,8 @@ class FrameType(enum.IntEnum):
     SLOT_FREE = 22
     POSTCOPY_DONE = 23
     DEVICE_STATE = 24
+    QUERY = 25
+    ANSWER = 26
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -352,7 +384,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.POSTCOPY: Postcopy, FrameType.ABSENT: Absent, FrameType.SPILL_REFS: SpillRefs,
     FrameType.SPILL_FLUSHED: SpillFlushed, FrameType.FETCH: Fetch,
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
-    FrameType.DEVICE_STATE: DeviceState,
+    FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -385,6 +417,7 @@ class State(enum.Enum):
     VERIFYING = enum.auto()  # digests flow
     VERDICT = enum.auto()  # the dest compares
     FINISHING = enum.auto()  # the source says Done
+    ANSWER = enum.auto()  # a Query waits for its Answer (resolve, instead of a migration)
     CLOSED = enum.auto()
     ABORTED = enum.auto()
     ERROR = enum.auto()
@@ -398,6 +431,8 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.AUTH, SOURCE, Auth): State.MANIFEST,
     (State.AUTH, DEST, Auth): State.MANIFEST,
     (State.MANIFEST, SOURCE, Manifest): State.READY,
+    (State.MANIFEST, SOURCE, Query): State.ANSWER,
+    (State.ANSWER, DEST, Answer): State.CLOSED,
     (State.READY, DEST, Ready): State.COPYING,
     (State.COPYING, SOURCE, Blocks): State.COPYING,
     (State.COPYING, SOURCE, Resize): State.COPYING,
@@ -498,6 +533,7 @@ def check_file_name(name: object) -> str:
 
 
 def _check_manifest(m: Manifest) -> None:
+    _text(m.migration, 64, "Manifest.migration")
     bs = _int(m.block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, "block_size")
     if bs & (bs - 1):
         raise ProtocolError(f"block_size {bs} is not a power of two")
@@ -614,7 +650,18 @@ def check_event(event: Event) -> None:
             if len(event.data) > MAX_BLOCKS_DATA:
                 raise ProtocolError(f"DeviceState carries {len(event.data)} bytes, more than "
                                     "8 MiB")
-        case Ready() | Switchover() | Commit() | VerifyDone() | Done():
+        case Commit():
+            _int(event.epoch, 0, _MAX_COUNT, "Commit.epoch")
+        case Query():
+            _text(event.migration, 64, "Query.migration")
+        case Answer():
+            _text(event.migration, 64, "Answer.migration")
+            if event.status not in ANSWER_STATUSES:
+                raise ProtocolError(f"Answer.status must be one of {', '.join(ANSWER_STATUSES)}, "
+                                    f"not {_show(event.status)}")
+            _int(event.epoch, 0, _MAX_COUNT, "Answer.epoch")
+            _text(event.detail, MAX_REASON, "Answer.detail")
+        case Ready() | Switchover() | VerifyDone() | Done():
             pass
         case _:
             raise ProtocolError(f"{_show(event)} is not a protocol event")

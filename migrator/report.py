@@ -50,6 +50,7 @@ class Progress:
 class MigrationReport:
     status: str = "setup"  # setup | active | completed | failed
     error: str | None = None
+    migration: str = ""  # its id in both sides' ownership records
     files: list[dict[str, Any]] = field(default_factory=list)
     block_size: int = 0
     total_s: float = 0.0
@@ -72,6 +73,8 @@ class MigrationReport:
     mbps: float = 0.0
     verified: bool = False
     verify_s: float = 0.0
+    mismatched_blocks: int = 0  # verification: blocks that differ on the destination
+    verify_detail: str = ""  # the first of them, by file and block
     source_vm: str = ""
     device_state_bytes: int = 0  # the hypervisor's own state (QEMU), sent in the downtime
     started_at: float = field(default_factory=time.time)

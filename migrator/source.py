@@ -31,6 +31,7 @@ import xxhash
 from blkfs.spill import SpillArea, SpillError
 
 from . import protocol as p
+from .ownership import HANDED_OFF, RESUMED, RETIRED, UNVERIFIED, SourceRecord, next_epoch
 from .plan import (
     Policy,
     RoundPlanner,
@@ -43,7 +44,7 @@ from .plan import (
 from .postcopy import SourcePostcopy, is_memory_file
 from .report import MigrationReport, Progress
 from .stores import BlkfsSource, SourceFiles
-from .transport import IO_TIMEOUT, Channel, MigrationError, leaf, parse_hostport
+from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf, parse_hostport
 from .vm import AdapterError, VMAdapter
 
 Extent = tuple[int, int]
@@ -71,6 +72,7 @@ class MigrateOptions:
     spill_slots: int = 1024
     memory_files: list[str] | None = None  # post-copied files (default: by name, see postcopy)
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
+    suspend: str = "freeze"  # the --suspend spec, kept in the ownership record for resolve
 
 
 @dataclass
@@ -120,7 +122,8 @@ class Source:
         self.ch: Channel | None = None
         self.suspended = False
         self.t_suspend = 0.0
-        self.switched = False
+        self.switched = False  # the destination said Resumed: the VM runs there
+        self.record: SourceRecord | None = None  # ours, on the source mount
         self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
         self.spill: SpillArea | None = None
         self.memory_ids: set[int] = set()
@@ -213,6 +216,16 @@ class Source:
 
     def _open(self) -> None:
         self.store = store = self.hooks.open_files(self.opts)
+        prev = store.read_record()
+        old = SourceRecord.from_dict(prev) if prev else None
+        if old is not None and old.unsettled:
+            raise MigrationError(
+                f"migration {old.migration} of this mount to {old.to} was never settled "
+                f"({old.state}: the VM may run there): run 'migrator resolve --mount "
+                f"{self.opts.mount} --to {old.to} --key-file KEY' first")
+        self.record = SourceRecord(str(uuid.uuid4()), next_epoch(prev), self.opts.to,
+                                   self.opts.suspend, list(store.names))
+        store.write_record(self.record.to_dict())
         self.block_size = store.block_size
         self.report.block_size = self.block_size
         self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
@@ -350,13 +363,32 @@ class Source:
         blocks, _ = await self._send_sets(union)
         self.report.last_set_blocks = blocks
         await self._send_device_state()
-        await self.ch.send(p.Commit())
         bd["send_last_set"] = _ms(t)
+        await self._hand_off()
         t = time.monotonic()
         await self.ch.expect(p.Resumed)
         bd["destination_resume"] = _ms(t)
         self.switched = True
         self.report.downtime_ms = _ms(self.t_suspend)
+
+    def _set_record(self, state: str, detail: str = "") -> None:
+        assert self.record is not None and self.store is not None
+        self.record.state, self.record.detail = state, detail
+        self.record.updated_at = time.time()
+        self.store.write_record(self.record.to_dict())
+
+    async def _hand_off(self) -> None:
+        """The point of no return: durably give the VM up, then say Commit."""
+        assert self.ch is not None and self.record is not None
+        t = time.monotonic()
+        self._set_record(HANDED_OFF, "Commit sent; the destination may run the VM")
+        await self.ch.send(p.Commit(self.record.epoch))
+        self.report.downtime_breakdown_ms["handoff"] = _ms(t)
+
+    @property
+    def handed_off(self) -> bool:
+        """The VM was given up (Commit sent): it must not run here again unless settled."""
+        return self.record is not None and self.record.state in (HANDED_OFF, UNVERIFIED)
 
     async def _send_device_state(self) -> None:
         """The hypervisor's device state (QEMU), saved at suspend, for the destination's."""
@@ -382,8 +414,8 @@ class Source:
         blocks, _ = await self._send_sets(disks)
         r.last_set_blocks = blocks
         await self._send_device_state()
-        await self.ch.send(p.Commit())
         bd["send_last_set"] = _ms(t)
+        await self._hand_off()
         t = time.monotonic()
         by_id = {f.file_id: f for f in self.files}
         pc = self.pc = SourcePostcopy(
@@ -407,7 +439,6 @@ class Source:
             r.downtime_ms = r.resume_ms = _ms(self.t_suspend)
             self.hooks.notify(f"resumed on the destination after {r.downtime_ms} ms; "
                               f"post-copy of {pc.stats.pages} pages")
-            r.source_vm = self.adapter.finish()
         st = pc.stats
         r.postcopy = done[0].stats
         r.postcopy_s = round(time.monotonic() - t, 3)
@@ -437,9 +468,19 @@ class Source:
         self.report.verify_s = round(time.monotonic() - t, 3)
         self.report.verified = v.ok
         if not v.ok:
-            raise MigrationError(f"VERIFICATION FAILED: {v.mismatches} blocks differ on the "
-                                 f"destination ({v.detail})")
+            self.report.mismatched_blocks = v.mismatches
+            self.report.verify_detail = v.detail
+            self._set_record(UNVERIFIED, f"{v.mismatches} blocks differ: {v.detail}")
+            self.report.source_vm = ("kept suspended, files untouched: it is the good copy")
+            raise MigrationError(
+                f"VERIFICATION FAILED: {v.mismatches} blocks differ on the destination "
+                f"({v.detail}); the source copy stays suspended and intact: stop the VM on the "
+                f"destination, then resume it here with 'migrator resolve --mount "
+                f"{self.opts.mount} --resume-here'")
         await self.ch.send(p.Done())
+        # The copy is proven: only now is the source copy retired.
+        self.report.source_vm = self.adapter.finish()
+        self._set_record(RETIRED, "the destination verified its copy")
 
     # -- the whole migration --------------------------------------------------------
 
@@ -456,8 +497,11 @@ class Source:
                 f.size = self._store.size(f.file_id)
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
             r.data_bytes = self.progress.total = sum(f.size for f in self.files)
+            assert self.record is not None
             await self.ch.send(p.Manifest(self.block_size, tuple(
-                p.FileEntry(f.file_id, f.rel, f.size) for f in self.files)))
+                p.FileEntry(f.file_id, f.rel, f.size) for f in self.files),
+                self.record.migration))
+            r.migration = self.record.migration
             await self.ch.expect(p.Ready)
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
@@ -469,14 +513,12 @@ class Source:
             await self._initial_copy(planner)
             held = {} if self.opts.stop_and_copy else await self._rounds(planner)
             await self._switchover(held)
-            if not r.source_vm:
-                r.source_vm = self.adapter.finish()
             await self._verify()
             r.status = "completed"
         except BaseException as exc:  # errors, Ctrl-C and cancellation alike
             r.status = "failed"
             r.error = _message(exc)
-            await self._fail(r.error)
+            await self._fail(r.error, leaf(exc))
             raise
         finally:
             r.total_s = round(time.monotonic() - t0, 3)
@@ -493,18 +535,33 @@ class Source:
                 r.write(self.opts.report_path)
         return r
 
-    async def _fail(self, reason: str) -> None:
-        """Before the destination resumed: give the VM back its run, tell the peer."""
+    async def _fail(self, reason: str, exc: BaseException) -> None:
+        """Say why to the peer, and leave exactly one VM running (docs/migration.md).
+
+        Before the handoff the source copy runs again. After it, only the destination's
+        Abort (it never took the VM) lets the source copy run again; anything else (the link
+        cut, a crash or Ctrl-C there or here) leaves it suspended, and the user is told the
+        one command that settles it."""
+        r = self.report
         with trio.CancelScope(shield=True):
-            if self.suspended and not self.switched:
+            refused = isinstance(exc, PeerAborted) and not self.switched
+            if self.suspended and (not self.handed_off or refused):
                 try:
                     self.adapter.resume()
-                except AdapterError as exc:
-                    self.report.error = f"{reason}; and resuming the source VM failed: {exc}"
-                self.suspended = False
-            if self.switched:
-                self.report.source_vm = ("the VM already runs on the destination; the source "
-                                         "copy stays stopped")
+                    self.suspended = False
+                    if self.handed_off:
+                        self._set_record(RESUMED, f"the destination refused: {reason}")
+                        r.source_vm = "resumed here: the destination refused the VM"
+                except (AdapterError, MigrationError) as exc2:
+                    r.error = f"{reason}; and resuming the source VM failed: {exc2}"
+            elif self.handed_off and self.record is not None and self.record.state == HANDED_OFF:
+                where = ("runs on the destination" if self.switched
+                         else "may run on the destination")
+                r.source_vm = f"kept suspended: the VM {where}"
+                if self.record is not None:
+                    r.error = (f"{reason}; the VM {where}, its copy here stays suspended: "
+                               f"settle with 'migrator resolve --mount {self.opts.mount} --to "
+                               f"{self.record.to} --key-file KEY'")
             if self.ch is not None:
                 await self.ch.abort(reason)
 

@@ -20,12 +20,12 @@ from blkfs.control import ControlClient, ControlError, flush_file
 from blkfs.runtime import FSTYPE, mount_fstype
 
 from . import protocol as p
+from .ownership import DEST_RECORD, SOURCE_RECORD
 from .transport import MigrationError
 
 Extent = tuple[int, int]
 HeatRuns = tuple[tuple[int, int, float], ...]
-STATE_NAME = ".migration-state.json"
-RESERVED = {STATE_NAME, ".blkfs"}
+RESERVED = {DEST_RECORD, SOURCE_RECORD, ".blkfs"}
 
 
 class SourceFiles(Protocol):
@@ -56,6 +56,14 @@ class SourceFiles(Protocol):
         """Writes still in the page cache reach the tracker (the barrier before a swap)."""
         ...
 
+    def read_record(self) -> dict[str, object] | None:
+        """The source's ownership record (ownership.SourceRecord), if any."""
+        ...
+
+    def write_record(self, record: dict[str, object]) -> None:
+        """Durably, before the caller acts on it."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -69,8 +77,11 @@ class DestFiles(Protocol):
         ...
 
     def write_state(self, state: dict[str, object]) -> None:
-        """The migration's state record, durably (invariant 3: written before any file)."""
+        """The migration's state and ownership record, durably (written before any file is
+        touched, and before the VM is started)."""
         ...
+
+    def read_state(self) -> dict[str, object] | None: ...
 
     def create(self, manifest: p.Manifest) -> None: ...
 
@@ -156,6 +167,16 @@ class BlkfsSource:
         for rel in self.names:
             await trio.to_thread.run_sync(flush_file, os.path.join(self.mount, rel))
 
+    def read_record(self) -> dict[str, object] | None:
+        return read_json(os.path.join(self.mount, SOURCE_RECORD))
+
+    def write_record(self, record: dict[str, object]) -> None:
+        try:
+            write_json_durably(self.mount, SOURCE_RECORD, record)
+        except OSError as exc:
+            raise MigrationError(f"cannot write the ownership record in {self.mount}: "
+                                 f"{exc.strerror}") from None
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -171,6 +192,17 @@ def check_blkfs_mount(mount: str) -> None:
     if mount_fstype(mount) != FSTYPE:
         raise MigrationError(f"{mount} is not a blkfs mount: mount it first with "
                              f"'blkfs mount BACKING {mount}'")
+
+
+def read_json(path: str) -> dict[str, object] | None:
+    """A JSON record, or None if there is none (or it is not a record: unreadable counts as
+    absent, and the callers then treat the migration as unknown, never as settled)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def write_json_durably(directory: str, name: str, obj: dict[str, object]) -> None:
@@ -226,7 +258,10 @@ class MountDest:
                                  f"{self.mount} has {free} free")
 
     def write_state(self, state: dict[str, object]) -> None:
-        write_json_durably(self.mount, STATE_NAME, state)
+        write_json_durably(self.mount, DEST_RECORD, state)
+
+    def read_state(self) -> dict[str, object] | None:
+        return read_json(os.path.join(self.mount, DEST_RECORD))
 
     def create(self, manifest: p.Manifest) -> None:
         for f in manifest.files:

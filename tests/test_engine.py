@@ -84,6 +84,7 @@ class MemorySource:
         self.dirty: list[set[int]] = [set(range(-(-len(b) // BS))) for b in self.data]
         self.vm = vm
         self.closed = False
+        self.records: list[dict[str, Any]] = []  # every ownership record written, in order
 
     def size(self, file_id: int) -> int:
         return len(self.data[file_id])
@@ -104,6 +105,16 @@ class MemorySource:
 
     async def flush(self) -> None:
         self.vm.write_some(self)
+
+    def read_record(self) -> dict[str, Any] | None:
+        return dict(self.records[-1]) if self.records else None
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        self.records.append(dict(record))
+
+    @property
+    def state(self) -> str | None:
+        return self.records[-1]["state"] if self.records else None
 
     def close(self) -> None:
         self.closed = True
@@ -126,6 +137,9 @@ class MemoryDest:
 
     def write_state(self, state: dict[str, Any]) -> None:
         self.states.append(dict(state))
+
+    def read_state(self) -> dict[str, Any] | None:
+        return dict(self.states[-1]) if self.states else None
 
     def create(self, manifest: p.Manifest) -> None:
         for f in manifest.files:
@@ -167,15 +181,18 @@ def options(**kw: Any) -> MigrateOptions:
 
 async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: MigrateOptions,
                   *, peer: Callable[[trio.abc.Stream], Awaitable[Any]] | None = None,
+                  resume_hook: Callable[[], Awaitable[None]] | None = None,
+                  wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
                   ) -> tuple[Source, SessionOutcome | None, float]:
     """Run both ends; returns the source (its report), the destination's outcome and the
-    migration's time on the (virtual) clock."""
+    migration's time on the (virtual) clock. `wrap` wraps the source's end of the link."""
     left, right = trio.testing.memory_stream_pair()
+    link = wrap(left) if wrap is not None else left
     source = Source(opts, vm, SourceHooks(open_files=lambda o: src,
-                                          connect=lambda o: _ready(left), run_sync=inline))
+                                          connect=lambda o: _ready(link), run_sync=inline))
     outcome: list[SessionOutcome] = []
     sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
-                         open_files=lambda mount: dest)
+                         open_files=lambda mount: dest, resume_hook=resume_hook)
 
     async def destination() -> None:
         if peer is not None:

@@ -369,10 +369,12 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
         with sk:
             if attack in ("dotdot", "absolute"):
                 name = "../escaped" if attack == "dotdot" else str(tmp_path / "escaped")
-                man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}]}
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}],
+                       "migration": "m"}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
             elif attack == "lie-size":
-                man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}]}
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}],
+                       "migration": "m"}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.BLOCKS, struct.pack(">IQ", 0, 1000)

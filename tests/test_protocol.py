@@ -55,6 +55,7 @@ from migrator.protocol import (
 )
 
 KEY = b"the shared key, 32 bytes long..."
+V = PROTOCOL_VERSION
 BS = 4096
 S_NONCE, D_NONCE = bytes(range(32)), bytes(range(200, 232))
 Split = Callable[[bytes], list[bytes]]
@@ -283,23 +284,24 @@ def test_manifest_before_hello_and_auth_before_hello() -> None:
 
 
 def test_version_mismatch_says_both_versions() -> None:
-    hello = {"version": 2, "role": "source", "nonce": S_NONCE.hex(), "cipher": "new"}
+    hello = {"version": PROTOCOL_VERSION + 1, "role": "source", "nonce": S_NONCE.hex(),
+             "cipher": "new"}
     refused(Connection("dest", KEY), frame(FrameType.HELLO, hello),
-            "peer speaks protocol version 2, we speak 1")
+            f"peer speaks protocol version {PROTOCOL_VERSION + 1}, we speak {PROTOCOL_VERSION}")
 
 
 @pytest.mark.parametrize(
     ("hello", "match"),
     [
-        ({"version": 1, "role": "dest", "nonce": S_NONCE.hex()}, "dest, and so are we"),
-        ({"version": 1, "role": "source", "nonce": D_NONCE.hex()}, "echoed our nonce"),
-        ({"version": 1, "role": "boss", "nonce": S_NONCE.hex()}, "role must be"),
-        ({"version": 1, "role": "source", "nonce": "ab" * 31}, "nonce must be 32 bytes"),
-        ({"version": 1, "role": "source", "nonce": S_NONCE.hex().upper()}, "lowercase hex"),
-        ({"version": 1, "role": "source", "nonce": "zz" * 32}, "lowercase hex"),
-        ({"version": 1, "role": "source", "nonce": " " + "ab" * 32}, "lowercase hex"),
+        ({"version": V, "role": "dest", "nonce": S_NONCE.hex()}, "dest, and so are we"),
+        ({"version": V, "role": "source", "nonce": D_NONCE.hex()}, "echoed our nonce"),
+        ({"version": V, "role": "boss", "nonce": S_NONCE.hex()}, "role must be"),
+        ({"version": V, "role": "source", "nonce": "ab" * 31}, "nonce must be 32 bytes"),
+        ({"version": V, "role": "source", "nonce": S_NONCE.hex().upper()}, "lowercase hex"),
+        ({"version": V, "role": "source", "nonce": "zz" * 32}, "lowercase hex"),
+        ({"version": V, "role": "source", "nonce": " " + "ab" * 32}, "lowercase hex"),
         ({"version": True, "role": "source", "nonce": S_NONCE.hex()}, "integer, not bool"),
-        ({"version": 1, "role": "source"}, "lacks nonce"),
+        ({"version": V, "role": "source"}, "lacks nonce"),
     ],
 )
 def test_bad_hellos(hello: dict[str, object], match: str) -> None:
@@ -308,7 +310,7 @@ def test_bad_hellos(hello: dict[str, object], match: str) -> None:
 
 def test_second_hello_is_refused() -> None:
     d = Connection("dest", KEY)
-    hello = encode(Hello(1, "source", S_NONCE))
+    hello = encode(Hello(V, "source", S_NONCE))
     feed(d, hello)
     refused(d, hello, r"peer \(source\) already sent Hello")
 
@@ -420,7 +422,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 25, 255])
+@pytest.mark.parametrize("code", [0, 27, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -523,7 +525,7 @@ def test_mutated_frames_raise_only_protocol_errors(draw: st.DataObject) -> None:
 
 
 def manifest_frame(files: list[dict[str, object]], block_size: object = BS) -> bytes:
-    return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files})
+    return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files, "migration": ""})
 
 
 def entry(file_id: object = 0, name: object = "disk.img", size: object = BS) -> dict[str, object]:
@@ -605,7 +607,7 @@ def test_sizes_are_read_only() -> None:
 
 
 def test_manifest_files_must_be_a_list() -> None:
-    raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}})
+    raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}, "migration": ""})
     refused(link_at(State.MANIFEST).dest, raw, "must be a list")
 
 
@@ -832,7 +834,7 @@ control_events = st.one_of(
     st.builds(Verified, st.just(False), st.integers(0, 2**63 - 1),
               st.text(st.characters(blacklist_categories=("Cs",)), max_size=MAX_REASON)),
     st.builds(Abort, st.text(st.characters(blacklist_categories=("Cs",)), max_size=MAX_REASON)),
-    st.builds(Hello, st.just(1), st.sampled_from(["source", "dest"]), st.binary(min_size=32,
+    st.builds(Hello, st.just(V), st.sampled_from(["source", "dest"]), st.binary(min_size=32,
                                                                                max_size=32)),
     st.builds(Auth, st.binary(min_size=32, max_size=32)),
 )
@@ -851,7 +853,9 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Digests(1, 0, (7,))) == (b"\x0c\x00\x00\x00\x18\x00\x00\x00\x01" + bytes(8)
                                            + b"\x00\x00\x00\x01" + bytes(7) + b"\x07")
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
-        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}]}'.encode()))
+        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":""}'
+        .encode()))
+    assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x0b" + b'{"epoch":7}'
 
 
 def test_a_manifest_too_big_for_a_frame_is_refused_on_send() -> None:

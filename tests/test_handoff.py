@@ -1,0 +1,249 @@
+"""The switchover as a handoff (invariant 7, "one VM"), in process on the autojump clock.
+
+Each test counts the running copies: the source VM (FakeVM.running) and the destination's
+(DestVM.running, started by the resume hook). At most one may run, whatever is cut when;
+the source copy is retired only after the destination's copy is verified.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from migrator import protocol as p
+from migrator.dest import ServeOptions, serve_one
+from migrator.ownership import HANDED_OFF, RESUMED, RETIRED, UNVERIFIED, SourceRecord
+from migrator.resolve import resolve_source
+from migrator.transport import MigrationError
+
+from .test_engine import KEY, FakeVM, MemoryDest, MemorySource, files, migrate, options
+
+
+class DestVM:
+    """The destination's copy: the resume hook starts it, optionally misbehaving."""
+
+    def __init__(self, fail: str | None = None, then: Any = None) -> None:
+        self.running = False
+        self.fail = fail
+        self.then = then  # awaited after the VM started: a cut, a long start ...
+
+    async def start(self) -> None:
+        if self.fail:
+            raise MigrationError(self.fail)
+        self.running = True
+        if self.then is not None:
+            await self.then()
+
+
+def running(vm: FakeVM, dvm: DestVM) -> int:
+    return int(vm.running) + int(dvm.running)
+
+
+class CuttableStream(trio.abc.Stream):
+    """The source's end of the link; `cut()` breaks it both ways (a pulled cable)."""
+
+    def __init__(self, inner: trio.abc.Stream, flip_blocks_frame: int | None = None) -> None:
+        self.inner = inner
+        self.cut_now = False
+        self.flip = flip_blocks_frame  # corrupt one byte of the N-th Blocks frame on the wire
+        self.blocks_frames = 0
+
+    def cut(self) -> None:
+        self.cut_now = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.cut_now:
+            raise trio.BrokenResourceError("link cut")
+        data = bytes(data)
+        if data[:1] == bytes([5]):  # a Blocks frame
+            self.blocks_frames += 1
+            if self.blocks_frames == self.flip:
+                data = data[:-1] + bytes([data[-1] ^ 0x01])
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.cut_now:
+            raise trio.BrokenResourceError("link cut")
+        data = await self.inner.receive_some(max_bytes)
+        if self.cut_now:
+            raise trio.BrokenResourceError("link cut")
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def ask_dest(dest: MemoryDest, record: SourceRecord, vm: FakeVM,
+                   decision: str | None = None) -> Any:
+    """`migrator resolve` on the source, against a serve that answers from `dest`."""
+    left, right = trio.testing.memory_stream_pair()
+    sopts = ServeOptions(mount=dest.mount, key=KEY, open_files=lambda mount: dest)
+    written: list[SourceRecord] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_one, right, sopts, trio.Lock(), "memory")
+
+        async def connect() -> trio.abc.Stream:
+            return left
+
+        out = await resolve_source(record, lambda: vm, written.append, connect, KEY, decision)
+    return out, written
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+async def test_the_source_is_retired_only_after_the_copy_is_verified(
+        autojump_clock: Any) -> None:
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    seen_at_finish: list[str | None] = []
+    vm.finish = lambda: (seen_at_finish.append(dest.status), "retired")[1]  # type: ignore
+    source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start)
+    assert source.report.verified and outcome is not None and outcome.completed
+    assert seen_at_finish == ["complete"]  # the destination had verified its copy
+    assert [r["state"] for r in src.records] == ["copying", HANDED_OFF, RETIRED]
+    owner = [s for s in dest.states if s.get("owner")]
+    assert owner and owner[0]["status"] == "running"  # written before the VM started
+    assert dest.states[-1]["status"] == "complete" and dest.states[-1]["epoch"] == 1
+    assert running(vm, dvm) == 1 and dvm.running
+
+
+async def test_a_flipped_bit_keeps_the_source_copy_suspended_and_says_how_to_fall_back(
+        autojump_clock: Any) -> None:
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start,
+                                       wrap=lambda s: CuttableStream(s, flip_blocks_frame=1))
+    r = source.report
+    assert r.status == "failed" and not r.verified and r.mismatched_blocks == 1
+    assert "VERIFICATION FAILED" in (r.error or "") and "--resume-here" in (r.error or "")
+    assert not vm.finished and not vm.running and vm.resumes == 0  # the good copy, kept
+    assert src.state == UNVERIFIED and "kept suspended" in r.source_vm
+    assert outcome is not None and "VERIFICATION FAILED" in outcome.text
+    assert running(vm, dvm) == 1
+    # The fallback: the VM stopped there by a person, then resumed here by hand.
+    dvm.running = False
+    out, written = await ask_dest(dest, SourceRecord.from_dict(src.records[-1]), vm, "resume")
+    assert out.done and vm.running and written[-1].state == RESUMED
+
+
+async def test_a_cut_while_the_destination_starts_the_vm_leaves_one_vm(
+        autojump_clock: Any) -> None:
+    link: list[CuttableStream] = []
+
+    async def cut_after_start() -> None:
+        link[0].cut()  # the Resumed never reaches the source
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM(then=cut_after_start)
+    src, dest = MemorySource(files(), vm), MemoryDest()
+
+    def wrap(s: trio.abc.Stream) -> trio.abc.Stream:
+        link.append(CuttableStream(s))
+        return link[0]
+
+    source, outcome, _ = await migrate(src, vm, dest, options(io_timeout=30.0),
+                                       resume_hook=dvm.start, wrap=wrap)
+    r = source.report
+    assert r.status == "failed" and "migrator resolve" in (r.error or ""), r.error
+    assert not vm.running and vm.resumes == 0 and not vm.finished  # held, not resumed
+    assert src.state == HANDED_OFF
+    assert dvm.running and running(vm, dvm) == 1
+    assert outcome is not None and "the VM runs here" in outcome.text
+    assert dest.states[-1]["owner"] and dest.states[-1]["status"] == "running"
+    # Settling: the destination says it owns the VM, so the source copy is retired.
+    out, written = await ask_dest(dest, SourceRecord.from_dict(src.records[-1]), vm)
+    assert out.done and "owner" in out.text and vm.finished and written[-1].state == RETIRED
+    assert running(vm, dvm) == 1
+
+
+async def test_a_cut_before_the_destination_saw_commit_resumes_after_resolve(
+        autojump_clock: Any) -> None:
+    """The Commit is lost on the wire: the destination never took the VM."""
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    link: list[CuttableStream] = []
+
+    class CutAtCommit(CuttableStream):
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            if bytes(data[:1]) == bytes([p.FrameType.COMMIT]):
+                self.cut()
+            await super().send_all(data)
+
+    def wrap(s: trio.abc.Stream) -> trio.abc.Stream:
+        link.append(CutAtCommit(s))
+        return link[0]
+
+    source, outcome, _ = await migrate(src, vm, dest, options(io_timeout=30.0),
+                                       resume_hook=dvm.start, wrap=wrap)
+    assert source.report.status == "failed" and src.state == HANDED_OFF
+    assert not vm.running and not dvm.running  # none runs until it is settled: never two
+    assert outcome is not None and not outcome.completed
+    assert not dest.states[-1]["owner"]
+    out, written = await ask_dest(dest, SourceRecord.from_dict(src.records[-1]), vm)
+    assert out.done and "refused" in out.text and vm.running and written[-1].state == RESUMED
+    assert running(vm, dvm) == 1
+
+
+async def test_a_destination_that_cannot_start_the_vm_refuses_and_the_source_runs_on(
+        autojump_clock: Any) -> None:
+    vm, dvm = FakeVM([10, 2, 0]), DestVM(fail="the hypervisor would not start")
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start)
+    assert source.report.status == "failed" and "would not start" in (source.report.error or "")
+    assert vm.running and vm.resumes == 1 and src.state == RESUMED
+    assert dest.states[-1]["status"] == "refused" and not dest.states[-1]["owner"]
+    assert outcome is not None and "would not start" in outcome.text
+    assert running(vm, dvm) == 1
+
+
+async def test_an_interrupt_after_commit_never_resumes_the_source(autojump_clock: Any) -> None:
+    async def slow_start() -> None:
+        await trio.sleep(5)  # a hypervisor that takes its time
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM(then=slow_start)
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    stop = trio.CancelScope()
+
+    async def interrupt_when_handed_off() -> None:
+        while src.state != HANDED_OFF:
+            await trio.sleep(0.001)
+        stop.cancel()  # Ctrl-C, right after the Commit
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(interrupt_when_handed_off)
+        with stop:
+            await migrate(src, vm, dest, options(), resume_hook=dvm.start)
+        nursery.cancel_scope.cancel()
+    assert not vm.running and vm.resumes == 0 and src.state == HANDED_OFF
+    assert dvm.running and dest.states[-1]["owner"]  # the Commit was honoured there
+    assert running(vm, dvm) == 1
+
+
+async def test_a_new_migration_is_refused_while_a_handoff_is_unsettled(
+        autojump_clock: Any) -> None:
+    vm = FakeVM([0])
+    src = MemorySource(files(), vm)
+    src.records.append(SourceRecord("m-old", 3, "dst:7070", "pid:1", ["disk.raw"],
+                                    HANDED_OFF).to_dict())
+    dest = MemoryDest()
+    source, _, _ = await migrate(src, vm, dest, options())
+    assert "never settled" in (source.report.error or "") and "migrator resolve" in (
+        source.report.error or "")
+    assert dest.states == [] and vm.running  # nothing sent, nothing suspended
+
+
+async def test_the_destination_answers_unknown_for_a_migration_it_never_saw(
+        autojump_clock: Any) -> None:
+    vm = FakeVM([0])
+    vm.running = False
+    dest = MemoryDest()
+    dest.states.append({"migration": "other", "status": "complete", "owner": True})
+    rec = SourceRecord("m-lost", 1, "dst:7070", "pid:1", ["disk.raw"], HANDED_OFF)
+    out, written = await ask_dest(dest, rec, vm)
+    assert not out.done and "no record of migration m-lost" in out.text and not written
+    assert not vm.running and not vm.finished  # nothing is guessed
