@@ -247,6 +247,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
+    except Exception:
+        if not src.report.error:
+            raise
+        # The report's error is the whole story (e.g. where the VM runs and how to settle it)
     finally:
         if src.report.files:  # got past the handshake: there is something to summarize
             print_summary(src.report, Console())

@@ -177,10 +177,13 @@ class Channel:
             self._receiving = False
 
     async def _receive(self) -> Any:
+        eof = False
         while True:
             try:
                 ev = self.conn.next_event()
             except p.ProtocolError as exc:
+                if eof and "closed the connection" in str(exc):  # gone, not lying
+                    raise MigrationError(f"connection to the peer lost: {exc}") from None
                 raise MigrationError(f"bad peer: {exc}") from None
             if ev is not p.NEED_DATA:
                 if isinstance(ev, p.Abort):
@@ -195,6 +198,7 @@ class Channel:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise MigrationError(f"connection to the peer lost: {exc}") from None
             self.bytes_received += len(data)
+            eof = not data
             try:
                 self.conn.receive_data(data)
             except p.ProtocolError as exc:
