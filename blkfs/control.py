@@ -67,6 +67,13 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
+class Connection:
+    """One client of the control socket, for ops whose effect lasts as long as it does."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+
 class Controller:
     """The ops of the control socket, over a mount's Registry and LazyMode."""
 
@@ -76,6 +83,14 @@ class Controller:
         self.lazy = lazy
         self.info = info
         self.faults = faults
+        self.claim: tuple[Connection, cp.Claim] | None = None  # the incoming migration
+        self.conn = Connection(0)  # the connection whose request runs now
+
+    def closed(self, conn: Connection) -> None:
+        """A client went away: what it held is released."""
+        if self.claim is not None and self.claim[0] is conn:
+            log.info("migration %s: its migrator closed the connection", self.claim[1].migration)
+            self.claim = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -240,10 +255,20 @@ class Controller:
         found, news = await self.lazy.require().lose_source()
         return cp.SourceLostReply(found, news)
 
+    def op_claim(self, req: cp.Claim) -> cp.Claimed:
+        if self.claim is not None and self.claim[0] is not self.conn:
+            held = self.claim[1]
+            raise ControlError(f"{self.info.mountpoint} is taken by migration {held.migration} "
+                               f"({held.holder}): one migration at a time per mount")
+        self.claim = (self.conn, req)
+        return cp.Claimed(req.migration)
+
     # -- dispatch ------------------------------------------------------------------
 
-    async def dispatch(self, req: cp.Request) -> Any:
-        """The reply to `req`, or the ControlError to answer."""
+    async def dispatch(self, req: cp.Request, conn: Connection | None = None) -> Any:
+        """The reply to `req` (from `conn`), or the ControlError to answer."""
+        if conn is not None:
+            self.conn = conn
         try:
             result = OPS[type(req)](self, req)
             if isinstance(result, Awaitable):
@@ -265,6 +290,7 @@ OPS: dict[type[cp.Request], Callable[[Controller, Any], Any]] = {
     cp.LazyBegin: Controller.op_lazy_begin, cp.LazyRefs: Controller.op_lazy_refs,
     cp.LazyInstall: Controller.op_lazy_install, cp.LazyWait: Controller.op_lazy_wait,
     cp.LazyReport: Controller.op_lazy_report, cp.LazySourceLost: Controller.op_lazy_source_lost,
+    cp.Claim: Controller.op_claim,
 }
 assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 
@@ -285,8 +311,10 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
     os.chmod(path, 0o600)
     sock.listen(16)
     owner = os.getuid()
+    numbers = iter(range(1, 1 << 62))
 
     async def handle(stream: Any) -> None:
+        conn = Connection(next(numbers))
         async with stream:
             try:
                 uid = peer_uid(stream.socket)
@@ -305,10 +333,12 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
                     reader.feed(data)
                     for req in reader:
                         reply = req if isinstance(req, ControlError) else (
-                            await controller.dispatch(req))
+                            await controller.dispatch(req, conn))
                         await stream.send_all(cp.encode_reply(reply))
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 return
+            finally:
+                controller.closed(conn)
 
     listener = trio.SocketListener(sock)
     if task_status is not None:

@@ -329,9 +329,25 @@ class LazySourceLost(Request):
     Reply = SourceLostReply
 
 
+@dataclass(frozen=True)
+class Claimed:
+    migration: str
+
+
+@dataclass(frozen=True)
+class Claim(Request):
+    """Take this mount's single incoming-migration slot for as long as this connection is
+    open (one `migrator serve` session at a time per mount, whatever the processes)."""
+
+    OP = "claim"
+    Reply = Claimed
+    migration: str
+    holder: str  # who, for the refusal's message (e.g. "migrator serve pid 123, from HOST")
+
+
 OPS: dict[str, type[Request]] = {cls.OP: cls for cls in (
     Info, Status, Dirty, Clear, Heat, Freeze, Thaw, Spill, LazyBegin, LazyRefs, LazyInstall,
-    LazyWait, LazyReport, LazySourceLost)}
+    LazyWait, LazyReport, LazySourceLost, Claim)}
 
 
 # -- checking values against annotations ------------------------------------------------------

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "socket are added) as soon as the files exist, or use the QEMU already "
                    "waiting on QMP_SOCKET; it loads the device state the source sends, then "
                    "cont")
+    s.add_argument("--force", action="store_true",
+                   help="overwrite files that belong to a VM which runs on this host (its "
+                   "record says so); without it such a migration is refused")
     s.add_argument("--once", action="store_true",
                    help="exit after one migration (status 0 only if it completed)")
     s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
@@ -194,7 +197,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise MigrationError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
         qemu = os.path.abspath(spec)
     opts = ServeOptions(mount, key, a.resume_cmd, a.io_timeout, spill, qemu,
-                        say=_say("migrator serve"))
+                        say=_say("migrator serve"), force=a.force)
 
     ok = trio.run(_serve_main, opts, host, port, a.once, mount)
     return 0 if ok or not a.once else 1
@@ -265,7 +268,7 @@ def cmd_resolve(a: argparse.Namespace) -> int:
     from .ownership import DEST_RECORD, SOURCE_RECORD, SourceRecord
     from .resolve import describe_dest, resolve_source
     from .source import tcp_connect
-    from .stores import check_blkfs_mount, read_json, write_json_durably
+    from .stores import RecordFile, check_blkfs_mount, read_json
 
     mount = os.path.abspath(a.mount)
     check_blkfs_mount(mount)
@@ -278,7 +281,11 @@ def cmd_resolve(a: argparse.Namespace) -> int:
         to = a.to or rec.to
 
         def write(r: SourceRecord) -> None:
-            write_json_durably(mount, SOURCE_RECORD, r.to_dict())
+            f = RecordFile(mount, SOURCE_RECORD)
+            try:
+                f.write(r.to_dict())
+            finally:
+                f.close()
 
         out = trio.run(resolve_source, rec, lambda: parse_adapter(rec.suspend, mount, rec.files),
                        write, (lambda: tcp_connect(to)) if key else None, key, decision)

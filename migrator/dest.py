@@ -95,7 +95,7 @@ class DestSession:
     # -- setup ------------------------------------------------------------------
 
     def open_files(self, man: p.Manifest, peer: str) -> None:
-        self.store.prepare(man)
+        self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
         self.block_size = man.block_size
         self.state = {
             "migration": man.migration or str(uuid.uuid4()),
@@ -388,7 +388,8 @@ class ServeOptions:
     spill: str | None = None  # where this host sees the spill area (default: as announced)
     qemu: str | None = None  # --resume qemu:SPEC
     say: Callable[[str], None] = field(default=lambda text: None)  # one line for the operator
-    open_files: Callable[[str], DestFiles] = field(default=MountDest)
+    force: bool = False  # overwrite the files of a VM that runs here
+    open_files: Callable[[str, bool], DestFiles] = field(default=MountDest)
     resume_hook: Callable[[], Awaitable[None]] | None = None  # in place of resume_cmd (tests)
 
 
@@ -402,7 +403,8 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock
         await ch.aclose()
         return SessionOutcome(False, "")
     async with lock:
-        session = DestSession(opts.open_files(opts.mount), ch, opts.resume_cmd, opts.spill,
+        session = DestSession(opts.open_files(opts.mount, opts.force), ch, opts.resume_cmd,
+                              opts.spill,
                               opts.qemu, opts.resume_hook)
         try:
             state = await session.run(peer)

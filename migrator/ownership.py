@@ -80,6 +80,26 @@ def next_epoch(*records: dict[str, Any] | None) -> int:
     return 1 + max((int(r.get("epoch", 0)) for r in records if r), default=0)
 
 
+def overwrite_refusal(dest: dict[str, Any] | None, source: dict[str, Any] | None,
+                      names: set[str]) -> str | None:
+    """Why a new incoming migration must not overwrite these files, or None.
+
+    They belong to a VM that runs here if this mount took a VM (owner, running or complete)
+    with any of these files and has not handed it on since (a later, retired source
+    record of this mount)."""
+    if not dest or not dest.get("owner") or dest.get("status") not in ("running", "complete"):
+        return None
+    files = dest.get("files", [])
+    mine = {f.get("name") for f in files if isinstance(f, dict)} & names
+    if not mine:
+        return None
+    if source and source.get("state") == RETIRED and int(source.get("epoch", 0)) > int(
+            dest.get("epoch", 0)):
+        return None  # the VM left this host again since
+    return (f"{sorted(mine)[0]} belongs to the VM of migration {dest.get('migration')}, which "
+            f"runs here (status {dest.get('status')})")
+
+
 def settle(answer: str) -> str | None:
     """What a source with an unsettled handoff does on the destination's answer: "retire"
     (the destination has the VM), "resume" (it never will), or None (a person decides)."""

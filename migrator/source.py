@@ -31,7 +31,15 @@ import xxhash
 from blkfs.spill import SpillArea, SpillError
 
 from . import protocol as p
-from .ownership import HANDED_OFF, RESUMED, RETIRED, UNVERIFIED, SourceRecord, next_epoch
+from .ownership import (
+    COPYING,
+    HANDED_OFF,
+    RESUMED,
+    RETIRED,
+    UNVERIFIED,
+    SourceRecord,
+    next_epoch,
+)
 from .plan import (
     Policy,
     RoundPlanner,
@@ -123,6 +131,7 @@ class Source:
         self.suspended = False
         self.t_suspend = 0.0
         self.switched = False  # the destination said Resumed: the VM runs there
+        self.commit_sent = False  # from the first byte of Commit on, the VM may run there
         self.record: SourceRecord | None = None  # ours, on the source mount
         self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
         self.spill: SpillArea | None = None
@@ -223,7 +232,8 @@ class Source:
                 f"migration {old.migration} of this mount to {old.to} was never settled "
                 f"({old.state}: the VM may run there): run 'migrator resolve --mount "
                 f"{self.opts.mount} --to {old.to} --key-file KEY' first")
-        self.record = SourceRecord(str(uuid.uuid4()), next_epoch(prev), self.opts.to,
+        self.record = SourceRecord(str(uuid.uuid4()),
+                                   next_epoch(prev, store.read_dest_record()), self.opts.to,
                                    self.opts.suspend, list(store.names))
         store.write_record(self.record.to_dict())
         self.block_size = store.block_size
@@ -347,6 +357,11 @@ class Source:
         assert self.ch is not None
         self._phase("switchover")
         bd = self.report.downtime_breakdown_ms
+        # Durably give the VM up before the suspend, so the handoff adds no disk write to
+        # the downtime; until the Commit is sent, a failure still resumes it here.
+        t = time.monotonic()
+        self._set_record(HANDED_OFF, "switching over: the destination may run the VM")
+        self.report.handoff_record_ms = _ms(t)
         if not self.suspended:
             await self._suspend()
         t = time.monotonic()
@@ -378,17 +393,16 @@ class Source:
         self.store.write_record(self.record.to_dict())
 
     async def _hand_off(self) -> None:
-        """The point of no return: durably give the VM up, then say Commit."""
+        """The point of no return: the record says handed-off already; say Commit."""
         assert self.ch is not None and self.record is not None
-        t = time.monotonic()
-        self._set_record(HANDED_OFF, "Commit sent; the destination may run the VM")
+        self.commit_sent = True  # before the send: once it starts, it may arrive
         await self.ch.send(p.Commit(self.record.epoch))
-        self.report.downtime_breakdown_ms["handoff"] = _ms(t)
 
     @property
     def handed_off(self) -> bool:
         """The VM was given up (Commit sent): it must not run here again unless settled."""
-        return self.record is not None and self.record.state in (HANDED_OFF, UNVERIFIED)
+        return (self.commit_sent and self.record is not None
+                and self.record.state in (HANDED_OFF, UNVERIFIED))
 
     async def _send_device_state(self) -> None:
         """The hypervisor's device state (QEMU), saved at suspend, for the destination's."""
@@ -545,13 +559,17 @@ class Source:
         r = self.report
         with trio.CancelScope(shield=True):
             refused = isinstance(exc, PeerAborted) and not self.switched
-            if self.suspended and (not self.handed_off or refused):
+            if not self.handed_off or refused:
                 try:
-                    self.adapter.resume()
-                    self.suspended = False
-                    if self.handed_off:
-                        self._set_record(RESUMED, f"the destination refused: {reason}")
-                        r.source_vm = "resumed here: the destination refused the VM"
+                    if self.suspended:
+                        self.adapter.resume()
+                        self.suspended = False
+                    if self.record is not None and self.record.state == HANDED_OFF:
+                        if self.commit_sent:
+                            self._set_record(RESUMED, f"the destination refused: {reason}")
+                            r.source_vm = "resumed here: the destination refused the VM"
+                        else:
+                            self._set_record(COPYING, f"aborted before the handoff: {reason}")
                 except (AdapterError, MigrationError) as exc2:
                     r.error = f"{reason}; and resuming the source VM failed: {exc2}"
             elif self.handed_off and self.record is not None and self.record.state == HANDED_OFF:

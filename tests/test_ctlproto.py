@@ -143,3 +143,17 @@ async def test_lazy_begin_refuses_another_block_size(tmp_path: Path) -> None:
     report = await c.dispatch(cp.LazyReport(digests=True))
     assert report.stats.pages_via_demand_fetch == 4 and len(report.digests) == 4
     c.lazy.close()
+
+
+async def test_one_migration_at_a_time_per_mount(tmp_path: Path) -> None:
+    """The claim lasts as long as its connection: a second serve is refused until then."""
+    from blkfs.control import Connection
+
+    c = controller(tmp_path)
+    first, second = Connection(1), Connection(2)
+    assert await c.dispatch(cp.Claim("m1", "serve pid 1"), first) == cp.Claimed("m1")
+    assert await c.dispatch(cp.Claim("m1", "serve pid 1"), first) == cp.Claimed("m1")
+    err = await c.dispatch(cp.Claim("m2", "serve pid 2"), second)
+    assert isinstance(err, cp.ControlError) and "taken by migration m1 (serve pid 1)" in str(err)
+    c.closed(first)  # its migrator went away (or finished)
+    assert await c.dispatch(cp.Claim("m2", "serve pid 2"), second) == cp.Claimed("m2")

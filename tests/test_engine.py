@@ -109,6 +109,9 @@ class MemorySource:
     def read_record(self) -> dict[str, Any] | None:
         return dict(self.records[-1]) if self.records else None
 
+    def read_dest_record(self) -> dict[str, Any] | None:
+        return None
+
     def write_record(self, record: dict[str, Any]) -> None:
         self.records.append(dict(record))
 
@@ -132,7 +135,7 @@ class MemoryDest:
         self.writes = 0
         self.fail_after_writes = fail_after_writes
 
-    def prepare(self, manifest: p.Manifest) -> None:
+    def prepare(self, manifest: p.Manifest, holder: str) -> None:
         pass
 
     def write_state(self, state: dict[str, Any]) -> None:
@@ -192,7 +195,7 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
                                           connect=lambda o: _ready(link), run_sync=inline))
     outcome: list[SessionOutcome] = []
     sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
-                         open_files=lambda mount: dest, resume_hook=resume_hook)
+                         open_files=lambda mount, force: dest, resume_hook=resume_hook)
 
     async def destination() -> None:
         if peer is not None:
@@ -279,6 +282,8 @@ async def test_source_abort_at_suspend_resumes_nothing_and_marks_dest(
     assert outcome is not None and not outcome.completed
     assert "the peer aborted: the hypervisor refused to stop" in outcome.text
     assert dest.status == "incomplete"
+    # The record said handed-off before the suspend; no Commit went out, so it is settled.
+    assert [r["state"] for r in src.records][-2:] == ["handed-off", "copying"]
 
 
 async def test_a_peer_that_stops_talking_times_out_on_the_virtual_clock(

@@ -82,7 +82,7 @@ async def ask_dest(dest: MemoryDest, record: SourceRecord, vm: FakeVM,
                    decision: str | None = None) -> Any:
     """`migrator resolve` on the source, against a serve that answers from `dest`."""
     left, right = trio.testing.memory_stream_pair()
-    sopts = ServeOptions(mount=dest.mount, key=KEY, open_files=lambda mount: dest)
+    sopts = ServeOptions(mount=dest.mount, key=KEY, open_files=lambda mount, force: dest)
     written: list[SourceRecord] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_one, right, sopts, trio.Lock(), "memory")
@@ -210,9 +210,9 @@ async def test_an_interrupt_after_commit_never_resumes_the_source(autojump_clock
     stop = trio.CancelScope()
 
     async def interrupt_when_handed_off() -> None:
-        while src.state != HANDED_OFF:
+        while not any(s.get("owner") for s in dest.states):
             await trio.sleep(0.001)
-        stop.cancel()  # Ctrl-C, right after the Commit
+        stop.cancel()  # Ctrl-C, right after the Commit (the destination is starting the VM)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(interrupt_when_handed_off)
@@ -247,3 +247,18 @@ async def test_the_destination_answers_unknown_for_a_migration_it_never_saw(
     out, written = await ask_dest(dest, rec, vm)
     assert not out.done and "no record of migration m-lost" in out.text and not written
     assert not vm.running and not vm.finished  # nothing is guessed
+
+
+def test_files_of_a_vm_that_runs_here_are_not_overwritten() -> None:
+    from migrator.ownership import overwrite_refusal
+
+    took = {"migration": "m1", "owner": True, "status": "running", "epoch": 2,
+            "files": [{"name": "disk.raw", "size": 1}, {"name": "vm.mem", "size": 1}]}
+    why = overwrite_refusal(took, None, {"disk.raw"})
+    assert why is not None and "migration m1" in why and "runs here" in why
+    assert overwrite_refusal(took, None, {"other.raw"}) is None  # another VM's files
+    assert overwrite_refusal({**took, "owner": False}, None, {"disk.raw"}) is None
+    assert overwrite_refusal({**took, "status": "incomplete"}, None, {"disk.raw"}) is None
+    left = {"state": "retired", "epoch": 3}  # the VM moved on from here since
+    assert overwrite_refusal(took, left, {"disk.raw"}) is None
+    assert overwrite_refusal(took, {"state": "retired", "epoch": 1}, {"disk.raw"}) is not None
