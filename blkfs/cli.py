@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount cleanly and save tracking state")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--force", action="store_true",
+                   help="unmount even while an incoming post-copy waits for blocks (they are "
+                   "given up: the files stay incomplete)")
     u.add_argument(
         "--timeout",
         type=positive,
@@ -159,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
     sp.add_argument("--slots", action="store_true", help="list every used slot's header")
+    sp.add_argument("--give-up", action="store_true",
+                    help="an incoming post-copy's blocks that are still absent will never "
+                    "come (the source died before spilling them): make them errors (EIO) "
+                    "instead of waits")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -268,6 +275,25 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
     return data.decode(errors="replace").strip()
 
 
+def _check_postcopy_before_umount(a: argparse.Namespace) -> None:
+    """Unmounting a mount whose incoming post-copy still waits for pages would leave its
+    files incomplete and its readers hanging: refuse, or with --force say what is lost."""
+    with ControlClient.for_mount(a.mountpoint, timeout=10) as c:
+        st = c.call(cp.Info())
+        waiting = st.postcopy_absent - st.postcopy_missing
+        if waiting <= 0:
+            return
+        if not a.force:
+            why = f" ({st.postcopy_paused})" if st.postcopy_paused else ""
+            raise QuietError(
+                f"{a.mountpoint} still waits for {waiting} post-copy blocks{why}: unmounting "
+                f"now leaves those files incomplete; see 'blkfs spill {a.mountpoint}', or "
+                f"'blkfs umount --force {a.mountpoint}' to give them up")
+        n = c.call(cp.LazyGiveUp()).count
+    print(f"blkfs: gave up {n} blocks that never arrived: the files of that migration are "
+          f"incomplete (reads of those blocks failed with EIO)", file=sys.stderr)
+
+
 def cmd_umount(a: argparse.Namespace) -> int:
     mnt = os.path.abspath(a.mountpoint)
     fstype = mount_fstype(mnt)
@@ -277,6 +303,8 @@ def cmd_umount(a: argparse.Namespace) -> int:
         raise QuietError(f"{a.mountpoint} is a {fstype} mount, not blkfs: use umount")
     info = DaemonInfo.find(mnt)
     alive = info is not None and not process_gone(info.pid)  # before: it exits fast after
+    if alive:
+        _check_postcopy_before_umount(a)
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
@@ -350,6 +378,10 @@ def cmd_status(a: argparse.Namespace) -> int:
         f"tracking {'on' if st.tracking else 'off'}, heat half-life "
         f"{st.half_life:g}s, static ≤ {st.static_heat:g}{frozen}"
     )
+    if st.postcopy_absent:
+        what = (f"PAUSED ({st.postcopy_paused})" if st.postcopy_paused else "running")
+        con.print(f"post-copy {what}: {st.postcopy_absent} blocks absent, "
+                  f"{st.postcopy_missing} of them given up (see: blkfs spill {a.mountpoint})")
     if st.trust_lost:
         con.print("[bold red]a write may have gone unmarked (see the daemon log): the tracking "
                   "state will not be saved at unmount[/]")
@@ -449,6 +481,11 @@ def cmd_thaw(a: argparse.Namespace) -> int:
 
 def cmd_spill(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
+        if a.give_up:
+            n = c.call(cp.LazyGiveUp()).count
+            print(f"blkfs: gave up {n} absent blocks: reads of them fail with EIO; the files "
+                  "of that migration are incomplete")
+            return 0
         r = c.call(cp.Spill(slots=a.slots))
     if a.json:
         _print_json(cp.to_dict(r))
@@ -460,6 +497,10 @@ def cmd_spill(a: argparse.Namespace) -> int:
               f"{size_text(r.block_size)}: {r.in_use} in use, {r.free} free (installed, "
               f"content kept), {r.unused} never used; highest generation {r.max_generation}")
     pc = r.postcopy
+    if r.postcopy_paused:
+        print(f"post-copy PAUSED: {r.postcopy_paused}; the absent blocks are installed as they "
+              "reach the spill area, and their readers wait (give up: blkfs spill "
+              f"{a.mountpoint} --give-up)")
     if pc is not None:
         print(f"post-copy: {pc.remaining} blocks absent, {pc.pages_via_spill} + "
               f"{pc.pages_via_drain} installed from slots, {pc.pages_via_demand_fetch} "

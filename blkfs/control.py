@@ -87,10 +87,11 @@ class Controller:
         self.conn = Connection(0)  # the connection whose request runs now
 
     def closed(self, conn: Connection) -> None:
-        """A client went away: what it held is released."""
+        """A client went away: what it held is released; a post-copy it ran goes on alone."""
         if self.claim is not None and self.claim[0] is conn:
             log.info("migration %s: its migrator closed the connection", self.claim[1].migration)
             self.claim = None
+            self.lazy.orphan("its migrator went away")
 
     # -- helpers -------------------------------------------------------------
 
@@ -140,7 +141,16 @@ class Controller:
                 "backing": reg.backing, "block_size": reg.block_size,
                 "tracking": reg.tracking, "half_life": reg.half_life,
                 "static_heat": reg.static_heat, "frozen_all": reg.frozen_all,
-                "faults": self.faults(), "trust_lost": reg.trust_lost}
+                "faults": self.faults(), "trust_lost": reg.trust_lost,
+                **self._postcopy_state()}
+
+    def _postcopy_state(self) -> dict[str, Any]:
+        pc = self.lazy.current
+        if pc is None:
+            return {}
+        return {"postcopy_absent": pc.remaining,
+                "postcopy_missing": sum(len(lf.missing) for lf in pc.files.values()),
+                "postcopy_paused": pc.paused}
 
     def op_info(self, req: cp.Info) -> cp.InfoReply:
         return cp.InfoReply(**self.info_reply())
@@ -205,7 +215,8 @@ class Controller:
                                "or start a post-copy migration")
         pc = self.lazy.current
         running: dict[str, Any] = {} if pc is None else {
-            "postcopy_migration": pc.migration, "postcopy": pc.report()}
+            "postcopy_migration": pc.migration, "postcopy": pc.report(),
+            "postcopy_paused": pc.paused}
         try:
             area = SpillArea.open(path)
         except SpillError as exc:
@@ -252,8 +263,13 @@ class Controller:
         return cp.LazyReportReply(pc.report(), pc.digests() if req.digests else ())
 
     async def op_lazy_source_lost(self, req: cp.LazySourceLost) -> cp.SourceLostReply:
-        found, news = await self.lazy.require().lose_source()
+        pc = self.lazy.require()
+        self.lazy.orphan("the source is out of reach")
+        found, news = await pc.lose_source()
         return cp.SourceLostReply(found, news)
+
+    def op_lazy_give_up(self, req: cp.LazyGiveUp) -> cp.Count:
+        return cp.Count(self.lazy.require().give_up("given up by request"))
 
     def op_claim(self, req: cp.Claim) -> cp.Claimed:
         if self.claim is not None and self.claim[0] is not self.conn:
@@ -290,7 +306,7 @@ OPS: dict[type[cp.Request], Callable[[Controller, Any], Any]] = {
     cp.LazyBegin: Controller.op_lazy_begin, cp.LazyRefs: Controller.op_lazy_refs,
     cp.LazyInstall: Controller.op_lazy_install, cp.LazyWait: Controller.op_lazy_wait,
     cp.LazyReport: Controller.op_lazy_report, cp.LazySourceLost: Controller.op_lazy_source_lost,
-    cp.Claim: Controller.op_claim,
+    cp.LazyGiveUp: Controller.op_lazy_give_up, cp.Claim: Controller.op_claim,
 }
 assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 
@@ -438,6 +454,7 @@ class AsyncControlClient:
         self.path = path
         self._buf = bytearray()
         self._lock = trio.Lock()
+        self.broken = False
 
     @classmethod
     async def for_mount(cls, mountpoint: str, sndbuf: int | None = None) -> AsyncControlClient:
@@ -451,21 +468,34 @@ class AsyncControlClient:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         return cls(stream, path)
 
-    async def call(self, req: cp.Request) -> Any:
+    async def call(self, req: cp.Request, timeout: float = 60.0) -> Any:
+        """One request and its reply. Not cut by cancellation halfway (the next reply would
+        be taken for this one's): a cancelled caller waits for the reply, `timeout` at most,
+        after which the connection is given up."""
         async with self._lock:
+            if self.broken:
+                raise ControlError(f"the connection to the blkfs daemon on {self.path} was "
+                                   "given up")
             try:
-                await self.stream.send_all(cp.encode_request(req))
-                while (end := self._buf.find(b"\n")) == -1:
-                    chunk = await self.stream.receive_some(1 << 20)
-                    if not chunk:
-                        raise ControlError(f"the blkfs daemon on {self.path} closed the "
-                                           "connection (did it crash?)")
-                    self._buf += chunk
+                with trio.CancelScope(shield=True), trio.fail_after(timeout):
+                    await self.stream.send_all(cp.encode_request(req))
+                    while (end := self._buf.find(b"\n")) == -1:
+                        chunk = await self.stream.receive_some(1 << 20)
+                        if not chunk:
+                            raise ControlError(f"the blkfs daemon on {self.path} closed the "
+                                               "connection (did it crash?)")
+                        self._buf += chunk
+            except trio.TooSlowError:
+                self.broken = True
+                raise ControlError(f"the blkfs daemon on {self.path} did not answer "
+                                   f"{req.OP} within {timeout:g} s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.broken = True
                 raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}"
                                    ) from None
             line = bytes(self._buf[:end])
             del self._buf[:end + 1]
+        await trio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here
         return cp.decode_reply(line, req)
 
     async def aclose(self) -> None:

@@ -56,6 +56,9 @@ class InfoReply:
     frozen_all: bool
     faults: int
     trust_lost: bool = False  # a write may have gone unmarked: the state will not be saved
+    postcopy_absent: int = 0  # blocks an incoming post-copy has not installed yet
+    postcopy_missing: int = 0  # of those, given up for good (reads fail with EIO)
+    postcopy_paused: str | None = None  # why nobody fetches them now
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class SpillReply:
     slot_headers: tuple[tuple[int, int, int, int, int], ...] = ()  # slot, file, block, gen, flags
     postcopy_migration: str | None = None
     postcopy: PostcopyStats | None = None
+    postcopy_paused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,15 @@ class LazySourceLost(Request):
 
 
 @dataclass(frozen=True)
+class LazyGiveUp(Request):
+    """Every block still absent is missing for good: its readers get EIO (the documented
+    way out when the spill area will never hold them, e.g. `blkfs umount --force`)."""
+
+    OP = "lazy_give_up"
+    Reply = Count
+
+
+@dataclass(frozen=True)
 class Claimed:
     migration: str
 
@@ -347,7 +360,7 @@ class Claim(Request):
 
 OPS: dict[str, type[Request]] = {cls.OP: cls for cls in (
     Info, Status, Dirty, Clear, Heat, Freeze, Thaw, Spill, LazyBegin, LazyRefs, LazyInstall,
-    LazyWait, LazyReport, LazySourceLost, Claim)}
+    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, Claim)}
 
 
 # -- checking values against annotations ------------------------------------------------------

@@ -17,10 +17,13 @@ starts the drain).  From then on, inside the daemon's trio loop:
   await between the absent check and the pwrite, so a guest write (which
   waits for the install first) can never be overwritten by a late install.
 
-If the source is lost (``lazy_source_lost``), the spill headers are scanned
-for every absent block; what the spill holds is installed, the rest is
-*missing*: reads of it raise BlockMissing, which the FUSE layer answers with EIO
-(never zeros), and the list is reported.  Nothing here knows FUSE.
+If nobody fetches for us any more (the migrator's connection closed, or it lost the
+source: ``lazy_source_lost``), post-copy is *paused*: the spill headers are scanned
+again and again and every page found there is installed (those a reader waits for
+too); readers of other blocks wait.  Only once the source has marked the area
+flushed (or a person gives up: ``lazy_give_up``) is a block not found *missing*:
+reads of it raise BlockMissing, which the FUSE layer answers with EIO (never zeros
+or stale bytes).  Nothing here knows FUSE.
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class Postcopy:
         self._queue_ready = trio.Event()
         self._news = trio.Event()
         self._drain_lock = trio.Lock()  # one drain at a time: a batch in flight is finished
-        self.source_lost = False
+        self.source_lost = False  # no one will fetch: absent blocks not in the spill are missing
+        self.paused: str | None = None  # why nobody fetches for us now (see orphan)
         self.started = time.monotonic()
         self.finished_at: float | None = None
         self.counts = PostcopyStats()  # the counters; report() adds the rest
@@ -309,39 +313,91 @@ class Postcopy:
         return tuple((lf.file_id, b, d) for lf in self.files.values()
                      for b, d in lf.digests.items())
 
-    async def lose_source(self) -> tuple[int, News]:
-        """Returns (pages found in the spill headers, the news)."""
-        """The source is gone: complete from the spill headers, name what is missing."""
-        self.source_lost = True
+    # -- nobody fetches for us: the migrator or the source went away ---------------------
+
+    async def _adopt_from_headers(self) -> int:
+        """Install every absent block the spill headers show, a block a reader waits for
+        included; returns how many pages were newly found there."""
+        if self.spill is None:
+            return 0
+        try:
+            headers = await trio.to_thread.run_sync(self.spill.scan)
+        except OSError as exc:
+            log.error("cannot scan the spill area %s: %s", self.spill.path, exc)
+            return 0
         found = 0
-        if self.spill is not None:
-            try:
-                headers = await trio.to_thread.run_sync(self.spill.scan)
-            except OSError as exc:
-                log.error("cannot scan the spill area %s: %s", self.spill.path, exc)
-                headers = []
-            for slot, h in enumerate(headers):
-                lf = self.by_id.get(h.file_id)
-                if (lf is None or not h.flags & FLAG_FILLED or not lf.absent.is_absent(h.block)
-                        or h.generation == 0):
-                    continue
-                old = lf.refs.get(h.block)
-                if old is None or old.generation < h.generation or old.slot != slot:
-                    lf.refs[h.block] = SlotRef(slot, h.generation)
-                    self._queue.append((lf.file_id, h.block))
-                    found += 1
-            self._queue_ready.set()
-        await self.drain_queue()
-        for lf in self.files.values():
-            rest = lf.absent.blocks()
-            self._give_up(lf, rest)
-            # wanted blocks no one will fetch now
-        self._wanted.clear()
-        missing = self.missing()
-        if missing:
-            log.error("post-copy %s: source lost; %d blocks missing (first: %s block %d)",
-                      self.migration, len(missing), *missing[0])
+        todo: dict[int, list[int]] = {}
+        for slot, h in enumerate(headers):
+            lf = self.by_id.get(h.file_id)
+            if (lf is None or not h.flags & FLAG_FILLED or not lf.absent.is_absent(h.block)
+                    or h.generation == 0):
+                continue
+            old = lf.refs.get(h.block)
+            if old is None or old.generation < h.generation or old.slot != slot:
+                lf.refs[h.block] = SlotRef(slot, h.generation)
+                found += 1
+            todo.setdefault(lf.file_id, []).append(h.block)
+        async with self._drain_lock:
+            for file_id, blocks in todo.items():
+                lf = self.by_id[file_id]
+                for i in range(0, len(blocks), DRAIN_BATCH):
+                    batch = [b for b in blocks[i:i + DRAIN_BATCH]
+                             if lf.absent.is_absent(b) and b in lf.refs]
+                    if batch:
+                        await self._from_spill(lf, batch, drain=True)
+        return found
+
+    def orphan(self, why: str) -> bool:
+        """Nobody will fetch for us any more: complete from the spill area alone (see
+        adopt_until_settled). False if already done or orphaned."""
+        if self.done or self.paused is not None:
+            return False
+        self.paused = why
+        log.warning("post-copy %s paused: %s; %d blocks absent: installing them from the spill "
+                    "area as they appear there", self.migration, why, self.remaining)
         self._notify()
+        return True
+
+    async def adopt_until_settled(self, interval: float = 0.5) -> None:
+        """Take every page the spill area shows, again and again (the source may still be
+        writing it), until every block is installed, or the source has marked the area
+        flushed: a block not in it then will never come, and only then is it missing (its
+        readers get EIO). Readers of other blocks wait meanwhile, never served stale."""
+        while not self.done and self.paused is not None:
+            flushed = (await trio.to_thread.run_sync(self.spill.flushed)
+                       if self.spill is not None else None)
+            await self._adopt_from_headers()  # after reading the marker: it covers this scan
+            if self.done:
+                break
+            if self.spill is None or flushed is not None:
+                self.give_up("the source marked the spill area flushed without them"
+                             if self.spill is not None else "there is no spill area")
+                break
+            await trio.sleep(interval)
+
+    def give_up(self, why: str) -> int:
+        """Every block still absent is missing for good (reads of it fail with EIO).
+        Returns how many."""
+        n = 0
+        for lf in self.files.values():
+            rest = [b for b in lf.absent.blocks() if b not in lf.missing]
+            self._give_up(lf, rest)
+            n += len(rest)
+        self._wanted.clear()
+        if n:
+            first = self.missing()[0]
+            log.error("post-copy %s: %d blocks missing (%s; first: %s block %d)",
+                      self.migration, n, why, *first)
+        self.source_lost = True
+        self._notify()
+        return n
+
+    async def lose_source(self) -> tuple[int, News]:
+        """The migrator lost the source: complete from the spill area (now, and as pages
+        keep arriving there), name missing only what the area provably will never hold.
+        Returns (pages found there now, the news)."""
+        self.orphan("the source is out of reach")
+        found = await self._adopt_from_headers()
         return found, self.take_news()
 
     # -- the drain ---------------------------------------------------------------------
@@ -411,6 +467,12 @@ class LazyMode:
         self.nursery: trio.Nursery | None = None
         self._trackers: list[FileTracker] = []  # those whose .lazy points into `current`
 
+    def orphan(self, why: str) -> None:
+        """Nobody fetches for the running post-copy any more: complete it from the spill."""
+        pc = self.current
+        if pc is not None and pc.orphan(why) and self.nursery is not None:
+            self.nursery.start_soon(pc.adopt_until_settled)
+
     def require(self) -> Postcopy:
         if self.current is None:
             raise LazyError("no post-copy is running on this mount")
@@ -426,8 +488,10 @@ class LazyMode:
                     files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]]
                     ) -> Postcopy:
         """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
-        if self.current is not None and not self.current.done:
-            raise LazyError(f"post-copy {self.current.migration} is still running here")
+        if (self.current is not None and not self.current.done
+                and not self.current.source_lost):
+            raise LazyError(f"post-copy {self.current.migration} is still running here "
+                            f"({self.current.remaining} blocks absent; see blkfs spill)")
         if block_size != 1 << self.shift:
             raise LazyError(f"the migration uses {block_size}-byte blocks, this mount "
                             f"{1 << self.shift}: mount the destination with --block-size "

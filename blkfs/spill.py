@@ -35,6 +35,7 @@ FLAG_FILLED = 1  # the slot holds a page (content written and hashed)
 FLAG_FREE = 2  # the destination installed that page: reusable, content kept
 SPILL_VERSION = 1
 MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME = "manifest.json", "headers", "slots"
+FLUSHED_NAME = "flushed.json"  # written by the source once every page is in (mark_flushed)
 MAX_SLOTS = 1 << 24
 
 
@@ -217,7 +218,7 @@ class SpillArea:
             raise SpillError(f"--spill-slots must be 1..{MAX_SLOTS}, not {nslots}")
         try:
             os.makedirs(path, exist_ok=True)
-            for name in (MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME):
+            for name in (MANIFEST_NAME, FLUSHED_NAME, HEADERS_NAME, SLOTS_NAME):
                 try:
                     os.unlink(os.path.join(path, name))
                 except FileNotFoundError:
@@ -309,6 +310,33 @@ class SpillArea:
         """Make every page written so far durable: after this the source may vanish."""
         os.fdatasync(self._sfd)
         os.fdatasync(self._hfd)
+
+    def mark_flushed(self, pages: int) -> None:
+        """After `flush`: say in the area itself that it holds every remaining page, so a
+        destination left alone knows that a page it does not find will never come."""
+        tmp = os.path.join(self.path, FLUSHED_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"migration": self.migration, "pages": pages, "at": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.path, FLUSHED_NAME))
+        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def flushed(self) -> int | None:
+        """The pages the source spilled in all, once it marked the area flushed; else None."""
+        try:
+            with open(os.path.join(self.path, FLUSHED_NAME)) as f:
+                doc = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("migration") != self.migration:
+            return None
+        pages = doc.get("pages")
+        return pages if type(pages) is int and pages >= 0 else None
 
     # -- reader (destination, operator) ---------------------------------------------
 

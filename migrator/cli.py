@@ -241,7 +241,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope, src, console)
             nursery.start_soon(LiveProgress(src.progress, console).run)
             try:
                 await src.run()
@@ -304,9 +304,20 @@ def cmd_resolve(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _cancel_on_signals(scope: trio.CancelScope) -> None:
+async def _cancel_on_signals(scope: trio.CancelScope, src: Any = None,
+                             console: Console | None = None) -> None:
+    """Ctrl-C / SIGTERM stop the migration, except while post-copy pages are still going
+    into the spill area: the VM runs on the destination and needs them, so the first signal
+    only warns; a second one stops anyway."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        warned = False
         async for _ in signals:
+            if src is not None and src.spilling and not warned and console is not None:
+                warned = True
+                console.print("[bold red]migrator: the VM runs on the destination and the "
+                              "remaining memory pages are still going into the spill area; "
+                              "stopping now loses them. Ctrl-C again to stop anyway.[/]")
+                continue
             scope.cancel()
             return
 

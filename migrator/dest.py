@@ -40,6 +40,7 @@ from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf
 log = logging.getLogger(__name__)
 
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
+SOURCE_LOST_WAIT = 10.0  # s the session waits for the daemon to complete from the spill
 # States in which the source's Blocks are fetched pages for lazy mode, not copy data.
 _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
 
@@ -280,18 +281,25 @@ class DestSession:
         """The source is gone after the resume: complete from the spill area, or say what is
         missing."""
         assert self.pc is not None
-        out = await self.pc.source_lost()
+        found, news = await self.pc.source_lost(SOURCE_LOST_WAIT)
         self._merge_digests()
-        news = out.news
         n = news.missing_count
         if self.pc.stats is not None:
             self.state["postcopy"] = cp.to_dict(self.pc.stats)
-        if n == 0:
+        if news.done:
             self._save_state(status="complete", completed_at=time.time(),
                              verified="post-copy pages checked against the spill hashes; the "
                              f"source was lost before the final digests ({why})")
             return SessionOutcome(True, f"source lost ({why}); completed from the spill area "
-                                  f"alone ({out.found_in_spill} pages found there)")
+                                  f"alone ({found} pages found there at once)")
+        if n == 0:
+            self._save_state(postcopy_paused=f"source lost ({why}); {news.remaining} blocks "
+                             "absent, installed as they reach the spill area")
+            return SessionOutcome(False, f"source lost ({why}): post-copy paused with "
+                                  f"{news.remaining} blocks absent; the blkfs daemon installs "
+                                  "them as they reach the spill area, and their readers wait "
+                                  f"meanwhile (blkfs spill {self.mount}); if they never will: "
+                                  f"blkfs spill {self.mount} --give-up")
         shown = ", ".join(f"{rel} block {b}" for rel, b in news.missing[:10])
         more = f" (+{n - 10} more)" if n > 10 else ""
         self._save_state(status="incomplete", error=f"source lost ({why})",
@@ -442,6 +450,11 @@ async def _failed(session: DestSession, peer: str, msg: str,
         # the source, which may run its VM again.
         if session.qemu is not None:
             session.qemu.abort()
+        if session.pc is not None and session.pc.begun.is_set():
+            try:  # no VM will run on these files: their absent blocks are errors, not waits
+                await session.pc.give_up()
+            except MigrationError as exc2:
+                log.error("cannot end lazy mode of the refused migration: %s", exc2)
         if session.state:
             try:
                 refused = session.state.get("status") == "refused"  # (its start failed)

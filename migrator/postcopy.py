@@ -87,13 +87,13 @@ class SourcePostcopy:
         self.todo: deque[tuple[int, int]] = deque(
             (fid, b) for fid, exts in absent.items() for first, n in exts
             for b in range(first, first + n))
-        self.done_blocks: set[tuple[int, int]] = set()  # fetched: no need to spill
         self.headers: dict[int, SlotHeader] = {}
         self.stats = SourceStats(pages=len(self.todo))
         self._freed = trio.Event()
         self.resumed = trio.Event()
         self.t_commit = time.monotonic()
         self.on_flushed: Callable[[int], None] | None = None  # for the CLI's line
+        self.link_lost = False  # the destination is out of reach: spill on regardless
 
     def _page(self, file_id: int, block: int) -> bytes:
         size = self.sizes[file_id]
@@ -104,12 +104,33 @@ class SourcePostcopy:
         return data
 
     async def run(self) -> p.PostcopyDone:
-        """Until the destination has every page; returns its PostcopyDone."""
+        """Until the destination has every page; returns its PostcopyDone.
+
+        The spill writer's duty outlives the link: if the destination goes out of reach,
+        every remaining page still goes into the spill area (flushed, marked), since the
+        destination's blkfs completes from it alone; only then is the lost link reported."""
         result: list[p.PostcopyDone] = []
+        lost: list[MigrationError] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._spill_writer)
+
+            async def spill() -> None:
+                await self._spill_writer()
+                if lost:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(spill)
 
             async def receive() -> None:
+                try:
+                    await receive_events()
+                except MigrationError as exc:
+                    lost.append(exc)
+                    self.link_lost = True
+                    self._freed.set()  # a writer waiting for frees must hear it
+                    if self.stats.spill_flushed_s is not None:
+                        nursery.cancel_scope.cancel()
+
+            async def receive_events() -> None:
                 while True:
                     ev = await self.ch.receive()
                     if isinstance(ev, p.Fetch):
@@ -126,6 +147,8 @@ class SourcePostcopy:
                         raise MigrationError(f"bad peer: {type(ev).__name__} during post-copy")
 
             nursery.start_soon(receive)
+        if lost:
+            raise lost[0]
         # Every page is installed now, including those whose SlotFree would have crossed
         # PostcopyDone on the wire: the headers say so, for `blkfs spill`.
         for slot, h in self.headers.items():
@@ -143,8 +166,6 @@ class SourcePostcopy:
         data = self.read(ev.file_id, start, n) if n else b""
         if not data:
             return
-        for b in range(ev.first_block, ev.first_block + ev.count):
-            self.done_blocks.add((ev.file_id, b))
         fb = self.stats.fetched_bytes
         fb[ev.file_id] = fb.get(ev.file_id, 0) + len(data)
         await self.ch.send(p.Blocks(ev.file_id, ev.first_block, data))
@@ -159,24 +180,27 @@ class SourcePostcopy:
         self._freed.set()
 
     async def _spill_writer(self) -> None:
+        # Every page goes in, the fetched ones too: a fetched page may never have reached the
+        # destination's daemon (its migrator can die in between), and once the area is
+        # marked flushed, a page not in it is taken for lost there.
         sent = 0
         t0 = time.monotonic()
         while self.todo:
             batch: list[tuple[SlotRef, int, int]] = []
             while self.todo and len(batch) < SPILL_BATCH:
                 fid, b = self.todo[0]
-                if (fid, b) in self.done_blocks:
-                    self.todo.popleft()
-                    continue
                 ref = self.alloc.allocate()
                 if ref is None:
                     break
                 self.todo.popleft()
                 batch.append((ref, fid, b))
             if not batch:
-                if self.todo:  # every slot holds a page the destination has not installed
-                    self._freed = trio.Event()
-                    await self._freed.wait()
+                if self.link_lost:
+                    raise MigrationError(
+                        f"{len(self.todo)} pages could not be spilled: every slot holds a page "
+                        "the destination has not confirmed, and it is out of reach")
+                self._freed = trio.Event()  # every slot holds a page not installed yet
+                await self._freed.wait()
                 continue
             if self.spill_rate:  # token bucket, as on the link: this batch's bytes first
                 ahead = (sent + len(batch)) * self.bs / self.spill_rate - (time.monotonic() - t0)
@@ -194,16 +218,26 @@ class SourcePostcopy:
             for (ref, _fid, _b), h in zip(batch, headers, strict=True):
                 self.headers[ref.slot] = h
                 self.stats.spilled_bytes += h.length
-            await self.ch.send(p.SpillRefs(tuple((fid, b, ref.slot, ref.generation)
-                                                 for ref, fid, b in batch)))
             sent += len(batch)
             self.stats.spilled = sent
+            await self._tell(p.SpillRefs(tuple((fid, b, ref.slot, ref.generation)
+                                               for ref, fid, b in batch)))
         await trio.to_thread.run_sync(self.spill.flush)
+        await trio.to_thread.run_sync(self.spill.mark_flushed, sent)
         self.stats.spill_flushed_s = round(time.monotonic() - self.t_commit, 3)
-        await self.ch.send(p.SpillFlushed(sent))
         log.info("spill flushed: %d pages", sent)
         if self.on_flushed is not None:
             self.on_flushed(sent)
+        await self._tell(p.SpillFlushed(sent))
+
+    async def _tell(self, event: p.Event) -> None:
+        """Tell the destination, unless it is out of reach: the spill area says it too."""
+        if self.link_lost:
+            return
+        try:
+            await self.ch.send(event)
+        except MigrationError:
+            self.link_lost = True
 
 
 # -- destination ----------------------------------------------------------------------------
@@ -329,16 +363,32 @@ class DestPostcopy:
         if self.on_digests is not None:
             self.on_digests()  # before PostcopyDone: the source's Digests come after it
 
-    async def source_lost(self) -> cp.SourceLostReply:
-        """Complete from the spill area alone, or name what is missing."""
+    async def source_lost(self, wait: float) -> tuple[int, cp.News]:
+        """The daemon completes from the spill area alone (as pages keep arriving there);
+        wait up to `wait` s for it to finish, or to name what will never come. Returns
+        (pages found in the area at once, the news at the end)."""
         ctl = await self._connect()
         try:
             out = await self._call(ctl, cp.LazySourceLost())
             assert isinstance(out, cp.SourceLostReply)
+            news = out.news
+            with trio.move_on_after(wait):
+                while not news.done and not news.missing_count:
+                    got = await self._call(ctl, cp.LazyWait(timeout=1.0))
+                    assert isinstance(got, cp.News)
+                    news = got
             await self._report(ctl)
         finally:
             await ctl.aclose()
-        return out
+        return out.found_in_spill, news
+
+    async def give_up(self) -> None:
+        """This host will not run the VM: its absent blocks are missing for good (EIO)."""
+        ctl = await self._connect()
+        try:
+            await self._call(ctl, cp.LazyGiveUp())
+        finally:
+            await ctl.aclose()
 
     async def aclose(self) -> None:
         for c in (self.ctl, self.poll, self.inst):

@@ -870,6 +870,11 @@ class Connection:
         return self._state
 
     @property
+    def why(self) -> str:
+        """What ended the connection (an error, or an Abort), once it ended."""
+        return self._why
+
+    @property
     def postcopy(self) -> Postcopy | None:
         """The Postcopy announcement, once sent: the session ends with post-copy."""
         return self._postcopy

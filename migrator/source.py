@@ -399,6 +399,11 @@ class Source:
         await self.ch.send(p.Commit(self.record.epoch))
 
     @property
+    def spilling(self) -> bool:
+        """Post-copy pages are still going into the spill area (the VM needs them)."""
+        return self.pc is not None and self.pc.stats.spill_flushed_s is None
+
+    @property
     def handed_off(self) -> bool:
         """The VM was given up (Commit sent): it must not run here again unless settled."""
         return (self.commit_sent and self.record is not None

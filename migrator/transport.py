@@ -134,6 +134,8 @@ class Channel:
                 ahead = (self.bytes_sent + size) / self.limit - (time.monotonic() - self._t0)
                 if ahead > 0:
                     await trio.sleep(ahead)
+            if self.conn.state in (p.State.ERROR, p.State.ABORTED):
+                raise MigrationError(f"connection to the peer lost: {self.conn.why}")
             data = self.conn.send(event)
             try:
                 with trio.CancelScope(shield=True), trio.fail_after(self.io_timeout):
