@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET or "
                    "freeze (default)")
     m.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    m.add_argument("--status-file", metavar="PATH",
+                   help="keep a JSON status (phase, round, dirty blocks, bytes) current in PATH "
+                   "while the migration runs, for other processes")
     m.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer takes or sends nothing for S seconds (default 60)")
     m.add_argument("--stop-and-copy", action="store_true",
@@ -218,7 +221,7 @@ async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, moun
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from .report import LiveProgress
+    from .report import LiveProgress, keep_status_file
     from .source import MigrateOptions, Source, SourceHooks
 
     console = Console(stderr=True)
@@ -243,6 +246,9 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signals, nursery.cancel_scope, src, console)
             nursery.start_soon(LiveProgress(src.progress, console).run)
+            if a.status_file:
+                nursery.start_soon(keep_status_file, src.progress, src.report,
+                                   os.path.abspath(a.status_file))
             try:
                 await src.run()
             finally:

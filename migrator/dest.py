@@ -271,7 +271,8 @@ class DestSession:
 
     async def answer(self, q: p.Query) -> None:
         """`migrator resolve` on the source asks what this host's record says."""
-        status, epoch, detail = dest_answer(self.store.read_state(), q.migration)
+        status, epoch, detail = dest_answer(self.store.read_state(), q.migration,
+                                            self.store.postcopy_absent())
         log.info("resolve query for %s: %s (%s)", q.migration, status, detail)
         await self.ch.send(p.Answer(q.migration, status, epoch, detail))
         self.answered = (status, detail)
@@ -459,8 +460,9 @@ async def _failed(session: DestSession, peer: str, msg: str,
             try:
                 refused = session.state.get("status") == "refused"  # (its start failed)
                 session._save_state(status="refused" if refused else "incomplete", error=msg)
-            except OSError:
-                log.exception("cannot update the migration state")
+            except OSError as exc2:  # e.g. its blkfs daemon died (ENOTCONN): one line
+                log.error("cannot update the migration state in %s: %s", session.mount,
+                          exc2.strerror or exc2)
         if not isinstance(exc, PeerAborted):
             await session.ch.abort(msg)
         return SessionOutcome(False, f"migration from {peer} failed: {msg}; the files stay "
@@ -479,8 +481,9 @@ async def _failed(session: DestSession, peer: str, msg: str,
         return SessionOutcome(out.completed, f"migration from {peer}: {out.text}")
     try:
         session._save_state(error=f"verification did not finish: {msg}")
-    except OSError:
-        log.exception("cannot update the migration state")
+    except OSError as exc2:
+        log.error("cannot update the migration state in %s: %s", session.mount,
+                  exc2.strerror or exc2)
     return SessionOutcome(False, f"migration {mid} from {peer}: the VM runs here, but the "
                           f"source went before verification ({msg}); it holds its copy "
                           "suspended until 'migrator resolve' there settles it")

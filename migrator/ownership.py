@@ -32,6 +32,7 @@ SETTLED_SOURCE = {COPYING, RESUMED, RETIRED}
 
 # Answers of a destination about a migration (protocol.Answer.status)
 OWNER, REFUSED, UNKNOWN = "owner", "refused", "unknown"
+INCOMPLETE = "incomplete"  # it took the VM, but its copy still lacks post-copy pages
 
 
 @dataclass
@@ -58,17 +59,23 @@ class SourceRecord:
         return self.state not in SETTLED_SOURCE
 
 
-def dest_answer(record: dict[str, Any] | None, migration: str) -> tuple[str, int, str]:
+def dest_answer(record: dict[str, Any] | None, migration: str,
+                absent: int = 0) -> tuple[str, int, str]:
     """(status, epoch, detail) of a destination record, as an Answer to a Query.
 
     Only a session that ended may be asked (the destination answers queries while no
     migration runs), so a record that does not say owner is a refusal: the destination
-    writes owner before it starts the VM, and will not start it any more."""
+    writes owner before it starts the VM, and will not start it any more. An owner whose
+    post-copy still has `absent` blocks is incomplete: the source copy is the only whole
+    one, so it must not be retired on that answer."""
     if not record or record.get("migration") != migration:
         have = record.get("migration") if record else None
         return UNKNOWN, 0, (f"no record of migration {migration} here"
                             + (f" (the last one was {have})" if have else ""))
     epoch = int(record.get("epoch", 0))
+    if record.get("owner") and absent:
+        return INCOMPLETE, epoch, (f"the VM was handed to this host as epoch {epoch}, but its "
+                                   f"copy still lacks {absent} post-copy blocks")
     if record.get("owner"):
         return OWNER, epoch, (f"the VM was handed to this host as epoch {epoch} "
                               f"(status {record.get('status')})")

@@ -87,7 +87,7 @@ MAX_REASON = 1000
 NONCE_SIZE = 32
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 4096, 2**20
 SOURCE, DEST = "source", "dest"
-ANSWER_STATUSES = ("owner", "refused", "unknown")
+ANSWER_STATUSES = ("owner", "refused", "unknown", "incomplete")
 ROLES = (SOURCE, DEST)
 
 _U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1

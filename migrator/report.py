@@ -40,6 +40,8 @@ class Progress:
     bytes_sent: int = 0
     total: int = 0  # data bytes of the migrated files
     channel: _Counted | None = None  # bytes on the wire, frames included, as they go
+    migration: str = ""
+    spill_flushed: bool = False  # post-copy: every remaining page is in the spill area
 
     @property
     def sent(self) -> int:
@@ -144,6 +146,29 @@ def print_summary(r: MigrationReport, console: Console) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+async def keep_status_file(progress: Progress, report: MigrationReport, path: str,
+                           interval: float = 0.2) -> None:
+    """Keep a JSON status file current while a migration runs, for other processes (what
+    QEMU's query-migrate answers): phase, round, dirty blocks, bytes, post-copy state."""
+    def write() -> None:
+        doc = {"migration": progress.migration, "status": report.status,
+               "phase": progress.phase, "round": progress.round,
+               "dirty_blocks": progress.pending, "bytes_sent": progress.sent,
+               "data_bytes": progress.total, "spill_flushed": progress.spill_flushed,
+               "downtime_ms": report.downtime_ms, "source_vm": report.source_vm,
+               "error": report.error, "updated_at": time.time()}
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f)
+        os.replace(path + ".tmp", path)
+
+    try:
+        while True:
+            write()
+            await trio.sleep(interval)
+    finally:
+        write()  # the end: its status and error
 
 
 class LiveProgress:

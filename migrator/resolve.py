@@ -87,6 +87,11 @@ async def resolve_source(record: SourceRecord, adapter: Callable[[], VMAdapter],
                        "if the VM is stopped there, --retire-here if it runs there")
     answer = await ask(await connect(), key, record.migration)
     action = settle(answer.status)
+    if answer.status == "incomplete":
+        return Settled(False, f"the destination says: {answer.detail}; the source copy is the "
+                       "only whole one and stays suspended: stop the VM on the destination "
+                       "('blkfs spill MOUNT --give-up' there ends its waiting reads), then "
+                       "resume it here with --resume-here")
     if action is None:
         return Settled(False, f"the destination says: {answer.detail}; nothing is changed "
                        "here: check the destination by hand, then --resume-here or "
@@ -101,7 +106,7 @@ def describe_dest(record: dict[str, object]) -> str:
     """What a destination's record says, for a person on that host."""
     migration = str(record.get("migration", "?"))
     status, _epoch, detail = dest_answer(record, migration)
-    if status == "owner":
+    if status in ("owner", "incomplete"):
         return (f"migration {migration}: {detail}: the VM is this host's; if it is not "
                 "running, start it from these files; the source retires its copy when its "
                 "'migrator resolve' asks here")

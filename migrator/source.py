@@ -442,8 +442,11 @@ class Source:
             {fid: by_id[fid].size for fid in self.memory_ids}, absent,
             self.opts.spill_rate_mb_s * 1e6 if self.opts.spill_rate_mb_s else None)
         r.postcopy_pages = pc.stats.pages
-        pc.on_flushed = lambda n: self.hooks.notify(
-            f"spill flushed ({n} pages): the source may now go away")
+        def flushed(n: int) -> None:
+            self.progress.spill_flushed = True
+            self.hooks.notify(f"spill flushed ({n} pages): the source may now go away")
+
+        pc.on_flushed = flushed
         self._phase("post-copy")
         async with trio.open_nursery() as nursery:
             done: list[p.PostcopyDone] = []
@@ -520,7 +523,7 @@ class Source:
             await self.ch.send(p.Manifest(self.block_size, tuple(
                 p.FileEntry(f.file_id, f.rel, f.size) for f in self.files),
                 self.record.migration))
-            r.migration = self.record.migration
+            r.migration = self.progress.migration = self.record.migration
             await self.ch.expect(p.Ready)
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"

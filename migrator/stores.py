@@ -89,6 +89,10 @@ class DestFiles(Protocol):
 
     def read_state(self) -> dict[str, object] | None: ...
 
+    def postcopy_absent(self) -> int:
+        """Blocks an incoming post-copy on this mount still lacks (0 if none runs)."""
+        ...
+
     def create(self, manifest: p.Manifest) -> None: ...
 
     def write(self, file_id: int, offset: int, data: bytes) -> None: ...
@@ -326,6 +330,14 @@ class MountDest:
 
     def read_state(self) -> dict[str, object] | None:
         return self.record.read()
+
+    def postcopy_absent(self) -> int:
+        try:
+            with ControlClient.for_mount(self.mount, timeout=10) as c:
+                info = c.call(cp.Info())
+        except ControlError as exc:
+            raise MigrationError(str(exc)) from None
+        return int(info.postcopy_absent)
 
     def create(self, manifest: p.Manifest) -> None:
         for f in manifest.files:

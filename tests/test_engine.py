@@ -144,6 +144,9 @@ class MemoryDest:
     def read_state(self) -> dict[str, Any] | None:
         return dict(self.states[-1]) if self.states else None
 
+    def postcopy_absent(self) -> int:
+        return 0
+
     def create(self, manifest: p.Manifest) -> None:
         for f in manifest.files:
             self.data[f.file_id] = bytearray(f.size)
