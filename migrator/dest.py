@@ -123,7 +123,9 @@ class DestSession:
 
     def _take_ownership(self, epoch: int) -> None:
         """Durably, before the VM is started (the handoff, docs/migration.md)."""
+        t = time.monotonic()
         self._save_state(owner=True, status="running", epoch=epoch, taken_at=time.time())
+        log.info("ownership record: %.2f ms", (time.monotonic() - t) * 1000)
 
     async def _start_vm(self) -> None:
         """Take the VM and start it; a failed start is a refusal (the VM does not run here:

@@ -13,15 +13,29 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from .conftest import Mount
-from .test_migrate import MIGRATOR, SIMVM, Server, hosts, key, servers, state
+from .test_migrate import (
+    MIGRATOR,
+    SIMVM,
+    Server,
+    assert_source_whole,
+    digest,
+    fill_source,
+    hosts,
+    idle_vm,
+    key,
+    migrate,
+    servers,
+    state,
+)
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
-__all__ = ["hosts", "key", "servers"]  # fixtures, re-exported for pytest
+__all__ = ["hosts", "idle_vm", "key", "servers"]  # fixtures, re-exported for pytest
 
 
 def proc_state(pid: int) -> str | None:
@@ -259,3 +273,95 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
         vm.wait()
         if fault == "kill9-dest-daemon":
             subprocess.run(["fusermount3", "-u", "-z", str(dst.mnt)], capture_output=True)
+
+
+def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_point(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        tmp_path: Path, idle_vm: subprocess.Popen[bytes]) -> None:
+    src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
+    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    before = fill_source(src, 32)
+    s = Server(dst, key, once=False)
+    servers.append(s)
+    m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                          f"127.0.0.1:{s.port}", "--key-file", str(key), "--bandwidth", "10",
+                          "--suspend", f"pid:{idle_vm.pid}", "disk.raw", "vm.mem"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # mid initial copy
+    os.kill(dst.pid, signal.SIGKILL)  # the destination's blkfs daemon dies
+    _, err = m.communicate(timeout=60)
+    assert m.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert s.proc.poll() is None  # serve lives on
+    assert_source_whole(src, before, idle_vm)
+    # The next migration is refused in one line until the mount is back ...
+    r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}")
+    assert r.returncode == 1 and "mount it again" in r.stderr, r.stderr
+    # ... and nothing is written into the bare mount point once it is unmounted.
+    subprocess.run(["fusermount3", "-u", "-z", str(dst.mnt)], check=True)
+    r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}")
+    assert r.returncode == 1 and "is not a blkfs mount" in r.stderr, r.stderr
+    assert os.listdir(dst.mnt) == []
+    # Remounted, the same serve takes the next migration.
+    mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}")
+    assert r.returncode == 0, r.stderr
+    assert digest(dst.mnt / "disk.raw") == before["disk.raw"]
+    assert state(dst)["status"] == "complete"  # type: ignore[index]
+    s.proc.terminate()
+    out, serr = s.proc.communicate(timeout=30)
+    assert "Traceback" not in out + serr, out + serr
+    assert out.count("failed") >= 3 and "complete and verified" in out, out
+
+
+def test_a_full_destination_disk_after_the_copy_cannot_break_the_handoff(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        tmp_path: Path) -> None:
+    """The ownership record's space is taken when it is first written: a disk that fills up
+    later (here: to the last byte, during the rounds) cannot fail the handoff after the
+    point of no return."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    fs = tmp_path / "small"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(fs)], check=True)
+    vm = None
+    try:
+        (fs / "dst-backing").mkdir()
+        src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
+        dst = mount_factory(backing=fs / "dst-backing", mnt=tmp_path / "dst")
+        subprocess.run([*SIMVM, "create", str(src.mnt), "--unit", "65536", "--disk-size", "24M",
+                        "--mem-size", "4M"], check=True, capture_output=True)
+        vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "4"],
+                              stdout=subprocess.DEVNULL)
+        s = Server(dst, key)
+        servers.append(s)
+        status = tmp_path / "status.json"
+        m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                              f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
+                              f"pid:{vm.pid}", "--status-file", str(status), "--bandwidth",
+                              "8", "--max-rounds", "4", "--threshold-blocks", "0",
+                              "disk.raw", "vm.mem"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: read_json(status).get("phase") == "dirty rounds"
+                 or m.poll() is not None, 60, "the rounds")
+        assert m.poll() is None, m.communicate()
+        # Fill the destination's disk to the last byte: only overwrites of blocks already
+        # copied (and the pre-sized records) can still succeed.
+        subprocess.run(["dd", "if=/dev/zero", f"of={fs / 'filler'}", "bs=64k"],
+                       capture_output=True)
+        assert os.statvfs(fs).f_bavail == 0
+        out, err = m.communicate(timeout=120)
+        assert m.returncode == 0, out + err
+        rc, sout = s.finish()
+        assert rc == 0 and "complete and verified" in sout, sout
+        st = state(dst)
+        assert st is not None and st["status"] == "complete" and st["owner"], st
+        assert digest(dst.mnt / "disk.raw") == digest(src.backing / "disk.raw")
+    finally:
+        if vm is not None and vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        (fs / "filler").unlink(missing_ok=True)
+        for mnt in (tmp_path / "dst",):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(fs)], capture_output=True)

@@ -46,12 +46,12 @@ def key(tmp_path: Path) -> Path:
 
 class Server:
     def __init__(self, dst: Mount, key: Path, *extra: str, netns: str | None = None,
-                 listen: str = "127.0.0.1:0") -> None:
+                 listen: str = "127.0.0.1:0", once: bool = True) -> None:
         pre = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen([*pre, *MIGRATOR, "serve", "--mount", str(dst.mnt),
-                                      "--listen", listen, "--key-file", str(key), "--once",
-                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                      "--listen", listen, "--key-file", str(key),
+                                      *(["--once"] if once else []), *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         m = re.search(r"listening on [^ ]+:(\d+),", line)
