@@ -580,14 +580,13 @@ class Source:
                             self._set_record(COPYING, f"aborted before the handoff: {reason}")
                 except (AdapterError, MigrationError) as exc2:
                     r.error = f"{reason}; and resuming the source VM failed: {exc2}"
-            elif self.handed_off and self.record is not None and self.record.state == HANDED_OFF:
+            elif self.record is not None and self.record.state == HANDED_OFF:
                 where = ("runs on the destination" if self.switched
                          else "may run on the destination")
                 r.source_vm = f"kept suspended: the VM {where}"
-                if self.record is not None:
-                    r.error = (f"{reason}; the VM {where}, its copy here stays suspended: "
-                               f"settle with 'migrator resolve --mount {self.opts.mount} --to "
-                               f"{self.record.to} --key-file KEY'")
+                r.error = (f"{reason}; the VM {where}, its copy here stays suspended: settle "
+                           f"with 'migrator resolve --mount {self.opts.mount} --to "
+                           f"{self.record.to} --key-file KEY'")
             if self.ch is not None:
                 await self.ch.abort(reason)
 
