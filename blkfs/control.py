@@ -84,7 +84,6 @@ class Controller:
         self.info = info
         self.faults = faults
         self.claim: tuple[Connection, cp.Claim] | None = None  # the incoming migration
-        self.conn = Connection(0)  # the connection whose request runs now
 
     def closed(self, conn: Connection) -> None:
         """A client went away: what it held is released; a post-copy it ran goes on alone."""
@@ -152,10 +151,10 @@ class Controller:
                 "postcopy_missing": sum(len(lf.missing) for lf in pc.files.values()),
                 "postcopy_paused": pc.paused}
 
-    def op_info(self, req: cp.Info) -> cp.InfoReply:
+    def op_info(self, req: cp.Info, conn: Connection) -> cp.InfoReply:
         return cp.InfoReply(**self.info_reply())
 
-    def op_status(self, req: cp.Status) -> cp.StatusReply:
+    def op_status(self, req: cp.Status, conn: Connection) -> cp.StatusReply:
         threshold = self._threshold(req.static_heat)
         self.registry.settle_heat()
         now = time.monotonic()
@@ -173,7 +172,7 @@ class Controller:
         return cp.StatusReply(**{**self.info_reply(), "static_heat": threshold},
                               files=tuple(files))
 
-    def op_dirty(self, req: cp.Dirty) -> cp.DirtyReply:
+    def op_dirty(self, req: cp.Dirty, conn: Connection) -> cp.DirtyReply:
         rel, tr = self._resolve(req.file)
         if req.swap:
             epoch, exts = tr.swap()
@@ -181,13 +180,13 @@ class Controller:
             epoch, exts = tr.bitmap.epoch, tr.dirty_extents()
         return cp.DirtyReply(rel, epoch, tr.block_size, tr.size, tuple(exts))
 
-    def op_clear(self, req: cp.Clear) -> cp.ClearReply:
+    def op_clear(self, req: cp.Clear, conn: Connection) -> cp.ClearReply:
         """Clear the dirty marks of some blocks before reading them (see FileTracker.clear)."""
         rel, tr = self._resolve(req.file)
         tr.clear(list(req.extents))
         return cp.ClearReply(rel, tr.bitmap.epoch)
 
-    def op_heat(self, req: cp.Heat) -> cp.HeatReply:
+    def op_heat(self, req: cp.Heat, conn: Connection) -> cp.HeatReply:
         rel, tr = self._resolve(req.file)
         threshold = self._threshold(req.static_heat)
         now = time.monotonic()
@@ -198,17 +197,17 @@ class Controller:
             sum(c for _, c in static), sum(c for _, c in dynamic), tuple(static),
             tuple(dynamic), tuple(tr.heat.extents(now)))
 
-    def op_freeze(self, req: cp.Freeze) -> cp.Count:
+    def op_freeze(self, req: cp.Freeze, conn: Connection) -> cp.Count:
         self._need_tracking()
         return cp.Count(self.registry.freeze(self._trackers(req.files)))
 
-    def op_thaw(self, req: cp.Thaw) -> cp.Count:
+    def op_thaw(self, req: cp.Thaw, conn: Connection) -> cp.Count:
         self._need_tracking()
         return cp.Count(self.registry.thaw(self._trackers(req.files)))
 
     # -- spill area and post-copy (docs/spill.md) ---------------------------------
 
-    def op_spill(self, req: cp.Spill) -> cp.SpillReply:
+    def op_spill(self, req: cp.Spill, conn: Connection) -> cp.SpillReply:
         path = self.lazy.spill_dir
         if not path:
             raise ControlError(f"{self.info.mountpoint} has no spill area: mount with --spill DIR, "
@@ -230,7 +229,7 @@ class Controller:
         finally:
             area.close()
 
-    async def op_lazy_begin(self, req: cp.LazyBegin) -> cp.Remaining:
+    async def op_lazy_begin(self, req: cp.LazyBegin, conn: Connection) -> cp.Remaining:
         todo = []
         for f in req.files:
             rel, tr = self._resolve(f.file)
@@ -239,7 +238,7 @@ class Controller:
                                    req.spill, todo)
         return cp.Remaining(pc.remaining)
 
-    def op_lazy_refs(self, req: cp.LazyRefs) -> cp.Remaining:
+    def op_lazy_refs(self, req: cp.LazyRefs, conn: Connection) -> cp.Remaining:
         pc = self.lazy.require()
         try:
             pc.add_refs(unpack_refs(req.data))
@@ -247,7 +246,7 @@ class Controller:
             raise ControlError(str(exc)) from None
         return cp.Remaining(pc.remaining)
 
-    def op_lazy_install(self, req: cp.LazyInstall) -> cp.Installed:
+    def op_lazy_install(self, req: cp.LazyInstall, conn: Connection) -> cp.Installed:
         pc = self.lazy.require()
         try:
             n = pc.install_fetched(req.file_id, req.first_block, req.data)
@@ -255,38 +254,38 @@ class Controller:
             raise ControlError(str(exc)) from None
         return cp.Installed(n, pc.remaining)
 
-    async def op_lazy_wait(self, req: cp.LazyWait) -> cp.News:
+    async def op_lazy_wait(self, req: cp.LazyWait, conn: Connection) -> cp.News:
         return await self.lazy.require().wait_news(req.timeout)
 
-    def op_lazy_report(self, req: cp.LazyReport) -> cp.LazyReportReply:
+    def op_lazy_report(self, req: cp.LazyReport, conn: Connection) -> cp.LazyReportReply:
         pc = self.lazy.require()
         return cp.LazyReportReply(pc.report(), pc.digests() if req.digests else ())
 
-    async def op_lazy_source_lost(self, req: cp.LazySourceLost) -> cp.SourceLostReply:
+    async def op_lazy_source_lost(self, req: cp.LazySourceLost,
+                                  conn: Connection) -> cp.SourceLostReply:
         pc = self.lazy.require()
         self.lazy.orphan("the source is out of reach")
         found, news = await pc.lose_source()
         return cp.SourceLostReply(found, news)
 
-    def op_lazy_give_up(self, req: cp.LazyGiveUp) -> cp.Count:
+    def op_lazy_give_up(self, req: cp.LazyGiveUp, conn: Connection) -> cp.Count:
         return cp.Count(self.lazy.require().give_up("given up by request"))
 
-    def op_claim(self, req: cp.Claim) -> cp.Claimed:
-        if self.claim is not None and self.claim[0] is not self.conn:
+    def op_claim(self, req: cp.Claim, conn: Connection) -> cp.Claimed:
+        if self.claim is not None and self.claim[0] is not conn:
             held = self.claim[1]
             raise ControlError(f"{self.info.mountpoint} is taken by migration {held.migration} "
                                f"({held.holder}): one migration at a time per mount")
-        self.claim = (self.conn, req)
+        self.claim = (conn, req)
         return cp.Claimed(req.migration)
 
     # -- dispatch ------------------------------------------------------------------
 
     async def dispatch(self, req: cp.Request, conn: Connection | None = None) -> Any:
-        """The reply to `req` (from `conn`), or the ControlError to answer."""
-        if conn is not None:
-            self.conn = conn
+        """The reply to `req` (from `conn`: ops whose effect lasts as long as the
+        connection, like a claim, need it), or the ControlError to answer."""
         try:
-            result = OPS[type(req)](self, req)
+            result = OPS[type(req)](self, req, conn or Connection(0))
             if isinstance(result, Awaitable):
                 result = await result
             return result
@@ -299,7 +298,7 @@ class Controller:
             return ControlError(f"internal error: {exc!r} (see the daemon log)")
 
 
-OPS: dict[type[cp.Request], Callable[[Controller, Any], Any]] = {
+OPS: dict[type[cp.Request], Callable[[Controller, Any, Connection], Any]] = {
     cp.Info: Controller.op_info, cp.Status: Controller.op_status, cp.Dirty: Controller.op_dirty,
     cp.Clear: Controller.op_clear, cp.Heat: Controller.op_heat, cp.Freeze: Controller.op_freeze,
     cp.Thaw: Controller.op_thaw, cp.Spill: Controller.op_spill,
