@@ -271,6 +271,15 @@ class Controller:
     def op_lazy_give_up(self, req: cp.LazyGiveUp, conn: Connection) -> cp.Count:
         return cp.Count(self.lazy.require().give_up("given up by request"))
 
+    def op_lazy_reattach(self, req: cp.LazyReattach, conn: Connection) -> cp.Reattached:
+        pc = self.lazy.require()
+        if pc.migration != req.migration:
+            raise ControlError(f"the post-copy here is {pc.migration}, not {req.migration}")
+        if self.claim is None or self.claim[0] is not conn:
+            raise ControlError("lazy_reattach: claim the mount on this connection first")
+        pc.reattach()
+        return cp.Reattached(pc.remaining, pc.source_lost)
+
     def op_claim(self, req: cp.Claim, conn: Connection) -> cp.Claimed:
         if self.claim is not None and self.claim[0] is not conn:
             held = self.claim[1]
@@ -305,7 +314,8 @@ OPS: dict[type[cp.Request], Callable[[Controller, Any, Connection], Any]] = {
     cp.LazyBegin: Controller.op_lazy_begin, cp.LazyRefs: Controller.op_lazy_refs,
     cp.LazyInstall: Controller.op_lazy_install, cp.LazyWait: Controller.op_lazy_wait,
     cp.LazyReport: Controller.op_lazy_report, cp.LazySourceLost: Controller.op_lazy_source_lost,
-    cp.LazyGiveUp: Controller.op_lazy_give_up, cp.Claim: Controller.op_claim,
+    cp.LazyGiveUp: Controller.op_lazy_give_up, cp.LazyReattach: Controller.op_lazy_reattach,
+    cp.Claim: Controller.op_claim,
 }
 assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 

@@ -343,6 +343,22 @@ class LazyGiveUp(Request):
 
 
 @dataclass(frozen=True)
+class Reattached:
+    remaining: int  # blocks still absent
+    given_up: bool  # some will never come (lazy_give_up, or the area was flushed without them)
+
+
+@dataclass(frozen=True)
+class LazyReattach(Request):
+    """A new migrator session of the running post-copy `migration` (its source reconnected
+    after the old one went away): fetch for it again. Needs the claim on this connection."""
+
+    OP = "lazy_reattach"
+    Reply = Reattached
+    migration: str
+
+
+@dataclass(frozen=True)
 class Claimed:
     migration: str
 
@@ -360,7 +376,7 @@ class Claim(Request):
 
 OPS: dict[str, type[Request]] = {cls.OP: cls for cls in (
     Info, Status, Dirty, Clear, Heat, Freeze, Thaw, Spill, LazyBegin, LazyRefs, LazyInstall,
-    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, Claim)}
+    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, LazyReattach, Claim)}
 
 
 # -- checking values against annotations ------------------------------------------------------

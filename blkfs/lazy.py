@@ -358,6 +358,19 @@ class Postcopy:
         self._notify()
         return True
 
+    def reattach(self) -> None:
+        """The migrator is back (its source reconnected): it fetches for us again. Blocks a
+        reader waits for are wanted anew (the migrator that took them may have died with
+        them), and the spill scan stops: the source re-sends its refs."""
+        if self.paused is not None:
+            log.info("post-copy %s resumed after a pause (%s); %d blocks absent",
+                     self.migration, self.paused, self.remaining)
+        self.paused = None
+        if not self.source_lost:
+            wanted = set(self._wanted)
+            self._wanted.extend(k for k in self._pending if k not in wanted)
+        self._notify()
+
     async def adopt_until_settled(self, interval: float = 0.5) -> None:
         """Take every page the spill area shows, again and again (the source may still be
         writing it), until every block is installed, or the source has marked the area

@@ -118,6 +118,11 @@ class SlotAllocator:
         self.generations[slot] += 1
         return SlotRef(slot, self.generations[slot])
 
+    def in_use(self) -> list[SlotRef]:
+        """Every slot allocated and not released, with its generation."""
+        return [SlotRef(s, self.generations[s]) for s in range(self.nslots)
+                if not self._is_free[s]]
+
     def release(self, ref: SlotRef) -> bool:
         """The destination installed the page of `ref`: the slot may be reused.
 

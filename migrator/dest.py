@@ -29,8 +29,9 @@ import xxhash
 
 from blkfs import ctlproto as cp
 
+from . import digestlog
 from . import protocol as p
-from .ownership import dest_answer
+from .ownership import INCOMPLETE, OWNER, UNKNOWN, dest_answer
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
@@ -92,6 +93,9 @@ class DestSession:
         self.blocks_written = 0
         self.t_switch: float | None = None
         self.answered: tuple[str, str] | None = None  # a resolve query was answered
+        self.reattached = False  # this session goes on with a migration another one began
+        self.digests_saved = False
+        self.unchecked = 0  # blocks whose digests died with an earlier session
 
     # -- setup ------------------------------------------------------------------
 
@@ -144,6 +148,41 @@ class DestSession:
         self.resumed.set()  # the VM runs here now, whatever happens to the source
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
         await self.ch.send(p.Resumed(ms))
+        assert self._nursery is not None
+        self._nursery.start_soon(self.save_digests)
+
+    async def save_digests(self) -> None:
+        """Once the VM runs (off the downtime): the digests of every block this session wrote,
+        so a session the source reattaches after this one died can still verify them."""
+        if self.digests_saved or self.reattached or not self.files:
+            return  # (a reattached session holds only what the log gave it, or less)
+        self.digests_saved = True
+        blob = digestlog.encode(self.state["migration"], self.block_size,
+                                {fid: f.digests for fid, f in self.files.items()})
+        t = time.monotonic()
+        try:
+            await self.store.write_digests(blob)
+        except OSError as exc:
+            log.error("cannot write the digest log in %s: %s (a reattached session could not "
+                      "verify the pre-copied blocks)", self.mount, exc.strerror or exc)
+            return
+        log.info("digest log: %d bytes in %.1f ms", len(blob), (time.monotonic() - t) * 1000)
+
+    def _load_digests(self) -> None:
+        """A reattached session: the digests the broken one wrote down."""
+        blob = self.store.read_digests()
+        try:
+            if blob is None:
+                raise digestlog.DigestLogError("there is none")
+            saved = digestlog.decode(blob, self.state["migration"], self.block_size)
+        except digestlog.DigestLogError as exc:
+            log.warning("digest log of migration %s unusable (%s): the pre-copied blocks "
+                        "cannot be verified", self.state["migration"], exc)
+            return
+        for fid, digests in saved.items():
+            if fid in self.files:
+                self.files[fid].digests.update(digests)
+        self.digests_saved = True
 
     # -- data -------------------------------------------------------------------
 
@@ -177,12 +216,17 @@ class DestSession:
         for i, d in enumerate(ev.digests):
             b = ev.first_block + i
             mine = f.digests.get(b)
-            if mine != d:
+            if mine is None and self.reattached and not self.digests_saved:
+                self.unchecked += 1
+            elif mine != d:
                 self._mismatch(f"{f.entry.name} block {b} "
                                + ("never received" if mine is None else "differs"))
             f.verified += 1
 
     def verdict(self) -> tuple[bool, str]:
+        if self.unchecked:
+            self._mismatch(f"{self.unchecked} blocks cannot be verified: their digests died "
+                           "with the 'migrator serve' session that received them")
         for f in self.files.values():
             nblocks = (f.size + self.block_size - 1) // self.block_size
             if f.verified != nblocks:
@@ -227,18 +271,23 @@ class DestSession:
     async def run(self, peer: str) -> dict[str, Any]:
         ch = self.ch
         await ch.handshake()
-        man = await ch.expect(p.Manifest, p.Query)
+        man = await ch.expect(p.Manifest, p.Query, p.Reattach)
         if isinstance(man, p.Query):
             await self.answer(man)
             return {}
-        self.open_files(man, peer)
-        await ch.send(p.Ready())
-        if self.qemu_spec:
-            try:
-                self.qemu = QemuTarget(self.qemu_spec, self.mount)
-            except QemuError as exc:
-                raise MigrationError(str(exc)) from None
-        log.info("migration %s from %s: %d files", self.state["migration"], peer, len(man.files))
+        if isinstance(man, p.Reattach):
+            if not await self._reattach(man, peer):
+                return {}
+        else:
+            self.open_files(man, peer)
+            await ch.send(p.Ready())
+            if self.qemu_spec:
+                try:
+                    self.qemu = QemuTarget(self.qemu_spec, self.mount)
+                except QemuError as exc:
+                    raise MigrationError(str(exc)) from None
+            log.info("migration %s from %s: %d files", self.state["migration"], peer,
+                     len(man.files))
         # The receiver stays up to a few frames ahead of the writer, so network reads and
         # file writes overlap; the writer handles events in order, each with the protocol
         # state it arrived in (the connection's own state may be ahead by then).
@@ -263,6 +312,8 @@ class DestSession:
             self._nursery = nursery
             if self.qemu is not None:
                 nursery.start_soon(self._start_qemu)
+            if self.reattached and self.pc is not None:
+                nursery.start_soon(self.pc.pump)
             nursery.start_soon(receiver)
             async with rx:
                 async for ev, state in rx:
@@ -279,6 +330,50 @@ class DestSession:
         await self.ch.send(p.Answer(q.migration, status, epoch, detail))
         self.answered = (status, detail)
 
+
+    async def _reattach(self, ra: p.Reattach, peer: str) -> bool:
+        """The source of a migration broken after Commit is back: go on with it if this host
+        holds the VM (its record says owner, at the source's epoch). False if not (answered)."""
+        ch = self.ch
+        man = await ch.expect(p.Manifest)
+        announce = await ch.expect(p.Postcopy) if ra.postcopy else None
+        record = self.store.read_state()
+        status, epoch, detail = dest_answer(record, ra.migration)
+        if status == OWNER and epoch != ra.epoch:
+            status, detail = UNKNOWN, (f"this host holds migration {ra.migration} as epoch "
+                                       f"{epoch}, not {ra.epoch}")
+        if status == OWNER:
+            assert record is not None
+            got = self.store.reattach(man, f"migrator serve pid {os.getpid()}, reattached "
+                                      f"from {peer}", announce.migration if announce else None)
+            if got is not None and got.given_up:
+                status, detail = INCOMPLETE, (f"the post-copy here gave up {got.remaining} "
+                                              "blocks: the source copy is the only whole one")
+        if status != OWNER:
+            log.info("reattach of %s from %s refused: %s (%s)", ra.migration, peer, status,
+                     detail)
+            await ch.send(p.Answer(ra.migration, status, epoch, detail))
+            self.answered = (status, detail)
+            return False
+        assert record is not None
+        self.state = record
+        self.block_size = man.block_size
+        for f in man.files:
+            self.files[f.file_id] = _File(f, f.size)
+        self._load_digests()
+        self.reattached = True
+        self.resumed.set()  # the session that broke started the VM (its record says owner)
+        if announce is not None:
+            self.pc = DestPostcopy(self.mount, ch, announce, self.block_size,
+                                   self.spill_override, self.resumed)
+            self.pc.on_digests = self._merge_digests
+            await self.pc.reattach()
+        self._save_state(reattaches=int(record.get("reattaches", 0)) + 1,
+                         postcopy_paused=None)
+        log.info("migration %s: source %s reattached (%s)", ra.migration, peer,
+                 "post-copy goes on" if announce else "verification")
+        await ch.send(p.Answer(ra.migration, OWNER, epoch, "reattached: " + detail))
+        return True
 
     async def finish_without_source(self, why: str) -> SessionOutcome:
         """The source is gone after the resume: complete from the spill area, or say what is
@@ -425,6 +520,8 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock
             log.info("migration %s complete: %d blocks written", state["migration"],
                      session.blocks_written)
             text = f"migration from {peer} complete and verified ({len(session.files)} files)"
+            if session.reattached:
+                text += "; the source reattached after the first session broke"
             if session.qemu is not None and session.qemu.pid:
                 text += (f"; the guest runs in QEMU pid {session.qemu.pid} (QMP and log in "
                          f"{session.qemu.dir})")
@@ -470,6 +567,10 @@ async def _failed(session: DestSession, peer: str, msg: str,
         return SessionOutcome(False, f"migration from {peer} failed: {msg}; the files stay "
                               "marked incomplete")
     # Taken: the VM runs here. Never roll back, never Abort (the source would resume).
+    try:
+        await session.save_digests()  # for the session the source may reattach
+    except Exception:
+        log.exception("cannot save the digest log")
     if isinstance(exc, VerificationFailed):
         return SessionOutcome(False, f"migration {mid} from {peer}: VERIFICATION FAILED: {msg}; "
                               "the VM runs here on a copy that differs from the source: stop "
@@ -488,7 +589,8 @@ async def _failed(session: DestSession, peer: str, msg: str,
                   exc2.strerror or exc2)
     return SessionOutcome(False, f"migration {mid} from {peer}: the VM runs here, but the "
                           f"source went before verification ({msg}); it holds its copy "
-                          "suspended until 'migrator resolve' there settles it")
+                          "suspended, and reconnects within its io timeout to finish, or "
+                          "'migrator resolve' there settles it")
 
 
 def _peer(stream: trio.SocketStream) -> str:

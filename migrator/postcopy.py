@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -32,7 +32,7 @@ from blkfs.control import AsyncControlClient, ControlError
 from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea, pack_refs
 
 from . import protocol as p
-from .transport import Channel, MigrationError
+from .transport import Channel, MigrationError, NotOwner
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ class SourcePostcopy:
         self.t_commit = time.monotonic()
         self.on_flushed: Callable[[int], None] | None = None  # for the CLI's line
         self.link_lost = False  # the destination is out of reach: spill on regardless
+        # Called when the link breaks: a new channel to a destination session that goes on
+        # with this post-copy (protocol.Reattach), or MigrationError when none will.
+        self.reconnect: Callable[[str], Awaitable[Channel]] | None = None
+        self.reconnecting = False
+        self.finished = False  # the destination said PostcopyDone
 
     def _page(self, file_id: int, block: int) -> bytes:
         size = self.sizes[file_id]
@@ -121,14 +126,19 @@ class SourcePostcopy:
             nursery.start_soon(spill)
 
             async def receive() -> None:
-                try:
-                    await receive_events()
-                except MigrationError as exc:
-                    lost.append(exc)
-                    self.link_lost = True
-                    self._freed.set()  # a writer waiting for frees must hear it
-                    if self.stats.spill_flushed_s is not None:
-                        nursery.cancel_scope.cancel()
+                while True:
+                    try:
+                        await receive_events()
+                        return
+                    except MigrationError as exc:
+                        self.link_lost = True
+                        if not await self._reconnect(str(exc), lost):
+                            self._freed.set()  # a writer waiting for frees must hear it
+                            if self.stats.spill_flushed_s is not None or (
+                                    isinstance(lost[0], NotOwner)
+                                    and lost[0].status == "refused"):  # no VM needs them
+                                nursery.cancel_scope.cancel()
+                            return
 
             async def receive_events() -> None:
                 while True:
@@ -140,6 +150,7 @@ class SourcePostcopy:
                     elif isinstance(ev, p.Resumed):
                         self.resumed.set()
                     elif isinstance(ev, p.PostcopyDone):
+                        self.finished = True
                         result.append(ev)
                         nursery.cancel_scope.cancel()
                         return
@@ -156,6 +167,34 @@ class SourcePostcopy:
                 self.spill.mark_free(SlotRef(slot, h.generation), h)
         self.stats.slot_reuses = self.alloc.reuses
         return result[0]
+
+    async def _reconnect(self, why: str, lost: list[MigrationError]) -> bool:
+        """The link broke: a new one to a destination session that goes on, if possible.
+        Meanwhile the writer spills on (the refs it cannot send, the area holds)."""
+        if self.reconnect is None:
+            lost.append(MigrationError(why))
+            return False
+        self.reconnecting = True
+        try:
+            self.ch = await self.reconnect(why)
+        except MigrationError as exc:
+            lost.append(exc)
+            return False
+        finally:
+            self.reconnecting = False
+        self.link_lost = False
+        self.resumed.set()  # the destination holds the VM: it said owner
+        # What the destination's new session cannot know: where the unconfirmed pages are.
+        refs = [(h.file_id, h.block, ref.slot, ref.generation)
+                for ref in self.alloc.in_use()
+                if (h := self.headers.get(ref.slot)) is not None
+                and h.generation == ref.generation]
+        for i in range(0, len(refs), p.MAX_ITEMS_PER_FRAME):
+            await self.ch.send(p.SpillRefs(tuple(refs[i:i + p.MAX_ITEMS_PER_FRAME])))
+        if self.stats.spill_flushed_s is not None:
+            await self.ch.send(p.SpillFlushed(self.stats.spilled))
+        self._freed.set()
+        return True
 
     async def _answer(self, ev: p.Fetch) -> None:
         if ev.file_id not in self.sizes:
@@ -195,7 +234,7 @@ class SourcePostcopy:
                 self.todo.popleft()
                 batch.append((ref, fid, b))
             if not batch:
-                if self.link_lost:
+                if self.link_lost and not self.reconnecting:
                     raise MigrationError(
                         f"{len(self.todo)} pages could not be spilled: every slot holds a page "
                         "the destination has not confirmed, and it is out of reach")
@@ -313,6 +352,15 @@ class DestPostcopy:
         self.begun.set()
         log.info("lazy mode on: %.1f ms to connect, lazy_begin %.1f ms", (t1 - t0) * 1000,
                  (time.monotonic() - t1) * 1000)
+
+    async def reattach(self) -> None:
+        """A session the source reattached: lazy mode is on in the daemon already (the store
+        took it back with lazy_reattach); only the connections are new."""
+        self.ctl = await self._connect()
+        self.poll = await self._connect()
+        self.inst = await self._connect(sndbuf=4 << 20)
+        self.absent_done.set()
+        self.begun.set()
 
     async def refs(self, ev: p.SpillRefs) -> None:
         if self.spill_usable:

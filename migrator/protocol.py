@@ -38,6 +38,15 @@ Post-copy (announced by Postcopy + Absent in SWITCHOVER) changes the end::
            <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
     Done ------------------------------------>        both CLOSED                FINISHING
 
+Reattach: a source whose connection broke after Commit reconnects and, instead of a Manifest,
+re-states the migration so the session can go on where it broke (the destination's record
+decides whether it may)::
+
+    Reattach(migration, epoch), Manifest, [Postcopy] ->                          REATTACH
+           <---------------------------------- Answer(owner: go on; else CLOSED)
+    (post-copy not finished: the POSTCOPY exchange above, from PostcopyDone on)  POSTCOPY
+    (otherwise: Digests ..., VerifyDone, Verified, Done as above)                VERIFYING
+
 A hypervisor's device state (DeviceState chunks, e.g. QEMU's migration stream with RAM left
 out) may follow Switchover, before Commit, in either kind of session.
 
@@ -325,6 +334,18 @@ class Query:
 
 
 @dataclass(frozen=True, slots=True)
+class Reattach:
+    """Instead of a Manifest: the source of `migration`, handed off as `epoch`, lost its
+    connection after Commit and asks to finish. The Manifest (the files as they are now) and,
+    while post-copy is unfinished, the Postcopy announcement follow; the destination's Answer
+    then says ``owner`` (the session goes on) or why not."""
+
+    migration: str
+    epoch: int
+    postcopy: bool  # a Postcopy announcement follows the Manifest (post-copy is unfinished)
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """The destination's ownership record of the migration asked about: `status` is
     ``owner`` (it took the VM), ``refused`` (it never will), or ``unknown`` (no record of it:
@@ -340,6 +361,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
+    | Reattach
 )
 
 
@@ -372,6 +394,7 @@ class FrameType(enum.IntEnum):
     DEVICE_STATE = 24
     QUERY = 25
     ANSWER = 26
+    REATTACH = 27
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -385,6 +408,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.SPILL_FLUSHED: SpillFlushed, FrameType.FETCH: Fetch,
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
+    FrameType.REATTACH: Reattach,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -418,6 +442,7 @@ class State(enum.Enum):
     VERDICT = enum.auto()  # the dest compares
     FINISHING = enum.auto()  # the source says Done
     ANSWER = enum.auto()  # a Query waits for its Answer (resolve, instead of a migration)
+    REATTACH = enum.auto()  # a source re-states a migration broken after Commit
     CLOSED = enum.auto()
     ABORTED = enum.auto()
     ERROR = enum.auto()
@@ -433,6 +458,10 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.MANIFEST, SOURCE, Manifest): State.READY,
     (State.MANIFEST, SOURCE, Query): State.ANSWER,
     (State.ANSWER, DEST, Answer): State.CLOSED,
+    (State.MANIFEST, SOURCE, Reattach): State.REATTACH,
+    (State.REATTACH, SOURCE, Manifest): State.REATTACH,
+    (State.REATTACH, SOURCE, Postcopy): State.REATTACH,
+    (State.REATTACH, DEST, Answer): State.CLOSED,  # owner: POSTCOPY or VERIFYING (_apply)
     (State.READY, DEST, Ready): State.COPYING,
     (State.COPYING, SOURCE, Blocks): State.COPYING,
     (State.COPYING, SOURCE, Resize): State.COPYING,
@@ -654,6 +683,11 @@ def check_event(event: Event) -> None:
             _int(event.epoch, 0, _MAX_COUNT, "Commit.epoch")
         case Query():
             _text(event.migration, 64, "Query.migration")
+        case Reattach():
+            _text(event.migration, 64, "Reattach.migration")
+            _int(event.epoch, 0, _MAX_COUNT, "Reattach.epoch")
+            if type(event.postcopy) is not bool:
+                raise ProtocolError("Reattach.postcopy must be a bool")
         case Answer():
             _text(event.migration, 64, "Answer.migration")
             if event.status not in ANSWER_STATUSES:
@@ -864,6 +898,7 @@ class Connection:
         self._round = -1  # the last RoundDone's round
         self._postcopy: Postcopy | None = None
         self._device_state = 0  # bytes of DeviceState so far
+        self._reattach: Reattach | None = None
 
     @property
     def state(self) -> State:
@@ -882,6 +917,11 @@ class Connection:
     @property
     def manifest(self) -> Manifest | None:
         return self._manifest
+
+    @property
+    def reattach(self) -> Reattach | None:
+        """The Reattach that opened this session, if it is one."""
+        return self._reattach
 
     @property
     def sizes(self) -> Mapping[int, int]:
@@ -1000,7 +1040,10 @@ class Connection:
                 self._round = event.round
             case Postcopy():
                 self._postcopy = event
-                nxt = State.SWITCHOVER
+            case Reattach():
+                self._reattach = event
+            case Answer() if self._state is State.REATTACH and event.status == "owner":
+                nxt = State.POSTCOPY if self._postcopy is not None else State.VERIFYING
             case Resumed() if self._postcopy is not None:
                 nxt = State.POSTCOPY
             case DeviceState():
@@ -1066,6 +1109,25 @@ class Connection:
             case Postcopy():
                 if self._postcopy is not None:
                     raise ProtocolError("Postcopy sent twice")
+                if self._state is State.REATTACH and (
+                        self._manifest is None or not self._reattach.postcopy):
+                    raise ProtocolError("Postcopy in a Reattach that does not announce it, or "
+                                        "before its Manifest")
+            case Manifest() if self._state is State.REATTACH:
+                assert self._reattach is not None
+                if self._manifest is not None:
+                    raise ProtocolError("Manifest sent twice")
+                if event.migration != self._reattach.migration:
+                    raise ProtocolError(f"Reattach of {self._reattach.migration} re-states "
+                                        f"migration {_show(event.migration)}")
+            case Answer() if self._state is State.REATTACH:
+                assert self._reattach is not None
+                if self._manifest is None or (self._reattach.postcopy
+                                              and self._postcopy is None):
+                    raise ProtocolError("Answer to a Reattach before its Manifest and Postcopy")
+                if event.migration != self._reattach.migration:
+                    raise ProtocolError(f"Answer about {_show(event.migration)} to a Reattach of "
+                                        f"{self._reattach.migration}")
             case Absent():
                 if self._postcopy is None:
                     raise ProtocolError("Absent before Postcopy")

@@ -60,6 +60,7 @@ class MigrationReport:
     downtime_ms: float | None = None
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
     handoff_record_ms: float | None = None  # the durable "handed-off" write, before suspend
+    reattaches: int = 0  # times the link broke after Commit and the source reconnected
     expected_downtime_ms: float | None = None
     bytes_sent: int = 0  # on the wire, frames and headers included
     data_bytes: int = 0  # size of the migrated files

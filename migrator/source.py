@@ -34,6 +34,8 @@ from . import protocol as p
 from .ownership import (
     COPYING,
     HANDED_OFF,
+    OWNER,
+    REFUSED,
     RESUMED,
     RETIRED,
     UNVERIFIED,
@@ -52,11 +54,20 @@ from .plan import (
 from .postcopy import SourcePostcopy, is_memory_file
 from .report import MigrationReport, Progress
 from .stores import BlkfsSource, SourceFiles
-from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf, parse_hostport
+from .transport import (
+    IO_TIMEOUT,
+    Channel,
+    MigrationError,
+    NotOwner,
+    PeerAborted,
+    leaf,
+    parse_hostport,
+)
 from .vm import AdapterError, VMAdapter
 
 Extent = tuple[int, int]
 CONNECT_TIMEOUT = 10.0
+RECONNECT_FIRST, RECONNECT_MAX = 0.25, 4.0  # s between reattach attempts: doubling, capped
 FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
 THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
 
@@ -379,12 +390,76 @@ class Source:
         self.report.last_set_blocks = blocks
         await self._send_device_state()
         bd["send_last_set"] = _ms(t)
-        await self._hand_off()
         t = time.monotonic()
-        await self.ch.expect(p.Resumed)
+        try:
+            await self._hand_off()
+            await self.ch.expect(p.Resumed)
+        except PeerAborted:
+            raise
+        except MigrationError as exc:
+            if not self.commit_sent:
+                raise
+            await self._reattach(str(exc))  # the destination holds the VM: it said owner
         bd["destination_resume"] = _ms(t)
         self.switched = True
         self.report.downtime_ms = _ms(self.t_suspend)
+
+    async def _reattach(self, why: str) -> None:
+        """The link broke after Commit: reconnect, with backoff, for up to the io timeout,
+        and re-state the migration (protocol.Reattach), so a destination that holds the VM
+        goes on where it broke; NotOwner if it does not, MigrationError if it cannot be
+        reached. Either way this copy stays suspended (the caller's _fail settles)."""
+        timeout = self.opts.io_timeout
+        self.hooks.notify(f"connection lost after the handoff ({why}): reconnecting to "
+                          f"{self.opts.to} for up to {timeout:g} s")
+        if self.ch is not None:
+            await self.ch.aclose()
+        deadline = trio.current_time() + timeout
+        delay, last = RECONNECT_FIRST, why
+        while True:
+            with trio.move_on_after(max(0.0, deadline - trio.current_time())):
+                try:
+                    await self._reattach_once()
+                    self.report.reattaches += 1
+                    self.hooks.notify("reattached to the destination: the migration goes on")
+                    return
+                except NotOwner:
+                    raise
+                except MigrationError as exc:
+                    last = str(exc)
+            if trio.current_time() + delay >= deadline:
+                raise MigrationError(f"{why}; reconnecting for {timeout:g} s failed: {last}")
+            await trio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_MAX)
+
+    async def _reattach_once(self) -> None:
+        assert self.record is not None
+        stream = await self.hooks.connect(self.opts)
+        limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
+        ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout)
+        try:
+            await ch.handshake()
+            unfinished = self.pc is not None and not self.pc.finished
+            mid = self.record.migration
+            await ch.send(p.Reattach(mid, self.record.epoch, unfinished))
+            await ch.send(p.Manifest(self.block_size, tuple(
+                p.FileEntry(f.file_id, f.rel, f.size) for f in self.files), mid))
+            if unfinished:
+                assert self.spill is not None
+                await ch.send(self._announcement())
+            answer = await ch.expect(p.Answer)
+        except BaseException:
+            await ch.aclose()
+            raise
+        if answer.status != OWNER:
+            await ch.aclose()
+            raise NotOwner(answer.status, f"the destination says: {answer.detail}")
+        self.ch = self.progress.channel = ch
+
+    def _announcement(self) -> p.Postcopy:
+        assert self.spill is not None
+        return p.Postcopy(self.spill.migration, os.path.abspath(self.spill.path),
+                          self.spill.nslots)
 
     def _set_record(self, state: str, detail: str = "") -> None:
         assert self.record is not None and self.store is not None
@@ -425,8 +500,7 @@ class Source:
         disks = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
         absent = {fid: e for fid, e in union.items() if fid in self.memory_ids and e}
         # Absent first: the destination turns lazy mode on while the disks' last set flows.
-        await self.ch.send(p.Postcopy(self.spill.migration, os.path.abspath(self.spill.path),
-                                      self.spill.nslots))
+        await self.ch.send(self._announcement())
         for fid, exts in absent.items():
             for i in range(0, len(exts), p.MAX_ITEMS_PER_FRAME):
                 await self.ch.send(p.Absent(fid, tuple(exts[i:i + p.MAX_ITEMS_PER_FRAME])))
@@ -434,14 +508,22 @@ class Source:
         r.last_set_blocks = blocks
         await self._send_device_state()
         bd["send_last_set"] = _ms(t)
-        await self._hand_off()
-        t = time.monotonic()
         by_id = {f.file_id: f for f in self.files}
         pc = self.pc = SourcePostcopy(
             self.ch, self.spill, self.block_size, self._store.read,
             {fid: by_id[fid].size for fid in self.memory_ids}, absent,
             self.opts.spill_rate_mb_s * 1e6 if self.opts.spill_rate_mb_s else None)
         r.postcopy_pages = pc.stats.pages
+        pc.reconnect = self._reconnect_postcopy
+        t = time.monotonic()
+        try:
+            await self._hand_off()
+        except PeerAborted:
+            raise
+        except MigrationError:
+            if not self.commit_sent:
+                raise
+            # The Commit may have arrived: pc.run finds the link broken and reattaches.
         def flushed(n: int) -> None:
             self.progress.spill_flushed = True
             self.hooks.notify(f"spill flushed ({n} pages): the source may now go away")
@@ -472,10 +554,34 @@ class Source:
             r.bytes_by_file[name] = r.bytes_by_file.get(name, 0) + n
         r.spill_bytes = st.spilled_bytes
 
+    async def _reconnect_postcopy(self, why: str) -> Channel:
+        await self._reattach(why)
+        assert self.ch is not None
+        return self.ch
+
     async def _verify(self) -> None:
+        """Until the destination's verdict, reattaching if the link breaks meanwhile."""
         assert self.ch is not None
         self._phase("verifying")
         t = time.monotonic()
+        while True:
+            try:
+                v = await self._verify_once()
+                break
+            except PeerAborted:
+                raise
+            except MigrationError as exc:
+                await self._reattach(str(exc))
+        self.report.verify_s = round(time.monotonic() - t, 3)
+        if v.ok:
+            try:
+                await self.ch.send(p.Done())
+            except MigrationError as exc:  # proven all the same: the destination said so
+                self.hooks.notify(f"the last frame (Done) did not reach the destination: {exc}")
+        self._verdict(v)
+
+    async def _verify_once(self) -> p.Verified:
+        assert self.ch is not None
         bs = self.block_size
         h = xxhash.xxh3_64_intdigest
         for f in self.files:
@@ -486,8 +592,9 @@ class Source:
                 digests = tuple(h(data[i:i + bs]) for i in range(0, len(data), bs))
                 await self.ch.send(p.Digests(f.file_id, first, digests))
         await self.ch.send(p.VerifyDone())
-        v = await self.ch.expect(p.Verified)
-        self.report.verify_s = round(time.monotonic() - t, 3)
+        return await self.ch.expect(p.Verified)
+
+    def _verdict(self, v: p.Verified) -> None:
         self.report.verified = v.ok
         if not v.ok:
             self.report.mismatched_blocks = v.mismatches
@@ -499,7 +606,6 @@ class Source:
                 f"({v.detail}); the source copy stays suspended and intact: stop the VM on the "
                 f"destination, then resume it here with 'migrator resolve --mount "
                 f"{self.opts.mount} --resume-here'")
-        await self.ch.send(p.Done())
         # The copy is proven: only now is the source copy retired.
         self.report.source_vm = self.adapter.finish()
         self._set_record(RETIRED, "the destination verified its copy")
@@ -566,7 +672,8 @@ class Source:
         one command that settles it."""
         r = self.report
         with trio.CancelScope(shield=True):
-            refused = isinstance(exc, PeerAborted) and not self.switched
+            refused = (isinstance(exc, PeerAborted) or (isinstance(exc, NotOwner)
+                       and exc.status == REFUSED)) and not self.switched
             if not self.handed_off or refused:
                 try:
                     if self.suspended:

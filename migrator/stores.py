@@ -20,12 +20,12 @@ from blkfs.control import ControlClient, ControlError, flush_file
 from blkfs.runtime import FSTYPE, mount_fstype
 
 from . import protocol as p
-from .ownership import DEST_RECORD, SOURCE_RECORD, overwrite_refusal
+from .ownership import DEST_RECORD, DIGEST_LOG, SOURCE_RECORD, overwrite_refusal
 from .transport import MigrationError
 
 Extent = tuple[int, int]
 HeatRuns = tuple[tuple[int, int, float], ...]
-RESERVED = {DEST_RECORD, SOURCE_RECORD, ".blkfs"}
+RESERVED = {DEST_RECORD, SOURCE_RECORD, DIGEST_LOG, ".blkfs"}
 
 
 class SourceFiles(Protocol):
@@ -82,10 +82,23 @@ class DestFiles(Protocol):
         written."""
         ...
 
+    def reattach(self, manifest: p.Manifest, holder: str,
+                 postcopy: str | None) -> cp.Reattached | None:
+        """Take the mount again for a migration whose source reattached (its files exist);
+        with `postcopy` (the spill area's migration id), have the daemon's paused post-copy
+        fetch for this session again."""
+        ...
+
     def write_state(self, state: dict[str, object]) -> None:
         """The migration's state and ownership record, durably (written before any file is
         touched, and before the VM is started)."""
         ...
+
+    async def write_digests(self, data: bytes) -> None:
+        """The digest log (digestlog), durably, beside the state."""
+        ...
+
+    def read_digests(self) -> bytes | None: ...
 
     def read_state(self) -> dict[str, object] | None: ...
 
@@ -299,12 +312,7 @@ class MountDest:
         return full
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
-        check_blkfs_mount(self.mount)
-        try:  # a live daemon, and the mount's one migration slot, held until close()
-            self.client = ControlClient.for_mount(self.mount)
-            self.client.call(cp.Claim(manifest.migration or "?", holder))
-        except ControlError as exc:
-            raise MigrationError(str(exc)) from None
+        self._claim(manifest.migration or "?", holder)
         why = overwrite_refusal(self.read_state(),
                                 read_json(os.path.join(self.mount, SOURCE_RECORD)),
                                 {f.name for f in manifest.files})
@@ -325,8 +333,50 @@ class MountDest:
             raise MigrationError(f"destination disk full: the migration needs {need} more bytes, "
                                  f"{self.mount} has {free} free")
 
+    def _claim(self, migration: str, holder: str) -> ControlClient:
+        check_blkfs_mount(self.mount)
+        try:  # a live daemon, and the mount's one migration slot, held until close()
+            self.client = ControlClient.for_mount(self.mount)
+            self.client.call(cp.Claim(migration, holder))
+        except ControlError as exc:
+            raise MigrationError(str(exc)) from None
+        return self.client
+
+    def reattach(self, manifest: p.Manifest, holder: str,
+                 postcopy: str | None) -> cp.Reattached | None:
+        client = self._claim(manifest.migration, holder)
+        for f in manifest.files:
+            self.names[f.file_id] = f.name
+        if postcopy is None:
+            return None
+        try:
+            out = client.call(cp.LazyReattach(postcopy))
+        except ControlError as exc:
+            raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
+        assert isinstance(out, cp.Reattached)
+        return out
+
     def write_state(self, state: dict[str, object]) -> None:
         self.record.write(state)
+
+    async def write_digests(self, data: bytes) -> None:
+        await trio.to_thread.run_sync(self._write_digests, data)
+
+    def _write_digests(self, data: bytes) -> None:
+        path = os.path.join(self.mount, DIGEST_LOG)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)  # a torn log never replaces a whole one
+
+    def read_digests(self) -> bytes | None:
+        try:
+            with open(os.path.join(self.mount, DIGEST_LOG), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
     def read_state(self) -> dict[str, object] | None:
         return self.record.read()

@@ -30,6 +30,15 @@ class PeerAborted(MigrationError):
     pass
 
 
+class NotOwner(MigrationError):
+    """A destination asked to go on with a migration (a Reattach) does not hold the VM;
+    `status` is its Answer's (ownership: refused, unknown, incomplete)."""
+
+    def __init__(self, status: str, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
 def leaf(exc: BaseException) -> BaseException:
     """The first real error inside (nested) exception groups from trio nurseries."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:

@@ -134,9 +134,20 @@ class MemoryDest:
         self.states: list[dict[str, Any]] = []
         self.writes = 0
         self.fail_after_writes = fail_after_writes
+        self.digest_log: bytes | None = None
+        self.reattached: str | None = None
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
         pass
+
+    def reattach(self, manifest: p.Manifest, holder: str, postcopy: str | None) -> None:
+        self.reattached = holder
+
+    async def write_digests(self, data: bytes) -> None:
+        self.digest_log = data
+
+    def read_digests(self) -> bytes | None:
+        return self.digest_log
 
     def write_state(self, state: dict[str, Any]) -> None:
         self.states.append(dict(state))

@@ -262,3 +262,143 @@ def test_files_of_a_vm_that_runs_here_are_not_overwritten() -> None:
     left = {"state": "retired", "epoch": 3}  # the VM moved on from here since
     assert overwrite_refusal(took, left, {"disk.raw"}) is None
     assert overwrite_refusal(took, {"state": "retired", "epoch": 1}, {"disk.raw"}) is not None
+
+
+# -- reattach: the source reconnects after the link broke past Commit ---------------------------
+
+
+class Network:
+    """Each connect of the source opens a new link to a new serve session on `dest` (as a
+    real `migrator serve` accepts one connection after another); `wrap` may wrap the N-th."""
+
+    def __init__(self, nursery: trio.Nursery, dest: MemoryDest, opts: ServeOptions,
+                 wrap: Any = None) -> None:
+        self.nursery, self.dest, self.opts, self.wrap = nursery, dest, opts, wrap
+        self.lock = trio.Lock()
+        self.links: list[trio.abc.Stream] = []
+        self.outcomes: list[Any] = []
+
+    async def connect(self, _opts: Any = None) -> trio.abc.Stream:
+        left, right = trio.testing.memory_stream_pair()
+
+        async def session() -> None:
+            self.outcomes.append(await serve_one(right, self.opts, self.lock, "memory"))
+
+        self.nursery.start_soon(session)
+        link = self.wrap(len(self.links), left) if self.wrap else left
+        self.links.append(link)
+        return link
+
+
+async def migrate_over(network_wrap: Any, dest: MemoryDest, src: MemorySource, vm: FakeVM,
+                       dvm: DestVM, **kw: Any) -> tuple[Any, Network]:
+    from migrator.source import Source, SourceHooks
+
+    from .test_engine import inline
+
+    opts = options(**kw)
+    sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
+                         open_files=lambda mount, force: dest, resume_hook=dvm.start)
+    async with trio.open_nursery() as nursery:
+        net = Network(nursery, dest, sopts, network_wrap)
+        source = Source(opts, vm, SourceHooks(open_files=lambda o: src, connect=net.connect,
+                                              run_sync=inline))
+        try:
+            await source.run()
+        except MigrationError:
+            pass
+        await trio.sleep(2)  # the sessions say how they ended
+        nursery.cancel_scope.cancel()  # (a serve session left waiting for nothing)
+    return source, net
+
+
+def cut_first_link_after_start(dvm: DestVM) -> Any:
+    links: list[CuttableStream] = []
+
+    async def cut() -> None:
+        if links:
+            links[0].cut()  # the Resumed never reaches the source
+
+    dvm.then = cut
+
+    def wrap(n: int, s: trio.abc.Stream) -> trio.abc.Stream:
+        if n == 0:
+            links.append(CuttableStream(s))
+            return links[0]
+        return s
+
+    return wrap
+
+
+async def test_a_cut_after_commit_is_healed_by_the_source_reattaching(
+        autojump_clock: Any) -> None:
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, net = await migrate_over(cut_first_link_after_start(dvm), dest, src, vm, dvm,
+                                     io_timeout=30.0)
+    r = source.report
+    assert r.status == "completed" and r.verified and r.reattaches == 1, r.error
+    assert vm.finished and src.state == RETIRED  # retired after the reattached verification
+    assert dvm.running and running(vm, dvm) == 1
+    assert dest.states[-1]["status"] == "complete" and dest.states[-1]["reattaches"] == 1
+    assert dest.digest_log is not None and dest.reattached
+    texts = [o.text for o in net.outcomes]
+    assert any("reconnects within its io timeout" in t for t in texts), texts
+    assert any("the source reattached" in t for t in texts), texts
+
+
+async def test_a_reattach_without_the_digest_log_cannot_verify_and_keeps_the_source(
+        autojump_clock: Any) -> None:
+    class NoLog(MemoryDest):
+        async def write_digests(self, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), NoLog()
+    source, _ = await migrate_over(cut_first_link_after_start(dvm), dest, src, vm, dvm,
+                                   io_timeout=30.0)
+    r = source.report
+    assert r.status == "failed" and r.verified is False and r.reattaches == 1
+    assert "cannot be verified" in (r.verify_detail or ""), r.verify_detail
+    assert not vm.finished and not vm.running and src.state == UNVERIFIED  # the good copy
+    assert running(vm, dvm) == 1
+
+
+async def test_a_reattach_to_a_destination_that_never_took_the_vm_resumes_the_source(
+        autojump_clock: Any) -> None:
+    class CutAtCommit(CuttableStream):
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            if bytes(data[:1]) == bytes([p.FrameType.COMMIT]):
+                self.cut()
+            await super().send_all(data)
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, _ = await migrate_over(lambda n, s: CutAtCommit(s) if n == 0 else s, dest, src,
+                                   vm, dvm, io_timeout=30.0)
+    r = source.report
+    assert r.status == "failed" and "never took the VM" in (r.error or ""), r.error
+    assert vm.running and vm.resumes == 1 and src.state == RESUMED and not dvm.running
+    assert running(vm, dvm) == 1
+
+
+async def test_a_destination_that_stays_away_leaves_the_source_held_after_its_timeout(
+        autojump_clock: Any) -> None:
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    wrap = cut_first_link_after_start(dvm)
+
+    def cut_all(n: int, s: trio.abc.Stream) -> trio.abc.Stream:
+        if n == 0:
+            return wrap(n, s)
+        c = CuttableStream(s)
+        c.cut()  # the destination host is unreachable from now on
+        return c
+
+    t0 = trio.current_time()
+    source, net = await migrate_over(cut_all, dest, src, vm, dvm, io_timeout=20.0)
+    r = source.report
+    assert r.status == "failed" and "reconnecting for 20 s failed" in (r.error or ""), r.error
+    assert "migrator resolve" in (r.error or "") and src.state == HANDED_OFF
+    assert not vm.running and not vm.finished and running(vm, dvm) == 1
+    assert 20 <= trio.current_time() - t0 < 60 and len(net.links) > 3  # backoff, bounded
