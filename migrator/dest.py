@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
 SOURCE_LOST_WAIT = 10.0  # s the session waits for the daemon to complete from the spill
+DIGEST_LOG_DELAY = 0.05  # s after Commit at most before the digest log is written
 # States in which the source's Blocks are fetched pages for lazy mode, not copy data.
 _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
 
@@ -148,12 +149,17 @@ class DestSession:
         self.resumed.set()  # the VM runs here now, whatever happens to the source
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
         await self.ch.send(p.Resumed(ms))
-        assert self._nursery is not None
-        self._nursery.start_soon(self.save_digests)
+
+    async def _save_digests_soon(self) -> None:
+        """From Commit: once the VM runs, or after DIGEST_LOG_DELAY if its start takes longer
+        (a slow hook), so the write is never inside the downtime of a fast start."""
+        with trio.move_on_after(DIGEST_LOG_DELAY):
+            await self.resumed.wait()
+        await self.save_digests()
 
     async def save_digests(self) -> None:
-        """Once the VM runs (off the downtime): the digests of every block this session wrote,
-        so a session the source reattaches after this one died can still verify them."""
+        """The digests of every block this session wrote (final from Commit on), so a
+        session the source reattaches after this one died can still verify them."""
         if self.digests_saved or self.reattached or not self.files:
             return  # (a reattached session holds only what the log gave it, or less)
         self.digests_saved = True
@@ -461,6 +467,7 @@ class DestSession:
                      (t - (self.t_switch or t)) * 1000, (time.monotonic() - t) * 1000)
             assert self._nursery is not None
             self._take_ownership(ev.epoch)
+            self._nursery.start_soon(self._save_digests_soon)
             self._nursery.start_soon(pc.pump)
             # The VM starts while the post-copy traffic flows (it reads absent pages then).
             self._nursery.start_soon(self._start_vm)
@@ -468,6 +475,8 @@ class DestSession:
             # No fsync of the files here: it would lengthen the downtime; they are made
             # durable before the migration is marked complete.
             self._take_ownership(ev.epoch)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._save_digests_soon)
             await self._start_vm()
         elif isinstance(ev, p.Digests):
             self.check_digests(ev)

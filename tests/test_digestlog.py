@@ -36,5 +36,5 @@ def test_a_truncated_log_is_refused() -> None:
 @pytest.mark.parametrize(("migration", "bs"), [("m-2", 4096), ("m-1", 8192)])
 def test_another_migrations_log_is_refused(migration: str, bs: int) -> None:
     data = digestlog.encode("m-1", 4096, {0: {1: 2}})
-    with pytest.raises(digestlog.DigestLogError, match="not m-2|of migration"):
+    with pytest.raises(digestlog.DigestLogError, match=r"not m-2|of migration"):
         digestlog.decode(data, migration, bs)
