@@ -97,6 +97,9 @@ class DestSession:
         self.reattached = False  # this session goes on with a migration another one began
         self.digests_saved = False
         self.unchecked = 0  # blocks whose digests died with an earlier session
+        # Set while the session waits for the daemon to complete from the spill after losing
+        # its source: cancelling it gives way to that source's Reattach.
+        self.waiting_for_source: trio.CancelScope | None = None
 
     # -- setup ------------------------------------------------------------------
 
@@ -274,10 +277,17 @@ class DestSession:
 
     # -- the session ----------------------------------------------------------------
 
-    async def run(self, peer: str) -> dict[str, Any]:
+    async def greet(self) -> p.Manifest | p.Query | p.Reattach:
+        """The handshake and the peer's first frame: what it asks for (before the one
+        session at a time is taken, so a stranger never holds it)."""
+        await self.ch.handshake()
+        return await self.ch.expect(p.Manifest, p.Query, p.Reattach)
+
+    async def run(self, peer: str, man: p.Manifest | p.Query | p.Reattach | None = None
+                  ) -> dict[str, Any]:
         ch = self.ch
-        await ch.handshake()
-        man = await ch.expect(p.Manifest, p.Query, p.Reattach)
+        if man is None:
+            man = await self.greet()
         if isinstance(man, p.Query):
             await self.answer(man)
             return {}
@@ -385,7 +395,13 @@ class DestSession:
         """The source is gone after the resume: complete from the spill area, or say what is
         missing."""
         assert self.pc is not None
-        found, news = await self.pc.source_lost(SOURCE_LOST_WAIT)
+        with trio.CancelScope() as scope:
+            self.waiting_for_source = scope
+            found, news = await self.pc.source_lost(SOURCE_LOST_WAIT)
+        self.waiting_for_source = None
+        if scope.cancelled_caught:
+            return SessionOutcome(False, f"source lost ({why}); it came back and goes on in a "
+                                  "new session")
         self._merge_digests()
         n = news.missing_count
         if self.pc.stats is not None:
@@ -508,21 +524,52 @@ class ServeOptions:
     resume_hook: Callable[[], Awaitable[None]] | None = None  # in place of resume_cmd (tests)
 
 
-async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock,
+class Sessions:
+    """One session at a time on a serve (the daemon's claim makes it one per mount), and
+    which one, so the source of a session that lost it can take its place."""
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.current: DestSession | None = None
+
+    def busy_for(self, first: object) -> bool:
+        """Whether a peer whose first frame is `first` must be refused as busy; a Reattach of
+        the running session's migration, while that waits for its lost source, is let in
+        (the waiting session gives way)."""
+        if not self.lock.locked():
+            return False
+        cur = self.current
+        if (isinstance(first, p.Reattach) and cur is not None
+                and cur.state.get("migration") == first.migration
+                and cur.waiting_for_source is not None):
+            cur.waiting_for_source.cancel()
+            return False
+        return True
+
+
+async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessions,
                     peer: str = "?") -> SessionOutcome:
     """Handle one connection."""
     ch = Channel(stream, "dest", opts.key, io_timeout=opts.io_timeout)
-    if lock.locked():
+    session = DestSession(opts.open_files(opts.mount, opts.force), ch, opts.resume_cmd,
+                          opts.spill, opts.qemu, opts.resume_hook)
+    try:
+        first = await session.greet()
+    except (MigrationError, p.ProtocolError) as exc:
+        session.store.close()
+        out = await _failed(session, peer, str(exc), exc)
+        await ch.aclose()
+        return out
+    if sessions.busy_for(first):
         log.info("refused %s: busy with another migration", peer)
+        session.store.close()
         await ch.abort("the destination is busy with another migration")
         await ch.aclose()
         return SessionOutcome(False, "")
-    async with lock:
-        session = DestSession(opts.open_files(opts.mount, opts.force), ch, opts.resume_cmd,
-                              opts.spill,
-                              opts.qemu, opts.resume_hook)
+    async with sessions.lock:
+        sessions.current = session
         try:
-            state = await session.run(peer)
+            state = await session.run(peer, first)
             if session.answered is not None:
                 return SessionOutcome(False, f"{peer} asked about a migration: "
                                       f"{session.answered[0]} ({session.answered[1]})")
@@ -542,6 +589,7 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, lock: trio.Lock
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
             return await _failed(session, peer, msg, exc)
         finally:
+            sessions.current = None
             if session.qemu is not None:
                 session.qemu.detach()
             session.store.close()
@@ -613,7 +661,7 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
     """Accept migrations until cancelled (reports the bound port through task_status); with
     `once`, one, and return whether it completed."""
-    lock = trio.Lock()
+    sessions = Sessions()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -622,7 +670,7 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     completed = False
 
     async def one(stream: trio.SocketStream) -> bool:
-        outcome = await serve_one(stream, opts, lock, _peer(stream))
+        outcome = await serve_one(stream, opts, sessions, _peer(stream))
         if outcome.text:
             opts.say(outcome.text)
         return outcome.completed

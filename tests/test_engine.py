@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from migrator import protocol as p
-from migrator.dest import DestSession, ServeOptions, SessionOutcome, serve_one
+from migrator.dest import DestSession, ServeOptions, SessionOutcome, Sessions, serve_one
 from migrator.plan import Policy, Verdict
 from migrator.source import MigrateOptions, Source, SourceHooks
 from migrator.transport import Channel, MigrationError
@@ -215,7 +215,7 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
         if peer is not None:
             await peer(right)
         else:
-            outcome.append(await serve_one(right, sopts, trio.Lock(), "memory"))
+            outcome.append(await serve_one(right, sopts, Sessions(), "memory"))
 
     t0 = trio.current_time()
     async with trio.open_nursery() as nursery:

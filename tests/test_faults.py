@@ -30,12 +30,13 @@ from .test_migrate import (
     idle_vm,
     key,
     migrate,
+    netns_pair,
     servers,
     state,
 )
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
-__all__ = ["hosts", "idle_vm", "key", "servers"]  # fixtures, re-exported for pytest
+__all__ = ["hosts", "idle_vm", "key", "netns_pair", "servers"]  # fixtures, re-exported for pytest
 
 
 def proc_state(pid: int) -> str | None:
@@ -124,11 +125,13 @@ def test_kill9_of_serve_while_the_vm_starts_there_leaves_one_vm_and_resolve_sett
 
 # -- the fault matrix: each fault in each phase -----------------------------------------------
 
-FAULTS = ("kill9-source", "sigterm-source", "kill9-serve", "sigstop-serve", "kill9-dest-daemon")
+FAULTS = ("kill9-source", "sigterm-source", "kill9-serve", "sigstop-serve", "kill9-dest-daemon",
+          "cut-link")
 CELLS = ([("initial-copy", f) for f in FAULTS] + [("switchover-window", f) for f in FAULTS]
          + [("postcopy-spilling", f) for f in ("kill9-source", "sigterm-source", "kill9-serve",
-                                               "kill9-dest-daemon")]
-         + [("postcopy-flushed", f) for f in ("kill9-source", "kill9-serve")])
+                                               "kill9-dest-daemon", "cut-link")]
+         + [("postcopy-flushed", f) for f in ("kill9-source", "kill9-serve", "cut-link")])
+CUT_S = 5.0  # the link between the two network namespaces is down this long (io timeout 3)
 
 
 def running(pid: int) -> bool:
@@ -145,8 +148,16 @@ def read_json(path: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize(("phase", "fault"), CELLS, ids=[f"{p}-{f}" for p, f in CELLS])
 def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: Path,
-                      servers: list[Server], tmp_path: Path) -> None:
+                      servers: list[Server], tmp_path: Path,
+                      request: pytest.FixtureRequest) -> None:
     src, dst = hosts
+    # The cut link: the source in one network namespace, serve in another, a veth between.
+    ns_a = ns_b = veth = None
+    host = "127.0.0.1"
+    if fault == "cut-link":
+        ns_a, ns_b, veth = request.getfixturevalue("netns_pair")
+        host = "10.231.77.2"
+    in_a = ["ip", "netns", "exec", ns_a] if ns_a else []
     postcopy = phase.startswith("postcopy")
     subprocess.run([*SIMVM, "create", str(src.mnt), "--unit", "65536", "--disk-size",
                     "48M" if phase == "initial-copy" else "8M", "--mem-size", "4M"],
@@ -160,7 +171,8 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
     # the fault is in; the switchover window: the hook takes its time after the VM started.
     hook = start_vm + ("; kill -STOP $PPID" if postcopy else
                        "; sleep 6" if phase == "switchover-window" else "")
-    s = Server(dst, key, "--resume-cmd", hook, "--io-timeout", "3")
+    s = Server(dst, key, "--resume-cmd", hook, "--io-timeout", "3", netns=ns_b,
+               listen=f"{host}:0")
     servers.append(s)
     args = ["--io-timeout", "3", "--status-file", str(status)]
     if phase == "initial-copy":
@@ -171,8 +183,8 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
     dest_vm = 0
     try:
         time.sleep(1.0)
-        m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
-                              f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
+        m = subprocess.Popen([*in_a, *MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                              f"{host}:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", *args, "disk.raw", "vm.mem"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -202,6 +214,10 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
             time.sleep(5)  # longer than the io timeout on both sides
         elif fault == "kill9-dest-daemon":
             os.kill(dst.pid, signal.SIGKILL)
+        elif fault == "cut-link":  # no reset, no FIN: the cable is pulled, then put back
+            subprocess.run(["ip", "-n", ns_a, "link", "set", veth, "down"], check=True)
+            time.sleep(CUT_S)
+            subprocess.run(["ip", "-n", ns_a, "link", "set", veth, "up"], check=True)
         if s.proc.poll() is None:
             os.kill(s.proc.pid, signal.SIGCONT)  # (stopped by the post-copy hook or above)
         out, err = m.communicate(timeout=90)
@@ -219,6 +235,11 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
         if not dstate.get("owner"):  # the destination never took the VM: it says so
             assert dstate.get("status") in (None, "incomplete", "refused"), dstate
             assert not (dest_vm and running(dest_vm))
+        errline = next((ln for ln in err.splitlines() if " error: " in ln), "")
+        print(f"\nCELL {phase} {fault}: migrate exit {m.returncode}, source record "
+              f"{rec.get('state')}, destination {dstate.get('status')} owner="
+              f"{dstate.get('owner')} reattaches={dstate.get('reattaches', 0)}; "
+              f"{errline[:160]}")
         # -- settle what is unsettled, as the messages say -------------------------------------
         if rec.get("state") in ("handed-off", "unverified") and (
                 m.returncode != 0 or rec.get("state") == "unverified"):

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from migrator import protocol as p
-from migrator.dest import ServeOptions, serve_one
+from migrator.dest import ServeOptions, Sessions, serve_one
 from migrator.ownership import HANDED_OFF, RESUMED, RETIRED, UNVERIFIED, SourceRecord
 from migrator.resolve import resolve_source
 from migrator.transport import MigrationError
@@ -85,7 +85,7 @@ async def ask_dest(dest: MemoryDest, record: SourceRecord, vm: FakeVM,
     sopts = ServeOptions(mount=dest.mount, key=KEY, open_files=lambda mount, force: dest)
     written: list[SourceRecord] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_one, right, sopts, trio.Lock(), "memory")
+        nursery.start_soon(serve_one, right, sopts, Sessions(), "memory")
 
         async def connect() -> trio.abc.Stream:
             return left
@@ -274,7 +274,7 @@ class Network:
     def __init__(self, nursery: trio.Nursery, dest: MemoryDest, opts: ServeOptions,
                  wrap: Any = None) -> None:
         self.nursery, self.dest, self.opts, self.wrap = nursery, dest, opts, wrap
-        self.lock = trio.Lock()
+        self.sessions = Sessions()
         self.links: list[trio.abc.Stream] = []
         self.outcomes: list[Any] = []
 
@@ -282,7 +282,7 @@ class Network:
         left, right = trio.testing.memory_stream_pair()
 
         async def session() -> None:
-            self.outcomes.append(await serve_one(right, self.opts, self.lock, "memory"))
+            self.outcomes.append(await serve_one(right, self.opts, self.sessions, "memory"))
 
         self.nursery.start_soon(session)
         link = self.wrap(len(self.links), left) if self.wrap else left
