@@ -207,7 +207,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, mount: str) -> bool:
-    from .dest import serve
+    from .dest import serve, unfinished_here
+    from .stores import MountDest
 
     result: list[bool] = []
 
@@ -217,6 +218,9 @@ async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, moun
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(run)
         print(f"migrator serve: listening on {host}:{bound}, writing into {mount}", flush=True)
+        note = unfinished_here(MountDest(mount))
+        if note:
+            print(f"migrator serve: {note}", flush=True)
     return bool(result and result[0])
 
 

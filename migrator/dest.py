@@ -650,6 +650,24 @@ async def _failed(session: DestSession, peer: str, msg: str,
                           "'migrator resolve' there settles it")
 
 
+def unfinished_here(store: DestFiles) -> str | None:
+    """What a serve starting on this mount should say of a migration it took and did not
+    finish (its serve died after the handoff), or None."""
+    rec = store.read_state()
+    if not rec or not rec.get("owner") or rec.get("status") != "running":
+        return None
+    try:
+        absent = store.postcopy_absent()
+    except MigrationError:
+        absent = 0
+    pc = (f"; its post-copy lacks {absent} blocks, installed from the spill area as they "
+          "appear there (blkfs spill)" if absent else "")
+    return (f"migration {rec.get('migration')} from {rec.get('source')} is unfinished here "
+            f"(the VM was handed to this host, verification did not end{pc}): its source "
+            "reattaches on its own within its io timeout, or 'migrator resolve' there "
+            "settles it")
+
+
 def _peer(stream: trio.SocketStream) -> str:
     try:
         return "{}:{}".format(*stream.socket.getpeername()[:2])

@@ -444,6 +444,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
         assert "Traceback" not in out + err + sout, out + err + sout
         assert m.returncode == 0, out + err
         assert "reattached" in out + err and "the source reattached" in sout, out + err + sout
+        assert "is unfinished here" in sout, sout  # the re-run said what it picks up
         rec = read_json(src.mnt / ".migration-source.json")
         assert rec["state"] == "retired"
         wait_for(lambda: proc_state(vm.pid) is None, 10, "the source VM to be retired")
