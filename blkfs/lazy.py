@@ -89,6 +89,8 @@ class Postcopy:
         self._pending: dict[tuple[int, int], trio.Event] = {}  # being obtained
         self._wanted: list[tuple[int, int]] = []  # to fetch, not yet handed to the migrator
         self._freed: list[tuple[int, int]] = []  # (slot, generation) to report
+        self._installed: dict[int, int] = {}  # slot -> generation installed from it, ever
+        self._unpublished: set[int] = set()  # slots whose _installed the area does not show
         self._queue: deque[tuple[int, int]] = deque()  # (file_id, block) refs for the drain
         self._queue_ready = trio.Event()
         self._news = trio.Event()
@@ -144,7 +146,7 @@ class Postcopy:
         lf.missing.discard(block)
         ref = lf.refs.pop(block, None)
         if ref is not None:
-            self._freed.append((ref.slot, ref.generation))
+            self._free(ref)
         ev = self._pending.pop((lf.file_id, block), None)
         if ev is not None:
             ev.set()
@@ -195,6 +197,27 @@ class Postcopy:
         if rest:
             self._want(lf, rest)
 
+    def _free(self, ref: SlotRef) -> None:
+        """The page of `ref` is installed (or not needed): its slot may be reused."""
+        self._freed.append((ref.slot, ref.generation))
+        if ref.generation > self._installed.get(ref.slot, 0):
+            self._installed[ref.slot] = ref.generation
+            self._unpublished.add(ref.slot)
+
+    async def _publish_installed(self) -> None:
+        """While paused: tell the source through the area which slots it may reuse (it
+        cannot hear SlotFree: nobody carries them)."""
+        if self.spill is None or not self._unpublished:
+            return
+        refs = [SlotRef(s, self._installed[s]) for s in sorted(self._unpublished)]
+        try:
+            await trio.to_thread.run_sync(self.spill.mark_installed, refs)
+        except OSError as exc:
+            log.warning("cannot write %s/installed (%s): the source cannot reuse slots while "
+                        "it is cut off", self.spill.path, exc.strerror or exc)
+            return
+        self._unpublished.clear()
+
     def _want(self, lf: LazyFile, blocks: list[int]) -> None:
         if self.source_lost:
             self._give_up(lf, blocks)
@@ -233,7 +256,7 @@ class Postcopy:
                     self.counts.pages_via_spill += 1
             elif lf.refs.get(b) == ref:  # installed meanwhile: the slot is free anyway
                 del lf.refs[b]
-                self._freed.append((ref.slot, ref.generation))
+                self._free(ref)
 
     def _refused(self, lf: LazyFile, block: int, ref: SlotRef) -> None:
         """A slot read that failed its checks: never used; the block is fetched instead."""
@@ -264,7 +287,7 @@ class Postcopy:
             self.counts.refs_received += 1
             ref = SlotRef(slot, gen)
             if not lf.absent.is_absent(block):
-                self._freed.append((slot, gen))  # fetched already: free at once
+                self._free(ref)  # fetched already: free at once
                 continue
             lf.refs[block] = ref
             self._queue.append((file_id, block))
@@ -380,6 +403,7 @@ class Postcopy:
             flushed = (await trio.to_thread.run_sync(self.spill.flushed)
                        if self.spill is not None else None)
             await self._adopt_from_headers()  # after reading the marker: it covers this scan
+            await self._publish_installed()
             if self.done:
                 break
             if self.spill is None or flushed is not None:
@@ -387,6 +411,7 @@ class Postcopy:
                              if self.spill is not None else "there is no spill area")
                 break
             await trio.sleep(interval)
+        await self._publish_installed()
 
     def give_up(self, why: str) -> int:
         """Every block still absent is missing for good (reads of it fail with EIO).
@@ -429,8 +454,7 @@ class Postcopy:
                 key = (file_id, b)
                 if not lf.absent.is_absent(b) or key in self._pending or b not in lf.refs:
                     if not lf.absent.is_absent(b) and b in lf.refs:
-                        ref = lf.refs.pop(b)
-                        self._freed.append((ref.slot, ref.generation))
+                        self._free(lf.refs.pop(b))
                     continue
                 self._pending[key] = trio.Event()
                 batch.append(key)

@@ -36,6 +36,10 @@ FLAG_FREE = 2  # the destination installed that page: reusable, content kept
 SPILL_VERSION = 1
 MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME = "manifest.json", "headers", "slots"
 FLUSHED_NAME = "flushed.json"  # written by the source once every page is in (mark_flushed)
+# The one file the destination writes: per slot (u64 LE), the generation of the page it last
+# installed from it, so a source cut off from the destination can still reuse those slots.
+INSTALLED_NAME = "installed"
+_GEN = struct.Struct("<Q")
 MAX_SLOTS = 1 << 24
 
 
@@ -200,6 +204,7 @@ class SpillArea:
         self.block_size: int = manifest["block_size"]
         self.nslots: int = manifest["slots"]
         mode = os.O_RDWR if writable else os.O_RDONLY
+        self._ifd: int | None = None  # the installed file, opened by the first mark_installed
         self._hfd = os.open(os.path.join(path, HEADERS_NAME), mode | os.O_CLOEXEC)
         try:
             self._sfd = os.open(os.path.join(path, SLOTS_NAME), mode | os.O_CLOEXEC)
@@ -223,13 +228,14 @@ class SpillArea:
             raise SpillError(f"--spill-slots must be 1..{MAX_SLOTS}, not {nslots}")
         try:
             os.makedirs(path, exist_ok=True)
-            for name in (MANIFEST_NAME, FLUSHED_NAME, HEADERS_NAME, SLOTS_NAME):
+            for name in (MANIFEST_NAME, FLUSHED_NAME, HEADERS_NAME, SLOTS_NAME, INSTALLED_NAME):
                 try:
                     os.unlink(os.path.join(path, name))
                 except FileNotFoundError:
                     pass
             for name, size in ((HEADERS_NAME, nslots * HEADER_SIZE),
-                               (SLOTS_NAME, nslots * block_size)):
+                               (SLOTS_NAME, nslots * block_size),
+                               (INSTALLED_NAME, nslots * _GEN.size)):
                 fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT | os.O_EXCL
                              | os.O_CLOEXEC, 0o600)
                 try:
@@ -284,7 +290,9 @@ class SpillArea:
             raise SpillError(f"cannot open the spill area in {path}: {exc.strerror}") from None
 
     def close(self) -> None:
-        for fd in (self._hfd, self._sfd):
+        for fd in (self._hfd, self._sfd, self._ifd):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -343,7 +351,27 @@ class SpillArea:
         pages = doc.get("pages")
         return pages if type(pages) is int and pages >= 0 else None
 
+    def installed(self) -> list[int]:
+        """Per slot, the generation the destination last installed from it (0: none)."""
+        try:
+            with open(os.path.join(self.path, INSTALLED_NAME), "rb") as f:
+                raw = f.read(self.nslots * _GEN.size)
+        except FileNotFoundError:
+            return [0] * self.nslots
+        gens = [g for (g,) in _GEN.iter_unpack(raw[: len(raw) // _GEN.size * _GEN.size])]
+        return gens + [0] * (self.nslots - len(gens))
+
     # -- reader (destination, operator) ---------------------------------------------
+
+    def mark_installed(self, refs: Iterable[SlotRef]) -> None:
+        """The destination installed these slots' pages: the source may reuse them even
+        when it cannot hear the destination (the one write of the area's reader)."""
+        if self._ifd is None:
+            self._ifd = os.open(os.path.join(self.path, INSTALLED_NAME),
+                                os.O_WRONLY | os.O_CLOEXEC)
+        for ref in refs:
+            if 0 <= ref.slot < self.nslots:
+                os.pwrite(self._ifd, _GEN.pack(ref.generation), ref.slot * _GEN.size)
 
     def header(self, slot: int) -> SlotHeader:
         return SlotHeader.unpack(os.pread(self._hfd, HEADER_SIZE, slot * HEADER_SIZE))

@@ -19,6 +19,7 @@ slots the daemon freed (sent as SlotFree), until every block is installed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Extent = tuple[int, int]
 SPILL_BATCH = 64  # pages per SpillRefs frame (and per thread hop of the writer)
+RECLAIM_POLL = 0.5  # s between reads of the area's installed file while cut off
 MEMORY_SUFFIXES = (".mem", ".ram")
 
 
@@ -224,6 +226,7 @@ class SourcePostcopy:
         # marked flushed, a page not in it is taken for lost there.
         sent = 0
         t0 = time.monotonic()
+        stuck_since: float | None = None  # cut off, and no slot to reuse since then
         while self.todo:
             batch: list[tuple[SlotRef, int, int]] = []
             while self.todo and len(batch) < SPILL_BATCH:
@@ -233,13 +236,20 @@ class SourcePostcopy:
                     break
                 self.todo.popleft()
                 batch.append((ref, fid, b))
-            if not batch:
-                if self.link_lost and not self.reconnecting:
-                    raise MigrationError(
-                        f"{len(self.todo)} pages could not be spilled: every slot holds a page "
-                        "the destination has not confirmed, and it is out of reach")
-                self._freed = trio.Event()  # every slot holds a page not installed yet
-                await self._freed.wait()
+            if not batch:  # every slot holds a page not confirmed installed yet
+                if self.link_lost:
+                    if await self._reclaim_installed():
+                        stuck_since = None
+                        continue
+                    stuck_since = stuck_since or time.monotonic()
+                    if (not self.reconnecting
+                            and time.monotonic() - stuck_since > self.ch.io_timeout):
+                        raise MigrationError(
+                            f"{len(self.todo)} pages could not be spilled: every slot holds a "
+                            "page the destination has not confirmed, and it is out of reach")
+                self._freed = trio.Event()
+                with trio.move_on_after(RECLAIM_POLL if self.link_lost else math.inf):
+                    await self._freed.wait()
                 continue
             if self.spill_rate:  # token bucket, as on the link: this batch's bytes first
                 ahead = (sent + len(batch)) * self.bs / self.spill_rate - (time.monotonic() - t0)
@@ -268,6 +278,23 @@ class SourcePostcopy:
         if self.on_flushed is not None:
             self.on_flushed(sent)
         await self._tell(p.SpillFlushed(sent))
+
+    async def _reclaim_installed(self) -> int:
+        """Cut off from the destination: the slots its daemon says (in the area) it
+        installed are free again. Returns how many."""
+        try:
+            gens = await trio.to_thread.run_sync(self.spill.installed)
+        except OSError:
+            return 0
+        n = 0
+        for ref in self.alloc.in_use():
+            h = self.headers.get(ref.slot)
+            if gens[ref.slot] == ref.generation and h is not None and self.alloc.release(ref):
+                self.spill.mark_free(ref, h)
+                n += 1
+        if n:
+            log.info("cut off from the destination: %d slots it installed are reused", n)
+        return n
 
     async def _tell(self, event: p.Event) -> None:
         """Tell the destination, unless it is out of reach: the spill area says it too."""

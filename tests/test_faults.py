@@ -465,3 +465,64 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
             if pid and proc_state(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
         vm.wait()
+
+
+def test_a_source_cut_off_in_postcopy_reuses_the_slots_the_lone_daemon_installed(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path) -> None:
+    """Far fewer slots than pages, and serve killed for good while the source spills: no
+    SlotFree can reach the source, yet every page gets in (the paused daemon says in the
+    area which slots it installed), the area is marked flushed, and the destination
+    completes alone."""
+    src, dst = hosts
+    subprocess.run([*SIMVM, "create", str(src.mnt), "--unit", "65536", "--disk-size", "8M",
+                    "--mem-size", "4M"], check=True, capture_output=True)
+    vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "20", "--mem-share", "0.9"],
+                          stdout=subprocess.DEVNULL)
+    pidfile, status = tmp_path / "dest-vm.pid", tmp_path / "status.json"
+    hook = (f"{' '.join(SIMVM)} run \"$MIGRATOR_MOUNT\" --resume --rate 2 --seconds 60 "
+            f">/dev/null 2>&1 & echo $! > {pidfile}")
+    s = Server(dst, key, "--resume-cmd", hook, "--io-timeout", "3")
+    servers.append(s)
+    dest_vm = 0
+    try:
+        time.sleep(1.0)
+        m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                              f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
+                              f"pid:{vm.pid}", "--io-timeout", "3", "--status-file",
+                              str(status), "--postcopy", "--spill", str(tmp_path / "spill"),
+                              "--spill-slots", "8", "--spill-bandwidth", "1",
+                              "disk.raw", "vm.mem"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != ""
+                 and read_json(status).get("phase") == "post-copy", 60, "post-copy")
+        dest_vm = int(pidfile.read_text())
+        s.proc.kill()
+        out, err = m.communicate(timeout=120)
+        assert "Traceback" not in out + err, out + err
+        assert "spill flushed" in out + err, out + err  # every page got in
+        assert m.returncode == 1 and "migrator resolve" in err, err
+        st = json.loads(subprocess.run([sys.executable, "-m", "blkfs.cli", "spill",
+                                        str(dst.mnt), "--json"], capture_output=True,
+                                       text=True, timeout=30).stdout)
+        assert st["slots"] == 8
+        wait_for(lambda: json.loads(subprocess.run(
+            [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
+            capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
+            "the destination to complete alone")
+        s2 = Server(dst, key)
+        servers.append(s2)
+        r = subprocess.run([*MIGRATOR, "resolve", "--mount", str(src.mnt), "--to",
+                            f"127.0.0.1:{s2.port}", "--key-file", str(key)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "owner" in r.stdout, r.stdout + r.stderr
+        wait_for(lambda: proc_state(vm.pid) is None, 10, "the source VM to be retired")
+        assert running(dest_vm)
+        os.kill(dest_vm, signal.SIGTERM)
+        wait_for(lambda: proc_state(dest_vm) is None, 10, "the destination VM to stop")
+        chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True, text=True)
+        assert chk.returncode == 0, chk.stdout + chk.stderr
+    finally:
+        for pid in (vm.pid, dest_vm):
+            if pid and proc_state(pid) is not None:
+                os.kill(pid, signal.SIGKILL)
+        vm.wait()

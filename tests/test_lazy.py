@@ -195,3 +195,27 @@ async def test_report_counts_faults(setup) -> None:
     assert r.demand_faults == 1 and r.remaining == 0 and pc.done
     assert r.demand_fault_p99_ms >= r.demand_fault_p50_ms >= 0
     assert sorted(pc.digests())[0][:2] == (0, 2)
+
+
+async def test_a_paused_postcopy_tells_a_cut_off_source_which_slots_it_may_reuse(
+        setup) -> None:
+    """Four slots, and nobody to carry SlotFree: the installed file in the area says which
+    generations were installed, so the source can reuse exactly those slots."""
+    pc, lf, area, alloc = setup
+    assert pc.orphan("its migrator went away")
+    refs = {}
+    for b in (2, 3, 4, 5):
+        ref = alloc.allocate()
+        assert ref is not None
+        area.put(ref, 0, b, final(b))
+        refs[b] = ref
+    assert area.installed() == [0, 0, 0, 0]
+    async with trio.open_nursery() as n:
+        n.start_soon(pc.adopt_until_settled, 0.1)
+        with trio.fail_after(5):
+            while pc.remaining:
+                await trio.sleep(0.05)
+        n.cancel_scope.cancel()
+    assert await trio.to_thread.run_sync(area.installed) == [
+        refs[b].generation for b in (2, 3, 4, 5)]
+    assert all(content(lf, b) == final(b) for b in (2, 3, 4, 5))

@@ -488,3 +488,18 @@ def test_a_writer_between_the_two_header_reads(tmp_path, writer: str) -> None:
     finally:
         reader.close()
         area.close()
+
+
+def test_the_installed_file_is_the_destinations_word_per_slot(tmp_path) -> None:
+    from blkfs.spill import SlotRef, SpillArea
+
+    area = SpillArea.create(str(tmp_path / "spill"), "m1", 4096, 3, {0: "vm.mem"})
+    reader = SpillArea.open(str(tmp_path / "spill"), "m1")
+    assert area.installed() == [0, 0, 0]
+    reader.mark_installed([SlotRef(2, 5), SlotRef(0, 1), SlotRef(9, 1)])  # (9: not a slot)
+    assert area.installed() == [1, 0, 5]
+    reader.close()
+    area.close()
+    again = SpillArea.create(str(tmp_path / "spill"), "m2", 4096, 3, {0: "vm.mem"})
+    assert again.installed() == [0, 0, 0]  # a new migration's area forgets the old word
+    again.close()
