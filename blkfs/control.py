@@ -278,7 +278,7 @@ class Controller:
         if self.claim is None or self.claim[0] is not conn:
             raise ControlError("lazy_reattach: claim the mount on this connection first")
         pc.reattach()
-        return cp.Reattached(pc.remaining, pc.source_lost)
+        return cp.Reattached(pc.remaining, pc.given_up)
 
     def op_claim(self, req: cp.Claim, conn: Connection) -> cp.Claimed:
         if self.claim is not None and self.claim[0] is not conn:

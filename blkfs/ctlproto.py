@@ -288,7 +288,7 @@ class News:
     freed: tuple[tuple[int, int], ...] = ()  # (slot, generation)
     remaining: int = 0
     done: bool = False
-    source_lost: bool = False
+    given_up: bool = False  # blocks still absent will never come (missing: EIO)
     missing: tuple[tuple[str, int], ...] = ()  # (file, block), the first MAX_LISTED
     missing_count: int = 0
 

@@ -95,7 +95,7 @@ class Postcopy:
         self._queue_ready = trio.Event()
         self._news = trio.Event()
         self._drain_lock = trio.Lock()  # one drain at a time: a batch in flight is finished
-        self.source_lost = False  # no one will fetch: absent blocks not in the spill are missing
+        self.given_up = False  # no one will fetch: absent blocks not in the spill are missing
         self.paused: str | None = None  # why nobody fetches for us now (see orphan)
         self.started = time.monotonic()
         self.finished_at: float | None = None
@@ -219,7 +219,7 @@ class Postcopy:
         self._unpublished.clear()
 
     def _want(self, lf: LazyFile, blocks: list[int]) -> None:
-        if self.source_lost:
+        if self.given_up:
             self._give_up(lf, blocks)
             return
         self._wanted.extend((lf.file_id, b) for b in blocks)
@@ -313,7 +313,7 @@ class Postcopy:
         freed, self._freed = self._freed, []
         self._news = trio.Event()
         return News(wanted=tuple(wanted), freed=tuple(freed), remaining=self.remaining,
-                    done=self.done, source_lost=self.source_lost,
+                    done=self.done, given_up=self.given_up,
                     missing=tuple(self.missing()[:MAX_LISTED]),
                     missing_count=sum(len(lf.missing) for lf in self.files.values()))
 
@@ -389,7 +389,7 @@ class Postcopy:
             log.info("post-copy %s resumed after a pause (%s); %d blocks absent",
                      self.migration, self.paused, self.remaining)
         self.paused = None
-        if not self.source_lost:
+        if not self.given_up:
             wanted = set(self._wanted)
             self._wanted.extend(k for k in self._pending if k not in wanted)
         self._notify()
@@ -426,7 +426,7 @@ class Postcopy:
             first = self.missing()[0]
             log.error("post-copy %s: %d blocks missing (%s; first: %s block %d)",
                       self.migration, n, why, *first)
-        self.source_lost = True
+        self.given_up = True
         self._notify()
         return n
 
@@ -526,7 +526,7 @@ class LazyMode:
                     ) -> Postcopy:
         """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
         if (self.current is not None and not self.current.done
-                and not self.current.source_lost):
+                and not self.current.given_up):
             raise LazyError(f"post-copy {self.current.migration} is still running here "
                             f"({self.current.remaining} blocks absent; see blkfs spill)")
         if block_size != 1 << self.shift:
