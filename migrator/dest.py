@@ -149,9 +149,11 @@ class DestSession:
             self._save_state(owner=False, status="refused", error=str(exc))
             raise
         log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
-        self.resumed.set()  # the VM runs here now, whatever happens to the source
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
-        await self.ch.send(p.Resumed(ms))
+        try:
+            await self.ch.send(p.Resumed(ms))  # first: what waits for `resumed` is not downtime
+        finally:
+            self.resumed.set()  # the VM runs here now, whatever happens to the source
 
     async def _save_digests_soon(self) -> None:
         """From Commit: once the VM runs, or after DIGEST_LOG_DELAY if its start takes longer
