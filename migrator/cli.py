@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overwrite files that belong to a VM which runs on this host (its "
                    "record says so); without it such a migration is refused")
     s.add_argument("--once", action="store_true",
-                   help="exit after one migration (status 0 only if it completed)")
+                   help="exit after one migration (status 0 only if it completed); if its "
+                   "source was lost after the handoff, first wait --io-timeout for it to "
+                   "reattach")
     s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer sends or takes nothing for S seconds (default 60)")
     s.add_argument("--spill", metavar="DIR",

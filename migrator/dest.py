@@ -36,7 +36,7 @@ from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
 from .stores import DestFiles, MountDest
-from .transport import IO_TIMEOUT, Channel, MigrationError, PeerAborted, leaf
+from .transport import IO_TIMEOUT, STILL_RUNNING, Channel, MigrationError, PeerAborted, leaf
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class SessionOutcome:
 
     completed: bool
     text: str
+    # The VM runs here and its source may reattach to finish (verify, fetch): a `--once`
+    # serve waits for that a while before it exits.
+    awaiting: bool = False
 
 
 class DestSession:
@@ -403,7 +406,7 @@ class DestSession:
         self.waiting_for_source = None
         if scope.cancelled_caught:
             return SessionOutcome(False, f"source lost ({why}); it came back and goes on in a "
-                                  "new session")
+                                  "new session", awaiting=True)
         self._merge_digests()
         n = news.missing_count
         if self.pc.stats is not None:
@@ -413,7 +416,7 @@ class DestSession:
                              verified="post-copy pages checked against the spill hashes; the "
                              f"source was lost before the final digests ({why})")
             return SessionOutcome(True, f"source lost ({why}); completed from the spill area "
-                                  f"alone ({found} pages found there at once)")
+                                  f"alone ({found} pages found there at once)", awaiting=True)
         if n == 0:
             self._save_state(postcopy_paused=f"source lost ({why}); {news.remaining} blocks "
                              "absent, installed as they reach the spill area")
@@ -421,7 +424,7 @@ class DestSession:
                                   f"{news.remaining} blocks absent; the blkfs daemon installs "
                                   "them as they reach the spill area, and their readers wait "
                                   f"meanwhile (blkfs spill {self.mount}); if they never will: "
-                                  f"blkfs spill {self.mount} --give-up")
+                                  f"blkfs spill {self.mount} --give-up", awaiting=True)
         shown = ", ".join(f"{rel} block {b}" for rel, b in news.missing[:10])
         more = f" (+{n - 10} more)" if n > 10 else ""
         self._save_state(status="incomplete", error=f"source lost ({why})",
@@ -533,6 +536,7 @@ class Sessions:
     def __init__(self) -> None:
         self.lock = trio.Lock()
         self.current: DestSession | None = None
+        self.started = 0  # sessions that took the lock so far
 
     def busy_for(self, first: object) -> bool:
         """Whether a peer whose first frame is `first` must be refused as busy; a Reattach of
@@ -565,11 +569,15 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
     if sessions.busy_for(first):
         log.info("refused %s: busy with another migration", peer)
         session.store.close()
-        await ch.abort("the destination is busy with another migration")
+        cur = sessions.current
+        same = (isinstance(first, p.Reattach) and cur is not None
+                and cur.state.get("migration") == first.migration)
+        await ch.abort(STILL_RUNNING if same else "the destination is busy with another migration")
         await ch.aclose()
         return SessionOutcome(False, "")
     async with sessions.lock:
         sessions.current = session
+        sessions.started += 1
         try:
             state = await session.run(peer, first)
             if session.answered is not None:
@@ -640,7 +648,8 @@ async def _failed(session: DestSession, peer: str, msg: str,
             out = await session.finish_without_source(msg)
         except (MigrationError, OSError) as exc2:
             out = SessionOutcome(False, f"{msg}; and completing from the spill failed: {exc2}")
-        return SessionOutcome(out.completed, f"migration from {peer}: {out.text}")
+        return SessionOutcome(out.completed, f"migration from {peer}: {out.text}",
+                              awaiting=out.awaiting)
     try:
         session._save_state(error=f"verification did not finish: {msg}")
     except OSError as exc2:
@@ -649,7 +658,7 @@ async def _failed(session: DestSession, peer: str, msg: str,
     return SessionOutcome(False, f"migration {mid} from {peer}: the VM runs here, but the "
                           f"source went before verification ({msg}); it holds its copy "
                           "suspended, and reconnects within its io timeout to finish, or "
-                          "'migrator resolve' there settles it")
+                          "'migrator resolve' there settles it", awaiting=True)
 
 
 def unfinished_here(store: DestFiles) -> str | None:
@@ -689,22 +698,28 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     task_status.started(listeners[0].socket.getsockname()[1])
     completed = False
 
-    async def one(stream: trio.SocketStream) -> bool:
+    async def one(stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        nonlocal completed
         outcome = await serve_one(stream, opts, sessions, _peer(stream))
         if outcome.text:
             opts.say(outcome.text)
-        return outcome.completed
+        if not once or not outcome.text:  # (a refusal as busy ends nothing)
+            return
+        completed = outcome.completed
+        if not outcome.awaiting:
+            nursery.cancel_scope.cancel()
+            return
+        # The source may reattach to finish: keep the door open a while for it.
+        started = sessions.started
+        await trio.sleep(opts.io_timeout)
+        if sessions.started == started and sessions.current is None:
+            nursery.cancel_scope.cancel()
 
     async def accept_loop(ln: trio.SocketListener, nursery: trio.Nursery) -> None:
-        nonlocal completed
         async with ln:
             while True:
                 stream = await ln.accept()
-                if once:
-                    completed = await one(stream)
-                    nursery.cancel_scope.cancel()
-                    return
-                nursery.start_soon(one, stream)
+                nursery.start_soon(one, stream, nursery)
 
     async with trio.open_nursery() as nursery:
         for ln in listeners:

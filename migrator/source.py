@@ -56,6 +56,7 @@ from .report import MigrationReport, Progress
 from .stores import BlkfsSource, SourceFiles
 from .transport import (
     IO_TIMEOUT,
+    STILL_RUNNING,
     Channel,
     MigrationError,
     NotOwner,
@@ -68,6 +69,7 @@ from .vm import AdapterError, VMAdapter
 Extent = tuple[int, int]
 CONNECT_TIMEOUT = 10.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.25, 4.0  # s between reattach attempts: doubling, capped
+REATTACH_PATIENCE = 10  # io timeouts at most, while the destination says it is still busy
 FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
 THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
 
@@ -414,7 +416,8 @@ class Source:
                           f"{self.opts.to} for up to {timeout:g} s")
         if self.ch is not None:
             await self.ch.aclose()
-        deadline = trio.current_time() + timeout
+        start = trio.current_time()
+        deadline = start + timeout
         delay, last = RECONNECT_FIRST, why
         while True:
             with trio.move_on_after(max(0.0, deadline - trio.current_time())):
@@ -427,9 +430,13 @@ class Source:
                     raise
                 except MigrationError as exc:
                     last = str(exc)
-            if trio.current_time() + delay >= deadline:
+                    if STILL_RUNNING in last:  # alive, and busy with this very migration
+                        deadline = min(trio.current_time() + timeout,
+                                       start + REATTACH_PATIENCE * timeout)
+            left = deadline - trio.current_time()
+            if left <= 0:
                 raise MigrationError(f"{why}; reconnecting for {timeout:g} s failed: {last}")
-            await trio.sleep(delay)
+            await trio.sleep(min(delay, left))  # the last try at the deadline itself
             delay = min(2 * delay, RECONNECT_MAX)
 
     async def _reattach_once(self) -> None:

@@ -143,7 +143,8 @@ def test_postcopy_reader_sees_only_final_pages(hosts: tuple[Mount, Mount], key: 
                            capture_output=True, text=True, check=True)
     info = json.loads(spill.stdout)
     assert info["slots"] == 8 and info["in_use"] == 0 and info["postcopy"]["remaining"] == 0
-    assert sorted(os.listdir(dst.mnt / ".spill")) == ["headers", "installed", "manifest.json", "slots"]
+    assert sorted(os.listdir(dst.mnt / ".spill")) == ["headers", "installed", "manifest.json",
+                                                      "slots"]
     with pytest.raises(OSError) as e:
         (dst.mnt / ".spill" / "slots").write_bytes(b"x")
     assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
