@@ -189,15 +189,21 @@ class Source:
 
         async def reader() -> None:
             async with tx:
-                for first, count in todo:
-                    if clear:  # initial copy: writes that came before this read need no resend
-                        store.clear(f.file_id, [(first, count)])
-                    n = count * bs
-                    if n >= THREAD_READ:
-                        data = await self.hooks.run_sync(store.read, f.file_id, first * bs, n)
-                    else:  # a thread hop costs more than a small page-cache read
-                        data = store.read(f.file_id, first * bs, n)
-                    await tx.send((first, data))
+                try:
+                    await read_all()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the sender stopped (its error is the one to report)
+
+        async def read_all() -> None:
+            for first, count in todo:
+                if clear:  # initial copy: writes that came before this read need no resend
+                    store.clear(f.file_id, [(first, count)])
+                n = count * bs
+                if n >= THREAD_READ:
+                    data = await self.hooks.run_sync(store.read, f.file_id, first * bs, n)
+                else:  # a thread hop costs more than a small page-cache read
+                    data = store.read(f.file_id, first * bs, n)
+                await tx.send((first, data))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)

@@ -405,6 +405,9 @@ class MountDest:
             name = self.names[file_id]
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise MigrationError(f"destination disk full writing {name}") from None
+            if exc.errno == errno.ENOTCONN:
+                raise MigrationError(f"the destination's blkfs daemon of {self.mount} is gone "
+                                     f"(writing {name}): mount it again") from None
             raise MigrationError(f"cannot write {name}: {exc.strerror}") from None
 
     def resize(self, file_id: int, size: int) -> None:

@@ -224,6 +224,7 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
         out, err = m.communicate(timeout=90)
         sout = "" if s.proc.poll() is not None and fault == "kill9-serve" else s.finish(90)[1]
         assert "Traceback" not in out + err + sout, out + err + sout
+        assert "internal error" not in err + sout, err + sout  # the real error, not trio's
         if m.returncode not in (0, -signal.SIGKILL):  # one line says what is wrong
             assert len([ln for ln in err.splitlines() if " error: " in ln]) == 1, err
         # -- at most one VM runs -------------------------------------------------------------
