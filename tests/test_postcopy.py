@@ -159,7 +159,8 @@ def test_source_killed_after_spill_flush_dest_completes(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
         vm: subprocess.Popen[bytes]) -> None:
     src, dst = hosts
-    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume())
+    # (--once waits its io timeout for the source to reattach before it exits)
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5")
     servers.append(s)
     m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
                   "--spill-bandwidth", "50")
@@ -185,7 +186,7 @@ def test_source_killed_before_spill_flush_dest_waits_then_gives_up_on_request(
     never come, so their readers wait (post-copy is paused, and says so) and the mount will
     not unmount; once a person gives them up, they are errors, never zeros or stale bytes."""
     src, dst = hosts
-    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume())
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5")
     servers.append(s)
     # 2 slots and a frozen destination: the source cannot get every page into the spill.
     m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
