@@ -37,6 +37,7 @@ from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
 from .stores import DestFiles, MountDest
 from .transport import IO_TIMEOUT, STILL_RUNNING, Channel, MigrationError, PeerAborted, leaf
+from .zeros import zero_digest
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,15 @@ class VerificationFailed(MigrationError):
 class _File:
     entry: p.FileEntry
     size: int
-    digests: dict[int, int] = field(default_factory=dict)
+    digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was written
+    zero: bytearray = field(default_factory=bytearray)  # 1 per block received as a Zero run
     verified: int = 0
+
+    def digest(self, block: int, bs: int) -> int | None:
+        d = self.digests.get(block)
+        if d is None and block < len(self.zero) and self.zero[block]:
+            return zero_digest(max(0, min(bs, self.size - block * bs)))
+        return d
 
 
 @dataclass
@@ -172,7 +180,7 @@ class DestSession:
             return  # (a reattached session holds only what the log gave it, or less)
         self.digests_saved = True
         blob = digestlog.encode(self.state["migration"], self.block_size,
-                                {fid: f.digests for fid, f in self.files.items()})
+                                {fid: self._all_digests(f) for fid, f in self.files.items()})
         t = time.monotonic()
         try:
             await self.store.write_digests(blob)
@@ -181,6 +189,17 @@ class DestSession:
                       "verify the pre-copied blocks)", self.mount, exc.strerror or exc)
             return
         log.info("digest log: %d bytes in %.1f ms", len(blob), (time.monotonic() - t) * 1000)
+
+    def _all_digests(self, f: _File) -> dict[int, int]:
+        if not f.zero or not f.zero.count(1):
+            return f.digests
+        bs = self.block_size
+        out = dict(f.digests)
+        i = f.zero.find(1)
+        while i >= 0:
+            out[i] = zero_digest(max(0, min(bs, f.size - i * bs)))
+            i = f.zero.find(1, i + 1)
+        return out
 
     def _load_digests(self) -> None:
         """A reattached session: the digests the broken one wrote down."""
@@ -208,7 +227,27 @@ class DestSession:
         h = xxhash.xxh3_64_intdigest
         for i in range(0, len(mv), bs):
             f.digests[ev.first_block + i // bs] = h(mv[i:i + bs])
-        self.blocks_written += (len(mv) + bs - 1) // bs
+        n = (len(mv) + bs - 1) // bs
+        if f.zero:
+            f.zero[ev.first_block:ev.first_block + n] = bytes(n)
+        self.blocks_written += n
+
+    def write_zero(self, ev: p.Zero) -> None:
+        """All-zero blocks: nothing is written where the file is still a fresh hole here;
+        over data it wrote, or in a file that existed, they are zeroed (store.zero)."""
+        f = self.files[ev.file_id]
+        bs = self.block_size
+        first, n = ev.first_block, ev.count
+        nblocks = -(-f.size // bs)
+        if len(f.zero) < nblocks:
+            f.zero.extend(bytes(nblocks - len(f.zero)))
+        written = [b for b in range(first, first + n) if b in f.digests] if f.digests else []
+        if written or not self.store.fresh(ev.file_id):
+            self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
+        for b in written:
+            del f.digests[b]
+        f.zero[first:first + n] = b"\x01" * n
+        self.blocks_written += n
 
     def resize(self, ev: p.Resize) -> None:
         f = self.files[ev.file_id]
@@ -219,6 +258,9 @@ class DestSession:
             del f.digests[b]
         if ev.size % self.block_size and nblocks - 1 in f.digests:
             del f.digests[nblocks - 1]  # its tail changed: the source resends it
+        del f.zero[nblocks:]
+        if ev.size % self.block_size and len(f.zero) == nblocks:
+            f.zero[nblocks - 1] = 0
 
     def _mismatch(self, text: str) -> None:
         self.mismatch_count += 1
@@ -229,7 +271,7 @@ class DestSession:
         f = self.files[ev.file_id]
         for i, d in enumerate(ev.digests):
             b = ev.first_block + i
-            mine = f.digests.get(b)
+            mine = f.digest(b, self.block_size)
             if mine is None and self.reattached and not self.digests_saved:
                 self.unchecked += 1
             elif mine != d:
@@ -455,6 +497,8 @@ class DestSession:
                 await trio.to_thread.run_sync(self.write_blocks, ev)
             else:  # a thread hop costs more than a small write
                 self.write_blocks(ev)
+        elif isinstance(ev, p.Zero):
+            self.write_zero(ev)
         elif isinstance(ev, p.Resize):
             self.resize(ev)
         elif isinstance(ev, p.DeviceState):

@@ -78,7 +78,8 @@ from blkfs.ctlproto import ControlError, PostcopyStats, conform
 from blkfs.spill import REF as _REF
 from blkfs.spill import pack_refs, unpack_refs
 
-PROTOCOL_VERSION = 2  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer)
+PROTOCOL_VERSION = 3  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
+# 3: Reattach, Zero
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 MAX_FRAME = HEADER.size + MAX_PAYLOAD  # the most unparsed input a peer can make us hold
@@ -171,6 +172,17 @@ class Blocks:
     file_id: int
     first_block: int
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Zero:
+    """A run of blocks that are all zeros (holes, zero pages): sent as a few bytes, never
+    read twice; the destination leaves them unwritten where they are fresh, else punches
+    them. The last block of a file counts whole (its tail beyond the size is no data)."""
+
+    file_id: int
+    first_block: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +373,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
-    | Reattach
+    | Reattach | Zero
 )
 
 
@@ -395,6 +407,7 @@ class FrameType(enum.IntEnum):
     QUERY = 25
     ANSWER = 26
     REATTACH = 27
+    ZERO = 28
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -408,7 +421,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.SPILL_FLUSHED: SpillFlushed, FrameType.FETCH: Fetch,
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
-    FrameType.REATTACH: Reattach,
+    FrameType.REATTACH: Reattach, FrameType.ZERO: Zero,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -464,6 +477,9 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.REATTACH, DEST, Answer): State.CLOSED,  # owner: POSTCOPY or VERIFYING (_apply)
     (State.READY, DEST, Ready): State.COPYING,
     (State.COPYING, SOURCE, Blocks): State.COPYING,
+    (State.COPYING, SOURCE, Zero): State.COPYING,
+    (State.ROUND_END, SOURCE, Zero): State.ROUND_END,
+    (State.SWITCHOVER, SOURCE, Zero): State.SWITCHOVER,
     (State.COPYING, SOURCE, Resize): State.COPYING,
     (State.COPYING, SOURCE, RoundDone): State.ROUND_END,
     (State.ROUND_END, SOURCE, Blocks): State.ROUND_END,
@@ -683,6 +699,10 @@ def check_event(event: Event) -> None:
             _int(event.epoch, 0, _MAX_COUNT, "Commit.epoch")
         case Query():
             _text(event.migration, 64, "Query.migration")
+        case Zero():
+            _int(event.file_id, 0, _U32, "Zero.file_id")
+            _int(event.first_block, 0, _U64, "Zero.first_block")
+            _int(event.count, 1, _U64, "Zero.count")
         case Reattach():
             _text(event.migration, 64, "Reattach.migration")
             _int(event.epoch, 0, _MAX_COUNT, "Reattach.epoch")
@@ -1093,6 +1113,11 @@ class Connection:
                                         f"blocks of {bs}, nor the tail of the file")
             case Resize():
                 self._size_of(event.file_id, lie)
+            case Zero():
+                nblocks = self._nblocks(event.file_id, lie)
+                if event.first_block + event.count > nblocks:
+                    raise ProtocolError(f"{lie}: Zero run {event.first_block}+{event.count} of "
+                                        f"file {event.file_id} is outside its {nblocks} blocks")
             case Digests():
                 size, bs = self._size_of(event.file_id, lie), self._block_size()
                 nblocks, stop = -(-size // bs), event.first_block + len(event.digests)

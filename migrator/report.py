@@ -66,6 +66,9 @@ class MigrationReport:
     data_bytes: int = 0  # size of the migrated files
     blocks_sent: int = 0
     bytes_by_file: dict[str, int] = field(default_factory=dict)  # block data over the link
+    # Bytes of blocks by how they travelled: normal (as data), zero (all-zero blocks, as
+    # Zero runs), hole (holes of the source's files: never read, sent as Zero runs)
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
     spill_bytes: int = 0  # post-copy pages written into the spill area
     static_blocks: int = 0
     dynamic_blocks: int = 0

@@ -65,6 +65,7 @@ from .transport import (
     parse_hostport,
 )
 from .vm import AdapterError, VMAdapter
+from .zeros import hole_runs, zero_digest, zero_runs
 
 Extent = tuple[int, int]
 CONNECT_TIMEOUT = 10.0
@@ -185,7 +186,9 @@ class Source:
         todo = [(first, min(count, nblocks - first))
                 for first, count in batches(exts, FRAME_DATA // bs) if first < nblocks]
         blocks = nbytes = 0
-        tx, rx = trio.open_memory_channel[tuple[int, bytes]](2)
+        # (first block, data) to send as Blocks, or (first block, count) as Zero
+        tx, rx = trio.open_memory_channel[tuple[int, bytes | int]](2)
+        kinds = self.report.bytes_by_kind
 
         async def reader() -> None:
             async with tx:
@@ -194,21 +197,44 @@ class Source:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the sender stopped (its error is the one to report)
 
+        def read(first: int, count: int) -> list[tuple[int, bytes | int]]:
+            """Holes are not read; what is read, zero blocks of it travel as Zero runs."""
+            out: list[tuple[int, bytes | int]] = []
+            ranges = store.data_ranges(f.file_id, first * bs, (first + count) * bs)
+            for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
+                if hole:
+                    out.append((b0, n))
+                    kinds["hole"] = kinds.get("hole", 0) + min(n * bs, f.size - b0 * bs)
+                    continue
+                data = store.read(f.file_id, b0 * bs, n * bs)
+                for z0, zn, zero in zero_runs(data, bs, b0):
+                    if zero:
+                        out.append((z0, zn))
+                        kinds["zero"] = kinds.get("zero", 0) + min(zn * bs, len(data) - (
+                            z0 - b0) * bs)
+                    else:
+                        out.append((z0, data[(z0 - b0) * bs:(z0 - b0 + zn) * bs]))
+            return out
+
         async def read_all() -> None:
             for first, count in todo:
                 if clear:  # initial copy: writes that came before this read need no resend
                     store.clear(f.file_id, [(first, count)])
-                n = count * bs
-                if n >= THREAD_READ:
-                    data = await self.hooks.run_sync(store.read, f.file_id, first * bs, n)
+                if count * bs >= THREAD_READ:
+                    pieces = await self.hooks.run_sync(read, first, count)
                 else:  # a thread hop costs more than a small page-cache read
-                    data = store.read(f.file_id, first * bs, n)
-                await tx.send((first, data))
+                    pieces = read(first, count)
+                for piece in pieces:
+                    await tx.send(piece)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             async with rx:
                 async for first, data in rx:
+                    if isinstance(data, int):  # a zero run: a few bytes on the wire
+                        await ch.send(p.Zero(f.file_id, first, data))
+                        blocks += data
+                        continue
                     end = first * bs + len(data)
                     if len(data) % bs and end != f.size:
                         data = data[: len(data) // bs * bs]  # shrank meanwhile: resized later
@@ -217,6 +243,7 @@ class Source:
                     await ch.send(p.Blocks(f.file_id, first, data))
                     blocks += (len(data) + bs - 1) // bs
                     nbytes += len(data)
+                    kinds["normal"] = kinds.get("normal", 0) + len(data)
                     by_file = self.report.bytes_by_file
                     by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
                     self.progress.bytes_sent = self.report.bytes_sent = ch.bytes_sent
@@ -601,9 +628,16 @@ class Source:
             nblocks = (f.size + bs - 1) // bs
             for first in range(0, nblocks, 8192):
                 count = min(8192, nblocks - first)
-                data = memoryview(self._store.read(f.file_id, first * bs, count * bs))
-                digests = tuple(h(data[i:i + bs]) for i in range(0, len(data), bs))
-                await self.ch.send(p.Digests(f.file_id, first, digests))
+                digests: list[int] = []
+                ranges = self._store.data_ranges(f.file_id, first * bs, (first + count) * bs)
+                for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
+                    if hole:  # a constant: holes are never read twice (nor once)
+                        digests += [zero_digest(min(bs, f.size - b * bs))
+                                    for b in range(b0, b0 + n)]
+                        continue
+                    data = memoryview(self._store.read(f.file_id, b0 * bs, n * bs))
+                    digests += [h(data[i:i + bs]) for i in range(0, len(data), bs)]
+                await self.ch.send(p.Digests(f.file_id, first, tuple(digests)))
         await self.ch.send(p.VerifyDone())
         return await self.ch.expect(p.Verified)
 

@@ -40,6 +40,10 @@ class SourceFiles(Protocol):
         """Bytes as the VM wrote them (short at the end of the file)."""
         ...
 
+    def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
+        """The [start, end) byte ranges of data (not holes) within [start, end), sorted."""
+        ...
+
     def swap(self, file_id: int) -> list[Extent]:
         """End the file's epoch: the blocks written since the last swap."""
         ...
@@ -110,6 +114,15 @@ class DestFiles(Protocol):
 
     def write(self, file_id: int, offset: int, data: bytes) -> None: ...
 
+    def fresh(self, file_id: int) -> bool:
+        """The file was created empty by this migration: its unwritten blocks are holes."""
+        ...
+
+    def zero(self, file_id: int, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros (over data this migration wrote, or in a
+        file that existed)."""
+        ...
+
     def resize(self, file_id: int, size: int) -> None: ...
 
     async def sync(self) -> None:
@@ -173,6 +186,24 @@ class BlkfsSource:
 
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         return os.pread(self.fds[file_id], length, offset)
+
+    def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
+        fd, out, pos = self.fds[file_id], [], start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                    break
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                    return [(start, end)]
+                raise
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data, min(hole, end)))
+            pos = hole
+        return out
 
     def swap(self, file_id: int) -> list[Extent]:
         r = self._call(cp.Dirty(self.names[file_id], swap=True))
@@ -298,6 +329,7 @@ class MountDest:
         self.force = force  # overwrite the files of a VM that runs here
         self.fds: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self.fresh_ids: set[int] = set()  # files created empty by this migration
         self.client: ControlClient | None = None  # holds the mount's migration slot
         self.record = RecordFile(self.mount, DEST_RECORD)
 
@@ -396,6 +428,8 @@ class MountDest:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_DIRECT, 0o600)
             self.fds[f.file_id] = fd
             self.names[f.file_id] = f.name
+            if os.fstat(fd).st_size == 0:
+                self.fresh_ids.add(f.file_id)  # sparse at its size: zero runs stay unwritten
             os.ftruncate(fd, f.size)
 
     def write(self, file_id: int, offset: int, data: bytes) -> None:
@@ -409,6 +443,17 @@ class MountDest:
                 raise MigrationError(f"the destination's blkfs daemon of {self.mount} is gone "
                                      f"(writing {name}): mount it again") from None
             raise MigrationError(f"cannot write {name}: {exc.strerror}") from None
+
+    def fresh(self, file_id: int) -> bool:
+        return file_id in self.fresh_ids
+
+    def zero(self, file_id: int, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 8 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.write(file_id, offset, chunk[:n] if n < len(chunk) else chunk)
+            offset += n
 
     def resize(self, file_id: int, size: int) -> None:
         os.ftruncate(self.fds[file_id], size)

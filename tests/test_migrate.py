@@ -457,3 +457,43 @@ def test_network_cut_mid_copy(hosts: tuple[Mount, Mount], key: Path, servers: li
     st = state(dst)
     assert st is not None and st["status"] == "incomplete"
     assert_source_whole(src, before, idle_vm)
+
+
+@pytest.mark.slow
+def test_a_thin_disk_and_zero_memory_cost_what_they_hold(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        idle_vm: subprocess.Popen[bytes]) -> None:
+    """A 1 GiB sparse disk holding 16 MiB, a 64 MiB memory file of written zeros but for
+    4 MiB: holes are never read, zero blocks travel as Zero runs, and the destination stays
+    as thin as the source; everything is verified."""
+    src, dst = hosts
+    disk, mem = src.mnt / "disk.raw", src.mnt / "vm.mem"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 30)
+        for off in (0, 700 << 20, (1 << 30) - (4 << 20)):  # data at both ends and inside
+            f.seek(off)
+            f.write(os.urandom(8 << 20) if off == 0 else os.urandom(4 << 20)[: 4 << 20])
+    with open(mem, "wb") as f:
+        f.write(bytes(30 << 20) + os.urandom(4 << 20) + bytes(30 << 20))
+    before = {n: digest(src.mnt / n) for n in ("disk.raw", "vm.mem")}
+    s = Server(dst, key)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}",
+                "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert s.finish()[0] == 0
+    rep = json.loads(report.read_text())
+    assert rep["verified"]
+    kinds = rep["bytes_by_kind"]
+    print("\nthin:", {k: rep[k] for k in ("total_s", "initial_copy_s", "verify_s",
+                                          "bytes_sent", "downtime_ms")}, kinds)
+    assert kinds["hole"] > (1 << 30) - (32 << 20), kinds  # never read
+    assert kinds["zero"] >= 60 << 20, kinds  # read, and sent as Zero runs
+    assert rep["bytes_sent"] < 1.2 * (20 << 20), rep["bytes_sent"]  # ~ the data held
+    for n, d in before.items():
+        assert digest(dst.mnt / n) == d
+    src_alloc = sum(os.stat(src.backing / n).st_blocks for n in ("disk.raw", "vm.mem")) * 512
+    dst_alloc = sum(os.stat(dst.backing / n).st_blocks for n in ("disk.raw", "vm.mem")) * 512
+    assert dst_alloc <= 1.1 * src_alloc, (dst_alloc, src_alloc)
+    assert dst_alloc < 24 << 20, dst_alloc  # the 60 MiB of written zeros stay unwritten here

@@ -422,7 +422,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 28, 255])
+@pytest.mark.parametrize("code", [0, 29, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
