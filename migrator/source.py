@@ -72,6 +72,7 @@ CONNECT_TIMEOUT = 10.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.25, 4.0  # s between reattach attempts: doubling, capped
 REATTACH_PATIENCE = 10  # io timeouts at most, while the destination says it is still busy
 FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
+HOLE_BATCH = 1 << 24  # blocks per batch over a hole (checked and cleared at once)
 THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
 
 
@@ -183,8 +184,17 @@ class Source:
         ch, store = self.ch, self._store
         bs = self.block_size
         nblocks = (f.size + bs - 1) // bs
-        todo = [(first, min(count, nblocks - first))
-                for first, count in batches(exts, FRAME_DATA // bs) if first < nblocks]
+        # Batches of one frame's data, but one batch for a whole hole: the holes now only
+        # shape the batches (each batch is checked again after its dirty marks are cleared).
+        shaped: list[Extent] = []
+        if exts:
+            ranges = store.data_ranges(f.file_id, 0, f.size)
+            for first, count in exts:
+                for b0, n, hole in hole_runs(ranges, first, min(count, nblocks - first), bs,
+                                             f.size):
+                    shaped += batches([(b0, n)], HOLE_BATCH if hole else FRAME_DATA // bs)
+        todo = [(first, min(count, nblocks - first)) for first, count in shaped
+                if first < nblocks]
         blocks = nbytes = 0
         # (first block, data) to send as Blocks, or (first block, count) as Zero
         tx, rx = trio.open_memory_channel[tuple[int, bytes | int]](2)
