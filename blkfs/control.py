@@ -28,11 +28,12 @@ import trio
 
 from . import ctlproto as cp
 from .ctlproto import ControlError
+from .holes import punch_hole
 from .lazy import LazyError, LazyMode
 from .registry import META_NAME, Registry
 from .runtime import FSTYPE, DaemonInfo, mount_fstype
 from .spill import SpillArea, SpillError, unpack_refs
-from .tracker import FileTracker
+from .tracker import FileKey, FileTracker
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ class Controller:
     """The ops of the control socket, over a mount's Registry and LazyMode."""
 
     def __init__(self, registry: Registry, lazy: LazyMode, info: DaemonInfo,
-                 faults: Callable[[], int] = lambda: 0) -> None:
+                 faults: Callable[[], int] = lambda: 0,
+                 invalidate: Callable[[FileKey], Awaitable[None]] | None = None) -> None:
         self.registry = registry
         self.lazy = lazy
+        self.invalidate = invalidate  # drops the kernel's cached pages of a file (fs)
         self.info = info
         self.faults = faults
         self.claim: tuple[Connection, cp.Claim] | None = None  # the incoming migration
@@ -280,6 +283,26 @@ class Controller:
         pc.reattach()
         return cp.Reattached(pc.remaining, pc.given_up)
 
+    async def op_punch(self, req: cp.Punch, conn: Connection) -> cp.Count:
+        rel, tr = self._resolve(req.file)
+        if tr.lazy is not None and tr.lazy.absent.count:
+            raise ControlError(f"{rel} has post-copy blocks still absent: not now")
+        if tr.frozen:
+            await self.registry.wait_thawed(tr)
+        path = os.path.join(self.registry.backing, rel)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            length = max(0, min(req.length, size - req.offset))
+            if length:
+                await trio.to_thread.run_sync(punch_hole, fd, req.offset, length)
+                tr.on_write(req.offset, length)  # a write like any other (invariant 1)
+        finally:
+            os.close(fd)
+        if length and self.invalidate is not None:
+            await self.invalidate(tr.key)  # no cached page of the old data is served
+        return cp.Count(1 if length else 0)
+
     def op_claim(self, req: cp.Claim, conn: Connection) -> cp.Claimed:
         if self.claim is not None and self.claim[0] is not conn:
             held = self.claim[1]
@@ -315,7 +338,7 @@ OPS: dict[type[cp.Request], Callable[[Controller, Any, Connection], Any]] = {
     cp.LazyInstall: Controller.op_lazy_install, cp.LazyWait: Controller.op_lazy_wait,
     cp.LazyReport: Controller.op_lazy_report, cp.LazySourceLost: Controller.op_lazy_source_lost,
     cp.LazyGiveUp: Controller.op_lazy_give_up, cp.LazyReattach: Controller.op_lazy_reattach,
-    cp.Claim: Controller.op_claim,
+    cp.Claim: Controller.op_claim, cp.Punch: Controller.op_punch,
 }
 assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 

@@ -227,6 +227,22 @@ class Spill(Request):
 
 
 @dataclass(frozen=True)
+class Punch(Request):
+    """Make bytes [offset, offset+length) of FILE read as zeros, freeing their space (a zero
+    run a migration writes over data): tracked as a write, the kernel's cache dropped."""
+
+    OP = "punch"
+    Reply = Count
+    file: str
+    offset: int
+    length: int
+
+    def check(self) -> None:
+        if self.offset < 0 or self.length < 0:
+            raise ControlError("punch: offset and length must be >= 0")
+
+
+@dataclass(frozen=True)
 class LazyFileSpec:
     file_id: int
     file: str
@@ -376,7 +392,7 @@ class Claim(Request):
 
 OPS: dict[str, type[Request]] = {cls.OP: cls for cls in (
     Info, Status, Dirty, Clear, Heat, Freeze, Thaw, Spill, LazyBegin, LazyRefs, LazyInstall,
-    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, LazyReattach, Claim)}
+    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, LazyReattach, Claim, Punch)}
 
 
 # -- checking values against annotations ------------------------------------------------------

@@ -231,7 +231,8 @@ async def _main(opts: MountOptions, registry: Registry, ready: _Ready) -> None:
         # On the way out (reverse order): unmount, then save the state, only when clean.
         stack.callback(lambda: _save(opts, registry, fs) if clean else _unclean(serving))
         stack.callback(lambda: pyfuse3.close(unmount=clean or not serving))
-        controller = control.Controller(registry, fs.lazy, info, faults=lambda: fs.faults)
+        controller = control.Controller(registry, fs.lazy, info, faults=lambda: fs.faults,
+                                        invalidate=fs._invalidate)
         await nursery.start(control.serve, controller, info.control)
         stack.callback(info.remove)
         nursery.start_soon(_stop_on_signals)

@@ -497,3 +497,39 @@ def test_a_thin_disk_and_zero_memory_cost_what_they_hold(
     dst_alloc = sum(os.stat(dst.backing / n).st_blocks for n in ("disk.raw", "vm.mem")) * 512
     assert dst_alloc <= 1.1 * src_alloc, (dst_alloc, src_alloc)
     assert dst_alloc < 24 << 20, dst_alloc  # the 60 MiB of written zeros stay unwritten here
+
+
+@pytest.mark.slow
+def test_zero_runs_over_data_the_destination_holds_are_punched(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        idle_vm: subprocess.Popen[bytes]) -> None:
+    """A second migration onto files the destination already holds: the blocks that became
+    zeros on the source are punched there by its daemon (the files stay as thin as the
+    source's), not written."""
+    src, dst = hosts
+    (src.mnt / "disk.raw").write_bytes(os.urandom(32 << 20))
+    (src.mnt / "vm.mem").write_bytes(os.urandom(4 << 20))
+    s = Server(dst, key)
+    servers.append(s)
+    assert migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend",
+                   f"pid:{idle_vm.pid}").returncode == 0
+    assert s.finish()[0] == 0
+    with open(src.mnt / "disk.raw", "r+b") as f:  # the guest frees 24 MiB: zeros now
+        f.seek(4 << 20)
+        f.write(bytes(24 << 20))
+    s2 = Server(dst, key, "--force")  # (its files belong to the VM that ran there)
+    servers.append(s2)
+    report = tmp_path / "report.json"
+    vm2 = subprocess.Popen(["sleep", "300"])  # (the first one was retired)
+    try:
+        r = migrate(src, s2.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm2.pid}",
+                    "--report", str(report))
+    finally:
+        vm2.kill()
+        vm2.wait()
+    assert r.returncode == 0, r.stderr
+    assert s2.finish()[0] == 0
+    rep = json.loads(report.read_text())
+    assert rep["verified"] and rep["bytes_by_kind"]["zero"] >= 24 << 20, rep["bytes_by_kind"]
+    assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
+    assert os.stat(dst.backing / "disk.raw").st_blocks * 512 < 12 << 20  # punched, not written
