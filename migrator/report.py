@@ -128,6 +128,11 @@ def print_summary(r: MigrationReport, console: Console) -> None:
                      + ")"),
         ("data / sent", f"{human_bytes(r.data_bytes)} / {human_bytes(r.bytes_sent)}"
                         + (f" ({r.bytes_sent / r.data_bytes:.3f}x)" if r.data_bytes else "")),
+        *([("by kind", ", ".join(f"{k} {human_bytes(v)}" for k, v in (
+            ("as data", r.bytes_by_kind.get("normal", 0)),
+            ("zero blocks as runs", r.bytes_by_kind.get("zero", 0)),
+            ("holes, never read", r.bytes_by_kind.get("hole", 0))) if v))]
+          if r.bytes_by_kind.get("zero") or r.bytes_by_kind.get("hole") else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
         ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
                     + " dirty blocks" if r.rounds else "none")
