@@ -40,6 +40,12 @@ class SourceFiles(Protocol):
         """Bytes as the VM wrote them (short at the end of the file)."""
         ...
 
+    def read_into(self, file_id: int, offset: int, buf: memoryview) -> int:
+        """Like read, into a buffer the caller reuses (no new memory to fault in: reading
+        1.25 GB for verification in 512 MiB bytes objects ran at 400 MB/s, into one
+        reused 8 MiB buffer at 4 GB/s); returns the bytes read (short at the end)."""
+        ...
+
     def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
         """The [start, end) byte ranges of data (not holes) within [start, end), sorted."""
         ...
@@ -186,6 +192,9 @@ class BlkfsSource:
 
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         return os.pread(self.fds[file_id], length, offset)
+
+    def read_into(self, file_id: int, offset: int, buf: memoryview) -> int:
+        return os.preadv(self.fds[file_id], [buf], offset)
 
     def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
         fd, out, pos = self.fds[file_id], [], start

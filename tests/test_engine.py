@@ -92,6 +92,11 @@ class MemorySource:
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         return bytes(self.data[file_id][offset:offset + length])
 
+    def read_into(self, file_id: int, offset: int, buf: memoryview) -> int:
+        data = self.read(file_id, offset, len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
     def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
         return [(start, end)]
 
