@@ -1,0 +1,131 @@
+"""Copy speed of an idle migration on loopback, and where the CPU goes (issue 11, item 2).
+
+A dense file set (default 1 GiB disk + 256 MiB memory, random bytes) on a fresh pair of
+blkfs mounts, an idle VM (`sleep`), one migration: the initial-copy bandwidth, the
+verification and total times, and the CPU seconds of each process (source migrator, serve,
+both blkfs daemons). Compares code versions in one run, alternating:
+
+    .venv/bin/python scripts/bench_copy.py --runs 3 --tree /tmp/old-worktree --tree .
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PY = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def daemon_pid(mnt: Path, env: dict[str, str], tree: Path) -> int:
+    out = subprocess.run([PY, "-m", "blkfs.cli", "status", str(mnt), "--json"], env=env,
+                         cwd=tree, capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)["pid"])
+
+
+def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    with tempfile.TemporaryDirectory(prefix="bench-copy-") as d:
+        w = Path(d)
+        env["BLKFS_RUNTIME_DIR"] = str(w / "run")
+        key = w / "key"
+        key.write_text(os.urandom(32).hex())
+        key.chmod(0o600)
+        mounts: list[Path] = []
+        vm = subprocess.Popen(["sleep", "600"])
+        serve = None
+        try:
+            for side in ("src", "dst"):
+                (w / f"{side}-b").mkdir()
+                (w / side).mkdir()
+                subprocess.run([PY, "-m", "blkfs.cli", "mount", str(w / f"{side}-b"),
+                                str(w / side)], env=env, cwd=tree, check=True,
+                               capture_output=True)
+                mounts.append(w / side)
+            for name, mib in (("disk.raw", disk_mib), ("vm.mem", mem_mib)):
+                with open(w / "src" / name, "wb") as f:
+                    for _ in range(mib):
+                        f.write(os.urandom(1 << 20))
+            daemons = [daemon_pid(m, env, tree) for m in mounts]
+            serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount",
+                                      str(w / "dst"), "--listen", "127.0.0.1:0", "--key-file",
+                                      str(key), "--once"], env=env, cwd=tree,
+                                     stdout=subprocess.PIPE, text=True)
+            assert serve.stdout is not None
+            port = re.search(r":(\d+),", serve.stdout.readline())
+            assert port, "serve did not start"
+            before = [cpu_s(p) for p in (*daemons, serve.pid)]
+            report = w / "report.json"
+            mig = subprocess.Popen([PY, "-m", "migrator.cli", "migrate", "--mount",
+                                    str(w / "src"), "--to", f"127.0.0.1:{port.group(1)}",
+                                    "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
+                                    "--report", str(report), "disk.raw", "vm.mem"], env=env,
+                                   cwd=tree, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+            mig_cpu = 0.0
+            while mig.poll() is None:
+                mig_cpu = max(mig_cpu, cpu_s(mig.pid))
+                try:
+                    mig.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            if mig.returncode != 0:
+                raise SystemExit(f"migrate failed in {tree}: {mig.stderr.read().strip()}")
+            after = [cpu_s(p) for p in (*daemons, serve.pid)]
+            serve.wait(timeout=30)
+            rep = json.loads(report.read_text())
+            data = rep["data_bytes"]
+            return {"initial_copy_MBps": round(data / rep["initial_copy_s"] / 1e6, 1),
+                    "initial_copy_s": round(rep["initial_copy_s"], 3),
+                    "verify_s": rep["verify_s"], "total_s": rep["total_s"],
+                    "cpu_source_s": round(mig_cpu, 2),
+                    "cpu_src_daemon_s": round(after[0] - before[0], 2),
+                    "cpu_dst_daemon_s": round(after[1] - before[1], 2),
+                    "cpu_serve_s": round(after[2] - before[2], 2)}
+        finally:
+            vm.kill()
+            vm.wait()
+            if serve is not None and serve.poll() is None:
+                serve.kill()
+            for m in reversed(mounts):
+                subprocess.run([PY, "-m", "blkfs.cli", "umount", str(m)], env=env, cwd=tree,
+                               capture_output=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tree", action="append", type=Path, help="a checkout (repeatable)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--disk-mib", type=int, default=1024)
+    ap.add_argument("--mem-mib", type=int, default=256)
+    a = ap.parse_args()
+    trees = [t.resolve() for t in (a.tree or [Path(".")])]
+    got: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
+    for i in range(a.runs):
+        for t in trees:
+            r = one(t, a.disk_mib, a.mem_mib)
+            got[t].append(r)
+            print(f"run {i + 1} {t}: {r}", flush=True)
+    for t, rs in got.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        print(f"{t}: medians over {len(rs)} runs: {med}")
+
+
+if __name__ == "__main__":
+    main()
