@@ -241,7 +241,10 @@ class DestSession:
         nblocks = -(-f.size // bs)
         if len(f.zero) < nblocks:
             f.zero.extend(bytes(nblocks - len(f.zero)))
-        written = [b for b in range(first, first + n) if b in f.digests] if f.digests else []
+        if len(f.digests) < n:  # (a zero run may cover a whole 16 GiB hole)
+            written = [b for b in f.digests if first <= b < first + n]
+        else:
+            written = [b for b in range(first, first + n) if b in f.digests]
         if written or not self.store.fresh(ev.file_id):
             self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
         for b in written:

@@ -648,9 +648,9 @@ class Source:
                         continue
                     off, stop = b0 * bs, min((b0 + n) * bs, f.size)
                     while off < stop:
-                        got = self._store.read_into(f.file_id, off, buf[:min(len(buf),
-                                                                             stop - off)])
-                        if got <= 0:
+                        want = min(len(buf), stop - off)
+                        got = self._store.read_into(f.file_id, off, buf[:want])
+                        if got != want:  # (suspended: it cannot change, unless behind us)
                             raise MigrationError(f"{f.rel} shrank under the verification")
                         digests += [h(buf[i:min(i + bs, got)]) for i in range(0, got, bs)]
                         off += got
