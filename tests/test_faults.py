@@ -132,7 +132,7 @@ CELLS = ([("initial-copy", f) for f in FAULTS] + [("switchover-window", f) for f
                                                "kill9-dest-daemon", "cut-link", "link-flap")]
          + [("postcopy-flushed", f) for f in ("kill9-source", "kill9-serve", "cut-link")])
 # The link between the two network namespaces goes down this long (the io timeouts are 3 s):
-CUT_S = {"cut-link": 5.0, "link-flap": 1.5}  # past them / within them (TCP carries on)
+CUT_S = {"cut-link": 5.0, "link-flap": 1.0}  # past them / within them (TCP carries on)
 
 
 def running(pid: int) -> bool:
@@ -177,7 +177,7 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
     servers.append(s)
     args = ["--io-timeout", "3", "--status-file", str(status)]
     if phase == "initial-copy":
-        args += ["--bandwidth", "12"]
+        args += ["--bandwidth", "2"]  # (sparse files: only the data written travels)
     if postcopy:
         args += ["--postcopy", "--spill", str(tmp_path / "spill"), "--spill-slots", "1024",
                  "--spill-bandwidth", "0.5" if phase == "postcopy-spilling" else "200"]
@@ -192,7 +192,7 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
         def at_phase() -> bool:
             st = read_json(status)
             if phase == "initial-copy":
-                return st.get("phase") == "initial copy" and int(st.get("bytes_sent", 0)) > 4e6
+                return st.get("phase") == "initial copy" and int(st.get("bytes_sent", 0)) > 1e6
             started = pidfile.exists() and pidfile.read_text().strip() != ""
             if phase == "switchover-window":
                 return started
