@@ -585,19 +585,20 @@ class Sessions:
         self.current: DestSession | None = None
         self.started = 0  # sessions that took the lock so far
 
-    def busy_for(self, first: object) -> bool:
-        """Whether a peer whose first frame is `first` must be refused as busy; a Reattach of
-        the running session's migration, while that waits for its lost source, is let in
-        (the waiting session gives way)."""
+    def refusal(self, first: object) -> str | None:
+        """Why a peer whose first frame is `first` is refused now, or None to let it in. A
+        Reattach of the running session's migration is let in while that session waits for
+        its lost source (which gives way), and told STILL_RUNNING while it still runs."""
         if not self.lock.locked():
-            return False
+            return None
         cur = self.current
         if (isinstance(first, p.Reattach) and cur is not None
-                and cur.state.get("migration") == first.migration
-                and cur.waiting_for_source is not None):
+                and cur.state.get("migration") == first.migration):
+            if cur.waiting_for_source is None:
+                return STILL_RUNNING
             cur.waiting_for_source.cancel()
-            return False
-        return True
+            return None
+        return "the destination is busy with another migration"
 
 
 async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessions,
@@ -613,13 +614,11 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
         out = await _failed(session, peer, str(exc), exc)
         await ch.aclose()
         return out
-    if sessions.busy_for(first):
-        log.info("refused %s: busy with another migration", peer)
+    refusal = sessions.refusal(first)
+    if refusal is not None:
+        log.info("refused %s: %s", peer, refusal)
         session.store.close()
-        cur = sessions.current
-        same = (isinstance(first, p.Reattach) and cur is not None
-                and cur.state.get("migration") == first.migration)
-        await ch.abort(STILL_RUNNING if same else "the destination is busy with another migration")
+        await ch.abort(refusal)
         await ch.aclose()
         return SessionOutcome(False, "")
     async with sessions.lock:

@@ -67,10 +67,13 @@ class FakeVM:
         n = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
         for _ in range(n):
             fid = self.rng.randrange(len(src.data))
-            buf = src.data[fid]
-            off = self.rng.randrange(len(buf) // BS) * BS + self.rng.randrange(BS - 8)
-            buf[off:off + 8] = self.rng.randbytes(8)
-            src.dirty[fid].add(off // BS)
+            src.dirty[fid].add(self.write_one(src.data[fid]))
+
+    def write_one(self, buf: bytearray) -> int:
+        """One write of the guest into `buf`; returns the block it touched."""
+        off = self.rng.randrange(len(buf) // BS) * BS + self.rng.randrange(BS - 8)
+        buf[off:off + 8] = self.rng.randbytes(8)
+        return off // BS
 
 
 class MemorySource:
@@ -365,17 +368,11 @@ async def test_a_destination_session_alone_refuses_a_wrong_key(autojump_clock: A
 class ZeroingVM(FakeVM):
     """Writes data into zero blocks, and zeroes blocks that held data (a guest freeing RAM)."""
 
-    def write_some(self, src: MemorySource) -> None:
-        if not self.running:
-            return
-        n = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
-        for _ in range(n):
-            fid = self.rng.randrange(len(src.data))
-            buf = src.data[fid]
-            b = self.rng.randrange(len(buf) // BS)
-            zero = self.rng.random() < 0.5
-            buf[b * BS:(b + 1) * BS] = bytes(BS) if zero else self.rng.randbytes(BS)
-            src.dirty[fid].add(b)
+    def write_one(self, buf: bytearray) -> int:
+        b = self.rng.randrange(len(buf) // BS)
+        zero = self.rng.random() < 0.5
+        buf[b * BS:(b + 1) * BS] = bytes(BS) if zero else self.rng.randbytes(BS)
+        return b
 
 
 async def test_zero_blocks_travel_as_zero_runs_and_the_copy_is_exact(
