@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 Extent = tuple[int, int]
 
 MIN_BLOCK_SIZE = 4096
@@ -50,18 +52,35 @@ def blocks_for(size: int, shift: int) -> int:
 
 
 def extents(bitmap: bytes | bytearray) -> list[Extent]:
-    """Runs of dirty blocks as (first, count), found with C-speed find()."""
+    """Runs of dirty blocks as (first, count).
+
+    The first runs are found with C-speed find() (microseconds for a clean or a whole dirty
+    map); a fragmented rest goes to two vectorised passes (tens of milliseconds for 160,000
+    runs, where find() would loop in Python)."""
     out: list[Extent] = []
     find = bitmap.find
     end = len(bitmap)
     pos = find(1)
     while pos != -1:
+        if len(out) == 64:
+            rest = mask_extents(np.frombuffer(bitmap, dtype=np.uint8, offset=pos) != 0)
+            out.extend((pos + f, c) for f, c in rest)
+            break
         stop = find(0, pos)
         if stop == -1:
             stop = end
         out.append((pos, stop - pos))
         pos = find(1, stop)
     return out
+
+
+def mask_extents(mask: np.ndarray) -> list[Extent]:
+    """Runs of True in a boolean array, as (first, count) extents in block order."""
+    if not mask.size:
+        return []
+    edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=0, append=0))
+    starts, stops = edges[0::2], edges[1::2]
+    return list(zip(starts.tolist(), (stops - starts).tolist(), strict=True))
 
 
 def from_extents(exts: Iterable[Extent], nblocks: int) -> bytearray:

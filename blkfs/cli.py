@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from . import ctlproto as cp
 from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
 from .cliutil import OneLineParser, human_bytes, non_negative, positive, size_text
@@ -442,21 +444,26 @@ def cmd_heat(a: argparse.Namespace) -> int:
     rel = _rel(a.mountpoint, a.file)
     with ControlClient.for_mount(a.mountpoint) as c:
         h = c.call(cp.Heat(rel, static_heat=a.static_heat))
+    runs = h.heat_runs()
     if a.json:
-        _print_json(cp.to_dict(h))
+        _print_json({**{k: v for k, v in cp.to_dict(h).items() if k != "runs"},
+                     "heat": [[int(r["first"]), int(r["count"]), float(r["heat"])]
+                              for r in runs]})
         return 0
     print(
         f"{h.file}: {h.blocks} blocks of {size_text(h.block_size)}, half-life "
         f"{h.half_life:g}s: {h.static} static (heat ≤ {h.static_heat:g}), "
         f"{h.dynamic} dynamic"
     )
-    print(f"  dynamic: {_fmt_extents(h.dynamic_extents)}")
-    runs = sorted(h.heat, key=lambda e: -e[2])[:10]
-    if runs:
-        print(
-            "  hottest runs: "
-            + ", ".join(f"{b}{'' if c == 1 else f'-{b + c - 1}'}: {v:g}" for b, c, v in runs)
-        )
+    listed = sum(c for _, c in h.dynamic_extents)
+    more = f" (the first {listed} of {h.dynamic} blocks)" if listed < h.dynamic else ""
+    print(f"  dynamic: {_fmt_extents(h.dynamic_extents)}{more}")
+    hottest = runs[np.argsort(-runs["heat"], kind="stable")[:10]]
+    if hottest.size:
+        print("  hottest runs: " + ", ".join(
+            f"{b}{'' if c == 1 else f'-{b + c - 1}'}: {v:g}"
+            for b, c, v in zip(hottest["first"].tolist(), hottest["count"].tolist(),
+                               hottest["heat"].tolist(), strict=True)))
     return 0
 
 

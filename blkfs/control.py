@@ -194,11 +194,11 @@ class Controller:
         threshold = self._threshold(req.static_heat)
         now = time.monotonic()
         tr.settle_heat(now)
-        static, dynamic = tr.heat.split_extents(tr.nblocks, threshold, now)
+        static, dynamic = tr.heat.split(tr.nblocks, threshold, now)
+        listed = tr.heat.dynamic_extents(tr.nblocks, threshold, now, cp.MAX_LISTED)
         return cp.HeatReply(
-            rel, tr.block_size, tr.nblocks, self.registry.half_life, threshold,
-            sum(c for _, c in static), sum(c for _, c in dynamic), tuple(static),
-            tuple(dynamic), tuple(tr.heat.extents(now)))
+            rel, tr.block_size, tr.nblocks, self.registry.half_life, threshold, static,
+            dynamic, tuple(listed), cp.pack_heat_runs(*tr.heat.runs(now)))
 
     def op_freeze(self, req: cp.Freeze, conn: Connection) -> cp.Count:
         self._need_tracking()

@@ -11,6 +11,7 @@ way in on the server and on the way back in the clients, and every limit is here
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -19,6 +20,8 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
+
+import numpy as np
 
 MAX_REQUEST = 1 << 20  # bytes in one request or reply line
 MAX_DATA = 16 << 20  # bytes of binary payload after a request line
@@ -30,6 +33,28 @@ Extent = tuple[int, int]
 
 class ControlError(Exception):
     """A request the daemon refused (or could not be asked), with a message for the user."""
+
+
+# Heat runs travel packed (20 bytes a run, base64 in the JSON line): a million runs as JSON
+# triples would be 15 MB and a second of encoding on each side.
+HEAT_RUN = np.dtype([("first", "<u8"), ("count", "<u4"), ("heat", "<f8")])
+
+
+def pack_heat_runs(firsts: Any, counts: Any, heats: Any) -> str:
+    runs = np.empty(len(firsts), dtype=HEAT_RUN)
+    runs["first"], runs["count"], runs["heat"] = firsts, counts, heats
+    return base64.b64encode(runs.tobytes()).decode()
+
+
+def unpack_heat_runs(text: str) -> np.ndarray:
+    """A structured array with fields first, count, heat; ControlError if malformed."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ControlError("heat runs are not base64") from None
+    if len(raw) % HEAT_RUN.itemsize:
+        raise ControlError(f"heat runs: {len(raw)} bytes is not a whole number of runs")
+    return np.frombuffer(raw, dtype=HEAT_RUN)
 
 
 # -- requests and replies --------------------------------------------------------------------
@@ -140,9 +165,11 @@ class HeatReply:
     static_heat: float
     static: int
     dynamic: int
-    static_extents: tuple[Extent, ...]
-    dynamic_extents: tuple[Extent, ...]
-    heat: tuple[tuple[int, int, float], ...]  # (first, count, heat) runs of written blocks
+    dynamic_extents: tuple[Extent, ...]  # the first MAX_LISTED, in block order
+    runs: str  # every written block's (first, count, heat) run: pack_heat_runs
+
+    def heat_runs(self) -> np.ndarray:
+        return unpack_heat_runs(self.runs)
 
 
 @dataclass(frozen=True)
@@ -428,6 +455,20 @@ def _short(tp: Any) -> str:
     return {int: "int", float: "number", str: "string", bool: "bool"}.get(tp, _describe(tp))
 
 
+_EXTENTS = (Extent, Ellipsis)
+
+
+def _extent_tuple(value: list[Any] | tuple[Any, ...]) -> tuple[Extent, ...] | None:
+    """`value` as extents, or None if any is not a pair of non-negative ints."""
+    try:
+        out = tuple((f, c) for f, c in value)  # ValueError/TypeError unless all are pairs
+    except (TypeError, ValueError):
+        return None
+    if all(type(f) is int and type(c) is int and f >= 0 and c >= 0 for f, c in out):
+        return out
+    return None
+
+
 def conform(tp: Any, value: Any, what: str) -> Any:
     """`value` (from JSON, or from a caller) as the annotated type `tp`: lists become
     tuples, objects dataclasses; ControlError naming `what` if it does not fit."""
@@ -462,7 +503,11 @@ def conform(tp: Any, value: Any, what: str) -> Any:
     elif origin is tuple:
         args = typing.get_args(tp)
         if type(value) in (list, tuple):
-            if len(args) == 2 and args[1] is Ellipsis:
+            if args == _EXTENTS:  # the big lists (dirty sets): checked in one pass
+                out = _extent_tuple(value)
+                if out is not None:
+                    return out
+            elif len(args) == 2 and args[1] is Ellipsis:
                 try:
                     return tuple(conform(args[0], v, what) for v in value)
                 except ControlError:
@@ -516,9 +561,9 @@ def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if not isinstance(getattr(obj, f.name), bytes)}
-    if isinstance(obj, (tuple, list)):
+    if isinstance(obj, (tuple, list)) and obj and dataclasses.is_dataclass(obj[0]):
         return [to_dict(v) for v in obj]
-    return obj
+    return obj  # json writes tuples of plain values as arrays: no copy of a dirty set
 
 
 # -- the codec ---------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import time
-from array import array
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .bitmap import DirtyBitmap, Extent, blocks_for, extents, from_extents
 from .heat import DEFAULT_HALF_LIFE, Heat
@@ -173,9 +174,7 @@ class FileTracker:
 
     def to_record(self, ident: FileIdentity, path: str, now: float) -> dict[str, Any]:
         self.settle_heat(now)
-        pairs = self.heat.snapshot(now)
-        blocks = array("Q", (b for b, _ in pairs))
-        values = array("d", (h for _, h in pairs))
+        blocks, values = self.heat.snapshot_arrays(now)
         return {
             "dev": self.key[0],
             "ino": self.key[1],
@@ -185,8 +184,8 @@ class FileTracker:
             "ctime_ns": ident.ctime_ns,
             "epoch": self.bitmap.epoch,
             "dirty": self.bitmap.extents(),
-            "heat_blocks": base64.b64encode(blocks.tobytes()).decode(),
-            "heat_values": base64.b64encode(values.tobytes()).decode(),
+            "heat_blocks": base64.b64encode(blocks.astype("<u8").tobytes()).decode(),
+            "heat_values": base64.b64encode(values.astype("<f8").tobytes()).decode(),
         }
 
     @classmethod
@@ -209,11 +208,11 @@ class FileTracker:
         )
         tr.bitmap.bits = from_extents(rec["dirty"], tr.nblocks)
         tr.bitmap.epoch = int(rec["epoch"])
-        blocks = array("Q")
-        blocks.frombytes(base64.b64decode(rec["heat_blocks"]))
-        values = array("d")
-        values.frombytes(base64.b64decode(rec["heat_values"]))
-        tr.heat.restore(list(zip(blocks, values, strict=True)), now, elapsed)
+        blocks = np.frombuffer(base64.b64decode(rec["heat_blocks"]), dtype="<u8")
+        values = np.frombuffer(base64.b64decode(rec["heat_values"]), dtype="<f8")
+        if blocks.size != values.size:
+            raise ValueError("heat blocks and values differ in length")
+        tr.heat.restore((blocks.astype(np.int64), values.astype(np.float64)), now, elapsed)
         tr.restored = True
         return tr
 

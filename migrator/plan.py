@@ -20,38 +20,44 @@ import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-from blkfs.bitmap import extents, from_extents
+import numpy as np
+
+from blkfs.bitmap import extents, from_extents, mask_extents
 
 Extent = tuple[int, int]
 
 
 def initial_order(
-    nblocks: int, heat_runs: Iterable[tuple[int, int, float]], threshold: float
+    nblocks: int, heat_runs: Iterable[tuple[int, int, float]] | np.ndarray, threshold: float
 ) -> tuple[list[Extent], list[Extent]]:
     """(static extents, dynamic extents), each coldest first.
 
-    `heat_runs` are blkfs's ``(first, count, heat)`` runs of written blocks
-    (``blkfs heat``); blocks in no run were never written (heat 0) and come
-    first, in block order.
+    `heat_runs` are blkfs's ``(first, count, heat)`` runs of written blocks (``blkfs heat``,
+    as tuples or as its packed array); blocks in no run were never written (heat 0) and come
+    first, in block order.  Vectorised: a million runs take tens of milliseconds.
     """
-    written = bytearray(nblocks)
-    runs: list[tuple[float, int, int]] = []
-    for first, count, heat in heat_runs:
-        stop = min(first + count, nblocks)
-        if stop <= first:
-            continue
-        written[first:stop] = b"\x01" * (stop - first)
-        runs.append((heat, first, stop - first))
-    static: list[Extent] = []
-    pos = written.find(0)
-    while pos != -1:
-        end = written.find(1, pos)
-        end = nblocks if end == -1 else end
-        static.append((pos, end - pos))
-        pos = written.find(0, end)
-    dynamic: list[Extent] = []
-    for heat, first, count in sorted(runs):
-        (static if heat <= threshold * (1 + 1e-9) else dynamic).append((first, count))
+    if isinstance(heat_runs, np.ndarray):
+        firsts = heat_runs["first"].astype(np.int64)
+        counts = heat_runs["count"].astype(np.int64)
+        heats = heat_runs["heat"].astype(np.float64)
+    else:
+        listed = list(heat_runs)
+        firsts = np.array([r[0] for r in listed], dtype=np.int64)
+        counts = np.array([r[1] for r in listed], dtype=np.int64)
+        heats = np.array([r[2] for r in listed], dtype=np.float64)
+    stops = np.minimum(firsts + counts, nblocks)
+    keep = stops > firsts
+    firsts, stops, heats = firsts[keep], stops[keep], heats[keep]
+    edges = np.zeros(nblocks + 1, dtype=np.int64)  # runs never overlap: +1 in, -1 out
+    np.add.at(edges, firsts, 1)
+    np.add.at(edges, stops, -1)
+    never = np.cumsum(edges[:nblocks]) == 0
+    static = mask_extents(never)
+    order = np.lexsort((firsts, heats))  # by rising heat, then block
+    firsts, counts, heats = firsts[order], (stops - firsts)[order], heats[order]
+    cold = heats <= threshold * (1 + 1e-9)
+    static += list(zip(firsts[cold].tolist(), counts[cold].tolist(), strict=True))
+    dynamic = list(zip(firsts[~cold].tolist(), counts[~cold].tolist(), strict=True))
     return static, dynamic
 
 

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Protocol
 
+import numpy as np
 import trio
 
 from blkfs import ctlproto as cp
@@ -24,7 +25,7 @@ from .ownership import DEST_RECORD, DIGEST_LOG, SOURCE_RECORD, overwrite_refusal
 from .transport import MigrationError
 
 Extent = tuple[int, int]
-HeatRuns = tuple[tuple[int, int, float], ...]
+HeatRuns = tuple[tuple[int, int, float], ...] | np.ndarray  # ctlproto.HEAT_RUN records
 RESERVED = {DEST_RECORD, SOURCE_RECORD, DIGEST_LOG, ".blkfs"}
 
 
@@ -225,7 +226,7 @@ class BlkfsSource:
     def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
         r = self._call(cp.Heat(self.names[file_id], static_heat=static_heat))
         assert isinstance(r, cp.HeatReply)
-        return r.heat, r.static_heat
+        return r.heat_runs(), r.static_heat
 
     async def flush(self) -> None:
         for rel in self.names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -73,7 +74,7 @@ class Mount:
         with self.client() as c:
             req = cp.from_dict(cp.OPS[op], args, op)
             req.check()
-            return cp.to_dict(c.call(req))
+            return json.loads(json.dumps(cp.to_dict(c.call(req))))
 
     def dirty(self, rel: str, swap: bool = False) -> list[tuple[int, int]]:
         return [tuple(e) for e in self.call("dirty", file=rel, swap=swap)["extents"]]

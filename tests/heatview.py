@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 from blkfs.heat import Heat
 
 
@@ -15,23 +17,22 @@ def bump(h: Heat, first: int, last: int, now: float) -> None:
 
 def value(h: Heat, block: int, now: float) -> float:
     scale = h._scale(now)  # first: it may rescale the stored values
-    return h._stored.get(block, 0.0) * scale
+    v = h._view()
+    return float(v[block]) * scale if block < v.size else 0.0
 
 
 def written(h: Heat) -> int:
-    return len(h._stored)
+    return int(np.count_nonzero(h._view()))
 
 
 def coldest(h: Heat, nblocks: int, now: float) -> Iterator[tuple[int, float]]:
     """Never-written blocks (heat 0) first in block order, then by rising heat."""
     scale = h._scale(now)
-    index = list(h._refresh())
-    seen = {b for _, b in index}
-    for b in range(nblocks):
-        if b not in seen:
-            yield b, 0.0
-    for v, b in index:
-        if b < nblocks:
-            yield b, v * scale
-
-
+    v = np.zeros(nblocks)
+    part = h._view(nblocks)
+    v[: part.size] = part
+    for b in np.flatnonzero(v == 0).tolist():
+        yield b, 0.0
+    idx = np.flatnonzero(v)
+    for b in idx[np.argsort(v[idx], kind="stable")].tolist():
+        yield b, float(v[b]) * scale

@@ -207,6 +207,18 @@ def test_extents_round_trip_from_bitmap(bits: list[int]) -> None:
     assert exts == to_extents(i for i, v in enumerate(bits) if v)
 
 
+@given(st.integers(0, 2**32 - 1), st.integers(130, 3000), st.floats(0.05, 0.95))
+def test_extents_of_fragmented_bitmaps(seed: int, n: int, density: float) -> None:
+    """Past 64 runs the rest is found vectorised: the same runs, in order."""
+    import random
+
+    rng = random.Random(seed)
+    bits = [1 if rng.random() < density else 0 for _ in range(n)]
+    exts = extents(bytearray(bits))
+    _check_canonical(exts)
+    assert exts == to_extents(i for i, v in enumerate(bits) if v)
+
+
 @given(block_sets, st.integers(min_value=0, max_value=310))
 def test_from_extents_clips_to_nblocks(blocks: set[int], nblocks: int) -> None:
     bm = from_extents(to_extents(blocks), nblocks)

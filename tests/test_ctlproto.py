@@ -157,3 +157,16 @@ async def test_one_migration_at_a_time_per_mount(tmp_path: Path) -> None:
     assert isinstance(err, cp.ControlError) and "taken by migration m1 (serve pid 1)" in str(err)
     c.closed(first)  # its migrator went away (or finished)
     assert await c.dispatch(cp.Claim("m2", "serve pid 2"), second) == cp.Claimed("m2")
+
+
+def test_heat_runs_round_trip_and_refuse_garbage() -> None:
+    text = cp.pack_heat_runs([0, 1 << 40], [3, 1], [0.25, 7.5])
+    runs = cp.unpack_heat_runs(text)
+    assert runs["first"].tolist() == [0, 1 << 40]
+    assert runs["count"].tolist() == [3, 1]
+    assert runs["heat"].tolist() == [0.25, 7.5]
+    assert cp.unpack_heat_runs("").size == 0
+    with pytest.raises(cp.ControlError, match="base64"):
+        cp.unpack_heat_runs("not base64!")
+    with pytest.raises(cp.ControlError, match="whole number"):
+        cp.unpack_heat_runs("AAAA")

@@ -462,3 +462,21 @@ def test_snapshot_drops_negligible_heat() -> None:
     bump(h, 1, 1, 40 * HL)
     assert [b for b, _ in h.snapshot(40 * HL)] == [1]
     assert h.snapshot(200 * HL) == []
+
+
+def test_hottest_cut_through_ties_takes_the_highest_blocks() -> None:
+    h = Heat(HL, now=0.0)
+    for b in range(10):
+        bump(h, b, b, 0.0)
+    bump(h, 3, 3, 0.0)
+    assert h.hottest(3, 0.0) == [(3, 2.0), (9, 1.0), (8, 1.0)]
+
+
+def test_memory_is_per_block_not_per_write() -> None:
+    """A million blocks cost 8 MB of heat however often they are written."""
+    h = Heat(HL, now=0.0)
+    h.bump_many(range(1 << 20), 0.0)
+    h.bump_many(range(0, 1 << 20, 2), 1.0)
+    assert h._stored.nbytes <= 8 * (1 << 20) * 3 // 2
+    assert written(h) == 1 << 20
+    assert len(h.extents(1.0)) == 1 << 20  # alternating heats: one run per block

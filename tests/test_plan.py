@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from blkfs import ctlproto as cp
 from migrator.plan import (
     Policy,
     RoundPlanner,
@@ -114,3 +115,20 @@ def test_entering_postcopy_aims_lower_and_restarts_stall_detection() -> None:
     d = pl.decide(4)  # 40 ms > 20: another disk round
     assert d.verdict is Verdict.CONTINUE and not d.stalled
     assert pl.decide(1).verdict is Verdict.SWITCHOVER
+
+
+@given(st.integers(0, 300), st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3),
+                                               st.sampled_from([0.5, 1.0, 1.5, 7.0])),
+                                     max_size=40))
+def test_initial_order_from_packed_runs_equals_from_tuples(
+    nblocks: int, steps: list[tuple[int, int, float]]
+) -> None:
+    """The daemon's packed runs (ctlproto.HEAT_RUN) plan exactly as the same runs as tuples."""
+    runs, pos = [], 0
+    for gap, count, heat in steps:
+        pos += gap
+        if count:
+            runs.append((pos, count, heat))
+            pos += count
+    packed = cp.unpack_heat_runs(cp.pack_heat_runs(*zip(*runs, strict=True)) if runs else "")
+    assert initial_order(nblocks, packed, 1.0) == initial_order(nblocks, runs, 1.0)
