@@ -192,7 +192,7 @@ def main() -> int:
     ap.add_argument("--part", type=int, choices=(1, 2), help="run one part only")
     ap.add_argument("--repeat", type=int, default=5, help="query repeats (median)")
     ap.add_argument("--data-mib", type=int, default=512, help="data in each file, part 2")
-    ap.add_argument("--json", default="bench-results/scale.json")
+    ap.add_argument("--json", default="reports/bench_scale.json")
     a = ap.parse_args()
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
