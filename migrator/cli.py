@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -90,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "freeze (default)")
     m.add_argument("--report", metavar="PATH", help="write the JSON report here")
     m.add_argument("--status-file", metavar="PATH",
-                   help="keep a JSON status (phase, round, dirty blocks, bytes) current in PATH "
-                   "while the migration runs, for other processes")
+                   help="keep a JSON status (phase, round, dirty blocks, bytes, expected "
+                   "downtime) current in PATH, and leave the last one there (default: in the "
+                   "runtime directory, removed at the end; 'migrator status' reads it)")
     m.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer takes or sends nothing for S seconds (default 60)")
     m.add_argument("--stop-and-copy", action="store_true",
@@ -134,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "destination)")
     dg.add_argument("--retire-here", action="store_true",
                     help="retire the source copy (the VM runs on the destination)")
+
+    st = sub.add_parser("status", help="the migrations running on this host, as "
+                        "query-migrate would say (phase, round, remaining, rates)")
+    st.add_argument("--status-file", metavar="PATH",
+                    help="read this status file (a 'migrate --status-file'), not the "
+                    "running ones")
+    st.add_argument("--json", action="store_true", help="print the status documents as JSON")
 
     d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
                        "a live migration over loopback, verification")
@@ -252,14 +262,15 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signals, nursery.cancel_scope, src, console)
             nursery.start_soon(LiveProgress(src.progress, console).run)
-            if a.status_file:
-                nursery.start_soon(keep_status_file, src.progress, src.report,
-                                   os.path.abspath(a.status_file))
+            nursery.start_soon(partial(keep_status_file, extra={
+                "mount": os.path.abspath(a.mount), "to": a.to}), src.progress, src.report,
+                status_path)
             try:
                 await src.run()
             finally:
                 nursery.cancel_scope.cancel()
 
+    status_path = os.path.abspath(a.status_file) if a.status_file else _own_status_file()
     try:
         trio.run(main)
     except Exception:
@@ -267,12 +278,70 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             raise
         # The report's error is the whole story (e.g. where the VM runs and how to settle it)
     finally:
+        if not a.status_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(status_path)
         if src.report.files:  # got past the handshake: there is something to summarize
             print_summary(src.report, Console())
         if a.report:
             Console().print(f"JSON report: {a.report}")
     if src.report.status != "completed":
         raise MigrationError(src.report.error or "the migration did not complete")
+    return 0
+
+
+def _status_dir() -> str:
+    from blkfs.runtime import runtime_dir
+
+    return os.path.join(runtime_dir(), "migrations")
+
+
+def _own_status_file() -> str:
+    d = _status_dir()
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return os.path.join(d, f"{os.getpid()}.json")
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import json
+
+    from blkfs.runtime import process_gone
+
+    from .report import status_line
+
+    if a.status_file:
+        paths = [a.status_file]
+        if not os.path.exists(a.status_file):
+            raise MigrationError(f"{a.status_file}: no such status file (is the path the one "
+                                 "given to 'migrate --status-file'?)")
+    else:
+        d = _status_dir()
+        paths = sorted(os.path.join(d, n) for n in (os.listdir(d) if os.path.isdir(d) else ())
+                       if n.endswith(".json"))
+    docs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            continue  # it ended while we looked
+        except (OSError, ValueError) as exc:
+            raise MigrationError(f"{path}: not a migrator status file ({exc})") from None
+        pid = doc.get("pid")
+        doc["running"] = isinstance(pid, int) and not process_gone(pid) and doc.get(
+            "status") in ("setup", "active")
+        docs.append(doc)
+    if a.json:
+        print(json.dumps(docs, indent=1))
+        return 0
+    if not docs:
+        print("migrator: no migration is running on this host (as this user)")
+        return 0
+    for doc in docs:
+        gone = "" if doc["running"] or doc.get("status") not in ("setup", "active") else (
+            f" [its process {doc.get('pid')} is gone: it did not finish; 'migrator resolve "
+            f"--mount {doc.get('mount')}' says where the VM runs]")
+        print(status_line(doc) + gone)
     return 0
 
 
@@ -340,8 +409,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
-COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "resolve": cmd_resolve,
-            "demo": cmd_demo}
+COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "status": cmd_status,
+            "resolve": cmd_resolve, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

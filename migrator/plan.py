@@ -122,6 +122,7 @@ class RoundStats:
     dirty_blocks: int
     bytes: int
     seconds: float
+    dirty_rate_mb_s: float = 0.0  # how fast the VM dirtied what this round sent
 
 
 @dataclass

@@ -40,12 +40,15 @@ class Progress:
     bytes_sent: int = 0
     total: int = 0  # data bytes of the migrated files
     channel: _Counted | None = None  # bytes on the wire, frames included, as they go
+    sent_before: int = 0  # on the channels a reattach replaced
     migration: str = ""
     spill_flushed: bool = False  # post-copy: every remaining page is in the spill area
+    expected_downtime_ms: float | None = None  # the last set at the measured bandwidth
 
     @property
     def sent(self) -> int:
-        return self.channel.bytes_sent if self.channel is not None else self.bytes_sent
+        return self.sent_before + (self.channel.bytes_sent if self.channel is not None
+                                   else self.bytes_sent)
 
 
 @dataclass
@@ -69,6 +72,11 @@ class MigrationReport:
     # Bytes of blocks by how they travelled: normal (as data), zero (all-zero blocks, as
     # Zero runs), hole (holes of the source's files: never read, sent as Zero runs)
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    # On the wire before the VM stopped, while it was stopped (last set, device state, the
+    # handoff), and after it ran on the destination (post-copy, verification)
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    blocks_per_s: float = 0.0  # blocks sent per second, initial copy to resume
+    dirty_rate_mb_s: float | None = None  # the last round's: how fast the VM dirtied blocks
     spill_bytes: int = 0  # post-copy pages written into the spill area
     static_blocks: int = 0
     dynamic_blocks: int = 0
@@ -135,10 +143,16 @@ def print_summary(r: MigrationReport, console: Console) -> None:
           if r.bytes_by_kind.get("zero") or r.bytes_by_kind.get("hole") else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
         ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
-                    + " dirty blocks" if r.rounds else "none")
+                    + " dirty blocks (the VM dirtying " + ", ".join(
+                        f"{x.dirty_rate_mb_s:.1f}" for x in r.rounds) + " MB/s)"
+                    if r.rounds else "none")
                    + f"; last set {r.last_set_blocks}"),
+        *([("by phase", "before the downtime {}, during it {}, after it {}".format(
+            *(human_bytes(r.bytes_by_phase.get(k, 0))
+              for k in ("before_downtime", "during_downtime", "after_downtime"))))]
+          if r.bytes_by_phase else []),
         ("switchover", r.switchover_reason or "-"),
-        ("bandwidth", f"{r.mbps:.0f} MB/s"),
+        ("bandwidth", f"{r.mbps:.0f} MB/s, {r.blocks_per_s:.0f} blocks/s"),
         ("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)"),
     ]
     pc = r.postcopy
@@ -157,17 +171,52 @@ def print_summary(r: MigrationReport, console: Console) -> None:
     console.print(t)
 
 
+def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> dict[str, Any]:
+    """What `migrator status` shows: query-migrate's fields, in the report's words."""
+    sent = progress.sent
+    return {
+        "migration": progress.migration, "status": report.status, "phase": progress.phase,
+        "round": progress.round, "dirty_blocks": progress.pending,
+        "remaining_bytes": progress.pending * report.block_size if report.block_size else None,
+        "bytes_sent": sent, "data_bytes": progress.total,
+        "mbps": round(sent / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
+        "blocks_sent": report.blocks_sent, "bytes_by_kind": report.bytes_by_kind,
+        "dirty_rate_mb_s": report.dirty_rate_mb_s,
+        "expected_downtime_ms": report.expected_downtime_ms,
+        "downtime_ms": report.downtime_ms, "spill_flushed": progress.spill_flushed,
+        "source_vm": report.source_vm, "error": report.error,
+        "elapsed_s": round(elapsed, 2), "updated_at": time.time(),
+    }
+
+
+def status_line(doc: dict[str, Any]) -> str:
+    """One line for a status document (`migrator status`)."""
+    parts = [f"{doc.get('phase')}", f"round {doc.get('round')}",
+             f"{doc.get('dirty_blocks')} dirty blocks"]
+    if doc.get("remaining_bytes") is not None:
+        parts.append(f"{human_bytes(doc['remaining_bytes'])} remaining")
+    parts.append(f"sent {human_bytes(doc.get('bytes_sent') or 0)} of "
+                 f"{human_bytes(doc.get('data_bytes') or 0)} at {doc.get('mbps', 0):g} MB/s")
+    if doc.get("dirty_rate_mb_s") is not None:
+        parts.append(f"dirtied at {doc['dirty_rate_mb_s']:g} MB/s")
+    if doc.get("downtime_ms") is not None:
+        parts.append(f"downtime {doc['downtime_ms']:g} ms")
+    elif doc.get("expected_downtime_ms") is not None:
+        parts.append(f"expected downtime {doc['expected_downtime_ms']:g} ms")
+    if doc.get("error"):
+        parts.append(f"error: {doc['error']}")
+    return f"{doc.get('migration') or '?'} ({doc.get('status')}): " + ", ".join(parts)
+
+
 async def keep_status_file(progress: Progress, report: MigrationReport, path: str,
-                           interval: float = 0.2) -> None:
+                           interval: float = 0.2, extra: dict[str, Any] | None = None) -> None:
     """Keep a JSON status file current while a migration runs, for other processes (what
     QEMU's query-migrate answers): phase, round, dirty blocks, bytes, post-copy state."""
+    t0 = time.monotonic()
+
     def write() -> None:
-        doc = {"migration": progress.migration, "status": report.status,
-               "phase": progress.phase, "round": progress.round,
-               "dirty_blocks": progress.pending, "bytes_sent": progress.sent,
-               "data_bytes": progress.total, "spill_flushed": progress.spill_flushed,
-               "downtime_ms": report.downtime_ms, "source_vm": report.source_vm,
-               "error": report.error, "updated_at": time.time()}
+        doc = status_doc(progress, report, time.monotonic() - t0)
+        doc.update(extra or {}, pid=os.getpid())
         with open(path + ".tmp", "w") as f:
             json.dump(doc, f)
         os.replace(path + ".tmp", path)
@@ -203,6 +252,8 @@ class LiveProgress:
                 mbps = sent / elapsed / 1e6 if elapsed > 0 else 0.0
                 total = p.total or None
                 info = f"round {p.round}, {p.pending} dirty blocks, {mbps:.0f} MB/s"
+                if p.expected_downtime_ms is not None and p.phase == "dirty rounds":
+                    info += f", expected downtime {p.expected_downtime_ms:.0f} ms"
                 if p.phase == "initial copy" and total and mbps > 0:
                     info += f", ETA {max(0.0, (total - sent) / 1e6 / mbps):.1f} s"
                 shown = max(shown, min(sent, total or sent))

@@ -145,6 +145,11 @@ class Source:
         self.ch: Channel | None = None
         self.suspended = False
         self.t_suspend = 0.0
+        self.t_copy = 0.0  # the initial copy began
+        self.t_epoch = 0.0  # the epoch whose writes the next swap returns began
+        self.sent_at_suspend: int | None = None  # bytes on the wire when the VM stopped
+        self.sent_at_resume: int | None = None  # ... and when it ran on the destination
+        self.t_resume: float | None = None
         self.switched = False  # the destination said Resumed: the VM runs there
         self.commit_sent = False  # from the first byte of Commit on, the VM may run there
         self.record: SourceRecord | None = None  # ours, on the source mount
@@ -256,7 +261,7 @@ class Source:
                     kinds["normal"] = kinds.get("normal", 0) + len(data)
                     by_file = self.report.bytes_by_file
                     by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
-                    self.progress.bytes_sent = self.report.bytes_sent = ch.bytes_sent
+                    self.report.bytes_sent = self.progress.sent
         self.report.blocks_sent += blocks
         return blocks, nbytes
 
@@ -327,7 +332,7 @@ class Source:
     async def _initial_copy(self, planner: RoundPlanner) -> None:
         assert self.ch is not None
         self._phase("initial copy")
-        now = time.monotonic()
+        now = self.t_copy = time.monotonic()
         static: dict[int, list[Extent]] = {}
         dynamic: dict[int, list[Extent]] = {}
         for f in self.files:
@@ -364,13 +369,14 @@ class Source:
             await self._store.flush()
             sets = self._swap()
             self.report.dirty_sync_count += 1
+            dirty_rate = self._dirty_rate(sets)
             if self.use_postcopy:
                 for fid in self.memory_ids:
                     backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
             prog.pending = sum(c for exts in sets.values() for _, c in exts)
             decision = planner.decide(prog.pending)
-            self.report.expected_downtime_ms = round(planner.expected_downtime_ms(prog.pending),
-                                                     2)
+            self.report.expected_downtime_ms = prog.expected_downtime_ms = round(
+                planner.expected_downtime_ms(prog.pending), 2)
             if decision.stalled and self.opts.postcopy == "auto" and not self.use_postcopy:
                 # Memory outruns the link: it goes post-copy; the disks go on converging alone.
                 self.use_postcopy = True
@@ -392,15 +398,43 @@ class Source:
             ack = await self.ch.expect(p.RoundAck)
             if ack.round != prog.round:
                 raise MigrationError(f"bad peer: acknowledged round {ack.round}, not {prog.round}")
-            stats = RoundStats(prog.round, blocks, nbytes, round(time.monotonic() - t, 4))
+            stats = RoundStats(prog.round, blocks, nbytes, round(time.monotonic() - t, 4),
+                               dirty_rate)
             planner.record_round(stats)
             self.report.rounds.append(stats)
+
+    def _dirty_rate(self, sets: dict[int, list[Extent]]) -> float:
+        """MB/s the VM dirtied in the epoch a swap just ended (what QEMU calls the dirty
+        page rate), for the report and the status."""
+        now = time.monotonic()
+        dirty = sum(c for exts in sets.values() for _, c in exts) * self.block_size
+        rate = round(dirty / max(now - self.t_epoch, 1e-6) / 1e6, 2)
+        self.t_epoch = now
+        self.report.dirty_rate_mb_s = rate
+        return rate
+
+    def _resumed(self) -> None:
+        self.t_resume = time.monotonic()
+        self.sent_at_resume = self.progress.sent
+
+    def _bytes_by_phase(self, now: float) -> None:
+        """Bytes on the wire before, during and after the downtime; blocks per second of
+        the copy (initial copy to resume)."""
+        r = self.report
+        before = r.bytes_sent if self.sent_at_suspend is None else self.sent_at_suspend
+        during = (r.bytes_sent if self.sent_at_resume is None else self.sent_at_resume) - before
+        r.bytes_by_phase = {"before_downtime": before, "during_downtime": during,
+                            "after_downtime": r.bytes_sent - before - during}
+        if self.t_copy:
+            r.blocks_per_s = round(r.blocks_sent / max((self.t_resume or now) - self.t_copy,
+                                                       1e-6))
 
     async def _suspend(self) -> None:
         bd = self.report.downtime_breakdown_ms
         if self.adapter.flush_before_suspend:
             await self._store.flush()
         self.t_suspend = t = time.monotonic()
+        self.sent_at_suspend = self.progress.sent
         self.suspended = True
         await self.hooks.run_sync(self.adapter.suspend)
         bd["suspend"] = _ms(t)
@@ -448,6 +482,7 @@ class Source:
         bd["destination_resume"] = _ms(t)
         self.switched = True
         self.report.downtime_ms = _ms(self.t_suspend)
+        self._resumed()
 
     async def _reattach(self, why: str) -> None:
         """The link broke after Commit: reconnect, with backoff, for up to the io timeout,
@@ -504,6 +539,8 @@ class Source:
         if answer.status != OWNER:
             await ch.aclose()
             raise NotOwner(answer.status, f"the destination says: {answer.detail}")
+        if self.ch is not None:  # the bytes it carried still count
+            self.progress.sent_before += self.ch.bytes_sent
         self.ch = self.progress.channel = ch
 
     def _announcement(self) -> p.Postcopy:
@@ -591,6 +628,7 @@ class Source:
             bd["destination_resume"] = _ms(t)
             self.switched = True
             r.downtime_ms = r.resume_ms = _ms(self.t_suspend)
+            self._resumed()
             self.hooks.notify(f"resumed on the destination after {r.downtime_ms} ms; "
                               f"post-copy of {pc.stats.pages} pages")
         st = pc.stats
@@ -687,6 +725,7 @@ class Source:
             for f in self.files:  # the epoch that collects writes from now on
                 self._store.swap(f.file_id)
                 f.size = self._store.size(f.file_id)
+            self.t_epoch = time.monotonic()
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
             r.data_bytes = self.progress.total = sum(f.size for f in self.files)
             assert self.record is not None
@@ -716,8 +755,9 @@ class Source:
             r.total_s = round(time.monotonic() - t0, 3)
             if planner is not None:
                 r.mbps = round(planner.bandwidth / 1e6, 1)
+            r.bytes_sent = self.progress.sent
+            self._bytes_by_phase(time.monotonic())
             if self.ch is not None:
-                r.bytes_sent = self.ch.bytes_sent
                 await self.ch.aclose()
             if self.spill is not None:
                 self.spill.close()

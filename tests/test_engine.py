@@ -389,3 +389,28 @@ async def test_zero_blocks_travel_as_zero_runs_and_the_copy_is_exact(
     assert r.bytes_by_kind["zero"] > 30 * BS and r.bytes_by_kind["normal"] < len(disk)
     assert r.bytes_sent < r.bytes_by_kind["normal"] + 64 * 1024  # zeros cost a few bytes
     assert outcome is not None and outcome.completed
+
+
+async def test_the_report_splits_bytes_around_the_downtime_and_rates_each_round(
+        autojump_clock: Any) -> None:
+    """Item 5 of issue 11: bytes before / during / after the downtime add up to the bytes
+    sent, the last set travels in the downtime, every round has the VM's dirty rate, and
+    the status document says what query-migrate would."""
+    from migrator.report import status_doc, status_line
+
+    vm = FakeVM([20, 10, 5, 1, 0])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, _, _ = await migrate(src, vm, dest, options())
+    r = source.report
+    assert r.status == "completed", r.error
+    phase = r.bytes_by_phase
+    assert sum(phase.values()) == r.bytes_sent
+    assert phase["before_downtime"] > phase["during_downtime"] > 0  # the last set, Commit
+    assert phase["after_downtime"] > 0  # verification
+    assert r.rounds and all(x.dirty_rate_mb_s > 0 for x in r.rounds)
+    assert r.dirty_rate_mb_s is not None  # the last swap's, the one that switched over
+    assert r.blocks_per_s > 0
+    doc = status_doc(source.progress, r, 2.0)
+    assert doc["status"] == "completed" and doc["bytes_sent"] == r.bytes_sent
+    assert doc["remaining_bytes"] == source.progress.pending * r.block_size
+    assert r.migration in status_line(doc) and "downtime" in status_line(doc)

@@ -199,6 +199,51 @@ def assert_source_whole(src: Mount, before: dict[str, str], vm: subprocess.Popen
         assert digest(src.mnt / n) == d, f"{n} changed"
 
 
+def test_status_shows_a_running_migration_and_nothing_after(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
+        idle_vm: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    """`migrator status` (query-migrate): another process sees the running migration's
+    phase, bytes and remaining set; when it ends its status file is gone."""
+    src, dst = hosts
+    (src.mnt / "disk.raw").write_bytes(os.urandom(6 << 20))
+    s = Server(dst, key)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    mig = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                            f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
+                            f"pid:{idle_vm.pid}", "--bandwidth", "3", "--report", str(report),
+                            "disk.raw"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen: list[dict[str, object]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and mig.poll() is None:
+            r = subprocess.run([*MIGRATOR, "status", "--json"], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            docs = json.loads(r.stdout)
+            if docs and docs[0]["phase"] == "initial copy" and docs[0]["bytes_sent"]:
+                seen = docs
+                break
+            time.sleep(0.1)
+        assert seen, "the running migration never showed in migrator status"
+        doc = seen[0]
+        assert doc["running"] is True and doc["pid"] == mig.pid
+        assert doc["status"] == "active" and doc["data_bytes"] == 6 << 20
+        assert doc["mount"] == str(src.mnt)
+        line = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
+        assert "initial copy" in line and "MB/s" in line, line
+        _, err = mig.communicate(timeout=60)
+        assert mig.returncode == 0, err
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.communicate()
+    after = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True)
+    assert after.returncode == 0 and "no migration is running" in after.stdout
+    rep = json.loads(report.read_text())
+    assert sum(rep["bytes_by_phase"].values()) == rep["bytes_sent"]
+    assert s.finish()[0] == 0
+
+
 def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: Path,
                                               servers: list[Server], tmp_path: Path,
                                               idle_vm: subprocess.Popen[bytes]) -> None:
