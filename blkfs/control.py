@@ -303,6 +303,22 @@ class Controller:
             await self.invalidate(tr.key)  # no cached page of the old data is served
         return cp.Count(1 if length else 0)
 
+    async def op_written(self, req: cp.Written, conn: Connection) -> cp.Count:
+        rel, tr = self._resolve(req.file)
+        if tr.lazy is not None and tr.lazy.absent.count:
+            raise ControlError(f"{rel} has post-copy blocks still absent: write it through "
+                               "the mount")
+        if tr.frozen:
+            await self.registry.wait_thawed(tr)
+        marked = 0
+        for offset, length in req.ranges:
+            if length:
+                tr.on_write(offset, length)  # a write like any other (invariant 1)
+                marked += 1
+        if marked and self.invalidate is not None:
+            await self.invalidate(tr.key)  # no page cached before the write is served
+        return cp.Count(marked)
+
     def op_claim(self, req: cp.Claim, conn: Connection) -> cp.Claimed:
         if self.claim is not None and self.claim[0] is not conn:
             held = self.claim[1]
@@ -339,6 +355,7 @@ OPS: dict[type[cp.Request], Callable[[Controller, Any, Connection], Any]] = {
     cp.LazyReport: Controller.op_lazy_report, cp.LazySourceLost: Controller.op_lazy_source_lost,
     cp.LazyGiveUp: Controller.op_lazy_give_up, cp.LazyReattach: Controller.op_lazy_reattach,
     cp.Claim: Controller.op_claim, cp.Punch: Controller.op_punch,
+    cp.Written: Controller.op_written,
 }
 assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 

@@ -270,6 +270,17 @@ class Punch(Request):
 
 
 @dataclass(frozen=True)
+class Written(Request):
+    """Byte ranges of FILE a migration wrote into the backing file directly (the destination
+    before its VM runs, to skip FUSE): tracked as writes, the kernel's cache dropped."""
+
+    OP = "written"
+    Reply = Count
+    file: str
+    ranges: tuple[Extent, ...]  # (offset, length) in bytes
+
+
+@dataclass(frozen=True)
 class LazyFileSpec:
     file_id: int
     file: str
@@ -419,7 +430,7 @@ class Claim(Request):
 
 OPS: dict[str, type[Request]] = {cls.OP: cls for cls in (
     Info, Status, Dirty, Clear, Heat, Freeze, Thaw, Spill, LazyBegin, LazyRefs, LazyInstall,
-    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, LazyReattach, Claim, Punch)}
+    LazyWait, LazyReport, LazySourceLost, LazyGiveUp, LazyReattach, Claim, Punch, Written)}
 
 
 # -- checking values against annotations ------------------------------------------------------
@@ -560,7 +571,7 @@ def to_dict(obj: Any) -> Any:
     """A dataclass (or a value inside one) as JSON-ready data; bytes are left out."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not isinstance(getattr(obj, f.name), bytes)}
+                if not isinstance(getattr(obj, f.name), _BYTES)}
     if isinstance(obj, (tuple, list)) and obj and dataclasses.is_dataclass(obj[0]):
         return [to_dict(v) for v in obj]
     return obj  # json writes tuples of plain values as arrays: no copy of a dirty set
@@ -569,9 +580,12 @@ def to_dict(obj: Any) -> Any:
 # -- the codec ---------------------------------------------------------------------------------
 
 
-def _payload(req: Request) -> bytes:
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _payload(req: Request) -> bytes | bytearray | memoryview:
     data = getattr(req, "data", b"")
-    return data if isinstance(data, bytes) else b""
+    return data if isinstance(data, _BYTES) else b""
 
 
 def encode_request(req: Request) -> bytes:

@@ -488,6 +488,8 @@ class DestSession:
     async def _handle(self, ev: Any, state: p.State) -> None:
         ch = self.ch
         pc = self.pc
+        if not isinstance(ev, (p.Blocks, p.Zero)):
+            self.store.settle()  # the data written so far is what the mount shows, from now
         if pc is not None and not pc.absent_done.is_set() and not isinstance(ev, p.Absent):
             pc.absent_done.set()  # Absent frames come right after Postcopy, all together
         if isinstance(ev, p.Blocks) and state in _FETCH_STATES:

@@ -144,6 +144,7 @@ class MemoryDest:
         self.names: dict[int, str] = {}
         self.states: list[dict[str, Any]] = []
         self.writes = 0
+        self.unsettled = 0  # writes the mount does not show yet (MountDest.settle)
         self.fail_after_writes = fail_after_writes
         self.digest_log: bytes | None = None
         self.reattached: str | None = None
@@ -178,8 +179,12 @@ class MemoryDest:
         if self.fail_after_writes is not None and self.writes >= self.fail_after_writes:
             raise MigrationError(f"destination disk full writing {self.names[file_id]}")
         self.writes += 1
+        self.unsettled += 1
         buf = self.data[file_id]
         buf[offset:offset + len(data)] = data
+
+    def settle(self) -> None:
+        self.unsettled = 0
 
     def fresh(self, file_id: int) -> bool:
         return True
@@ -414,3 +419,18 @@ async def test_the_report_splits_bytes_around_the_downtime_and_rates_each_round(
     assert doc["status"] == "completed" and doc["bytes_sent"] == r.bytes_sent
     assert doc["remaining_bytes"] == source.progress.pending * r.block_size
     assert r.migration in status_line(doc) and "downtime" in status_line(doc)
+
+
+async def test_the_vm_starts_only_on_settled_writes(autojump_clock: Any) -> None:
+    """The destination writes backing files directly; every write must be settled (the
+    daemon told, the kernel's cache dropped) before the VM starts there."""
+    vm = FakeVM([20, 10, 5, 1, 0])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    at_start: list[int] = []
+
+    async def resume() -> None:
+        at_start.append(dest.unsettled)
+
+    source, _, _ = await migrate(src, vm, dest, options(), resume_hook=resume)
+    assert source.report.status == "completed", source.report.error
+    assert dest.writes and at_start == [0]

@@ -578,3 +578,30 @@ def test_zero_runs_over_data_the_destination_holds_are_punched(
     assert rep["verified"] and rep["bytes_by_kind"]["zero"] >= 24 << 20, rep["bytes_by_kind"]
     assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
     assert os.stat(dst.backing / "disk.raw").st_blocks * 512 < 12 << 20  # punched, not written
+
+
+def test_direct_writes_are_tracked_and_never_leave_a_stale_page(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
+        idle_vm: subprocess.Popen[bytes]) -> None:
+    """The destination writes the backing files directly, not through FUSE: what the mount
+    shows afterwards is the new data even where the kernel had the old pages cached (mmap'ed
+    and read through the mount just before), and the daemon tracked the writes."""
+    import mmap
+
+    src, dst = hosts
+    (src.mnt / "disk.raw").write_bytes(os.urandom(4 << 20))
+    (dst.mnt / "disk.raw").write_bytes(b"\x55" * (4 << 20))  # an old copy, cached
+    with open(dst.mnt / "disk.raw", "rb") as f:
+        old = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        assert old[:4] == b"\x55" * 4 and (dst.mnt / "disk.raw").read_bytes()[-1] == 0x55
+        run_blkfs("dirty", str(dst.mnt), "disk.raw", "--swap", check=True)  # a clean epoch
+        s = Server(dst, key)
+        servers.append(s)
+        r = migrate(src, s.port, key, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
+        assert r.returncode == 0, r.stderr
+        assert s.finish()[0] == 0
+        assert old[:4096] == (src.mnt / "disk.raw").read_bytes()[:4096]  # the mapping too
+        old.close()
+    assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
+    out = run_blkfs("dirty", str(dst.mnt), "disk.raw", "--json", check=True).stdout
+    assert json.loads(out)["extents"] == [[0, (4 << 20) // 65536]]  # every block tracked
