@@ -102,6 +102,7 @@ ROLES = (SOURCE, DEST)
 
 _U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1
 _BLOCKS = struct.Struct(">IQ")  # file_id, first_block; the data follows
+BIG_DATA = 1 << 18  # Blocks frames from this size on are received into their own buffer
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
 _MAC_CONTEXT = b"blkfs-migrator/1|"
 
@@ -171,7 +172,7 @@ class Blocks:
 
     file_id: int
     first_block: int
-    data: bytes
+    data: bytes | bytearray  # received: a bytearray of its own (Connection's big frames)
 
 
 @dataclass(frozen=True, slots=True)
@@ -911,6 +912,9 @@ class Connection:
         self._state = State.HELLO
         self._done: set[str] = set()  # who sent this HELLO/AUTH phase's event
         self._buf = bytearray()
+        self._big: bytearray | None = None  # the data of a big Blocks frame, as it comes
+        self._big_fill = 0
+        self._big_head = b""
         self._eof = False
         self._why = ""  # the error or abort that ended the connection
         self._manifest: Manifest | None = None
@@ -978,15 +982,47 @@ class Connection:
             return
         if len(self._buf) >= MAX_FRAME:
             raise LocalProtocolError("call next_event() until NEED_DATA before feeding more")
+        big = self._big
+        if big is not None and self._big_fill < len(big):
+            n = min(len(big) - self._big_fill, len(data))
+            big[self._big_fill:self._big_fill + n] = memoryview(data)[:n]
+            self._big_fill += n
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
         self._buf += data
         try:
-            self._header()  # refuse a bad header now, before its payload arrives
+            if big is None:
+                self._header()  # refuse a bad header now, before its payload arrives
+                self._start_big()
         except ProtocolError as exc:
             raise self._fail(exc) from None
+
+    def _start_big(self) -> None:
+        """The front frame is Blocks of BIG_DATA or more, not all here: its data goes into a
+        buffer of its own as it comes, so it is copied once (not into the buffer, out as the
+        payload, out again as the data). Only a peek: the header is checked for the state
+        when the frame is taken (our own sends may change what is legal meanwhile)."""
+        if len(self._buf) < HEADER.size:
+            return
+        code, length = HEADER.unpack_from(self._buf)
+        if code != FrameType.BLOCKS or not BIG_DATA <= length <= MAX_PAYLOAD:
+            return
+        pre, end = HEADER.size + _BLOCKS.size, HEADER.size + length
+        if not pre <= len(self._buf) < end:
+            return
+        self._big_head = bytes(self._buf[:pre])
+        self._big = bytearray(end - pre)
+        with memoryview(self._buf) as view:
+            self._big[: len(self._buf) - pre] = view[pre:]
+        self._big_fill = len(self._buf) - pre
+        self._buf = bytearray()
 
     def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
         """The peer's next event, or NEED_DATA; RemoteProtocolError (state ERROR) if illegal."""
         self._refuse_if_over()
+        if self._big is not None:
+            return self._big_event()
         try:
             header = self._header()
             end = HEADER.size + header[1] if header else 0
@@ -1001,6 +1037,26 @@ class Connection:
             del self._buf[:end]
             event = _decode_payload(header[0], payload)
             self._apply(event, self.peer_role)
+            self._start_big()
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        return event
+
+    def _big_event(self) -> Event | Literal[NeedData.NEED_DATA]:
+        assert self._big is not None
+        try:
+            if self._big_fill < len(self._big):
+                if self._eof:
+                    raise ProtocolError(f"peer closed the connection during "
+                                        f"{self._state.name} in the middle of a frame")
+                return NEED_DATA
+            code, length = HEADER.unpack_from(self._big_head)
+            self._next_state(self._state, self.peer_role, _check_header(code, length))
+            file_id, first = _BLOCKS.unpack_from(self._big_head, HEADER.size)
+            event = Blocks(file_id, first, self._big)
+            self._big = None
+            self._apply(event, self.peer_role)
+            self._start_big()
         except ProtocolError as exc:
             raise self._fail(exc) from None
         return event
@@ -1017,6 +1073,7 @@ class Connection:
         self._state = State.ERROR
         self._why = str(exc)
         self._buf = bytearray()
+        self._big = None
         return exc if isinstance(exc, RemoteProtocolError) else RemoteProtocolError(str(exc))
 
     def _header(self) -> tuple[type[Event], int] | None:

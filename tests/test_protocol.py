@@ -48,6 +48,7 @@ from migrator.protocol import (
     Switchover,
     Verified,
     VerifyDone,
+    Zero,
     check_event,
     check_file_name,
     decode,
@@ -871,3 +872,59 @@ def test_decode_wants_exactly_one_frame() -> None:
         decode(raw[:3])
     with pytest.raises(ProtocolError, match="says 2 payload bytes, has 3"):
         decode(raw + b"x")
+
+
+BIG_BS = 64 << 10
+BIG_MANIFEST = Manifest(BIG_BS, (FileEntry(0, "disk.img", 64 * BIG_BS),
+                                 FileEntry(1, "vm.mem", 16 * BIG_BS + 7)))
+BIG_FRAMES: list[Event] = [
+    Blocks(0, 0, data(16 * BIG_BS, 1)),  # 1 MiB: received into a buffer of its own
+    Blocks(1, 0, data(BIG_BS, 2)),  # small: the usual path
+    Zero(0, 16, 8),
+    Blocks(0, 24, data(8 * BIG_BS, 3)),  # 512 KiB, right after a small frame
+    Blocks(0, 32, data(32 * BIG_BS, 4)),  # 2 MiB, right after a big one
+    Blocks(1, 4, data(12 * BIG_BS + 7, 5)),  # a big tail: ends at the end of the file
+    RoundDone(0, 96, 0),
+]
+
+
+def _big_link() -> tuple[Connection, Connection]:
+    s = Connection("source", KEY, nonce=S_NONCE)
+    d = Connection("dest", KEY, nonce=D_NONCE)
+    for a, b in ((s, d), (d, s)):
+        feed(b, a.send(a.hello_event()))
+    for a, b in ((s, d), (d, s)):
+        feed(b, a.send(a.auth_event()))
+    feed(d, s.send(BIG_MANIFEST))
+    feed(s, d.send(Ready()))
+    return s, d
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_big_blocks_frames_arrive_whole_however_split(rnd: random.Random) -> None:
+    """Blocks frames of 256 KiB or more gather their data in a buffer of their own: every
+    event comes out equal and in order, whatever the read sizes, frames back to back."""
+    s, d = _big_link()
+    raw = b"".join(s.send(e) for e in BIG_FRAMES)
+    cuts = sorted(rnd.sample(range(1, len(raw)), rnd.randint(0, 40)))
+    for i in range(rnd.randint(0, 5)):  # cuts right at and around a big frame's header
+        cuts.append(min(len(raw) - 1, HEADER.size + 12 * (i + 1)))
+    cuts = sorted(set(cuts))
+    pieces = [raw[i:j] for i, j in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    got = []
+    for piece in pieces:
+        d.receive_data(piece)
+        got += drain(d)
+    assert got == BIG_FRAMES
+    assert d.state is State.ROUND_END
+
+
+def test_a_peer_gone_in_the_middle_of_a_big_frame_is_an_error() -> None:
+    s, d = _big_link()
+    raw = s.send(BIG_FRAMES[0])
+    d.receive_data(raw[: len(raw) // 2])
+    assert d.next_event() is NEED_DATA
+    d.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        d.next_event()
