@@ -214,19 +214,25 @@ async def keep_status_file(progress: Progress, report: MigrationReport, path: st
     QEMU's query-migrate answers): phase, round, dirty blocks, bytes, post-copy state."""
     t0 = time.monotonic()
 
-    def write() -> None:
+    def text() -> str:
         doc = status_doc(progress, report, time.monotonic() - t0)
         doc.update(extra or {}, pid=os.getpid())
-        with open(path + ".tmp", "w") as f:
-            json.dump(doc, f)
-        os.replace(path + ".tmp", path)
+        return json.dumps(doc)
 
     try:
         while True:
-            write()
+            # In a worker thread: on ext4 a rename over the old file waits for the new one's
+            # data behind the copy's writeback (20 ms and more), which must not stall the loop.
+            await trio.to_thread.run_sync(_replace_file, path, text())
             await trio.sleep(interval)
     finally:
-        write()  # the end: its status and error
+        _replace_file(path, text())  # the end: its status and error
+
+
+def _replace_file(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 class LiveProgress:
