@@ -40,6 +40,7 @@ def daemon_pid(mnt: Path, env: dict[str, str], tree: Path) -> int:
 
 
 def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
+    os.sync()  # the last run's dirty pages would be written back during this one
     env = dict(os.environ, PYTHONPATH=str(tree))
     with tempfile.TemporaryDirectory(prefix="bench-copy-") as d:
         w = Path(d)
@@ -62,6 +63,7 @@ def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
                 with open(w / "src" / name, "wb") as f:
                     for _ in range(mib):
                         f.write(os.urandom(1 << 20))
+            os.sync()  # the fill's writeback must not run during the copy
             daemons = [daemon_pid(m, env, tree) for m in mounts]
             serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount",
                                       str(w / "dst"), "--listen", "127.0.0.1:0", "--key-file",
