@@ -27,6 +27,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 
 from .qmp import QMP, QMPError
@@ -73,59 +74,102 @@ def _connect_qmp(path: str, timeout: float = 10.0) -> QMP:
 
 
 class QemuSource:
-    """The source QEMU: stop, save the device state, and cont or quit."""
+    """The source QEMU: stop, save the device state, and cont or quit.
+
+    The save runs in a thread of its own once the guest is stopped, so the device state is
+    written while the last dirty set travels (both are final once the guest stops); whoever
+    needs it (`saved()`) or talks to QEMU next (`cont`, `quit`) waits for that thread first:
+    the QMP connection is never used by two threads at once."""
 
     def __init__(self, qmp_path: str) -> None:
         self.path = qmp_path
         self.q = _connect_qmp(qmp_path)
         try:
             status = self.q.command("query-status")["status"]
+            if status == "running":
+                _ignore_shared(self.q)  # now, not in the downtime
         except QMPError as exc:
+            self.q.close()
             raise QemuError(str(exc)) from None
         if status != "running":
             self.q.close()
             raise QemuError(f"the QEMU on {qmp_path} is {status!r}, not running: nothing to "
                             "migrate live")
         self.device_state = b""
+        self._saver: threading.Thread | None = None
+        self._save_error: QemuError | None = None
 
-    def stop_and_save(self) -> bytes:
-        """`stop`, then QEMU's device state (RAM in the shared file left out)."""
+    def stop(self) -> None:
+        """`stop`, then start saving the device state (RAM in the shared file left out)."""
+        d = _private_dir("migrator-qemu-")
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            path = os.path.join(d, "state.sock")
+            ls.bind(path)
+            ls.listen(1)
+            ls.settimeout(MIGRATE_TIMEOUT)
             self.q.command("stop")
-            _ignore_shared(self.q)
-            d = _private_dir("migrator-qemu-")
-            try:
-                path = os.path.join(d, "state.sock")
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as ls:
-                    ls.bind(path)
-                    ls.listen(1)
-                    ls.settimeout(MIGRATE_TIMEOUT)
-                    self.q.command("migrate", uri=f"unix:{path}")
-                    conn, _ = ls.accept()
-                    with conn:
-                        conn.settimeout(MIGRATE_TIMEOUT)
-                        chunks = []
-                        while data := conn.recv(1 << 20):
-                            chunks.append(data)
-                _wait_migration(self.q, "migrate (device state)")
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
         except QMPError as exc:
+            ls.close()
+            shutil.rmtree(d, ignore_errors=True)
             raise QemuError(str(exc)) from None
+        except BaseException:
+            ls.close()
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        self._save_error = None
+        self._saver = threading.Thread(target=self._save, args=(ls, path, d), daemon=True,
+                                       name="qemu-device-state")
+        self._saver.start()
+
+    def _save(self, ls: socket.socket, path: str, d: str) -> None:
+        try:
+            with ls:
+                self.q.command("migrate", uri=f"unix:{path}")
+                conn, _ = ls.accept()
+                with conn:
+                    conn.settimeout(MIGRATE_TIMEOUT)
+                    chunks = []
+                    while data := conn.recv(1 << 20):
+                        chunks.append(data)
+            _wait_migration(self.q, "migrate (device state)")
+            self.device_state = b"".join(chunks)
+            if not self.device_state:
+                raise QemuError("QEMU wrote an empty device state")
+        except QMPError as exc:
+            self._save_error = QemuError(str(exc))
+        except QemuError as exc:
+            self._save_error = exc
         except OSError as exc:
-            raise QemuError(f"reading QEMU's device state: {exc}") from None
-        self.device_state = b"".join(chunks)
-        if not self.device_state:
-            raise QemuError("QEMU wrote an empty device state")
+            self._save_error = QemuError(f"reading QEMU's device state: {exc}")
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _join(self) -> None:
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
+
+    def saved(self) -> bytes:
+        """The device state, once its save is over; QemuError if it failed."""
+        self._join()
+        if self._save_error is not None:
+            raise self._save_error
         return self.device_state
 
+    def stop_and_save(self) -> bytes:
+        self.stop()
+        return self.saved()
+
     def cont(self) -> None:
+        self._join()  # (a failed save leaves QEMU stopped and able to go on)
         try:
             self.q.command("cont")
         except QMPError as exc:
             raise QemuError(str(exc)) from None
 
     def quit(self) -> None:
+        self._join()
         try:
             self.q.command("quit")
         except (QMPError, OSError):

@@ -574,7 +574,8 @@ class Source:
     async def _send_device_state(self) -> None:
         """The hypervisor's device state (QEMU), saved at suspend, for the destination's."""
         assert self.ch is not None
-        state = getattr(self.adapter, "device_state", b"")
+        saved = getattr(self.adapter, "saved_state", None)
+        state = await self.hooks.run_sync(saved) if saved is not None else b""
         for i in range(0, len(state), p.MAX_BLOCKS_DATA):
             await self.ch.send(p.DeviceState(state[i:i + p.MAX_BLOCKS_DATA]))
         self.report.device_state_bytes = len(state)

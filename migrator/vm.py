@@ -145,13 +145,17 @@ class QemuAdapter:
         except QemuError as exc:
             raise AdapterError(str(exc)) from None
 
-    @property
-    def device_state(self) -> bytes:
-        return self.qemu.device_state
+    def saved_state(self) -> bytes:
+        """QEMU's device state, saved since `suspend` (blocking: run it in a thread)."""
+        try:
+            return self.qemu.saved()
+        except self._error as exc:
+            raise AdapterError(str(exc)) from None
 
     def suspend(self) -> None:
+        """Stop the guest; its device state is saved meanwhile (`saved_state`)."""
         try:
-            self.qemu.stop_and_save()
+            self.qemu.stop()
         except self._error as exc:
             raise AdapterError(str(exc)) from None
 

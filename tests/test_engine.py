@@ -434,3 +434,35 @@ async def test_the_vm_starts_only_on_settled_writes(autojump_clock: Any) -> None
     source, _, _ = await migrate(src, vm, dest, options(), resume_hook=resume)
     assert source.report.status == "completed", source.report.error
     assert dest.writes and at_start == [0]
+
+
+class SavingVM(FakeVM):
+    """A hypervisor whose device state is saved after the stop, while the last set travels
+    (the QEMU adapter's saved_state); `fail_save` makes that save fail."""
+
+    def __init__(self, *args: Any, fail_save: str | None = None) -> None:
+        super().__init__(*args)
+        self.fail_save = fail_save
+        self.saved_while_stopped: list[bool] = []
+
+    def saved_state(self) -> bytes:
+        self.saved_while_stopped.append(not self.running)
+        if self.fail_save:
+            raise AdapterError(self.fail_save)
+        return b""  # (a destination without --resume qemu refuses a device state)
+
+
+async def test_the_device_state_is_taken_after_the_last_set_and_its_failure_resumes(
+        autojump_clock: Any) -> None:
+    vm = SavingVM([20, 10, 5, 1, 0])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, _, _ = await migrate(src, vm, dest, options())
+    assert source.report.status == "completed", source.report.error
+    assert vm.saved_while_stopped == [True]  # asked for once, after the stop
+
+    vm = SavingVM([20, 10, 5, 1, 0], fail_save="QEMU migrate (device state) failed: boom")
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, outcome, _ = await migrate(src, vm, dest, options())
+    assert source.report.status == "failed" and "boom" in (source.report.error or "")
+    assert vm.running and vm.resumes == 1 and not vm.finished  # before the Commit: it runs on
+    assert outcome is not None and not outcome.completed
