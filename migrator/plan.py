@@ -104,6 +104,9 @@ class Policy:
     on_stall: Verdict = Verdict.SWITCHOVER
     # Once memory goes post-copy, only the disks' last set is in the downtime: aim lower.
     postcopy_downtime_ms: float = 20.0
+    # Rounds past the point where the downtime would be met, while each is expected to halve
+    # the set (the VM's dirty rate times the round's time): a tighter last set.
+    tighten_rounds: int = 2
 
     def __post_init__(self) -> None:
         if self.threshold_blocks is not None and self.threshold_blocks < 0:
@@ -134,6 +137,7 @@ class RoundPlanner:
     rounds: list[RoundStats] = field(default_factory=list)
     _sent: int = 0
     _busy: float = 0.0
+    _tightened: int = 0
 
     def enter_postcopy(self) -> None:
         """From now on the pending sets are the disks' only: their own target, a fresh count
@@ -163,8 +167,17 @@ class RoundPlanner:
             return 0.0
         return float("inf") if bw <= 0 else pending_blocks * self.block_size / bw * 1000.0
 
-    def decide(self, pending_blocks: int) -> Decision:
-        """Decide after a swap found `pending_blocks` dirty blocks to send."""
+    def next_set(self, pending_blocks: int, dirty_rate: float) -> float:
+        """Blocks the VM is expected to dirty while a round sends `pending_blocks`, at
+        `dirty_rate` bytes per second."""
+        bw = self.bandwidth
+        if bw <= 0:
+            return float("inf")
+        return dirty_rate * (pending_blocks * self.block_size / bw) / self.block_size
+
+    def decide(self, pending_blocks: int, dirty_rate: float | None = None) -> Decision:
+        """Decide after a swap found `pending_blocks` dirty blocks to send (the VM dirtied
+        them at `dirty_rate` bytes per second, if known)."""
         p = self.policy
         if p.threshold_blocks is not None:
             if pending_blocks <= p.threshold_blocks:
@@ -173,6 +186,13 @@ class RoundPlanner:
         else:
             expect = self.expected_downtime_ms(pending_blocks)
             if expect <= p.downtime_ms:
+                nxt = None if dirty_rate is None else self.next_set(pending_blocks, dirty_rate)
+                if (nxt is not None and self._tightened < p.tighten_rounds and pending_blocks > 1
+                        and nxt <= pending_blocks / 2 and len(self.rounds) < p.max_rounds):
+                    self._tightened += 1
+                    return Decision(Verdict.CONTINUE, f"{pending_blocks} dirty blocks (expected "
+                                    f"downtime {expect:.1f} ms): one more round, expected to "
+                                    f"leave {nxt:.0f}")
                 return Decision(Verdict.SWITCHOVER, f"{pending_blocks} dirty blocks: expected "
                                 f"downtime {expect:.1f} ms <= {p.downtime_ms:g} ms")
         if len(self.rounds) >= p.max_rounds:

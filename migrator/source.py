@@ -374,7 +374,7 @@ class Source:
                 for fid in self.memory_ids:
                     backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
             prog.pending = sum(c for exts in sets.values() for _, c in exts)
-            decision = planner.decide(prog.pending)
+            decision = planner.decide(prog.pending, dirty_rate * 1e6)
             self.report.expected_downtime_ms = prog.expected_downtime_ms = round(
                 planner.expected_downtime_ms(prog.pending), 2)
             if decision.stalled and self.opts.postcopy == "auto" and not self.use_postcopy:

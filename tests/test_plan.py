@@ -132,3 +132,22 @@ def test_initial_order_from_packed_runs_equals_from_tuples(
             pos += count
     packed = cp.unpack_heat_runs(cp.pack_heat_runs(*zip(*runs, strict=True)) if runs else "")
     assert initial_order(nblocks, packed, 1.0) == initial_order(nblocks, runs, 1.0)
+
+
+def test_a_tighter_last_round_while_it_is_expected_to_halve_the_set() -> None:
+    """Past the point where the downtime would be met, one more round runs while the VM's
+    dirty rate says it would leave at most half the set; at most tighten_rounds of them."""
+    p = RoundPlanner(Policy(downtime_ms=50, tighten_rounds=2), 65536)
+    p.record_round(RoundStats(1, 1000, 1000 * 65536, 0.1))  # 655 MB/s
+    # 100 blocks: 10 ms; the VM dirties 6.5 MB/s: 1 block in that time
+    d = p.decide(100, dirty_rate=6.5e6)
+    assert d.verdict is Verdict.CONTINUE and "one more round" in d.reason
+    assert p.decide(10, dirty_rate=6.5e6).verdict is Verdict.CONTINUE
+    assert p.decide(5, dirty_rate=6.5e6).verdict is Verdict.SWITCHOVER  # two were enough
+    q = RoundPlanner(Policy(downtime_ms=50), 65536)
+    q.record_round(RoundStats(1, 1000, 1000 * 65536, 0.1))
+    assert q.decide(100, dirty_rate=400e6).verdict is Verdict.SWITCHOVER  # would not halve it
+    assert q.decide(100).verdict is Verdict.SWITCHOVER  # no rate known: as before
+    off = RoundPlanner(Policy(downtime_ms=50, tighten_rounds=0), 65536)
+    off.record_round(RoundStats(1, 1000, 1000 * 65536, 0.1))
+    assert off.decide(100, dirty_rate=1.0).verdict is Verdict.SWITCHOVER
