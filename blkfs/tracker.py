@@ -212,7 +212,9 @@ class FileTracker:
         values = np.frombuffer(base64.b64decode(rec["heat_values"]), dtype="<f8")
         if blocks.size != values.size:
             raise ValueError("heat blocks and values differ in length")
-        tr.heat.restore((blocks.astype(np.int64), values.astype(np.float64)), now, elapsed)
+        inside = blocks < tr.nblocks  # heat is an array by block: no entry past the file
+        tr.heat.restore((blocks[inside].astype(np.int64), values[inside].astype(np.float64)),
+                        now, elapsed)
         tr.restored = True
         return tr
 

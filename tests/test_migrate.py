@@ -595,6 +595,7 @@ def test_direct_writes_are_tracked_and_never_leave_a_stale_page(
         old = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         assert old[:4] == b"\x55" * 4 and (dst.mnt / "disk.raw").read_bytes()[-1] == 0x55
         run_blkfs("dirty", str(dst.mnt), "disk.raw", "--swap", check=True)  # a clean epoch
+        writes_before = _writes(dst, "disk.raw")
         s = Server(dst, key)
         servers.append(s)
         r = migrate(src, s.port, key, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
@@ -605,3 +606,9 @@ def test_direct_writes_are_tracked_and_never_leave_a_stale_page(
     assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
     out = run_blkfs("dirty", str(dst.mnt), "disk.raw", "--json", check=True).stdout
     assert json.loads(out)["extents"] == [[0, (4 << 20) // 65536]]  # every block tracked
+    # ... told in one range, not written as FUSE requests (4 MiB would be 4 or more)
+    assert _writes(dst, "disk.raw") - writes_before == 1
+
+
+def _writes(m: Mount, rel: str) -> int:
+    return {f["file"]: f for f in m.call("status")["files"]}[rel]["writes"]

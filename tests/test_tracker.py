@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -351,6 +353,19 @@ def test_record_round_trip() -> None:
     # the restored tracker keeps working
     write(back, 9 * BS, 1, 500.0)
     assert back.swap() == (1, [(1, 1), (5, 2), (9, 1)])
+
+
+def test_a_record_with_heat_past_the_file_restores_without_it() -> None:
+    """Heat is an array by block: a record (hand-edited, or torn) naming block 2**40 must not
+    make the daemon allocate terabytes; heat past the file is dropped."""
+    tr = _busy_tracker()
+    rec = _json_round_trip(tr.to_record(FileIdentity(tr.size, 111, 222), "disk.raw", 10.0))
+    far = np.array([1, 1 << 40], dtype="<u8")
+    rec["heat_blocks"] = base64.b64encode(far.tobytes()).decode()
+    rec["heat_values"] = base64.b64encode(np.array([2.0, 9.0], dtype="<f8").tobytes()).decode()
+    back = FileTracker.from_record(rec, SHIFT, half_life=HL, now=0.0, elapsed=0.0)
+    assert back.heat.hottest(5, 0.0) == [(1, 2.0)]
+    assert back.heat._stored.nbytes < 1 << 20
 
 
 def test_record_round_trip_with_elapsed_decay() -> None:
