@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--on-stall", choices=("switchover", "abort"), default="switchover",
                    help="when the rounds stop converging: switch over anyway (default) or abort")
     m.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
+    m.add_argument("--compress", choices=("zstd", "lz4"),
+                   help="compress blocks on the wire where that saves a tenth or more (for "
+                   "slow links: costs CPU; lz4 is the faster, zstd the smaller)")
     m.add_argument("--static-heat", type=float, metavar="H",
                    help="blocks with heat <= H are static (default: the mount's)")
     m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
@@ -254,7 +257,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           postcopy=a.postcopy,
                           spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
                           spill_slots=a.spill_slots, memory_files=a.memory,
-                          spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend)
+                          spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
+                          compress=a.compress)
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 

@@ -31,6 +31,7 @@ from blkfs import ctlproto as cp
 
 from . import digestlog
 from . import protocol as p
+from .codecs import CodecError, decompress
 from .ownership import INCOMPLETE, OWNER, UNKNOWN, dest_answer
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
@@ -218,6 +219,15 @@ class DestSession:
         self.digests_saved = True
 
     # -- data -------------------------------------------------------------------
+
+    def write_packed(self, ev: p.Packed) -> None:
+        """Decompressed to exactly the size it states, then written like Blocks."""
+        try:
+            data = decompress(ev.codec, ev.data, ev.size)
+        except CodecError as exc:
+            raise MigrationError(f"bad peer: blocks {ev.first_block}+ of "
+                                 f"{self.files[ev.file_id].entry.name}: {exc}") from None
+        self.write_blocks(p.Blocks(ev.file_id, ev.first_block, data))
 
     def write_blocks(self, ev: p.Blocks) -> None:
         f = self.files[ev.file_id]
@@ -488,7 +498,7 @@ class DestSession:
     async def _handle(self, ev: Any, state: p.State) -> None:
         ch = self.ch
         pc = self.pc
-        if not isinstance(ev, (p.Blocks, p.Zero)):
+        if not isinstance(ev, (p.Blocks, p.Zero, p.Packed)):
             self.store.settle()  # the data written so far is what the mount shows, from now
         if pc is not None and not pc.absent_done.is_set() and not isinstance(ev, p.Absent):
             pc.absent_done.set()  # Absent frames come right after Postcopy, all together
@@ -502,6 +512,11 @@ class DestSession:
                 await trio.to_thread.run_sync(self.write_blocks, ev)
             else:  # a thread hop costs more than a small write
                 self.write_blocks(ev)
+        elif isinstance(ev, p.Packed):
+            if ev.size >= THREAD_WRITE:
+                await trio.to_thread.run_sync(self.write_packed, ev)
+            else:
+                self.write_packed(ev)
         elif isinstance(ev, p.Zero):
             self.write_zero(ev)
         elif isinstance(ev, p.Resize):

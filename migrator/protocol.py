@@ -78,8 +78,8 @@ from blkfs.ctlproto import ControlError, PostcopyStats, conform
 from blkfs.spill import REF as _REF
 from blkfs.spill import pack_refs, unpack_refs
 
-PROTOCOL_VERSION = 3  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
-# 3: Reattach, Zero
+PROTOCOL_VERSION = 4  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
+# 3: Reattach, Zero; 4: Packed
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 MAX_FRAME = HEADER.size + MAX_PAYLOAD  # the most unparsed input a peer can make us hold
@@ -102,6 +102,7 @@ ROLES = (SOURCE, DEST)
 
 _U32, _U64, _MAX_COUNT = 2**32 - 1, 2**64 - 1, 2**63 - 1
 _BLOCKS = struct.Struct(">IQ")  # file_id, first_block; the data follows
+_PACKED = struct.Struct(">IQBI")  # file_id, first_block, codec, size; the compressed data
 BIG_DATA = 1 << 18  # Blocks frames from this size on are received into their own buffer
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
 _MAC_CONTEXT = b"blkfs-migrator/1|"
@@ -184,6 +185,18 @@ class Zero:
     file_id: int
     first_block: int
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A run of blocks, compressed (`migrate --compress`): `size` bytes once decompressed
+    with `codec` (migrator.codecs), to be written like the Blocks they are."""
+
+    file_id: int
+    first_block: int
+    codec: int
+    size: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +387,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
-    | Reattach | Zero
+    | Reattach | Zero | Packed
 )
 
 
@@ -409,6 +422,7 @@ class FrameType(enum.IntEnum):
     ANSWER = 26
     REATTACH = 27
     ZERO = 28
+    PACKED = 29
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -422,7 +436,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.SPILL_FLUSHED: SpillFlushed, FrameType.FETCH: Fetch,
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
-    FrameType.REATTACH: Reattach, FrameType.ZERO: Zero,
+    FrameType.REATTACH: Reattach, FrameType.ZERO: Zero, FrameType.PACKED: Packed,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -481,6 +495,9 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.COPYING, SOURCE, Zero): State.COPYING,
     (State.ROUND_END, SOURCE, Zero): State.ROUND_END,
     (State.SWITCHOVER, SOURCE, Zero): State.SWITCHOVER,
+    (State.COPYING, SOURCE, Packed): State.COPYING,  # pre-copy only: fetches go as Blocks
+    (State.ROUND_END, SOURCE, Packed): State.ROUND_END,
+    (State.SWITCHOVER, SOURCE, Packed): State.SWITCHOVER,
     (State.COPYING, SOURCE, Resize): State.COPYING,
     (State.COPYING, SOURCE, RoundDone): State.ROUND_END,
     (State.ROUND_END, SOURCE, Blocks): State.ROUND_END,
@@ -704,6 +721,15 @@ def check_event(event: Event) -> None:
             _int(event.file_id, 0, _U32, "Zero.file_id")
             _int(event.first_block, 0, _U64, "Zero.first_block")
             _int(event.count, 1, _U64, "Zero.count")
+        case Packed():
+            _int(event.file_id, 0, _U32, "Packed.file_id")
+            _int(event.first_block, 0, _U64, "Packed.first_block")
+            _int(event.codec, 1, 255, "Packed.codec")
+            _int(event.size, 1, MAX_BLOCKS_DATA, "Packed.size")
+            if type(event.data) is not bytes or not event.data:
+                raise ProtocolError("Packed.data must be bytes, and not empty")
+            if len(event.data) > MAX_BLOCKS_DATA:
+                raise ProtocolError(f"Packed carries {len(event.data)} bytes, more than 8 MiB")
         case Reattach():
             _text(event.migration, 64, "Reattach.migration")
             _int(event.epoch, 0, _MAX_COUNT, "Reattach.epoch")
@@ -742,6 +768,9 @@ def encode(event: Event) -> bytes:
     check_event(event)
     if type(event) is Blocks:
         parts = [_BLOCKS.pack(event.file_id, event.first_block), event.data]
+    elif type(event) is Packed:
+        parts = [_PACKED.pack(event.file_id, event.first_block, event.codec, event.size),
+                 event.data]
     elif type(event) is Digests:
         try:
             digests = struct.pack(f">{len(event.digests)}Q", *event.digests)
@@ -796,6 +825,12 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
             raise ProtocolError(f"Blocks frame of {len(payload)} bytes is shorter than its header")
         file_id, first = _BLOCKS.unpack_from(payload)
         event: Event = Blocks(file_id, first, payload[_BLOCKS.size :])
+    elif cls is Packed:
+        if len(payload) <= _PACKED.size:
+            raise ProtocolError(f"Packed frame of {len(payload)} bytes carries no data")
+        file_id, first, codec, size = _PACKED.unpack_from(payload)
+        event = Packed(file_id, first, codec, size, payload[_PACKED.size :])
+        check_event(event)
     elif cls is Digests:
         if len(payload) < _DIGESTS.size:
             raise ProtocolError(f"Digests frame of {len(payload)} bytes is shorter than its header")
@@ -1167,6 +1202,15 @@ class Connection:
                     raise ProtocolError(f"{lie}: {where} end at byte {end}, past its size {size}")
                 if len(event.data) % bs and end != size:
                     raise ProtocolError(f"{lie}: {where} carry {len(event.data)} bytes: not whole "
+                                        f"blocks of {bs}, nor the tail of the file")
+            case Packed():
+                size, bs = self._size_of(event.file_id, lie), self._block_size()
+                end = event.first_block * bs + event.size
+                where = f"Packed blocks for file {event.file_id} at block {event.first_block}"
+                if end > size:
+                    raise ProtocolError(f"{lie}: {where} end at byte {end}, past its size {size}")
+                if event.size % bs and end != size:
+                    raise ProtocolError(f"{lie}: {where} hold {event.size} bytes: not whole "
                                         f"blocks of {bs}, nor the tail of the file")
             case Resize():
                 self._size_of(event.file_id, lie)

@@ -69,8 +69,9 @@ class MigrationReport:
     data_bytes: int = 0  # size of the migrated files
     blocks_sent: int = 0
     bytes_by_file: dict[str, int] = field(default_factory=dict)  # block data over the link
-    # Bytes of blocks by how they travelled: normal (as data), zero (all-zero blocks, as
-    # Zero runs), hole (holes of the source's files: never read, sent as Zero runs)
+    # Bytes of blocks by how they travelled: normal (as data), compressed (--compress: their
+    # size before), zero (all-zero blocks, as Zero runs), hole (holes of the source's files:
+    # never read, sent as Zero runs)
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     # On the wire before the VM stopped, while it was stopped (last set, device state, the
     # handoff), and after it ran on the destination (post-copy, verification)
@@ -138,9 +139,10 @@ def print_summary(r: MigrationReport, console: Console) -> None:
                         + (f" ({r.bytes_sent / r.data_bytes:.3f}x)" if r.data_bytes else "")),
         *([("by kind", ", ".join(f"{k} {human_bytes(v)}" for k, v in (
             ("as data", r.bytes_by_kind.get("normal", 0)),
+            ("compressed", r.bytes_by_kind.get("compressed", 0)),
             ("zero blocks as runs", r.bytes_by_kind.get("zero", 0)),
             ("holes, never read", r.bytes_by_kind.get("hole", 0))) if v))]
-          if r.bytes_by_kind.get("zero") or r.bytes_by_kind.get("hole") else []),
+          if set(r.bytes_by_kind) - {"normal"} else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
         ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
                     + " dirty blocks (the VM dirtying " + ", ".join(

@@ -31,6 +31,7 @@ import xxhash
 from blkfs.spill import SpillArea, SpillError
 
 from . import protocol as p
+from .codecs import CODECS, compressor, packed
 from .ownership import (
     COPYING,
     HANDED_OFF,
@@ -68,6 +69,7 @@ from .vm import AdapterError, VMAdapter
 from .zeros import hole_runs, zero_digest, zero_runs
 
 Extent = tuple[int, int]
+COMPRESS_PIECE = 1 << 20  # --compress decides per MiB: random data among text goes raw
 CONNECT_TIMEOUT = 10.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.25, 4.0  # s between reattach attempts: doubling, capped
 REATTACH_PATIENCE = 10  # io timeouts at most, while the destination says it is still busy
@@ -96,6 +98,7 @@ class MigrateOptions:
     memory_files: list[str] | None = None  # post-copied files (default: by name, see postcopy)
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
     suspend: str = "freeze"  # the --suspend spec, kept in the ownership record for resolve
+    compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
 
 
 @dataclass
@@ -150,6 +153,7 @@ class Source:
         self.sent_at_suspend: int | None = None  # bytes on the wire when the VM stopped
         self.sent_at_resume: int | None = None  # ... and when it ran on the destination
         self.t_resume: float | None = None
+        self._compress = compressor(opts.compress) if opts.compress else None
         self.switched = False  # the destination said Resumed: the VM runs there
         self.commit_sent = False  # from the first byte of Commit on, the VM may run there
         self.record: SourceRecord | None = None  # ours, on the source mount
@@ -201,9 +205,11 @@ class Source:
         todo = [(first, min(count, nblocks - first)) for first, count in shaped
                 if first < nblocks]
         blocks = nbytes = 0
-        # (first block, data) to send as Blocks, or (first block, count) as Zero
-        tx, rx = trio.open_memory_channel[tuple[int, bytes | int]](2)
+        # (first block, data) to send as Blocks, (first block, count) as Zero, or
+        # (first block, (data, compressed)) as Packed
+        tx, rx = trio.open_memory_channel[tuple[int, bytes | int | tuple[bytes, bytes]]](2)
         kinds = self.report.bytes_by_kind
+        compress = self._compress
 
         async def reader() -> None:
             async with tx:
@@ -212,9 +218,10 @@ class Source:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the sender stopped (its error is the one to report)
 
-        def read(first: int, count: int) -> list[tuple[int, bytes | int]]:
-            """Holes are not read; what is read, zero blocks of it travel as Zero runs."""
-            out: list[tuple[int, bytes | int]] = []
+        def read(first: int, count: int) -> list[tuple[int, bytes | int | tuple[bytes, bytes]]]:
+            """Holes are not read; what is read, zero blocks of it travel as Zero runs, the
+            rest compressed where that pays (--compress)."""
+            out: list[tuple[int, bytes | int | tuple[bytes, bytes]]] = []
             ranges = store.data_ranges(f.file_id, first * bs, (first + count) * bs)
             for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
                 if hole:
@@ -227,8 +234,29 @@ class Source:
                         out.append((z0, zn))
                         kinds["zero"] = kinds.get("zero", 0) + min(zn * bs, len(data) - (
                             z0 - b0) * bs)
-                    else:
+                    elif compress is None:
                         out.append((z0, data[(z0 - b0) * bs:(z0 - b0 + zn) * bs]))
+                    else:
+                        out += compressed(data, (z0 - b0) * bs, zn * bs, z0)
+            return out
+
+        def compressed(data: bytes, start: int, length: int,
+                       first: int) -> list[tuple[int, bytes | tuple[bytes, bytes]]]:
+            """Pieces of COMPRESS_PIECE, each compressed if that pays; the raw neighbours
+            joined again into one frame."""
+            assert compress is not None
+            out: list[tuple[int, bytes | tuple[bytes, bytes]]] = []
+            step = max(bs, COMPRESS_PIECE // bs * bs)
+            for off in range(start, start + length, step):
+                piece = data[off:min(off + step, start + length)]
+                small = packed(compress, piece)
+                b = first + (off - start) // bs
+                if small is not None:
+                    out.append((b, (piece, small)))
+                elif out and isinstance(out[-1][1], bytes):
+                    out[-1] = (out[-1][0], out[-1][1] + piece)
+                else:
+                    out.append((b, piece))
             return out
 
         async def read_all() -> None:
@@ -250,15 +278,25 @@ class Source:
                         await ch.send(p.Zero(f.file_id, first, data))
                         blocks += data
                         continue
+                    small = None
+                    if isinstance(data, tuple):
+                        data, small = data
                     end = first * bs + len(data)
                     if len(data) % bs and end != f.size:
                         data = data[: len(data) // bs * bs]  # shrank meanwhile: resized later
+                        small = None  # (what was compressed is no longer what goes)
                     if not data:
                         continue
-                    await ch.send(p.Blocks(f.file_id, first, data))
+                    if small is not None:
+                        assert self.opts.compress is not None
+                        await ch.send(p.Packed(f.file_id, first, CODECS[self.opts.compress],
+                                               len(data), small))
+                        kinds["compressed"] = kinds.get("compressed", 0) + len(data)
+                    else:
+                        await ch.send(p.Blocks(f.file_id, first, data))
+                        kinds["normal"] = kinds.get("normal", 0) + len(data)
                     blocks += (len(data) + bs - 1) // bs
                     nbytes += len(data)
-                    kinds["normal"] = kinds.get("normal", 0) + len(data)
                     by_file = self.report.bytes_by_file
                     by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
                     self.report.bytes_sent = self.progress.sent

@@ -7,6 +7,9 @@ both blkfs daemons). Compares code versions in one run, alternating:
 
     .venv/bin/python scripts/bench_copy.py --runs 3 --tree /tmp/old-worktree --tree .
 
+With --compress off --compress lz4 --compress zstd --bandwidth 100 --data mixed it compares
+compression on a slow link (issue 11, item 2).
+
 Before each run it syncs and, as root, drops the page cache: on this machine a cache full of
 earlier runs' pages made the same copy 2-3x slower (every new page had to be reclaimed).
 """
@@ -42,7 +45,22 @@ def daemon_pid(mnt: Path, env: dict[str, str], tree: Path) -> int:
     return int(json.loads(out)["pid"])
 
 
-def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
+def piece(i: int, kind: str) -> bytes:
+    """1 MiB of test data: random, or (mixed) a third each of log text, random bytes and
+    sparse bytes (every other byte zero), as a guest's pages are: some compress, some not."""
+    if kind == "random" or i % 3 == 1:
+        return os.urandom(1 << 20)
+    if i % 3 == 0:
+        text = b"".join(b"%08d kernel: eth0 link up, 1000 Mbps, full duplex\n" % (i * 20000 + j)
+                        for j in range(20000))
+        return text[: 1 << 20]
+    out = bytearray(1 << 20)
+    out[::2] = os.urandom(1 << 19)
+    return bytes(out)
+
+
+def one(tree: Path, disk_mib: int, mem_mib: int, compress: str | None = None,
+        bandwidth: float | None = None, data_kind: str = "random") -> dict[str, float]:
     os.sync()  # the last run's dirty pages would be written back during this one
     if os.geteuid() == 0:  # and a page cache full of them makes every new page cost: the
         with open("/proc/sys/vm/drop_caches", "w") as f:  # same run went 314 -> 1034 MB/s
@@ -67,8 +85,8 @@ def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
                 mounts.append(w / side)
             for name, mib in (("disk.raw", disk_mib), ("vm.mem", mem_mib)):
                 with open(w / "src" / name, "wb") as f:
-                    for _ in range(mib):
-                        f.write(os.urandom(1 << 20))
+                    for i in range(mib):
+                        f.write(piece(i, data_kind))
             os.sync()  # the fill's writeback must not run during the copy
             daemons = [daemon_pid(m, env, tree) for m in mounts]
             serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount",
@@ -83,7 +101,10 @@ def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
             mig = subprocess.Popen([PY, "-m", "migrator.cli", "migrate", "--mount",
                                     str(w / "src"), "--to", f"127.0.0.1:{port.group(1)}",
                                     "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
-                                    "--report", str(report), "disk.raw", "vm.mem"], env=env,
+                                    "--report", str(report), "disk.raw", "vm.mem",
+                                    *(["--compress", compress] if compress else []),
+                                    *(["--bandwidth", str(bandwidth)] if bandwidth else [])],
+                                   env=env,
                                    cwd=tree, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
             mig_cpu = 0.0
@@ -102,6 +123,7 @@ def one(tree: Path, disk_mib: int, mem_mib: int) -> dict[str, float]:
             return {"initial_copy_MBps": round(data / rep["initial_copy_s"] / 1e6, 1),
                     "initial_copy_s": round(rep["initial_copy_s"], 3),
                     "verify_s": rep["verify_s"], "total_s": rep["total_s"],
+                    "sent_MB": round(rep["bytes_sent"] / 1e6, 1),
                     "cpu_source_s": round(mig_cpu, 2),
                     "cpu_src_daemon_s": round(after[0] - before[0], 2),
                     "cpu_dst_daemon_s": round(after[1] - before[1], 2),
@@ -122,17 +144,23 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--disk-mib", type=int, default=1024)
     ap.add_argument("--mem-mib", type=int, default=256)
+    ap.add_argument("--compress", action="append", choices=("off", "zstd", "lz4"),
+                    help="compare these (repeatable; default off)")
+    ap.add_argument("--bandwidth", type=float, metavar="MB/s", help="cap the link")
+    ap.add_argument("--data", choices=("random", "mixed"), default="random",
+                    help="random bytes, or a mix that partly compresses (see piece())")
     a = ap.parse_args()
     trees = [t.resolve() for t in (a.tree or [Path(".")])]
-    got: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
+    ways = [(t, c) for t in trees for c in (a.compress or ["off"])]
+    got: dict[tuple[Path, str], list[dict[str, float]]] = {w: [] for w in ways}
     for i in range(a.runs):
-        for t in trees:
-            r = one(t, a.disk_mib, a.mem_mib)
-            got[t].append(r)
-            print(f"run {i + 1} {t}: {r}", flush=True)
-    for t, rs in got.items():
+        for t, c in ways:
+            r = one(t, a.disk_mib, a.mem_mib, None if c == "off" else c, a.bandwidth, a.data)
+            got[(t, c)].append(r)
+            print(f"run {i + 1} {t} compress {c}: {r}", flush=True)
+    for (t, c), rs in got.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        print(f"{t}: medians over {len(rs)} runs: {med}")
+        print(f"{t} compress {c}: medians over {len(rs)} runs: {med}")
 
 
 if __name__ == "__main__":

@@ -466,3 +466,19 @@ async def test_the_device_state_is_taken_after_the_last_set_and_its_failure_resu
     assert source.report.status == "failed" and "boom" in (source.report.error or "")
     assert vm.running and vm.resumes == 1 and not vm.finished  # before the Commit: it runs on
     assert outcome is not None and not outcome.completed
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+async def test_compressed_blocks_arrive_exact_and_random_ones_go_as_they_are(
+        autojump_clock: Any, codec: str) -> None:
+    text = b"".join(b"log %06d: the guest is fine\n" % i for i in range(40000))
+    data = {"disk.raw": text[: 64 * BS + 123], "vm.mem": random.Random(3).randbytes(32 * BS)}
+    vm = FakeVM([20, 10, 5, 1, 0])
+    src, dest = MemorySource(data, vm), MemoryDest()
+    source, _, _ = await migrate(src, vm, dest, options(compress=codec))
+    r = source.report
+    assert r.status == "completed" and r.verified, r.error
+    assert [bytes(dest.data[i]) for i in range(2)] == suspend_point(src)
+    assert r.bytes_by_kind["compressed"] >= 60 * BS  # the text went compressed ...
+    assert r.bytes_by_kind["normal"] >= 32 * BS  # ... the random memory as it was
+    assert r.bytes_sent < r.data_bytes * 0.75

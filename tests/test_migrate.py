@@ -396,7 +396,8 @@ def _raw_frame(ftype: p.FrameType, payload: bytes) -> bytes:
     return p.HEADER.pack(int(ftype), len(payload)) + payload
 
 
-@pytest.mark.parametrize("attack", ["garbage", "dotdot", "absolute", "lie-size", "huge-frame"])
+@pytest.mark.parametrize("attack", ["garbage", "dotdot", "absolute", "lie-size", "huge-frame",
+                                    "bad-packed"])
 def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
                                        servers: list[Server], tmp_path: Path,
                                        attack: str) -> None:
@@ -424,6 +425,13 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.BLOCKS, struct.pack(">IQ", 0, 1000)
                                       + b"x" * 65536))
+            elif attack == "bad-packed":  # says 64 KiB of zstd, holds garbage
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f",
+                                                       "size": 1 << 20}], "migration": "m"}
+                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
+                time.sleep(0.3)
+                sk.sendall(_raw_frame(p.FrameType.PACKED, struct.pack(">IQBI", 0, 0, 1, 65536)
+                                      + os.urandom(300)))
             else:
                 sk.sendall(p.HEADER.pack(int(p.FrameType.BLOCKS), 2**31))
             time.sleep(0.3)
@@ -434,6 +442,8 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
     assert st is None or st["status"] == "incomplete"
     if attack == "lie-size":
         assert "lies about sizes" in out
+    if attack == "bad-packed":
+        assert "does not decompress" in out, out
 
 
 @pytest.fixture
@@ -612,3 +622,26 @@ def test_direct_writes_are_tracked_and_never_leave_a_stale_page(
 
 def _writes(m: Mount, rel: str) -> int:
     return {f["file"]: f for f in m.call("status")["files"]}[rel]["writes"]
+
+
+def test_compressed_migration_over_a_slow_link(hosts: tuple[Mount, Mount], key: Path,
+                                               servers: list[Server], tmp_path: Path,
+                                               idle_vm: subprocess.Popen[bytes]) -> None:
+    """--compress lz4 on a capped link: text goes compressed, random data as it is, the
+    destination is byte-exact and verified, and fewer bytes cross the wire."""
+    src, dst = hosts
+    text = b"".join(b"guest log %07d: nothing to report\n" % i for i in range(200_000))
+    (src.mnt / "disk.raw").write_bytes(text[: 6 << 20] + os.urandom(2 << 20))
+    s = Server(dst, key)
+    servers.append(s)
+    report = tmp_path / "report.json"
+    r = migrate(src, s.port, key, "disk.raw", "--suspend", f"pid:{idle_vm.pid}",
+                "--compress", "lz4", "--bandwidth", "40", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert s.finish()[0] == 0
+    assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
+    rep = json.loads(report.read_text())
+    assert rep["verified"] and rep["bytes_by_kind"]["compressed"] >= 5 << 20, rep
+    assert rep["bytes_by_kind"]["normal"] >= 2 << 20
+    assert rep["bytes_sent"] < 0.5 * rep["data_bytes"]
+    assert "compressed" in r.stdout  # the summary's "by kind" line says so

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import random
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -37,6 +38,7 @@ from migrator.protocol import (
     Hello,
     LocalProtocolError,
     Manifest,
+    Packed,
     ProtocolError,
     Ready,
     RemoteProtocolError,
@@ -423,7 +425,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 29, 255])
+@pytest.mark.parametrize("code", [0, 30, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -927,4 +929,27 @@ def test_a_peer_gone_in_the_middle_of_a_big_frame_is_an_error() -> None:
     assert d.next_event() is NEED_DATA
     d.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        d.next_event()
+
+
+def test_packed_frames_round_trip_where_blocks_go_and_lies_are_refused() -> None:
+    s, d = _big_link()
+    ev = Packed(0, 2, 1, 2 * BIG_BS, b"compressed bytes")
+    assert decode(encode(ev)) == ev
+    assert feed(d, s.send(ev)) == [ev]  # COPYING
+    tail = Packed(1, 16, 2, 7, b"x")  # the file's tail: not a whole block, ends at its end
+    assert feed(d, s.send(tail)) == [tail]
+    for bad, why in ((Packed(0, 63, 1, 2 * BIG_BS, b"z"), "past its size"),
+                     (Packed(0, 0, 1, BIG_BS + 1, b"z"), "not whole blocks")):
+        with pytest.raises(LocalProtocolError, match=why):
+            s.send(bad)
+    for bad, why in ((Packed(0, 0, 0, BIG_BS, b"z"), "codec"),
+                     (Packed(0, 0, 1, 0, b"z"), "size"),
+                     (Packed(0, 0, 1, BIG_BS, b""), "not empty")):
+        with pytest.raises(ProtocolError, match=why):
+            encode(bad)
+    # a peer that states a size past the file is refused on receipt too
+    lie = HEADER.pack(FrameType.PACKED, 18) + struct.pack(">IQBI", 0, 63, 1, 2 * BIG_BS) + b"z"
+    d.receive_data(lie)
+    with pytest.raises(RemoteProtocolError, match="past its size"):
         d.next_event()
