@@ -247,16 +247,20 @@ class Source:
             assert compress is not None
             out: list[tuple[int, bytes | tuple[bytes, bytes]]] = []
             step = max(bs, COMPRESS_PIECE // bs * bs)
-            for off in range(start, start + length, step):
-                piece = data[off:min(off + step, start + length)]
-                small = packed(compress, piece)
-                b = first + (off - start) // bs
-                if small is not None:
-                    out.append((b, (piece, small)))
-                elif out and isinstance(out[-1][1], bytes):
-                    out[-1] = (out[-1][0], out[-1][1] + piece)
-                else:
-                    out.append((b, piece))
+            end = start + length
+            raw = start  # where the run of pieces that did not pay began
+            with memoryview(data) as view:
+                for off in range(start, end, step):
+                    piece = view[off:min(off + step, end)]
+                    small = packed(compress, piece)
+                    if small is None:
+                        continue
+                    if raw < off:
+                        out.append((first + (raw - start) // bs, data[raw:off]))
+                    out.append((first + (off - start) // bs, (bytes(piece), small)))
+                    raw = off + len(piece)
+            if raw < end:
+                out.append((first + (raw - start) // bs, data[raw:end]))
             return out
 
         async def read_all() -> None:
