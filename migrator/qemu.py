@@ -142,6 +142,9 @@ class QemuSource:
             self._save_error = exc
         except OSError as exc:
             self._save_error = QemuError(f"reading QEMU's device state: {exc}")
+        except Exception as exc:  # a thread's error would vanish: keep it for saved()
+            log.exception("saving QEMU's device state")
+            self._save_error = QemuError(f"saving QEMU's device state failed: {exc!r}")
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -156,10 +159,6 @@ class QemuSource:
         if self._save_error is not None:
             raise self._save_error
         return self.device_state
-
-    def stop_and_save(self) -> bytes:
-        self.stop()
-        return self.saved()
 
     def cont(self) -> None:
         self._join()  # (a failed save leaves QEMU stopped and able to go on)
