@@ -330,7 +330,11 @@ def cmd_status(a: argparse.Namespace) -> int:
         except FileNotFoundError:
             continue  # it ended while we looked
         except (OSError, ValueError) as exc:
-            raise MigrationError(f"{path}: not a migrator status file ({exc})") from None
+            if a.status_file:
+                raise MigrationError(f"{path}: not a migrator status file ({exc})") from None
+            print(f"migrator: skipping {path}: not a migrator status file ({exc}); remove it",
+                  file=sys.stderr)
+            continue
         pid = doc.get("pid")
         doc["running"] = isinstance(pid, int) and not process_gone(pid) and doc.get(
             "status") in ("setup", "active")

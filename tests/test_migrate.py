@@ -645,3 +645,33 @@ def test_compressed_migration_over_a_slow_link(hosts: tuple[Mount, Mount], key: 
     assert rep["bytes_by_kind"]["normal"] >= 2 << 20
     assert rep["bytes_sent"] < 0.5 * rep["data_bytes"]
     assert "compressed" in r.stdout  # the summary's "by kind" line says so
+
+
+def test_status_of_a_migration_whose_process_died(tmp_path: Path) -> None:
+    """A migrate killed with -9 leaves its status file: `migrator status` says its process is
+    gone and where to settle it, in one line, and --json says running: false."""
+    run = tmp_path / "run"
+    (run / "migrations").mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    doc = {"migration": "m-123", "status": "active", "phase": "dirty rounds", "round": 2,
+           "dirty_blocks": 7, "remaining_bytes": 7 << 16, "bytes_sent": 1 << 20,
+           "data_bytes": 4 << 20, "mbps": 12.5, "pid": dead.pid, "mount": "/mnt/vms"}
+    (run / "migrations" / f"{dead.pid}.json").write_text(json.dumps(doc))
+    env = dict(os.environ, BLKFS_RUNTIME_DIR=str(run))
+    r = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1, r
+    assert "m-123" in r.stdout and f"process {dead.pid} is gone" in r.stdout
+    assert "migrator resolve --mount /mnt/vms" in r.stdout
+    js = json.loads(subprocess.run([*MIGRATOR, "status", "--json"], capture_output=True,
+                                   text=True, env=env).stdout)
+    assert js[0]["running"] is False
+    junk = run / "migrations" / "1.json"
+    junk.write_text("{not json")  # someone's junk beside it: skipped, said, not fatal
+    r = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "m-123" in r.stdout, r
+    assert "skipping" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([*MIGRATOR, "status", "--status-file", str(junk)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 1 and "not a migrator status file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
