@@ -1169,6 +1169,19 @@ class Connection:
             self._done.clear()
         self._state = nxt
 
+    def _check_run(self, file_id: int, first: int, nbytes: int, what: str, verb: str,
+                   lie: str) -> None:
+        """A run of block data (Blocks, or Packed once decompressed) fits its file: it ends
+        inside it, in whole blocks or at the file's end."""
+        size, bs = self._size_of(file_id, lie), self._block_size()
+        end = first * bs + nbytes
+        where = f"{what} for file {file_id} at block {first}"
+        if end > size:
+            raise ProtocolError(f"{lie}: {where} end at byte {end}, past its size {size}")
+        if nbytes % bs and end != size:
+            raise ProtocolError(f"{lie}: {where} {verb} {nbytes} bytes: not whole "
+                                f"blocks of {bs}, nor the tail of the file")
+
     def _check_context(self, event: Event, sender: str) -> None:
         """The rules that depend on the handshake, the manifest and the rounds."""
         remote = sender == self.peer_role
@@ -1193,25 +1206,14 @@ class Connection:
                     raise AuthenticationError("the peer does not know the shared key "
                                               "(its Auth MAC is wrong)")
             case Blocks():
-                size, bs = self._size_of(event.file_id, lie), self._block_size()
-                end = event.first_block * bs + len(event.data)
-                where = f"Blocks for file {event.file_id} at block {event.first_block}"
                 if not event.data:
-                    raise ProtocolError(f"{lie}: {where} carry no data")
-                if end > size:
-                    raise ProtocolError(f"{lie}: {where} end at byte {end}, past its size {size}")
-                if len(event.data) % bs and end != size:
-                    raise ProtocolError(f"{lie}: {where} carry {len(event.data)} bytes: not whole "
-                                        f"blocks of {bs}, nor the tail of the file")
+                    raise ProtocolError(f"{lie}: Blocks for file {event.file_id} at block "
+                                        f"{event.first_block} carry no data")
+                self._check_run(event.file_id, event.first_block, len(event.data),
+                                "Blocks", "carry", lie)
             case Packed():
-                size, bs = self._size_of(event.file_id, lie), self._block_size()
-                end = event.first_block * bs + event.size
-                where = f"Packed blocks for file {event.file_id} at block {event.first_block}"
-                if end > size:
-                    raise ProtocolError(f"{lie}: {where} end at byte {end}, past its size {size}")
-                if event.size % bs and end != size:
-                    raise ProtocolError(f"{lie}: {where} hold {event.size} bytes: not whole "
-                                        f"blocks of {bs}, nor the tail of the file")
+                self._check_run(event.file_id, event.first_block, event.size,
+                                "Packed blocks", "hold", lie)
             case Resize():
                 self._size_of(event.file_id, lie)
             case Zero():
