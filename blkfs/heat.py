@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .bitmap import Extent, mask_extents
+from .bitmap import Extent
 
 DEFAULT_HALF_LIFE = 60.0
 DEFAULT_STATIC_HEAT = 1.0
@@ -101,20 +101,6 @@ class Heat:
         dynamic = int(np.count_nonzero(self._hot(nblocks, threshold, now)))
         return nblocks - dynamic, dynamic
 
-    def dynamic_blocks(self, threshold: float, now: float) -> list[int]:
-        """Blocks hotter than `threshold`, coldest first (ties in block order)."""
-        idx = np.flatnonzero(self._hot(None, threshold, now))
-        return idx[np.argsort(self._stored[idx], kind="stable")].tolist()
-
-    def split_extents(
-        self, nblocks: int, threshold: float, now: float
-    ) -> tuple[list[Extent], list[Extent]]:
-        """(static extents, dynamic extents) over blocks 0..nblocks-1, in block order."""
-        hot = np.zeros(nblocks, dtype=bool)
-        part = self._hot(nblocks, threshold, now)
-        hot[: part.size] = part
-        return mask_extents(~hot), _block_extents(np.flatnonzero(hot))
-
     def dynamic_extents(
         self, nblocks: int, threshold: float, now: float, limit: int
     ) -> list[Extent]:
@@ -150,11 +136,6 @@ class Heat:
         stops = np.concatenate((breaks, [idx.size]))
         return idx[starts], stops - starts, heat[starts]
 
-    def extents(self, now: float, digits: int = 2) -> list[tuple[int, int, float]]:
-        """Written blocks grouped into (first, count, heat) runs of equal rounded heat."""
-        firsts, counts, heats = self.runs(now, digits)
-        return list(zip(firsts.tolist(), counts.tolist(), heats.tolist(), strict=True))
-
     # -- changes of shape ---------------------------------------------------------
 
     def truncate(self, nblocks: int) -> None:
@@ -177,11 +158,6 @@ class Heat:
         v = self._view()
         idx = np.flatnonzero(v * scale > _NEGLIGIBLE)
         return idx, v[idx] * scale
-
-    def snapshot(self, now: float) -> list[tuple[int, float]]:
-        """(block, heat) pairs worth keeping, as of `now`."""
-        blocks, heats = self.snapshot_arrays(now)
-        return list(zip(blocks.tolist(), heats.tolist(), strict=True))
 
     def restore(
         self, pairs: Iterable[tuple[int, float]] | tuple[np.ndarray, np.ndarray], now: float,

@@ -1,6 +1,6 @@
-"""Views into a Heat that the daemon does not need (it asks for split, extents and hottest),
-for the tests: one write of a range, a block's heat, the written count, every block
-coldest first."""
+"""Views into a Heat that the daemon does not need (it asks for split, dynamic_extents, runs,
+hottest and snapshot_arrays), for the tests: one write of a range, a block's heat, the
+written count, every block coldest first, the split as extents, the runs as tuples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from blkfs.heat import Heat
+from blkfs.bitmap import Extent, mask_extents
+from blkfs.heat import Heat, _block_extents
 
 
 def bump(h: Heat, first: int, last: int, now: float) -> None:
@@ -36,3 +37,30 @@ def coldest(h: Heat, nblocks: int, now: float) -> Iterator[tuple[int, float]]:
     idx = np.flatnonzero(v)
     for b in idx[np.argsort(v[idx], kind="stable")].tolist():
         yield b, float(v[b]) * scale
+
+
+def dynamic_blocks(h: Heat, threshold: float, now: float) -> list[int]:
+    """Blocks hotter than `threshold`, coldest first (ties in block order)."""
+    idx = np.flatnonzero(h._hot(None, threshold, now))
+    return idx[np.argsort(h._stored[idx], kind="stable")].tolist()
+
+
+def split_extents(h: Heat, nblocks: int, threshold: float,
+                  now: float) -> tuple[list[Extent], list[Extent]]:
+    """(static extents, dynamic extents) over blocks 0..nblocks-1, in block order."""
+    hot = np.zeros(nblocks, dtype=bool)
+    part = h._hot(nblocks, threshold, now)
+    hot[: part.size] = part
+    return mask_extents(~hot), _block_extents(np.flatnonzero(hot))
+
+
+def extents(h: Heat, now: float, digits: int = 2) -> list[tuple[int, int, float]]:
+    """Written blocks grouped into (first, count, heat) runs of equal rounded heat."""
+    firsts, counts, heats = h.runs(now, digits)
+    return list(zip(firsts.tolist(), counts.tolist(), heats.tolist(), strict=True))
+
+
+def snapshot(h: Heat, now: float) -> list[tuple[int, float]]:
+    """(block, heat) pairs worth keeping, as of `now`."""
+    blocks, heats = h.snapshot_arrays(now)
+    return list(zip(blocks.tolist(), heats.tolist(), strict=True))

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from blkfs.bitmap import to_extents
 from blkfs.heat import _NEGLIGIBLE, _RESCALE_EXP, DEFAULT_STATIC_HEAT, Heat
 
-from .heatview import bump, coldest, value, written
+from .heatview import (
+    bump,
+    coldest,
+    dynamic_blocks,
+    extents,
+    snapshot,
+    split_extents,
+    value,
+    written,
+)
 
 HL = 60.0  # half-life used by most tests
 
@@ -36,11 +45,11 @@ def test_empty_heat() -> None:
     assert written(h) == 0
     assert value(h, 3, 100.0) == 0.0
     assert h.split(4, DEFAULT_STATIC_HEAT, 0.0) == (4, 0)
-    assert h.split_extents(4, DEFAULT_STATIC_HEAT, 0.0) == ([(0, 4)], [])
+    assert split_extents(h, 4, DEFAULT_STATIC_HEAT, 0.0) == ([(0, 4)], [])
     assert list(coldest(h, 3, 0.0)) == [(0, 0.0), (1, 0.0), (2, 0.0)]
     assert h.hottest(5, 0.0) == []
-    assert h.extents(0.0) == []
-    assert h.snapshot(0.0) == []
+    assert extents(h, 0.0) == []
+    assert snapshot(h, 0.0) == []
 
 
 # -- bump / value / decay ---------------------------------------------------------------
@@ -92,13 +101,13 @@ def test_written_once_is_static_written_twice_is_dynamic() -> None:
     assert value(h, 1, 0.0) == 1.0
     # heat exactly at the threshold is static ("at or under")
     assert h.split(4, 1.0, 0.0) == (3, 1)
-    assert h.dynamic_blocks(1.0, 0.0) == [2]
-    assert h.split_extents(4, 1.0, 0.0) == ([(0, 2), (3, 1)], [(2, 1)])
+    assert dynamic_blocks(h, 1.0, 0.0) == [2]
+    assert split_extents(h, 4, 1.0, 0.0) == ([(0, 2), (3, 1)], [(2, 1)])
     # two writes spread over time are still hotter than 1 at the second write
     bump(h, 3, 3, 0.0)
     bump(h, 3, 3, 5 * HL)
     assert value(h, 3, 5 * HL) > 1.0
-    assert 3 in h.dynamic_blocks(1.0, 5 * HL)
+    assert 3 in dynamic_blocks(h, 1.0, 5 * HL)
     # ...and everything cools down to static eventually
     assert h.split(4, 1.0, 10 * HL) == (4, 0)
 
@@ -145,15 +154,15 @@ def test_split_extents_partition_blocks() -> None:
     bump(h, 7, 7, 0.0)
     bump(h, 7, 7, 0.0)
     bump(h, 9, 9, 0.0)  # once: static
-    static, dynamic = h.split_extents(10, 1.0, 0.0)
+    static, dynamic = split_extents(h, 10, 1.0, 0.0)
     assert dynamic == [(2, 2), (7, 1)]
     assert static == [(0, 2), (4, 3), (8, 2)]
     # dynamic_blocks is coldest first
-    assert h.dynamic_blocks(1.0, 0.0) == [7, 2, 3]
+    assert dynamic_blocks(h, 1.0, 0.0) == [7, 2, 3]
     # a higher threshold leaves only the hottest
-    assert h.split_extents(10, 2.5, 0.0) == ([(0, 2), (4, 6)], [(2, 2)])
+    assert split_extents(h, 10, 2.5, 0.0) == ([(0, 2), (4, 6)], [(2, 2)])
     # blocks past nblocks are ignored by split_extents
-    assert h.split_extents(3, 1.0, 0.0) == ([(0, 2)], [(2, 1)])
+    assert split_extents(h, 3, 1.0, 0.0) == ([(0, 2)], [(2, 1)])
 
 
 # BUG (latent): split() promises "(static, dynamic) block counts among the first
@@ -164,7 +173,7 @@ def test_split_counts_only_first_nblocks() -> None:
     h = Heat(HL, now=0.0)
     bump(h, 5, 5, 0.0)
     bump(h, 5, 5, 0.0)
-    static, dynamic = h.split_extents(2, 1.0, 0.0)
+    static, dynamic = split_extents(h, 2, 1.0, 0.0)
     assert (sum(c for _, c in static), sum(c for _, c in dynamic)) == (2, 0)
     assert h.split(2, 1.0, 0.0) == (2, 0)
 
@@ -181,8 +190,8 @@ def test_split_long_after_last_write() -> None:
     later = 1100 * HL
     assert value(h, 0, later) == 0.0
     assert h.split(2, 1.0, later) == (2, 0)
-    assert h.split_extents(2, 1.0, later) == ([(0, 2)], [])
-    assert h.dynamic_blocks(1.0, later) == []
+    assert split_extents(h, 2, 1.0, later) == ([(0, 2)], [])
+    assert dynamic_blocks(h, 1.0, later) == []
 
 
 @given(
@@ -204,11 +213,11 @@ def test_split_agrees_with_values(
     if any(math.isclose(v, threshold, rel_tol=1e-9) for v in vals.values()):
         return
     expected_dyn = sorted(b for b, v in vals.items() if v > threshold)
-    static, dynamic = h.split_extents(nblocks, threshold, now)
+    static, dynamic = split_extents(h, nblocks, threshold, now)
     assert dynamic == to_extents(expected_dyn)
     assert static == to_extents(b for b in range(nblocks) if b not in expected_dyn)
     assert h.split(nblocks, threshold, now) == (nblocks - len(expected_dyn), len(expected_dyn))
-    assert sorted(h.dynamic_blocks(threshold, now)) == expected_dyn
+    assert sorted(dynamic_blocks(h, threshold, now)) == expected_dyn
 
 
 # -- coldest / hottest --------------------------------------------------------------
@@ -304,7 +313,7 @@ def test_truncate_drops_blocks() -> None:
     assert value(h, 3, 0.0) == 1.0
     assert h.hottest(10, 0.0) == [(3, 1.0), (2, 1.0), (1, 1.0), (0, 1.0)]
     assert h.split(10, 0.5, 0.0) == (6, 4)
-    assert h.extents(0.0) == [(0, 4, 1.0)]
+    assert extents(h, 0.0) == [(0, 4, 1.0)]
     assert [b for b, _ in coldest(h, 6, 0.0)] == [4, 5, 0, 1, 2, 3]
     h.truncate(0)
     assert written(h) == 0
@@ -395,16 +404,16 @@ def test_extents_groups_equal_heat_runs() -> None:
     bump(h, 6, 6, 0.0)
     bump(h, 7, 8, 0.0)
     bump(h, 7, 8, 0.0)
-    assert h.extents(0.0) == [(0, 4, 1.0), (5, 1, 1.0), (6, 3, 2.0)]
-    assert h.extents(HL) == [(0, 4, 0.5), (5, 1, 0.5), (6, 3, 1.0)]
+    assert extents(h, 0.0) == [(0, 4, 1.0), (5, 1, 1.0), (6, 3, 2.0)]
+    assert extents(h, HL) == [(0, 4, 0.5), (5, 1, 0.5), (6, 3, 1.0)]
 
 
 def test_extents_rounding_digits() -> None:
     h = Heat(HL, now=0.0)
     bump(h, 0, 0, 0.0)
     bump(h, 1, 1, 1.0)  # heat 1.0 vs 2**(-1/60) ~ 0.9885 at t=1
-    assert h.extents(1.0, digits=1) == [(0, 2, 1.0)]
-    assert h.extents(1.0, digits=2) == [(0, 1, 0.99), (1, 1, 1.0)]
+    assert extents(h, 1.0, digits=1) == [(0, 2, 1.0)]
+    assert extents(h, 1.0, digits=2) == [(0, 1, 0.99), (1, 1, 1.0)]
 
 
 # -- snapshot / restore -------------------------------------------------------------
@@ -415,7 +424,7 @@ def test_snapshot_restore_round_trip() -> None:
     bump(h, 0, 0, 0.0)
     bump(h, 3, 4, 0.0)
     bump(h, 3, 3, 10.0)
-    pairs = h.snapshot(10.0)
+    pairs = snapshot(h, 10.0)
     assert sorted(b for b, _ in pairs) == [0, 3, 4]
     r = Heat(HL, now=5000.0)
     r.restore(pairs, now=5000.0)
@@ -431,7 +440,7 @@ def test_restore_applies_elapsed_decay() -> None:
     bump(h, 0, 0, 0.0)
     bump(h, 0, 0, 0.0)
     bump(h, 1, 1, 0.0)
-    pairs = h.snapshot(0.0)
+    pairs = snapshot(h, 0.0)
     assert dict(pairs) == {0: 2.0, 1: 1.0}
     r = Heat(HL, now=100.0)
     r.restore(pairs, now=100.0, elapsed=HL)
@@ -460,8 +469,8 @@ def test_snapshot_drops_negligible_heat() -> None:
     h = Heat(HL, now=0.0)
     bump(h, 0, 0, 0.0)
     bump(h, 1, 1, 40 * HL)
-    assert [b for b, _ in h.snapshot(40 * HL)] == [1]
-    assert h.snapshot(200 * HL) == []
+    assert [b for b, _ in snapshot(h, 40 * HL)] == [1]
+    assert snapshot(h, 200 * HL) == []
 
 
 def test_hottest_cut_through_ties_takes_the_highest_blocks() -> None:
@@ -479,4 +488,4 @@ def test_memory_is_per_block_not_per_write() -> None:
     h.bump_many(range(0, 1 << 20, 2), 1.0)
     assert h._stored.nbytes <= 8 * (1 << 20) * 3 // 2
     assert written(h) == 1 << 20
-    assert len(h.extents(1.0)) == 1 << 20  # alternating heats: one run per block
+    assert len(extents(h, 1.0)) == 1 << 20  # alternating heats: one run per block
