@@ -210,6 +210,7 @@ class Source:
         tx, rx = trio.open_memory_channel[tuple[int, bytes | int | tuple[bytes, bytes]]](2)
         kinds = self.report.bytes_by_kind
         compress = self._compress
+        codec = CODECS[self.opts.compress] if self.opts.compress else 0
 
         async def reader() -> None:
             async with tx:
@@ -292,9 +293,7 @@ class Source:
                     if not data:
                         continue
                     if small is not None:
-                        assert self.opts.compress is not None
-                        await ch.send(p.Packed(f.file_id, first, CODECS[self.opts.compress],
-                                               len(data), small))
+                        await ch.send(p.Packed(f.file_id, first, codec, len(data), small))
                         kinds["compressed"] = kinds.get("compressed", 0) + len(data)
                     else:
                         await ch.send(p.Blocks(f.file_id, first, data))
