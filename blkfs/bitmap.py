@@ -76,11 +76,22 @@ def extents(bitmap: bytes | bytearray) -> list[Extent]:
 
 def mask_extents(mask: np.ndarray) -> list[Extent]:
     """Runs of True in a boolean array, as (first, count) extents in block order."""
+    starts, counts = mask_runs(mask)
+    return list(zip(starts.tolist(), counts.tolist(), strict=True))
+
+
+def mask_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of True in a boolean array as two arrays, (firsts, counts): no Python objects."""
     if not mask.size:
-        return []
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=0, append=0))
     starts, stops = edges[0::2], edges[1::2]
-    return list(zip(starts.tolist(), (stops - starts).tolist(), strict=True))
+    return starts, stops - starts
+
+
+def runs(bitmap: bytes | bytearray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of dirty blocks as (firsts, counts) arrays, for replies that travel packed."""
+    return mask_runs(np.frombuffer(bitmap, dtype=np.uint8) != 0)
 
 
 def from_extents(exts: Iterable[Extent], nblocks: int) -> bytearray:

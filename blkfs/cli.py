@@ -429,9 +429,9 @@ def cmd_dirty(a: argparse.Namespace) -> int:
             _flush(a.mountpoint, rel)
         d = c.call(cp.Dirty(rel, swap=a.swap))
     if a.json:
-        _print_json({k: v for k, v in cp.to_dict(d).items() if k != "size"})
+        _print_json({k: v for k, v in d.to_json().items() if k != "size"})
         return 0
-    n = sum(c for _, c in d.extents)
+    n = d.blocks
     what = "ended" if a.swap else "current"
     print(
         f"{d.file}: {what} epoch {d.epoch}: {n} dirty blocks of {size_text(d.block_size)} "

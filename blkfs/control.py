@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from . import ctlproto as cp
+from .bitmap import runs as bitmap_runs
 from .ctlproto import ControlError
 from .holes import punch_hole
 from .lazy import LazyError, LazyMode
@@ -178,10 +179,11 @@ class Controller:
     def op_dirty(self, req: cp.Dirty, conn: Connection) -> cp.DirtyReply:
         rel, tr = self._resolve(req.file)
         if req.swap:
-            epoch, exts = tr.swap()
+            epoch, bits = tr.swap_bitmap()
         else:
-            epoch, exts = tr.bitmap.epoch, tr.dirty_extents()
-        return cp.DirtyReply(rel, epoch, tr.block_size, tr.size, tuple(exts))
+            epoch, bits = tr.bitmap.epoch, tr.bitmap.bits
+        return cp.DirtyReply(rel, epoch, tr.block_size, tr.size,
+                             cp.pack_extents(*bitmap_runs(bits)))
 
     def op_clear(self, req: cp.Clear, conn: Connection) -> cp.ClearReply:
         """Clear the dirty marks of some blocks before reading them (see FileTracker.clear)."""
@@ -473,16 +475,15 @@ class ControlClient:
         """Send `req`, return its typed reply; ControlError with the daemon's message."""
         try:
             self.sock.sendall(cp.encode_request(req))
-            while (end := self._buf.find(b"\n")) == -1:
+            while (reply := cp.take_reply(self._buf)) is None:
                 data = self.sock.recv(1 << 20)
                 if not data:
                     raise ControlError(f"the blkfs daemon on {self.path} closed the connection")
                 self._buf += data
         except OSError as exc:
             raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}") from None
-        line = bytes(self._buf[:end])
-        del self._buf[:end + 1]
-        return cp.decode_reply(line, req)
+        line, data = reply
+        return cp.decode_reply(line, req, data)
 
     def close(self) -> None:
         self.sock.close()
@@ -528,7 +529,7 @@ class AsyncControlClient:
             try:
                 with trio.CancelScope(shield=True), trio.fail_after(timeout):
                     await self.stream.send_all(cp.encode_request(req))
-                    while (end := self._buf.find(b"\n")) == -1:
+                    while (reply := cp.take_reply(self._buf)) is None:
                         chunk = await self.stream.receive_some(1 << 20)
                         if not chunk:
                             raise ControlError(f"the blkfs daemon on {self.path} closed the "
@@ -542,10 +543,9 @@ class AsyncControlClient:
                 self.broken = True
                 raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}"
                                    ) from None
-            line = bytes(self._buf[:end])
-            del self._buf[:end + 1]
         await trio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here
-        return cp.decode_reply(line, req)
+        line, data = reply
+        return cp.decode_reply(line, req, data)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -150,9 +150,13 @@ class FileTracker:
 
     def swap(self) -> tuple[int, list[Extent]]:
         """End the current epoch: return (its number, its dirty extents)."""
-        self.bitmap.resize(self.nblocks)
-        epoch, bits = self.bitmap.swap()
+        epoch, bits = self.swap_bitmap()
         return epoch, extents(bits)
+
+    def swap_bitmap(self) -> tuple[int, bytearray]:
+        """End the current epoch: return (its number, its dirty bitmap)."""
+        self.bitmap.resize(self.nblocks)
+        return self.bitmap.swap()
 
     def clear(self, exts: list[Extent]) -> None:
         """Forget these blocks' dirty marks: the caller is about to read them.

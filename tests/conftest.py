@@ -74,7 +74,9 @@ class Mount:
         with self.client() as c:
             req = cp.from_dict(cp.OPS[op], args, op)
             req.check()
-            return json.loads(json.dumps(cp.to_dict(c.call(req))))
+            reply = c.call(req)
+            doc = reply.to_json() if hasattr(reply, "to_json") else cp.to_dict(reply)
+            return json.loads(json.dumps(doc))
 
     def dirty(self, rel: str, swap: bool = False) -> list[tuple[int, int]]:
         return [tuple(e) for e in self.call("dirty", file=rel, swap=swap)["extents"]]

@@ -73,8 +73,10 @@ def test_a_payload_is_awaited_whole() -> None:
 
 def test_replies_are_typed_and_errors_raise() -> None:
     req = cp.Dirty("disk.raw")
-    reply = cp.DirtyReply("disk.raw", 3, 4096, 8192, ((0, 2),))
-    assert cp.decode_reply(cp.encode_reply(reply), req) == reply
+    reply = cp.DirtyReply("disk.raw", 3, 4096, 8192, cp.pack_extents([0, 5], [2, 1]))
+    line, data = cp.take_reply(bytearray(cp.encode_reply(reply)))
+    back = cp.decode_reply(line, req, data)
+    assert back == reply and back.extents == [(0, 2), (5, 1)] and back.blocks == 3
     with pytest.raises(cp.ControlError, match="no such file"):
         cp.decode_reply(cp.encode_reply(cp.ControlError("no such file 'x'")), req)
     bad = json.dumps({"ok": True, "result": {"file": "f"}}).encode()
@@ -109,11 +111,11 @@ async def test_ops_without_a_mount(tmp_path: Path) -> None:
     c = controller(tmp_path)
     (tmp_path / "b" / "disk.raw").write_bytes(b"\0" * 5 * 4096)
     first = await c.dispatch(cp.Dirty("disk.raw", swap=True))
-    assert first.extents == ((0, 5),)  # never seen before: all dirty (invariant 5)
+    assert first.extents == [(0, 5)]  # never seen before: all dirty (invariant 5)
     assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ()
     tr = c.registry.trackers[next(iter(c.registry.trackers))]
     tr.on_write(4096, 10)
-    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ((1, 1),)
+    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == [(1, 1)]
     assert (await c.dispatch(cp.Clear("disk.raw", ((1, 1),)))).epoch == 1
     assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ()
     assert (await c.dispatch(cp.Freeze())).count == 1 and c.registry.frozen_all
@@ -160,13 +162,31 @@ async def test_one_migration_at_a_time_per_mount(tmp_path: Path) -> None:
 
 
 def test_heat_runs_round_trip_and_refuse_garbage() -> None:
-    text = cp.pack_heat_runs([0, 1 << 40], [3, 1], [0.25, 7.5])
-    runs = cp.unpack_heat_runs(text)
+    raw = cp.pack_heat_runs([0, 1 << 40], [3, 1], [0.25, 7.5])
+    runs = cp.unpack_heat_runs(raw)
     assert runs["first"].tolist() == [0, 1 << 40]
     assert runs["count"].tolist() == [3, 1]
     assert runs["heat"].tolist() == [0.25, 7.5]
-    assert cp.unpack_heat_runs("").size == 0
-    with pytest.raises(cp.ControlError, match="base64"):
-        cp.unpack_heat_runs("not base64!")
+    assert cp.unpack_heat_runs(b"").size == 0
     with pytest.raises(cp.ControlError, match="whole number"):
-        cp.unpack_heat_runs("AAAA")
+        cp.unpack_heat_runs(b"AAAA")
+
+
+def test_heat_runs_travel_as_the_reply_payload() -> None:
+    raw = cp.pack_heat_runs([5], [2], [1.5])
+    reply = cp.HeatReply("d", 4096, 8, 60.0, 1.0, 6, 2, ((5, 2),), raw)
+    wire = cp.encode_reply(reply)
+    assert wire.endswith(b"\n" + raw) and b'"runs"' not in wire  # not in the JSON line
+    buf = bytearray(wire + cp.encode_reply(cp.ControlError("next")))
+    assert cp.take_reply(bytearray(wire[:-1])) is None  # the payload is awaited whole
+    line, data = cp.take_reply(buf)
+    back = cp.decode_reply(line, cp.Heat("d"), data)
+    assert back == reply and back.heat_runs()["count"].tolist() == [2]
+    line2, data2 = cp.take_reply(buf)
+    assert not buf and data2 == b""
+    with pytest.raises(cp.ControlError, match="next"):
+        cp.decode_reply(line2, cp.Heat("d"), data2)
+    with pytest.raises(cp.ControlError, match="not data_len bytes"):
+        cp.decode_reply(line, cp.Heat("d"), data[:-1])
+    with pytest.raises(cp.ControlError, match="should not"):
+        cp.decode_reply(cp.encode_reply(cp.Count(1)).rstrip(b"\n"), cp.Freeze(), b"x")

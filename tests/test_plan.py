@@ -130,7 +130,7 @@ def test_initial_order_from_packed_runs_equals_from_tuples(
         if count:
             runs.append((pos, count, heat))
             pos += count
-    packed = cp.unpack_heat_runs(cp.pack_heat_runs(*zip(*runs, strict=True)) if runs else "")
+    packed = cp.unpack_heat_runs(cp.pack_heat_runs(*zip(*runs, strict=True)) if runs else b"")
     assert initial_order(nblocks, packed, 1.0) == initial_order(nblocks, runs, 1.0)
 
 
