@@ -112,12 +112,12 @@ async def test_ops_without_a_mount(tmp_path: Path) -> None:
     (tmp_path / "b" / "disk.raw").write_bytes(b"\0" * 5 * 4096)
     first = await c.dispatch(cp.Dirty("disk.raw", swap=True))
     assert first.extents == [(0, 5)]  # never seen before: all dirty (invariant 5)
-    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ()
+    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == []
     tr = c.registry.trackers[next(iter(c.registry.trackers))]
     tr.on_write(4096, 10)
     assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == [(1, 1)]
     assert (await c.dispatch(cp.Clear("disk.raw", ((1, 1),)))).epoch == 1
-    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == ()
+    assert (await c.dispatch(cp.Dirty("disk.raw"))).extents == []
     assert (await c.dispatch(cp.Freeze())).count == 1 and c.registry.frozen_all
     assert (await c.dispatch(cp.Thaw(("disk.raw",)))).count == 1
     status = await c.dispatch(cp.Status())
