@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import ctlproto as cp
+from .bdi import DEFAULT_DIRTY_LIMIT
 from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
 from .cliutil import OneLineParser, human_bytes, non_negative, positive, size_text
 from .control import ControlClient, ControlError, flush_file
@@ -32,6 +33,16 @@ def _block_size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"bad block size {text!r}: use a power of two from 4K to 1M, e.g. 64K"
         ) from None
+    return size
+
+
+def _size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: give at least 1M, e.g. 512M")
     return size
 
 
@@ -101,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--spill",
         metavar="DIR",
         help="show the spill area in DIR read-only as MOUNTPOINT/.spill (see: blkfs spill)",
+    )
+    m.add_argument(
+        "--writeback",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("BLKFS_WRITEBACK", "") not in ("", "0"),
+        help="the kernel's writeback cache: writes land in the page cache and reach blkfs "
+        "coalesced at writeback (several times the IOPS); tracking sees them at the next "
+        "flush, which blkfs and the migrator do before every swap; freeze is refused "
+        "(default: off, or on when $BLKFS_WRITEBACK=1)",
+    )
+    m.add_argument(
+        "--dirty-limit",
+        type=_size,
+        default=DEFAULT_DIRTY_LIMIT,
+        metavar="SIZE",
+        help="with --writeback: how much the page cache may hold unwritten for this mount "
+        f"(default {DEFAULT_DIRTY_LIMIT >> 20}M; more absorbs longer bursts, and a host crash "
+        "loses up to that much, as with any page-cache write)",
     )
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -188,6 +217,8 @@ def _mount_options(a: argparse.Namespace) -> MountOptions:
         control=os.path.abspath(a.control) if a.control else None,
         debug=a.debug,
         spill=os.path.abspath(a.spill) if a.spill else None,
+        writeback=a.writeback,
+        dirty_limit=a.dirty_limit,
     )
 
 
@@ -229,6 +260,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         args += ["--control", opts.control]
     if opts.spill:
         args += ["--spill", opts.spill]
+    args += ["--writeback" if opts.writeback else "--no-writeback",
+             "--dirty-limit", str(opts.dirty_limit)]
     proc = subprocess.Popen(
         args,
         pass_fds=(w,),
@@ -249,8 +282,9 @@ def cmd_mount(a: argparse.Namespace) -> int:
         )
     print(
         f"blkfs: mounted {opts.backing} on {opts.mountpoint} (block size "
-        f"{opts.block_size // 1024}K, tracking {'on' if opts.tracking else 'off'}, "
-        f"pid {proc.pid}); unmount with: blkfs umount {opts.mountpoint}"
+        f"{opts.block_size // 1024}K, tracking {'on' if opts.tracking else 'off'}"
+        f"{', writeback cache' if opts.writeback else ''}, pid {proc.pid}); "
+        f"unmount with: blkfs umount {opts.mountpoint}"
     )
     return 0
 
@@ -375,9 +409,13 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     con = Console()
     frozen = " (all frozen)" if st.frozen_all else ""
+    wb = ""
+    if st.writeback:
+        wb = (f", writeback cache (dirty limit {human_bytes(st.dirty_limit)})" if st.dirty_limit
+              else ", writeback cache (the kernel's default dirty limit)")
     con.print(
         f"[bold]{a.mountpoint}[/] ← {st.backing}  block size {size_text(st.block_size)}, "
-        f"tracking {'on' if st.tracking else 'off'}, heat half-life "
+        f"tracking {'on' if st.tracking else 'off'}{wb}, heat half-life "
         f"{st.half_life:g}s, static ≤ {st.static_heat:g}{frozen}"
     )
     if st.postcopy_absent:

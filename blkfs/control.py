@@ -145,6 +145,7 @@ class Controller:
                 "tracking": reg.tracking, "half_life": reg.half_life,
                 "static_heat": reg.static_heat, "frozen_all": reg.frozen_all,
                 "faults": self.faults(), "trust_lost": reg.trust_lost,
+                "writeback": self.info.writeback, "dirty_limit": self.info.dirty_limit,
                 **self._postcopy_state()}
 
     def _postcopy_state(self) -> dict[str, Any]:
@@ -204,6 +205,11 @@ class Controller:
 
     def op_freeze(self, req: cp.Freeze, conn: Connection) -> cp.Count:
         self._need_tracking()
+        if self.info.writeback:
+            raise ControlError(
+                f"{self.info.mountpoint} is a --writeback mount: writes land in the kernel's "
+                "page cache before blkfs could hold them, so freeze cannot stop a writer; "
+                "suspend the VM itself (migrator --suspend pid:PID or qemu:QMP_SOCKET)")
         return cp.Count(self.registry.freeze(self._trackers(req.files)))
 
     def op_thaw(self, req: cp.Thaw, conn: Connection) -> cp.Count:

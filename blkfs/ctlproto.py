@@ -101,6 +101,8 @@ class InfoReply:
     postcopy_absent: int = 0  # blocks an incoming post-copy has not installed yet
     postcopy_missing: int = 0  # of those, given up for good (reads fail with EIO)
     postcopy_paused: str | None = None  # why nobody fetches them now
+    writeback: bool = False  # the kernel's writeback cache: writes arrive at writeback
+    dirty_limit: int = 0  # bytes the kernel may hold dirty for this mount (0: its default)
 
 
 @dataclass(frozen=True)

@@ -152,8 +152,10 @@ class BlkFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, registry: Registry, *, xattr: bool = False,
-                 spill_dir: str | None = None) -> None:
+                 spill_dir: str | None = None, writeback: bool = False) -> None:
         super().__init__()
+        # The kernel's writeback cache (docs/tracking.md): writes reach write() at writeback.
+        self.enable_writeback_cache = writeback
         self.registry = registry
         self.backing = registry.backing
         self.tracking = registry.tracking
@@ -566,6 +568,19 @@ class BlkFS(pyfuse3.Operations):
         self._files[fh] = OpenFile(fd, tr)
         return fh
 
+    def _open_backing(self, path: str | bytes, flags: int, mode: int = 0o777,
+                      dir_fd: int | None = None) -> int:
+        """The backing fd of a FUSE open.  Under the writeback cache the kernel reads pages
+        through any handle to fill a partial write, a write-only one too (passthrough_ll does
+        the same): such opens get O_RDWR when the mode allows reading."""
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            try:
+                return os.open(path, (flags & ~os.O_ACCMODE) | os.O_RDWR | os.O_CLOEXEC, mode,
+                               dir_fd=dir_fd)
+            except PermissionError:
+                pass  # write-only for this daemon's user: partial-page writes may fail, as there
+        return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
     @handler
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self._node(inode)
@@ -574,7 +589,7 @@ class BlkFS(pyfuse3.Operations):
         tr = self._tracker_of(node)
         if flags & os.O_TRUNC and tr is not None and tr.frozen:
             await self.registry.wait_thawed(tr)
-        fd = os.open(_proc(node.fd), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
+        fd = self._open_backing(_proc(node.fd), flags & ~_STRIP_FLAGS)
         if flags & os.O_TRUNC and tr is not None:
             self._resized(tr, 0)
         # keep_cache: another opener (a migrator, `cat`) must not drop the
@@ -587,9 +602,8 @@ class BlkFS(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_name(parent_inode, name)
         p = self._node(parent_inode)
-        fd = os.open(
-            name, (flags & ~_STRIP_FLAGS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=p.fd
-        )
+        fd = self._open_backing(name, (flags & ~_STRIP_FLAGS) | os.O_CREAT | os.O_EXCL, mode,
+                                p.fd)
         try:
             if os.geteuid() == 0:
                 os.fchown(fd, *self._owner(p, ctx))

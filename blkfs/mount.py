@@ -29,6 +29,7 @@ import pyfuse3
 import trio
 
 from . import control
+from .bdi import DEFAULT_DIRTY_LIMIT, apply_budget
 from .bitmap import check_block_size
 from .fs import META_NAME, BlkFS
 from .registry import Registry
@@ -62,6 +63,8 @@ class MountOptions:
     control: str | None = None
     debug: bool = False
     spill: str | None = None  # a spill area to show read-only as MOUNTPOINT/.spill
+    writeback: bool = False  # the kernel's writeback cache (docs/tracking.md, "Writeback")
+    dirty_limit: int = DEFAULT_DIRTY_LIMIT  # bytes a writeback mount may hold dirty
 
     @property
     def meta_dir(self) -> str:
@@ -208,14 +211,15 @@ async def _main(opts: MountOptions, registry: Registry, ready: _Ready) -> None:
     serving = False  # the kernel may have sent requests
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
-        fs = BlkFS(registry, xattr=opts.xattr, spill_dir=opts.spill)
+        fs = BlkFS(registry, xattr=opts.xattr, spill_dir=opts.spill, writeback=opts.writeback)
         stack.callback(fs.close_all)
         fs.lazy.nursery = nursery
         stack.callback(fs.lazy.close)
         mnt = os.path.realpath(opts.mountpoint)
         info = DaemonInfo(pid=os.getpid(), mountpoint=mnt, backing=registry.backing,
                           control=opts.control or default_socket(mnt),
-                          block_size=opts.block_size, tracking=opts.tracking)
+                          block_size=opts.block_size, tracking=opts.tracking,
+                          writeback=opts.writeback)
         ensure_runtime_dir()
         fuse_opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
         fuse_opts |= {"fsname=blkfs:" + registry.backing, "subtype=blkfs"}
@@ -228,6 +232,8 @@ async def _main(opts: MountOptions, registry: Registry, ready: _Ready) -> None:
             if registry.saved.records:  # nothing was written: put the consumed state back
                 save_state(opts.meta_dir, opts.block_size, list(registry.saved.records.values()))
             raise QuietError(f"cannot mount {mnt}: {exc}") from None
+        if opts.writeback:
+            info.dirty_limit = _dirty_budget(mnt, opts.dirty_limit)
         # On the way out (reverse order): unmount, then save the state, only when clean.
         stack.callback(lambda: _save(opts, registry, fs) if clean else _unclean(serving))
         stack.callback(lambda: pyfuse3.close(unmount=clean or not serving))
@@ -245,6 +251,20 @@ async def _main(opts: MountOptions, registry: Registry, ready: _Ready) -> None:
         await pyfuse3.main()
         clean = True
         nursery.cancel_scope.cancel()
+
+
+def _dirty_budget(mnt: str, limit: int) -> int:
+    """Give the writeback mount its dirty budget; 0 (and a warning) when the kernel's default
+    leash stays (not root, or no such knobs): the mount works, writes are throttled sooner."""
+    try:
+        budget = apply_budget(mnt, limit)
+    except OSError as exc:
+        log.warning("writeback: the kernel's per-mount dirty limit stays at its default "
+                    "(about 1%% of the dirty threshold), writes are throttled early: %s", exc)
+        return 0
+    log.info("writeback cache on: bdi %s may hold %d bytes dirty (%s, strict_limit 0)",
+             budget.bdi, budget.limit, budget.how)
+    return budget.limit if budget.how.startswith("max_") else 0
 
 
 def _unclean(serving: bool) -> None:

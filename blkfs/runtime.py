@@ -52,6 +52,8 @@ class DaemonInfo:
     control: str
     block_size: int
     tracking: bool
+    writeback: bool = False
+    dirty_limit: int = 0  # the dirty budget the kernel gave a writeback mount, 0 = its default
 
     @property
     def path(self) -> str:
