@@ -334,6 +334,11 @@ class Source:
                 f"migration {old.migration} of this mount to {old.to} was never settled "
                 f"({old.state}: the VM may run there): run 'migrator resolve --mount "
                 f"{self.opts.mount} --to {old.to} --key-file KEY' first")
+        if store.writeback and self.opts.suspend == "freeze":
+            raise MigrationError(
+                f"{self.opts.mount} is a --writeback mount, where freeze (the default "
+                "--suspend) cannot hold the VM's writes (they land in the page cache first): "
+                "use --suspend pid:PID or qemu:QMP_SOCKET")
         self.record = SourceRecord(str(uuid.uuid4()),
                                    next_epoch(prev, store.read_dest_record()), self.opts.to,
                                    self.opts.suspend, list(store.names))
@@ -764,6 +769,9 @@ class Source:
             self._open()
             await self._connect()
             assert self.ch is not None
+            # Writes still in the page cache (a --writeback mount, or mmap'ed RAM) reach the
+            # backing files first: the initial copy reads them, and the heat counts them.
+            await self._store.flush()
             for f in self.files:  # the epoch that collects writes from now on
                 self._store.swap(f.file_id)
                 f.size = self._store.size(f.file_id)

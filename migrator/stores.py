@@ -41,6 +41,7 @@ class SourceFiles(Protocol):
 
     block_size: int
     names: list[str]
+    writeback: bool  # writes reach tracking at writeback: freeze cannot hold them
 
     def size(self, file_id: int) -> int: ...
 
@@ -172,6 +173,7 @@ class BlkfsSource:
             if not info.tracking:
                 raise MigrationError(f"{mount} is mounted with --no-tracking: remount it "
                                      "with tracking to migrate from it")
+            self.writeback = info.writeback
             self.block_size = info.block_size
             self.names = [self._rel(n) for n in names]
             if len(set(self.names)) != len(self.names):

@@ -80,6 +80,7 @@ class MemorySource:
     """SourceFiles in memory: bytes, a dirty set per file (swap empties it), no heat."""
 
     block_size = BS
+    writeback = False
 
     def __init__(self, files: dict[str, bytes], vm: FakeVM) -> None:
         self.names = list(files)

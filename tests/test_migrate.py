@@ -37,6 +37,16 @@ def hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, M
 
 
 @pytest.fixture
+def freeze_hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, Mount]:
+    """Hosts whose source is never a --writeback mount (BLKFS_WRITEBACK=1 included): for the
+    tests of the default suspend, blkfs freeze, which a writeback mount refuses."""
+    src = mount_factory("--no-writeback", backing=tmp_path / "src-backing",
+                        mnt=tmp_path / "src")
+    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    return src, dst
+
+
+@pytest.fixture
 def key(tmp_path: Path) -> Path:
     k = tmp_path / "key"
     k.write_text(os.urandom(32).hex())
@@ -104,9 +114,9 @@ def last_line(r: subprocess.CompletedProcess[str]) -> str:
     return lines[-1]
 
 
-def test_idle_files_arrive_byte_exact(hosts: tuple[Mount, Mount], key: Path,
+def test_idle_files_arrive_byte_exact(freeze_hosts: tuple[Mount, Mount], key: Path,
                                       servers: list[Server], tmp_path: Path) -> None:
-    src, dst = hosts
+    src, dst = freeze_hosts
     (src.mnt / "vms").mkdir()
     (src.mnt / "vms" / "disk.raw").write_bytes(os.urandom(3 * 1024 * 1024 + 777))
     (src.mnt / "vm.mem").write_bytes(os.urandom(2 * 1024 * 1024))
@@ -262,9 +272,9 @@ def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: P
     assert_source_whole(src, before, idle_vm)
 
 
-def test_closed_port_and_bad_arguments(hosts: tuple[Mount, Mount], key: Path,
+def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: Path,
                                        tmp_path: Path) -> None:
-    src, _ = hosts
+    src, _ = freeze_hosts
     fill_source(src, 1)
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
@@ -473,14 +483,15 @@ def netns_pair() -> Iterator[tuple[str, str, str]]:
 
 @pytest.mark.slow
 def test_across_two_network_namespaces(hosts: tuple[Mount, Mount], key: Path,
-                                       servers: list[Server],
+                                       servers: list[Server], idle_vm: subprocess.Popen[bytes],
                                        netns_pair: tuple[str, str, str]) -> None:
     a, b, _ = netns_pair
     src, dst = hosts
     before = fill_source(src, 8)
     s = Server(dst, key, netns=b, listen="10.231.77.2:0")
     servers.append(s)
-    r = migrate(src, s.port, key, "disk.raw", "vm.mem", host="10.231.77.2", netns=a)
+    r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}",
+                host="10.231.77.2", netns=a)
     assert r.returncode == 0, r.stderr
     assert s.finish()[0] == 0
     for n, d in before.items():
