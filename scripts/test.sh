@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Run the whole test suite (set-up first). Extra arguments go to pytest, e.g.
-#   scripts/test.sh -m "not slow"     # the quick subset for development
+# Run the whole test suite (set-up first), then every test that mounts blkfs a second time on
+# writeback mounts (BLKFS_WRITEBACK=1: blkfs mount --writeback by default).
+# With arguments, one pass with them, e.g.
+#   scripts/test.sh -m "not slow"                    # the quick subset for development
+#   BLKFS_WRITEBACK=1 scripts/test.sh -m mount       # the writeback pass alone
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/python -m pytest
+echo "== the mount tests again, on writeback mounts (BLKFS_WRITEBACK=1) =="
+BLKFS_WRITEBACK=1 exec .venv/bin/python -m pytest -m mount
