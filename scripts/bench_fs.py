@@ -12,7 +12,12 @@ ratios come from the same minutes of a noisy machine:
 * reference -- with --reference: pyfuse3's own examples/passthroughfs.py, taken at run time
   from the pyfuse3 sdist of the installed version (pip download, untarred in the temp dir);
 * xattr     -- with --xattr-check: blkfs --xattr, 4 KiB random writes only, to show the cost
-  of answering getxattr (the kernel asks GETXATTR security.capability before every write).
+  of answering getxattr (the kernel asks GETXATTR security.capability before every write);
+* wb, wb-notrack -- with --writeback: blkfs --writeback (the kernel's writeback cache, the
+  mount's dirty budget lifted to --dirty-limit), with and without tracking;
+* reference-wb, reference-wb-bdi -- with --writeback and --reference: the pyfuse3 example with
+  its writeback cache on, under the kernel's default per-mount dirty limit, and with the same
+  bdi knobs blkfs --writeback sets (strict_limit 0, max_bytes = --dirty-limit).
 
 Cases: seq write 1 MiB, seq read 1 MiB, rand write 4 KiB, rand read 4 KiB, rand write 64 KiB,
 rand read 64 KiB, and the three write cases again with an fsync at the end (end_fsync=1).
@@ -38,6 +43,7 @@ Run (from the repository, with the project's venv):
     .venv/bin/python scripts/bench_fs.py --quick                  # smoke run, ~3 minutes
     .venv/bin/python scripts/bench_fs.py                          # 1G, 10 s, 3 repeats
     .venv/bin/python scripts/bench_fs.py --size 512M --runtime 8 --reference --xattr-check
+    .venv/bin/python scripts/bench_fs.py --size 512M --runtime 8 --reference --writeback
 
 Needs fio (apt-get install fio), fusermount3 and /dev/fuse. Results go to the terminal as a
 Markdown table and in full to --json (default reports/bench_fs.json).  Everything is created
@@ -74,6 +80,13 @@ VENV_PY = REPO / ".venv" / "bin" / "python"
 FILE_NAME = "bench.dat"
 MOUNT_TIMEOUT = 30.0
 MB = 1_000_000
+
+
+# Runs pyfuse3's example with the kernel's writeback cache asked for at FUSE_INIT.
+REFERENCE_WB = (
+    "import runpy, sys, pyfuse3; pyfuse3.Operations.enable_writeback_cache = True; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 class BenchError(Exception):
@@ -432,13 +445,19 @@ class Mounts:
         pids = [int(x) for x in r.stdout.split()]
         return pids[0] if len(pids) == 1 else None
 
-    def reference(self, script: Path) -> Target:
-        b, m = self._dirs("reference")
-        t = Target("reference", "pyfuse3 example", "reference", b, m)
+    def reference(self, script: Path, name: str = "reference", label: str = "pyfuse3 example",
+                  writeback: bool = False, dirty_limit: int | None = None) -> Target:
+        """The pyfuse3 example; with `writeback` its Operations get enable_writeback_cache
+        (set on the class before the script runs), with `dirty_limit` the bdi knobs too."""
+        b, m = self._dirs(name)
+        t = Target(name, label, "reference", b, m)
         self.targets.append(t)
-        log = open(self.work / "reference.log", "wb")  # noqa: SIM115 -- lives with the daemon
+        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 -- lives with the daemon
+        argv = [self.py, str(script), str(b), str(m)]
+        if writeback:
+            argv = [self.py, "-c", REFERENCE_WB, str(script), str(b), str(m)]
         t.proc = subprocess.Popen(
-            [self.py, str(script), str(b), str(m)],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -457,6 +476,15 @@ class Mounts:
             if time.monotonic() > deadline:
                 raise BenchError(f"the pyfuse3 example did not mount within {MOUNT_TIMEOUT:g}s")
             time.sleep(0.05)
+        if dirty_limit is not None:
+            sys.path.insert(0, str(REPO))
+            from blkfs.bdi import apply_budget
+
+            try:
+                got = apply_budget(str(m), dirty_limit)
+            except OSError as exc:
+                raise BenchError(f"cannot set the bdi knobs of {m}: {exc}") from None
+            t.notes.append(f"bdi {got.bdi}: strict_limit 0, {got.how} {got.limit}")
         return t
 
     def repin(self) -> None:
@@ -593,6 +621,7 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
     layout_s: dict[str, float] = {}
     xattr_probe: dict[str, str] = {}
     ref_source = None
+    script: Path | None = None
     try:
         targets = [mounts.native()]
         targets.append(mounts.blkfs("blkfs", "blkfs", ()))
@@ -615,6 +644,16 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
                     notes += mounts.stop(mounts.targets.pop())
         if a.xattr_check:
             targets.append(mounts.blkfs("xattr", "blkfs --xattr", ("--xattr",), (XATTR_CASE,)))
+        if a.writeback:
+            limit = ("--dirty-limit", str(a.dirty_limit))
+            targets.append(mounts.blkfs("wb", "blkfs --writeback", ("--writeback", *limit)))
+            targets.append(mounts.blkfs("wb-notrack", "wb no-track",
+                                        ("--writeback", "--no-tracking", *limit)))
+            if a.reference and script is not None:
+                targets.append(mounts.reference(script, "reference-wb", "example wb",
+                                                writeback=True))
+                targets.append(mounts.reference(script, "reference-wb-bdi", "example wb+bdi",
+                                                writeback=True, dirty_limit=a.dirty_limit))
         mounts.repin()
         for t in targets:
             print(f"laying out {human_size(a.size)} on {t.label} ({t.path}) ...", flush=True)
@@ -630,7 +669,7 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
             for rep in range(a.repeat)
             for case in CASES
             for t in targets[rep % len(targets) :] + targets[: rep % len(targets)]
-            if t.runs(case)
+            if t.runs(case) and (not a.cases or case.id in a.cases)
         ]
         est = len(plan) * (a.runtime + a.ramp_time + 1.5)
         print(
@@ -674,6 +713,9 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
             "blkfs/native": ratio(res, "blkfs", "native"),
             "blkfs/no-track": ratio(res, "blkfs", "notrack"),
             "blkfs/reference": ratio(res, "blkfs", "reference"),
+            "wb/wb-notrack": ratio(res, "wb", "wb-notrack"),
+            "wb/reference-wb": ratio(res, "wb", "reference-wb"),
+            "wb/reference-wb-bdi": ratio(res, "wb", "reference-wb-bdi"),
         }
         for cid, res in results.items()
     }
@@ -720,7 +762,8 @@ def _fmt_r(x: float | None) -> str:
 
 def table(report: dict[str, Any]) -> str:
     res, rat = report["results"], report["ratios"]
-    names = [n for n in ("native", "blkfs", "notrack", "reference") if n in report["targets"]]
+    names = [n for n in ("native", "blkfs", "notrack", "reference", "wb", "wb-notrack",
+                         "reference-wb", "reference-wb-bdi") if n in report["targets"]]
     labels = {n: report["targets"][n]["label"] for n in names}
     head = ["case"]
     for n in names:
@@ -728,6 +771,10 @@ def table(report: dict[str, Any]) -> str:
     ratio_cols = ["blkfs/native", "blkfs/no-track"]
     if "reference" in names:
         ratio_cols.append("blkfs/reference")
+    if "wb" in names:
+        ratio_cols.append("wb/wb-notrack")
+    if "reference-wb" in names:
+        ratio_cols += ["wb/reference-wb", "wb/reference-wb-bdi"]
     head += ratio_cols
     rows = [head]
     for case in CASES:
@@ -821,6 +868,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--xattr-check", action="store_true", help="also 4 KiB rand writes on blkfs --xattr"
     )
     p.add_argument(
+        "--writeback", action="store_true",
+        help="also blkfs --writeback (with and without tracking) and, with --reference, the "
+        "pyfuse3 example with its writeback cache (default and lifted dirty limit)",
+    )
+    p.add_argument(
+        "--cases", type=lambda t: t.split(","), default=None, metavar="ID,...",
+        help="only these cases (" + ", ".join(c.id for c in CASES) + ")",
+    )
+    p.add_argument(
+        "--dirty-limit", type=parse_size, default=1 << 30, metavar="SIZE",
+        help="the writeback mounts' dirty budget (default 1G)",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         default=REPO / "reports" / "bench_fs.json",
@@ -861,6 +921,11 @@ def main(argv: list[str] | None = None) -> int:
         a.size, a.runtime, a.repeat = 128 << 20, 3, 1
     if a.no_pin:
         a.pin = None
+    unknown = sorted(set(a.cases or ()) - {c.id for c in CASES})
+    if unknown:
+        print(f"{PROG}: error: unknown case {unknown[0]!r}: choose from "
+              + ", ".join(c.id for c in CASES), file=sys.stderr)
+        return 2
     if a.runtime < 1 or a.repeat < 1 or a.ramp_time < 0:
         print(
             f"{PROG}: error: --runtime and --repeat must be >= 1, --ramp-time >= 0", file=sys.stderr

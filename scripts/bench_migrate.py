@@ -25,6 +25,7 @@ verified by the migrator and checked against the VM's own ledger.
     .venv/bin/python scripts/bench_migrate.py --quick    # 256 MiB + 64 MiB, shorter warm-up
     .venv/bin/python scripts/bench_migrate.py --only-postcopy   # post-copy rows only
     .venv/bin/python scripts/bench_migrate.py --sparse   # thin images against a dense set
+    .venv/bin/python scripts/bench_migrate.py --writeback   # on blkfs --writeback mounts
 
 The sparse workload (issue 11): a 16 GiB sparse disk holding 256 MiB and a 2 GiB memory file
 holding 64 MiB (1 MiB pieces at random offsets), migrated with the VM idle, beside a dense
@@ -263,7 +264,11 @@ def main() -> int:
     ap.add_argument("--only-postcopy", action="store_true", help="only the post-copy rows")
     ap.add_argument("--sparse", action="store_true",
                     help="only the thin-image workload (sparse against dense)")
+    ap.add_argument("--writeback", action="store_true",
+                    help="mount both hosts with blkfs --writeback (the kernel's writeback cache)")
     a = ap.parse_args()
+    if a.writeback:
+        os.environ["BLKFS_WRITEBACK"] = "1"  # every blkfs mount this script starts
     if a.sparse:
         with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
             return sparse_bench(a, Path(tmp))
