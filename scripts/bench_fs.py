@@ -82,13 +82,6 @@ MOUNT_TIMEOUT = 30.0
 MB = 1_000_000
 
 
-# Runs pyfuse3's example with the kernel's writeback cache asked for at FUSE_INIT.
-REFERENCE_WB = (
-    "import runpy, sys, pyfuse3; pyfuse3.Operations.enable_writeback_cache = True; "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-)
-
-
 class BenchError(Exception):
     """A failure reported as one line, without a traceback."""
 
@@ -447,15 +440,15 @@ class Mounts:
 
     def reference(self, script: Path, name: str = "reference", label: str = "pyfuse3 example",
                   writeback: bool = False, dirty_limit: int | None = None) -> Target:
-        """The pyfuse3 example; with `writeback` its Operations get enable_writeback_cache
-        (set on the class before the script runs), with `dirty_limit` the bdi knobs too."""
+        """The pyfuse3 example; with `writeback` its own --enable-writeback-cache, with
+        `dirty_limit` the bdi knobs blkfs --writeback sets too."""
         b, m = self._dirs(name)
         t = Target(name, label, "reference", b, m)
         self.targets.append(t)
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 -- lives with the daemon
         argv = [self.py, str(script), str(b), str(m)]
         if writeback:
-            argv = [self.py, "-c", REFERENCE_WB, str(script), str(b), str(m)]
+            argv.append("--enable-writeback-cache")
         t.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -624,8 +617,9 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
     script: Path | None = None
     try:
         targets = [mounts.native()]
-        targets.append(mounts.blkfs("blkfs", "blkfs", ()))
-        targets.append(mounts.blkfs("notrack", "no-track", ("--no-tracking",)))
+        if not a.only_writeback:
+            targets.append(mounts.blkfs("blkfs", "blkfs", ()))
+            targets.append(mounts.blkfs("notrack", "no-track", ("--no-tracking",)))
         if a.reference:
             script, ref_source = fetch_reference(work, py)
             if script is None:
@@ -633,7 +627,8 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
                 print(f"{PROG}: note: {notes[-1]}", flush=True)
             else:
                 try:
-                    targets.append(mounts.reference(script))
+                    if not a.only_writeback:
+                        targets.append(mounts.reference(script))
                     notes.append(
                         "the pyfuse3 example has no fsync handler (ENOSYS, after which the "
                         "kernel skips FSYNC): its '+ fsync' rows do not sync the backing file"
@@ -644,7 +639,7 @@ def run_bench(a: argparse.Namespace, fio_exe: str, work: Path, py: str) -> dict[
                     notes += mounts.stop(mounts.targets.pop())
         if a.xattr_check:
             targets.append(mounts.blkfs("xattr", "blkfs --xattr", ("--xattr",), (XATTR_CASE,)))
-        if a.writeback:
+        if a.writeback or a.only_writeback:
             limit = ("--dirty-limit", str(a.dirty_limit))
             targets.append(mounts.blkfs("wb", "blkfs --writeback", ("--writeback", *limit)))
             targets.append(mounts.blkfs("wb-notrack", "wb no-track",
@@ -871,6 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--writeback", action="store_true",
         help="also blkfs --writeback (with and without tracking) and, with --reference, the "
         "pyfuse3 example with its writeback cache (default and lifted dirty limit)",
+    )
+    p.add_argument(
+        "--only-writeback", action="store_true",
+        help="the --writeback rows (and native) without the plain blkfs and example rows",
     )
     p.add_argument(
         "--cases", type=lambda t: t.split(","), default=None, metavar="ID,...",
