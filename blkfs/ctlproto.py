@@ -5,10 +5,10 @@ schema; one codec that the server and both clients (blocking and trio) use.  On 
 request is one JSON line ``{"op": "dirty", "file": "disk.raw", "swap": true}``, followed by
 ``data_len`` bytes of binary payload for the ops that carry one (the request's ``data``
 field); a reply is one line ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error":
-"..."}``, followed by ``data_len`` bytes for the replies with a bytes field (the heat runs:
-packed numbers read straight into an array, not base64 in the line).  Every field is checked
-against its annotation in one place (`conform`), on the way in on the server and on the way
-back in the clients, and every limit is here.
+"..."}``, followed by ``data_len`` bytes for the replies with a bytes field (dirty sets and
+heat runs: packed numbers read straight into an array, not base64 or JSON in the line).
+Every field is checked against its annotation in one place (`conform`), on the way in on the
+server and on the way back in the clients, and every limit is here.
 """
 
 from __future__ import annotations

@@ -262,9 +262,12 @@ def _dirty_budget(mnt: str, limit: int) -> int:
         log.warning("writeback: the kernel's per-mount dirty limit stays at its default "
                     "(about 1%% of the dirty threshold), writes are throttled early: %s", exc)
         return 0
+    if not budget.how.startswith("max_"):
+        log.warning("writeback: %s", budget.how)
+        return 0
     log.info("writeback cache on: bdi %s may hold %d bytes dirty (%s, strict_limit 0)",
              budget.bdi, budget.limit, budget.how)
-    return budget.limit if budget.how.startswith("max_") else 0
+    return budget.limit
 
 
 def _unclean(serving: bool) -> None:
