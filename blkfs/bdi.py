@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .runtime import unescape_mount_path
+
 SYSFS_BDI = "/sys/class/bdi"
 DEFAULT_DIRTY_LIMIT = 1 << 30  # bytes a writeback mount may hold dirty in the page cache
 
@@ -27,16 +29,9 @@ def bdi_name(mountinfo: str, mountpoint: str) -> str | None:
     found = None
     for line in mountinfo.splitlines():
         fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+        if len(fields) > 4 and unescape_mount_path(fields[4]) == mountpoint:
             found = fields[2]
     return found
-
-
-def _unescape(path: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(esc, ch)
-    return path
 
 
 def ratio_for(budget: int, threshold: int) -> int:

@@ -85,7 +85,7 @@ class DaemonInfo:
         return not process_gone(self.pid)
 
 
-def _unescape(field: str) -> str:
+def unescape_mount_path(field: str) -> str:
     # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
     out, i = [], 0
     while i < len(field):
@@ -116,7 +116,7 @@ def mount_fstype(path: str) -> str | None:
             fields = left.split()
             if len(fields) < 5:
                 continue
-            mnt = _unescape(fields[4])
+            mnt = unescape_mount_path(fields[4])
             if mnt in (target, real):
                 found = right.split()[0]  # the last mount on a path wins
     return found
