@@ -16,11 +16,13 @@ the CLI prints.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +39,22 @@ from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
 from .stores import DestFiles, MountDest
-from .transport import IO_TIMEOUT, STILL_RUNNING, Channel, MigrationError, PeerAborted, leaf
+from .transport import (
+    IO_TIMEOUT,
+    STILL_RUNNING,
+    Channel,
+    KeyMismatch,
+    MigrationError,
+    PeerAborted,
+    leaf,
+)
 from .zeros import zero_digest
 
 log = logging.getLogger(__name__)
 
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
 SOURCE_LOST_WAIT = 10.0  # s the session waits for the daemon to complete from the spill
+MAX_HANDSHAKES = 128  # connections at once that have not proved the key (the oldest goes)
 DIGEST_LOG_DELAY = 0.05  # s after Commit at most before the digest log is written
 # States in which the source's Blocks are fetched pages for lazy mode, not copy data.
 _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
@@ -77,6 +88,8 @@ class SessionOutcome:
     # The VM runs here and its source may reattach to finish (verify, fetch): a `--once`
     # serve waits for that a while before it exits.
     awaiting: bool = False
+    # A migration was attempted (it ends a `--once` serve); not for a stranger or a refusal.
+    ends: bool = True
 
 
 class DestSession:
@@ -338,9 +351,12 @@ class DestSession:
     # -- the session ----------------------------------------------------------------
 
     async def greet(self) -> p.Manifest | p.Query | p.Reattach:
-        """The handshake and the peer's first frame: what it asks for (before the one
-        session at a time is taken, so a stranger never holds it)."""
+        """The handshake and the peer's first frame (see serve_one, which splits them)."""
         await self.ch.handshake()
+        return await self.first_frame()
+
+    async def first_frame(self) -> p.Manifest | p.Query | p.Reattach:
+        """What an authenticated peer asks for (before the one session at a time is taken)."""
         return await self.ch.expect(p.Manifest, p.Query, p.Reattach)
 
     async def run(self, peer: str, man: p.Manifest | p.Query | p.Reattach | None = None
@@ -618,14 +634,47 @@ class Sessions:
         return "the destination is busy with another migration"
 
 
+class Handshakes:
+    """Connections that have not proved the shared key yet, oldest first. Past `limit` the
+    oldest is dropped: idle or slow strangers cannot pile up descriptors, nor keep a real
+    source out (it is the newest when it connects, and proves the key in milliseconds)."""
+
+    def __init__(self, limit: int = MAX_HANDSHAKES) -> None:
+        self.limit = limit
+        self.pending: dict[int, trio.CancelScope] = {}  # insertion order: oldest first
+        self.dropped = 0
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[trio.CancelScope]:
+        scope = trio.CancelScope()
+        while len(self.pending) >= self.limit:
+            self.pending.pop(next(iter(self.pending))).cancel()
+            self.dropped += 1
+        self.pending[id(scope)] = scope
+        try:
+            with scope:
+                yield scope
+        finally:
+            self.pending.pop(id(scope), None)
+
+
 async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessions,
-                    peer: str = "?") -> SessionOutcome:
-    """Handle one connection."""
+                    peer: str = "?", handshakes: Handshakes | None = None) -> SessionOutcome:
+    """Handle one connection: the handshake first, with nothing opened or taken for the peer
+    until it proved the shared key (a stranger costs a socket for the handshake timeout)."""
     ch = Channel(stream, "dest", opts.key, io_timeout=opts.io_timeout)
+    with (handshakes or Handshakes()).admit() as scope:
+        try:
+            await ch.handshake()
+        except (MigrationError, p.ProtocolError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError) as exc:
+            return await _stranger(ch, peer, exc)
+    if scope.cancelled_caught:
+        return await _stranger(ch, peer, MigrationError("dropped: too many handshakes at once"))
     session = DestSession(opts.open_files(opts.mount, opts.force), ch, opts.resume_cmd,
                           opts.spill, opts.qemu, opts.resume_hook)
     try:
-        first = await session.greet()
+        first = await session.first_frame()
     except (MigrationError, p.ProtocolError) as exc:
         session.store.close()
         out = await _failed(session, peer, str(exc), exc)
@@ -637,7 +686,7 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
         session.store.close()
         await ch.abort(refusal)
         await ch.aclose()
-        return SessionOutcome(False, "")
+        return SessionOutcome(False, "", ends=False)
     async with sessions.lock:
         sessions.current = session
         sessions.started += 1
@@ -669,6 +718,20 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
             if session.pc is not None:
                 await session.pc.aclose()
             await ch.aclose()
+
+
+async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcome:
+    """A peer that did not prove the shared key. A migrator with another key hears why and
+    the operator reads one line; anything else (a port scan, garbage, a silent or slow
+    connection) is a probe: one debug line, not a word to it, and the serve goes on."""
+    if isinstance(exc, KeyMismatch):
+        await ch.abort("the shared key does not match")
+        await ch.aclose()
+        return SessionOutcome(False, f"refused {peer}: it does not know the shared key (a "
+                              "source with another key file?)", ends=False)
+    log.debug("probe from %s: %s", peer, exc)
+    await ch.aclose()
+    return SessionOutcome(False, "", ends=False)
 
 
 async def _failed(session: DestSession, peer: str, msg: str,
@@ -754,6 +817,7 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     """Accept migrations until cancelled (reports the bound port through task_status); with
     `once`, one, and return whether it completed."""
     sessions = Sessions()
+    handshakes = Handshakes()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -763,10 +827,10 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
 
     async def one(stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         nonlocal completed
-        outcome = await serve_one(stream, opts, sessions, _peer(stream))
+        outcome = await serve_one(stream, opts, sessions, _peer(stream), handshakes)
         if outcome.text:
             opts.say(outcome.text)
-        if not once or not outcome.text:  # (a refusal as busy ends nothing)
+        if not once or not outcome.ends:  # (a stranger or a refusal as busy ends nothing)
             return
         completed = outcome.completed
         if not outcome.awaiting:
@@ -781,7 +845,15 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     async def accept_loop(ln: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with ln:
             while True:
-                stream = await ln.accept()
+                try:
+                    stream = await ln.accept()
+                except OSError as exc:  # out of descriptors (a flood): wait, do not die
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                         errno.ENOMEM):
+                        raise
+                    log.warning("accept: %s; refusing connections for 0.1 s", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
                 nursery.start_soon(one, stream, nursery)
 
     async with trio.open_nursery() as nursery:

@@ -29,6 +29,15 @@ class MigrationError(Exception):
     """A failure to report to the user in one line."""
 
 
+class KeyMismatch(MigrationError):
+    """The peer's proof of the shared key is wrong (another key file, or a stranger)."""
+
+
+def _bad_peer(exc: p.ProtocolError) -> MigrationError:
+    cls = KeyMismatch if isinstance(exc, p.AuthenticationError) else MigrationError
+    return cls(f"bad peer: {exc}")
+
+
 class PeerAborted(MigrationError):
     pass
 
@@ -128,7 +137,7 @@ class Channel:
                     raise PeerAborted(f"the peer aborted: {ev.reason}")
                 self._early.append(ev)
         except p.ProtocolError as exc:
-            raise MigrationError(f"bad peer: {exc}") from None
+            raise _bad_peer(exc) from None
 
     async def send(self, event: Any) -> None:
         """Send one frame, whole or not at all.
@@ -216,7 +225,7 @@ class Channel:
             try:
                 self.conn.receive_data(data)
             except p.ProtocolError as exc:
-                raise MigrationError(f"bad peer: {exc}") from None
+                raise _bad_peer(exc) from None
 
     async def expect(self, *types: type) -> Any:
         ev = await self.receive()

@@ -483,3 +483,27 @@ async def test_compressed_blocks_arrive_exact_and_random_ones_go_as_they_are(
     assert r.bytes_by_kind["compressed"] >= 60 * BS  # the text went compressed ...
     assert r.bytes_by_kind["normal"] >= 32 * BS  # ... the random memory as it was
     assert r.bytes_sent < r.data_bytes * 0.75
+
+
+async def test_past_the_limit_the_oldest_stranger_is_dropped() -> None:
+    """Handshakes in progress are bounded: a new connection evicts the oldest one that has
+    not proved the key, so idle strangers can neither pile up nor keep a real source out."""
+    from migrator.dest import Handshakes
+
+    hs = Handshakes(limit=2)
+    dropped: list[int] = []
+
+    async def stranger(i: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with hs.admit() as scope:
+            task_status.started()
+            await trio.sleep_forever()
+        if scope.cancelled_caught:
+            dropped.append(i)
+
+    async with trio.open_nursery() as n:
+        for i in range(4):
+            await n.start(stranger, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert dropped == [0, 1] and hs.dropped == 2 and len(hs.pending) == 2
+        n.cancel_scope.cancel()
+    assert not hs.pending
