@@ -367,7 +367,7 @@ def test_a_full_destination_disk_after_the_copy_cannot_break_the_handoff(
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", "--status-file", str(status), "--bandwidth",
-                              "8", "--max-rounds", "4", "--threshold-blocks", "0",
+                              "4", "--max-rounds", "4", "--threshold-blocks", "0",
                               "disk.raw", "vm.mem"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: read_json(status).get("phase") == "dirty rounds"
