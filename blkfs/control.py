@@ -246,7 +246,8 @@ class Controller:
             rel, tr = self._resolve(f.file)
             todo.append((f.file_id, rel, tr, list(f.extents)))
         pc = await self.lazy.begin(self.registry.backing, req.migration, req.block_size,
-                                   req.spill, todo)
+                                   req.spill, todo,
+                                   bytes.fromhex(req.spill_key) if req.spill_key else None)
         return cp.Remaining(pc.remaining)
 
     def op_lazy_refs(self, req: cp.LazyRefs, conn: Connection) -> cp.Remaining:

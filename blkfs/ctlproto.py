@@ -334,10 +334,19 @@ class LazyBegin(Request):
     block_size: int
     spill: str | None
     files: tuple[LazyFileSpec, ...]
+    spill_key: str | None = None  # hex, 32 bytes: the spill area's MAC key (blkfs.spill)
 
     def check(self) -> None:
         if not self.files:
             raise ControlError("lazy_begin: files must not be empty")
+        if self.spill is not None:
+            try:
+                ok = self.spill_key is not None and len(bytes.fromhex(self.spill_key)) == 32
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ControlError("lazy_begin: a spill area needs its spill_key (64 hex "
+                                   "digits): its slots are read only when their MAC verifies")
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ class Postcopy:
             self.counts.generation_mismatches += 1
         log.warning("spill slot %d (generation %d) for %s block %d refused (%s mismatch); "
                     "fetching it", ref.slot, ref.generation, lf.rel, block,
-                    "hash" if torn else "generation")
+                    "hash or MAC" if torn else "generation")
         if lf.refs.get(block) == ref:
             del lf.refs[block]  # never try that slot again
 
@@ -522,8 +522,8 @@ class LazyMode:
 
     async def begin(self, backing: str, migration: str, block_size: int,
                     spill_path: str | None,
-                    files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]]
-                    ) -> Postcopy:
+                    files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]],
+                    spill_key: bytes | None = None) -> Postcopy:
         """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
         if (self.current is not None and not self.current.done
                 and not self.current.given_up):
@@ -534,7 +534,7 @@ class LazyMode:
                             f"{1 << self.shift}: mount the destination with --block-size "
                             f"{block_size}")
         try:
-            spill = SpillArea.open(spill_path, migration) if spill_path else None
+            spill = SpillArea.open(spill_path, migration, spill_key) if spill_path else None
         except SpillError as exc:
             raise LazyError(str(exc)) from None
         self.close()

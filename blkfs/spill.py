@@ -9,6 +9,11 @@ that reader was told, before and after it read the data, and the data's hash
 matches the header.  Otherwise the read is refused and the reader falls back
 (to a demand fetch from the source).
 
+Every slot and the manifest carry a MAC keyed from the migration's shared key (`spill_key`:
+the destination's daemon gets only that derived key): the area may sit on storage other
+hosts can write, and xxh3 is a checksum, not a MAC.  A slot whose MAC does not verify (a
+forgery, or a torn read of a slot being rewritten) is refused like a stale one.
+
 The rules (SlotHeader, SlotAllocator, checked_read, summarize) are pure;
 SpillArea is the plain-file I/O over a spill directory (no trio, no FUSE), so
 the source migrator, the destination daemon and `blkfs spill` share it.
@@ -17,6 +22,8 @@ docs/spill.md has the on-disk format.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import struct
@@ -28,12 +35,14 @@ from typing import Any
 
 import xxhash
 
-# file_id u32, block u64, generation u64, length u32, xxh3 u64, flags u32
-_HEADER = struct.Struct("<IQQIQI")
+# file_id u32, block u64, generation u64, length u32, xxh3 u64, flags u32, mac 16 B
+_HEADER = struct.Struct("<IQQIQI16s")
 HEADER_SIZE = 64  # on disk, padded: room to grow without moving slots
 FLAG_FILLED = 1  # the slot holds a page (content written and hashed)
 FLAG_FREE = 2  # the destination installed that page: reusable, content kept
-SPILL_VERSION = 1
+SPILL_VERSION = 2  # 2: slot and manifest MACs
+MAC_SIZE = 16  # keyed BLAKE2b-128 over (file_id, block, generation, length, data)
+_MAC_FIELDS = struct.Struct("<IQQI")
 MANIFEST_NAME, HEADERS_NAME, SLOTS_NAME = "manifest.json", "headers", "slots"
 FLUSHED_NAME = "flushed.json"  # written by the source once every page is in (mark_flushed)
 # The one file the destination writes: per slot (u64 LE), the generation of the page it last
@@ -61,6 +70,26 @@ class SpillError(Exception):
     pass
 
 
+def spill_key(shared_key: bytes, migration: str) -> bytes:
+    """The key of one migration's spill area, derived from the shared key (HMAC-SHA256 as a
+    PRF): whoever holds it can write slots of that migration only, and the daemon that reads
+    them never holds the shared key itself."""
+    return hmac.new(shared_key, b"blkfs spill v2|" + migration.encode(), hashlib.sha256).digest()
+
+
+def slot_mac(key: bytes, file_id: int, block: int, generation: int, data: bytes) -> bytes:
+    m = hashlib.blake2b(key=key, digest_size=MAC_SIZE)
+    m.update(_MAC_FIELDS.pack(file_id, block, generation, len(data)))
+    m.update(data)
+    return m.digest()
+
+
+def manifest_mac(key: bytes, manifest: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    return hmac.new(key, b"manifest|" + body, hashlib.sha256).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class SlotHeader:
     file_id: int
@@ -69,10 +98,11 @@ class SlotHeader:
     length: int
     digest: int
     flags: int = 0
+    mac: bytes = bytes(MAC_SIZE)
 
     def pack(self) -> bytes:
         return _HEADER.pack(self.file_id, self.block, self.generation, self.length,
-                            self.digest, self.flags).ljust(HEADER_SIZE, b"\0")
+                            self.digest, self.flags, self.mac).ljust(HEADER_SIZE, b"\0")
 
     @classmethod
     def unpack(cls, raw: bytes) -> SlotHeader:
@@ -141,32 +171,37 @@ class SlotAllocator:
         return True
 
 
-def fill_header(file_id: int, block: int, ref: SlotRef, data: bytes) -> SlotHeader:
+def fill_header(file_id: int, block: int, ref: SlotRef, data: bytes, key: bytes) -> SlotHeader:
     """The header a writer stores with a page in slot `ref`."""
     return SlotHeader(file_id, block, ref.generation, len(data),
-                      xxhash.xxh3_64_intdigest(data), FLAG_FILLED)
+                      xxhash.xxh3_64_intdigest(data), FLAG_FILLED,
+                      slot_mac(key, file_id, block, ref.generation, data))
 
 
 def checked_read(
     expect: SlotRef, file_id: int, block: int, before: SlotHeader, data: bytes,
-    after: SlotHeader,
+    after: SlotHeader, key: bytes,
 ) -> bytes | None:
     """The page if this read of slot `expect` may be used, else None (fall back).
 
     `before` and `after` are the slot's header read before and after `data`.
     Used only when both show the generation the reader was told, describe the
-    page it wants, and the data has the recorded length and hash (invariant 4:
-    never a stale or torn page).
+    page it wants, and the data has the recorded length, hash and MAC (invariant 4:
+    never a stale, torn or forged page).
     """
     for h in (before, after):
         if (h.generation != expect.generation or not h.flags & FLAG_FILLED
                 or h.file_id != file_id or h.block != block):
             return None
     # The writer may mark the slot free meanwhile (content kept): not a change.
-    if (before.length, before.digest) != (after.length, after.digest) or len(data) < before.length:
+    if ((before.length, before.digest, before.mac) != (after.length, after.digest, after.mac)
+            or len(data) < before.length):
         return None
     page = data[:before.length]
     if xxhash.xxh3_64_intdigest(page) != before.digest:
+        return None
+    if not hmac.compare_digest(slot_mac(key, file_id, block, expect.generation, page),
+                               before.mac):
         return None
     return page
 
@@ -197,9 +232,11 @@ class SpillArea:
     that overlaps a reallocation sees another generation or a bad hash.
     """
 
-    def __init__(self, path: str, manifest: dict[str, Any], writable: bool) -> None:
+    def __init__(self, path: str, manifest: dict[str, Any], writable: bool,
+                 key: bytes | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self.key = key  # the spill key: without it the area is for looking at, not reading
         self.migration: str = manifest["migration"]
         self.block_size: int = manifest["block_size"]
         self.nslots: int = manifest["slots"]
@@ -222,7 +259,7 @@ class SpillArea:
 
     @classmethod
     def create(cls, path: str, migration: str, block_size: int, nslots: int,
-               files: dict[int, str]) -> SpillArea:
+               files: dict[int, str], key: bytes) -> SpillArea:
         """A fresh area for one migration (any earlier area in `path` is replaced)."""
         if not 1 <= nslots <= MAX_SLOTS:
             raise SpillError(f"--spill-slots must be 1..{MAX_SLOTS}, not {nslots}")
@@ -248,6 +285,7 @@ class SpillArea:
                 "slots": nslots, "header_size": HEADER_SIZE, "created_at": time.time(),
                 "files": {str(k): v for k, v in files.items()},
             }
+            manifest["mac"] = manifest_mac(key, manifest)
             tmp = os.path.join(path, MANIFEST_NAME + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(manifest, f, indent=1)
@@ -257,11 +295,13 @@ class SpillArea:
         except OSError as exc:
             raise SpillError(f"cannot create the spill area in {path}: {exc.strerror or exc}"
                              ) from None
-        return cls(path, manifest, writable=True)
+        return cls(path, manifest, writable=True, key=key)
 
     @classmethod
-    def open(cls, path: str, migration: str | None = None) -> SpillArea:
-        """Open an existing area read-only; `migration` must match when given."""
+    def open(cls, path: str, migration: str | None = None,
+             key: bytes | None = None) -> SpillArea:
+        """Open an existing area read-only; `migration` must match when given, and with the
+        spill `key` the manifest's MAC must verify (pages are read only with a key)."""
         try:
             with open(os.path.join(path, MANIFEST_NAME)) as f:
                 manifest = json.load(f)
@@ -284,8 +324,12 @@ class SpillArea:
             raise SpillError(f"the spill area in {path} belongs to migration "
                              f"{manifest['migration']}, not {migration}: is --spill the "
                              "directory the source writes?")
+        if key is not None and not hmac.compare_digest(
+                str(manifest.get("mac", "")), manifest_mac(key, manifest)):
+            raise SpillError(f"the spill manifest in {path} does not carry this migration's "
+                             "MAC: it was not written by the source (or with another key)")
         try:
-            return cls(path, manifest, writable=False)
+            return cls(path, manifest, writable=False, key=key)
         except OSError as exc:
             raise SpillError(f"cannot open the spill area in {path}: {exc.strerror}") from None
 
@@ -310,14 +354,15 @@ class SpillArea:
                              f"{self.block_size}")
         self._header_at(ref.slot, SlotHeader(file_id, block, ref.generation, 0, 0, 0))
         os.pwrite(self._sfd, data, ref.slot * self.block_size)
-        h = fill_header(file_id, block, ref, data)
+        assert self.key is not None, "a writable area has its key"
+        h = fill_header(file_id, block, ref, data, self.key)
         self._header_at(ref.slot, h)
         return h
 
     def mark_free(self, ref: SlotRef, h: SlotHeader) -> None:
         """Record that the page of `ref` was installed (for `blkfs spill`); content kept."""
         self._header_at(ref.slot, SlotHeader(h.file_id, h.block, h.generation, h.length,
-                                             h.digest, h.flags | FLAG_FREE))
+                                             h.digest, h.flags | FLAG_FREE, h.mac))
 
     def flush(self) -> None:
         """Make every page written so far durable: after this the source may vanish."""
@@ -377,14 +422,17 @@ class SpillArea:
         return SlotHeader.unpack(os.pread(self._hfd, HEADER_SIZE, slot * HEADER_SIZE))
 
     def read(self, ref: SlotRef, file_id: int, block: int) -> bytes | None:
-        """The page in `ref` if the generation and hash checks pass, else None."""
+        """The page in `ref` if the generation, hash and MAC checks pass, else None."""
+        if self.key is None:
+            raise SpillError(f"the spill area in {self.path} was opened without its key: "
+                             "its pages cannot be trusted")
         if not 0 <= ref.slot < self.nslots:
             return None
         before = self.header(ref.slot)
         if before.generation != ref.generation or not before.flags & FLAG_FILLED:
             return None  # not performed: the slot moved on (or is being written)
         data = os.pread(self._sfd, self.block_size, ref.slot * self.block_size)
-        return checked_read(ref, file_id, block, before, data, self.header(ref.slot))
+        return checked_read(ref, file_id, block, before, data, self.header(ref.slot), self.key)
 
     def scan(self) -> list[SlotHeader]:
         """Every slot header, in slot order (one read)."""

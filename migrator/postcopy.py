@@ -30,7 +30,7 @@ import trio
 
 from blkfs import ctlproto as cp
 from blkfs.control import AsyncControlClient, ControlError
-from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea, pack_refs
+from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea, pack_refs, spill_key
 
 from . import protocol as p
 from .transport import Channel, MigrationError, NotOwner
@@ -324,6 +324,7 @@ class DestPostcopy:
         self.announce = announce
         self.block_size = block_size
         self.spill_path = spill_override or announce.spill
+        self.spill_key = spill_key(ch.key, announce.migration)  # all the daemon gets of it
         self.absent: dict[int, list[Extent]] = {}
         self.absent_done = trio.Event()  # every Absent frame is in
         self.begun = trio.Event()  # lazy mode is on in the daemon
@@ -358,7 +359,7 @@ class DestPostcopy:
         What needs no absent map (connections, the spill check) runs while Absent arrives."""
         t0 = time.monotonic()
         try:
-            area = SpillArea.open(self.spill_path, self.announce.migration)
+            area = SpillArea.open(self.spill_path, self.announce.migration, self.spill_key)
             area.close()
         except Exception as exc:  # SpillError, OSError: fetch everything instead
             log.warning("spill area unusable (%s): every remaining page is fetched from "
@@ -375,7 +376,8 @@ class DestPostcopy:
                       for fid, exts in self.absent.items())
         await self._call(self.ctl, cp.LazyBegin(
             self.announce.migration, self.block_size,
-            self.spill_path if self.spill_usable else None, files))
+            self.spill_path if self.spill_usable else None, files,
+            self.spill_key.hex() if self.spill_usable else None))
         self.begun.set()
         log.info("lazy mode on: %.1f ms to connect, lazy_begin %.1f ms", (t1 - t0) * 1000,
                  (time.monotonic() - t1) * 1000)

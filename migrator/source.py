@@ -28,7 +28,7 @@ from typing import Any
 import trio
 import xxhash
 
-from blkfs.spill import SpillArea, SpillError
+from blkfs.spill import SpillArea, SpillError, spill_key
 
 from . import protocol as p
 from .codecs import CODECS, compressor, packed
@@ -369,9 +369,11 @@ class Source:
         path = self.opts.spill_dir
         assert path is not None
         try:
-            self.spill = SpillArea.create(path, str(uuid.uuid4()), self.block_size,
+            spill_id = str(uuid.uuid4())
+            self.spill = SpillArea.create(path, spill_id, self.block_size,
                                           self.opts.spill_slots,
-                                          {f.file_id: f.rel for f in self.files})
+                                          {f.file_id: f.rel for f in self.files},
+                                          spill_key(self.opts.key, spill_id))
         except SpillError as exc:
             raise MigrationError(str(exc)) from None
 

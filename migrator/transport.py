@@ -101,6 +101,7 @@ class Channel:
         self.stream = stream
         self.io_timeout = io_timeout
         self.role = role
+        self.key = key  # the shared key (the spill area's key derives from it)
         self.conn = p.Connection(role, key)
         self.limit = limit_bytes_per_s
         self.bytes_sent = 0
@@ -207,7 +208,7 @@ class Channel:
             except p.ProtocolError as exc:
                 if eof and "closed the connection" in str(exc):  # gone, not lying
                     raise MigrationError(f"connection to the peer lost: {exc}") from None
-                raise MigrationError(f"bad peer: {exc}") from None
+                raise _bad_peer(exc) from None
             if ev is not p.NEED_DATA:
                 if isinstance(ev, p.Abort):
                     raise PeerAborted(f"the peer aborted: {ev.reason}")

@@ -190,3 +190,11 @@ def test_heat_runs_travel_as_the_reply_payload() -> None:
         cp.decode_reply(line, cp.Heat("d"), data[:-1])
     with pytest.raises(cp.ControlError, match="should not"):
         cp.decode_reply(cp.encode_reply(cp.Count(1)).rstrip(b"\n"), cp.Freeze(), b"x")
+
+
+def test_lazy_begin_with_a_spill_area_needs_its_key() -> None:
+    files = (cp.LazyFileSpec(0, "vm.mem", ((0, 4),)),)
+    cp.LazyBegin("m", 65536, "/spill", files, "ab" * 32).check()
+    for bad in (None, "ab" * 31, "zz" * 32):
+        with pytest.raises(cp.ControlError, match="spill_key"):
+            cp.LazyBegin("m", 65536, "/spill", files, bad).check()

@@ -10,7 +10,7 @@ import trio
 
 from blkfs.absent import AbsentMap
 from blkfs.lazy import BlockMissing, LazyFile, Postcopy
-from blkfs.spill import SlotAllocator, SpillArea
+from blkfs.spill import SlotAllocator, SpillArea, spill_key
 
 BS = 4096
 NBLOCKS = 8
@@ -24,8 +24,9 @@ def final(b: int) -> bytes:
 def setup(tmp_path: Path) -> tuple[Postcopy, LazyFile, SpillArea, SlotAllocator]:
     path = tmp_path / "vm.mem"
     path.write_bytes(b"\xee" * BS * NBLOCKS)  # stale content: never to be served
-    area = SpillArea.create(str(tmp_path / "spill"), "m1", BS, 4, {0: "vm.mem"})
-    pc = Postcopy("m1", BS, SpillArea.open(str(tmp_path / "spill"), "m1"))
+    key = spill_key(b"t" * 32, "m1")
+    area = SpillArea.create(str(tmp_path / "spill"), "m1", BS, 4, {0: "vm.mem"}, key)
+    pc = Postcopy("m1", BS, SpillArea.open(str(tmp_path / "spill"), "m1", key))
     fd = os.open(path, os.O_RDWR)
     lf = LazyFile(0, "vm.mem", (0, 0), fd, AbsentMap(NBLOCKS, 12, [(2, 4)]), BS * NBLOCKS)
     pc.add_file(lf)

@@ -274,7 +274,9 @@ def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: P
     assert r.returncode == 0, r.stderr
     rc, out = s.finish()
     assert rc == 0 and "complete and verified" in out
-    assert out.count("does not know the shared key") == 1, out
+    # One line for the operator when the dest saw the wrong proof; none when the source
+    # saw the dest's first and hung up before sending its own (then it is a probe here).
+    assert out.count("does not know the shared key") <= 1, out
 
 
 def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: Path,

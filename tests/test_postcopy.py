@@ -7,6 +7,7 @@ page, whether the drain installed it from a spill slot or the read waited for a 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -19,6 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
+
+from blkfs.spill import FLAG_FILLED, HEADER_SIZE, SlotHeader
 
 from .conftest import Mount
 from .test_migrate import (
@@ -249,9 +253,12 @@ def _read_fails(fd: int, block: int) -> bool:
     return False
 
 
+@pytest.mark.parametrize("how", ["flip", "forge"])
 def test_corrupted_spill_slot_is_refused_and_fetched(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
-        vm: subprocess.Popen[bytes]) -> None:
+        vm: subprocess.Popen[bytes], how: str) -> None:
+    """A flipped byte fails the hash; a forged page (other data, its xxh3 in the header:
+    what anyone who can write the shared area can do) fails the MAC. Neither is installed."""
     src, dst = hosts
     spill = tmp_path / "spill"
     s = Server(dst, key, "--resume-cmd", stop_dest_on_resume())
@@ -263,13 +270,23 @@ def test_corrupted_spill_slot_is_refused_and_fetched(
         m.wait_for("spill flushed")
         manifest = json.loads((spill / "manifest.json").read_text())
         fd = os.open(spill / "slots", os.O_RDWR)
-        try:  # flip a byte in every slot: the headers (and their hashes) stay as they were
+        hfd = os.open(spill / "headers", os.O_RDWR)
+        try:
             for slot in range(manifest["slots"]):
-                b = os.pread(fd, 1, slot * BS + 100)
-                if b:
-                    os.pwrite(fd, bytes([b[0] ^ 0xFF]), slot * BS + 100)
+                if how == "flip":  # a byte in every slot; the headers stay as they were
+                    b = os.pread(fd, 1, slot * BS + 100)
+                    if b:
+                        os.pwrite(fd, bytes([b[0] ^ 0xFF]), slot * BS + 100)
+                    continue
+                h = SlotHeader.unpack(os.pread(hfd, HEADER_SIZE, slot * HEADER_SIZE))
+                if h.flags & FLAG_FILLED:  # another page, with a header that fits it
+                    fake = b"forged!!" * (h.length // 8) + b"?" * (h.length % 8)
+                    os.pwrite(fd, fake, slot * BS)
+                    os.pwrite(hfd, dataclasses.replace(
+                        h, digest=xxhash.xxh3_64_intdigest(fake)).pack(), slot * HEADER_SIZE)
         finally:
             os.close(fd)
+            os.close(hfd)
     finally:
         os.kill(s.proc.pid, signal.SIGCONT)
     rc, out = m.finish()
@@ -300,6 +317,7 @@ def test_few_slots_carry_many_pages(hosts: tuple[Mount, Mount], key: Path,
     rep = json.loads(report.read_text())
     assert rep["pages_spilled"] > 4 and rep["slot_reuses"] == rep["pages_spilled"] - 4, rep
     assert rep["postcopy"]["generation_mismatches"] == 0 and rep["verified"]
+    assert rep["postcopy"]["hash_mismatches"] == 0  # the daemon checks the MACs with its key
     assert digest(dst.mnt / "vm.mem") == digest(src.mnt / "vm.mem")
     headers = json.loads(subprocess.run(
         [sys.executable, "-m", "blkfs.cli", "spill", str(dst.mnt), "--json", "--slots"],

@@ -14,11 +14,15 @@ from blkfs.spill import (
     SpillError,
     checked_read,
     fill_header,
+    slot_mac,
+    spill_key,
 )
+
+KEY = spill_key(b"k" * 32, "m1")
 
 
 def test_header_round_trip() -> None:
-    h = SlotHeader(3, 2**40, 7, 65536, 2**63 + 5, 1)
+    h = SlotHeader(3, 2**40, 7, 65536, 2**63 + 5, 1, b"M" * 16)
     raw = h.pack()
     assert len(raw) == HEADER_SIZE
     assert SlotHeader.unpack(raw) == h
@@ -52,21 +56,22 @@ def test_a_freed_slot_keeps_serving_a_late_reader_until_reused() -> None:
     ref = a.allocate()
     assert ref is not None
     page = b"P" * 4096
-    h = fill_header(5, 9, ref, page)
+    h = fill_header(5, 9, ref, page, KEY)
     assert a.release(ref)  # installed; content still there
-    assert checked_read(ref, 5, 9, h, page, h) == page
+    assert checked_read(ref, 5, 9, h, page, h, KEY) == page
     new = a.allocate()
     assert new is not None
-    h2 = fill_header(6, 1, new, b"Q" * 4096)
-    assert checked_read(ref, 5, 9, h2, b"Q" * 4096, h2) is None  # generation moved on
+    h2 = fill_header(6, 1, new, b"Q" * 4096, KEY)
+    assert checked_read(ref, 5, 9, h2, b"Q" * 4096, h2, KEY) is None  # generation moved on
 
 
 @pytest.mark.parametrize("case", ["gen-before", "gen-after", "torn", "hash", "other-block",
-                                  "other-file", "empty", "short"])
+                                  "other-file", "empty", "short", "forged", "other-key",
+                                  "mac-changed"])
 def test_reads_that_must_be_refused(case: str) -> None:
     ref = SlotRef(0, 4)
     page = bytes(range(256)) * 16
-    good = fill_header(1, 2, ref, page)
+    good = fill_header(1, 2, ref, page, KEY)
     before, data, after = good, page, good
     if case == "gen-before":
         before = SlotHeader(1, 2, 5, good.length, good.digest, 1)
@@ -84,8 +89,17 @@ def test_reads_that_must_be_refused(case: str) -> None:
         before = after = SlotHeader(1, 2, 4, good.length, good.digest, 0)
     elif case == "short":
         data = page[:100]
-    assert checked_read(ref, 1, 2, before, data, after) is None
-    assert checked_read(ref, 1, 2, good, page, good) == page
+    elif case == "forged":  # data and a matching xxh3, written without the key
+        data = b"F" * len(page)
+        before = after = fill_header(1, 2, ref, data, b"\0" * 32)
+    elif case == "other-key":  # another migration's (or another key file's) slot
+        before = after = fill_header(1, 2, ref, page, spill_key(b"k" * 32, "m2"))
+    elif case == "mac-changed":  # rewritten under us: same generation, other page
+        other = fill_header(1, 2, ref, b"Z" * len(page), KEY)
+        after = SlotHeader(1, 2, 4, good.length, good.digest, 1, other.mac)
+    assert checked_read(ref, 1, 2, before, data, after, KEY) is None
+    assert checked_read(ref, 1, 2, good, page, good, KEY) == page
+    assert slot_mac(KEY, 1, 2, 4, page) == good.mac
 
 
 @given(st.lists(st.sampled_from(["alloc", "release-old", "release-new"]), max_size=200),

@@ -11,6 +11,7 @@ exactly the page put under that reference, and never a corrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -40,10 +41,15 @@ from blkfs.spill import (
     SlotRef,
     SpillArea,
     SpillError,
+    spill_key,
 )
 
 BS = 4096
 MIGRATION = "m-1"
+
+
+def key_of(migration: str) -> bytes:
+    return spill_key(b"t" * 32, migration)
 
 
 def page(seed: int, length: int) -> bytes:
@@ -78,8 +84,9 @@ class SpillAreaMachine(RuleBasedStateMachine):
     def setup(self, nslots: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="spill-test-")
         self.nslots = nslots
-        self.area = SpillArea.create(self.dir, MIGRATION, BS, nslots, {0: "a", 1: "b", 2: "c"})
-        self.reader = SpillArea.open(self.dir, MIGRATION)  # the destination's read-only view
+        self.area = SpillArea.create(self.dir, MIGRATION, BS, nslots, {0: "a", 1: "b", 2: "c"},
+                                     key_of(MIGRATION))
+        self.reader = SpillArea.open(self.dir, MIGRATION, key_of(MIGRATION))  # the destination
         self.alloc = SlotAllocator(nslots)
         self.told: list[Told] = []  # every reference ever handed out, stale ones included
         self.current: dict[int, Told] = {}  # slot -> the page its current generation holds
@@ -267,7 +274,7 @@ TestSpillAreaMachine = SpillAreaMachine.TestCase
 
 
 def make(path: str, migration: str = MIGRATION, nslots: int = 2) -> SpillArea:
-    return SpillArea.create(path, migration, BS, nslots, {1: "disk.img"})
+    return SpillArea.create(path, migration, BS, nslots, {1: "disk.img"}, key_of(migration))
 
 
 def test_create_writes_a_manifest_and_sized_files(tmp_path) -> None:
@@ -302,14 +309,14 @@ def test_create_replaces_an_older_area(tmp_path) -> None:
 
     new = make(str(tmp_path), "new")
     try:
-        reader = SpillArea.open(str(tmp_path), "new")
+        reader = SpillArea.open(str(tmp_path), "new", key_of("new"))
         assert reader.migration == "new"
         assert all(h == SlotHeader(0, 0, 0, 0, 0, 0) for h in reader.scan())  # zeroed
         for i, ref in enumerate(refs):
             assert reader.read(ref, 1, i) is None  # an old reference no longer matches
         assert reader.summary()["unused"] == 2
         with pytest.raises(SpillError, match="belongs to migration new, not old"):
-            SpillArea.open(str(tmp_path), "old")
+            SpillArea.open(str(tmp_path), "old", key_of("old"))
         reader.close()
     finally:
         new.close()
@@ -318,10 +325,10 @@ def test_create_replaces_an_older_area(tmp_path) -> None:
 def test_open_with_the_wrong_migration_says_which(tmp_path) -> None:
     make(str(tmp_path), "abc").close()
     with pytest.raises(SpillError) as exc:
-        SpillArea.open(str(tmp_path), "xyz")
+        SpillArea.open(str(tmp_path), "xyz", key_of("xyz"))
     msg = str(exc.value)
     assert "abc" in msg and "xyz" in msg and "--spill" in msg and str(tmp_path) in msg
-    SpillArea.open(str(tmp_path), "abc").close()  # the right one opens
+    SpillArea.open(str(tmp_path), "abc", key_of("abc")).close()  # the right one opens
 
 
 def test_open_without_a_manifest_points_at_spill(tmp_path) -> None:
@@ -381,7 +388,7 @@ def test_a_short_last_page_round_trips_with_its_length(tmp_path, length: int) ->
         data = page(length, length)
         h = area.put(ref, 1, 7, data)
         assert h.length == length
-        reader = SpillArea.open(str(tmp_path))
+        reader = SpillArea.open(str(tmp_path), MIGRATION, key_of(MIGRATION))
         got = reader.read(ref, 1, 7)
         reader.close()
         assert got == data and len(got) == length
@@ -401,7 +408,7 @@ def test_mark_free_keeps_the_page_for_its_generation(tmp_path) -> None:
         assert alloc.release(ref)
         area.mark_free(ref, h)
         area.flush()
-        reader = SpillArea.open(str(tmp_path), MIGRATION)
+        reader = SpillArea.open(str(tmp_path), MIGRATION, key_of(MIGRATION))
         assert reader.header(ref.slot).flags == FLAG_FILLED | FLAG_FREE
         assert reader.read(ref, 2, 5) == data  # installed, yet still served
         assert reader.summary()["free"] == 1
@@ -442,7 +449,7 @@ def test_a_read_only_area_cannot_be_written(tmp_path) -> None:
 def test_a_writer_between_the_two_header_reads(tmp_path, writer: str) -> None:
     """The source moves on while a reader is between its header reads and the data."""
     area = make(str(tmp_path), nslots=1)
-    reader = SpillArea.open(str(tmp_path), MIGRATION)
+    reader = SpillArea.open(str(tmp_path), MIGRATION, key_of(MIGRATION))
     try:
         alloc = SlotAllocator(1)
         ref = alloc.allocate()
@@ -493,13 +500,48 @@ def test_a_writer_between_the_two_header_reads(tmp_path, writer: str) -> None:
 def test_the_installed_file_is_the_destinations_word_per_slot(tmp_path) -> None:
     from blkfs.spill import SlotRef, SpillArea
 
-    area = SpillArea.create(str(tmp_path / "spill"), "m1", 4096, 3, {0: "vm.mem"})
-    reader = SpillArea.open(str(tmp_path / "spill"), "m1")
+    area = SpillArea.create(str(tmp_path / "spill"), "m1", 4096, 3, {0: "vm.mem"}, key_of("m1"))
+    reader = SpillArea.open(str(tmp_path / "spill"), "m1", key_of("m1"))
     assert area.installed() == [0, 0, 0]
     reader.mark_installed([SlotRef(2, 5), SlotRef(0, 1), SlotRef(9, 1)])  # (9: not a slot)
     assert area.installed() == [1, 0, 5]
     reader.close()
     area.close()
-    again = SpillArea.create(str(tmp_path / "spill"), "m2", 4096, 3, {0: "vm.mem"})
+    again = SpillArea.create(str(tmp_path / "spill"), "m2", 4096, 3, {0: "vm.mem"}, key_of("m2"))
     assert again.installed() == [0, 0, 0]  # a new migration's area forgets the old word
     again.close()
+
+
+def test_a_slot_forged_without_the_key_is_refused(tmp_path) -> None:
+    """Anyone who can write the area can write a page and its xxh3 (a checksum, not a MAC):
+    without the spill key its MAC does not verify, and the reader refuses it like a stale
+    slot. A reader opened without the key reads nothing at all."""
+    area = make(str(tmp_path))
+    reader = SpillArea.open(str(tmp_path), MIGRATION, key_of(MIGRATION))
+    try:
+        ref = SlotRef(0, 1)
+        area.put(ref, 1, 7, b"R" * BS)
+        assert reader.read(ref, 1, 7) == b"R" * BS
+        forger = SpillArea(str(tmp_path), area.manifest, writable=True, key=b"\0" * 32)
+        forger.put(ref, 1, 7, b"F" * BS)  # same slot, generation, file and block; valid xxh3
+        forger.close()
+        assert reader.read(ref, 1, 7) is None
+        with pytest.raises(SpillError, match="without its key"):
+            SpillArea.open(str(tmp_path)).read(ref, 1, 7)
+    finally:
+        reader.close()
+        area.close()
+
+
+@pytest.mark.parametrize("how", ["other-key", "edited"])
+def test_a_manifest_not_written_with_the_key_is_refused(tmp_path, how: str) -> None:
+    make(str(tmp_path)).close()
+    key = key_of(MIGRATION)
+    if how == "other-key":
+        key = spill_key(b"u" * 32, MIGRATION)
+    else:  # someone edits what the files are
+        doc = json.loads((tmp_path / MANIFEST_NAME).read_text())
+        doc["files"]["1"] = "other.img"
+        (tmp_path / MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(SpillError, match="MAC"):
+        SpillArea.open(str(tmp_path), MIGRATION, key)
