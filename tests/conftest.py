@@ -117,11 +117,11 @@ def mount_factory(
         b.mkdir(exist_ok=True)
         m.mkdir(exist_ok=True)
         r = run_blkfs("mount", str(b), str(m), *extra, check=True)
-        assert "mounted" in r.stdout
         info = DaemonInfo.find(str(m))
+        mount = Mount(b, m, info.pid if info is not None else 0)
+        mounts.append(mount)  # before any check: a failed one still unmounts it below
+        assert "mounted" in r.stdout
         assert info is not None
-        mount = Mount(b, m, info.pid)
-        mounts.append(mount)
         return mount
 
     yield make
