@@ -241,21 +241,27 @@ def test_freeze_all_covers_new_files(plain: Mount) -> None:
     assert mount.path("new").read_bytes() == b"n" * 10
 
 
+# A writer of unique stamps, one write at a time, into blocks [first, first + nblocks) of a
+# file: with pwrite, through a shared mmap, or as whole O_DIRECT pages. Prints its count.
 WRITER = textwrap.dedent("""
     import mmap, os, random, struct, sys, time
-    path, nblocks, bs, seconds, mode = sys.argv[1:6]
-    nblocks, bs, seconds = int(nblocks), int(bs), float(seconds)
-    rnd = random.Random(7)
-    fd = os.open(path, os.O_RDWR)
-    m = mmap.mmap(fd, nblocks * bs, mmap.MAP_SHARED) if mode == "mmap" else None
+    path, kind, first, nblocks, bs, seconds = sys.argv[1:7]
+    first, nblocks, bs, seconds = int(first), int(nblocks), int(bs), float(seconds)
+    rnd = random.Random(kind)
+    fd = os.open(path, os.O_RDWR | (os.O_DIRECT if kind == "direct" else 0))
+    m = mmap.mmap(fd, (first + nblocks) * bs, mmap.MAP_SHARED) if kind == "mmap" else None
+    page = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer: a whole page
     version = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         version += 1
-        b = rnd.randrange(nblocks)
-        # A unique stamp per write, somewhere inside the block
-        off = b * bs + rnd.randrange(0, bs - 16) // 8 * 8
+        b = first + rnd.randrange(nblocks)
         stamp = struct.pack("<QQ", b, version)
+        if kind == "direct":  # a whole aligned page of the block, stamped
+            page[:16] = stamp
+            os.pwrite(fd, page, b * bs + rnd.randrange(bs // 4096) * 4096)
+            continue
+        off = b * bs + rnd.randrange(0, bs - 16) // 8 * 8  # somewhere inside the block
         if m is not None:
             m[off:off + 16] = stamp
         else:
@@ -263,10 +269,12 @@ WRITER = textwrap.dedent("""
     if m is not None:
         m.flush()
         m.close()
-    os.fsync(fd)
+    if kind != "direct":
+        os.fsync(fd)
     os.close(fd)
     print(version)
 """)
+
 
 
 @pytest.mark.slow
@@ -285,8 +293,8 @@ def test_no_lost_write_under_concurrent_swaps(
     p.write_bytes(b"\0" * nblocks * B)
     replica = bytearray(p.read_bytes())
     mount.swap("disk.raw")
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(p), str(nblocks), str(B), "4",
-                               mode], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(p), mode, "0", str(nblocks),
+                               str(B), "4"], stdout=subprocess.PIPE, text=True)
     swaps = copied = 0
     with mount.client() as c:
         fd = os.open(p, os.O_RDONLY)

@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from blkfs.bdi import bdi_name
 from blkfs.control import flush_file
 
 from .conftest import Mount, run_blkfs
+from .test_tracking import WRITER
 
 pytestmark = pytest.mark.mount
 
@@ -206,39 +206,6 @@ def test_random_ops_match_a_twin_on_the_backing_filesystem(
     assert m.call("info")["faults"] == 0
 
 
-MIXED_WRITER = textwrap.dedent("""
-    import mmap, os, random, struct, sys, time
-    path, kind, first, nblocks, bs, seconds = sys.argv[1:7]
-    first, nblocks, bs, seconds = int(first), int(nblocks), int(bs), float(seconds)
-    rnd = random.Random(kind)
-    flags = os.O_RDWR | (os.O_DIRECT if kind == "direct" else 0)
-    fd = os.open(path, flags)
-    m = mmap.mmap(fd, (first + nblocks) * bs, mmap.MAP_SHARED) if kind == "mmap" else None
-    page = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer: a whole page
-    version = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        version += 1
-        b = first + rnd.randrange(nblocks)
-        stamp = struct.pack("<QQ", b, version)
-        if kind == "direct":  # a whole aligned page of the block, stamped
-            off = b * bs + rnd.randrange(bs // 4096) * 4096
-            page[:16] = stamp
-            os.pwrite(fd, page, off)
-        else:
-            off = b * bs + rnd.randrange(0, bs - 16) // 8 * 8
-            if m is not None:
-                m[off:off + 16] = stamp
-            else:
-                os.pwrite(fd, stamp, off)
-    if m is not None:
-        m.flush()
-        m.close()
-    os.close(fd)
-    print(version)
-""")
-
-
 @pytest.mark.slow
 def test_no_lost_write_with_pwrite_mmap_and_direct_writers_at_once(
         mount_factory: Callable[..., Mount]) -> None:
@@ -251,7 +218,7 @@ def test_no_lost_write_with_pwrite_mmap_and_direct_writers_at_once(
     p.write_bytes(bytes(3 * third * bs))
     replica = bytearray(back.read_bytes())
     m.swap("disk.raw")
-    writers = [subprocess.Popen([sys.executable, "-c", MIXED_WRITER, str(p), kind,
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(p), kind,
                                  str(i * third), str(third), str(bs), "4"],
                                 stdout=subprocess.PIPE, text=True)
                for i, kind in enumerate(("pwrite", "mmap", "direct"))]
