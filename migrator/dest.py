@@ -46,6 +46,7 @@ from .transport import (
     KeyMismatch,
     MigrationError,
     PeerAborted,
+    PeerMismatch,
     leaf,
 )
 from .zeros import zero_digest
@@ -607,6 +608,7 @@ class ServeOptions:
     force: bool = False  # overwrite the files of a VM that runs here
     open_files: Callable[[str, bool], DestFiles] = field(default=MountDest)
     resume_hook: Callable[[], Awaitable[None]] | None = None  # in place of resume_cmd (tests)
+    plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
 
 
 class Sessions:
@@ -662,7 +664,8 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
                     peer: str = "?", handshakes: Handshakes | None = None) -> SessionOutcome:
     """Handle one connection: the handshake first, with nothing opened or taken for the peer
     until it proved the shared key (a stranger costs a socket for the handshake timeout)."""
-    ch = Channel(stream, "dest", opts.key, io_timeout=opts.io_timeout)
+    ch = Channel(stream, "dest", opts.key, io_timeout=opts.io_timeout,
+                 sealed=not opts.plaintext)
     with (handshakes or Handshakes()).admit() as scope:
         try:
             await ch.handshake()
@@ -729,6 +732,11 @@ async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcom
         await ch.aclose()
         return SessionOutcome(False, f"refused {peer}: it does not know the shared key (a "
                               "source with another key file?)", ends=False)
+    if isinstance(exc, PeerMismatch):
+        reason = str(exc).removeprefix("bad peer: ")
+        await ch.abort(reason.replace("the peer", "the destination", 1))
+        await ch.aclose()
+        return SessionOutcome(False, f"refused {peer}: {reason}", ends=False)
     log.debug("probe from %s: %s", peer, exc)
     await ch.aclose()
     return SessionOutcome(False, "", ends=False)

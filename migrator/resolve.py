@@ -30,9 +30,9 @@ class Settled:
 
 
 async def ask(stream: trio.abc.Stream, key: bytes, migration: str,
-              io_timeout: float = IO_TIMEOUT) -> p.Answer:
+              io_timeout: float = IO_TIMEOUT, *, sealed: bool = True) -> p.Answer:
     """The destination's Answer about `migration`."""
-    ch = Channel(stream, "source", key, io_timeout=io_timeout)
+    ch = Channel(stream, "source", key, io_timeout=io_timeout, sealed=sealed)
     try:
         await ch.handshake()
         await ch.send(p.Query(migration))
@@ -71,7 +71,8 @@ def act(record: SourceRecord, action: str, adapter: Callable[[], VMAdapter],
 async def resolve_source(record: SourceRecord, adapter: Callable[[], VMAdapter],
                          write: Callable[[SourceRecord], None],
                          connect: Callable[[], Awaitable[trio.abc.Stream]] | None,
-                         key: bytes | None, decision: str | None) -> Settled:
+                         key: bytes | None, decision: str | None, *, sealed: bool = True
+                         ) -> Settled:
     """Settle an unsettled source record: by a person's `decision`, or by asking."""
     if not record.unsettled:
         return Settled(True, f"migration {record.migration} is settled: {record.state}"
@@ -85,7 +86,7 @@ async def resolve_source(record: SourceRecord, adapter: Callable[[], VMAdapter],
                        f"({record.state}): ask the destination (--to HOST:PORT --key-file "
                        "KEY, with 'migrator serve' running there), or decide: --resume-here "
                        "if the VM is stopped there, --retire-here if it runs there")
-    answer = await ask(await connect(), key, record.migration)
+    answer = await ask(await connect(), key, record.migration, sealed=sealed)
     action = settle(answer.status)
     if answer.status == "incomplete":
         return Settled(False, f"the destination says: {answer.detail}; the source copy is the "

@@ -99,6 +99,7 @@ class MigrateOptions:
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
     suspend: str = "freeze"  # the --suspend spec, kept in the ownership record for resolve
     compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
+    plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
 
 
 @dataclass
@@ -321,7 +322,8 @@ class Source:
     async def _connect(self) -> None:
         stream = await self.hooks.connect(self.opts)
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
-        self.ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout)
+        self.ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
+                     sealed=not self.opts.plaintext)
         self.progress.channel = self.ch
         await self.ch.handshake()
 
@@ -569,7 +571,8 @@ class Source:
         assert self.record is not None
         stream = await self.hooks.connect(self.opts)
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
-        ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout)
+        ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
+                     sealed=not self.opts.plaintext)
         try:
             await ch.handshake()
             unfinished = self.pc is not None and not self.pc.finished

@@ -7,6 +7,7 @@ All protocol rules (states, limits, authentication) live in the pure
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import stat
 import time
@@ -33,8 +34,20 @@ class KeyMismatch(MigrationError):
     """The peer's proof of the shared key is wrong (another key file, or a stranger)."""
 
 
+class PeerMismatch(MigrationError):
+    """The peer is a migrator set up differently: another version, or --insecure-plaintext
+    on one side only."""
+
+
+class Tampered(MigrationError):
+    """A sealed frame failed its tag: someone on the path changed the stream, or it broke."""
+
+
 def _bad_peer(exc: p.ProtocolError) -> MigrationError:
-    cls = KeyMismatch if isinstance(exc, p.AuthenticationError) else MigrationError
+    if isinstance(exc, p.TamperedError):
+        return Tampered(str(exc))  # already says what happened, in the user's words
+    cls = (KeyMismatch if isinstance(exc, p.AuthenticationError) else
+           PeerMismatch if isinstance(exc, p.MismatchError) else MigrationError)
     return cls(f"bad peer: {exc}")
 
 
@@ -65,9 +78,8 @@ def read_key(path: str) -> bytes:
         with open(path, "rb") as f:
             key = f.read().strip()
     except FileNotFoundError:
-        raise MigrationError(f"key file {path} does not exist: create one and copy it to both "
-                             "hosts: python3 -c 'import secrets; print(secrets.token_hex(32))' "
-                             f"> {path}; chmod 600 {path}") from None
+        raise MigrationError(f"key file {path} does not exist: create one with 'migrator keygen "
+                             f"{path}' and copy it to both hosts") from None
     except OSError as exc:
         raise MigrationError(f"cannot read key file {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -76,6 +88,23 @@ def read_key(path: str) -> bytes:
         raise MigrationError(f"the key in {path} is too short ({len(key)} bytes): use at least "
                              "16 random bytes")
     return key
+
+
+def write_key(path: str, *, force: bool = False) -> None:
+    """A new shared key, 32 random bytes as hex, in a file only its owner can read."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise MigrationError(f"{path} exists: keep it, or replace it with --force (both hosts "
+                             "then need the new one)") from None
+    except OSError as exc:
+        raise MigrationError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)  # a replaced file keeps its old mode otherwise
+        f.write(secrets.token_hex(32) + "\n")
+        f.flush()
+        os.fsync(fd)
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1", *, listen: bool = False
@@ -97,12 +126,13 @@ class Channel:
     """One migration connection: a protocol Connection on a byte stream."""
 
     def __init__(self, stream: trio.abc.Stream, role: str, key: bytes,
-                 limit_bytes_per_s: float | None = None, io_timeout: float = IO_TIMEOUT) -> None:
+                 limit_bytes_per_s: float | None = None, io_timeout: float = IO_TIMEOUT,
+                 *, sealed: bool = True) -> None:
         self.stream = stream
         self.io_timeout = io_timeout
         self.role = role
         self.key = key  # the shared key (the spill area's key derives from it)
-        self.conn = p.Connection(role, key)
+        self.conn = p.Connection(role, key, sealed=sealed)
         self.limit = limit_bytes_per_s
         self.bytes_sent = 0
         self.bytes_received = 0

@@ -232,7 +232,8 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
                                           connect=lambda o: _ready(link), run_sync=inline))
     outcome: list[SessionOutcome] = []
     sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
-                         open_files=lambda mount, force: dest, resume_hook=resume_hook)
+                         open_files=lambda mount, force: dest, resume_hook=resume_hook,
+                         plaintext=opts.plaintext)
 
     async def destination() -> None:
         if peer is not None:

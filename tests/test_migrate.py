@@ -409,8 +409,10 @@ def _handshaken_client(port: int, key: bytes) -> tuple[socket.socket, p.Connecti
     return sk, conn
 
 
-def _raw_frame(ftype: p.FrameType, payload: bytes) -> bytes:
-    return p.HEADER.pack(int(ftype), len(payload)) + payload
+def _raw_frame(ftype: p.FrameType, payload: bytes, conn: p.Connection | None = None) -> bytes:
+    """A frame made by hand, sealed for `conn`'s session: an authenticated peer that lies."""
+    frame = p.HEADER.pack(int(ftype), len(payload)) + payload
+    return conn.seal(frame) if conn is not None else frame
 
 
 @pytest.mark.parametrize("attack", ["garbage", "dotdot", "absolute", "lie-size", "huge-frame",
@@ -428,29 +430,29 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
             sk.sendall(os.urandom(64))
             time.sleep(0.3)
     else:
-        sk, _conn = _handshaken_client(s.port, key.read_text().strip().encode())
+        sk, conn = _handshaken_client(s.port, key.read_text().strip().encode())
         with sk:
             if attack in ("dotdot", "absolute"):
                 name = "../escaped" if attack == "dotdot" else str(tmp_path / "escaped")
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}],
                        "migration": "m"}
-                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
+                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
             elif attack == "lie-size":
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}],
                        "migration": "m"}
-                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
+                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.BLOCKS, struct.pack(">IQ", 0, 1000)
-                                      + b"x" * 65536))
+                                      + b"x" * 65536, conn))
             elif attack == "bad-packed":  # says 64 KiB of zstd, holds garbage
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f",
                                                        "size": 1 << 20}], "migration": "m"}
-                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode()))
+                sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.PACKED, struct.pack(">IQBI", 0, 0, 1, 65536)
-                                      + os.urandom(300)))
+                                      + os.urandom(300), conn))
             else:
-                sk.sendall(p.HEADER.pack(int(p.FrameType.BLOCKS), 2**31))
+                sk.sendall(p.HEADER.pack(int(p.FrameType.BLOCKS), 2**31))  # refused at the header
             time.sleep(0.3)
     if attack == "garbage":  # a stranger: not a word to it, and the --once serve goes on
         time.sleep(0.5)

@@ -136,11 +136,15 @@ SCRIPT: list[tuple[str, Event | Callable[[Connection], Event]]] = [
 
 
 class Link:
-    """A source and a dest back to back: what one sends, the other receives."""
+    """A source and a dest back to back: what one sends, the other receives.
 
-    def __init__(self, split: Split = whole, source_key: bytes = KEY, dest_key: bytes = KEY):
-        self.source = Connection("source", source_key, nonce=S_NONCE)
-        self.dest = Connection("dest", dest_key, nonce=D_NONCE)
+    In clear by default, so that the rule tests can feed frames of their own making
+    (encode(...)); test_sealed.py plays the same sessions sealed and tampers with them."""
+
+    def __init__(self, split: Split = whole, source_key: bytes = KEY, dest_key: bytes = KEY,
+                 sealed: bool = False):
+        self.source = Connection("source", source_key, nonce=S_NONCE, sealed=sealed)
+        self.dest = Connection("dest", dest_key, nonce=D_NONCE, sealed=sealed)
         self.split = split
         self.step = 0
 
@@ -196,26 +200,28 @@ def check_finished(link: Link) -> None:
         assert conn.next_event() is NEED_DATA
 
 
-def test_whole_session() -> None:
-    link = Link()
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_whole_session(sealed: bool) -> None:
+    link = Link(sealed=sealed)
     link.run()
     check_finished(link)
 
 
-def test_whole_session_fed_one_byte_at_a_time() -> None:
-    link = Link(split=bytewise)
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_whole_session_fed_one_byte_at_a_time(sealed: bool) -> None:
+    link = Link(split=bytewise, sealed=sealed)
     link.run()
     check_finished(link)
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.randoms(use_true_random=False))
-def test_whole_session_random_splits(rnd: random.Random) -> None:
+@given(st.randoms(use_true_random=False), st.booleans())
+def test_whole_session_random_splits(rnd: random.Random, sealed: bool) -> None:
     def split(b: bytes) -> list[bytes]:
         cuts = sorted(rnd.sample(range(1, len(b)), min(len(b) - 1, rnd.randint(0, 6))))
         return [b[i:j] for i, j in zip([0, *cuts], [*cuts, len(b)], strict=True)]
 
-    link = Link(split=split)
+    link = Link(split=split, sealed=sealed)
     link.run()
     check_finished(link)
 
@@ -293,18 +299,28 @@ def test_version_mismatch_says_both_versions() -> None:
             f"peer speaks protocol version {PROTOCOL_VERSION + 1}, we speak {PROTOCOL_VERSION}")
 
 
+def _hello(drop: str = "", **fields: object) -> dict[str, object]:
+    """The source's Hello as JSON, with some fields changed (or one dropped)."""
+    hello = {"version": V, "role": "source", "nonce": S_NONCE.hex(), "sealed": True, **fields}
+    hello.pop(drop, None)
+    return hello
+
+
 @pytest.mark.parametrize(
     ("hello", "match"),
     [
-        ({"version": V, "role": "dest", "nonce": S_NONCE.hex()}, "dest, and so are we"),
-        ({"version": V, "role": "source", "nonce": D_NONCE.hex()}, "echoed our nonce"),
-        ({"version": V, "role": "boss", "nonce": S_NONCE.hex()}, "role must be"),
-        ({"version": V, "role": "source", "nonce": "ab" * 31}, "nonce must be 32 bytes"),
-        ({"version": V, "role": "source", "nonce": S_NONCE.hex().upper()}, "lowercase hex"),
-        ({"version": V, "role": "source", "nonce": "zz" * 32}, "lowercase hex"),
-        ({"version": V, "role": "source", "nonce": " " + "ab" * 32}, "lowercase hex"),
-        ({"version": True, "role": "source", "nonce": S_NONCE.hex()}, "integer, not bool"),
-        ({"version": V, "role": "source"}, "lacks nonce"),
+        (_hello(role="dest"), "dest, and so are we"),
+        (_hello(nonce=D_NONCE.hex()), "echoed our nonce"),
+        (_hello(role="boss"), "role must be"),
+        (_hello(nonce="ab" * 31), "nonce must be 32 bytes"),
+        (_hello(nonce=S_NONCE.hex().upper()), "lowercase hex"),
+        (_hello(nonce="zz" * 32), "lowercase hex"),
+        (_hello(nonce=" " + "ab" * 32), "lowercase hex"),
+        (_hello(version=True), "integer, not bool"),
+        (_hello("nonce"), "lacks nonce"),
+        (_hello(sealed=1), "sealed must be"),
+        (_hello("sealed"), "lacks sealed"),
+        (_hello(sealed=False), "runs with --insecure-plaintext and we seal"),
     ],
 )
 def test_bad_hellos(hello: dict[str, object], match: str) -> None:
@@ -890,9 +906,9 @@ BIG_FRAMES: list[Event] = [
 ]
 
 
-def _big_link() -> tuple[Connection, Connection]:
-    s = Connection("source", KEY, nonce=S_NONCE)
-    d = Connection("dest", KEY, nonce=D_NONCE)
+def _big_link(sealed: bool = False) -> tuple[Connection, Connection]:
+    s = Connection("source", KEY, nonce=S_NONCE, sealed=sealed)
+    d = Connection("dest", KEY, nonce=D_NONCE, sealed=sealed)
     for a, b in ((s, d), (d, s)):
         feed(b, a.send(a.hello_event()))
     for a, b in ((s, d), (d, s)):
@@ -903,11 +919,11 @@ def _big_link() -> tuple[Connection, Connection]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.randoms(use_true_random=False))
-def test_big_blocks_frames_arrive_whole_however_split(rnd: random.Random) -> None:
+@given(st.randoms(use_true_random=False), st.booleans())
+def test_big_blocks_frames_arrive_whole_however_split(rnd: random.Random, sealed: bool) -> None:
     """Blocks frames of 256 KiB or more gather their data in a buffer of their own: every
     event comes out equal and in order, whatever the read sizes, frames back to back."""
-    s, d = _big_link()
+    s, d = _big_link(sealed)
     raw = b"".join(s.send(e) for e in BIG_FRAMES)
     cuts = sorted(rnd.sample(range(1, len(raw)), rnd.randint(0, 40)))
     for i in range(rnd.randint(0, 5)):  # cuts right at and around a big frame's header
