@@ -34,6 +34,21 @@ PROG = "migrator"
 DEFAULT_SPILL = os.path.join(tempfile.gettempdir(), f"migrator-spill-{os.getuid()}")
 
 
+def _plaintext_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="INSECURE, for benchmarks only: after the handshake, frames go "
+                        "in clear and unauthenticated (both sides must say it)")
+
+
+def _warn_plaintext(a: argparse.Namespace) -> bool:
+    if a.insecure_plaintext:
+        Console(stderr=True).print(
+            f"[bold red]migrator {a.cmd}: WARNING: --insecure-plaintext: the VM's data crosses "
+            "the network in clear and unauthenticated; anyone on the path can read and change "
+            "it. For benchmarks on a link you own, never for real VMs.[/]")
+    return a.insecure_plaintext
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog=PROG, description="Live-migrate a running VM's disk and memory files "
                  "between two blkfs mounts over TCP: static blocks first, iterative dirty "
@@ -65,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "reattach")
     s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
                    help="abort when the peer sends or takes nothing for S seconds (default 60)")
+    _plaintext_flag(s)
     s.add_argument("--spill", metavar="DIR",
                    help="post-copy: where this host sees the spill area (default: the path the "
                    "source announces, which is right on one machine or a same-path mount)")
@@ -102,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="abort when the peer takes or sends nothing for S seconds (default 60)")
     m.add_argument("--stop-and-copy", action="store_true",
                    help="baseline for comparison: suspend first, copy everything, resume")
+    _plaintext_flag(m)
     m.add_argument("--no-static-first", action="store_true",
                    help="baseline for comparison: initial copy in block order, not coldest first")
     pc = m.add_argument_group("post-copy (docs/spill.md)")
@@ -134,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--to", metavar="HOST:PORT",
                    help="the destination's 'migrator serve' (default: the one migrated to)")
     r.add_argument("--key-file", metavar="FILE", help="shared key, to ask the destination")
+    _plaintext_flag(r)
     dg = r.add_mutually_exclusive_group()
     dg.add_argument("--resume-here", action="store_true",
                     help="resume the source copy (only once the VM is stopped on the "
@@ -147,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read this status file (a 'migrate --status-file'), not the "
                     "running ones")
     st.add_argument("--json", action="store_true", help="print the status documents as JSON")
+
+    k = sub.add_parser("keygen", help="write a new shared key file (mode 0600) to copy to "
+                       "both hosts")
+    k.add_argument("file", metavar="FILE", help="where to write it, e.g. /etc/migrator.key")
+    k.add_argument("--force", action="store_true", help="replace a key file that exists")
 
     d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
                        "a live migration over loopback, verification")
@@ -215,7 +238,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise MigrationError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
         qemu = os.path.abspath(spec)
     opts = ServeOptions(mount, key, a.resume_cmd, a.io_timeout, spill, qemu,
-                        say=_say("migrator serve"), force=a.force)
+                        say=_say("migrator serve"), force=a.force,
+                        plaintext=_warn_plaintext(a))
 
     ok = trio.run(_serve_main, opts, host, port, a.once, mount)
     return 0 if ok or not a.once else 1
@@ -258,7 +282,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
-                          compress=a.compress)
+                          compress=a.compress, plaintext=_warn_plaintext(a))
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 
@@ -377,7 +401,8 @@ def cmd_resolve(a: argparse.Namespace) -> int:
                 f.close()
 
         out = trio.run(resolve_source, rec, lambda: parse_adapter(rec.suspend, mount, rec.files),
-                       write, (lambda: tcp_connect(to)) if key else None, key, decision)
+                       write, (lambda: tcp_connect(to)) if key else None, key, decision,
+                       sealed=not _warn_plaintext(a))
         print(f"migrator resolve: {out.text}", flush=True)
         return 0 if out.done else 1
     if decision is not None:
@@ -417,8 +442,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from .transport import write_key
+
+    write_key(a.file, force=a.force)
+    print(f"migrator keygen: wrote a new key to {a.file} (mode 0600); copy it to the other "
+          f"host, keeping its mode: scp -p {a.file} HOST:{os.path.abspath(a.file)}")
+    return 0
+
+
 COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "status": cmd_status,
-            "resolve": cmd_resolve, "demo": cmd_demo}
+            "resolve": cmd_resolve, "demo": cmd_demo, "keygen": cmd_keygen}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
+import pytest
 import trio
 
 from migrator import protocol as p
-from migrator.transport import Channel
+from migrator.transport import Channel, MigrationError, read_key, write_key
 
 KEY = b"k" * 32
 
@@ -68,7 +73,7 @@ async def test_a_frame_that_arrives_while_sending_reaches_the_waiting_receiver()
 
     mine, peer = socket.socketpair()
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(mine))
-    ch = Channel(stream, "source", KEY, io_timeout=5)
+    ch = Channel(stream, "source", KEY, io_timeout=5, sealed=False)  # frames made by hand
     _postcopy_conn(ch)
     fetch = p.Fetch(0, 7, 1)
     got: list[object] = []
@@ -85,3 +90,22 @@ async def test_a_frame_that_arrives_while_sending_reaches_the_waiting_receiver()
     assert got == [fetch]
     peer.close()
     await stream.aclose()
+
+
+def test_keygen_writes_a_key_only_its_owner_reads_and_never_overwrites_by_accident(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "migrator.key")
+    write_key(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    key = read_key(path)
+    assert len(key) == 64 and int(key, 16) >= 0
+    with pytest.raises(MigrationError, match="exists: keep it, or replace it with --force"):
+        write_key(path)
+    assert read_key(path) == key
+    os.chmod(path, 0o644)
+    with pytest.raises(MigrationError, match="readable by other users"):
+        read_key(path)
+    write_key(path, force=True)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and read_key(path) != key
+    with pytest.raises(MigrationError, match="migrator keygen"):
+        read_key(str(tmp_path / "missing.key"))
