@@ -8,7 +8,8 @@ both blkfs daemons). Compares code versions in one run, alternating:
     .venv/bin/python scripts/bench_copy.py --runs 3 --tree /tmp/old-worktree --tree .
 
 With --compress off --compress lz4 --compress zstd --bandwidth 100 --data mixed it compares
-compression on a slow link (issue 11, item 2).
+compression on a slow link (issue 11, item 2). With --channel sealed --channel plaintext it
+measures what sealing the frames costs (issue 13: target <= 10 % at full loopback speed).
 
 Before each run it syncs and, as root, drops the page cache: on this machine a cache full of
 earlier runs' pages made the same copy 2-3x slower (every new page had to be reclaimed).
@@ -60,7 +61,9 @@ def piece(i: int, kind: str) -> bytes:
 
 
 def one(tree: Path, disk_mib: int, mem_mib: int, compress: str | None = None,
-        bandwidth: float | None = None, data_kind: str = "random") -> dict[str, float]:
+        bandwidth: float | None = None, data_kind: str = "random",
+        channel: str = "sealed") -> dict[str, float]:
+    clear = ["--insecure-plaintext"] if channel == "plaintext" else []
     os.sync()  # the last run's dirty pages would be written back during this one
     if os.geteuid() == 0:  # and a page cache full of them makes every new page cost: the
         with open("/proc/sys/vm/drop_caches", "w") as f:  # same run went 314 -> 1034 MB/s
@@ -91,8 +94,9 @@ def one(tree: Path, disk_mib: int, mem_mib: int, compress: str | None = None,
             daemons = [daemon_pid(m, env, tree) for m in mounts]
             serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount",
                                       str(w / "dst"), "--listen", "127.0.0.1:0", "--key-file",
-                                      str(key), "--once"], env=env, cwd=tree,
-                                     stdout=subprocess.PIPE, text=True)
+                                      str(key), "--once", *clear], env=env, cwd=tree,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
             assert serve.stdout is not None
             port = re.search(r":(\d+),", serve.stdout.readline())
             assert port, "serve did not start"
@@ -103,7 +107,8 @@ def one(tree: Path, disk_mib: int, mem_mib: int, compress: str | None = None,
                                     "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
                                     "--report", str(report), "disk.raw", "vm.mem",
                                     *(["--compress", compress] if compress else []),
-                                    *(["--bandwidth", str(bandwidth)] if bandwidth else [])],
+                                    *(["--bandwidth", str(bandwidth)] if bandwidth else []),
+                                    *clear],
                                    env=env,
                                    cwd=tree, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
@@ -149,18 +154,23 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, metavar="MB/s", help="cap the link")
     ap.add_argument("--data", choices=("random", "mixed"), default="random",
                     help="random bytes, or a mix that partly compresses (see piece())")
+    ap.add_argument("--channel", action="append", choices=("sealed", "plaintext"),
+                    help="compare these (repeatable; default sealed; plaintext runs both "
+                    "sides with --insecure-plaintext)")
     a = ap.parse_args()
     trees = [t.resolve() for t in (a.tree or [Path(".")])]
-    ways = [(t, c) for t in trees for c in (a.compress or ["off"])]
-    got: dict[tuple[Path, str], list[dict[str, float]]] = {w: [] for w in ways}
+    ways = [(t, c, ch) for t in trees for c in (a.compress or ["off"])
+            for ch in (a.channel or ["sealed"])]
+    got: dict[tuple[Path, str, str], list[dict[str, float]]] = {w: [] for w in ways}
     for i in range(a.runs):
-        for t, c in ways:
-            r = one(t, a.disk_mib, a.mem_mib, None if c == "off" else c, a.bandwidth, a.data)
-            got[(t, c)].append(r)
-            print(f"run {i + 1} {t} compress {c}: {r}", flush=True)
-    for (t, c), rs in got.items():
+        for t, c, ch in ways:
+            r = one(t, a.disk_mib, a.mem_mib, None if c == "off" else c, a.bandwidth, a.data,
+                    ch)
+            got[(t, c, ch)].append(r)
+            print(f"run {i + 1} {t} compress {c} channel {ch}: {r}", flush=True)
+    for (t, c, ch), rs in got.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        print(f"{t} compress {c}: medians over {len(rs)} runs: {med}")
+        print(f"{t} compress {c} channel {ch}: medians over {len(rs)} runs: {med}")
 
 
 if __name__ == "__main__":
