@@ -550,8 +550,8 @@ def cmd_spill(a: argparse.Namespace) -> int:
         print(f"post-copy: {pc.remaining} blocks absent, {pc.pages_via_spill} + "
               f"{pc.pages_via_drain} installed from slots, {pc.pages_via_demand_fetch} "
               f"fetched; {pc.demand_faults} faults (p99 {pc.demand_fault_p99_ms} ms); "
-              f"{pc.generation_mismatches} generation and {pc.hash_mismatches} hash "
-              f"mismatches refused; {pc.missing_count} missing")
+              f"slot reads refused: {pc.generation_mismatches} stale, {pc.hash_mismatches} "
+              f"torn, {pc.mac_mismatches} forged; {pc.missing_count} missing")
     for slot, file_id, block, gen, flags in r.slot_headers:
         state = "free" if flags & 2 else "in use" if flags & 1 else "writing"
         print(f"  slot {slot}: file {file_id} block {block} generation {gen} {state}")

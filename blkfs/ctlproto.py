@@ -242,8 +242,9 @@ class PostcopyStats:
     pages_via_spill: int = 0  # installed from a slot for a waiting read
     pages_via_drain: int = 0  # installed from a slot by the background drain
     pages_via_demand_fetch: int = 0  # fetched from the source over TCP
-    generation_mismatches: int = 0  # slot reads refused: the slot was reused
-    hash_mismatches: int = 0  # slot reads refused: content did not match its hash
+    generation_mismatches: int = 0  # slot reads refused as stale: the slot was reused
+    hash_mismatches: int = 0  # refused as torn: changed during the read, or not its xxh3
+    mac_mismatches: int = 0  # refused as forged: its xxh3 fits, its MAC does not
     refs_received: int = 0
     remaining: int = 0  # blocks still absent
     missing_count: int = 0  # absent blocks no one can supply any more
@@ -257,7 +258,7 @@ class PostcopyStats:
 
     @property
     def slot_reads_refused(self) -> int:
-        return self.generation_mismatches + self.hash_mismatches
+        return self.generation_mismatches + self.hash_mismatches + self.mac_mismatches
 
 
 @dataclass(frozen=True)

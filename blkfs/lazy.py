@@ -42,7 +42,7 @@ import xxhash
 
 from .absent import AbsentMap
 from .ctlproto import MAX_LISTED, News, PostcopyStats
-from .spill import FLAG_FILLED, SlotRef, SpillArea, SpillError
+from .spill import FLAG_FILLED, Refused, SlotRef, SpillArea, SpillError
 from .tracker import FileKey, FileTracker
 
 log = logging.getLogger(__name__)
@@ -242,13 +242,16 @@ class Postcopy:
             return [spill.read(ref, lf.file_id, b) for b, ref in refs]
 
         try:
-            pages = await trio.to_thread.run_sync(read_all)
+            pages: list[bytes | Refused | None] = await trio.to_thread.run_sync(read_all)
         except OSError as exc:
             log.error("spill area %s unreadable: %s; fetching from the source", spill.path, exc)
             pages = [None] * len(refs)
         for (b, ref), page in zip(refs, pages, strict=True):
-            if page is None:
-                self._refused(lf, b, ref)
+            if page is None:  # unreadable (said above): fetched, not counted as refused
+                if lf.refs.get(b) == ref:
+                    del lf.refs[b]
+            elif isinstance(page, Refused):
+                self._refused(lf, b, ref, page)
             elif self.install(lf, b, page, digest=xxhash.xxh3_64_intdigest(page)):
                 if drain:
                     self.counts.pages_via_drain += 1
@@ -258,21 +261,16 @@ class Postcopy:
                 del lf.refs[b]
                 self._free(ref)
 
-    def _refused(self, lf: LazyFile, block: int, ref: SlotRef) -> None:
+    def _refused(self, lf: LazyFile, block: int, ref: SlotRef, why: Refused) -> None:
         """A slot read that failed its checks: never used; the block is fetched instead."""
-        assert self.spill is not None
-        try:
-            h = self.spill.header(ref.slot)
-            torn = h.generation == ref.generation and h.flags & FLAG_FILLED
-        except (OSError, SpillError):
-            torn = False
-        if torn:
+        if why is Refused.STALE:
+            self.counts.generation_mismatches += 1
+        elif why is Refused.TORN:
             self.counts.hash_mismatches += 1
         else:
-            self.counts.generation_mismatches += 1
-        log.warning("spill slot %d (generation %d) for %s block %d refused (%s mismatch); "
-                    "fetching it", ref.slot, ref.generation, lf.rel, block,
-                    "hash or MAC" if torn else "generation")
+            self.counts.mac_mismatches += 1
+        log.warning("spill slot %d (generation %d) for %s block %d refused as %s; fetching it",
+                    ref.slot, ref.generation, lf.rel, block, why.value)
         if lf.refs.get(block) == ref:
             del lf.refs[block]  # never try that slot again
 

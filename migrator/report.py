@@ -165,7 +165,8 @@ def print_summary(r: MigrationReport, console: Console) -> None:
                      f"drain), {pc.pages_via_demand_fetch} fetched; {pc.demand_faults} faults, "
                      f"p50 {pc.demand_fault_p50_ms} ms, p99 {pc.demand_fault_p99_ms} ms; "
                      f"{r.slot_reuses} slot reuses; {pc.slot_reads_refused} slot reads "
-                     "refused"))
+                     f"refused ({pc.generation_mismatches} stale, {pc.hash_mismatches} torn, "
+                     f"{pc.mac_mismatches} forged)"))
     if r.source_vm:
         rows.append(("source VM", r.source_vm))
     for k, v in rows:

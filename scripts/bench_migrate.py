@@ -339,7 +339,8 @@ def main() -> int:
                    f"{pc['demand_fault_p50_ms']:.2f}" if pc else "-",
                    f"{pc['demand_fault_p99_ms']:.2f}" if pc else "-",
                    str(r["slot_reuses"]) if pc else "-",
-                   str(pc["generation_mismatches"] + pc["hash_mismatches"]) if pc else "-")
+                   str(pc["generation_mismatches"] + pc["hash_mismatches"]
+                       + pc.get("mac_mismatches", 0)) if pc else "-")
     console.print(pt)
     targets = {}
     if not a.only_postcopy:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from blkfs.spill import (
     HEADER_SIZE,
+    Refused,
     SlotAllocator,
     SlotHeader,
     SlotRef,
@@ -62,13 +63,15 @@ def test_a_freed_slot_keeps_serving_a_late_reader_until_reused() -> None:
     new = a.allocate()
     assert new is not None
     h2 = fill_header(6, 1, new, b"Q" * 4096, KEY)
-    assert checked_read(ref, 5, 9, h2, b"Q" * 4096, h2, KEY) is None  # generation moved on
+    assert checked_read(ref, 5, 9, h2, b"Q" * 4096, h2, KEY) is Refused.STALE  # moved on
 
 
-@pytest.mark.parametrize("case", ["gen-before", "gen-after", "torn", "hash", "other-block",
-                                  "other-file", "empty", "short", "forged", "other-key",
-                                  "mac-changed"])
-def test_reads_that_must_be_refused(case: str) -> None:
+@pytest.mark.parametrize(("case", "why"), [
+    ("gen-before", Refused.STALE), ("gen-after", Refused.STALE), ("torn", Refused.TORN),
+    ("hash", Refused.TORN), ("other-block", Refused.STALE), ("other-file", Refused.STALE),
+    ("empty", Refused.STALE), ("short", Refused.TORN), ("forged", Refused.FORGED),
+    ("other-key", Refused.FORGED), ("mac-changed", Refused.TORN)])
+def test_reads_that_must_be_refused(case: str, why: Refused) -> None:
     ref = SlotRef(0, 4)
     page = bytes(range(256)) * 16
     good = fill_header(1, 2, ref, page, KEY)
@@ -97,7 +100,7 @@ def test_reads_that_must_be_refused(case: str) -> None:
     elif case == "mac-changed":  # rewritten under us: same generation, other page
         other = fill_header(1, 2, ref, b"Z" * len(page), KEY)
         after = SlotHeader(1, 2, 4, good.length, good.digest, 1, other.mac)
-    assert checked_read(ref, 1, 2, before, data, after, KEY) is None
+    assert checked_read(ref, 1, 2, before, data, after, KEY) is why
     assert checked_read(ref, 1, 2, good, page, good, KEY) == page
     assert slot_mac(KEY, 1, 2, 4, page) == good.mac
 

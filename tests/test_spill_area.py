@@ -36,6 +36,7 @@ from blkfs.spill import (
     HEADERS_NAME,
     MANIFEST_NAME,
     SLOTS_NAME,
+    Refused,
     SlotAllocator,
     SlotHeader,
     SlotRef,
@@ -54,6 +55,11 @@ def key_of(migration: str) -> bytes:
 
 def page(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
+
+
+
+def used(got: bytes | Refused) -> bytes | None:
+    return None if isinstance(got, Refused) else got
 
 
 @dataclass(frozen=True)
@@ -117,16 +123,17 @@ class SpillAreaMachine(RuleBasedStateMachine):
         return t.data
 
     def check_read(self, t: Told) -> bytes | None:
+        """The page served for `t`, or None if the read was refused."""
         assert self.reader is not None
-        got = self.reader.read(t.ref, t.file_id, t.block)
+        got = used(self.reader.read(t.ref, t.file_id, t.block))
         want = self.expected(t)
         if got is not None:
             # whatever happens, a page that is served is the one put under this ref
             assert got == t.data, f"{t.ref} served another page ({len(got)} bytes)"
         assert got == want, f"{t.ref}: got {got is not None}, expected {want is not None}"
         # the same slot asked for another page (file or block) is always refused
-        assert self.reader.read(t.ref, t.file_id, t.block + 1) is None
-        assert self.reader.read(t.ref, t.file_id + 1, t.block) is None
+        assert isinstance(self.reader.read(t.ref, t.file_id, t.block + 1), Refused)
+        assert isinstance(self.reader.read(t.ref, t.file_id + 1, t.block), Refused)
         return got
 
     def allocate(self) -> SlotRef | None:
@@ -176,7 +183,7 @@ class SpillAreaMachine(RuleBasedStateMachine):
         self.pending[ref.slot] = (ref, file_id, block, data)
         # a reader told the new reference too early is refused as well
         assert self.reader is not None
-        assert self.reader.read(ref, file_id, block) is None
+        assert isinstance(self.reader.read(ref, file_id, block), Refused)
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())
@@ -313,7 +320,7 @@ def test_create_replaces_an_older_area(tmp_path) -> None:
         assert reader.migration == "new"
         assert all(h == SlotHeader(0, 0, 0, 0, 0, 0) for h in reader.scan())  # zeroed
         for i, ref in enumerate(refs):
-            assert reader.read(ref, 1, i) is None  # an old reference no longer matches
+            assert isinstance(reader.read(ref, 1, i), Refused)  # an old ref no longer matches
         assert reader.summary()["unused"] == 2
         with pytest.raises(SpillError, match="belongs to migration new, not old"):
             SpillArea.open(str(tmp_path), "old", key_of("old"))
@@ -369,7 +376,7 @@ def test_put_of_a_page_larger_than_a_block_is_refused(tmp_path) -> None:
         with pytest.raises(SpillError, match=f"{BS + 1} bytes"):
             area.put(ref, 1, 0, b"x" * (BS + 1))
         assert area.header(ref.slot) == SlotHeader(0, 0, 0, 0, 0, 0)  # nothing written
-        assert area.read(ref, 1, 0) is None
+        assert isinstance(area.read(ref, 1, 0), Refused)
     finally:
         area.close()
 
@@ -392,7 +399,7 @@ def test_a_short_last_page_round_trips_with_its_length(tmp_path, length: int) ->
         got = reader.read(ref, 1, 7)
         reader.close()
         assert got == data and len(got) == length
-        assert area.read(first, 1, 0) is None
+        assert isinstance(area.read(first, 1, 0), Refused)
     finally:
         area.close()
 
@@ -415,7 +422,7 @@ def test_mark_free_keeps_the_page_for_its_generation(tmp_path) -> None:
         new = alloc.allocate()
         assert new == SlotRef(ref.slot, ref.generation + 1)
         area.put(new, 2, 5, page(2, BS))  # same file and block, new page
-        assert reader.read(ref, 2, 5) is None  # the old generation is gone
+        assert isinstance(reader.read(ref, 2, 5), Refused)  # the old generation is gone
         assert reader.read(new, 2, 5) == page(2, BS)
         assert reader.summary()["in_use"] == 1
         reader.close()
@@ -426,8 +433,8 @@ def test_mark_free_keeps_the_page_for_its_generation(tmp_path) -> None:
 def test_read_of_a_slot_outside_the_area_is_refused(tmp_path) -> None:
     area = make(str(tmp_path))
     try:
-        assert area.read(SlotRef(2, 1), 1, 0) is None
-        assert area.read(SlotRef(-1, 1), 1, 0) is None
+        assert isinstance(area.read(SlotRef(2, 1), 1, 0), Refused)
+        assert isinstance(area.read(SlotRef(-1, 1), 1, 0), Refused)
     finally:
         area.close()
 
@@ -491,7 +498,7 @@ def test_a_writer_between_the_two_header_reads(tmp_path, writer: str) -> None:
         if writer in ("mark-free", "nothing"):
             assert got == old  # the content is kept: still served
         else:
-            assert got is None  # never the new page, never a torn mix, never the old one
+            assert isinstance(got, Refused)  # never the new page, a torn mix, or the old one
     finally:
         reader.close()
         area.close()
@@ -525,7 +532,7 @@ def test_a_slot_forged_without_the_key_is_refused(tmp_path) -> None:
         forger = SpillArea(str(tmp_path), area.manifest, writable=True, key=b"\0" * 32)
         forger.put(ref, 1, 7, b"F" * BS)  # same slot, generation, file and block; valid xxh3
         forger.close()
-        assert reader.read(ref, 1, 7) is None
+        assert isinstance(reader.read(ref, 1, 7), Refused)
         with pytest.raises(SpillError, match="without its key"):
             SpillArea.open(str(tmp_path)).read(ref, 1, 7)
     finally:
