@@ -419,7 +419,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         f"{st.half_life:g}s, static ≤ {st.static_heat:g}{frozen}"
     )
     if st.postcopy_absent:
-        what = (f"PAUSED ({st.postcopy_paused})" if st.postcopy_paused else "running")
+        what = ("ended" if st.postcopy_absent <= st.postcopy_missing else
+                f"PAUSED ({st.postcopy_paused})" if st.postcopy_paused else "running")
         con.print(f"post-copy {what}: {st.postcopy_absent} blocks absent, "
                   f"{st.postcopy_missing} of them given up (see: blkfs spill {a.mountpoint})")
     if st.trust_lost:
@@ -542,7 +543,10 @@ def cmd_spill(a: argparse.Namespace) -> int:
               f"{size_text(r.block_size)}: {r.in_use} in use, {r.free} free (installed, "
               f"content kept), {r.unused} never used; highest generation {r.max_generation}")
     pc = r.postcopy
-    if r.postcopy_paused:
+    if pc is not None and pc.missing_count and pc.remaining <= pc.missing_count:
+        print(f"post-copy ENDED without {pc.missing_count} blocks: they are missing, and their "
+              "reads fail with EIO")
+    elif r.postcopy_paused:
         print(f"post-copy PAUSED: {r.postcopy_paused}; the absent blocks are installed as they "
               "reach the spill area, and their readers wait (give up: blkfs spill "
               f"{a.mountpoint} --give-up)")

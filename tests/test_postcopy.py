@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,37 @@ def stop_dest_on_resume() -> str:
     return "kill -STOP $PPID"
 
 
+FORGED = b"forged!!"
+
+
+def tamper_with_slots(spill: Path, how: str) -> int:
+    """What anyone who can write the shared area can do to its filled slots: flip a byte of
+    each (the headers stay), or forge each (other data, its xxh3 in the header, no MAC:
+    the key is not theirs). Returns how many slots it changed."""
+    manifest = json.loads((spill / "manifest.json").read_text())
+    fd = os.open(spill / "slots", os.O_RDWR)
+    hfd = os.open(spill / "headers", os.O_RDWR)
+    n = 0
+    try:
+        for slot in range(manifest["slots"]):
+            h = SlotHeader.unpack(os.pread(hfd, HEADER_SIZE, slot * HEADER_SIZE))
+            if not h.flags & FLAG_FILLED:
+                continue
+            n += 1
+            if how == "flip":
+                b = os.pread(fd, 1, slot * BS + 100)
+                os.pwrite(fd, bytes([b[0] ^ 0xFF]), slot * BS + 100)
+                continue
+            fake = FORGED * (h.length // 8) + b"?" * (h.length % 8)
+            os.pwrite(fd, fake, slot * BS)
+            os.pwrite(hfd, dataclasses.replace(h, digest=xxhash.xxh3_64_intdigest(fake)).pack(),
+                      slot * HEADER_SIZE)
+    finally:
+        os.close(fd)
+        os.close(hfd)
+    return n
+
+
 def test_source_killed_after_spill_flush_dest_completes(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
         vm: subprocess.Popen[bytes]) -> None:
@@ -192,6 +224,48 @@ def test_source_killed_after_spill_flush_dest_completes(
     assert st is not None and st["status"] == "complete", st
     assert digest(dst.mnt / "vm.mem") == digest(src.backing / "vm.mem")
     assert digest(dst.mnt / "disk.raw") == digest(src.backing / "disk.raw")
+
+
+def test_forged_slots_with_the_source_gone_are_missing_never_installed(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        vm: subprocess.Popen[bytes]) -> None:
+    """The source is gone after "spill flushed" and someone forged every slot: with no one
+    else to ask, the pages are missing (reads fail with EIO), never the forgery; it was
+    "completed from the spill area alone" with 258 wrong blocks before the MACs."""
+    src, dst = hosts
+    spill = tmp_path / "spill"
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5")
+    servers.append(s)
+    m = Migration(src, s.port, key, vm.pid, "--spill", str(spill), "--spill-bandwidth", "50")
+    try:
+        m.wait_for("spill flushed")
+    finally:
+        m.kill9()
+    try:
+        forged = tamper_with_slots(spill, "forge")
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+    assert forged > 0
+    rc, out = s.finish(timeout=60)
+    assert rc == 1 and "missing" in out and "completed from the spill area alone" not in out, out
+    vm.kill()
+    vm.wait()
+    st = state(dst)
+    assert st is not None and st["status"] != "complete", st
+    r = subprocess.run([sys.executable, "-m", "blkfs.cli", "spill", str(dst.mnt)],
+                       capture_output=True, text=True, check=True)
+    refused = re.search(r"(\d+) forged; (\d+) missing", r.stdout)
+    assert refused and int(refused[1]) >= forged == int(refused[2]), r.stdout
+    assert "ENDED without" in r.stdout and "PAUSED" not in r.stdout, r.stdout
+    fd = os.open(dst.mnt / "vm.mem", os.O_RDONLY)
+    try:
+        bad = [b for b in range(24 * 16) if _read_fails(fd, b)]
+        assert len(bad) == forged, (bad, forged)
+        good = [b for b in range(24 * 16) if b not in set(bad)]
+        for b in good:
+            assert FORGED not in os.pread(fd, BS, b * BS)
+    finally:
+        os.close(fd)
 
 
 def test_source_killed_before_spill_flush_dest_waits_then_gives_up_on_request(
@@ -268,25 +342,7 @@ def test_corrupted_spill_slot_is_refused_and_fetched(
                   "--report", str(report))
     try:
         m.wait_for("spill flushed")
-        manifest = json.loads((spill / "manifest.json").read_text())
-        fd = os.open(spill / "slots", os.O_RDWR)
-        hfd = os.open(spill / "headers", os.O_RDWR)
-        try:
-            for slot in range(manifest["slots"]):
-                if how == "flip":  # a byte in every slot; the headers stay as they were
-                    b = os.pread(fd, 1, slot * BS + 100)
-                    if b:
-                        os.pwrite(fd, bytes([b[0] ^ 0xFF]), slot * BS + 100)
-                    continue
-                h = SlotHeader.unpack(os.pread(hfd, HEADER_SIZE, slot * HEADER_SIZE))
-                if h.flags & FLAG_FILLED:  # another page, with a header that fits it
-                    fake = b"forged!!" * (h.length // 8) + b"?" * (h.length % 8)
-                    os.pwrite(fd, fake, slot * BS)
-                    os.pwrite(hfd, dataclasses.replace(
-                        h, digest=xxhash.xxh3_64_intdigest(fake)).pack(), slot * HEADER_SIZE)
-        finally:
-            os.close(fd)
-            os.close(hfd)
+        tamper_with_slots(spill, how)
     finally:
         os.kill(s.proc.pid, signal.SIGCONT)
     rc, out = m.finish()
