@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
+# Only the tests need these: GlusterFS, for the spill area shared by two hosts (test_gluster.py).
+# shellcheck source=lib.sh
+source scripts/lib.sh
+ensure_packages test glusterfs-server glusterfs-client
 .venv/bin/ruff check .
 if [ "$#" -gt 0 ]; then
     exec .venv/bin/python -m pytest "$@"
