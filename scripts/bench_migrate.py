@@ -26,6 +26,9 @@ verified by the migrator and checked against the VM's own ledger.
     .venv/bin/python scripts/bench_migrate.py --only-postcopy   # post-copy rows only
     .venv/bin/python scripts/bench_migrate.py --sparse   # thin images against a dense set
     .venv/bin/python scripts/bench_migrate.py --writeback   # on blkfs --writeback mounts
+    .venv/bin/python scripts/bench_migrate.py --only-postcopy --gluster
+        # the spill area on a GlusterFS volume: the source writes it through one glusterfs
+        # client (network namespace a), the destination reads it through another (b)
 
 The sparse workload (issue 11): a 16 GiB sparse disk holding 256 MiB and a 2 GiB memory file
 holding 64 MiB (1 MiB pieces at random offsets), migrated with the VM idle, beside a dense
@@ -36,6 +39,7 @@ destination's allocation against the source's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -86,6 +90,9 @@ class Hosts:
                 subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
 
 
+SPILL_ON: dict[str, Path] = {}  # --gluster: the volume as the source and the dest see it
+
+
 def idle_cp(a: argparse.Namespace, root: Path) -> float:
     with Hosts(root) as h:
         sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
@@ -112,7 +119,10 @@ def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
                  f"--rate {rate:.3f} --hot-fraction {hot_fraction} {' '.join(share)} "
                  "--seconds 3 "
                  f">/dev/null 2>&1 & echo $! > {pidfile}"]
-        flags = [*flags, "--spill", str(root / "spill")]
+        spill = SPILL_ON.get("source", root / "spill") / root.name
+        flags = [*flags, "--spill", str(spill)]
+        if "dest" in SPILL_ON:  # where the destination sees the same area
+            extra += ["--spill", str(SPILL_ON["dest"] / root.name)]
     with Hosts(root) as h:
         sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
            "--mem-size", a.mem_size, "--unit", str(UNIT))
@@ -266,7 +276,33 @@ def main() -> int:
                     help="only the thin-image workload (sparse against dense)")
     ap.add_argument("--writeback", action="store_true",
                     help="mount both hosts with blkfs --writeback (the kernel's writeback cache)")
+    ap.add_argument("--gluster", action="store_true",
+                    help="the spill area on a GlusterFS volume, a client per host (root; "
+                    "glusterfs-server and glusterfs-client)")
     a = ap.parse_args()
+    for flag in ("writeback", "gluster"):  # a run of its own: not over the main figures
+        if getattr(a, flag) and a.json == ap.get_default("json"):
+            a.json = a.json.replace(".json", f"_{flag}.json")
+    if a.gluster:
+        with contextlib.ExitStack() as stack:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests import gluster
+
+            why = gluster.missing()
+            if why:
+                raise SystemExit(f"bench_migrate --gluster: {why}")
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gl-")))
+            stack.enter_context(gluster.hosts("bgla", "bglb", "10.231.79.1", "10.231.79.2"))
+            mounts = {"bgla": tmp / "a", "bglb": tmp / "b"}
+            times = stack.enter_context(gluster.volume(tmp / "server", "bgla", "10.231.79.1",
+                                                       mounts, "benchspill"))
+            console.print(f"GlusterFS volume up: {times}")
+            SPILL_ON.update(source=mounts["bgla"], dest=mounts["bglb"])
+            return run(a)
+    return run(a)
+
+
+def run(a: argparse.Namespace) -> int:
     if a.writeback:
         os.environ["BLKFS_WRITEBACK"] = "1"  # every blkfs mount this script starts
     if a.sparse:
