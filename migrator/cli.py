@@ -400,9 +400,9 @@ def cmd_resolve(a: argparse.Namespace) -> int:
             finally:
                 f.close()
 
-        out = trio.run(resolve_source, rec, lambda: parse_adapter(rec.suspend, mount, rec.files),
-                       write, (lambda: tcp_connect(to)) if key else None, key, decision,
-                       sealed=not _warn_plaintext(a))
+        out = trio.run(partial(resolve_source, sealed=not _warn_plaintext(a)), rec,
+                       lambda: parse_adapter(rec.suspend, mount, rec.files),
+                       write, (lambda: tcp_connect(to)) if key else None, key, decision)
         print(f"migrator resolve: {out.text}", flush=True)
         return 0 if out.done else 1
     if decision is not None:
