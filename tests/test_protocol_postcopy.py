@@ -31,7 +31,7 @@ from migrator.protocol import (
 )
 from tests.test_protocol import BS, MANIFEST, Link, data, refused
 
-STATS = PostcopyDone(PostcopyStats(3, 2, 8, 2, 1, 0, 10, 0, 0, 0.5, 2.25, 1.5))
+STATS = PostcopyDone(PostcopyStats(3, 2, 8, 2, 1, 0, 0, 10, 0, 0, 0.5, 2.25, 1.5))
 
 
 def at_switchover() -> Link:
