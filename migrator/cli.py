@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stop-and-copy", action="store_true",
                    help="baseline for comparison: suspend first, copy everything, resume")
     _plaintext_flag(m)
+    m.add_argument("--no-delta", action="store_true",
+                   help="send every block, even where the destination holds an older copy "
+                   "(default: it says what it holds, an xxh3 per block, and only the blocks "
+                   "that differ travel; the verification still covers every block)")
     m.add_argument("--no-static-first", action="store_true",
                    help="baseline for comparison: initial copy in block order, not coldest first")
     pc = m.add_argument_group("post-copy (docs/spill.md)")
@@ -282,7 +286,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
-                          compress=a.compress, plaintext=_warn_plaintext(a))
+                          compress=a.compress, plaintext=_warn_plaintext(a),
+                          delta=not a.no_delta)
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 

@@ -13,6 +13,7 @@ A session (S = source, D = dest; the right column is the state in which those fr
     Auth   ---------------------------------->        each after the peer's      AUTH
            <---------------------------------- Auth   Hello (MAC binds nonces)
     Manifest -------------------------------->                                   MANIFEST
+           <---------------------------------- Held ...  (delta: what it holds)  READY
            <---------------------------------- Ready  files created              READY
     Blocks, Resize ..., RoundDone(n) -------->                                   COPYING
     Blocks, Resize ... (next round, pipelined)                                   ROUND_END
@@ -91,7 +92,7 @@ from blkfs.spill import REF as _REF
 from blkfs.spill import pack_refs, unpack_refs
 
 PROTOCOL_VERSION = 5  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
-# 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed)
+# 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload
@@ -184,6 +185,7 @@ class Manifest:
     block_size: int
     files: tuple[FileEntry, ...]
     migration: str = ""
+    delta: bool = False  # the destination says what it holds (Held) before Ready
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +280,12 @@ class Digests:
     file_id: int
     first_block: int
     digests: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Held(Digests):
+    """xxh3_64 of blocks the destination already holds, for a Manifest that asked (delta):
+    the source sends only the blocks whose digest differs. Digests' layout and rules."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +417,7 @@ class Answer:
 
 Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
-    | Commit | Resumed | Digests | VerifyDone | Verified | Abort | Done | Postcopy | Absent
+    | Commit | Resumed | Digests | Held | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
     | Reattach | Zero | Packed
 )
@@ -447,6 +455,7 @@ class FrameType(enum.IntEnum):
     REATTACH = 27
     ZERO = 28
     PACKED = 29
+    HELD = 30
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -461,6 +470,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
     FrameType.REATTACH: Reattach, FrameType.ZERO: Zero, FrameType.PACKED: Packed,
+    FrameType.HELD: Held,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -514,6 +524,7 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.REATTACH, SOURCE, Manifest): State.REATTACH,
     (State.REATTACH, SOURCE, Postcopy): State.REATTACH,
     (State.REATTACH, DEST, Answer): State.CLOSED,  # owner: POSTCOPY or VERIFYING (_apply)
+    (State.READY, DEST, Held): State.READY,
     (State.READY, DEST, Ready): State.COPYING,
     (State.COPYING, SOURCE, Blocks): State.COPYING,
     (State.COPYING, SOURCE, Zero): State.COPYING,
@@ -621,6 +632,8 @@ def check_file_name(name: object) -> str:
 
 def _check_manifest(m: Manifest) -> None:
     _text(m.migration, 64, "Manifest.migration")
+    if type(m.delta) is not bool:
+        raise ProtocolError(f"Manifest.delta must be true or false, not {_show(m.delta)}")
     bs = _int(m.block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, "block_size")
     if bs & (bs - 1):
         raise ProtocolError(f"block_size {bs} is not a power of two")
@@ -805,7 +818,7 @@ def _encode_parts(event: Event) -> tuple[int, list[bytes | bytearray | memoryvie
     elif type(event) is Packed:
         parts = [_PACKED.pack(event.file_id, event.first_block, event.codec, event.size),
                  event.data]
-    elif type(event) is Digests:
+    elif type(event) in (Digests, Held):
         try:
             digests = struct.pack(f">{len(event.digests)}Q", *event.digests)
         except struct.error:
@@ -865,7 +878,7 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
         file_id, first, codec, size = _PACKED.unpack_from(payload)
         event = Packed(file_id, first, codec, size, payload[_PACKED.size :])
         check_event(event)
-    elif cls is Digests:
+    elif cls in (Digests, Held):
         if len(payload) < _DIGESTS.size:
             raise ProtocolError(f"Digests frame of {len(payload)} bytes is shorter than its header")
         file_id, first, count = _DIGESTS.unpack_from(payload)
@@ -873,7 +886,7 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
         if len(payload) != _DIGESTS.size + 8 * count:
             raise ProtocolError(f"Digests frame says {count} digests but carries "
                                 f"{len(payload) - _DIGESTS.size} bytes of them")
-        event = Digests(file_id, first, struct.unpack_from(f">{count}Q", payload, _DIGESTS.size))
+        event = cls(file_id, first, struct.unpack_from(f">{count}Q", payload, _DIGESTS.size))
     elif cls is DeviceState:
         event = DeviceState(payload)
     elif cls is SpillRefs:
@@ -1423,7 +1436,9 @@ class Connection:
                 if event.first_block + event.count > nblocks:
                     raise ProtocolError(f"{lie}: Zero run {event.first_block}+{event.count} of "
                                         f"file {event.file_id} is outside its {nblocks} blocks")
-            case Digests():
+            case Held() if not self._manifest or not self._manifest.delta:
+                raise ProtocolError("Held frames answer a Manifest that asks for them (delta)")
+            case Digests():  # and Held
                 size, bs = self._size_of(event.file_id, lie), self._block_size()
                 nblocks, stop = -(-size // bs), event.first_block + len(event.digests)
                 if stop > nblocks:

@@ -76,6 +76,11 @@ class MigrationReport:
     # On the wire before the VM stopped, while it was stopped (last set, device state, the
     # handoff), and after it ran on the destination (post-copy, verification)
     bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    # How the destination's older copy was used: "none" (it held nothing, or --delta off),
+    # "digests" (it sent the xxh3 of each block it held; only blocks that differ travelled)
+    delta: str = "none"
+    held_blocks: int = 0  # blocks the destination said it held
+    held_digest_bytes: int = 0  # what saying so cost, on the wire (8 bytes a block + frames)
     blocks_per_s: float = 0.0  # blocks sent per second, initial copy to resume
     dirty_rate_mb_s: float | None = None  # the last round's: how fast the VM dirtied blocks
     spill_bytes: int = 0  # post-copy pages written into the spill area
@@ -141,8 +146,12 @@ def print_summary(r: MigrationReport, console: Console) -> None:
             ("as data", r.bytes_by_kind.get("normal", 0)),
             ("compressed", r.bytes_by_kind.get("compressed", 0)),
             ("zero blocks as runs", r.bytes_by_kind.get("zero", 0)),
-            ("holes, never read", r.bytes_by_kind.get("hole", 0))) if v))]
+            ("holes, never read", r.bytes_by_kind.get("hole", 0)),
+            ("held by the destination already", r.bytes_by_kind.get("held", 0))) if v))]
           if set(r.bytes_by_kind) - {"normal"} else []),
+        *([("older copy", f"the destination held {r.held_blocks} blocks and said so in "
+            f"{human_bytes(r.held_digest_bytes)} of digests: only the blocks that differ "
+            "travelled (every block verified)")] if r.delta == "digests" else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
         ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
                     + " dirty blocks (the VM dirtying " + ", ".join(

@@ -32,6 +32,7 @@ from blkfs.spill import SpillArea, SpillError, spill_key
 
 from . import protocol as p
 from .codecs import CODECS, compressor, packed
+from .delta import Holdings
 from .ownership import (
     COPYING,
     HANDED_OFF,
@@ -99,6 +100,7 @@ class MigrateOptions:
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
     suspend: str = "freeze"  # the --suspend spec, kept in the ownership record for resolve
     compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
+    delta: bool = True  # ask what the destination holds; send only the blocks that differ
     plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
 
 
@@ -161,6 +163,7 @@ class Source:
         self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
         self.spill: SpillArea | None = None
         self.memory_ids: set[int] = set()
+        self.dest_has: dict[int, Holdings] = {}  # file id -> what the destination holds
         self.pc: SourcePostcopy | None = None
 
     # -- helpers ----------------------------------------------------------------
@@ -212,6 +215,7 @@ class Source:
         kinds = self.report.bytes_by_kind
         compress = self._compress
         codec = CODECS[self.opts.compress] if self.opts.compress else 0
+        held = self.dest_has.get(f.file_id) if clear else None  # the initial copy only
 
         async def reader() -> None:
             async with tx:
@@ -236,10 +240,18 @@ class Source:
                         out.append((z0, zn))
                         kinds["zero"] = kinds.get("zero", 0) + min(zn * bs, len(data) - (
                             z0 - b0) * bs)
-                    elif compress is None:
-                        out.append((z0, data[(z0 - b0) * bs:(z0 - b0 + zn) * bs]))
-                    else:
-                        out += compressed(data, (z0 - b0) * bs, zn * bs, z0)
+                        continue
+                    run = data[(z0 - b0) * bs:(z0 - b0 + zn) * bs]
+                    left = len(run)  # what the destination holds as it is here stays there
+                    for s0, sn in held.to_send(run, bs, z0) if held else [(z0, zn)]:
+                        piece = run[(s0 - z0) * bs:(s0 - z0 + sn) * bs]
+                        left -= len(piece)
+                        if compress is None:
+                            out.append((s0, piece))
+                        else:
+                            out += compressed(piece, 0, len(piece), s0)
+                    if left:
+                        kinds["held"] = kinds.get("held", 0) + left
             return out
 
         def compressed(data: bytes, start: int, length: int,
@@ -378,6 +390,20 @@ class Source:
                                           spill_key(self.opts.key, spill_id))
         except SpillError as exc:
             raise MigrationError(str(exc)) from None
+
+    async def _what_the_destination_holds(self) -> None:
+        """Held frames until Ready: the xxh3 of each block of the older copies there."""
+        assert self.ch is not None
+        bs, r = self.block_size, self.report
+        while isinstance(ev := await self.ch.expect(p.Held, p.Ready), p.Held):
+            f = self.files[ev.file_id]
+            if ev.file_id not in self.dest_has:
+                self.dest_has[ev.file_id] = Holdings((f.size + bs - 1) // bs)
+            self.dest_has[ev.file_id].add(ev.first_block, ev.digests)
+            r.held_blocks += len(ev.digests)
+            r.held_digest_bytes += p.HEADER.size + 16 + 8 * len(ev.digests) + p.TAG_SIZE
+        if self.dest_has:
+            r.delta = "digests"
 
     async def _initial_copy(self, planner: RoundPlanner) -> None:
         assert self.ch is not None
@@ -784,11 +810,12 @@ class Source:
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
             r.data_bytes = self.progress.total = sum(f.size for f in self.files)
             assert self.record is not None
+            delta = self.opts.delta and not self.opts.stop_and_copy
             await self.ch.send(p.Manifest(self.block_size, tuple(
                 p.FileEntry(f.file_id, f.rel, f.size) for f in self.files),
-                self.record.migration))
+                self.record.migration, delta))
             r.migration = self.progress.migration = self.record.migration
-            await self.ch.expect(p.Ready)
+            await self._what_the_destination_holds()
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
             planner = RoundPlanner(self.opts.policy, self.block_size)

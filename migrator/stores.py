@@ -22,6 +22,7 @@ from blkfs.control import ControlClient, ControlError, flush_file
 from blkfs.runtime import FSTYPE, mount_fstype
 
 from . import protocol as p
+from .delta import file_digests
 from .ownership import DEST_RECORD, DIGEST_LOG, SOURCE_RECORD, overwrite_refusal
 from .transport import MigrationError
 
@@ -90,6 +91,26 @@ class SourceFiles(Protocol):
     def close(self) -> None: ...
 
 
+def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of data (not holes) of `fd` within [start, end)."""
+    out, pos = [], start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                return [(start, end)]
+            raise
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        out.append((data, min(hole, end)))
+        pos = hole
+    return out
+
+
 class DestFiles(Protocol):
     """The destination's files of one incoming migration, by file id."""
 
@@ -136,6 +157,11 @@ class DestFiles(Protocol):
 
     def fresh(self, file_id: int) -> bool:
         """The file was created empty by this migration: its unwritten blocks are holes."""
+        ...
+
+    def held(self, file_id: int, block_size: int) -> list[int] | None:
+        """xxh3 of every block the file holds at its new size, if it existed before this
+        migration with data (an older copy: the source sends only what differs); else None."""
         ...
 
     def zero(self, file_id: int, offset: int, length: int) -> None:
@@ -212,22 +238,7 @@ class BlkfsSource:
         return os.preadv(self.fds[file_id], [buf], offset)
 
     def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
-        fd, out, pos = self.fds[file_id], [], start
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
-                    break
-                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
-                    return [(start, end)]
-                raise
-            if data >= end:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, min(hole, end)))
-            pos = hole
-        return out
+        return data_ranges(self.fds[file_id], start, end)
 
     def swap(self, file_id: int) -> list[Extent]:
         r = self._call(cp.Dirty(self.names[file_id], swap=True))
@@ -531,6 +542,24 @@ class MountDest:
 
     def fresh(self, file_id: int) -> bool:
         return file_id in self.fresh_ids
+
+    def held(self, file_id: int, block_size: int) -> list[int] | None:
+        if file_id in self.fresh_ids:
+            return None
+        fd = self.direct.get(file_id)  # the backing file: no O_DIRECT alignment to keep
+        os.fsync(self.fds[file_id])  # what the mount's cache holds is in the backing file
+        own = fd is None
+        if own:
+            fd = os.open(self._target(self.names[file_id]), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            ranges = data_ranges(fd, 0, size)
+            if not ranges:
+                return None  # nothing but holes: nothing to spare
+            return file_digests(lambda off, n: os.pread(fd, n, off), ranges, size, block_size)
+        finally:
+            if own:
+                os.close(fd)
 
     def zero(self, file_id: int, offset: int, length: int) -> None:
         """Punched by the daemon (its tracker and the kernel's cache stay coherent)."""

@@ -35,6 +35,7 @@ from migrator.protocol import (
     Event,
     FileEntry,
     FrameType,
+    Held,
     Hello,
     LocalProtocolError,
     Manifest,
@@ -441,7 +442,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 30, 255])
+@pytest.mark.parametrize("code", [0, 31, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -544,7 +545,8 @@ def test_mutated_frames_raise_only_protocol_errors(draw: st.DataObject) -> None:
 
 
 def manifest_frame(files: list[dict[str, object]], block_size: object = BS) -> bytes:
-    return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files, "migration": ""})
+    return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files, "migration": "",
+                                         "delta": False})
 
 
 def entry(file_id: object = 0, name: object = "disk.img", size: object = BS) -> dict[str, object]:
@@ -626,7 +628,8 @@ def test_sizes_are_read_only() -> None:
 
 
 def test_manifest_files_must_be_a_list() -> None:
-    raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}, "migration": ""})
+    raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}, "migration": "",
+                                     "delta": False})
     refused(link_at(State.MANIFEST).dest, raw, "must be a list")
 
 
@@ -872,7 +875,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Digests(1, 0, (7,))) == (b"\x0c\x00\x00\x00\x18\x00\x00\x00\x01" + bytes(8)
                                            + b"\x00\x00\x00\x01" + bytes(7) + b"\x07")
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
-        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":""}'
+        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false}'
         .encode()))
     assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x0b" + b'{"epoch":7}'
 
@@ -969,3 +972,29 @@ def test_packed_frames_round_trip_where_blocks_go_and_lies_are_refused() -> None
     d.receive_data(lie)
     with pytest.raises(RemoteProtocolError, match="past its size"):
         d.next_event()
+
+
+def _delta_link() -> Link:
+    link = Link()
+    link.run(until=State.MANIFEST)
+    man = Manifest(BS, FILES, "m", delta=True)
+    assert link.send(link.source, man) == [man]
+    return link
+
+
+def test_held_frames_answer_a_manifest_that_asks_and_come_before_ready() -> None:
+    link = _delta_link()
+    held = Held(0, 0, (1, 2, 3, 4))
+    assert decode(encode(held)) == held and type(decode(encode(held))) is Held
+    assert link.send(link.dest, held) == [held]
+    assert link.send(link.dest, Held(1, 1, (9,))) == [Held(1, 1, (9,))]
+    assert link.send(link.dest, Ready()) == [Ready()]
+    with pytest.raises(LocalProtocolError, match="Held in state COPYING"):
+        link.dest.send(held)
+
+
+def test_held_frames_are_refused_unasked_and_past_the_file() -> None:
+    link = link_at(State.READY)  # the Manifest did not ask
+    refused(link.source, encode(Held(0, 0, (1,))), "answer a Manifest that asks")
+    link = _delta_link()
+    refused(link.source, encode(Held(0, 3, (1, 2))), "reach block 4, it has 4 blocks")
