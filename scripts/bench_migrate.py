@@ -26,6 +26,7 @@ verified by the migrator and checked against the VM's own ledger.
     .venv/bin/python scripts/bench_migrate.py --only-postcopy   # post-copy rows only
     .venv/bin/python scripts/bench_migrate.py --sparse   # thin images against a dense set
     .venv/bin/python scripts/bench_migrate.py --writeback   # on blkfs --writeback mounts
+    .venv/bin/python scripts/bench_migrate.py --back     # A -> B -> A, 2 % of the disk changed
     .venv/bin/python scripts/bench_migrate.py --only-postcopy --gluster
         # the spill area on a GlusterFS volume: the source writes it through one glusterfs
         # client (network namespace a), the destination reads it through another (b)
@@ -42,6 +43,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -170,9 +172,99 @@ def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
                     pr.wait()
 
 
+def back_bench(a: argparse.Namespace, tmp: Path) -> int:
+    """A -> B with the VM busy, 2 % of the disk written on B, then B -> A: once with the
+    destination's older copy used (digests), once without (--no-delta), same files."""
+    rows: dict[str, Any] = {}
+    for name, flags in (("B -> A, older copy used (digests)", []),
+                        ("B -> A, everything sent (--no-delta)", ["--no-delta"])):
+        console.print(f"{name} ...")
+        root = tmp / re.sub(r"\W+", "-", name)
+        root.mkdir()
+        key = root / "key"
+        key.write_text(os.urandom(32).hex())
+        key.chmod(0o600)
+        with Hosts(root) as h:
+            sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
+               "--mem-size", a.mem_size, "--unit", str(UNIT))
+            with open(h.src / "disk.raw", "r+b") as f:  # a disk full of data, not zeros
+                for _ in range(os.fstat(f.fileno()).st_size >> 20):
+                    f.write(os.urandom(1 << 20))
+            there = one_way(h.src, h.dst, key, root / "there.json", [], a)
+            disk = h.dst / "disk.raw"
+            nblocks = os.stat(disk).st_size // UNIT
+            rng = random.Random(7)
+            changed = rng.sample(range(nblocks), max(1, nblocks * 2 // 100))
+            with open(disk, "r+b") as f:  # B writes 2 % of the disk; then an idle VM moves
+                for b in changed:
+                    f.seek(b * UNIT)
+                    f.write(os.urandom(UNIT))
+            cap = ["--bandwidth", str(a.bandwidth)] if a.bandwidth else []  # the way back
+            back = one_way(h.dst, h.src, key, root / "back.json", flags + cap, a, busy=False)
+            same = all(subprocess.run(["cmp", "-s", str(h.src / n), str(h.dst / n)]).returncode
+                       == 0 for n in ("disk.raw", "vm.mem"))
+            rows[name] = {"there": there, "back": back, "changed_bytes": len(changed) * UNIT,
+                          "identical": same}
+        shutil.rmtree(root, ignore_errors=True)
+    link = f", back over {a.bandwidth:g} MB/s" if a.bandwidth else ""
+    t = Table(title=f"A -> B -> A, {a.disk_size} disk + {a.mem_size} memory, 2 % of the disk "
+              f"written on B{link}")
+    for col in ("migration back", "total s", "downtime ms", "sent MB", "sent / data", "delta",
+                "held MB", "digests KB", "verified"):
+        t.add_column(col, justify="left" if col == "migration back" else "right")
+    for name, r in rows.items():
+        b = r["back"]
+        t.add_row(name, f"{b['total_s']:.2f}", f"{b['downtime_ms']:.1f}",
+                  f"{b['bytes_sent'] / 1e6:.1f}", f"{b['bytes_sent'] / b['data_bytes']:.3f}",
+                  b["delta"], f"{b['bytes_by_kind'].get('held', 0) / 1e6:.1f}",
+                  f"{b['held_digest_bytes'] / 1e3:.1f}",
+                  "yes" if b["verified"] and r["identical"] else "NO")
+    console.print(t)
+    fast = rows["B -> A, older copy used (digests)"]["back"]
+    cold = rows["B -> A, everything sent (--no-delta)"]["back"]
+    targets = {"digests: bytes <= 5 % of the data": fast["bytes_sent"] <= 0.05 * fast["data_bytes"],
+               "verified, identical": all(r["back"]["verified"] and r["identical"]
+                                          for r in rows.values())}
+    for what, ok in targets.items():
+        console.print(f"  {'met' if ok else 'MISSED'}  {what}")
+    console.print(f"  total: {fast['total_s']:.2f} s against {cold['total_s']:.2f} s cold")
+    out = Path(a.json.replace(".json", "_back.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    console.print(f"JSON: {out}")
+    return 0 if all(targets.values()) else 1
+
+
+def one_way(src: Path, dst: Path, key: Path, report: Path, flags: list[str],
+            a: argparse.Namespace, busy: bool = True) -> dict[str, Any]:
+    """One migration from `src` to `dst` of a busy simulated VM (or an idle one); its report."""
+    rate = a.write_rate / 1.048576
+    vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(src), "--rate", str(rate),
+                           "--hot-fraction", "0.1", "--hot-share", "0.9"] if busy else
+                          ["sleep", "600"], stdout=subprocess.DEVNULL)
+    serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst), "--listen",
+                              "127.0.0.1:0", "--key-file", str(key), "--once"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        port = re.search(r":(\d+),", serve.stdout.readline())
+        if not port:
+            raise SystemExit("migrator serve did not start")
+        time.sleep(a.warmup)
+        sh(PY, "-m", "migrator.cli", "migrate", "--mount", str(src), "--to",
+           f"127.0.0.1:{port.group(1)}", "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
+           "--report", str(report), *flags, "disk.raw", "vm.mem")
+        serve.communicate(timeout=60)
+        return json.loads(report.read_text())
+    finally:
+        for pr in (vm, serve):
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait()
+
+
 def thin_files(root: Path, dense: bool, seed: int = 5) -> None:
     """The sparse workload's files (or the dense set holding the same data)."""
-    import random
 
     rng = random.Random(seed)
     plan = (("disk.raw", 256 << 20, 256 << 20), ("vm.mem", 64 << 20, 64 << 20)) if dense else (
@@ -276,6 +368,8 @@ def main() -> int:
                     help="only the thin-image workload (sparse against dense)")
     ap.add_argument("--writeback", action="store_true",
                     help="mount both hosts with blkfs --writeback (the kernel's writeback cache)")
+    ap.add_argument("--back", action="store_true",
+                    help="only A -> B -> A: the migration back with and without the older copy")
     ap.add_argument("--gluster", action="store_true",
                     help="the spill area on a GlusterFS volume, a client per host (root; "
                     "glusterfs-server and glusterfs-client)")
@@ -308,6 +402,11 @@ def run(a: argparse.Namespace) -> int:
     if a.sparse:
         with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
             return sparse_bench(a, Path(tmp))
+    if a.back:
+        if a.quick:
+            a.disk_size, a.mem_size, a.warmup = "256M", "64M", 2.0
+        with tempfile.TemporaryDirectory(prefix="bench-back-") as tmp:
+            return back_bench(a, Path(tmp))
     if a.quick:
         a.disk_size, a.mem_size, a.warmup = "256M", "64M", 2.0
     results: dict[str, Any] = {"params": vars(a)}
