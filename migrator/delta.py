@@ -59,13 +59,15 @@ def _runs(mask: np.ndarray, first: int) -> list[Run]:
 
 
 def file_digests(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]], size: int,
-                 bs: int) -> list[int]:
-    """xxh3 of every block of a file of `size` bytes, `read(offset, length)` giving its
-    bytes and `ranges` its data ranges (SEEK_DATA/SEEK_HOLE): a hole is never read."""
+                 bs: int, first: int = 0, count: int | None = None) -> list[int]:
+    """xxh3 of blocks [first, first+count) (default: to the end) of a file of `size` bytes,
+    `read(offset, length)` giving its bytes and `ranges` its data ranges (SEEK_DATA/
+    SEEK_HOLE): a hole is never read."""
     nblocks = -(-size // bs)
+    count = nblocks - first if count is None else min(count, nblocks - first)
     out: list[int] = []
     step = max(1, READ_CHUNK // bs)
-    for b0, n, hole in hole_runs(ranges, 0, nblocks, bs, size):
+    for b0, n, hole in hole_runs(ranges, first, count, bs, size):
         if hole:
             out += [zero_digest(min(bs, size - b * bs)) for b in range(b0, b0 + n)]
             continue

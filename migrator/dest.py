@@ -151,24 +151,27 @@ class DestSession:
         """The source asked (delta): the xxh3 of every block of each file this host held
         before (an older copy), so that only the blocks that differ travel. They count as
         written here for the verification, which still compares every block."""
-        bs = self.block_size
+        bs, per_frame = self.block_size, p.MAX_DIGESTS_PER_FRAME
         for fid, f in self.files.items():
             if self.store.fresh(fid):
                 continue  # created empty here: nothing held
-            try:
-                if f.size >= THREAD_WRITE:  # reads the whole file: not in the event loop
-                    held = await trio.to_thread.run_sync(self.store.held, fid, bs)
-                else:  # a thread hop costs more than hashing a small file
-                    held = self.store.held(fid, bs)
-            except OSError as exc:
-                raise MigrationError(f"cannot read {f.entry.name} here: {exc.strerror}") from None
-            if not held:
-                continue
-            for i, d in enumerate(held):
-                f.digests[i] = d
-            self.held_blocks += len(held)
-            for i in range(0, len(held), p.MAX_DIGESTS_PER_FRAME):
-                await self.ch.send(p.Held(fid, i, tuple(held[i:i + p.MAX_DIGESTS_PER_FRAME])))
+            for first in range(0, (f.size + bs - 1) // bs, per_frame):
+                # a frame at a time, as they are read: the source sees progress, not silence
+                try:
+                    if min(f.size - first * bs, per_frame * bs) >= THREAD_WRITE:
+                        held = await trio.to_thread.run_sync(self.store.held, fid, bs, first,
+                                                             per_frame)
+                    else:  # a thread hop costs more than hashing a small file
+                        held = self.store.held(fid, bs, first, per_frame)
+                except OSError as exc:
+                    raise MigrationError(f"cannot read {f.entry.name} here: "
+                                         f"{exc.strerror}") from None
+                if not held:
+                    break  # nothing held (all holes): the source sends it all
+                for i, d in enumerate(held, first):
+                    f.digests[i] = d
+                self.held_blocks += len(held)
+                await self.ch.send(p.Held(fid, first, tuple(held)))
 
     def _save_state(self, **changes: Any) -> None:
         self.state.update(changes)

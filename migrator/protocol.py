@@ -810,8 +810,8 @@ def encode(event: Event) -> bytes:
 
 
 def _encode_parts(event: Event) -> tuple[int, list[bytes | bytearray | memoryview], int]:
-    """(frame type, the payload in pieces, its size): encode() joins them, sealing copies them
-    into a buffer it keeps."""
+    """(frame type, the payload in pieces, its size): encode() joins them, a sealed send
+    encrypts them one after the other into the frame it writes."""
     check_event(event)
     if type(event) is Blocks:
         parts = [_BLOCKS.pack(event.file_id, event.first_block), event.data]
@@ -1041,7 +1041,6 @@ class _Sealer:
             return self._aead.decrypt(self._nonce(), sealed, head)
         except InvalidTag:
             raise self.tampered(f"frame {self.frames - 1}") from None
-
 
 
 class _Gathering:

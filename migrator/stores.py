@@ -159,9 +159,10 @@ class DestFiles(Protocol):
         """The file was created empty by this migration: its unwritten blocks are holes."""
         ...
 
-    def held(self, file_id: int, block_size: int) -> list[int] | None:
-        """xxh3 of every block the file holds at its new size, if it existed before this
-        migration with data (an older copy: the source sends only what differs); else None."""
+    def held(self, file_id: int, block_size: int, first: int, count: int) -> list[int] | None:
+        """xxh3 of blocks [first, first+count) of the file at its new size, if it existed
+        before this migration with data (an older copy: the source sends only what differs);
+        else None."""
         ...
 
     def zero(self, file_id: int, offset: int, length: int) -> None:
@@ -543,20 +544,23 @@ class MountDest:
     def fresh(self, file_id: int) -> bool:
         return file_id in self.fresh_ids
 
-    def held(self, file_id: int, block_size: int) -> list[int] | None:
+    def held(self, file_id: int, block_size: int, first: int, count: int) -> list[int] | None:
         if file_id in self.fresh_ids:
             return None
         fd = self.direct.get(file_id)  # the backing file: no O_DIRECT alignment to keep
-        os.fsync(self.fds[file_id])  # what the mount's cache holds is in the backing file
+        if first == 0:
+            os.fsync(self.fds[file_id])  # what the mount's cache holds is in the backing file
         own = fd is None
         if own:
             fd = os.open(self._target(self.names[file_id]), os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            ranges = data_ranges(fd, 0, size)
-            if not ranges:
+            if not data_ranges(fd, 0, size):
                 return None  # nothing but holes: nothing to spare
-            return file_digests(lambda off, n: os.pread(fd, n, off), ranges, size, block_size)
+            end = min(size, (first + count) * block_size)
+            ranges = data_ranges(fd, first * block_size, end)
+            return file_digests(lambda off, n: os.pread(fd, n, off), ranges, size, block_size,
+                                first, count)
         finally:
             if own:
                 os.close(fd)

@@ -83,3 +83,13 @@ def test_what_is_sent_makes_the_copy_whole(draw: st.DataObject) -> None:
     for first, count in h.to_send(bytes(src), BS, 0):
         copy[first * BS:(first + count) * BS] = src[first * BS:(first + count) * BS]
     assert copy == src
+
+
+def test_file_digests_a_frame_at_a_time_are_the_whole_files() -> None:
+    rng = random.Random(4)
+    size = 37 * BS + 5
+    data = rng.randbytes(size)
+    whole = file_digests(lambda o, n: data[o:o + n], [(0, size)], size, BS)
+    parts = [d for first in range(0, 38, 10)
+             for d in file_digests(lambda o, n: data[o:o + n], [(0, size)], size, BS, first, 10)]
+    assert parts == whole == digests(data)

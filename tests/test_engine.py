@@ -194,12 +194,12 @@ class MemoryDest:
     def fresh(self, file_id: int) -> bool:
         return self.names[file_id] not in self.holds
 
-    def held(self, file_id: int, block_size: int) -> list[int] | None:
+    def held(self, file_id: int, block_size: int, first: int, count: int) -> list[int] | None:
         if self.fresh(file_id):
             return None
         data = bytes(self.data[file_id])
         return file_digests(lambda off, n: data[off:off + n], [(0, len(data))], len(data),
-                            block_size)
+                            block_size, first, count)
 
     def zero(self, file_id: int, offset: int, length: int) -> None:
         self.write(file_id, offset, bytes(length))
