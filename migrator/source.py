@@ -335,7 +335,7 @@ class Source:
         stream = await self.hooks.connect(self.opts)
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
         self.ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
-                     sealed=not self.opts.plaintext)
+                          sealed=not self.opts.plaintext)
         self.progress.channel = self.ch
         await self.ch.handshake()
 
