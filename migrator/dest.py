@@ -761,11 +761,15 @@ async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcom
         await ch.aclose()
         return SessionOutcome(False, f"refused {peer}: it does not know the shared key (a "
                               "source with another key file?)", ends=False)
-    if isinstance(exc, PeerMismatch):
+    if isinstance(exc, PeerMismatch):  # a migrator set up otherwise: both operators hear why
         reason = str(exc).removeprefix("bad peer: ")
-        await ch.abort(reason.replace("the peer", "the destination", 1))
+        await ch.abort(f"the destination refused: {reason}")
         await ch.aclose()
         return SessionOutcome(False, f"refused {peer}: {reason}", ends=False)
+    if isinstance(exc, PeerAborted):  # a migrator that refused us first (a mismatch)
+        reason = str(exc).removeprefix("the peer aborted: ").removeprefix("bad peer: ")
+        await ch.aclose()
+        return SessionOutcome(False, f"{peer} gave up the handshake: {reason}", ends=False)
     log.debug("probe from %s: %s", peer, exc)
     await ch.aclose()
     return SessionOutcome(False, "", ends=False)

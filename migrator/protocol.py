@@ -1406,11 +1406,11 @@ class Connection:
                     raise ProtocolError(f"peer says it is the {event.role}, and so are we")
                 if event.nonce == self._nonce:
                     raise ProtocolError("peer echoed our nonce")
-                if event.sealed != self.sealed:
-                    peer, we = (("seals its frames", "run with --insecure-plaintext")
-                                if event.sealed else
-                                ("runs with --insecure-plaintext", "seal our frames"))
-                    raise MismatchError(f"the peer {peer} and we {we}: run both sides with "
+                if event.sealed != self.sealed:  # said the same way on both sides
+                    clear, sealed = ((self.role, self.peer_role) if event.sealed
+                                     else (self.peer_role, self.role))
+                    raise MismatchError(f"the {clear} runs with --insecure-plaintext and the "
+                                        f"{sealed} seals its frames: run both sides with "
                                         "--insecure-plaintext, or neither")
             case Auth() if not remote:
                 if event.mac != self._mac(sender):

@@ -25,11 +25,11 @@ from blkfs.spill import Refused, SlotAllocator, SpillArea, spill_key
 
 from . import gluster
 from .conftest import Mount
-from .test_migrate import MIGRATOR, SIMVM, Server, digest, hosts, key, servers, state
-from .test_postcopy import stop_dest_on_resume
+from .test_migrate import MIGRATOR, Server, digest, hosts, key, servers, state
+from .test_postcopy import stop_dest_on_resume, vm
 
-pytestmark = [pytest.mark.mount, pytest.mark.slow]
-__all__ = ["hosts", "key", "servers"]  # fixtures, re-exported for pytest
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.onepass]
+__all__ = ["hosts", "key", "servers", "vm"]  # fixtures, re-exported for pytest
 
 SERVER_ADDR, DEST_ADDR = "10.231.78.1", "10.231.78.2"
 
@@ -58,23 +58,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             yield Lab(a, b, mounts[a], mounts[b])
 
 
-@pytest.fixture
-def busy_vm(hosts: tuple[Mount, Mount]) -> Iterator[subprocess.Popen[bytes]]:
-    src, _ = hosts
-    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "8M", "--mem-size", "24M",
-                    "--unit", "65536"], check=True, capture_output=True)
-    proc = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "60", "--hot-fraction",
-                             "0.5"], stdout=subprocess.DEVNULL)
-    time.sleep(1.0)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
 def test_the_destination_completes_from_the_gluster_volume_alone(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], lab: Lab,
-        busy_vm: subprocess.Popen[bytes]) -> None:
+        vm: subprocess.Popen[bytes]) -> None:
     src, dst = hosts
     a, b = lab.a, lab.b
     spill_a, spill_b = lab.mount_a / "area", lab.mount_b / "area"
@@ -83,7 +69,7 @@ def test_the_destination_completes_from_the_gluster_volume_alone(
     servers.append(s)
     m = subprocess.Popen(["ip", "netns", "exec", a, *MIGRATOR, "migrate", "--mount",
                           str(src.mnt), "--to", f"{DEST_ADDR}:{s.port}", "--key-file", str(key),
-                          "--suspend", f"pid:{busy_vm.pid}", "--postcopy", "--spill",
+                          "--suspend", f"pid:{vm.pid}", "--postcopy", "--spill",
                           str(spill_a), "--spill-bandwidth", "50", "disk.raw", "vm.mem"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -104,8 +90,8 @@ def test_the_destination_completes_from_the_gluster_volume_alone(
         os.kill(s.proc.pid, signal.SIGCONT)
     rc, out = s.finish(timeout=90)
     assert rc == 0 and "completed from the spill area alone" in out, out
-    busy_vm.kill()
-    busy_vm.wait()
+    vm.kill()
+    vm.wait()
     st = state(dst)
     assert st is not None and st["status"] == "complete", st
     assert digest(dst.mnt / "vm.mem") == digest(src.backing / "vm.mem")

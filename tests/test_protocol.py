@@ -321,7 +321,7 @@ def _hello(drop: str = "", **fields: object) -> dict[str, object]:
         (_hello("nonce"), "lacks nonce"),
         (_hello(sealed=1), "sealed must be"),
         (_hello("sealed"), "lacks sealed"),
-        (_hello(sealed=False), "runs with --insecure-plaintext and we seal"),
+        (_hello(sealed=False), "the source runs with --insecure-plaintext and the dest seals"),
     ],
 )
 def test_bad_hellos(hello: dict[str, object], match: str) -> None:
