@@ -105,6 +105,20 @@ def idle_cp(a: argparse.Namespace, root: Path) -> float:
         return time.monotonic() - t
 
 
+def start_serve(dst: Path, key: Path, extra: list[str] | None = None
+                ) -> tuple[subprocess.Popen[str], int]:
+    """`migrator serve --once` on `dst`, on a free port of 127.0.0.1: (the process, the port)."""
+    serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst), "--listen",
+                              "127.0.0.1:0", "--key-file", str(key), "--once", *(extra or [])],
+                             stdout=subprocess.PIPE, text=True)
+    assert serve.stdout is not None
+    port = re.search(r":(\d+),", serve.stdout.readline())
+    if not port:
+        serve.kill()
+        raise SystemExit("migrator serve did not start")
+    return serve, int(port.group(1))
+
+
 def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
              write_rate: float | None = None, hot_fraction: float = 0.1,
              bandwidth: float | None = None, dest_vm: bool = False,
@@ -131,18 +145,12 @@ def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
         vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(h.src), "--rate",
                                str(rate), "--hot-fraction", str(hot_fraction),
                                "--hot-share", "0.9", *share], stdout=subprocess.DEVNULL)
-        serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(h.dst),
-                                  "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
-                                  *extra], stdout=subprocess.PIPE, text=True)
+        serve, port = start_serve(h.dst, key, extra)
         try:
-            assert serve.stdout is not None
-            port = re.search(r":(\d+),", serve.stdout.readline())
-            if not port:
-                raise SystemExit("migrator serve did not start")
             time.sleep(a.warmup)
             report = root / "report.json"
             cmd = [PY, "-m", "migrator.cli", "migrate", "--mount", str(h.src), "--to",
-                   f"127.0.0.1:{port.group(1)}", "--key-file", str(key), "--suspend",
+                   f"127.0.0.1:{port}", "--key-file", str(key), "--suspend",
                    f"pid:{vm.pid}", "--report", str(report), *flags, "disk.raw", "vm.mem"]
             bw = bandwidth or a.bandwidth
             if bw:
@@ -242,17 +250,11 @@ def one_way(src: Path, dst: Path, key: Path, report: Path, flags: list[str],
     vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(src), "--rate", str(rate),
                            "--hot-fraction", "0.1", "--hot-share", "0.9"] if busy else
                           ["sleep", "600"], stdout=subprocess.DEVNULL)
-    serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst), "--listen",
-                              "127.0.0.1:0", "--key-file", str(key), "--once"],
-                             stdout=subprocess.PIPE, text=True)
+    serve, port = start_serve(dst, key)
     try:
-        assert serve.stdout is not None
-        port = re.search(r":(\d+),", serve.stdout.readline())
-        if not port:
-            raise SystemExit("migrator serve did not start")
         time.sleep(a.warmup)
         sh(PY, "-m", "migrator.cli", "migrate", "--mount", str(src), "--to",
-           f"127.0.0.1:{port.group(1)}", "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
+           f"127.0.0.1:{port}", "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
            "--report", str(report), *flags, "disk.raw", "vm.mem")
         serve.communicate(timeout=60)
         return json.loads(report.read_text())

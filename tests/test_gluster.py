@@ -25,8 +25,8 @@ from blkfs.spill import Refused, SlotAllocator, SpillArea, spill_key
 
 from . import gluster
 from .conftest import Mount
-from .test_migrate import MIGRATOR, Server, digest, hosts, key, servers, state
-from .test_postcopy import stop_dest_on_resume, vm
+from .test_migrate import MIGRATOR, Server, hosts, key, servers
+from .test_postcopy import completed_from_the_spill_alone, stop_dest_on_resume, vm
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.onepass]
 __all__ = ["hosts", "key", "servers", "vm"]  # fixtures, re-exported for pytest
@@ -88,14 +88,7 @@ def test_the_destination_completes_from_the_gluster_volume_alone(
         m.kill()  # kill -9 the source: only the volume is left
         m.communicate()
         os.kill(s.proc.pid, signal.SIGCONT)
-    rc, out = s.finish(timeout=90)
-    assert rc == 0 and "completed from the spill area alone" in out, out
-    vm.kill()
-    vm.wait()
-    st = state(dst)
-    assert st is not None and st["status"] == "complete", st
-    assert digest(dst.mnt / "vm.mem") == digest(src.backing / "vm.mem")
-    assert digest(dst.mnt / "disk.raw") == digest(src.backing / "disk.raw")
+    completed_from_the_spill_alone(s, src, dst, vm, timeout=90)
     spill = json.loads(subprocess.run([sys.executable, "-m", "blkfs.cli", "spill",
                                        str(dst.mnt), "--json"], capture_output=True, text=True,
                                       check=True).stdout)
