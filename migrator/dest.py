@@ -38,6 +38,7 @@ from .ownership import INCOMPLETE, OWNER, UNKNOWN, dest_answer
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
+from .quiet import Quiet
 from .stores import DestFiles, MountDest
 from .transport import (
     IO_TIMEOUT,
@@ -91,6 +92,9 @@ class SessionOutcome:
     awaiting: bool = False
     # A migration was attempted (it ends a `--once` serve); not for a stranger or a refusal.
     ends: bool = True
+    # A refusal at the door (wrong key, a migrator set up otherwise): said once per kind and
+    # window (quiet.Quiet), so a peer that keeps knocking cannot fill the log.
+    kind: str = ""
 
 
 class DestSession:
@@ -760,16 +764,17 @@ async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcom
         await ch.abort("the shared key does not match")
         await ch.aclose()
         return SessionOutcome(False, f"refused {peer}: it does not know the shared key (a "
-                              "source with another key file?)", ends=False)
+                              "source with another key file?)", ends=False, kind="door")
     if isinstance(exc, PeerMismatch):  # a migrator set up otherwise: both operators hear why
         reason = str(exc).removeprefix("bad peer: ")
         await ch.abort(f"the destination refused: {reason}")
         await ch.aclose()
-        return SessionOutcome(False, f"refused {peer}: {reason}", ends=False)
+        return SessionOutcome(False, f"refused {peer}: {reason}", ends=False, kind="door")
     if isinstance(exc, PeerAborted):  # a migrator that refused us first (a mismatch)
         reason = str(exc).removeprefix("the peer aborted: ").removeprefix("bad peer: ")
         await ch.aclose()
-        return SessionOutcome(False, f"{peer} gave up the handshake: {reason}", ends=False)
+        return SessionOutcome(False, f"{peer} gave up the handshake: {reason}", ends=False,
+                              kind="door")
     log.debug("probe from %s: %s", peer, exc)
     await ch.aclose()
     return SessionOutcome(False, "", ends=False)
@@ -859,6 +864,7 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     `once`, one, and return whether it completed."""
     sessions = Sessions()
     handshakes = Handshakes()
+    quiet = Quiet()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -869,8 +875,10 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     async def one(stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         nonlocal completed
         outcome = await serve_one(stream, opts, sessions, _peer(stream), handshakes)
-        if outcome.text:
-            opts.say(outcome.text)
+        text = (quiet.line(outcome.kind, outcome.text, time.monotonic()) if outcome.kind
+                else outcome.text)
+        if text:
+            opts.say(text)
         if not once or not outcome.ends:  # (a stranger or a refusal as busy ends nothing)
             return
         completed = outcome.completed

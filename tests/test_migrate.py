@@ -264,8 +264,9 @@ def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: P
     other.chmod(0o600)
     s = Server(dst, key)
     servers.append(s)
-    r = migrate(src, s.port, other, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
-    assert r.returncode == 1 and "shared key" in last_line(r)
+    for _ in range(4):  # a source that keeps knocking with the wrong key
+        r = migrate(src, s.port, other, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
+        assert r.returncode == 1 and "shared key" in last_line(r)
     assert state(dst) is None and not (dst.mnt / "disk.raw").exists()
     assert_source_whole(src, before, idle_vm)
     # The stranger ended nothing: the same --once serve takes the real source next.
@@ -274,9 +275,9 @@ def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: P
     assert r.returncode == 0, r.stderr
     rc, out = s.finish()
     assert rc == 0 and "complete and verified" in out
-    # One line for the operator when the dest saw the wrong proof; none when the source
-    # saw the dest's first and hung up before sending its own (then it is a probe here).
-    assert out.count("does not know the shared key") <= 1, out
+    # One line for the operator however often it knocked within 10 s (quiet.Quiet); none
+    # when the source saw the dest's proof first and hung up before it said anything.
+    assert out.count("shared key") <= 1, out
 
 
 def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: Path,
