@@ -555,8 +555,8 @@ class MountDest:
             fd = os.open(self._target(self.names[file_id]), os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            if not data_ranges(fd, 0, size):
-                return None  # nothing but holes: nothing to spare
+            if first == 0 and not data_ranges(fd, 0, size):
+                return None  # nothing but holes: nothing to spare (asked once, at the start)
             end = min(size, (first + count) * block_size)
             ranges = data_ranges(fd, first * block_size, end)
             return file_digests(lambda off, n: os.pread(fd, n, off), ranges, size, block_size,
