@@ -22,6 +22,9 @@ from .mount import MountOptions, QuietError
 from .runtime import FSTYPE, DaemonInfo, mount_fstype, process_gone
 
 PROG = "blkfs"
+# The record a `migrator serve` keeps of what came into this mount (migrator.ownership's
+# DEST_RECORD): status shows it, so a replica is never taken for a VM's whole files.
+INCOMING_RECORD = ".migration-state.json"
 START_TIMEOUT = 30.0
 
 
@@ -398,11 +401,40 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def incoming_line(rec: dict[str, Any], now: float) -> str:
+    """What came into this mount by migration, in one line (the record is migrator's)."""
+    mid, src, status = rec.get("migration", "?"), rec.get("source", "?"), rec.get("status")
+    if status == "replica":
+        r = rec.get("replica") if isinstance(rec.get("replica"), dict) else {}
+        at = r.get("synced_at")
+        held = ("no whole epoch yet" if r.get("epoch") is None else
+                f"every write up to its epoch {r.get('epoch')}"
+                + (f" (synced {max(0.0, now - at):.0f} s ago)"
+                   if isinstance(at, (int, float)) else ""))
+        how = "stopped" if rec.get("stopped_at") else "syncing"
+        return (f"REPLICA, NOT RUNNABLE: of sync {mid} from {src} ({how}), holds {held}; "
+                "'migrator migrate' to this host starts from it")
+    if rec.get("owner"):
+        return f"incoming migration {mid} from {src}: {status}; the VM is this host's"
+    return (f"incoming migration {mid} from {src}: {status}; not runnable (the VM was never "
+            "handed to this host)")
+
+
+def _incoming(mountpoint: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(mountpoint, INCOMING_RECORD)) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
         st = c.call(cp.Status(static_heat=a.static_heat))
+    incoming = _incoming(a.mountpoint)
     if a.json:
-        _print_json(cp.to_dict(st))
+        _print_json({**cp.to_dict(st), "incoming": incoming})
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -423,6 +455,10 @@ def cmd_status(a: argparse.Namespace) -> int:
                 f"PAUSED ({st.postcopy_paused})" if st.postcopy_paused else "running")
         con.print(f"post-copy {what}: {st.postcopy_absent} blocks absent, "
                   f"{st.postcopy_missing} of them given up (see: blkfs spill {a.mountpoint})")
+    if incoming is not None:
+        line = incoming_line(incoming, time.time())
+        con.print(f"[bold yellow]{line}[/]" if incoming.get("status") == "replica" else line,
+                  highlight=False)
     if st.trust_lost:
         con.print("[bold red]a write may have gone unmarked (see the daemon log): the tracking "
                   "state will not be saved at unmount[/]")

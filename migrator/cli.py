@@ -144,6 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a memory file to post-copy (repeatable; default: the files named "
                     "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
 
+    y = sub.add_parser(
+        "sync", help="source: keep a replica of FILEs on a 'migrator serve', ahead of a "
+        "migration", description="Keeps a replica of a running VM's files on the destination, "
+        "for as long as it runs (a service: Ctrl-C or SIGTERM stops it; the replica keeps its "
+        "last whole epoch): the static blocks first, then each epoch's dirty set under "
+        "--bandwidth, an epoch every --lag/2 s. The destination marks the files 'replica, not "
+        "runnable'. A later 'migrator migrate' to it sends only what changed since.")
+    y.add_argument("--mount", required=True, help="the source blkfs mount point")
+    y.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
+    y.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
+    y.add_argument("files", nargs="+", metavar="FILE", help="files, relative to the mount")
+    y.add_argument("--bandwidth", type=positive, default=100.0, metavar="MB/s",
+                   help="cap the link bandwidth (default 100: a sync shares the link with the "
+                   "VMs' own traffic for hours)")
+    y.add_argument("--lag", type=positive, default=10.0, metavar="S",
+                   help="target: the replica is never more than S seconds behind (default 10; "
+                   "an epoch is sent every S/2 s; the report says when it fell behind)")
+    y.add_argument("--compress", choices=("zstd", "lz4"),
+                   help="compress blocks on the wire where that saves a tenth or more")
+    y.add_argument("--static-heat", type=float, metavar="H",
+                   help="blocks with heat <= H are static (default: the mount's)")
+    y.add_argument("--no-delta", action="store_true",
+                   help="send every block at start, even those the destination holds already")
+    y.add_argument("--report", metavar="PATH", help="write the JSON report here when it stops")
+    y.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
+                   help="a session is cut when the peer takes or sends nothing for S seconds "
+                   "(default 60); it is retried with backoff")
+    _plaintext_flag(y)
+
     r = sub.add_parser(
         "resolve", help="settle a handoff that was cut: which host runs the VM",
         description="After a migration was cut at the switchover, the source keeps its VM "
@@ -323,6 +352,44 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(a: argparse.Namespace) -> int:
+    from .sync import LiveSyncLine, Syncer, print_sync_summary, sync_options
+
+    console = Console(stderr=True)
+    key = read_key(a.key_file)
+    opts = sync_options(a.mount, a.to, key, a.files, bandwidth_mb_s=a.bandwidth,
+                        static_heat=a.static_heat, report_path=a.report,
+                        io_timeout=a.io_timeout, compress=a.compress,
+                        plaintext=_warn_plaintext(a), delta=not a.no_delta)
+    from .source import SourceHooks
+
+    syncer = Syncer(opts, a.lag, SourceHooks(notify=lambda text: console.print(
+        f"migrator sync: {text}")))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+            nursery.start_soon(LiveSyncLine(syncer, console).run)
+            try:
+                await syncer.run()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except Exception:
+        if not syncer.sync.error:
+            raise
+    finally:
+        if syncer.sync.files:
+            print_sync_summary(syncer.sync, Console())
+        if a.report:
+            Console().print(f"JSON report: {a.report}")
+    if syncer.sync.status != "stopped":
+        raise MigrationError(syncer.sync.error or "the sync did not run")
+    return 0
+
+
 def _status_dir() -> str:
     from blkfs.runtime import runtime_dir
 
@@ -456,7 +523,7 @@ def cmd_keygen(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "status": cmd_status,
+COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "sync": cmd_sync, "status": cmd_status,
             "resolve": cmd_resolve, "demo": cmd_demo, "keygen": cmd_keygen}
 
 

@@ -54,6 +54,7 @@ from .zeros import zero_digest
 
 log = logging.getLogger(__name__)
 
+SYNC_STOPPED = "the sync stopped"  # how a migrator sync's Abort begins when it stops cleanly
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
 SOURCE_LOST_WAIT = 10.0  # s the session waits for the daemon to complete from the spill
 MAX_HANDSHAKES = 128  # connections at once that have not proved the key (the oldest goes)
@@ -128,6 +129,7 @@ class DestSession:
         self.digests_saved = False
         self.unchecked = 0  # blocks whose digests died with an earlier session
         self.held_blocks = 0  # blocks this host held before and said so (delta)
+        self.replica = False  # a migrator sync session: a replica kept, never a VM
         # Set while the session waits for the daemon to complete from the spill after losing
         # its source: cancelling it gives way to that source's Reattach.
         self.waiting_for_source: trio.CancelScope | None = None
@@ -137,15 +139,22 @@ class DestSession:
     def open_files(self, man: p.Manifest, peer: str) -> None:
         self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
         self.block_size = man.block_size
+        self.replica = man.replica
         self.state = {
             "migration": man.migration or str(uuid.uuid4()),
-            "status": "incomplete",
+            # a replica (migrator sync) is never runnable: no Switchover is accepted for it,
+            # and a later migration that starts from it marks it incomplete first
+            "status": "replica" if man.replica else "incomplete",
             "owner": False,  # True once this host took the VM (written before it starts it)
             "epoch": 0,
             "source": peer,
             "started_at": time.time(),
             "files": [{"name": f.name, "size": f.size} for f in man.files],
         }
+        if man.replica:
+            # the source epoch (sync round) of which every write is here, durably; None until
+            # the first round is acknowledged (a replica cut before that holds a part)
+            self.state["replica"] = {"epoch": None, "synced_at": None}
         self.store.write_state(self.state)  # before any file is touched
         self.store.create(man)
         for f in man.files:
@@ -538,6 +547,16 @@ class DestSession:
                               f"spill area: {n} blocks missing: {shown}{more}; reads of them "
                               "fail with EIO, everything else is served")
 
+    async def _replica_synced(self, epoch: int) -> None:
+        """Every write of the source's epoch `epoch` is here: durable first, then said so
+        (the RoundAck that follows is the source's proof of the lag it reports)."""
+        await self.store.sync()
+        rec = self.state["replica"]
+        rec.update(epoch=epoch, synced_at=time.time(),
+                   rounds=int(rec.get("rounds", 0)) + 1)
+        self._save_state(files=[{"name": f.entry.name, "size": f.size}
+                                for f in self.files.values()])
+
     def _merge_digests(self) -> None:
         assert self.pc is not None
         for fid, b, d in self.pc.digests:
@@ -591,6 +610,9 @@ class DestSession:
             await pc.refs(ev)
         elif isinstance(ev, p.SpillFlushed):
             log.info("source: spill flushed (%d pages)", ev.pages)
+        elif isinstance(ev, p.RoundDone) and self.replica:
+            await self._replica_synced(ev.round)
+            await ch.send(p.RoundAck(ev.round))
         elif isinstance(ev, p.RoundDone):
             await ch.send(p.RoundAck(ev.round))
         elif isinstance(ev, p.Switchover):
@@ -666,6 +688,10 @@ class Sessions:
                 return STILL_RUNNING
             cur.waiting_for_source.cancel()
             return None
+        if cur is not None and cur.replica:
+            return (f"the destination is busy: migrator sync from {cur.state.get('source')} "
+                    "keeps a replica there; stop it first (the migration then starts from "
+                    "the replica)")
         return "the destination is busy with another migration"
 
 
@@ -784,6 +810,8 @@ async def _failed(session: DestSession, peer: str, msg: str,
                   exc: BaseException) -> SessionOutcome:
     """A session that failed: say it in one line, and never leave two VMs."""
     mid = session.state.get("migration", "?")
+    if session.replica:
+        return await _replica_ended(session, peer, msg, exc)
     if not session.owner:
         # Not taken: refuse for good (no QEMU left waiting, the record says so), then tell
         # the source, which may run its VM again.
@@ -831,6 +859,28 @@ async def _failed(session: DestSession, peer: str, msg: str,
                           f"source went before verification ({msg}); it holds its copy "
                           "suspended, and reconnects within its io timeout to finish, or "
                           "'migrator resolve' there settles it", awaiting=True)
+
+
+async def _replica_ended(session: DestSession, peer: str, msg: str,
+                         exc: BaseException) -> SessionOutcome:
+    """A sync ends only this way (stopped, cut, or failed): the replica stays what its last
+    acknowledged epoch made it, marked not runnable, for a later sync or migrate to use."""
+    rec = session.state.get("replica") or {}
+    epoch = rec.get("epoch")
+    stopped = isinstance(exc, PeerAborted) and SYNC_STOPPED in msg
+    if not isinstance(exc, PeerAborted):
+        await session.ch.abort(msg)
+    try:
+        session._save_state(stopped_at=time.time(),
+                            stopped=msg.removeprefix("the peer aborted: "))
+    except OSError as exc2:
+        log.error("cannot update the replica state in %s: %s", session.mount,
+                  exc2.strerror or exc2)
+    what = ("holds no whole epoch yet (the first sync was cut)" if epoch is None
+            else f"holds every write up to its epoch {epoch}")
+    how = "stopped" if stopped else f"cut ({msg.removeprefix('the peer aborted: ')})"
+    return SessionOutcome(epoch is not None, f"sync from {peer} {how}: the replica here {what}; "
+                          "not runnable: 'migrator migrate' to this host starts from it")
 
 
 def unfinished_here(store: DestFiles) -> str | None:

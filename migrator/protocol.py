@@ -91,8 +91,9 @@ from blkfs.ctlproto import ControlError, PostcopyStats, conform
 from blkfs.spill import REF as _REF
 from blkfs.spill import pack_refs, unpack_refs
 
-PROTOCOL_VERSION = 5  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
-# 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta)
+PROTOCOL_VERSION = 6  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
+# 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta);
+# 6: replica sessions (Manifest.replica, migrator sync)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload
@@ -186,6 +187,9 @@ class Manifest:
     files: tuple[FileEntry, ...]
     migration: str = ""
     delta: bool = False  # the destination says what it holds (Held) before Ready
+    # `migrator sync`: rounds without end, each acknowledged once durable there; never a
+    # Switchover, so the destination keeps a replica that is never runnable
+    replica: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,6 +638,8 @@ def _check_manifest(m: Manifest) -> None:
     _text(m.migration, 64, "Manifest.migration")
     if type(m.delta) is not bool:
         raise ProtocolError(f"Manifest.delta must be true or false, not {_show(m.delta)}")
+    if type(m.replica) is not bool:
+        raise ProtocolError(f"Manifest.replica must be true or false, not {_show(m.replica)}")
     bs = _int(m.block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, "block_size")
     if bs & (bs - 1):
         raise ProtocolError(f"block_size {bs} is not a power of two")
@@ -1435,6 +1441,9 @@ class Connection:
                 if event.first_block + event.count > nblocks:
                     raise ProtocolError(f"{lie}: Zero run {event.first_block}+{event.count} of "
                                         f"file {event.file_id} is outside its {nblocks} blocks")
+            case Switchover() | Postcopy() if self._manifest and self._manifest.replica:
+                raise ProtocolError(f"{type(event).__name__} in a replica session (migrator "
+                                    "sync): a replica is never switched over to")
             case Held() if not self._manifest or not self._manifest.delta:
                 raise ProtocolError("Held frames answer a Manifest that asks for them (delta)")
             case Digests():  # and Held

@@ -106,6 +106,12 @@ async def resolve_source(record: SourceRecord, adapter: Callable[[], VMAdapter],
 def describe_dest(record: dict[str, object]) -> str:
     """What a destination's record says, for a person on that host."""
     migration = str(record.get("migration", "?"))
+    if record.get("status") == "replica":
+        rep = record.get("replica")
+        epoch = rep.get("epoch") if isinstance(rep, dict) else None
+        return (f"sync {migration}: a replica, not runnable (every write up to its epoch "
+                f"{epoch} is here; the VM is not this host's): 'migrator migrate' to this host "
+                "starts from it")
     status, _epoch, detail = dest_answer(record, migration)
     if status in ("owner", "incomplete"):
         return (f"migration {migration}: {detail}: the VM is this host's; if it is not "

@@ -356,6 +356,8 @@ class Source:
         self.record = SourceRecord(str(uuid.uuid4()),
                                    next_epoch(prev, store.read_dest_record()), self.opts.to,
                                    self.opts.suspend, list(store.names))
+        store.claim(self.record.migration, f"migrator migrate pid {os.getpid()} to "
+                    f"{self.opts.to}")
         store.write_record(self.record.to_dict())
         self.block_size = store.block_size
         self.report.block_size = self.block_size
@@ -405,7 +407,7 @@ class Source:
         if self.dest_has:
             r.delta = "digests"
 
-    async def _initial_copy(self, planner: RoundPlanner) -> None:
+    async def _initial_copy(self, planner: RoundPlanner, round_no: int = 0) -> None:
         assert self.ch is not None
         self._phase("initial copy")
         now = self.t_copy = time.monotonic()
@@ -425,7 +427,7 @@ class Source:
         b2, n2 = await self._send_sets(dynamic, clear=True)
         # Round 0: wait until the destination wrote it all, so its backlog never
         # lands in the downtime.
-        await self.ch.send(p.RoundDone(0, b1 + b2, n1 + n2))
+        await self.ch.send(p.RoundDone(round_no, b1 + b2, n1 + n2))
         await self.ch.expect(p.RoundAck)
         self.report.initial_copy_s = time.monotonic() - now
         planner.record_transfer(n1 + n2, self.report.initial_copy_s)

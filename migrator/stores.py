@@ -76,6 +76,11 @@ class SourceFiles(Protocol):
         """Writes still in the page cache reach the tracker (the barrier before a swap)."""
         ...
 
+    def claim(self, migration: str, holder: str) -> None:
+        """Take the mount's one migration slot until close(): a sync and a migrate of the
+        same files (both take the dirty sets) never run at once."""
+        ...
+
     def read_record(self) -> dict[str, object] | None:
         """The source's ownership record (ownership.SourceRecord), if any."""
         ...
@@ -257,6 +262,12 @@ class BlkfsSource:
     async def flush(self) -> None:
         for rel in self.names:
             await trio.to_thread.run_sync(flush_file, os.path.join(self.mount, rel))
+
+    def claim(self, migration: str, holder: str) -> None:
+        try:
+            self.client.call(cp.Claim(migration, holder))
+        except ControlError as exc:
+            raise MigrationError(f"{exc} (stop that one first)") from None
 
     def read_record(self) -> dict[str, object] | None:
         return self.record.read()

@@ -119,6 +119,9 @@ class MemorySource:
     async def flush(self) -> None:
         self.vm.write_some(self)
 
+    def claim(self, migration: str, holder: str) -> None:
+        pass
+
     def read_record(self) -> dict[str, Any] | None:
         return dict(self.records[-1]) if self.records else None
 

@@ -546,7 +546,7 @@ def test_mutated_frames_raise_only_protocol_errors(draw: st.DataObject) -> None:
 
 def manifest_frame(files: list[dict[str, object]], block_size: object = BS) -> bytes:
     return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files, "migration": "",
-                                         "delta": False})
+                                         "delta": False, "replica": False})
 
 
 def entry(file_id: object = 0, name: object = "disk.img", size: object = BS) -> dict[str, object]:
@@ -629,7 +629,7 @@ def test_sizes_are_read_only() -> None:
 
 def test_manifest_files_must_be_a_list() -> None:
     raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}, "migration": "",
-                                     "delta": False})
+                                     "delta": False, "replica": False})
     refused(link_at(State.MANIFEST).dest, raw, "must be a list")
 
 
@@ -875,7 +875,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Digests(1, 0, (7,))) == (b"\x0c\x00\x00\x00\x18\x00\x00\x00\x01" + bytes(8)
                                            + b"\x00\x00\x00\x01" + bytes(7) + b"\x07")
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
-        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false}'
+        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false}'
         .encode()))
     assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x0b" + b'{"epoch":7}'
 
@@ -998,3 +998,32 @@ def test_held_frames_are_refused_unasked_and_past_the_file() -> None:
     refused(link.source, encode(Held(0, 0, (1,))), "answer a Manifest that asks")
     link = _delta_link()
     refused(link.source, encode(Held(0, 3, (1, 2))), "reach block 4, it has 4 blocks")
+
+
+def _replica_link() -> Link:
+    link = Link()
+    link.run(until=State.MANIFEST)
+    man = Manifest(BS, FILES, "s", delta=True, replica=True)
+    assert link.send(link.source, man) == [man]
+    assert decode(encode(man)) == man
+    link.send(link.dest, Ready())
+    return link
+
+
+def test_a_replica_session_is_never_switched_over_to() -> None:
+    """migrator sync: rounds as long as it runs, and no Switchover, ever (so no Postcopy, no
+    Commit: the destination's replica is never runnable)."""
+    event = Switchover()
+    link = _replica_link()
+    link.send(link.source, Blocks(0, 0, data(BS)))
+    link.send(link.source, RoundDone(4, 1, BS))
+    assert link.send(link.dest, RoundAck(4)) == [RoundAck(4)]
+    with pytest.raises(LocalProtocolError, match="a replica is never switched over to"):
+        link.source.send(event)
+    refused(link.dest, encode(event), "a replica is never switched over to")
+
+
+def test_manifest_replica_must_be_a_bool() -> None:
+    link = link_at(State.MANIFEST)
+    bad = {"block_size": BS, "files": [], "migration": "", "delta": False, "replica": 1}
+    refused(link.dest, frame(FrameType.MANIFEST, bad), "Manifest.replica must be true or false")

@@ -1,0 +1,183 @@
+"""migrator sync in process: a Syncer against DestSessions over in-memory streams, files in
+memory, on trio's autojump clock (tests/test_engine.py has the fakes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from migrator.dest import ServeOptions, SessionOutcome, Sessions, serve_one
+from migrator.source import SourceHooks
+from migrator.sync import Syncer, sync_options
+from migrator.transport import MigrationError, leaf
+
+from .test_engine import KEY, FakeVM, MemoryDest, MemorySource, files, inline
+
+
+class Cut(trio.abc.Stream):
+    """A stream that breaks (like a pulled cable) once `after` bytes went through it."""
+
+    def __init__(self, inner: trio.abc.Stream, after: int) -> None:
+        self.inner, self.left = inner, after
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) > self.left:
+            await self.inner.aclose()
+            raise trio.BrokenResourceError("cut")
+        self.left -= len(data)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class LastingDest(MemoryDest):
+    """A MemoryDest whose files outlive a session, as a mount's do: the next session finds
+    them there (an older copy it says it holds)."""
+
+    def create(self, manifest: Any) -> None:
+        for f in manifest.files:
+            old = next((bytes(self.data[i]) for i, n in self.names.items() if n == f.name), b"")
+            if old:
+                self.holds[f.name] = old
+        super().create(manifest)
+
+
+class Lab:
+    """A sync against a destination that serves every connection it makes."""
+
+    def __init__(self, src: MemorySource, dest: MemoryDest, cut_first_after: int | None = None,
+                 **kw: Any) -> None:
+        self.dest = dest
+        self.outcomes: list[SessionOutcome] = []
+        self.sessions = Sessions()
+        self.cut = cut_first_after
+        self.nursery: trio.Nursery | None = None
+        lag = kw.pop("lag", 2.0)
+        self.syncer = Syncer(sync_options("/nonexistent-src", "memory", KEY, [], **kw), lag,
+                             SourceHooks(open_files=lambda o: src, connect=self.connect,
+                                         run_sync=inline))
+
+    async def connect(self, opts: Any) -> trio.abc.Stream:
+        left, right = trio.testing.memory_stream_pair()
+        sopts = ServeOptions(mount=self.dest.mount, key=KEY,
+                             open_files=lambda mount, force: self.dest)
+
+        async def one() -> None:
+            self.outcomes.append(await serve_one(right, sopts, self.sessions, "memory"))
+
+        assert self.nursery is not None
+        self.nursery.start_soon(one)
+        if self.cut is not None:
+            cut, self.cut = self.cut, None
+            return Cut(left, cut)
+        return left
+
+    async def run_for(self, seconds: float) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            with trio.move_on_after(seconds):
+                try:
+                    await self.syncer.run()
+                except BaseException as exc:
+                    if not isinstance(leaf(exc), MigrationError):
+                        raise
+                    # the report says it
+            await trio.sleep(1)  # the destination hears the Abort and ends its session
+
+
+async def test_a_sync_keeps_a_replica_that_is_never_runnable(autojump_clock: Any) -> None:
+    vm = FakeVM([20, 10, 5, 3, 0])  # then quiet: the last epochs must equal the source
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    lab = Lab(src, dest)
+    await lab.run_for(20)
+    s = lab.syncer.sync
+    assert s.status == "stopped" and s.error is None, s
+    assert s.epochs >= 6 and s.epoch == s.epochs - 1 and s.sessions == 1, s
+    assert vm.suspends == 0 and vm.resumes == 0 and not vm.finished  # never touched
+    assert src.records == []  # no ownership record: the VM stays the source's
+    st = dest.states[-1]
+    assert st["status"] == "replica" and not st["owner"], st
+    assert st["replica"]["epoch"] == s.epoch and st["migration"] == s.sync
+    assert "stopped_at" in st and st["stopped"] == "the sync stopped"
+    assert all(x["status"] == "replica" and not x["owner"] for x in dest.states)
+    assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
+    assert lab.outcomes and "stopped: the replica here holds every write up to its epoch" in (
+        lab.outcomes[0].text), lab.outcomes
+    assert s.rounds[-1].blocks == 0 and s.lag_max_s >= 0
+
+
+async def test_each_epoch_is_durable_before_it_is_acknowledged(autojump_clock: Any) -> None:
+    """The replica's record names an epoch only after a sync of the files (RoundAck follows)."""
+    vm = FakeVM([5])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    order: list[str] = []
+    sync, write_state = dest.sync, dest.write_state
+
+    async def synced() -> None:
+        order.append("sync")
+        await sync()
+
+    def state(st: dict[str, Any]) -> None:
+        rep = st.get("replica") or {}
+        order.append(f"epoch {rep.get('epoch')}")
+        write_state(st)
+
+    dest.sync, dest.write_state = synced, state  # type: ignore[method-assign]
+    lab = Lab(src, dest)
+    await lab.run_for(5)
+    first = [order.index(x) for x in dict.fromkeys(order) if x.startswith("epoch ")
+             and x != "epoch None"]  # where each epoch is named first
+    assert len(first) >= 3 and all(order[i - 1] == "sync" for i in first), order
+
+
+async def test_a_cut_link_is_retried_and_the_epochs_go_on(autojump_clock: Any) -> None:
+    vm = FakeVM([10, 5, 0])
+    src, dest = MemorySource(files(), vm), LastingDest()
+    lab = Lab(src, dest, cut_first_after=150_000)  # inside the initial copy (~390 KB)
+    await lab.run_for(30)
+    s = lab.syncer.sync
+    assert s.status == "stopped" and s.sessions == 2, s
+    assert s.held_blocks > 0, s  # the second session found the first one's blocks there
+    assert dest.states[-1]["replica"]["epoch"] == s.epoch
+    assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
+    assert "cut" in lab.outcomes[0].text and "no whole epoch yet" in lab.outcomes[0].text
+
+
+async def test_a_destination_that_refuses_ends_the_sync_with_its_reason(
+        autojump_clock: Any) -> None:
+    vm = FakeVM([3])
+    src, dest = MemorySource(files(), vm), MemoryDest(fail_after_writes=2)
+    lab = Lab(src, dest)
+    await lab.run_for(10)
+    s = lab.syncer.sync
+    assert s.status == "failed" and "destination disk full" in (s.error or ""), s
+    assert s.sessions == 1  # a refusal is not retried: a person must look
+    assert dest.states[-1]["status"] == "replica"
+
+
+def test_blkfs_status_names_a_replica_never_a_vm() -> None:
+    from blkfs.cli import INCOMING_RECORD, incoming_line
+    from migrator.ownership import DEST_RECORD
+
+    assert INCOMING_RECORD == DEST_RECORD  # blkfs reads the record migrator writes
+    rec = {"migration": "s1", "source": "a:1", "status": "replica", "owner": False,
+           "replica": {"epoch": 7, "synced_at": 100.0}}
+    line = incoming_line(rec, 130.0)
+    assert line.startswith("REPLICA, NOT RUNNABLE") and "epoch 7" in line and "30 s ago" in line
+    assert "syncing" in line
+    rec["stopped_at"] = 131.0
+    rec["replica"] = {"epoch": None, "synced_at": None}
+    assert "no whole epoch yet" in incoming_line(rec, 140.0) and "stopped" in incoming_line(
+        rec, 140.0)
+    assert "this host's" in incoming_line({"migration": "m", "status": "complete",
+                                           "owner": True}, 0)
+    assert "not runnable" in incoming_line({"migration": "m", "status": "incomplete"}, 0)
