@@ -366,9 +366,17 @@ def cmd_sync(a: argparse.Namespace) -> int:
     syncer = Syncer(opts, a.lag, SourceHooks(notify=lambda text: console.print(
         f"migrator sync: {text}")))
 
+    async def stop_on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if syncer.in_round and not syncer.stopping:
+                    console.print("migrator sync: stopping once this round is acknowledged "
+                                  "(Ctrl-C again to stop now)")
+                syncer.stop()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+            nursery.start_soon(stop_on_signals)
             nursery.start_soon(LiveSyncLine(syncer, console).run)
             try:
                 await syncer.run()

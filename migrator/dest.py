@@ -31,7 +31,7 @@ import xxhash
 
 from blkfs import ctlproto as cp
 
-from . import digestlog
+from . import digestlog, lineage
 from . import protocol as p
 from .codecs import CodecError, decompress
 from .ownership import INCOMPLETE, OWNER, UNKNOWN, dest_answer
@@ -130,6 +130,8 @@ class DestSession:
         self.unchecked = 0  # blocks whose digests died with an earlier session
         self.held_blocks = 0  # blocks this host held before and said so (delta)
         self.replica = False  # a migrator sync session: a replica kept, never a VM
+        self.sent_since_ack = False  # replica: data arrived after the last acknowledged epoch
+        self.lineage: tuple[list[int], str] | None = None  # (files accepted, why not others)
         # Set while the session waits for the daemon to complete from the spill after losing
         # its source: cancelling it gives way to that source's Reattach.
         self.waiting_for_source: trio.CancelScope | None = None
@@ -140,6 +142,9 @@ class DestSession:
         self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
         self.block_size = man.block_size
         self.replica = man.replica
+        kept: dict[int, dict[int, int]] = {}
+        if man.lineage:  # before the record below replaces the replica's
+            self.lineage, kept = self._check_lineage(man)
         self.state = {
             "migration": man.migration or str(uuid.uuid4()),
             # a replica (migrator sync) is never runnable: no Switchover is accepted for it,
@@ -159,15 +164,57 @@ class DestSession:
         self.store.create(man)
         for f in man.files:
             self.files[f.file_id] = _File(f, f.size)
+        for fid, digests in kept.items():  # the replica's blocks count as written here
+            self.files[fid].digests = digests
+            self.held_blocks += len(digests)
+
+    def _check_lineage(self, man: p.Manifest) -> tuple[tuple[list[int], str],
+                                                       dict[int, dict[int, int]]]:
+        """Which vouched files this host holds unchanged as of the named replica epoch (see
+        lineage.py), with their digests from the replica's log, keyed by this manifest's ids."""
+        record = self.store.read_state()
+        rep = (record or {}).get("replica")
+        lin = rep.get("lineage") if isinstance(rep, dict) else None
+        ids = lin.get("ids", {}) if isinstance(lin, dict) else {}
+        names = {f.file_id: f.name for f in man.files}
+        saved: dict[int, dict[int, int]] = {}
+        log_tag = None
+        blob = self.store.read_digests()
+        if blob is not None and isinstance(lin, dict):
+            try:
+                saved = digestlog.decode(blob, man.lineage, man.block_size)
+                log_tag = man.lineage
+            except digestlog.DigestLogError as exc:
+                log.info("lineage %s: digest log unusable: %s", man.lineage, exc)
+        own = {}
+        for fid in man.lineage_files:
+            got = self.store.own_swap(names[fid])
+            if got is not None:
+                own[fid] = got
+        sizes = {f.file_id: f.size for f in man.files}
+        ok, why = lineage.dest_proof(record, man.lineage, names, sizes, list(man.lineage_files),
+                                     own, log_tag)
+        kept: dict[int, dict[int, int]] = {}
+        for fid in list(ok):
+            old = ids.get(names[fid])
+            if old is None or old not in saved:
+                ok.remove(fid)
+                why = "; ".join(x for x in (why, f"{names[fid]}: not in the digest log") if x)
+                continue
+            kept[fid] = saved[old]
+        log.info("lineage %s: %d of %d files held unchanged%s", man.lineage, len(ok),
+                 len(man.lineage_files), f" ({why})" if why else "")
+        return (ok, why), kept
 
     async def _say_what_is_held(self) -> None:
         """The source asked (delta): the xxh3 of every block of each file this host held
         before (an older copy), so that only the blocks that differ travel. They count as
         written here for the verification, which still compares every block."""
         bs, per_frame = self.block_size, p.MAX_DIGESTS_PER_FRAME
+        known = set(self.lineage[0]) if self.lineage else set()
         for fid, f in self.files.items():
-            if self.store.fresh(fid):
-                continue  # created empty here: nothing held
+            if self.store.fresh(fid) or fid in known:
+                continue  # created empty here: nothing held; or known by lineage already
             for first in range(0, (f.size + bs - 1) // bs, per_frame):
                 # a frame at a time, as they are read: the source sees progress, not silence
                 try:
@@ -413,6 +460,9 @@ class DestSession:
                 return {}
         else:
             self.open_files(man, peer)
+            if man.lineage:
+                ok, why = self.lineage or ([], "")
+                await ch.send(p.Lineage(tuple(ok), why[:p.MAX_REASON]))
             if man.delta:
                 await self._say_what_is_held()
             await ch.send(p.Ready())
@@ -551,9 +601,15 @@ class DestSession:
         """Every write of the source's epoch `epoch` is here: durable first, then said so
         (the RoundAck that follows is the source's proof of the lag it reports)."""
         await self.store.sync()
+        epochs, ids = {}, {}
+        for fid, f in self.files.items():  # our own epoch from here: nobody writes the replica
+            got = self.store.own_swap(f.entry.name)
+            if got is not None:
+                epochs[f.entry.name], ids[f.entry.name] = got[0] + 1, fid
         rec = self.state["replica"]
-        rec.update(epoch=epoch, synced_at=time.time(),
-                   rounds=int(rec.get("rounds", 0)) + 1)
+        rec.update(epoch=epoch, synced_at=time.time(), rounds=int(rec.get("rounds", 0)) + 1,
+                   lineage={**lineage.dest_lineage(epochs), "ids": ids})
+        self.sent_since_ack = False
         self._save_state(files=[{"name": f.entry.name, "size": f.size}
                                 for f in self.files.values()])
 
@@ -569,6 +625,8 @@ class DestSession:
         pc = self.pc
         if not isinstance(ev, (p.Blocks, p.Zero, p.Packed)):
             self.store.settle()  # the data written so far is what the mount shows, from now
+        if self.replica and isinstance(ev, (p.Blocks, p.Zero, p.Packed, p.Resize)):
+            self.sent_since_ack = True
         if pc is not None and not pc.absent_done.is_set() and not isinstance(ev, p.Absent):
             pc.absent_done.set()  # Absent frames come right after Postcopy, all together
         if isinstance(ev, p.Blocks) and state in _FETCH_STATES:
@@ -870,6 +928,20 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
     stopped = isinstance(exc, PeerAborted) and SYNC_STOPPED in msg
     if not isinstance(exc, PeerAborted):
         await session.ch.abort(msg)
+    if epoch is not None and not session.sent_since_ack:
+        # The files are that epoch exactly: its digests, for a migration that trusts them
+        # (lineage.py) instead of reading every block on both sides.
+        blob = digestlog.encode(lineage.tag(session.state["migration"], epoch),
+                                session.block_size, {fid: session._all_digests(f)
+                                                     for fid, f in session.files.items()})
+        try:
+            await session.store.write_digests(blob)
+        except OSError as exc2:
+            log.error("cannot write the replica's digest log in %s: %s (a migration from it "
+                      "will compare digests instead)", session.mount, exc2.strerror or exc2)
+            rec["lineage"] = None
+    else:
+        rec["lineage"] = None  # blocks of a later epoch may be here: digests only
     try:
         session._save_state(stopped_at=time.time(),
                             stopped=msg.removeprefix("the peer aborted: "))

@@ -22,6 +22,7 @@ from typing import Any
 SOURCE_RECORD = ".migration-source.json"  # on the source mount
 DEST_RECORD = ".migration-state.json"  # on the destination mount
 DIGEST_LOG = ".migration-digests"  # beside it: what the destination received (digestlog)
+SYNC_RECORD = ".migration-sync.json"  # on the source mount: migrator sync's last epoch (lineage)
 
 # Source states
 COPYING = "copying"  # before Commit: the VM is the source's

@@ -190,6 +190,11 @@ class Manifest:
     # `migrator sync`: rounds without end, each acknowledged once durable there; never a
     # Switchover, so the destination keeps a replica that is never runnable
     replica: bool = False
+    # A replica the source vouches for (migrator/lineage.py): "sync@epoch", and the files whose
+    # every write since that epoch its tracker holds; the destination says which it accepts
+    # (Lineage) before any Held
+    lineage: str = ""
+    lineage_files: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +413,16 @@ class Reattach:
 
 
 @dataclass(frozen=True, slots=True)
+class Lineage:
+    """The destination's answer to a Manifest that names a replica (lineage): the files whose
+    replica it holds unchanged since that epoch, with their digests kept (the source sends
+    them only the blocks written since), and why the others are not (they go the digest way)."""
+
+    accepted: tuple[int, ...]
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """The destination's ownership record of the migration asked about: `status` is
     ``owner`` (it took the VM), ``refused`` (it never will), or ``unknown`` (no record of it:
@@ -423,7 +438,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | Held | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
-    | Reattach | Zero | Packed
+    | Reattach | Zero | Packed | Lineage
 )
 
 
@@ -460,6 +475,7 @@ class FrameType(enum.IntEnum):
     ZERO = 28
     PACKED = 29
     HELD = 30
+    LINEAGE = 31
 
 
 _EVENT_OF: dict[int, type[Event]] = {
@@ -474,7 +490,7 @@ _EVENT_OF: dict[int, type[Event]] = {
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
     FrameType.REATTACH: Reattach, FrameType.ZERO: Zero, FrameType.PACKED: Packed,
-    FrameType.HELD: Held,
+    FrameType.HELD: Held, FrameType.LINEAGE: Lineage,
 }
 _TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in _EVENT_OF.items()}
 
@@ -529,6 +545,7 @@ _TABLE: dict[tuple[State, str, type[Event]], State] = {
     (State.REATTACH, SOURCE, Postcopy): State.REATTACH,
     (State.REATTACH, DEST, Answer): State.CLOSED,  # owner: POSTCOPY or VERIFYING (_apply)
     (State.READY, DEST, Held): State.READY,
+    (State.READY, DEST, Lineage): State.READY,
     (State.READY, DEST, Ready): State.COPYING,
     (State.COPYING, SOURCE, Blocks): State.COPYING,
     (State.COPYING, SOURCE, Zero): State.COPYING,
@@ -640,6 +657,10 @@ def _check_manifest(m: Manifest) -> None:
         raise ProtocolError(f"Manifest.delta must be true or false, not {_show(m.delta)}")
     if type(m.replica) is not bool:
         raise ProtocolError(f"Manifest.replica must be true or false, not {_show(m.replica)}")
+    _text(m.lineage, 128, "Manifest.lineage")
+    _ids(m.lineage_files, "Manifest.lineage_files")
+    if m.lineage_files and not m.lineage:
+        raise ProtocolError("Manifest.lineage_files without a lineage")
     bs = _int(m.block_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, "block_size")
     if bs & (bs - 1):
         raise ProtocolError(f"block_size {bs} is not a power of two")
@@ -661,6 +682,8 @@ def _check_manifest(m: Manifest) -> None:
             raise ProtocolError(f"manifest has file name {_show(entry.name)} twice")
         ids.add(entry.file_id)
         names.add(entry.name)
+    if not set(m.lineage_files) <= ids:
+        raise ProtocolError("Manifest.lineage_files names a file that is not in the manifest")
     # sorted by components, a path that is a directory of others is directly followed by one
     for a, b in pairwise(sorted(tuple(name.split("/")) for name in names)):
         if b[: len(a)] == a:
@@ -781,6 +804,9 @@ def check_event(event: Event) -> None:
             _int(event.epoch, 0, _MAX_COUNT, "Reattach.epoch")
             if type(event.postcopy) is not bool:
                 raise ProtocolError("Reattach.postcopy must be a bool")
+        case Lineage():
+            _ids(event.accepted, "Lineage.accepted")
+            _text(event.detail, MAX_REASON, "Lineage.detail")
         case Answer():
             _text(event.migration, 64, "Answer.migration")
             if event.status not in ANSWER_STATUSES:
@@ -910,6 +936,9 @@ def _decode_payload(cls: type[Event], payload: bytes) -> Event:
             args[key] = _unhex(args[key], f"{name}.{key}")
         if "files" in args:
             args["files"] = _files(args["files"])
+        for key in ("lineage_files", "accepted"):
+            if key in args and type(args[key]) is list:
+                args[key] = tuple(args[key])
         for key in ("extents", "slots"):
             if key in args and cls in (Absent, SlotFree):
                 args[key] = _pair_list(args[key], f"{name}.{key}")
@@ -960,6 +989,15 @@ def _unhex(value: object, what: str) -> bytes:
     if type(value) is not str or len(value) % 2 or not set(value) <= _HEX_DIGITS:
         raise ProtocolError(f"{what} must be lowercase hex, not {_show(value)}")
     return bytes.fromhex(value)
+
+
+def _ids(value: object, what: str) -> None:
+    if type(value) is not tuple or len(value) > MAX_FILES:
+        raise ProtocolError(f"{what} must be a list of at most {MAX_FILES} file ids")
+    for v in value:
+        _int(v, 0, MAX_FILES - 1, what)
+    if len(set(value)) != len(value):
+        raise ProtocolError(f"{what} names a file twice")
 
 
 def _pair_list(value: object, what: str) -> tuple[tuple[int, int], ...]:
@@ -1127,6 +1165,7 @@ class Connection:
         self._manifest: Manifest | None = None
         self._sizes: dict[int, int] = {}
         self._round = -1  # the last RoundDone's round
+        self._lineage_said = self._held_said = False
         self._postcopy: Postcopy | None = None
         self._device_state = 0  # bytes of DeviceState so far
         self._reattach: Reattach | None = None
@@ -1357,6 +1396,10 @@ class Connection:
                 self._seal_out = _Sealer(self._frame_key(sender), sender)
             case Auth() if self.sealed:
                 self._seal_in = _Sealer(self._frame_key(sender), sender)
+            case Lineage():
+                self._lineage_said = True
+            case Held():
+                self._held_said = True
             case Manifest():
                 self._manifest = event
                 self._sizes = {entry.file_id: entry.size for entry in event.files}
@@ -1444,6 +1487,14 @@ class Connection:
             case Switchover() | Postcopy() if self._manifest and self._manifest.replica:
                 raise ProtocolError(f"{type(event).__name__} in a replica session (migrator "
                                     "sync): a replica is never switched over to")
+            case Lineage():
+                assert self._manifest is not None
+                if not self._manifest.lineage:
+                    raise ProtocolError("Lineage answers a Manifest that names a replica")
+                if self._lineage_said or self._held_said:
+                    raise ProtocolError("Lineage twice, or after Held")
+                if not set(event.accepted) <= set(self._manifest.lineage_files):
+                    raise ProtocolError("Lineage accepts a file the source did not vouch for")
             case Held() if not self._manifest or not self._manifest.delta:
                 raise ProtocolError("Held frames answer a Manifest that asks for them (delta)")
             case Digests():  # and Held

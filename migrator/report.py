@@ -77,10 +77,16 @@ class MigrationReport:
     # handoff), and after it ran on the destination (post-copy, verification)
     bytes_by_phase: dict[str, int] = field(default_factory=dict)
     # How the destination's older copy was used: "none" (it held nothing, or --delta off),
-    # "digests" (it sent the xxh3 of each block it held; only blocks that differ travelled)
+    # "digests" (it sent the xxh3 of each block it held; only blocks that differ travelled),
+    # "lineage" (a replica of a known epoch: only the blocks written since), or both
     delta: str = "none"
     held_blocks: int = 0  # blocks the destination said it held
     held_digest_bytes: int = 0  # what saying so cost, on the wire (8 bytes a block + frames)
+    # "lineage": files the destination holds as a replica of a known epoch (migrator sync):
+    # only their blocks written since travelled, none of the others was read or digested
+    lineage_files: list[str] = field(default_factory=list)
+    lineage_blocks: int = 0  # blocks of those files not sent, nor read, nor digested
+    lineage_detail: str = ""  # why a replica was not (wholly) used, if it was named
     blocks_per_s: float = 0.0  # blocks sent per second, initial copy to resume
     dirty_rate_mb_s: float | None = None  # the last round's: how fast the VM dirtied blocks
     spill_bytes: int = 0  # post-copy pages written into the spill area
@@ -149,9 +155,13 @@ def print_summary(r: MigrationReport, console: Console) -> None:
             ("holes, never read", r.bytes_by_kind.get("hole", 0)),
             ("held by the destination already", r.bytes_by_kind.get("held", 0))) if v))]
           if set(r.bytes_by_kind) - {"normal"} else []),
+        *([("replica", f"{', '.join(r.lineage_files)}: the destination holds them as of a "
+            f"synced epoch; {r.lineage_blocks} unchanged blocks neither read nor sent (every "
+            "block verified)")] if r.lineage_files else []),
         *([("older copy", f"the destination held {r.held_blocks} blocks and said so in "
             f"{human_bytes(r.held_digest_bytes)} of digests: only the blocks that differ "
-            "travelled (every block verified)")] if r.delta == "digests" else []),
+            "travelled (every block verified)")] if "digests" in r.delta else []),
+        *([("replica not used", r.lineage_detail)] if r.lineage_detail else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
         ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
                     + " dirty blocks (the VM dirtying " + ", ".join(

@@ -33,6 +33,7 @@ from blkfs.spill import SpillArea, SpillError, spill_key
 from . import protocol as p
 from .codecs import CODECS, compressor, packed
 from .delta import Holdings
+from .lineage import source_proof
 from .ownership import (
     COPYING,
     HANDED_OFF,
@@ -164,6 +165,10 @@ class Source:
         self.spill: SpillArea | None = None
         self.memory_ids: set[int] = set()
         self.dest_has: dict[int, Holdings] = {}  # file id -> what the destination holds
+        # Lineage: the first swap's dirty sets (what changed since the replica's epoch), of the
+        # files the source vouches for, and those the destination accepted
+        self.since_replica: dict[int, list[Extent]] = {}
+        self.lineage_ok: set[int] = set()
         self.pc: SourcePostcopy | None = None
 
     # -- helpers ----------------------------------------------------------------
@@ -393,10 +398,40 @@ class Source:
         except SpillError as exc:
             raise MigrationError(str(exc)) from None
 
-    async def _what_the_destination_holds(self) -> None:
-        """Held frames until Ready: the xxh3 of each block of the older copies there."""
+    def _start_epoch(self, migration: str, replica: bool = False) -> p.Manifest:
+        """The first swap (the epoch that collects writes from now on) and the Manifest; with
+        delta, the replica this source can vouch for (lineage.py), if any."""
+        first: dict[int, list[Extent]] = {}
+        for f in self.files:
+            first[f.file_id] = self._store.swap(f.file_id)
+            f.size = self._store.size(f.file_id)
+        tag, vouched = "", ()
+        record = self._store.read_sync_record()
+        if self.opts.delta and not self.opts.stop_and_copy and record:
+            proof = source_proof(record, {f.rel: (self._store.last_epoch(f.file_id), f.size)
+                                          for f in self.files}, self._store.trust_lost())
+            by_name = {f.rel: f.file_id for f in self.files}
+            tag, vouched = proof.tag, tuple(by_name[n] for n in proof.files)
+            self.since_replica = {fid: first[fid] for fid in vouched}
+            self.report.lineage_detail = "; ".join(f"{n}: {w}" for n, w in proof.why_not.items())
+        return p.Manifest(self.block_size, tuple(
+            p.FileEntry(f.file_id, f.rel, f.size) for f in self.files), migration,
+            self.opts.delta and not self.opts.stop_and_copy, replica, tag, vouched)
+
+    async def _what_the_destination_holds(self, man: p.Manifest) -> None:
+        """Lineage (if the Manifest named a replica), then Held frames until Ready: the xxh3 of
+        each block of the older copies there."""
         assert self.ch is not None
         bs, r = self.block_size, self.report
+        if man.lineage:
+            lin = await self.ch.expect(p.Lineage)
+            self.lineage_ok = set(lin.accepted)
+            r.lineage_files = sorted(f.rel for f in self.files if f.file_id in self.lineage_ok)
+            r.lineage_detail = "; ".join(x for x in (lin.detail, r.lineage_detail) if x)
+            for fid in self.lineage_ok:
+                f = self.files[fid]
+                r.lineage_blocks += (f.size + bs - 1) // bs - sum(
+                    c for _, c in self.since_replica[fid])
         while isinstance(ev := await self.ch.expect(p.Held, p.Ready), p.Held):
             f = self.files[ev.file_id]
             if ev.file_id not in self.dest_has:
@@ -404,8 +439,8 @@ class Source:
             self.dest_has[ev.file_id].add(ev.first_block, ev.digests)
             r.held_blocks += len(ev.digests)
             r.held_digest_bytes += p.HEADER.size + 16 + 8 * len(ev.digests) + p.TAG_SIZE
-        if self.dest_has:
-            r.delta = "digests"
+        r.delta = ", ".join(w for w, on in (("lineage", self.lineage_ok),
+                                            ("digests", self.dest_has)) if on) or "none"
 
     async def _initial_copy(self, planner: RoundPlanner, round_no: int = 0) -> None:
         assert self.ch is not None
@@ -414,6 +449,10 @@ class Source:
         static: dict[int, list[Extent]] = {}
         dynamic: dict[int, list[Extent]] = {}
         for f in self.files:
+            if f.file_id in self.lineage_ok:  # the replica there holds the rest, unchanged
+                static[f.file_id], dynamic[f.file_id] = [], self.since_replica[f.file_id]
+                self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
+                continue
             runs, threshold = self._store.heat(f.file_id, self.opts.static_heat)
             nblocks = (f.size + self.block_size - 1) // self.block_size
             if self.opts.static_first:
@@ -805,19 +844,14 @@ class Source:
             # Writes still in the page cache (a --writeback mount, or mmap'ed RAM) reach the
             # backing files first: the initial copy reads them, and the heat counts them.
             await self._store.flush()
-            for f in self.files:  # the epoch that collects writes from now on
-                self._store.swap(f.file_id)
-                f.size = self._store.size(f.file_id)
+            assert self.record is not None
+            man = self._start_epoch(self.record.migration)
             self.t_epoch = time.monotonic()
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
             r.data_bytes = self.progress.total = sum(f.size for f in self.files)
-            assert self.record is not None
-            delta = self.opts.delta and not self.opts.stop_and_copy
-            await self.ch.send(p.Manifest(self.block_size, tuple(
-                p.FileEntry(f.file_id, f.rel, f.size) for f in self.files),
-                self.record.migration, delta))
-            r.migration = self.progress.migration = self.record.migration
-            await self._what_the_destination_holds()
+            await self.ch.send(man)
+            r.migration = self.progress.migration = man.migration
+            await self._what_the_destination_holds(man)
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
             planner = RoundPlanner(self.opts.policy, self.block_size)

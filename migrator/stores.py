@@ -23,7 +23,7 @@ from blkfs.runtime import FSTYPE, mount_fstype
 
 from . import protocol as p
 from .delta import file_digests
-from .ownership import DEST_RECORD, DIGEST_LOG, SOURCE_RECORD, overwrite_refusal
+from .ownership import DEST_RECORD, DIGEST_LOG, SOURCE_RECORD, SYNC_RECORD, overwrite_refusal
 from .transport import MigrationError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ WRITE_CHUNK = 256 << 10
 
 Extent = tuple[int, int]
 HeatRuns = tuple[tuple[int, int, float], ...] | np.ndarray  # ctlproto.HEAT_RUN records
-RESERVED = {DEST_RECORD, SOURCE_RECORD, DIGEST_LOG, ".blkfs"}
+RESERVED = {DEST_RECORD, SOURCE_RECORD, DIGEST_LOG, SYNC_RECORD, ".blkfs"}
 
 
 class SourceFiles(Protocol):
@@ -62,6 +62,14 @@ class SourceFiles(Protocol):
 
     def swap(self, file_id: int) -> list[Extent]:
         """End the file's epoch: the blocks written since the last swap."""
+        ...
+
+    def last_epoch(self, file_id: int) -> int | None:
+        """The blkfs epoch this store's latest swap of the file ended (None before one)."""
+        ...
+
+    def trust_lost(self) -> bool:
+        """The daemon may have missed a write on this mount (its dirty sets prove nothing)."""
         ...
 
     def clear(self, file_id: int, extents: list[Extent]) -> None:
@@ -92,6 +100,12 @@ class SourceFiles(Protocol):
     def write_record(self, record: dict[str, object]) -> None:
         """Durably, before the caller acts on it."""
         ...
+
+    def read_sync_record(self) -> dict[str, object] | None:
+        """migrator sync's record of its last acknowledged epoch (lineage), if any."""
+        ...
+
+    def write_sync_record(self, record: dict[str, object]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -175,6 +189,12 @@ class DestFiles(Protocol):
         file that existed)."""
         ...
 
+    def own_swap(self, name: str) -> tuple[int, list[Extent]] | None:
+        """End this mount's own blkfs epoch of a file (after settle): (the epoch ended, the
+        extents written in it); None if there is no such file. Lineage: nobody wrote a
+        replica since its sync if the next swap finds nothing."""
+        ...
+
     def resize(self, file_id: int, size: int) -> None: ...
 
     async def sync(self) -> None:
@@ -199,7 +219,9 @@ class BlkfsSource:
         except ControlError as exc:
             raise MigrationError(str(exc)) from None
         self.fds: list[int] = []
+        self.epochs: dict[int, int] = {}  # file id -> the epoch our latest swap ended
         self.record = RecordFile(mount, SOURCE_RECORD)
+        self.sync_record = RecordFile(mount, SYNC_RECORD)
         try:
             info = self._call(cp.Info())
             if not info.tracking:
@@ -249,7 +271,16 @@ class BlkfsSource:
     def swap(self, file_id: int) -> list[Extent]:
         r = self._call(cp.Dirty(self.names[file_id], swap=True))
         assert isinstance(r, cp.DirtyReply)
+        self.epochs[file_id] = r.epoch
         return list(r.extents)
+
+    def last_epoch(self, file_id: int) -> int | None:
+        return self.epochs.get(file_id)
+
+    def trust_lost(self) -> bool:
+        info = self._call(cp.Info())
+        assert isinstance(info, cp.InfoReply)
+        return info.trust_lost
 
     def clear(self, file_id: int, extents: list[Extent]) -> None:
         self._call(cp.Clear(self.names[file_id], tuple(extents)))
@@ -282,11 +313,22 @@ class BlkfsSource:
             raise MigrationError(f"cannot write the ownership record in {self.mount}: "
                                  f"{exc.strerror}") from None
 
+    def read_sync_record(self) -> dict[str, object] | None:
+        return self.sync_record.read()
+
+    def write_sync_record(self, record: dict[str, object]) -> None:
+        try:
+            self.sync_record.write(record)
+        except OSError as exc:
+            raise MigrationError(f"cannot write the sync record in {self.mount}: "
+                                 f"{exc.strerror}") from None
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
         self.record.close()
+        self.sync_record.close()
         self.client.close()
 
 
@@ -586,6 +628,16 @@ class MountDest:
 
     def resize(self, file_id: int, size: int) -> None:
         os.ftruncate(self.fds[file_id], size)
+
+    def own_swap(self, name: str) -> tuple[int, list[Extent]] | None:
+        assert self.client is not None
+        self.settle()
+        try:
+            r = self.client.call(cp.Dirty(name, swap=True))
+        except ControlError:
+            return None  # no such file (yet) here
+        assert isinstance(r, cp.DirtyReply)
+        return r.epoch, list(r.extents)
 
     async def sync(self) -> None:
         self.settle()

@@ -28,6 +28,7 @@ import trio
 
 from . import protocol as p
 from .dest import SYNC_STOPPED
+from .lineage import sync_record
 from .ownership import SourceRecord
 from .plan import Policy, RoundPlanner
 from .source import MigrateOptions, Source, SourceHooks, _File, _message
@@ -60,14 +61,19 @@ class SyncReport:
     sessions: int = 0  # connections (more than 1: the link was cut and retried)
     delta: str = "none"  # the last session: "digests" if the destination held an older copy
     held_blocks: int = 0  # blocks that destination said it held (not sent), all sessions
+    lineage_blocks: int = 0  # blocks its replica held as of our last epoch (not read at all)
+    lineage_detail: str = ""  # the last session: why the replica's epoch could not be used
     initial_copy_s: float | None = None  # the first session's
     epoch: int | None = None  # the replica's: every write of this sync epoch is there
     synced_at: float | None = None
     epochs: int = 0  # rounds acknowledged, all sessions
     lag_target_s: float = 0.0
     lag_s: float | None = None  # the last acknowledged round's
-    lag_max_s: float = 0.0  # worst seen after the first epoch
-    lag_over_target: int = 0  # rounds whose lag passed the target
+    # The first copy takes what it takes; then the replica catches up (its lag falls under
+    # the target) and from then on the lag should stay there:
+    caught_up_s: float | None = None  # start -> the first epoch acknowledged within the target
+    lag_max_s: float = 0.0  # worst since it caught up
+    lag_over_target: int = 0  # rounds since it caught up whose lag passed the target
     bandwidth_mb_s: float | None = None
     rounds: list[SyncRound] = field(default_factory=list)  # the last ROUNDS_KEPT
     total_s: float = 0.0
@@ -107,6 +113,20 @@ class Syncer(Source):
         self.sync = SyncReport(sync=str(uuid.uuid4()), to=opts.to, lag_target_s=lag,
                                bandwidth_mb_s=opts.bandwidth_mb_s)
         self.t_acked: float | None = None  # the swap whose epoch is the replica's (monotonic)
+        self.ended: dict[str, int] = {}  # the round's swap: name -> the epoch it ended
+        self._scope = trio.CancelScope()  # the whole sync: cancelled to stop
+        self.stopping = False  # asked to stop: once the round in flight is acknowledged
+        self.in_round = False  # between a round's swap and its acknowledgement
+        self.t0 = time.monotonic()
+
+    def stop(self) -> None:
+        """Ctrl-C / SIGTERM: a round in flight is finished first, so the replica stays at a
+        whole epoch that both sides can prove (lineage.py) and a migration from it reads only
+        what changed; the wait between rounds, the first copy or a retry stop at once, and so
+        does a second call."""
+        if self.stopping or not self.in_round:
+            self._scope.cancel()
+        self.stopping = True
 
     def _open(self) -> None:
         self.store = store = self.hooks.open_files(self.opts)
@@ -122,48 +142,62 @@ class Syncer(Source):
         self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
 
     async def run(self) -> SyncReport:  # type: ignore[override]
-        """Until cancelled (the CLI's signals): the report says stopped, or why it failed."""
+        """Until stopped (stop(), or cancelled): the report says stopped, or why it failed."""
         s = self.sync
-        t0 = time.monotonic()
+        self.t0 = time.monotonic()
         try:
-            self._open()
-            delay = RETRY_FIRST
-            while True:
-                try:
-                    await self._session()
-                except BaseException as group:  # (errors come wrapped from nurseries)
-                    exc = leaf(group)
-                    if (not isinstance(exc, MigrationError) or s.sessions == 0
-                            or isinstance(exc, (PeerAborted, NotOwner, KeyMismatch,
-                                                PeerMismatch))):
-                        # the destination refused, or is not ours, or was never reached
-                        # (a wrong address): a person must look; and cancellation is a stop
-                        raise
-                    self.hooks.notify(f"sync to {self.opts.to} cut ({exc}); again in "
-                                      f"{delay:g} s (the replica keeps epoch {s.epoch})")
-                    await self._close_channel()
-                    await trio.sleep(delay)
-                    delay = min(2 * delay, RETRY_MAX)
-                    continue
+            with self._scope:
+                await self._run()
+            self._stopped(None)
         except BaseException as exc:
-            err = leaf(exc)
-            stopped = isinstance(err, (trio.Cancelled, KeyboardInterrupt))
-            s.status = "stopped" if stopped else "failed"
-            if not stopped:
-                s.error = _message(exc)
+            self._stopped(exc)
             with trio.CancelScope(shield=True):
-                if self.ch is not None:
-                    await self.ch.abort(f"{SYNC_STOPPED}" if stopped else
-                                        f"{SYNC_STOPPED}: {s.error}")
+                await self._say_stopped()
             raise
+        else:
+            await self._say_stopped()
         finally:
-            s.total_s = round(time.monotonic() - t0, 3)
+            s.total_s = round(time.monotonic() - self.t0, 3)
             with trio.CancelScope(shield=True):
                 await self._close_channel()
             if self.store is not None:
                 self.store.close()
             if self.opts.report_path:
                 s.write(self.opts.report_path)
+        return s
+
+    def _stopped(self, exc: BaseException | None) -> None:
+        err = leaf(exc) if exc is not None else None
+        stopped = err is None or isinstance(err, (trio.Cancelled, KeyboardInterrupt))
+        self.sync.status = "stopped" if stopped else "failed"
+        if not stopped:
+            assert exc is not None
+            self.sync.error = _message(exc)
+
+    async def _say_stopped(self) -> None:
+        if self.ch is not None:
+            s = self.sync
+            await self.ch.abort(SYNC_STOPPED if s.error is None else f"{SYNC_STOPPED}: {s.error}")
+
+    async def _run(self) -> None:
+        s = self.sync
+        self._open()
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await self._session()
+            except BaseException as group:  # (errors come wrapped from nurseries)
+                exc = leaf(group)
+                if (not isinstance(exc, MigrationError) or s.sessions == 0
+                        or isinstance(exc, (PeerAborted, NotOwner, KeyMismatch, PeerMismatch))):
+                    # the destination refused, or is not ours, or was never reached (a wrong
+                    # address): a person must look; and a cancellation is a stop
+                    raise
+                self.hooks.notify(f"sync to {self.opts.to} cut ({exc}); again in {delay:g} s "
+                                  f"(the replica keeps epoch {s.epoch})")
+                await self._close_channel()
+                await trio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX)
 
     async def _close_channel(self) -> None:
         if self.ch is not None:
@@ -178,21 +212,20 @@ class Syncer(Source):
         await self._connect()
         assert self.ch is not None
         s.sessions += 1
-        self.dest_has, r.delta = {}, "none"
+        self.dest_has, r.delta, self.lineage_ok = {}, "none", set()
+        r.lineage_detail, r.lineage_files = "", []
         await self._store.flush()
         t_swap = time.monotonic()
-        for f in self.files:  # the epoch whose writes the first round sends
-            self._store.swap(f.file_id)
-            f.size = self._store.size(f.file_id)
+        man = self._start_epoch(s.sync, replica=True)  # its first round sends what changed
+        self._ended()
         s.files = [{"name": f.rel, "size": f.size} for f in self.files]
         s.data_bytes = self.progress.total = sum(f.size for f in self.files)
-        await self.ch.send(p.Manifest(self.block_size, tuple(
-            p.FileEntry(f.file_id, f.rel, f.size) for f in self.files), s.sync,
-            self.opts.delta, replica=True))
-        held = r.held_blocks
-        await self._what_the_destination_holds()
+        await self.ch.send(man)
+        held, kept = r.held_blocks, r.lineage_blocks
+        await self._what_the_destination_holds(man)
         s.held_blocks += r.held_blocks - held
-        s.delta = r.delta
+        s.lineage_blocks += r.lineage_blocks - kept
+        s.delta, s.lineage_detail = r.delta, r.lineage_detail
         s.status = "syncing"
         planner = RoundPlanner(self.opts.policy, self.block_size)
         self.t_epoch = t_swap
@@ -214,20 +247,38 @@ class Syncer(Source):
             self._phase("syncing")
             await self._store.flush()
             t_swap = time.monotonic()
+            self.in_round = True  # from this swap on, a stop waits for the acknowledgement
             sets = self._swap()
+            self._ended()
             self.progress.pending = sum(c for exts in sets.values() for _, c in exts)
             sent = self.progress.sent
             blocks, nbytes = await self._send_sets(sets)
             await self.ch.send(p.RoundDone(n, blocks, nbytes))
             await self.ch.expect(p.RoundAck)
             self._acked(n, t_swap, blocks, self.progress.sent - sent, time.monotonic() - t_swap)
+            self.in_round = False
             self._phase("synced")
+            if self.stopping:
+                self._scope.cancel()
+                await trio.lowlevel.checkpoint()
+
+    def _ended(self) -> None:
+        for f in self.files:
+            epoch = self._store.last_epoch(f.file_id)
+            assert epoch is not None  # (just swapped)
+            self.ended[f.rel] = epoch
 
     def _acked(self, epoch: int, t_swap: float, blocks: int, nbytes: int, took: float) -> None:
+        """The destination holds epoch `epoch` durably: say so here too, for a migration that
+        starts from it (lineage.py), then count."""
         s = self.sync
+        self._store.write_sync_record(sync_record(s.sync, self.opts.to, epoch, {
+            f.rel: (self.ended[f.rel], f.size) for f in self.files}, time.time()))
         now = time.monotonic()
         lag = now - (self.t_acked if self.t_acked is not None else t_swap)
-        if self.t_acked is not None:  # (before the first epoch there is no replica to age)
+        if s.caught_up_s is None and self.t_acked is not None and lag <= self.lag:
+            s.caught_up_s = round(now - self.t0, 3)  # (the first copy's epoch is old by then)
+        elif s.caught_up_s is not None:
             s.lag_max_s = round(max(s.lag_max_s, lag), 3)
             if lag > self.lag:
                 s.lag_over_target += 1
@@ -269,8 +320,11 @@ def print_sync_summary(s: SyncReport, console: Any) -> None:
              f"epoch {s.epoch}, synced {time.time() - (s.synced_at or time.time()):.1f} s ago "
              f"(replica of sync {s.sync}, not runnable)")
     lag = ("-" if s.lag_s is None else
-           f"last {s.lag_s:.2f} s, worst {s.lag_max_s:.2f} s (target {s.lag_target_s:g} s; "
-           f"{s.lag_over_target} rounds over it)")
+           f"last {s.lag_s:.2f} s, never caught up (target {s.lag_target_s:g} s)"
+           if s.caught_up_s is None else
+           f"last {s.lag_s:.2f} s, worst {s.lag_max_s:.2f} s since it caught up at "
+           f"{s.caught_up_s:.1f} s (target {s.lag_target_s:g} s; {s.lag_over_target} rounds "
+           "over it)")
     rows = [
         ("files", ", ".join(f"{f['name']} ({human_bytes(f['size'])})" for f in s.files)),
         ("replica there", epoch),

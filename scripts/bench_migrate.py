@@ -27,6 +27,8 @@ verified by the migrator and checked against the VM's own ledger.
     .venv/bin/python scripts/bench_migrate.py --sparse   # thin images against a dense set
     .venv/bin/python scripts/bench_migrate.py --writeback   # on blkfs --writeback mounts
     .venv/bin/python scripts/bench_migrate.py --back     # A -> B -> A, 2 % of the disk changed
+    .venv/bin/python scripts/bench_migrate.py --sync --disk-size 4G --mem-size 1G --write-rate 5
+        # a cold migrate against one from a replica migrator sync kept for 60 s
     .venv/bin/python scripts/bench_migrate.py --only-postcopy --gluster
         # the spill area on a GlusterFS volume: the source writes it through one glusterfs
         # client (network namespace a), the destination reads it through another (b)
@@ -243,6 +245,135 @@ def back_bench(a: argparse.Namespace, tmp: Path) -> int:
     return 0 if all(targets.values()) else 1
 
 
+def fill_with_data(mnt: Path) -> None:
+    """A disk full of data, and memory full of it past the VM's header and ledger: a VM that
+    ran for a while, not a sparse new one (whose holes would cost nothing to move)."""
+    from migrator.simvm.format import read_header
+
+    start = read_header(str(mnt)).data_start
+    for name, first in (("disk.raw", 0), ("vm.mem", start)):
+        with open(mnt / name, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(first)
+            for off in range(first, size, 8 << 20):
+                f.write(os.urandom(min(8 << 20, size - off)))
+
+
+def block_digests(d: Path) -> dict[str, list[int]]:
+    import xxhash
+
+    out: dict[str, list[int]] = {}
+    for name in ("disk.raw", "vm.mem"):
+        with open(d / name, "rb") as f:
+            out[name] = [xxhash.xxh3_64_intdigest(b) for b in iter(lambda: f.read(UNIT), b"")]
+    return out
+
+
+def busy_vm(mnt: Path, a: argparse.Namespace) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(mnt), "--rate",
+                             str(a.write_rate / 1.048576), "--hot-fraction", "0.1",
+                             "--hot-share", "0.9"], stdout=subprocess.DEVNULL)
+
+
+def sync_bench(a: argparse.Namespace, tmp: Path) -> int:
+    """A cold migration of a busy VM, then the same VM (same files, same writes) migrated after
+    `migrator sync` kept a replica for --sync-seconds: time, bytes and downtime of both, and
+    the bytes against what changed since the replica's last epoch (the blocks where the
+    replica and the migrated copy differ, counted from both sides' digests)."""
+    rows: dict[str, Any] = {}
+    for name in ("cold", "from a synced replica"):
+        console.print(f"{name} ...")
+        root = tmp / re.sub(r"\W+", "-", name)
+        root.mkdir()
+        key = root / "key"
+        key.write_text(os.urandom(32).hex())
+        key.chmod(0o600)
+        with Hosts(root) as h:
+            sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
+               "--mem-size", a.mem_size, "--unit", str(UNIT), "--seed", "11")
+            fill_with_data(h.src)
+            vm = busy_vm(h.src, a)
+            serve, port = start_serve(h.dst, key)
+            row: dict[str, Any] = {}
+            try:
+                if name == "cold":
+                    time.sleep(a.warmup)
+                else:
+                    sync_report = root / "sync.json"
+                    sy = subprocess.Popen([PY, "-m", "migrator.cli", "sync", "--mount",
+                                           str(h.src), "--to", f"127.0.0.1:{port}",
+                                           "--key-file", str(key), "--bandwidth",
+                                           str(a.sync_bandwidth), "--lag", str(a.sync_lag),
+                                           "--report", str(sync_report), "disk.raw", "vm.mem"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(a.sync_seconds)
+                    sy.terminate()
+                    sy.wait(timeout=60)
+                    row["sync"] = json.loads(sync_report.read_text())
+                    serve.communicate(timeout=30)  # (its --once ends with the sync)
+                    t = time.monotonic()
+                    row["replica_digests"] = block_digests(h.dst)  # what it holds, as it is
+                    row["digesting_replica_s"] = round(time.monotonic() - t, 2)
+                    serve, port = start_serve(h.dst, key)
+                report = root / "migrate.json"
+                sh(PY, "-m", "migrator.cli", "migrate", "--mount", str(h.src), "--to",
+                   f"127.0.0.1:{port}", "--key-file", str(key), "--suspend", f"pid:{vm.pid}",
+                   "--report", str(report), *(["--bandwidth", str(a.bandwidth)]
+                                              if a.bandwidth else []), "disk.raw", "vm.mem")
+                serve.communicate(timeout=60)
+                row["migrate"] = json.loads(report.read_text())
+                row["identical"] = all(subprocess.run(["cmp", "-s", str(h.src / n), str(
+                    h.dst / n)]).returncode == 0 for n in ("disk.raw", "vm.mem"))
+                if "replica_digests" in row:
+                    final = block_digests(h.dst)
+                    before = row.pop("replica_digests")
+                    row["changed_since_replica_bytes"] = UNIT * sum(
+                        x != y for n in final for x, y in zip(final[n], before[n], strict=True))
+            finally:
+                for pr in (vm, serve):
+                    if pr.poll() is None:
+                        pr.kill()
+                        pr.wait()
+            rows[name] = row
+        shutil.rmtree(root, ignore_errors=True)
+    cold, warm = rows["cold"]["migrate"], rows["from a synced replica"]["migrate"]
+    sync = rows["from a synced replica"]["sync"]
+    changed = rows["from a synced replica"]["changed_since_replica_bytes"]
+    link = f", link {a.bandwidth:g} MB/s" if a.bandwidth else ", loopback"
+    t = Table(title=f"{a.disk_size} disk + {a.mem_size} memory, VM writing {a.write_rate:g} "
+              f"MB/s{link}; sync {a.sync_seconds:g} s at {a.sync_bandwidth:g} MB/s, lag "
+              f"{a.sync_lag:g} s")
+    for col in ("migration", "total s", "downtime ms", "sent MB", "sent / data", "delta",
+                "held MB", "verified"):
+        t.add_column(col, justify="left" if col == "migration" else "right")
+    for nm, r in (("cold", cold), ("from the synced replica", warm)):
+        t.add_row(nm, f"{r['total_s']:.2f}", f"{r['downtime_ms']:.1f}",
+                  f"{r['bytes_sent'] / 1e6:.1f}", f"{r['bytes_sent'] / r['data_bytes']:.3f}",
+                  r["delta"], f"{r['bytes_by_kind'].get('held', 0) / 1e6:.1f}",
+                  "yes" if r["verified"] else "NO")
+    console.print(t)
+    console.print(f"  sync: {sync['epochs']} epochs, initial copy {sync['initial_copy_s']} s, "
+                  f"lag last {sync['lag_s']} s, worst {sync['lag_max_s']} s, sent "
+                  f"{sync['bytes_sent'] / 1e6:.0f} MB")
+    console.print(f"  changed since the replica's last epoch (its blocks that differ from the "
+                  f"migrated copy): {changed / 1e6:.1f} MB")
+    targets = {
+        "bytes <= 1.2 x what changed since the last synced epoch":
+            warm["bytes_sent"] <= 1.2 * changed,
+        "total time <= 1/5 of the cold one": warm["total_s"] <= cold["total_s"] / 5,
+        "downtime no worse than cold": warm["downtime_ms"] <= cold["downtime_ms"],
+        "verified, identical": all(r["migrate"]["verified"] and r["identical"]
+                                   for r in rows.values()),
+    }
+    for what, ok in targets.items():
+        console.print(f"  {'met' if ok else 'MISSED'}  {what}")
+    out = Path(a.json.replace(".json", "_sync.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    console.print(f"JSON: {out}")
+    return 0 if all(targets.values()) else 1
+
+
 def one_way(src: Path, dst: Path, key: Path, report: Path, flags: list[str],
             a: argparse.Namespace, busy: bool = True) -> dict[str, Any]:
     """One migration from `src` to `dst` of a busy simulated VM (or an idle one); its report."""
@@ -375,6 +506,13 @@ def main() -> int:
     ap.add_argument("--gluster", action="store_true",
                     help="the spill area on a GlusterFS volume, a client per host (root; "
                     "glusterfs-server and glusterfs-client)")
+    ap.add_argument("--sync", action="store_true",
+                    help="only the warm replica: a cold migrate against one after migrator "
+                    "sync ran for --sync-seconds (use --disk-size 4G --mem-size 1G "
+                    "--write-rate 5)")
+    ap.add_argument("--sync-seconds", type=float, default=60.0, metavar="S")
+    ap.add_argument("--sync-bandwidth", type=float, default=200.0, metavar="MB/s")
+    ap.add_argument("--sync-lag", type=float, default=10.0, metavar="S")
     a = ap.parse_args()
     for flag in ("writeback", "gluster"):  # a run of its own: not over the main figures
         if getattr(a, flag) and a.json == ap.get_default("json"):
@@ -404,6 +542,11 @@ def run(a: argparse.Namespace) -> int:
     if a.sparse:
         with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
             return sparse_bench(a, Path(tmp))
+    if a.sync:
+        if a.quick:
+            a.disk_size, a.mem_size, a.warmup, a.sync_seconds = "256M", "64M", 2.0, 10.0
+        with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
+            return sync_bench(a, Path(tmp))
     if a.back:
         if a.quick:
             a.disk_size, a.mem_size, a.warmup = "256M", "64M", 2.0

@@ -90,6 +90,10 @@ class MemorySource:
         self.vm = vm
         self.closed = False
         self.records: list[dict[str, Any]] = []  # every ownership record written, in order
+        self.epochs = [0] * len(self.data)  # blkfs epochs: a swap ends one
+        self.ended: dict[int, int] = {}
+        self.sync_record: dict[str, Any] | None = None
+        self.trust = True
 
     def size(self, file_id: int) -> int:
         return len(self.data[file_id])
@@ -107,7 +111,21 @@ class MemorySource:
 
     def swap(self, file_id: int) -> list[tuple[int, int]]:
         blocks, self.dirty[file_id] = sorted(self.dirty[file_id]), set()
+        self.ended[file_id] = self.epochs[file_id]
+        self.epochs[file_id] += 1
         return [(b, 1) for b in blocks]
+
+    def last_epoch(self, file_id: int) -> int | None:
+        return self.ended.get(file_id)
+
+    def trust_lost(self) -> bool:
+        return not self.trust
+
+    def read_sync_record(self) -> dict[str, Any] | None:
+        return self.sync_record
+
+    def write_sync_record(self, record: dict[str, Any]) -> None:
+        self.sync_record = dict(record)
 
     def clear(self, file_id: int, extents: list[tuple[int, int]]) -> None:
         for first, count in extents:
@@ -155,6 +173,7 @@ class MemoryDest:
         self.fail_after_writes = fail_after_writes
         self.digest_log: bytes | None = None
         self.reattached: str | None = None
+        self.own: dict[str, tuple[int, set[int]]] = {}  # name -> this mount's (epoch, dirty)
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
         pass
@@ -190,6 +209,19 @@ class MemoryDest:
         self.unsettled += 1
         buf = self.data[file_id]
         buf[offset:offset + len(data)] = data
+        self.mark(self.names[file_id], offset, len(data))
+
+    def mark(self, name: str, offset: int, length: int) -> None:
+        """A write through this mount, as its blkfs tracks it."""
+        _, dirty = self.own.setdefault(name, (0, set()))
+        dirty.update(range(offset // BS, -(-(offset + length) // BS)))
+
+    def own_swap(self, name: str) -> tuple[int, list[tuple[int, int]]] | None:
+        if name not in self.own and name not in self.names.values():
+            return None
+        epoch, dirty = self.own.get(name, (0, set()))
+        self.own[name] = (epoch + 1, set())
+        return epoch, [(b, 1) for b in sorted(dirty)]
 
     def settle(self) -> None:
         self.unsettled = 0

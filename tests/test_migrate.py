@@ -436,11 +436,13 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
             if attack in ("dotdot", "absolute"):
                 name = "../escaped" if attack == "dotdot" else str(tmp_path / "escaped")
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}],
-                       "migration": "m", "delta": False, "replica": False}
+                       "migration": "m", "delta": False, "replica": False, "lineage": "",
+                       "lineage_files": []}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
             elif attack == "lie-size":
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}],
-                       "migration": "m", "delta": False, "replica": False}
+                       "migration": "m", "delta": False, "replica": False, "lineage": "",
+                       "lineage_files": []}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.BLOCKS, struct.pack(">IQ", 0, 1000)
@@ -448,7 +450,8 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
             elif attack == "bad-packed":  # says 64 KiB of zstd, holds garbage
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f",
                                                        "size": 1 << 20}], "migration": "m",
-                       "delta": False, "replica": False}
+                       "delta": False, "replica": False, "lineage": "",
+                       "lineage_files": []}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.PACKED, struct.pack(">IQBI", 0, 0, 1, 65536)

@@ -442,7 +442,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 31, 255])
+@pytest.mark.parametrize("code", [0, 32, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -546,7 +546,8 @@ def test_mutated_frames_raise_only_protocol_errors(draw: st.DataObject) -> None:
 
 def manifest_frame(files: list[dict[str, object]], block_size: object = BS) -> bytes:
     return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files, "migration": "",
-                                         "delta": False, "replica": False})
+                                         "delta": False, "replica": False, "lineage": "",
+                       "lineage_files": []})
 
 
 def entry(file_id: object = 0, name: object = "disk.img", size: object = BS) -> dict[str, object]:
@@ -629,7 +630,8 @@ def test_sizes_are_read_only() -> None:
 
 def test_manifest_files_must_be_a_list() -> None:
     raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}, "migration": "",
-                                     "delta": False, "replica": False})
+                                     "delta": False, "replica": False, "lineage": "",
+                       "lineage_files": []})
     refused(link_at(State.MANIFEST).dest, raw, "must be a list")
 
 
@@ -875,7 +877,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Digests(1, 0, (7,))) == (b"\x0c\x00\x00\x00\x18\x00\x00\x00\x01" + bytes(8)
                                            + b"\x00\x00\x00\x01" + bytes(7) + b"\x07")
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
-        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false}'
+        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[]}'
         .encode()))
     assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x0b" + b'{"epoch":7}'
 
@@ -1025,5 +1027,6 @@ def test_a_replica_session_is_never_switched_over_to() -> None:
 
 def test_manifest_replica_must_be_a_bool() -> None:
     link = link_at(State.MANIFEST)
-    bad = {"block_size": BS, "files": [], "migration": "", "delta": False, "replica": 1}
+    bad = {"block_size": BS, "files": [], "migration": "", "delta": False, "replica": 1,
+           "lineage": "", "lineage_files": []}
     refused(link.dest, frame(FrameType.MANIFEST, bad), "Manifest.replica must be true or false")

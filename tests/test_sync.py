@@ -13,7 +13,7 @@ from migrator.source import SourceHooks
 from migrator.sync import Syncer, sync_options
 from migrator.transport import MigrationError, leaf
 
-from .test_engine import KEY, FakeVM, MemoryDest, MemorySource, files, inline
+from .test_engine import BS, KEY, FakeVM, MemoryDest, MemorySource, files, inline, migrate, options
 
 
 class Cut(trio.abc.Stream):
@@ -181,3 +181,109 @@ def test_blkfs_status_names_a_replica_never_a_vm() -> None:
     assert "this host's" in incoming_line({"migration": "m", "status": "complete",
                                            "owner": True}, 0)
     assert "not runnable" in incoming_line({"migration": "m", "status": "incomplete"}, 0)
+
+
+# -- lineage: a migration from the replica reads and sends only what changed since ----------
+
+
+async def synced(writes: list[int]) -> tuple[MemorySource, FakeVM, LastingDest, Lab]:
+    vm = FakeVM(writes)
+    src, dest = MemorySource(files(), vm), LastingDest()
+    lab = Lab(src, dest)
+    await lab.run_for(10)
+    assert lab.syncer.sync.status == "stopped" and src.sync_record is not None
+    return src, vm, dest, lab
+
+
+async def test_a_migration_from_a_synced_replica_sends_only_the_change(
+        autojump_clock: Any) -> None:
+    src, vm, dest, lab = await synced([6, 3, 0])
+    tag = src.sync_record["tag"]  # type: ignore[index]
+    assert tag == f"{lab.syncer.sync.sync}@{lab.syncer.sync.epoch}"
+    vm.plan = [4, 2, 0]  # the VM writes on: 4 + 2 blocks (at the flush) before the first swap
+    vm.write_some(src)
+    source, outcome, _ = await migrate(src, vm, dest, options())
+    r = source.report
+    assert r.status == "completed" and r.verified, r.error
+    assert r.delta == "lineage" and r.lineage_files == ["disk.raw", "vm.mem"], r
+    nblocks = sum(-(-len(b) // BS) for b in src.data)
+    assert r.lineage_blocks >= nblocks - 6 and r.held_digest_bytes == 0, r
+    assert r.blocks_sent <= 6, r.blocks_sent  # those 6, then nothing (the VM went quiet)
+    assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
+    assert outcome is not None and outcome.completed
+
+
+async def test_a_replica_written_after_its_sync_goes_the_digest_way(autojump_clock: Any) -> None:
+    src, vm, dest, _ = await synced([6, 0])
+    fid = next(i for i, n in dest.names.items() if n == "disk.raw")
+    dest.data[fid][5 * BS:5 * BS + 3] = b"bad"  # someone wrote the replica through its mount
+    dest.mark("disk.raw", 5 * BS, 3)
+    source, _, _ = await migrate(src, vm, dest, options())
+    r = source.report
+    assert r.verified and r.lineage_files == ["vm.mem"] and "digests" in r.delta, r
+    assert "disk.raw: written here since the sync" in r.lineage_detail, r.lineage_detail
+    assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
+
+
+async def test_a_swap_between_the_sync_and_the_migration_breaks_the_lineage(
+        autojump_clock: Any) -> None:
+    """Another swap took a dirty set the migration would never see: never trusted."""
+    src, vm, dest, _ = await synced([6, 0])
+    src.swap(0)
+    vm.write_some(src)
+    source, _, _ = await migrate(src, vm, dest, options())
+    r = source.report
+    assert r.verified and r.lineage_files == ["vm.mem"], r
+    assert "disk.raw: its blkfs epoch moved on since the sync" in r.lineage_detail
+
+
+async def test_without_the_replica_s_digest_log_nothing_is_trusted(autojump_clock: Any) -> None:
+    src, vm, dest, _ = await synced([6, 0])
+    dest.digest_log = None  # the serve died before the sync stopped
+    source, _, _ = await migrate(src, vm, dest, options())
+    r = source.report
+    assert r.verified and r.delta == "digests" and not r.lineage_files, r
+    assert "digest log is missing" in r.lineage_detail
+
+
+async def test_lineage_is_refused_when_blkfs_lost_track_of_a_write(autojump_clock: Any) -> None:
+    src, vm, dest, _ = await synced([6, 0])
+    src.trust = False
+    source, _, _ = await migrate(src, vm, dest, options())
+    assert source.report.verified and source.report.delta == "digests"
+    assert "trust lost" in source.report.lineage_detail
+
+
+async def test_a_restarted_sync_starts_from_its_own_replica(autojump_clock: Any) -> None:
+    src, _, dest, lab = await synced([6, 0])
+    first = lab.syncer.sync.epoch
+    lab2 = Lab(src, dest)
+    await lab2.run_for(10)
+    s = lab2.syncer.sync
+    assert s.status == "stopped" and s.delta == "lineage" and s.lineage_blocks > 0, s
+    assert s.rounds[0].blocks == 0  # nothing changed: nothing read, nothing sent
+    assert dest.states[-1]["replica"]["epoch"] == s.epoch and first is not None
+
+
+async def test_a_stop_in_mid_round_waits_for_its_acknowledgement(autojump_clock: Any) -> None:
+    """SIGTERM while a round flows: it is finished first, so the replica stays at a whole
+    epoch both sides can prove, and the migration that follows uses it."""
+    vm = FakeVM([6, 3, 3, 3])  # a round always has something to send
+
+    class StopsMidRound(LastingDest):
+        def write(self, file_id: int, offset: int, data: bytes) -> None:
+            super().write(file_id, offset, data)
+            sy = lab.syncer
+            if sy.in_round and not sy.stopping and (sy.sync.epoch or 0) >= 2:
+                sy.stop()  # (as the CLI does on the first SIGTERM)
+
+    src, dest = MemorySource(files(), vm), StopsMidRound()
+    lab = Lab(src, dest)
+    await lab.run_for(60)
+    s = lab.syncer.sync
+    assert s.status == "stopped" and s.epoch == 3 and s.rounds[-1].blocks > 0, (
+        s.epoch, s.rounds)
+    assert dest.states[-1]["replica"]["epoch"] == 3 and dest.digest_log is not None
+    vm.plan = [0]
+    source, _, _ = await migrate(src, vm, dest, options())
+    assert source.report.delta == "lineage" and source.report.verified, source.report

@@ -114,9 +114,11 @@ def test_a_synced_replica_then_a_migration_that_sends_only_the_change(
         vm.kill()
         vm.wait()
     m = json.loads(mig.read_text())
-    assert m["verified"] and m["delta"] == "digests", m
-    kinds = m["bytes_by_kind"]  # (the disk is sparse: its holes are never read)
-    assert kinds["held"] >= 0.5 * (m["data_bytes"] - kinds.get("hole", 0)), kinds
+    # Both sides prove the replica unchanged since its last epoch (lineage.py): only the
+    # blocks written since were read and sent, none digested
+    assert m["verified"] and m["delta"] == "lineage", (m["delta"], m["lineage_detail"])
+    assert m["lineage_files"] == ["disk.raw", "vm.mem"] and m["held_digest_bytes"] == 0, m
+    assert m["lineage_blocks"] >= 0.5 * (48 << 20) // 65536, m["lineage_blocks"]
     assert m["bytes_sent"] < 0.25 * m["data_bytes"], (m["bytes_sent"], m["data_bytes"])
     for n in ("disk.raw", "vm.mem"):
         assert digest(dst.mnt / n) == digest(src.mnt / n), n
@@ -187,3 +189,62 @@ def test_sync_bad_input_says_one_line(hosts: tuple[Mount, Mount], key: Path,
         assert r.returncode != 0 and expect in last_line(r), (extra, r.stderr)
         assert "Traceback" not in r.stderr, r.stderr
     assert digest(src.mnt / "disk.raw") == before
+
+
+def test_lineage_survives_a_clean_remount_and_never_an_unclean_one(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        syncs: list[subprocess.Popen[str]], tmp_path: Path) -> None:
+    """A destination daemon killed -9 forgets which blocks were written (blkfs reports them
+    all dirty): the next sync compares digests. Clean remounts of both keep the proof: the
+    migration then reads only what changed. And no sync overwrites the VM it handed over."""
+    def mounts() -> tuple[Mount, Mount]:
+        return (mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+                mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
+
+    def sync_once(src: Mount, dst: Mount, report: Path) -> dict[str, object]:
+        s = Server(dst, key)
+        servers.append(s)
+        sy = start_sync(src, s.port, key, "disk.raw", "--lag", "1", "--report", str(report))
+        syncs.append(sy)
+        t = time.time()
+        wait_for(lambda: float((state(dst) or {}).get("started_at", 0)) > t  # type: ignore[arg-type]
+                 and (replica_epoch(dst) or 0) >= 1)  # (this sync's second epoch)
+        sy.send_signal(signal.SIGTERM)
+        assert sy.wait(timeout=30) == 0
+        assert s.finish()[0] == 0
+        return json.loads(report.read_text())  # type: ignore[no-any-return]
+
+    src, dst = mounts()
+    (src.mnt / "disk.raw").write_bytes(os.urandom(8 << 20))
+    first = sync_once(src, dst, tmp_path / "1.json")
+    assert first["delta"] == "none" and first["epochs"] >= 2, first
+    dst.kill9()
+    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    again = sync_once(src, dst, tmp_path / "2.json")
+    assert again["delta"] == "digests", again  # the replica was proven block by block
+    assert "written here since the sync" in str(again["lineage_detail"]), again
+    for m in (src, dst):
+        m.umount()
+    src, dst = mounts()
+    vm = subprocess.Popen(["sleep", "300"])
+    try:
+        s = Server(dst, key)
+        servers.append(s)
+        report = tmp_path / "migrate.json"
+        r = migrate(src, s.port, key, "disk.raw", "--suspend", f"pid:{vm.pid}", "--report",
+                    str(report))
+        assert r.returncode == 0, r.stderr
+        assert s.finish()[0] == 0
+    finally:
+        vm.kill()
+        vm.wait()
+    m = json.loads(report.read_text())
+    assert m["delta"] == "lineage" and m["verified"], (m["delta"], m["lineage_detail"])
+    assert m["bytes_sent"] < 1 << 20, m["bytes_sent"]
+    assert digest(src.mnt / "disk.raw") == digest(dst.mnt / "disk.raw")
+    s = Server(dst, key)
+    servers.append(s)
+    sy = start_sync(src, s.port, key, "disk.raw")
+    syncs.append(sy)
+    _, err = sy.communicate(timeout=60)
+    assert sy.returncode == 1 and "refusing to overwrite" in err.strip().splitlines()[-1], err

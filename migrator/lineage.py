@@ -1,0 +1,115 @@
+"""Lineage: knowing, without reading a block, that a destination's replica equals the source's
+files as of an epoch, so a migration sends only the blocks written since. Pure.
+
+`migrator sync` leaves two records. On the source (SYNC_RECORD): for each file, the blkfs epoch
+its last acknowledged round ended (its swap) and the file's size. On the destination (its state
+record, ``replica.lineage``): the same tag and, for each file, the destination's own blkfs epoch
+after its swap at that acknowledgement; beside it a digest log of every block, tagged the same,
+written when the session ended with nothing sent after the acknowledgement.
+
+A migration may then skip a file's unchanged blocks when both sides prove it:
+
+* the source: the epoch its first swap ends is the one right after the recorded one (no swap
+  in between: no other sync or migrate, no unclean restart — blkfs then starts a file again at
+  epoch 0, all dirty — no file replaced), its size is the recorded one, and the daemon never
+  lost track of a write (``trust_lost``); its first swap's dirty set is then exactly what
+  changed since the replica's epoch;
+* the destination: its record names the same tag, its digest log carries it, and its own swap
+  of the file ends the recorded epoch with nothing dirty (nobody wrote the replica since);
+  its size is the manifest's.
+
+Anything else falls back to the digests (delta.py), file by file, and the report says why.
+The verification still compares every block, so a broken proof costs a failed verification,
+never a silent wrong byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Extent = tuple[int, int]
+
+
+def tag(sync: str, epoch: int) -> str:
+    """The name of a replica as of an epoch (the digest log's and the Manifest's)."""
+    return f"{sync}@{epoch}"
+
+
+def sync_record(sync: str, to: str, epoch: int, files: dict[str, tuple[int, int]],
+                now: float) -> dict[str, Any]:
+    """The source's record after an acknowledged epoch: {name: (epoch its swap ended, size)}."""
+    return {"sync": sync, "to": to, "epoch": epoch, "tag": tag(sync, epoch), "at": now,
+            "files": {n: {"epoch": e, "size": s} for n, (e, s) in files.items()}}
+
+
+@dataclass
+class SourceProof:
+    tag: str  # "" if no file qualifies
+    files: list[str]  # whose every write since the tag's epoch is in the first swap's set
+    why_not: dict[str, str]  # the others, and why
+
+
+def source_proof(record: dict[str, Any] | None, ended: dict[str, tuple[int | None, int]],
+                 trust_lost: bool) -> SourceProof:
+    """Which files the source can vouch for: `ended` is {name: (epoch the migration's first
+    swap ended, size)} and `record` the sync record of this mount (or None)."""
+    if not record or not isinstance(record.get("files"), dict) or not record.get("tag"):
+        return SourceProof("", [], {n: "no sync record here" for n in ended})
+    if trust_lost:
+        return SourceProof("", [], {n: "blkfs may have missed a write on this mount (trust "
+                                    "lost): see its log" for n in ended})
+    ok: list[str] = []
+    why: dict[str, str] = {}
+    for name, (epoch, size) in ended.items():
+        rec = record["files"].get(name)
+        if not isinstance(rec, dict):
+            why[name] = "not in the last sync"
+        elif epoch is None or epoch != int(rec.get("epoch", -2)) + 1:
+            why[name] = (f"its blkfs epoch moved on since the sync (epoch {epoch}, the sync "
+                         f"left it at {rec.get('epoch')}): another swap, or an unclean restart")
+        elif size != rec.get("size"):
+            why[name] = f"its size changed since the sync ({rec.get('size')} -> {size})"
+        else:
+            ok.append(name)
+    return SourceProof(str(record["tag"]) if ok else "", ok, why)
+
+
+def dest_lineage(epochs: dict[str, int]) -> dict[str, Any]:
+    """What the destination's record keeps once an epoch is durable: its own blkfs epoch of
+    each file after its swap (the tag is added by the caller)."""
+    return {"epochs": dict(epochs)}
+
+
+def dest_proof(record: dict[str, Any] | None, tag_: str, names: dict[int, str],
+               sizes: dict[int, int], vouched: list[int], own: dict[int, tuple[int, list[Extent]]],
+               log_tag: str | None) -> tuple[list[int], str]:
+    """Which of the `vouched` files (by id) the destination accepts, and why not the others.
+
+    `own` is {file id: (epoch its own swap just ended, the extents written since)}; `log_tag`
+    the digest log's tag (None: no usable log); `sizes` the manifest's, checked against the
+    record's."""
+    rep = (record or {}).get("replica")
+    if not record or record.get("status") != "replica" or not isinstance(rep, dict):
+        return [], "no replica here"
+    lin = rep.get("lineage")
+    have = f"{record.get('migration')}@{rep.get('epoch')}"
+    if not isinstance(lin, dict) or have != tag_:
+        return [], f"the replica here is {have}, not {tag_}"
+    if log_tag != tag_:
+        return [], ("its digest log is missing or of another epoch (the serve stopped before "
+                    "the sync did)")
+    kept = {f.get("name"): f.get("size") for f in record.get("files", []) if isinstance(f, dict)}
+    epochs = lin.get("epochs") or {}
+    ok: list[int] = []
+    why: list[str] = []
+    for fid in vouched:
+        name = names[fid]
+        epoch, dirty = own.get(fid, (None, [[0, 1]]))
+        if name not in epochs or kept.get(name) != sizes[fid]:
+            why.append(f"{name}: not this size in the replica")
+        elif epoch != epochs[name] or dirty:
+            why.append(f"{name}: written here since the sync")
+        else:
+            ok.append(fid)
+    return ok, "; ".join(why)
