@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send every block, even where the destination holds an older copy "
                    "(default: it says what it holds, an xxh3 per block, and only the blocks "
                    "that differ travel; the verification still covers every block)")
+    m.add_argument("--no-lineage", action="store_true",
+                   help="do not start from a replica both sides can prove unchanged since an "
+                   "epoch (a migrator sync's, or the copy a migration away from the "
+                   "destination retired), compare digests instead (for comparison)")
     m.add_argument("--no-static-first", action="store_true",
                    help="baseline for comparison: initial copy in block order, not coldest first")
     pc = m.add_argument_group("post-copy (docs/spill.md)")
@@ -316,7 +320,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
                           compress=a.compress, plaintext=_warn_plaintext(a),
-                          delta=not a.no_delta)
+                          delta=not a.no_delta, lineage=not a.no_lineage)
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 

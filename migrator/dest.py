@@ -132,6 +132,7 @@ class DestSession:
         self.replica = False  # a migrator sync session: a replica kept, never a VM
         self.sent_since_ack = False  # replica: data arrived after the last acknowledged epoch
         self.lineage: tuple[list[int], str] | None = None  # (files accepted, why not others)
+        self.back: dict[str, int] = {}  # after the last round: name -> the own epoch it ended
         # Set while the session waits for the daemon to complete from the spill after losing
         # its source: cancelling it gives way to that source's Reattach.
         self.waiting_for_source: trio.CancelScope | None = None
@@ -172,15 +173,13 @@ class DestSession:
                                                        dict[int, dict[int, int]]]:
         """Which vouched files this host holds unchanged as of the named replica epoch (see
         lineage.py), with their digests from the replica's log, keyed by this manifest's ids."""
-        record = self.store.read_state()
-        rep = (record or {}).get("replica")
-        lin = rep.get("lineage") if isinstance(rep, dict) else None
-        ids = lin.get("ids", {}) if isinstance(lin, dict) else {}
+        lin = lineage.held_lineage(self.store.read_state(), self.store.read_source_record())
+        ids = lin.get("ids", {}) if lin is not None else {}
         names = {f.file_id: f.name for f in man.files}
         saved: dict[int, dict[int, int]] = {}
         log_tag = None
         blob = self.store.read_digests()
-        if blob is not None and isinstance(lin, dict):
+        if blob is not None and lin is not None:
             try:
                 saved = digestlog.decode(blob, man.lineage, man.block_size)
                 log_tag = man.lineage
@@ -192,7 +191,7 @@ class DestSession:
             if got is not None:
                 own[fid] = got
         sizes = {f.file_id: f.size for f in man.files}
-        ok, why = lineage.dest_proof(record, man.lineage, names, sizes, list(man.lineage_files),
+        ok, why = lineage.dest_proof(lin, man.lineage, names, sizes, list(man.lineage_files),
                                      own, log_tag)
         kept: dict[int, dict[int, int]] = {}
         for fid in list(ok):
@@ -268,12 +267,39 @@ class DestSession:
         finally:
             self.resumed.set()  # the VM runs here now, whatever happens to the source
 
+    def _new_own_epoch(self) -> None:
+        """A new epoch of this mount's own after each round: the one that runs at the Commit
+        holds every block written here since the last round (the rest of the migration's, then
+        the VM's), so a migration back proves that the source's retired copy lacks at most
+        those (lineage.py). Never in the downtime: one control call a file, per round."""
+        back: dict[str, int] = {}
+        for f in self.files.values():
+            try:
+                got = self.store.own_swap(f.entry.name)
+            except MigrationError as exc:
+                log.warning("no lineage for a migration back: %s", exc)
+                got = None
+            if got is None:
+                self.back = {}
+                return
+            back[f.entry.name] = got[0]
+        self.back = back
+
     async def _save_digests_soon(self) -> None:
         """From Commit: once the VM runs, or after DIGEST_LOG_DELAY if its start takes longer
         (a slow hook), so the write is never inside the downtime of a fast start."""
         with trio.move_on_after(DIGEST_LOG_DELAY):
             await self.resumed.wait()
         await self.save_digests()
+        if self.back:  # what the source's retired copy will be: these files at the switchover
+            try:
+                self.store.write_sync_record(lineage.sync_record(
+                    self.state["migration"], str(self.state.get("source")), lineage.BACK,
+                    {f.entry.name: (self.back[f.entry.name], f.size)
+                     for f in self.files.values()}, time.time()))
+            except OSError as exc:
+                log.warning("cannot write the lineage record in %s: %s (a migration back will "
+                            "compare digests)", self.mount, exc.strerror or exc)
 
     async def save_digests(self) -> None:
         """The digests of every block this session wrote (final from Commit on), so a
@@ -601,14 +627,16 @@ class DestSession:
         """Every write of the source's epoch `epoch` is here: durable first, then said so
         (the RoundAck that follows is the source's proof of the lag it reports)."""
         await self.store.sync()
-        epochs, ids = {}, {}
+        epochs, ids, sizes = {}, {}, {}
         for fid, f in self.files.items():  # our own epoch from here: nobody writes the replica
             got = self.store.own_swap(f.entry.name)
             if got is not None:
                 epochs[f.entry.name], ids[f.entry.name] = got[0] + 1, fid
+                sizes[f.entry.name] = f.size
         rec = self.state["replica"]
         rec.update(epoch=epoch, synced_at=time.time(), rounds=int(rec.get("rounds", 0)) + 1,
-                   lineage={**lineage.dest_lineage(epochs), "ids": ids})
+                   lineage=lineage.dest_lineage(epochs, ids, sizes, lineage.tag(
+                       self.state["migration"], epoch)))
         self.sent_since_ack = False
         self._save_state(files=[{"name": f.entry.name, "size": f.size}
                                 for f in self.files.values()])
@@ -673,6 +701,7 @@ class DestSession:
             await ch.send(p.RoundAck(ev.round))
         elif isinstance(ev, p.RoundDone):
             await ch.send(p.RoundAck(ev.round))
+            self._new_own_epoch()  # (after the ack: the source's next round is not delayed)
         elif isinstance(ev, p.Switchover):
             self.t_switch = time.monotonic()
         elif isinstance(ev, p.Commit) and pc is not None:

@@ -31,12 +31,15 @@ from typing import Any
 Extent = tuple[int, int]
 
 
-def tag(sync: str, epoch: int) -> str:
+BACK = "switchover"  # the epoch of a migration's own lineage: its files at the switchover
+
+
+def tag(sync: str, epoch: int | str) -> str:
     """The name of a replica as of an epoch (the digest log's and the Manifest's)."""
     return f"{sync}@{epoch}"
 
 
-def sync_record(sync: str, to: str, epoch: int, files: dict[str, tuple[int, int]],
+def sync_record(sync: str, to: str, epoch: int | str, files: dict[str, tuple[int, int]],
                 now: float) -> dict[str, Any]:
     """The source's record after an acknowledged epoch: {name: (epoch its swap ended, size)}."""
     return {"sync": sync, "to": to, "epoch": epoch, "tag": tag(sync, epoch), "at": now,
@@ -75,37 +78,49 @@ def source_proof(record: dict[str, Any] | None, ended: dict[str, tuple[int | Non
     return SourceProof(str(record["tag"]) if ok else "", ok, why)
 
 
-def dest_lineage(epochs: dict[str, int]) -> dict[str, Any]:
-    """What the destination's record keeps once an epoch is durable: its own blkfs epoch of
-    each file after its swap (the tag is added by the caller)."""
-    return {"epochs": dict(epochs)}
+def dest_lineage(epochs: dict[str, int], ids: dict[str, int], sizes: dict[str, int],
+                 tag_: str) -> dict[str, Any]:
+    """What a holder of a replica keeps once it is durable: its own blkfs epoch of each file
+    after its swap, the file ids its digest log uses, the sizes, and the replica's tag."""
+    return {"tag": tag_, "epochs": dict(epochs), "ids": dict(ids), "sizes": dict(sizes)}
 
 
-def dest_proof(record: dict[str, Any] | None, tag_: str, names: dict[int, str],
+def held_lineage(dest_record: dict[str, Any] | None,
+                 source_record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The replica this host holds, if its records name one: a sync's (the destination
+    record says replica), or the copy a migration away from here retired at its switchover
+    (the source record says retired: the A of A -> B -> A)."""
+    rep = (dest_record or {}).get("replica")
+    if (dest_record or {}).get("status") == "replica" and isinstance(rep, dict) and isinstance(
+            rep.get("lineage"), dict):
+        return rep["lineage"]  # type: ignore[no-any-return]
+    src = source_record or {}
+    if src.get("state") == "retired" and isinstance(src.get("lineage"), dict):
+        return src["lineage"]  # type: ignore[no-any-return]
+    return None
+
+
+def dest_proof(lin: dict[str, Any] | None, tag_: str, names: dict[int, str],
                sizes: dict[int, int], vouched: list[int], own: dict[int, tuple[int, list[Extent]]],
                log_tag: str | None) -> tuple[list[int], str]:
-    """Which of the `vouched` files (by id) the destination accepts, and why not the others.
+    """Which of the `vouched` files (by id) this host accepts, and why not the others.
 
-    `own` is {file id: (epoch its own swap just ended, the extents written since)}; `log_tag`
-    the digest log's tag (None: no usable log); `sizes` the manifest's, checked against the
-    record's."""
-    rep = (record or {}).get("replica")
-    if not record or record.get("status") != "replica" or not isinstance(rep, dict):
+    `lin` is held_lineage's; `own` {file id: (epoch its own swap just ended, the extents
+    written since)}; `log_tag` the digest log's tag (None: no usable log); `sizes` the
+    manifest's, checked against the replica's."""
+    if lin is None:
         return [], "no replica here"
-    lin = rep.get("lineage")
-    have = f"{record.get('migration')}@{rep.get('epoch')}"
-    if not isinstance(lin, dict) or have != tag_:
-        return [], f"the replica here is {have}, not {tag_}"
+    if lin.get("tag") != tag_:
+        return [], f"the replica here is {lin.get('tag')}, not {tag_}"
     if log_tag != tag_:
         return [], ("its digest log is missing or of another epoch (the serve stopped before "
-                    "the sync did)")
-    kept = {f.get("name"): f.get("size") for f in record.get("files", []) if isinstance(f, dict)}
-    epochs = lin.get("epochs") or {}
+                    "the sync did, or a later migration replaced it)")
+    epochs, kept = lin.get("epochs") or {}, lin.get("sizes") or {}
     ok: list[int] = []
     why: list[str] = []
     for fid in vouched:
         name = names[fid]
-        epoch, dirty = own.get(fid, (None, [[0, 1]]))
+        epoch, dirty = own.get(fid, (None, [(0, 1)]))
         if name not in epochs or kept.get(name) != sizes[fid]:
             why.append(f"{name}: not this size in the replica")
         elif epoch != epochs[name] or dirty:

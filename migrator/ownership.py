@@ -47,6 +47,9 @@ class SourceRecord:
     state: str = COPYING
     detail: str = ""
     updated_at: float = field(default_factory=time.time)
+    # Once retired: this copy is a replica of the destination's files as of the switchover
+    # (lineage.dest_lineage), for a migration back that trusts it instead of digests
+    lineage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,10 +30,11 @@ import xxhash
 
 from blkfs.spill import SpillArea, SpillError, spill_key
 
+from . import digestlog
 from . import protocol as p
 from .codecs import CODECS, compressor, packed
 from .delta import Holdings
-from .lineage import source_proof
+from .lineage import BACK, dest_lineage, source_proof, tag
 from .ownership import (
     COPYING,
     HANDED_OFF,
@@ -102,6 +103,7 @@ class MigrateOptions:
     suspend: str = "freeze"  # the --suspend spec, kept in the ownership record for resolve
     compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
     delta: bool = True  # ask what the destination holds; send only the blocks that differ
+    lineage: bool = True  # with delta: name a replica both sides can prove (lineage.py)
     plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
 
 
@@ -169,6 +171,7 @@ class Source:
         # files the source vouches for, and those the destination accepted
         self.since_replica: dict[int, list[Extent]] = {}
         self.lineage_ok: set[int] = set()
+        self.my_digests: dict[int, dict[int, int]] = {}  # the verification's, of this copy
         self.pc: SourcePostcopy | None = None
 
     # -- helpers ----------------------------------------------------------------
@@ -407,7 +410,7 @@ class Source:
             f.size = self._store.size(f.file_id)
         tag, vouched = "", ()
         record = self._store.read_sync_record()
-        if self.opts.delta and not self.opts.stop_and_copy and record:
+        if self.opts.delta and self.opts.lineage and not self.opts.stop_and_copy and record:
             proof = source_proof(record, {f.rel: (self._store.last_epoch(f.file_id), f.size)
                                           for f in self.files}, self._store.trust_lost())
             by_name = {f.rel: f.file_id for f in self.files}
@@ -811,6 +814,7 @@ class Source:
                             raise MigrationError(f"{f.rel} shrank under the verification")
                         digests += [h(buf[i:min(i + bs, got)]) for i in range(0, got, bs)]
                         off += got
+                self.my_digests.setdefault(f.file_id, {}).update(enumerate(digests, first))
                 await self.ch.send(p.Digests(f.file_id, first, tuple(digests)))
         await self.ch.send(p.VerifyDone())
         return await self.ch.expect(p.Verified)
@@ -829,7 +833,32 @@ class Source:
                 f"{self.opts.mount} --resume-here'")
         # The copy is proven: only now is the source copy retired.
         self.report.source_vm = self.adapter.finish()
+        self._keep_lineage()
         self._set_record(RETIRED, "the destination verified its copy")
+
+    def _keep_lineage(self) -> None:
+        """The retired copy is the destination's files as of the switchover: keep its digests
+        (the verification's) and this mount's epochs, so a migration back to here reads and
+        sends only what the VM wrote there since (lineage.py). Best effort: without them, the
+        way back compares digests."""
+        assert self.record is not None
+        if len(self.my_digests) != len(self.files):
+            return
+        name = tag(self.record.migration, BACK)
+        epochs: dict[str, int] = {}
+        for f in self.files:
+            ended = self._store.last_epoch(f.file_id)
+            if ended is None:
+                return
+            epochs[f.rel] = ended + 1
+        try:
+            self._store.write_digests(digestlog.encode(name, self.block_size, self.my_digests))
+        except OSError as exc:
+            self.hooks.notify(f"cannot keep the retired copy's digests ({exc.strerror}): a "
+                              "migration back will compare digests")
+            return
+        self.record.lineage = dest_lineage(epochs, {f.rel: f.file_id for f in self.files},
+                                           {f.rel: f.size for f in self.files}, name)
 
     # -- the whole migration --------------------------------------------------------
 

@@ -105,6 +105,11 @@ class SourceFiles(Protocol):
         """migrator sync's record of its last acknowledged epoch (lineage), if any."""
         ...
 
+    def write_digests(self, data: bytes) -> None:
+        """A digest log (digestlog) beside the records, durably: this copy's digests once it
+        is retired, for a migration back that trusts them (lineage)."""
+        ...
+
     def write_sync_record(self, record: dict[str, object]) -> None: ...
 
     def close(self) -> None: ...
@@ -160,6 +165,15 @@ class DestFiles(Protocol):
     def read_digests(self) -> bytes | None: ...
 
     def read_state(self) -> dict[str, object] | None: ...
+
+    def read_source_record(self) -> dict[str, object] | None:
+        """This mount's record as a source (a VM that left it: its retired copy is a replica
+        of the destination's files as of the switchover)."""
+        ...
+
+    def write_sync_record(self, record: dict[str, object]) -> None:
+        """The replica another host holds of these files, as a source proves it (lineage)."""
+        ...
 
     def postcopy_absent(self) -> int:
         """Blocks an incoming post-copy on this mount still lacks (0 if none runs)."""
@@ -316,6 +330,9 @@ class BlkfsSource:
     def read_sync_record(self) -> dict[str, object] | None:
         return self.sync_record.read()
 
+    def write_digests(self, data: bytes) -> None:
+        write_file_durably(os.path.join(self.mount, DIGEST_LOG), data)
+
     def write_sync_record(self, record: dict[str, object]) -> None:
         try:
             self.sync_record.write(record)
@@ -351,6 +368,15 @@ def read_json(path: str) -> dict[str, object] | None:
     except (FileNotFoundError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def write_file_durably(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)  # a torn file never replaces a whole one
 
 
 class RecordFile:
@@ -494,13 +520,7 @@ class MountDest:
         await trio.to_thread.run_sync(self._write_digests, data)
 
     def _write_digests(self, data: bytes) -> None:
-        path = os.path.join(self.mount, DIGEST_LOG)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)  # a torn log never replaces a whole one
+        write_file_durably(os.path.join(self.mount, DIGEST_LOG), data)
 
     def read_digests(self) -> bytes | None:
         try:
@@ -511,6 +531,16 @@ class MountDest:
 
     def read_state(self) -> dict[str, object] | None:
         return self.record.read()
+
+    def read_source_record(self) -> dict[str, object] | None:
+        return read_json(os.path.join(self.mount, SOURCE_RECORD))
+
+    def write_sync_record(self, record: dict[str, object]) -> None:
+        f = RecordFile(self.mount, SYNC_RECORD)
+        try:
+            f.write(record)
+        finally:
+            f.close()
 
     def postcopy_absent(self) -> int:
         try:

@@ -93,6 +93,7 @@ class MemorySource:
         self.epochs = [0] * len(self.data)  # blkfs epochs: a swap ends one
         self.ended: dict[int, int] = {}
         self.sync_record: dict[str, Any] | None = None
+        self.digest_log: bytes | None = None
         self.trust = True
 
     def size(self, file_id: int) -> int:
@@ -126,6 +127,9 @@ class MemorySource:
 
     def write_sync_record(self, record: dict[str, Any]) -> None:
         self.sync_record = dict(record)
+
+    def write_digests(self, data: bytes) -> None:
+        self.digest_log = data
 
     def clear(self, file_id: int, extents: list[tuple[int, int]]) -> None:
         for first, count in extents:
@@ -174,6 +178,8 @@ class MemoryDest:
         self.digest_log: bytes | None = None
         self.reattached: str | None = None
         self.own: dict[str, tuple[int, set[int]]] = {}  # name -> this mount's (epoch, dirty)
+        self.source_record: dict[str, Any] | None = None
+        self.sync_record: dict[str, Any] | None = None
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
         pass
@@ -192,6 +198,12 @@ class MemoryDest:
 
     def read_state(self) -> dict[str, Any] | None:
         return dict(self.states[-1]) if self.states else None
+
+    def read_source_record(self) -> dict[str, Any] | None:
+        return self.source_record
+
+    def write_sync_record(self, record: dict[str, Any]) -> None:
+        self.sync_record = dict(record)
 
     def postcopy_absent(self) -> int:
         return 0

@@ -709,11 +709,15 @@ def test_status_of_a_migration_whose_process_died(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("way", ["lineage", "digests"])
 def test_a_migration_back_sends_only_what_changed(hosts: tuple[Mount, Mount], key: Path,
                                                   servers: list[Server], tmp_path: Path,
-                                                  idle_vm: subprocess.Popen[bytes]) -> None:
-    """A -> B, 2 % of the disk written on B, then B -> A: A's retired copy says what it holds
-    (xxh3 per block) and only the blocks that differ travel; every block is verified."""
+                                                  idle_vm: subprocess.Popen[bytes],
+                                                  way: str) -> None:
+    """A -> B, 2 % of the disk written on B, then B -> A: only the blocks B wrote travel.
+    lineage: B's blkfs knows them (its epoch from the switchover on) and A proves its retired
+    copy unchanged since, so nothing else is read; digests (--no-lineage): A says what it
+    holds, an xxh3 per block. Either way every block is verified."""
     a, b = hosts
     fill_source(a, 8)
     s = Server(b, key)
@@ -730,7 +734,7 @@ def test_a_migration_back_sends_only_what_changed(hosts: tuple[Mount, Mount], ke
         servers.append(s)
         report = tmp_path / "back.json"
         r = migrate(b, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm_b.pid}",
-                    "--report", str(report))
+                    "--report", str(report), *(["--no-lineage"] if way == "digests" else []))
         assert r.returncode == 0, r.stderr
         rc, out = s.finish()
         assert rc == 0 and "complete and verified" in out, out
@@ -740,7 +744,12 @@ def test_a_migration_back_sends_only_what_changed(hosts: tuple[Mount, Mount], ke
     for n in ("disk.raw", "vm.mem"):
         assert digest(a.mnt / n) == digest(b.mnt / n), n
     rep = json.loads(report.read_text())
-    assert rep["verified"] and rep["delta"] == "digests", rep
-    assert rep["held_blocks"] == (12 << 20) // 65536
-    assert rep["bytes_sent"] <= 0.05 * rep["data_bytes"], rep["bytes_sent"]
-    assert "held" in r.stdout or rep["bytes_by_kind"]["held"] >= 10 << 20
+    assert rep["verified"] and rep["delta"] == way, (rep["delta"], rep["lineage_detail"])
+    if way == "digests":
+        assert rep["held_blocks"] == (12 << 20) // 65536
+        assert rep["bytes_sent"] <= 0.05 * rep["data_bytes"], rep["bytes_sent"]
+        assert "held" in r.stdout or rep["bytes_by_kind"]["held"] >= 10 << 20
+    else:
+        assert rep["lineage_files"] == ["disk.raw", "vm.mem"] and rep["held_blocks"] == 0
+        assert rep["lineage_blocks"] >= (12 << 20) // 65536 * 0.9, rep["lineage_blocks"]
+        assert rep["bytes_sent"] <= 0.03 * rep["data_bytes"], rep["bytes_sent"]
