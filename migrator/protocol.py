@@ -13,6 +13,7 @@ A session (S = source, D = dest; the right column is the state in which those fr
     Auth   ---------------------------------->        each after the peer's      AUTH
            <---------------------------------- Auth   Hello (MAC binds nonces)
     Manifest -------------------------------->                                   MANIFEST
+           <---------------------------------- Lineage  (a replica was named)    READY
            <---------------------------------- Held ...  (delta: what it holds)  READY
            <---------------------------------- Ready  files created              READY
     Blocks, Resize ..., RoundDone(n) -------->                                   COPYING
@@ -38,6 +39,10 @@ Post-copy (announced by Postcopy + Absent in SWITCHOVER) changes the end::
     Digests ..., VerifyDone ----------------->                                   VERIFYING
            <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
     Done ------------------------------------>        both CLOSED                FINISHING
+
+A replica session (``Manifest.replica``: migrator sync) is the same up to the rounds, which go
+on for as long as it runs; no Switchover is ever legal in it, so its destination is never
+runnable.
 
 Reattach: a source whose connection broke after Commit reconnects and, instead of a Manifest,
 re-states the migration so the session can go on where it broke (the destination's record

@@ -359,7 +359,8 @@ def sync_bench(a: argparse.Namespace, tmp: Path) -> int:
                   "yes" if r["verified"] else "NO")
     console.print(t)
     console.print(f"  sync: {sync['epochs']} epochs, initial copy {sync['initial_copy_s']} s, "
-                  f"lag last {sync['lag_s']} s, worst {sync['lag_max_s']} s, sent "
+                  f"caught up at {sync['caught_up_s']} s, "
+                  f"lag last {sync['lag_s']} s, worst since {sync['lag_max_s']} s, sent "
                   f"{sync['bytes_sent'] / 1e6:.0f} MB")
     console.print(f"  changed since the replica's last epoch (its blocks that differ from the "
                   f"migrated copy): {changed / 1e6:.1f} MB")

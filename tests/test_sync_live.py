@@ -248,3 +248,39 @@ def test_lineage_survives_a_clean_remount_and_never_an_unclean_one(
     syncs.append(sy)
     _, err = sy.communicate(timeout=60)
     assert sy.returncode == 1 and "refusing to overwrite" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.onepass
+def test_a_sync_outlives_its_destination_serve(hosts: tuple[Mount, Mount], key: Path,
+                                                servers: list[Server],
+                                                syncs: list[subprocess.Popen[str]],
+                                                tmp_path: Path) -> None:
+    """kill -9 of the serve: the sync says so in one line, retries, and goes on with a serve
+    started again on the same port, from the replica already there."""
+    src, dst = hosts
+    (src.mnt / "disk.raw").write_bytes(os.urandom(8 << 20))
+    s = Server(dst, key, once=False)
+    servers.append(s)
+    report = tmp_path / "sync.json"
+    sy = start_sync(src, s.port, key, "disk.raw", "--lag", "1", "--report", str(report))
+    syncs.append(sy)
+    wait_for(lambda: (replica_epoch(dst) or 0) >= 1)
+    s.proc.kill()
+    s.proc.wait()
+    time.sleep(1.5)  # the sync notices, says so, and waits a second before it tries again
+    s2 = Server(dst, key, once=False, listen=f"127.0.0.1:{s.port}")
+    servers.append(s2)
+    t = time.time()
+    wait_for(lambda: float((state(dst) or {}).get("started_at", 0)) > t  # type: ignore[arg-type]
+             and replica_epoch(dst) is not None)
+    with open(src.mnt / "disk.raw", "r+b") as f:  # the VM writes on: the sync follows
+        f.write(os.urandom(65536))
+    seen = replica_epoch(dst) or 0
+    wait_for(lambda: (replica_epoch(dst) or 0) >= seen + 2)
+    sy.send_signal(signal.SIGTERM)
+    _, err = sy.communicate(timeout=30)
+    assert sy.returncode == 0, err
+    assert "cut" in err and "again in" in err and "Traceback" not in err, err
+    rep = json.loads(report.read_text())
+    assert rep["sessions"] >= 2 and rep["status"] == "stopped", rep
+    assert digest(src.mnt / "disk.raw") == digest(dst.mnt / "disk.raw")
