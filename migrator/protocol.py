@@ -98,7 +98,7 @@ from blkfs.spill import pack_refs, unpack_refs
 
 PROTOCOL_VERSION = 6  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
 # 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta);
-# 6: replica sessions (Manifest.replica, migrator sync)
+# 6: replica sessions (Manifest.replica, migrator sync), Lineage (Manifest.lineage)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload

@@ -161,7 +161,8 @@ def print_summary(r: MigrationReport, console: Console) -> None:
         *([("older copy", f"the destination held {r.held_blocks} blocks and said so in "
             f"{human_bytes(r.held_digest_bytes)} of digests: only the blocks that differ "
             "travelled (every block verified)")] if "digests" in r.delta else []),
-        *([("replica not used", r.lineage_detail)] if r.lineage_detail else []),
+        *([("replica not used", r.lineage_detail)]  # (said when there was one to use)
+          if r.lineage_detail and r.lineage_detail != "no replica here" else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
         ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
                     + " dirty blocks (the VM dirtying " + ", ".join(

@@ -8,12 +8,14 @@ and never sends a Switchover (the protocol refuses one in a replica session), so
 there stays "replica, not runnable"; and it writes no ownership record here: the VM stays
 this host's.
 
-A later `migrator migrate` to that destination finds the replica as an older copy (delta) and
-sends only the blocks that differ; its verification still covers every block.
+Each acknowledged epoch is recorded on both sides (lineage.py), so a later `migrator migrate`
+to that destination (or this sync run again) starts from the replica and reads and sends only
+the blocks written since; where either side cannot prove that, it compares digests (delta).
+Its verification still covers every block.
 
-Faults: Ctrl-C or SIGTERM stops it with an Abort that says so (the replica keeps its last
-epoch); a cut link is retried with backoff (each new session sends only what differs); kill
--9 loses the round in flight, and a restart finds the rest there.
+Faults: Ctrl-C or SIGTERM stops it with an Abort that says so, once the round in flight is
+acknowledged (a second one at once); a cut link is retried with backoff; kill -9 loses the
+round in flight, and a restart finds the rest there.
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ class Syncer(Source):
                     # the destination refused, or is not ours, or was never reached (a wrong
                     # address): a person must look; and a cancellation is a stop
                     raise
+                self.in_round = False  # (that round is lost: a stop need not wait for it)
+                if self.stopping:
+                    raise
                 self.hooks.notify(f"sync to {self.opts.to} cut ({exc}); again in {delay:g} s "
                                   f"(the replica keeps epoch {s.epoch})")
                 await self._close_channel()
@@ -332,8 +337,12 @@ def print_sync_summary(s: SyncReport, console: Any) -> None:
         ("rounds", f"{s.epochs} acknowledged in {s.sessions} session(s)"
                    + (f"; initial copy {s.initial_copy_s:.2f} s" if s.initial_copy_s else "")),
         ("data / sent", f"{human_bytes(s.data_bytes)} / {human_bytes(s.bytes_sent)}"),
+        *([("replica used", f"{s.lineage_blocks} blocks the destination held unchanged as of "
+            "an earlier epoch: neither read nor sent")] if s.lineage_blocks else []),
         *([("older copy", f"the destination held {s.held_blocks} blocks already: only the "
             "blocks that differed travelled")] if s.held_blocks else []),
+        *([("replica not used", s.lineage_detail)]
+          if s.lineage_detail and s.lineage_detail != "no replica here" else []),
         ("time", f"{s.total_s:.1f} s"
                  + (f" at most {s.bandwidth_mb_s:g} MB/s" if s.bandwidth_mb_s else "")),
         ("next", f"'migrator migrate --to {s.to} ...' sends only what changed since"),
