@@ -37,6 +37,7 @@ from migrator.protocol import (
     FrameType,
     Held,
     Hello,
+    Lineage,
     LocalProtocolError,
     Manifest,
     Packed,
@@ -1030,3 +1031,35 @@ def test_manifest_replica_must_be_a_bool() -> None:
     bad = {"block_size": BS, "files": [], "migration": "", "delta": False, "replica": 1,
            "lineage": "", "lineage_files": []}
     refused(link.dest, frame(FrameType.MANIFEST, bad), "Manifest.replica must be true or false")
+
+
+def _lineage_link(files: tuple[int, ...] = (0,)) -> Link:
+    link = Link()
+    link.run(until=State.MANIFEST)
+    man = Manifest(BS, FILES, "m", delta=True, lineage="s@3", lineage_files=files)
+    assert link.send(link.source, man) == [man] and decode(encode(man)) == man
+    return link
+
+
+def test_lineage_answers_a_manifest_that_names_a_replica_once_before_held() -> None:
+    link = _lineage_link((0, 1))
+    lin = Lineage((1,), "disk.img: written here since the sync")
+    assert decode(encode(lin)) == lin
+    assert link.send(link.dest, lin) == [lin]
+    assert link.send(link.dest, Held(0, 0, (1,))) == [Held(0, 0, (1,))]
+    assert link.send(link.dest, Ready()) == [Ready()]
+    link = _lineage_link()
+    link.send(link.dest, Held(0, 0, (1,)))
+    refused(link.source, encode(Lineage((), "")), "Lineage twice, or after Held")
+
+
+def test_a_destination_cannot_accept_what_the_source_did_not_vouch_for() -> None:
+    refused(_lineage_link((0,)).source, encode(Lineage((1,), "")), "did not vouch for")
+    refused(link_at(State.READY).source, encode(Lineage((), "")),
+            "answers a Manifest that names a replica")
+    with pytest.raises(ProtocolError, match="lineage_files without a lineage"):
+        encode(Manifest(BS, FILES, "m", lineage_files=(0,)))
+    with pytest.raises(ProtocolError, match="not in the manifest"):
+        encode(Manifest(BS, FILES, "m", lineage="s@1", lineage_files=(7,)))
+    with pytest.raises(ProtocolError, match="names a file twice"):
+        encode(Lineage((0, 0), ""))
