@@ -347,7 +347,9 @@ class Source:
         self.progress.channel = self.ch
         await self.ch.handshake()
 
-    def _open(self) -> None:
+    def _open_settled(self) -> dict[str, object] | None:
+        """Open the files, refusing a mount whose last handoff was never settled (the VM may
+        run on the other host): returns its ownership record."""
         self.store = store = self.hooks.open_files(self.opts)
         prev = store.read_record()
         old = SourceRecord.from_dict(prev) if prev else None
@@ -356,6 +358,11 @@ class Source:
                 f"migration {old.migration} of this mount to {old.to} was never settled "
                 f"({old.state}: the VM may run there): run 'migrator resolve --mount "
                 f"{self.opts.mount} --to {old.to} --key-file KEY' first")
+        return prev
+
+    def _open(self) -> None:
+        prev = self._open_settled()
+        store = self._store
         if store.writeback and self.opts.suspend == "freeze":
             raise MigrationError(
                 f"{self.opts.mount} is a --writeback mount, where freeze (the default "

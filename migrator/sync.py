@@ -31,7 +31,6 @@ import trio
 from . import protocol as p
 from .dest import SYNC_STOPPED
 from .lineage import sync_record
-from .ownership import SourceRecord
 from .plan import Policy, RoundPlanner
 from .source import MigrateOptions, Source, SourceHooks, _File, _message
 from .transport import KeyMismatch, MigrationError, NotOwner, PeerAborted, PeerMismatch, leaf
@@ -131,14 +130,8 @@ class Syncer(Source):
         self.stopping = True
 
     def _open(self) -> None:
-        self.store = store = self.hooks.open_files(self.opts)
-        prev = store.read_record()
-        old = SourceRecord.from_dict(prev) if prev else None
-        if old is not None and old.unsettled:
-            raise MigrationError(
-                f"migration {old.migration} of this mount to {old.to} was never settled "
-                f"({old.state}: the VM may run there): run 'migrator resolve --mount "
-                f"{self.opts.mount} --to {old.to} --key-file KEY' first")
+        self._open_settled()
+        store = self._store
         store.claim(self.sync.sync, f"migrator sync pid {os.getpid()} to {self.opts.to}")
         self.block_size = self.report.block_size = store.block_size
         self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]

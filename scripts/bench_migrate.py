@@ -107,6 +107,13 @@ def idle_cp(a: argparse.Namespace, root: Path) -> float:
         return time.monotonic() - t
 
 
+def make_key(root: Path) -> Path:
+    key = root / "key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o600)
+    return key
+
+
 def start_serve(dst: Path, key: Path, extra: list[str] | None = None
                 ) -> tuple[subprocess.Popen[str], int]:
     """`migrator serve --once` on `dst`, on a free port of 127.0.0.1: (the process, the port)."""
@@ -125,9 +132,7 @@ def scenario(a: argparse.Namespace, root: Path, name: str, flags: list[str], *,
              write_rate: float | None = None, hot_fraction: float = 0.1,
              bandwidth: float | None = None, dest_vm: bool = False,
              may_fail: bool = False, mem_share: float | None = None) -> dict[str, Any]:
-    key = root / "key"
-    key.write_text(os.urandom(32).hex())
-    key.chmod(0o600)
+    key = make_key(root)
     rate = (write_rate or a.write_rate) / 1.048576
     pidfile = root / "dest-vm.pid"
     share = ["--mem-share", str(mem_share)] if mem_share is not None else []
@@ -193,9 +198,7 @@ def back_bench(a: argparse.Namespace, tmp: Path) -> int:
         console.print(f"{name} ...")
         root = tmp / re.sub(r"\W+", "-", name)
         root.mkdir()
-        key = root / "key"
-        key.write_text(os.urandom(32).hex())
-        key.chmod(0o600)
+        key = make_key(root)
         with Hosts(root) as h:
             sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
                "--mem-size", a.mem_size, "--unit", str(UNIT))
@@ -291,9 +294,7 @@ def sync_bench(a: argparse.Namespace, tmp: Path) -> int:
         console.print(f"{name} ...")
         root = tmp / re.sub(r"\W+", "-", name)
         root.mkdir()
-        key = root / "key"
-        key.write_text(os.urandom(32).hex())
-        key.chmod(0o600)
+        key = make_key(root)
         with Hosts(root) as h:
             sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
                "--mem-size", a.mem_size, "--unit", str(UNIT), "--seed", "11")
@@ -428,9 +429,7 @@ def sparse_bench(a: argparse.Namespace, tmp: Path) -> int:
         console.print(f"{name} ...")
         root = tmp / ("dense" if dense else "sparse")
         root.mkdir()
-        key = root / "key"
-        key.write_text(os.urandom(32).hex())
-        key.chmod(0o600)
+        key = make_key(root)
         with Hosts(root) as h:
             thin_files(h.src, dense)
             vm = subprocess.Popen(["sleep", "600"])
