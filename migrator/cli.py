@@ -357,6 +357,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 
 def cmd_sync(a: argparse.Namespace) -> int:
+    from .report import keep_status_file
     from .sync import LiveSyncLine, Syncer, print_sync_summary, sync_options
 
     console = Console(stderr=True)
@@ -378,10 +379,21 @@ def cmd_sync(a: argparse.Namespace) -> int:
                                   "(Ctrl-C again to stop now)")
                 syncer.stop()
 
+    def now() -> dict[str, Any]:  # for 'migrator status' in another process
+        s, lag = syncer.sync, syncer.lag_now
+        return {"kind": "sync", "migration": s.sync, "status": s.status, "to": a.to,
+                "mount": os.path.abspath(a.mount), "replica_epoch": s.epoch,
+                "lag_s": None if lag is None else round(lag, 2), "lag_target_s": a.lag,
+                "error": s.error}
+
+    status_path = _own_status_file()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_signals)
             nursery.start_soon(LiveSyncLine(syncer, console).run)
+            nursery.start_soon(partial(keep_status_file, more=now), syncer.progress,
+                               syncer.report, status_path, 0.5)
             try:
                 await syncer.run()
             finally:
@@ -393,6 +405,8 @@ def cmd_sync(a: argparse.Namespace) -> int:
         if not syncer.sync.error:
             raise
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(status_path)
         if syncer.sync.files:
             print_sync_summary(syncer.sync, Console())
         if a.report:
@@ -419,7 +433,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     from blkfs.runtime import process_gone
 
-    from .report import status_line
+    from .report import RUNNING, status_line
 
     if a.status_file:
         paths = [a.status_file]
@@ -445,7 +459,7 @@ def cmd_status(a: argparse.Namespace) -> int:
             continue
         pid = doc.get("pid")
         doc["running"] = isinstance(pid, int) and not process_gone(pid) and doc.get(
-            "status") in ("setup", "active")
+            "status") in RUNNING
         docs.append(doc)
     if a.json:
         print(json.dumps(docs, indent=1))
@@ -454,9 +468,11 @@ def cmd_status(a: argparse.Namespace) -> int:
         print("migrator: no migration is running on this host (as this user)")
         return 0
     for doc in docs:
-        gone = "" if doc["running"] or doc.get("status") not in ("setup", "active") else (
-            f" [its process {doc.get('pid')} is gone: it did not finish; 'migrator resolve "
-            f"--mount {doc.get('mount')}' says where the VM runs]")
+        gone = "" if doc["running"] or doc.get("status") not in RUNNING else (
+            f" [its process {doc.get('pid')} is gone: the replica there keeps its last epoch "
+            "(the VM never left); run the sync again, or migrate]" if doc.get("kind") == "sync"
+            else f" [its process {doc.get('pid')} is gone: it did not finish; 'migrator "
+            f"resolve --mount {doc.get('mount')}' says where the VM runs]")
         print(status_line(doc) + gone)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -212,8 +213,24 @@ def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> d
     }
 
 
+RUNNING = ("setup", "active", "syncing")  # statuses of a process that is not done
+
+
 def status_line(doc: dict[str, Any]) -> str:
     """One line for a status document (`migrator status`)."""
+    if doc.get("kind") == "sync":
+        lag = doc.get("lag_s")
+        parts = [f"{doc.get('phase')}",
+                 "no whole epoch yet" if doc.get("replica_epoch") is None else
+                 f"replica at epoch {doc['replica_epoch']}, lag {lag:.1f} s (target "
+                 f"{doc.get('lag_target_s'):g} s)" if lag is not None else
+                 f"replica at epoch {doc['replica_epoch']}",
+                 f"{doc.get('dirty_blocks')} dirty blocks",
+                 f"sent {human_bytes(doc.get('bytes_sent') or 0)}"]
+        if doc.get("error"):
+            parts.append(f"error: {doc['error']}")
+        return (f"sync {doc.get('migration') or '?'} to {doc.get('to')} ({doc.get('status')}): "
+                + ", ".join(parts))
     parts = [f"{doc.get('phase')}", f"round {doc.get('round')}",
              f"{doc.get('dirty_blocks')} dirty blocks"]
     if doc.get("remaining_bytes") is not None:
@@ -232,14 +249,17 @@ def status_line(doc: dict[str, Any]) -> str:
 
 
 async def keep_status_file(progress: Progress, report: MigrationReport, path: str,
-                           interval: float = 0.2, extra: dict[str, Any] | None = None) -> None:
+                           interval: float = 0.2, extra: dict[str, Any] | None = None,
+                           more: Callable[[], dict[str, Any]] | None = None) -> None:
     """Keep a JSON status file current while a migration runs, for other processes (what
-    QEMU's query-migrate answers): phase, round, dirty blocks, bytes, post-copy state."""
+    QEMU's query-migrate answers): phase, round, dirty blocks, bytes, post-copy state;
+    `more` adds fields as they are now (a sync's epoch and lag)."""
     t0 = time.monotonic()
 
     def text() -> str:
         doc = status_doc(progress, report, time.monotonic() - t0)
         doc.update(extra or {}, pid=os.getpid())
+        doc.update(more() if more is not None else {})
         return json.dumps(doc)
 
     try:

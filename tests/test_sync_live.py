@@ -83,6 +83,8 @@ def test_a_synced_replica_then_a_migration_that_sends_only_the_change(
         wait_for(lambda: (replica_epoch(dst) or 0) >= 2)
         st = run_blkfs("status", str(dst.mnt), check=True).stdout
         assert "REPLICA, NOT RUNNABLE" in st and "syncing" in st, st
+        st = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
+        assert "sync " in st and "replica at epoch" in st and "lag" in st, st
         # One migration at a time per mount: a migrate beside the sync is refused, in a line.
         r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm.pid}")
         assert r.returncode == 1 and "one migration at a time per mount" in last_line(r), r
@@ -144,6 +146,8 @@ def test_a_sync_killed_loses_nothing_but_time(hosts: tuple[Mount, Mount], key: P
         os.stat(dst.backing / "disk.raw").st_blocks * 512 >= 6 << 20))
     sy.kill()
     sy.communicate()
+    st = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
+    assert f"its process {sy.pid} is gone: the replica there keeps its last epoch" in st, st
     wait_for(lambda: "stopped" in (state(dst) or {}))
     st = state(dst)
     assert st is not None and st["status"] == "replica" and st["replica"]["epoch"] is None, st
