@@ -114,6 +114,14 @@ def make_key(root: Path) -> Path:
     return key
 
 
+def fresh_root(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A directory of its own for one row of a table, with a key: (the directory, the key)."""
+    console.print(f"{name} ...")
+    root = tmp / re.sub(r"\W+", "-", name)
+    root.mkdir()
+    return root, make_key(root)
+
+
 def start_serve(dst: Path, key: Path, extra: list[str] | None = None
                 ) -> tuple[subprocess.Popen[str], int]:
     """`migrator serve --once` on `dst`, on a free port of 127.0.0.1: (the process, the port)."""
@@ -195,10 +203,7 @@ def back_bench(a: argparse.Namespace, tmp: Path) -> int:
     for name, flags in (("B -> A, lineage", []),
                         ("B -> A, digests (--no-lineage)", ["--no-lineage"]),
                         ("B -> A, everything sent (--no-delta)", ["--no-delta"])):
-        console.print(f"{name} ...")
-        root = tmp / re.sub(r"\W+", "-", name)
-        root.mkdir()
-        key = make_key(root)
+        root, key = fresh_root(tmp, name)
         with Hosts(root) as h:
             sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
                "--mem-size", a.mem_size, "--unit", str(UNIT))
@@ -291,10 +296,7 @@ def sync_bench(a: argparse.Namespace, tmp: Path) -> int:
     replica and the migrated copy differ, counted from both sides' digests)."""
     rows: dict[str, Any] = {}
     for name in ("cold", "from a synced replica"):
-        console.print(f"{name} ...")
-        root = tmp / re.sub(r"\W+", "-", name)
-        root.mkdir()
-        key = make_key(root)
+        root, key = fresh_root(tmp, name)
         with Hosts(root) as h:
             sh(PY, "-m", "migrator.simvm", "create", str(h.src), "--disk-size", a.disk_size,
                "--mem-size", a.mem_size, "--unit", str(UNIT), "--seed", "11")
