@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Run the whole test suite (set-up first), then every test that mounts blkfs a second time on
-# writeback mounts (BLKFS_WRITEBACK=1: blkfs mount --writeback by default).
-# With arguments, one pass with them, e.g.
-#   scripts/test.sh -m "not slow"                    # the quick subset for development
-#   BLKFS_WRITEBACK=1 scripts/test.sh -m "mount and not onepass"   # the writeback pass alone
+# Run the whole test suite (set-up first) on parallel workers (pytest-xdist).  The tests marked
+# `cache` run twice, on a plain and on a writeback mount; `serial` ones (the fault matrix, the
+# QEMU guest) run one after another on one worker; docs/testing.md says why.
+# With arguments, the same run with them added, e.g.
+#   scripts/test.sh -m quick                 # the edit-loop tier, under 90 s
+#   scripts/test.sh -n 0 tests/test_qemu.py  # one file, no workers
+# TEST_WORKERS=N sets the number of workers (default 4: the suite mostly waits on processes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
@@ -12,9 +14,4 @@ scripts/setup.sh
 source scripts/lib.sh
 ensure_packages test glusterfs-server glusterfs-client
 .venv/bin/ruff check .
-if [ "$#" -gt 0 ]; then
-    exec .venv/bin/python -m pytest "$@"
-fi
-.venv/bin/python -m pytest
-echo "== the mount tests again, on writeback mounts (BLKFS_WRITEBACK=1; not the onepass ones) =="
-BLKFS_WRITEBACK=1 exec .venv/bin/python -m pytest -m "mount and not onepass"
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-4}" --dist loadgroup "$@"

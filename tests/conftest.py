@@ -32,13 +32,46 @@ def fuse_available() -> str | None:
     return None
 
 
-def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+# How long a test's kind takes, roughly: the scheduler hands out the long ones first, so that
+# no worker starts a 20 s test when the others are done (see docs/testing.md).
+_FIRST = ("serial", "slow", "mount")
+
+
+def _weight(item: pytest.Item) -> int:
+    return next((i for i, m in enumerate(_FIRST) if item.get_closest_marker(m)), len(_FIRST))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: `quick` and the groups are set here
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = fuse_available()
-    if reason is None:
-        return
     for item in items:
-        if "mount" in item.keywords:
+        mounts = item.get_closest_marker("mount") is not None
+        if reason is not None and mounts:
             item.add_marker(pytest.mark.skip(reason=reason))
+        if not mounts:
+            item.add_marker(pytest.mark.quick)  # pure modules and the engine in memory
+        if item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.xdist_group("serial"))
+        elif group := item.get_closest_marker("group"):
+            item.add_marker(pytest.mark.xdist_group(group.args[0]))
+    items.sort(key=_weight)  # stable: the order within a kind stays the files' order
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A `cache` test runs twice: on a plain mount and on a writeback mount."""
+    if metafunc.definition.get_closest_marker("cache") and "cache_mode" in metafunc.fixturenames:
+        metafunc.parametrize("cache_mode", ["plain", "writeback"], indirect=True)
+
+
+@pytest.fixture
+def cache_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The page-cache mode of every mount the test makes (`blkfs mount` reads
+    $BLKFS_WRITEBACK): "plain" or "writeback" for a `cache` test, else None, as the
+    environment says."""
+    mode: str | None = getattr(request, "param", None)
+    if mode is not None:
+        monkeypatch.setenv("BLKFS_WRITEBACK", "1" if mode == "writeback" else "0")
+    return mode
 
 
 def run_blkfs(*args: str, check: bool = False, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -107,7 +140,7 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 
 @pytest.fixture
 def mount_factory(
-    tmp_path: Path, runtime_dir: Path
+    tmp_path: Path, runtime_dir: Path, cache_mode: str | None
 ) -> Iterator[Callable[..., Mount]]:
     mounts: list[Mount] = []
 

@@ -26,13 +26,17 @@ from .test_migrate import (
     assert_source_whole,
     digest,
     fill_source,
+    hold_until,
     hosts,
     idle_vm,
     key,
     migrate,
     netns_pair,
+    read_json,
     servers,
     state,
+    wait_for,
+    wait_mid_copy,
 )
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
@@ -46,14 +50,6 @@ def proc_state(pid: int) -> str | None:
     except FileNotFoundError:
         return None
     return None if st in ("Z", "X") else st
-
-
-def wait_for(pred: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_kill9_of_serve_while_the_vm_starts_there_leaves_one_vm_and_resolve_settles_it(
@@ -131,9 +127,13 @@ CELLS = ([("initial-copy", f) for f in FAULTS] + [("switchover-window", f) for f
          + [("postcopy-spilling", f) for f in ("kill9-source", "sigterm-source", "kill9-serve",
                                                "kill9-dest-daemon", "cut-link", "link-flap")]
          + [("postcopy-flushed", f) for f in ("kill9-source", "kill9-serve", "cut-link")])
-# Faults of the link and of the migrator's own processes, not of the filesystem: the writeback
-# pass (scripts/test.sh) runs only the kill -9 cells again, on writeback mounts.
-ONEPASS = {"sigterm-source", "sigstop-serve", "cut-link", "link-flap"}
+# A daemon killed -9 loses what its page cache held: those cells run on writeback mounts too.
+# The other faults are of the link and of the migrator's processes, which hold no page cache.
+CACHE = {"kill9-dest-daemon"}
+# Faults timed against the io timeouts (a stop or a cut longer than them, a flap shorter): a
+# busy CPU must not blur the difference, so one worker runs them one after another. The
+# kills are events, not durations: they run beside anything.
+TIMED = {"sigstop-serve", "cut-link", "link-flap"}
 # The link between the two network namespaces goes down this long (the io timeouts are 3 s):
 CUT_S = {"cut-link": 5.0, "link-flap": 1.0}  # past them / within them (TCP carries on)
 
@@ -143,17 +143,13 @@ def running(pid: int) -> bool:
     return proc_state(pid) not in (None, "T", "t")
 
 
-def read_json(path: Path) -> dict[str, object]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-@pytest.mark.parametrize(("phase", "fault"), [
-    pytest.param(p, f, id=f"{p}-{f}", marks=[pytest.mark.onepass] if f in ONEPASS else [])
-    for p, f in CELLS])
-def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: Path,
+@pytest.mark.parametrize(("phase", "fault", "cache_mode"), [
+    pytest.param(p, f, mode, id=f"{p}-{f}" + ("-writeback" if mode == "writeback" else ""),
+                 marks=[pytest.mark.serial] if f in TIMED else [])
+    for p, f in CELLS for mode in (("plain", "writeback") if f in CACHE else ("plain",))],
+    indirect=["cache_mode"])
+def test_fault_matrix(phase: str, fault: str, cache_mode: str,
+                      hosts: tuple[Mount, Mount], key: Path,
                       servers: list[Server], tmp_path: Path,
                       request: pytest.FixtureRequest) -> None:
     src, dst = hosts
@@ -171,12 +167,13 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
     vm_args = ["--rate", "20", "--mem-share", "0.9"] if postcopy else ["--rate", "5"]
     vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), *vm_args], stdout=subprocess.DEVNULL)
     pidfile, status = tmp_path / "dest-vm.pid", tmp_path / "status.json"
+    release = tmp_path / "release"  # the window closes once the source has reacted
     start_vm = (f"{' '.join(SIMVM)} run \"$MIGRATOR_MOUNT\" --resume --rate 2 --seconds 60 "
                 f">/dev/null 2>&1 & echo $! > {pidfile}")
     # Post-copy: the hook also stops serve, so nothing frees slots or installs pages until
     # the fault is in; the switchover window: the hook takes its time after the VM started.
     hook = start_vm + ("; kill -STOP $PPID" if postcopy else
-                       "; sleep 6" if phase == "switchover-window" else "")
+                       "; " + hold_until(release, 6) if phase == "switchover-window" else "")
     s = Server(dst, key, "--resume-cmd", hook, "--io-timeout", "3", netns=ns_b,
                listen=f"{host}:0")
     servers.append(s)
@@ -226,7 +223,10 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
             subprocess.run(["ip", "-n", ns_a, "link", "set", veth, "up"], check=True)
         if s.proc.poll() is None:
             os.kill(s.proc.pid, signal.SIGCONT)  # (stopped by the post-copy hook or above)
+        if fault in ("kill9-serve", "kill9-dest-daemon"):
+            release.touch()  # the source may wait for the window: nothing more to see there
         out, err = m.communicate(timeout=90)
+        release.touch()
         sout = "" if s.proc.poll() is not None and fault == "kill9-serve" else s.finish(90)[1]
         assert "Traceback" not in out + err + sout, out + err + sout
         assert "internal error" not in err + sout, err + sout  # the real error, not trio's
@@ -308,6 +308,7 @@ def test_fault_matrix(phase: str, fault: str, hosts: tuple[Mount, Mount], key: P
             subprocess.run(["fusermount3", "-u", "-z", str(dst.mnt)], capture_output=True)
 
 
+@pytest.mark.cache
 def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_point(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
         tmp_path: Path, idle_vm: subprocess.Popen[bytes]) -> None:
@@ -316,11 +317,13 @@ def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_
     before = fill_source(src, 32)
     s = Server(dst, key, once=False)
     servers.append(s)
+    status = tmp_path / "status.json"
     m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                           f"127.0.0.1:{s.port}", "--key-file", str(key), "--bandwidth", "10",
-                          "--suspend", f"pid:{idle_vm.pid}", "disk.raw", "vm.mem"],
+                          "--status-file", str(status), "--suspend", f"pid:{idle_vm.pid}",
+                          "disk.raw", "vm.mem"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # mid initial copy
+    wait_mid_copy(status, m)
     os.kill(dst.pid, signal.SIGKILL)  # the destination's blkfs daemon dies
     _, err = m.communicate(timeout=60)
     assert m.returncode == 1 and len(err.strip().splitlines()) == 1, err
@@ -346,6 +349,7 @@ def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_
     assert out.count("failed") >= 3 and "complete and verified" in out, out
 
 
+@pytest.mark.cache
 def test_a_full_destination_disk_after_the_copy_cannot_break_the_handoff(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
         tmp_path: Path) -> None:
@@ -420,9 +424,10 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
     vm_args = ["--rate", "20", "--mem-share", "0.9"] if postcopy else ["--rate", "5"]
     vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), *vm_args], stdout=subprocess.DEVNULL)
     pidfile, status = tmp_path / "dest-vm.pid", tmp_path / "status.json"
+    release = tmp_path / "release"  # the window stays open until serve is killed
     hook = (f"{' '.join(SIMVM)} run \"$MIGRATOR_MOUNT\" --resume --rate 2 --seconds 60 "
             f">/dev/null 2>&1 & echo $! > {pidfile}; "
-            + ("sleep 0.3; kill -STOP $PPID" if postcopy else "sleep 6"))
+            + ("sleep 0.3; kill -STOP $PPID" if postcopy else hold_until(release, 60)))
     s = Server(dst, key, "--resume-cmd", hook, "--io-timeout", "3")
     servers.append(s)
     args = ["--io-timeout", "20", "--status-file", str(status)]
@@ -450,6 +455,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
         wait_for(lambda: (dst.mnt / ".migration-digests").exists(), 10, "the digest log")
         s.proc.kill()  # kill -9 of serve: the Resumed, the fetches, the verdict die with it
         s.proc.wait()
+        release.touch()  # (its hook, orphaned, ends)
         time.sleep(0.5)
         s2 = Server(dst, key, "--io-timeout", "3", listen=f"127.0.0.1:{s.port}")
         servers.append(s2)

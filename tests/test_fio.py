@@ -13,6 +13,7 @@ from .conftest import Mount
 pytestmark = [
     pytest.mark.mount,
     pytest.mark.slow,
+    pytest.mark.cache,  # mmap, O_DIRECT and buffered writers on both cache modes
     pytest.mark.skipif(shutil.which("fio") is None, reason="fio is missing (apt-get install fio)"),
 ]
 
@@ -39,7 +40,7 @@ def test_fio_verify_crc32c(mount: Mount, rw: str, bs: str, direct: int) -> None:
 def test_fio_verify_four_jobs(mount_factory: Callable[..., Mount], engine: str, rw: str,
                               bs: str, direct: int) -> None:
     """Four jobs at once, each on its own file (mmap, O_DIRECT and buffered psync), with
-    crc32c verification; on a --writeback mount whenever BLKFS_WRITEBACK=1 (the second pass)."""
+    crc32c verification, on a plain and on a --writeback mount."""
     mount = mount_factory()
     r = subprocess.run(
         ["fio", "--name=verify", f"--directory={mount.mnt}", "--size=8m", "--numjobs=4",

@@ -28,7 +28,7 @@ from .conftest import Mount
 from .test_migrate import MIGRATOR, Server, hosts, key, servers
 from .test_postcopy import completed_from_the_spill_alone, stop_dest_on_resume, vm
 
-pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.onepass]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.group("gluster")]  # one glusterd
 __all__ = ["hosts", "key", "servers", "vm"]  # fixtures, re-exported for pytest
 
 SERVER_ADDR, DEST_ADDR = "10.231.78.1", "10.231.78.2"

@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import Mount
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.cache]  # a punch behind the page cache
 BS = 64 << 10
 
 

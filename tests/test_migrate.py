@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,7 +62,8 @@ class Server:
         self.proc = subprocess.Popen([*pre, *MIGRATOR, "serve", "--mount", str(dst.mnt),
                                       "--listen", listen, "--key-file", str(key),
                                       *(["--once"] if once else []), *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)  # its hooks: see kill()
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         m = re.search(r"listening on [^ ]+:(\d+),", line)
@@ -73,8 +75,9 @@ class Server:
         return self.proc.returncode, out + err
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Serve and everything its hooks started (a hook's `sleep` would hold its pipes)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.communicate()
 
 
@@ -101,6 +104,38 @@ def digest(path: Path) -> str:
 def state(dst: Mount) -> dict[str, object] | None:
     f = dst.mnt / ".migration-state.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `pred` until it holds: tests wait on a condition, never on a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def read_json(path: Path) -> dict[str, object]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def wait_mid_copy(status: Path, proc: subprocess.Popen[str], sent: float = 1e6) -> None:
+    """Until `migrate --status-file status` is in its initial copy with `sent` bytes out."""
+    def copying() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        st = read_json(status)
+        return st.get("phase") == "initial copy" and int(st.get("bytes_sent", 0)) > sent  # type: ignore[call-overload]
+    wait_for(copying, 60, "the initial copy")
+
+
+def hold_until(release: Path, cap: float) -> str:
+    """Shell for a resume hook that keeps the switchover window open until the test creates
+    `release` (at most `cap` seconds): the window lasts as long as the fault needs, no more."""
+    return (f"i=0; while [ ! -e {release} ] && [ $i -lt {round(cap * 20)} ]; do sleep 0.05; "
+            "i=$((i+1)); done")
 
 
 def stopped(pid: int) -> bool:
@@ -143,6 +178,7 @@ def test_idle_files_arrive_byte_exact(freeze_hosts: tuple[Mount, Mount], key: Pa
     run_blkfs("thaw", str(src.mnt), check=True)
 
 
+@pytest.mark.cache
 @pytest.mark.slow
 def test_live_vm_migrates_with_no_lost_write(hosts: tuple[Mount, Mount], key: Path,
                                              servers: list[Server], tmp_path: Path) -> None:
@@ -215,7 +251,7 @@ def test_status_shows_a_running_migration_and_nothing_after(
     """`migrator status` (query-migrate): another process sees the running migration's
     phase, bytes and remaining set; when it ends its status file is gone."""
     src, dst = hosts
-    (src.mnt / "disk.raw").write_bytes(os.urandom(6 << 20))
+    (src.mnt / "disk.raw").write_bytes(os.urandom(6 << 20))  # 2 s at 3 MB/s
     s = Server(dst, key)
     servers.append(s)
     report = tmp_path / "report.json"
@@ -231,15 +267,18 @@ def test_status_shows_a_running_migration_and_nothing_after(
             assert r.returncode == 0, r.stderr
             docs = json.loads(r.stdout)
             if docs and docs[0]["phase"] == "initial copy" and docs[0]["bytes_sent"]:
-                seen = docs
-                break
+                # the line of the same moment (a busy machine may take the 2 s to start both)
+                line = subprocess.run([*MIGRATOR, "status"], capture_output=True,
+                                      text=True).stdout
+                if "initial copy" in line:
+                    seen = docs
+                    break
             time.sleep(0.1)
         assert seen, "the running migration never showed in migrator status"
         doc = seen[0]
         assert doc["running"] is True and doc["pid"] == mig.pid
         assert doc["status"] == "active" and doc["data_bytes"] == 6 << 20
         assert doc["mount"] == str(src.mnt)
-        line = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
         assert "initial copy" in line and "MB/s" in line, line
         _, err = mig.communicate(timeout=60)
         assert mig.returncode == 0, err
@@ -308,18 +347,19 @@ def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: P
 @pytest.mark.parametrize("how", ["kill-destination", "sigterm-source", "kill9-source"])
 def test_failure_mid_copy_leaves_the_source_whole(
     hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
-    idle_vm: subprocess.Popen[bytes], how: str
+    idle_vm: subprocess.Popen[bytes], how: str, tmp_path: Path
 ) -> None:
     src, dst = hosts
     before = fill_source(src, 32)
     s = Server(dst, key)
     servers.append(s)
-    pre: list[str] = []
-    proc = subprocess.Popen([*pre, *MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+    status = tmp_path / "status.json"
+    proc = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                              f"127.0.0.1:{s.port}", "--key-file", str(key), "--bandwidth", "10",
-                             "--suspend", f"pid:{idle_vm.pid}", "disk.raw", "vm.mem"],
+                             "--status-file", str(status), "--suspend", f"pid:{idle_vm.pid}",
+                             "disk.raw", "vm.mem"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # mid initial copy: 36 MiB at 10 MB/s
+    wait_mid_copy(status, proc)  # 36 MiB at 10 MB/s: the fault falls into the copy
     if how == "kill-destination":
         s.proc.kill()
     elif how == "sigterm-source":
@@ -348,6 +388,7 @@ def test_failure_mid_copy_leaves_the_source_whole(
     assert digest(dst.mnt / "disk.raw") == before["disk.raw"]
 
 
+@pytest.mark.cache
 def test_destination_disk_full(mount_factory: Callable[..., Mount], key: Path,
                                servers: list[Server], tmp_path: Path,
                                idle_vm: subprocess.Popen[bytes]) -> None:
@@ -522,19 +563,21 @@ def test_across_two_network_namespaces(hosts: tuple[Mount, Mount], key: Path,
 @pytest.mark.slow
 def test_network_cut_mid_copy(hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
                               netns_pair: tuple[str, str, str],
-                              idle_vm: subprocess.Popen[bytes]) -> None:
+                              idle_vm: subprocess.Popen[bytes], tmp_path: Path) -> None:
     """A cut without a reset (link down): both sides notice within --io-timeout."""
     a, b, veth = netns_pair
     src, dst = hosts
     before = fill_source(src, 32)
+    status = tmp_path / "status.json"
     s = Server(dst, key, "--io-timeout", "3", netns=b, listen="10.231.77.2:0")
     servers.append(s)
     proc = subprocess.Popen(["ip", "netns", "exec", a, *MIGRATOR, "migrate", "--mount",
                              str(src.mnt), "--to", f"10.231.77.2:{s.port}", "--key-file",
                              str(key), "--bandwidth", "10", "--io-timeout", "3", "--suspend",
-                             f"pid:{idle_vm.pid}", "disk.raw", "vm.mem"],
+                             f"pid:{idle_vm.pid}", "--status-file", str(status),
+                             "disk.raw", "vm.mem"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    wait_mid_copy(status, proc)
     subprocess.run(["ip", "-n", a, "link", "set", veth, "down"], check=True)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
@@ -586,6 +629,7 @@ def test_a_thin_disk_and_zero_memory_cost_what_they_hold(
     assert dst_alloc < 24 << 20, dst_alloc  # the 60 MiB of written zeros stay unwritten here
 
 
+@pytest.mark.cache
 @pytest.mark.slow
 def test_zero_runs_over_data_the_destination_holds_are_punched(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
@@ -622,6 +666,7 @@ def test_zero_runs_over_data_the_destination_holds_are_punched(
     assert os.stat(dst.backing / "disk.raw").st_blocks * 512 < 12 << 20  # punched, not written
 
 
+@pytest.mark.cache
 def test_direct_writes_are_tracked_and_never_leave_a_stale_page(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server],
         idle_vm: subprocess.Popen[bytes]) -> None:
@@ -724,6 +769,7 @@ def test_status_of_a_migration_whose_process_died(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.cache
 @pytest.mark.parametrize("way", ["lineage", "digests"])
 def test_a_migration_back_sends_only_what_changed(hosts: tuple[Mount, Mount], key: Path,
                                                   servers: list[Server], tmp_path: Path,

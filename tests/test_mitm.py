@@ -36,7 +36,7 @@ from .test_migrate import (
 
 __all__ = ["hosts", "idle_vm", "key", "servers"]  # fixtures, re-exported for pytest
 
-pytestmark = [pytest.mark.mount, pytest.mark.onepass]
+pytestmark = pytest.mark.mount
 
 MARK = b"a page the VM wrote, find me!!!\n"  # 32 bytes, repeated over the disk
 

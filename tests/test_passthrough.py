@@ -16,7 +16,7 @@ from blkfs.control import ControlError
 
 from .conftest import Mount
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.cache]  # semantics on both cache modes, as ext4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

@@ -36,6 +36,8 @@ from .test_migrate import (
     key,
     servers,
     state,
+    stopped,
+    wait_for,
 )
 
 pytestmark = pytest.mark.mount
@@ -108,6 +110,7 @@ class Migration:
         self.proc.communicate()
 
 
+@pytest.mark.cache
 def test_postcopy_reader_sees_only_final_pages(hosts: tuple[Mount, Mount], key: Path,
                                                 servers: list[Server], tmp_path: Path,
                                                 vm: subprocess.Popen[bytes]) -> None:
@@ -202,6 +205,7 @@ def tamper_with_slots(spill: Path, how: str) -> int:
     return n
 
 
+@pytest.mark.cache
 def test_source_killed_after_spill_flush_dest_completes(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
         vm: subprocess.Popen[bytes]) -> None:
@@ -286,7 +290,7 @@ def test_source_killed_before_spill_flush_dest_waits_then_gives_up_on_request(
     # 2 slots and a frozen destination: the source cannot get every page into the spill.
     m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
                   "--spill-slots", "2")
-    time.sleep(2.0)
+    wait_for(lambda: stopped(s.proc.pid), 60, "the destination to resume (and stop itself)")
     m.kill9()
     os.kill(s.proc.pid, signal.SIGCONT)
     rc, out = s.finish(timeout=60)
@@ -333,6 +337,7 @@ def _read_fails(fd: int, block: int) -> bool:
     return False
 
 
+@pytest.mark.cache
 @pytest.mark.parametrize("how", ["flip", "forge"])
 def test_corrupted_spill_slot_is_refused_and_fetched(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
@@ -364,6 +369,7 @@ def test_corrupted_spill_slot_is_refused_and_fetched(
             == rep["postcopy_pages"])
 
 
+@pytest.mark.cache
 def test_few_slots_carry_many_pages(hosts: tuple[Mount, Mount], key: Path,
                                     servers: list[Server], tmp_path: Path,
                                     vm: subprocess.Popen[bytes]) -> None:

@@ -22,7 +22,7 @@ import pytest
 from .conftest import Mount
 from .test_migrate import MIGRATOR, Server
 
-pytestmark = [pytest.mark.mount, pytest.mark.slow]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.serial, pytest.mark.cache]
 
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = shutil.which("qemu-system-x86_64")

@@ -23,7 +23,7 @@ from .test_migrate import Server, digest, fill_source, hosts, idle_vm, key, migr
 
 __all__ = ["hosts", "idle_vm", "key", "servers"]  # fixtures, re-exported for pytest
 
-pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.onepass]
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
 def fds(pid: int) -> int:

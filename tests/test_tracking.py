@@ -45,6 +45,7 @@ def pwrite(path: Path, data: bytes, off: int) -> None:
         (15 * B + 10, 10, [(15, 1)]),  # last block of the file
     ],
 )
+@pytest.mark.cache
 def test_dirty_extents_equal_what_was_written(
     mount: Mount, off: int, length: int, expect: list[tuple[int, int]]
 ) -> None:
@@ -57,6 +58,7 @@ def test_dirty_extents_equal_what_was_written(
     assert mount.dirty("disk.raw") == []
 
 
+@pytest.mark.cache
 def test_swap_epochs_and_json_shape(mount: Mount) -> None:
     p = mount.path("disk.raw")
     p.write_bytes(b"\0" * 4 * B)
@@ -73,6 +75,7 @@ def test_swap_epochs_and_json_shape(mount: Mount) -> None:
     assert doc["epoch"] == 1 and doc["extents"] == [[1, 1]]
 
 
+@pytest.mark.cache
 def test_truncate_and_growth(mount: Mount) -> None:
     p = mount.path("disk.raw")
     p.write_bytes(b"\1" * 16 * B)
@@ -91,6 +94,7 @@ def test_truncate_and_growth(mount: Mount) -> None:
     assert {f["file"]: f for f in mount.call("status")["files"]}["disk.raw"]["blocks"] == 0
 
 
+@pytest.mark.cache
 def test_heat_split_and_hottest(mount: Mount) -> None:
     p = mount.path("vm.mem")
     p.write_bytes(b"\0" * 8 * B)
@@ -104,6 +108,7 @@ def test_heat_split_and_hottest(mount: Mount) -> None:
     assert mount.call("heat", file="vm.mem", static_heat=100)["dynamic"] == 0
 
 
+@pytest.mark.cache
 def test_mmap_writes_are_tracked_at_msync_and_fsync(mount: Mount) -> None:
     p = mount.path("vm.mem")
     p.write_bytes(b"\0" * 16 * B)
@@ -123,6 +128,7 @@ def test_mmap_writes_are_tracked_at_msync_and_fsync(mount: Mount) -> None:
     assert (mount.backing / "vm.mem").read_bytes()[12 * B] == 1
 
 
+@pytest.mark.cache
 def test_block_size_option(mount_factory: Callable[..., Mount]) -> None:
     m = mount_factory("--block-size", "4K")
     p = m.path("f")
@@ -133,6 +139,7 @@ def test_block_size_option(mount_factory: Callable[..., Mount]) -> None:
     assert d["block_size"] == 4096 and d["extents"] == [[3, 2]]
 
 
+@pytest.mark.cache
 def test_clean_unmount_persists_bitmap_and_heat(mount_factory: Callable[..., Mount]) -> None:
     m = mount_factory()
     p = m.path("disk.raw")
@@ -157,6 +164,7 @@ def test_clean_unmount_persists_bitmap_and_heat(mount_factory: Callable[..., Mou
     assert m3.dirty("untouched") == []
 
 
+@pytest.mark.cache
 def test_change_while_unmounted_reports_all_dirty(mount_factory: Callable[..., Mount]) -> None:
     m = mount_factory()
     m.path("disk.raw").write_bytes(b"\0" * 4 * B)
@@ -168,6 +176,7 @@ def test_change_while_unmounted_reports_all_dirty(mount_factory: Callable[..., M
     assert m2.dirty("disk.raw") == [(0, 4)]
 
 
+@pytest.mark.cache
 def test_kill9_then_remount_reports_every_block_dirty(mount_factory: Callable[..., Mount]) -> None:
     m = mount_factory()
     m.path("disk.raw").write_bytes(b"\0" * 8 * B)
@@ -277,6 +286,7 @@ WRITER = textwrap.dedent("""
 
 
 
+@pytest.mark.cache
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pwrite", "mmap"])
 def test_no_lost_write_under_concurrent_swaps(
@@ -319,6 +329,7 @@ def test_no_lost_write_under_concurrent_swaps(
     assert bytes(replica) == (mount.backing / "disk.raw").read_bytes()
 
 
+@pytest.mark.cache
 def test_no_tracking_mount_is_a_plain_passthrough(mount_factory: Callable[..., Mount]) -> None:
     m = mount_factory("--no-tracking")
     m.path("f").write_bytes(b"data")
@@ -328,6 +339,7 @@ def test_no_tracking_mount_is_a_plain_passthrough(mount_factory: Callable[..., M
     assert m.call("info")["tracking"] is False
 
 
+@pytest.mark.cache
 def test_a_new_file_never_inherits_an_old_files_tracking(mount: Mount) -> None:
     """Inode numbers are reused after delete: a new file must start afresh."""
     for i in range(20):
@@ -342,6 +354,7 @@ def test_a_new_file_never_inherits_an_old_files_tracking(mount: Mount) -> None:
     assert mount.dirty("new") == [(0, 1)]
 
 
+@pytest.mark.cache
 def test_sigterm_is_a_clean_unmount(mount_factory: Callable[..., Mount]) -> None:
     m = mount_factory()
     m.path("disk.raw").write_bytes(b"\0" * 4 * B)
@@ -357,6 +370,7 @@ def test_sigterm_is_a_clean_unmount(mount_factory: Callable[..., Mount]) -> None
     assert m2.dirty("disk.raw") == [(2, 1)]
 
 
+@pytest.mark.cache
 def test_flush_file_is_a_barrier_for_mmap_writes(mount: Mount) -> None:
     """sync_file_range through the mount pushes page-cache writes to the daemon
     (no FSYNC of the backing file needed); without it they stay in the cache."""
@@ -373,6 +387,7 @@ def test_flush_file_is_a_barrier_for_mmap_writes(mount: Mount) -> None:
         m.close()
 
 
+@pytest.mark.cache
 def test_clear_drops_marks_of_a_range_and_checks_its_input(mount: Mount) -> None:
     p = mount.path("disk.raw")
     p.write_bytes(b"\0" * 8 * B)

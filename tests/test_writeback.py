@@ -21,6 +21,7 @@ from blkfs.bdi import bdi_name
 from blkfs.control import flush_file
 
 from .conftest import Mount, run_blkfs
+from .test_migrate import wait_for
 from .test_tracking import WRITER
 
 pytestmark = pytest.mark.mount
@@ -45,7 +46,14 @@ def test_a_writeback_mount_gets_its_dirty_budget_and_says_so(
     r = run_blkfs("status", str(m.mnt), check=True)
     assert "writeback cache (dirty limit 256.0 MiB)" in " ".join(r.stdout.split())
     m.umount()
-    assert not d.exists()  # the knobs went with the mount: nothing to restore
+    wait_for(lambda: released(d), 10, f"{d} to go")  # the knobs went with the mount
+
+
+def released(bdi: Path) -> bool:
+    """The mount of `bdi` is gone: the bdi with it (the kernel drops it soon after the
+    unmount), or its number already serves a new mount (of another test: they run at once)."""
+    return not bdi.exists() or any(
+        ln.split()[2] == bdi.name for ln in Path("/proc/self/mountinfo").read_text().splitlines())
 
 
 def test_plain_mounts_keep_the_kernels_default(mount_factory: Callable[..., Mount]) -> None:
