@@ -80,6 +80,7 @@ def test_errors_against_a_mount(mount_factory: Callable[..., Mount], tmp_path: P
     assert r.returncode == 0 and "daemon had died" in r.stdout
 
 
+@pytest.mark.quick  # a mount smoke test of the quick tier
 @pytest.mark.mount
 def test_status_heat_json(mount: Mount) -> None:
     mount.path("a").write_bytes(b"\0" * 200000)

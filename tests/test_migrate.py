@@ -149,6 +149,7 @@ def last_line(r: subprocess.CompletedProcess[str]) -> str:
     return lines[-1]
 
 
+@pytest.mark.quick  # a mount smoke test of the quick tier
 def test_idle_files_arrive_byte_exact(freeze_hosts: tuple[Mount, Mount], key: Path,
                                       servers: list[Server], tmp_path: Path) -> None:
     src, dst = freeze_hosts

@@ -28,6 +28,7 @@ def renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+@pytest.mark.quick  # a mount smoke test of the quick tier
 def test_byte_exact_roundtrip(mount: Mount) -> None:
     data = os.urandom(3 * 1024 * 1024 + 12345)
     p = mount.path("disk.raw")

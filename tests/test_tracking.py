@@ -58,6 +58,7 @@ def test_dirty_extents_equal_what_was_written(
     assert mount.dirty("disk.raw") == []
 
 
+@pytest.mark.quick  # a mount smoke test of the quick tier
 @pytest.mark.cache
 def test_swap_epochs_and_json_shape(mount: Mount) -> None:
     p = mount.path("disk.raw")
