@@ -344,7 +344,7 @@ def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_
     assert digest(dst.mnt / "disk.raw") == before["disk.raw"]
     assert state(dst)["status"] == "complete"  # type: ignore[index]
     s.proc.terminate()
-    out, serr = s.proc.communicate(timeout=30)
+    out, serr = s.communicate(30)
     assert "Traceback" not in out + serr, out + serr
     assert out.count("failed") >= 3 and "complete and verified" in out, out
 
@@ -457,6 +457,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
         s.proc.wait()
         release.touch()  # (its hook, orphaned, ends)
         time.sleep(0.5)
+        rec_before = (dst.mnt / ".migration-state.json").read_text()
         s2 = Server(dst, key, "--io-timeout", "3", listen=f"127.0.0.1:{s.port}")
         servers.append(s2)
         out, err = m.communicate(timeout=120)
@@ -465,7 +466,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
         assert "Traceback" not in out + err + sout, out + err + sout
         assert m.returncode == 0, out + err
         assert "reattached" in out + err and "the source reattached" in sout, out + err + sout
-        assert "is unfinished here" in sout, sout  # the re-run said what it picks up
+        assert "is unfinished here" in sout, (sout, rec_before)  # what the re-run picks up
         rec = read_json(src.mnt / ".migration-source.json")
         assert rec["state"] == "retired"
         wait_for(lambda: proc_state(vm.pid) is None, 10, "the source VM to be retired")

@@ -209,7 +209,7 @@ def test_a_peer_in_clear_is_told_to_match(hosts: tuple[Mount, Mount], key: Path,
     deadline = time.monotonic() + 10  # the serve says it once the source hung up
     while "--insecure-plaintext" not in line and time.monotonic() < deadline:
         if select.select([s.proc.stdout], [], [], 0.2)[0]:
-            line = s.proc.stdout.readline()  # type: ignore[union-attr]
+            line = s.readline()
     s.proc.terminate()
     rest = s.finish()[1]
     # refused (it saw the mismatch first) or gave up (the source did): one line either way

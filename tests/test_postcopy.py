@@ -86,14 +86,14 @@ class Migration:
             [*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to", f"127.0.0.1:{port}",
              "--key-file", str(key), "--suspend", f"pid:{vm_pid}", "--postcopy", *args,
              "disk.raw", "vm.mem"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)  # (as Server's)
         self.lines: list[str] = []
 
     def wait_for(self, text: str, timeout: float = 60) -> None:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
+            line = self.proc.stderr.readline().decode(errors="replace")
             if not line:
                 break
             self.lines.append(line)
@@ -103,7 +103,7 @@ class Migration:
 
     def finish(self, timeout: float = 120) -> tuple[int, str]:
         out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, "".join(self.lines) + out + err
+        return self.proc.returncode, "".join(self.lines) + (out + err).decode(errors="replace")
 
     def kill9(self) -> None:
         self.proc.kill()
