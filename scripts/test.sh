@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite (set-up first) on parallel workers (pytest-xdist).  The tests marked
-# `cache` run twice, on a plain and on a writeback mount; `serial` ones (the fault matrix, the
+# `cache` run twice, on a plain and on a writeback mount; `serial` ones (the timed fault cells, the
 # QEMU guest) run one after another on one worker; docs/testing.md says why.
 # With arguments, the same run with them added, e.g.
 #   scripts/test.sh -m quick                 # the edit-loop tier, under 90 s
