@@ -118,7 +118,7 @@ def state(dst: Mount) -> dict[str, object] | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+def wait_for(pred: Callable[[], object], timeout: float = 60, what: str = "a condition") -> None:
     """Poll `pred` until it holds: tests wait on a condition, never on a fixed sleep."""
     deadline = time.monotonic() + timeout
     while not pred():

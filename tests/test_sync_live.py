@@ -25,6 +25,7 @@ from .test_migrate import (
     migrate,
     servers,
     state,
+    wait_for,
 )
 
 pytestmark = pytest.mark.mount
@@ -41,13 +42,6 @@ def replica_epoch(dst: Mount) -> int | None:
     st = state(dst)
     rep = st.get("replica") if st else None
     return rep.get("epoch") if isinstance(rep, dict) else None  # type: ignore[return-value]
-
-
-def wait_for(what: Callable[[], bool], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture
