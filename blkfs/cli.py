@@ -22,9 +22,10 @@ from .mount import MountOptions, QuietError
 from .runtime import FSTYPE, DaemonInfo, mount_fstype, process_gone
 
 PROG = "blkfs"
-# The record a `migrator serve` keeps of what came into this mount (migrator.ownership's
-# DEST_RECORD): status shows it, so a replica is never taken for a VM's whole files.
-INCOMING_RECORD = ".migration-state.json"
+# Where the migrator keeps what this host knows of each VM on the mount (migrator.stores
+# RecordDir: BACKING/.blkfs/vms/<id>/record.json): status shows it, so a replica or an
+# incomplete copy is never taken for a VM's whole files, nor a retired one for the VM.
+VM_RECORDS = os.path.join(".blkfs", "vms")
 START_TIMEOUT = 30.0
 
 
@@ -401,40 +402,57 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def incoming_line(rec: dict[str, Any], now: float) -> str:
-    """What came into this mount by migration, in one line (the record is migrator's)."""
-    mid, src, status = rec.get("migration", "?"), rec.get("source", "?"), rec.get("status")
-    if status == "replica":
-        r = rec.get("replica") if isinstance(rec.get("replica"), dict) else {}
+def vm_line(rec: dict[str, Any], now: float) -> str:
+    """What this host knows of one VM of the mount, in one line (the record is migrator's;
+    `migrator status --mount` says the same)."""
+    name, role, gen = rec.get("name", "?"), rec.get("role", "?"), rec.get("generation", "?")
+    peer = rec.get("peer") or "?"
+    head = f"VM {name}: {role} at generation {gen}"
+    sb = rec.get("split_brain")
+    if isinstance(sb, dict):
+        return (f"{head}: SPLIT BRAIN: {sb.get('peer')} claims it at generation "
+                f"{sb.get('generation')}; a person decides ('migrator resolve')")
+    inc = rec.get("incoming") if isinstance(rec.get("incoming"), dict) else {}
+    if role == "replica":
+        r = inc.get("replica") if isinstance(inc.get("replica"), dict) else {}
         at = r.get("synced_at")
         held = ("no whole epoch yet" if r.get("epoch") is None else
                 f"every write up to its epoch {r.get('epoch')}"
                 + (f" (synced {max(0.0, now - at):.0f} s ago)"
                    if isinstance(at, (int, float)) else ""))
-        how = "stopped" if rec.get("stopped_at") else "syncing"
-        return (f"REPLICA, NOT RUNNABLE: of sync {mid} from {src} ({how}), holds {held}; "
-                "'migrator migrate' to this host starts from it")
-    if rec.get("owner"):
-        return f"incoming migration {mid} from {src}: {status}; the VM is this host's"
-    return (f"incoming migration {mid} from {src}: {status}; not runnable (the VM was never "
-            "handed to this host)")
+        how = "stopped" if inc.get("stopped_at") else "syncing"
+        return (f"VM {name}: REPLICA, NOT RUNNABLE: kept by sync from {peer} ({how}), holds "
+                f"{held}; 'migrator migrate' to this host starts from it")
+    tail = {"owner": "the VM is this host's" + (
+                f" (verification: {inc.get('status')})" if inc.get("status") == "running"
+                else ""),
+            "handing-off": f"handed to {peer}, unsettled ('migrator resolve' settles it)",
+            "retired": f"it runs at {peer}; this copy is history, not runnable",
+            "incoming": f"arriving from {peer}; not runnable yet",
+            "incomplete": f"from {peer}; NOT RUNNABLE (the migration did not finish)"}
+    return f"{head}: {tail.get(str(role), '?')}"
 
 
-def _incoming(mountpoint: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(mountpoint, INCOMING_RECORD)) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
+def _vm_records(backing: str) -> list[dict[str, Any]]:
+    root = os.path.join(backing, VM_RECORDS)
+    out = []
+    for vm in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        try:
+            with open(os.path.join(root, vm, "record.json")) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue  # (torn or gone: the migrator counts it as unknown too)
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def cmd_status(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
         st = c.call(cp.Status(static_heat=a.static_heat))
-    incoming = _incoming(a.mountpoint)
+    vms = _vm_records(st.backing)
     if a.json:
-        _print_json({**cp.to_dict(st), "incoming": incoming})
+        _print_json({**cp.to_dict(st), "vms": vms})
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -455,9 +473,9 @@ def cmd_status(a: argparse.Namespace) -> int:
                 f"PAUSED ({st.postcopy_paused})" if st.postcopy_paused else "running")
         con.print(f"post-copy {what}: {st.postcopy_absent} blocks absent, "
                   f"{st.postcopy_missing} of them given up (see: blkfs spill {a.mountpoint})")
-    if incoming is not None:
-        line = incoming_line(incoming, time.time())
-        con.print(f"[bold yellow]{line}[/]" if incoming.get("status") == "replica" else line,
+    for rec in vms:
+        line = vm_line(rec, time.time())
+        con.print(f"[bold yellow]{line}[/]" if rec.get("role") not in ("owner",) else line,
                   highlight=False)
     if st.trust_lost:
         con.print("[bold red]a write may have gone unmarked (see the daemon log): the tracking "

@@ -49,6 +49,10 @@ def _warn_plaintext(a: argparse.Namespace) -> bool:
     return a.insecure_plaintext
 
 
+VM_HELP = ("the VM's name, the same on every host (default: its files' directory, or the "
+           "first file's stem); given once with its FILEs, later alone")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog=PROG, description="Live-migrate a running VM's disk and memory files "
                  "between two blkfs mounts over TCP: static blocks first, iterative dirty "
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mount", required=True, help="the source blkfs mount point")
     m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
     m.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
-    m.add_argument("files", nargs="+", metavar="FILE", help="files, relative to the mount")
+    m.add_argument("files", nargs="*", metavar="FILE",
+                   help="the VM's files: relative to the mount, or paths under it")
+    m.add_argument("--vm", metavar="NAME", help=VM_HELP)
     g = m.add_mutually_exclusive_group()
     g.add_argument("--threshold-blocks", type=count, metavar="N",
                    help="switch over once a round leaves at most N dirty blocks")
@@ -158,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--mount", required=True, help="the source blkfs mount point")
     y.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
     y.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
-    y.add_argument("files", nargs="+", metavar="FILE", help="files, relative to the mount")
+    y.add_argument("files", nargs="*", metavar="FILE",
+                   help="the VM's files: relative to the mount, or paths under it")
+    y.add_argument("--vm", metavar="NAME", help=VM_HELP)
     y.add_argument("--bandwidth", type=positive, default=100.0, metavar="MB/s",
                    help="cap the link bandwidth (default 100: a sync shares the link with the "
                    "VMs' own traffic for hours)")
@@ -182,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="After a migration was cut at the switchover, the source keeps its VM "
         "suspended and says so. On the source, this asks the destination's 'migrator serve' "
         "what its record says and retires or resumes the source copy; or a person decides "
-        "with --resume-here / --retire-here. On the destination, it says what this host's "
-        "record holds.")
+        "with --resume-here / --retire-here (also how a split brain, two hosts that both "
+        "say owner, is settled). Elsewhere it says what this host's records hold.")
     r.add_argument("--mount", required=True, help="the blkfs mount of the VM's files")
+    r.add_argument("--vm", metavar="NAME", help="the VM to settle (when the mount has several)")
     r.add_argument("--to", metavar="HOST:PORT",
                    help="the destination's 'migrator serve' (default: the one migrated to)")
     r.add_argument("--key-file", metavar="FILE", help="shared key, to ask the destination")
@@ -197,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="retire the source copy (the VM runs on the destination)")
 
     st = sub.add_parser("status", help="the migrations running on this host, as "
-                        "query-migrate would say (phase, round, remaining, rates)")
+                        "query-migrate would say (phase, round, remaining, rates); with "
+                        "--mount, also every VM that mount's host knows (role, generation)")
+    st.add_argument("--mount", metavar="MOUNT",
+                    help="list the VMs this host knows on this blkfs mount, and its migrations")
     st.add_argument("--status-file", metavar="PATH",
                     help="read this status file (a 'migrate --status-file'), not the "
                     "running ones")
@@ -306,6 +318,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     key = read_key(a.key_file)
+    a.files = _vm_files(a)
     adapter = parse_adapter(a.suspend, a.mount, a.files)
     if a.postcopy != "off" and a.stop_and_copy:
         raise MigrationError("--postcopy and --stop-and-copy exclude each other")
@@ -320,7 +333,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
                           compress=a.compress, plaintext=_warn_plaintext(a),
-                          delta=not a.no_delta, lineage=not a.no_lineage)
+                          delta=not a.no_delta, lineage=not a.no_lineage, vm_name=a.vm)
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 
@@ -362,7 +375,8 @@ def cmd_sync(a: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     key = read_key(a.key_file)
-    opts = sync_options(a.mount, a.to, key, a.files, bandwidth_mb_s=a.bandwidth,
+    a.files = _vm_files(a)
+    opts = sync_options(a.mount, a.to, key, a.files, vm_name=a.vm, bandwidth_mb_s=a.bandwidth,
                         static_heat=a.static_heat, report_path=a.report,
                         io_timeout=a.io_timeout, compress=a.compress,
                         plaintext=_warn_plaintext(a), delta=not a.no_delta)
@@ -416,6 +430,41 @@ def cmd_sync(a: argparse.Namespace) -> int:
     return 0
 
 
+def _records(mount: str) -> Any:
+    """This host's VM records of a live blkfs mount (stores.RecordDir)."""
+    from blkfs import ctlproto as cp
+    from blkfs.control import ControlClient
+
+    from .stores import RecordDir, check_blkfs_mount
+
+    check_blkfs_mount(mount)
+    with ControlClient.for_mount(mount, timeout=10) as c:
+        info = c.call(cp.Info())
+    return RecordDir(info.backing)
+
+
+def _vm_files(a: argparse.Namespace) -> list[str]:
+    """The FILEs as the mount names them (relative, absolute or through a symlink: the same
+    file), or those of the VM named --vm; one line if neither says which."""
+    from .ownership import Refusal, find_vm
+    from .stores import check_blkfs_mount, mount_relative
+
+    check_blkfs_mount(os.path.abspath(a.mount))
+    if a.files:
+        return [mount_relative(a.mount, f) for f in a.files]
+    if not a.vm:
+        raise MigrationError("name the VM's files (FILE...), or the VM (--vm NAME)")
+    records = _records(a.mount)
+    try:
+        rec = find_vm(records.all(), [], a.vm)
+    except Refusal as exc:
+        raise MigrationError(str(exc)) from None
+    finally:
+        records.close()
+    assert rec is not None
+    return list(rec.files)
+
+
 def _status_dir() -> str:
     from blkfs.runtime import runtime_dir
 
@@ -461,11 +510,30 @@ def cmd_status(a: argparse.Namespace) -> int:
         doc["running"] = isinstance(pid, int) and not process_gone(pid) and doc.get(
             "status") in RUNNING
         docs.append(doc)
+    vms = None
+    if a.mount:
+        from .ownership import describe, summary
+
+        mount = os.path.abspath(a.mount)
+        records = _records(mount)
+        try:
+            vms = records.all()
+        finally:
+            records.close()
+        docs = [d for d in docs if d.get("mount") == mount]
     if a.json:
-        print(json.dumps(docs, indent=1))
+        out: Any = docs if vms is None else {"mount": os.path.abspath(a.mount), "vms": [
+            summary(r) for r in vms], "migrations": docs}
+        print(json.dumps(out, indent=1))
         return 0
+    if vms is not None:
+        for rec in vms:
+            print(describe(rec))
+        if not vms:
+            print(f"migrator: no VM known on {a.mount} yet (none migrated to or from it)")
     if not docs:
-        print("migrator: no migration is running on this host (as this user)")
+        if vms is None:
+            print("migrator: no migration is running on this host (as this user)")
         return 0
     for doc in docs:
         gone = "" if doc["running"] or doc.get("status") not in RUNNING else (
@@ -478,44 +546,42 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_resolve(a: argparse.Namespace) -> int:
-    from .ownership import DEST_RECORD, SOURCE_RECORD, SourceRecord
-    from .resolve import describe_dest, resolve_source
+    from .ownership import describe
+    from .resolve import resolve_source
     from .source import tcp_connect
-    from .stores import RecordFile, check_blkfs_mount, read_json
 
     mount = os.path.abspath(a.mount)
-    check_blkfs_mount(mount)
-    src = read_json(os.path.join(mount, SOURCE_RECORD))
-    dst = read_json(os.path.join(mount, DEST_RECORD))
-    decision = "resume" if a.resume_here else "retire" if a.retire_here else None
-    rec = SourceRecord.from_dict(src) if src else None
-    if rec is not None and rec.unsettled:
-        key = read_key(a.key_file) if a.key_file else None
-        to = a.to or rec.to
-
-        def write(r: SourceRecord) -> None:
-            f = RecordFile(mount, SOURCE_RECORD)
-            try:
-                f.write(r.to_dict())
-            finally:
-                f.close()
-
-        out = trio.run(partial(resolve_source, sealed=not _warn_plaintext(a)), rec,
-                       lambda: parse_adapter(rec.suspend, mount, rec.files),
-                       write, (lambda: tcp_connect(to)) if key else None, key, decision)
-        print(f"migrator resolve: {out.text}", flush=True)
-        return 0 if out.done else 1
-    if decision is not None:
-        raise MigrationError(f"nothing to {decision} on {a.mount}: no unsettled handoff here")
-    lines = []
-    if rec is not None:
-        lines.append(f"as a source: migration {rec.migration} is settled: {rec.state}"
-                     + (f" ({rec.detail})" if rec.detail else ""))
-    if dst is not None:
-        lines.append("as a destination: " + describe_dest(dst))
-    for ln in lines or [f"nothing to settle on {a.mount}: no migration record"]:
-        print(f"migrator resolve: {ln}")
-    return 0
+    records = _records(mount)
+    try:
+        known = records.all()
+        if a.vm:
+            known = [r for r in known if r.name == a.vm]
+            if not known:
+                raise MigrationError(f"no VM named {a.vm} on {a.mount}")
+        decision = "resume" if a.resume_here else "retire" if a.retire_here else None
+        open_ = [r for r in known if r.unsettled or (decision and r.split_brain)]
+        if len(open_) > 1:
+            raise MigrationError(f"{len(open_)} VMs on {a.mount} are unsettled ("
+                                 f"{', '.join(r.name for r in open_)}): name one with --vm")
+        if open_:
+            rec = open_[0]
+            key = read_key(a.key_file) if a.key_file else None
+            to = a.to or rec.peer
+            out = trio.run(partial(resolve_source, sealed=not _warn_plaintext(a)), rec,
+                           lambda: parse_adapter(rec.suspend or "freeze", mount, rec.files),
+                           records.put, (lambda: tcp_connect(to)) if key else None, key,
+                           decision)
+            print(f"migrator resolve: {out.text}", flush=True)
+            return 0 if out.done else 1
+        if decision is not None:
+            raise MigrationError(f"nothing to {decision} on {a.mount}: no unsettled handoff "
+                                 "and no split brain here")
+        for ln in [describe(r) for r in known] or [
+                f"nothing to settle on {a.mount}: no VM record"]:
+            print(f"migrator resolve: {ln}")
+        return 0
+    finally:
+        records.close()
 
 
 async def _cancel_on_signals(scope: trio.CancelScope, src: Any = None,

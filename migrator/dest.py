@@ -32,9 +32,10 @@ import xxhash
 from blkfs import ctlproto as cp
 
 from . import digestlog, lineage
+from . import ownership as own
 from . import protocol as p
 from .codecs import CodecError, decompress
-from .ownership import INCOMPLETE, OWNER, UNKNOWN, dest_answer
+from .ownership import OWNER, VMRecord
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
@@ -65,6 +66,15 @@ _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
 
 class VerificationFailed(MigrationError):
     pass
+
+
+class Refused(MigrationError):
+    """An ownership rule refused the session before anything was written here;
+    `owner_generation` >= 0 if this host owns the VM itself (a split brain)."""
+
+    def __init__(self, text: str, owner_generation: int = -1) -> None:
+        super().__init__(text)
+        self.owner_generation = owner_generation
 
 
 @dataclass
@@ -119,7 +129,8 @@ class DestSession:
         self._nursery: trio.Nursery | None = None
         self.files: dict[int, _File] = {}
         self.block_size = 0
-        self.state: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}  # this incoming session's, kept in the VM's record
+        self.vm: VMRecord | None = None  # this host's record of the VM (ownership.py)
         self.mismatches: list[str] = []  # the first few, for the message
         self.mismatch_count = 0
         self.blocks_written = 0
@@ -142,17 +153,30 @@ class DestSession:
     def open_files(self, man: p.Manifest, peer: str) -> None:
         self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
         self.block_size = man.block_size
+        if not man.vm:
+            raise MigrationError("bad peer: its Manifest names no VM")
+        records = self.store.records
+        migration = man.migration or str(uuid.uuid4())
+        try:
+            got = own.admit(records.all(), man.vm, man.vm_name, [f.name for f in man.files],
+                            man.generation, peer, migration, replica=man.replica,
+                            force=self.store.force)
+        except own.Refusal as exc:
+            if exc.owner_generation is not None:  # this host owns it too: say so, keep it
+                mine = records.get(man.vm)
+                if mine is not None:
+                    records.put(own.split_brain(mine, peer, man.generation))
+            raise Refused(str(exc), -1 if exc.owner_generation is None
+                          else exc.owner_generation) from None
         self.replica = man.replica
         kept: dict[int, dict[int, int]] = {}
         if man.lineage:  # before the record below replaces the replica's
-            self.lineage, kept = self._check_lineage(man)
+            self.lineage, kept = self._check_lineage(man, got.before)
         self.state = {
-            "migration": man.migration or str(uuid.uuid4()),
+            "migration": migration,
             # a replica (migrator sync) is never runnable: no Switchover is accepted for it,
             # and a later migration that starts from it marks it incomplete first
             "status": "replica" if man.replica else "incomplete",
-            "owner": False,  # True once this host took the VM (written before it starts it)
-            "epoch": 0,
             "source": peer,
             "started_at": time.time(),
             "files": [{"name": f.name, "size": f.size} for f in man.files],
@@ -161,7 +185,10 @@ class DestSession:
             # the source epoch (sync round) of which every write is here, durably; None until
             # the first round is acknowledged (a replica cut before that holds a part)
             self.state["replica"] = {"epoch": None, "synced_at": None}
-        self.store.write_state(self.state)  # before any file is touched
+        self.vm = got.record
+        self._save_state()  # before any file is touched
+        for stale in got.dropped:  # VMs gone from here whose files this one takes
+            records.drop(stale.id)
         self.store.create(man)
         for f in man.files:
             self.files[f.file_id] = _File(f, f.size)
@@ -169,16 +196,16 @@ class DestSession:
             self.files[fid].digests = digests
             self.held_blocks += len(digests)
 
-    def _check_lineage(self, man: p.Manifest) -> tuple[tuple[list[int], str],
-                                                       dict[int, dict[int, int]]]:
+    def _check_lineage(self, man: p.Manifest, before: VMRecord | None
+                       ) -> tuple[tuple[list[int], str], dict[int, dict[int, int]]]:
         """Which vouched files this host holds unchanged as of the named replica epoch (see
         lineage.py), with their digests from the replica's log, keyed by this manifest's ids."""
-        lin = lineage.held_lineage(self.store.read_state(), self.store.read_source_record())
+        lin = lineage.held_lineage(before)
         ids = lin.get("ids", {}) if lin is not None else {}
         names = {f.file_id: f.name for f in man.files}
         saved: dict[int, dict[int, int]] = {}
         log_tag = None
-        blob = self.store.read_digests()
+        blob = self.store.records.read_digests(man.vm) if lin is not None else None
         if blob is not None and lin is not None:
             try:
                 saved = digestlog.decode(blob, man.lineage, man.block_size)
@@ -232,19 +259,29 @@ class DestSession:
                 self.held_blocks += len(held)
                 await self.ch.send(p.Held(fid, first, tuple(held)))
 
-    def _save_state(self, **changes: Any) -> None:
+    def _save_state(self, vm: VMRecord | None = None, **changes: Any) -> None:
+        """The session's state into the VM's record, durably (with the VM's new role)."""
         self.state.update(changes)
-        self.store.write_state(self.state)
+        if vm is not None:
+            self.vm = vm
+        assert self.vm is not None
+        self.vm.incoming = self.state
+        self.store.records.put(self.vm)
 
     @property
     def owner(self) -> bool:
         """This host took the VM: it runs here from now on, whatever happens to the source."""
-        return bool(self.state.get("owner"))
+        return self.vm is not None and self.vm.role == OWNER
 
-    def _take_ownership(self, epoch: int) -> None:
+    def _take_ownership(self, generation: int) -> None:
         """Durably, before the VM is started (the handoff, docs/migration.md)."""
+        assert self.vm is not None
         t = time.monotonic()
-        self._save_state(owner=True, status="running", epoch=epoch, taken_at=time.time())
+        try:
+            took = own.took(self.vm, generation)
+        except own.Refusal as exc:
+            raise MigrationError(str(exc)) from None
+        self._save_state(took, status="running", taken_at=time.time())
         log.info("ownership record: %.2f ms", (time.monotonic() - t) * 1000)
 
     async def _start_vm(self) -> None:
@@ -258,7 +295,9 @@ class DestSession:
         except MigrationError as exc:
             if self.qemu is not None:
                 self.qemu.abort()  # before the record says so: it must not run
-            self._save_state(owner=False, status="refused", error=str(exc))
+            assert self.vm is not None
+            self._save_state(own.incoming_ended(self.vm, f"its start failed: {exc}"),
+                             status="refused", error=str(exc))
             raise
         log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
@@ -291,15 +330,15 @@ class DestSession:
         with trio.move_on_after(DIGEST_LOG_DELAY):
             await self.resumed.wait()
         await self.save_digests()
-        if self.back:  # what the source's retired copy will be: these files at the switchover
+        if self.back and self.vm is not None:  # the source's retired copy: these files then
             try:
-                self.store.write_sync_record(lineage.sync_record(
+                self.store.records.write_sync(self.vm.id, lineage.sync_record(
                     self.state["migration"], str(self.state.get("source")), lineage.BACK,
                     {f.entry.name: (self.back[f.entry.name], f.size)
                      for f in self.files.values()}, time.time()))
-            except OSError as exc:
+            except (OSError, MigrationError) as exc:
                 log.warning("cannot write the lineage record in %s: %s (a migration back will "
-                            "compare digests)", self.mount, exc.strerror or exc)
+                            "compare digests)", self.mount, exc)
 
     async def save_digests(self) -> None:
         """The digests of every block this session wrote (final from Commit on), so a
@@ -311,12 +350,16 @@ class DestSession:
                                 {fid: self._all_digests(f) for fid, f in self.files.items()})
         t = time.monotonic()
         try:
-            await self.store.write_digests(blob)
+            await self._write_digests(blob)
         except OSError as exc:
             log.error("cannot write the digest log in %s: %s (a reattached session could not "
                       "verify the pre-copied blocks)", self.mount, exc.strerror or exc)
             return
         log.info("digest log: %d bytes in %.1f ms", len(blob), (time.monotonic() - t) * 1000)
+
+    async def _write_digests(self, blob: bytes) -> None:
+        assert self.vm is not None
+        await trio.to_thread.run_sync(self.store.records.write_digests, self.vm.id, blob)
 
     def _all_digests(self, f: _File) -> dict[int, int]:
         if not f.zero or not f.zero.count(1):
@@ -331,7 +374,8 @@ class DestSession:
 
     def _load_digests(self) -> None:
         """A reattached session: the digests the broken one wrote down."""
-        blob = self.store.read_digests()
+        assert self.vm is not None
+        blob = self.store.records.read_digests(self.vm.id)
         try:
             if blob is None:
                 raise digestlog.DigestLogError("there is none")
@@ -535,8 +579,8 @@ class DestSession:
 
     async def answer(self, q: p.Query) -> None:
         """`migrator resolve` on the source asks what this host's record says."""
-        status, epoch, detail = dest_answer(self.store.read_state(), q.migration,
-                                            self.store.postcopy_absent())
+        status, epoch, detail = own.answer(self.store.records.all(), q.migration,
+                                           self.store.postcopy_absent())
         log.info("resolve query for %s: %s (%s)", q.migration, status, detail)
         await self.ch.send(p.Answer(q.migration, status, epoch, detail))
         self.answered = (status, detail)
@@ -548,18 +592,16 @@ class DestSession:
         ch = self.ch
         man = await ch.expect(p.Manifest)
         announce = await ch.expect(p.Postcopy) if ra.postcopy else None
-        record = self.store.read_state()
-        status, epoch, detail = dest_answer(record, ra.migration)
-        if status == OWNER and epoch != ra.epoch:
-            status, detail = UNKNOWN, (f"this host holds migration {ra.migration} as epoch "
-                                       f"{epoch}, not {ra.epoch}")
-        if status == OWNER:
-            assert record is not None
+        record, status, detail = own.reattachable(self.store.records.all(), ra.migration,
+                                                  ra.epoch)
+        epoch = record.generation if record is not None else 0
+        if record is not None:
             got = self.store.reattach(man, f"migrator serve pid {os.getpid()}, reattached "
                                       f"from {peer}", announce.migration if announce else None)
             if got is not None and got.given_up:
-                status, detail = INCOMPLETE, (f"the post-copy here gave up {got.remaining} "
-                                              "blocks: the source copy is the only whole one")
+                status, detail = own.INCOMPLETE_ANSWER, (
+                    f"the post-copy here gave up {got.remaining} blocks: the source copy is "
+                    "the only whole one")
         if status != OWNER:
             log.info("reattach of %s from %s refused: %s (%s)", ra.migration, peer, status,
                      detail)
@@ -567,7 +609,7 @@ class DestSession:
             self.answered = (status, detail)
             return False
         assert record is not None
-        self.state = record
+        self.vm, self.state = record, dict(record.incoming or {})
         self.block_size = man.block_size
         for f in man.files:
             self.files[f.file_id] = _File(f, f.size)
@@ -579,7 +621,7 @@ class DestSession:
                                    self.spill_override, self.resumed)
             self.pc.on_digests = self._merge_digests
             await self.pc.reattach()
-        self._save_state(reattaches=int(record.get("reattaches", 0)) + 1,
+        self._save_state(reattaches=int(self.state.get("reattaches", 0)) + 1,
                          postcopy_paused=None)
         log.info("migration %s: source %s reattached (%s)", ra.migration, peer,
                  "post-copy goes on" if announce else "verification")
@@ -909,17 +951,25 @@ async def _failed(session: DestSession, peer: str, msg: str,
                 await session.pc.give_up()
             except MigrationError as exc2:
                 log.error("cannot end lazy mode of the refused migration: %s", exc2)
-        if session.state:
+        touched = session.vm is not None and session.state
+        if touched:
             try:
+                assert session.vm is not None
                 refused = session.state.get("status") == "refused"  # (its start failed)
-                session._save_state(status="refused" if refused else "incomplete", error=msg)
-            except OSError as exc2:  # e.g. its blkfs daemon died (ENOTCONN): one line
-                log.error("cannot update the migration state in %s: %s", session.mount,
-                          exc2.strerror or exc2)
+                vm = session.vm if session.vm.role == own.INCOMPLETE else own.incoming_ended(
+                    session.vm, msg)
+                session._save_state(vm, status="refused" if refused else "incomplete",
+                                    error=msg)
+            except (OSError, MigrationError) as exc2:  # e.g. its blkfs daemon died (ENOTCONN)
+                log.error("cannot update the migration state in %s: %s", session.mount, exc2)
         if not isinstance(exc, PeerAborted):
-            await session.ch.abort(msg)
+            await session.ch.abort(msg, exc.owner_generation if isinstance(exc, Refused)
+                                   else -1)
+        if not touched:
+            return SessionOutcome(False, f"migration from {peer} refused: {msg}; nothing here "
+                                  "was changed")
         return SessionOutcome(False, f"migration from {peer} failed: {msg}; the files stay "
-                              "marked incomplete")
+                              "marked incomplete (not runnable)")
     # Taken: the VM runs here. Never roll back, never Abort (the source would resume).
     try:
         await session.save_digests()  # for the session the source may reattach
@@ -964,7 +1014,7 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
                                 session.block_size, {fid: session._all_digests(f)
                                                      for fid, f in session.files.items()})
         try:
-            await session.store.write_digests(blob)
+            await session._write_digests(blob)
         except OSError as exc2:
             log.error("cannot write the replica's digest log in %s: %s (a migration from it "
                       "will compare digests instead)", session.mount, exc2.strerror or exc2)
@@ -987,19 +1037,21 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
 def unfinished_here(store: DestFiles) -> str | None:
     """What a serve starting on this mount should say of a migration it took and did not
     finish (its serve died after the handoff), or None."""
-    rec = store.read_state()
-    if not rec or not rec.get("owner") or rec.get("status") != "running":
+    recs = [r for r in store.records.all()
+            if r.role == OWNER and (r.incoming or {}).get("status") == "running"]
+    if not recs:
         return None
+    rec = recs[0]
     try:
         absent = store.postcopy_absent()
     except MigrationError:
         absent = 0
     pc = (f"; its post-copy lacks {absent} blocks, installed from the spill area as they "
           "appear there (blkfs spill)" if absent else "")
-    return (f"migration {rec.get('migration')} from {rec.get('source')} is unfinished here "
-            f"(the VM was handed to this host, verification did not end{pc}): its source "
-            "reattaches on its own within its io timeout, or 'migrator resolve' there "
-            "settles it")
+    return (f"migration {rec.migration} of VM {rec.name} from {rec.peer} is unfinished here "
+            f"(the VM was handed to this host at generation {rec.generation}, verification "
+            f"did not end{pc}): its source reattaches on its own within its io timeout, or "
+            "'migrator resolve' there settles it")
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -1,10 +1,11 @@
 """Lineage: knowing, without reading a block, that a destination's replica equals the source's
 files as of an epoch, so a migration sends only the blocks written since. Pure.
 
-`migrator sync` leaves two records. On the source (SYNC_RECORD): for each file, the blkfs epoch
-its last acknowledged round ended (its swap) and the file's size. On the destination (its state
-record, ``replica.lineage``): the same tag and, for each file, the destination's own blkfs epoch
-after its swap at that acknowledgement; beside it a digest log of every block, tagged the same,
+`migrator sync` leaves two records, each among the VM's records (stores.RecordDir). On the
+source (the VM's sync record): for each file, the blkfs epoch its last acknowledged round ended
+(its swap) and the file's size. On the destination (its VM record's incoming state,
+``replica.lineage``): the same tag and, for each file, the destination's own blkfs epoch after
+its swap at that acknowledgement; beside it a digest log of every block, tagged the same,
 written when the session ended with nothing sent after the acknowledgement.
 
 A migration may then skip a file's unchanged blocks when both sides prove it:
@@ -85,18 +86,17 @@ def dest_lineage(epochs: dict[str, int], ids: dict[str, int], sizes: dict[str, i
     return {"tag": tag_, "epochs": dict(epochs), "ids": dict(ids), "sizes": dict(sizes)}
 
 
-def held_lineage(dest_record: dict[str, Any] | None,
-                 source_record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The replica this host holds, if its records name one: a sync's (the destination
-    record says replica), or the copy a migration away from here retired at its switchover
-    (the source record says retired: the A of A -> B -> A)."""
-    rep = (dest_record or {}).get("replica")
-    if (dest_record or {}).get("status") == "replica" and isinstance(rep, dict) and isinstance(
-            rep.get("lineage"), dict):
+def held_lineage(rec: Any) -> dict[str, Any] | None:
+    """The replica this host holds of a VM, if its record (ownership.VMRecord) names one: a
+    sync's (role replica), or the copy a migration away from here retired at its switchover
+    (role retired: the A of A -> B -> A)."""
+    if rec is None:
+        return None
+    rep = (rec.incoming or {}).get("replica")
+    if rec.role == "replica" and isinstance(rep, dict) and isinstance(rep.get("lineage"), dict):
         return rep["lineage"]  # type: ignore[no-any-return]
-    src = source_record or {}
-    if src.get("state") == "retired" and isinstance(src.get("lineage"), dict):
-        return src["lineage"]  # type: ignore[no-any-return]
+    if rec.role == "retired" and isinstance(rec.lineage, dict):
+        return rec.lineage
     return None
 
 

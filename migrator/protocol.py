@@ -96,9 +96,10 @@ from blkfs.ctlproto import ControlError, PostcopyStats, conform
 from blkfs.spill import REF as _REF
 from blkfs.spill import pack_refs, unpack_refs
 
-PROTOCOL_VERSION = 6  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
+PROTOCOL_VERSION = 7  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
 # 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta);
-# 6: replica sessions (Manifest.replica, migrator sync), Lineage (Manifest.lineage)
+# 6: replica sessions (Manifest.replica, migrator sync), Lineage (Manifest.lineage);
+# 7: VM identity (Manifest.vm, vm_name, generation; Abort.owner_generation)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload
@@ -200,6 +201,11 @@ class Manifest:
     # (Lineage) before any Held
     lineage: str = ""
     lineage_files: tuple[int, ...] = ()
+    # The VM these files are (ownership.py): its id, its name, and the generation at which
+    # the source owns it (a Commit hands it over as generation + 1)
+    vm: str = ""
+    vm_name: str = ""
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,12 +390,16 @@ class Abort:
     """Either side gives up; the reason is for humans (the peer's is untrusted text)."""
 
     reason: str
+    # A destination that refuses because it owns the VM itself (a split brain): its
+    # generation, so the source records the split brain too (-1: not that kind of refusal)
+    owner_generation: int = -1
 
     @classmethod
-    def about(cls, text: str) -> Abort:
+    def about(cls, text: str, owner_generation: int = -1) -> Abort:
         """An Abort that always encodes (clipped, unencodable characters replaced), for error
         paths that must not fail themselves."""
-        return cls(text.encode("utf-8", "replace").decode("utf-8")[:MAX_REASON])
+        return cls(text.encode("utf-8", "replace").decode("utf-8")[:MAX_REASON],
+                   owner_generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,6 +668,11 @@ def check_file_name(name: object) -> str:
 
 def _check_manifest(m: Manifest) -> None:
     _text(m.migration, 64, "Manifest.migration")
+    _text(m.vm, 64, "Manifest.vm")
+    if "/" in m.vm or m.vm.startswith("."):
+        raise ProtocolError(f"Manifest.vm {_show(m.vm)} is not a VM id")
+    _text(m.vm_name, 128, "Manifest.vm_name")
+    _int(m.generation, 0, _U32, "Manifest.generation")
     if type(m.delta) is not bool:
         raise ProtocolError(f"Manifest.delta must be true or false, not {_show(m.delta)}")
     if type(m.replica) is not bool:
@@ -747,6 +762,7 @@ def check_event(event: Event) -> None:
                 raise ProtocolError(f"Verified says ok with {event.mismatches} mismatches")
         case Abort():
             _text(event.reason, MAX_REASON, "Abort.reason")
+            _int(event.owner_generation, -1, _U32, "Abort.owner_generation")
         case Postcopy():
             _text(event.migration, 64, "Postcopy.migration")
             _text(event.spill, MAX_PATH, "Postcopy.spill")

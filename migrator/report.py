@@ -57,6 +57,9 @@ class MigrationReport:
     status: str = "setup"  # setup | active | completed | failed
     error: str | None = None
     migration: str = ""  # its id in both sides' ownership records
+    vm: str = ""  # the VM's id (ownership.py), the same on every host that held it
+    vm_name: str = ""
+    generation: int | None = None  # the VM's at the destination, once handed over
     files: list[dict[str, Any]] = field(default_factory=list)
     block_size: int = 0
     total_s: float = 0.0

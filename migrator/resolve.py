@@ -1,32 +1,34 @@
 """`migrator resolve`: settle a handoff that was cut (docs/migration.md, "The handoff").
 
-On the source, a record that says ``handed-off`` (or ``unverified``) means the VM may run on
-the destination, so the source copy stays suspended.  Resolve asks the destination's
-`migrator serve` what its record says (a Query on an authenticated connection) and acts on
-the answer: ``owner`` retires the source copy, ``refused`` resumes it.  When the
+On the source, a VM record in the role ``handing-off`` means the VM may run on the
+destination, so the source copy stays suspended.  Resolve asks the destination's `migrator
+serve` what its records say of that migration (a Query on an authenticated connection) and
+acts on the answer: ``owner`` retires the source copy, ``refused`` resumes it.  When the
 destination cannot be asked, a person decides: ``--resume-here`` (the destination copy is
-stopped) or ``--retire-here`` (it runs there).  On the destination, resolve says what this
-host's record holds.
+stopped) or ``--retire-here`` (it runs there).  A split brain (both hosts say owner) is
+settled the same way, by a person, on each host.  Elsewhere resolve says what this host's
+records hold (ownership.describe).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
+from . import ownership as own
 from . import protocol as p
-from .ownership import RESUMED, RETIRED, SourceRecord, dest_answer, settle
+from .ownership import VMRecord
 from .transport import IO_TIMEOUT, Channel, MigrationError
 from .vm import AdapterError, VMAdapter
 
 
 @dataclass
 class Settled:
-    done: bool  # the source record is settled (or there was nothing to settle)
+    done: bool  # the record is settled (or there was nothing to settle)
     text: str
+    record: VMRecord | None = None  # the record as settled (the caller writes it)
 
 
 async def ask(stream: trio.abc.Stream, key: bytes, migration: str,
@@ -44,16 +46,15 @@ async def ask(stream: trio.abc.Stream, key: bytes, migration: str,
         await ch.aclose()
 
 
-def act(record: SourceRecord, action: str, adapter: Callable[[], VMAdapter],
-        why: str) -> str:
-    """Retire or resume the source copy as settled; returns what was done. The record is
-    the caller's to write (after this returned)."""
+def act(record: VMRecord, action: str, adapter: Callable[[], VMAdapter], why: str,
+        by_hand: bool = False) -> tuple[VMRecord, str]:
+    """Retire or resume the source copy as settled: (the record to write, what was done)."""
     if action == "retire":
         try:
             did = adapter().finish()
         except AdapterError as exc:  # e.g. the process is gone already
             did = f"nothing left to stop ({exc})"
-        record.state = RETIRED
+        out = own.retired_by_hand(record) if by_hand else own.retired(record, why)
     elif action == "resume":
         try:
             a = adapter()
@@ -61,34 +62,44 @@ def act(record: SourceRecord, action: str, adapter: Callable[[], VMAdapter],
         except AdapterError as exc:
             raise MigrationError(f"cannot resume the source VM: {exc}") from None
         did = f"source VM resumed ({a.name})"
-        record.state = RESUMED
+        out = own.resumed_by_hand(record) if by_hand else own.handoff_off(record, why, True)
     else:
         raise ValueError(action)
-    record.detail, record.updated_at = why, time.time()
-    return did
+    return out, did
 
 
-async def resolve_source(record: SourceRecord, adapter: Callable[[], VMAdapter],
-                         write: Callable[[SourceRecord], None],
+async def resolve_source(record: VMRecord, adapter: Callable[[], VMAdapter],
+                         write: Callable[[VMRecord], None],
                          connect: Callable[[], Awaitable[trio.abc.Stream]] | None,
                          key: bytes | None, decision: str | None, *, sealed: bool = True
                          ) -> Settled:
-    """Settle an unsettled source record: by a person's `decision`, or by asking."""
+    """Settle an unsettled handoff (or a split brain): by a person's `decision`, or by
+    asking the destination."""
+    name = f"VM {record.name} (migration {record.migration})"
+    if record.split_brain and decision is not None:
+        if decision == "retire":  # a person says the copy there is the one
+            out = own.retired_by_hand(record)
+            did = "this copy is retired; the VM is the other host's"
+        else:  # (the other host's copy must be retired there by hand too)
+            out = own.resumed_by_hand(record)
+            did = ("this copy is the owner; retire the other with 'migrator resolve "
+                   "--retire-here' there")
+        write(out)
+        return Settled(True, f"split brain of VM {record.name} settled by hand: {did}", out)
     if not record.unsettled:
-        return Settled(True, f"migration {record.migration} is settled: {record.state}"
-                       + (f" ({record.detail})" if record.detail else ""))
+        return Settled(True, f"{name} is settled: {own.describe(record)}", record)
     if decision is not None:
-        did = act(record, decision, adapter, f"settled by hand: {decision}")
-        write(record)
-        return Settled(True, f"migration {record.migration}: {did}")
+        out, did = act(record, decision, adapter, f"settled by hand: {decision}", True)
+        write(out)
+        return Settled(True, f"{name}: {did} (generation {out.generation})", out)
     if connect is None or key is None:
-        return Settled(False, f"migration {record.migration} to {record.to} is unsettled "
-                       f"({record.state}): ask the destination (--to HOST:PORT --key-file "
-                       "KEY, with 'migrator serve' running there), or decide: --resume-here "
-                       "if the VM is stopped there, --retire-here if it runs there")
+        return Settled(False, f"{name} to {record.peer} is unsettled ({record.detail}): ask the "
+                       "destination (--to HOST:PORT --key-file KEY, with 'migrator serve' "
+                       "running there), or decide: --resume-here if the VM is stopped there, "
+                       "--retire-here if it runs there")
     answer = await ask(await connect(), key, record.migration, sealed=sealed)
-    action = settle(answer.status)
-    if answer.status == "incomplete":
+    action = own.settle(answer.status)
+    if answer.status == own.INCOMPLETE_ANSWER:
         return Settled(False, f"the destination says: {answer.detail}; the source copy is the "
                        "only whole one and stays suspended: stop the VM on the destination "
                        "('blkfs spill MOUNT --give-up' there ends its waiting reads), then "
@@ -97,25 +108,7 @@ async def resolve_source(record: SourceRecord, adapter: Callable[[], VMAdapter],
         return Settled(False, f"the destination says: {answer.detail}; nothing is changed "
                        "here: check the destination by hand, then --resume-here or "
                        "--retire-here")
-    did = act(record, action, adapter, f"the destination says: {answer.detail}")
-    write(record)
-    return Settled(True, f"migration {record.migration}: the destination says "
-                   f"{answer.status} ({answer.detail}): {did}")
-
-
-def describe_dest(record: dict[str, object]) -> str:
-    """What a destination's record says, for a person on that host."""
-    migration = str(record.get("migration", "?"))
-    if record.get("status") == "replica":
-        rep = record.get("replica")
-        epoch = rep.get("epoch") if isinstance(rep, dict) else None
-        return (f"sync {migration}: a replica, not runnable (every write up to its epoch "
-                f"{epoch} is here; the VM is not this host's): 'migrator migrate' to this host "
-                "starts from it")
-    status, _epoch, detail = dest_answer(record, migration)
-    if status in ("owner", "incomplete"):
-        return (f"migration {migration}: {detail}: the VM is this host's; if it is not "
-                "running, start it from these files; the source retires its copy when its "
-                "'migrator resolve' asks here")
-    return (f"migration {migration}: {detail}: the VM is not this host's (the source may run "
-            "its copy)")
+    out, did = act(record, action, adapter, f"the destination says: {answer.detail}")
+    write(out)
+    return Settled(True, f"{name}: the destination says {answer.status} ({answer.detail}): "
+                   f"{did}", out)

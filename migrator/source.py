@@ -31,21 +31,12 @@ import xxhash
 from blkfs.spill import SpillArea, SpillError, spill_key
 
 from . import digestlog
+from . import ownership as own
 from . import protocol as p
 from .codecs import CODECS, compressor, packed
 from .delta import Holdings
 from .lineage import BACK, dest_lineage, source_proof, tag
-from .ownership import (
-    COPYING,
-    HANDED_OFF,
-    OWNER,
-    REFUSED,
-    RESUMED,
-    RETIRED,
-    UNVERIFIED,
-    SourceRecord,
-    next_epoch,
-)
+from .ownership import HANDING_OFF, OWNER, REFUSED, VMRecord
 from .plan import (
     Policy,
     RoundPlanner,
@@ -105,6 +96,7 @@ class MigrateOptions:
     delta: bool = True  # ask what the destination holds; send only the blocks that differ
     lineage: bool = True  # with delta: name a replica both sides can prove (lineage.py)
     plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
+    vm_name: str | None = None  # --vm NAME: the VM's name (its files, once named)
 
 
 @dataclass
@@ -132,7 +124,7 @@ class SourceHooks:
     """How the engine reaches the world; the defaults are the real ones."""
 
     open_files: Callable[[MigrateOptions], SourceFiles] = field(
-        default=lambda o: BlkfsSource(o.mount, o.files))
+        default=lambda o: BlkfsSource(o.mount, o.files, o.vm_name))
     connect: Callable[[MigrateOptions], Awaitable[trio.abc.Stream]] = field(
         default=lambda o: tcp_connect(o.to))
     notify: Callable[[str], None] = field(default=lambda text: None)  # milestones, one line
@@ -162,7 +154,8 @@ class Source:
         self._compress = compressor(opts.compress) if opts.compress else None
         self.switched = False  # the destination said Resumed: the VM runs there
         self.commit_sent = False  # from the first byte of Commit on, the VM may run there
-        self.record: SourceRecord | None = None  # ours, on the source mount
+        self.vm: VMRecord | None = None  # this host's record of the VM (ownership.py)
+        self.migration = str(uuid.uuid4())  # this attempt
         self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
         self.spill: SpillArea | None = None
         self.memory_ids: set[int] = set()
@@ -347,33 +340,35 @@ class Source:
         self.progress.channel = self.ch
         await self.ch.handshake()
 
-    def _open_settled(self) -> dict[str, object] | None:
-        """Open the files, refusing a mount whose last handoff was never settled (the VM may
-        run on the other host): returns its ownership record."""
+    def _open_vm(self) -> VMRecord:
+        """Open the files and find the VM they are, refusing unless this host is its owner
+        (ownership.may_hand_off); a VM this host never knew is a new one, owned here."""
         self.store = store = self.hooks.open_files(self.opts)
-        prev = store.read_record()
-        old = SourceRecord.from_dict(prev) if prev else None
-        if old is not None and old.unsettled:
-            raise MigrationError(
-                f"migration {old.migration} of this mount to {old.to} was never settled "
-                f"({old.state}: the VM may run there): run 'migrator resolve --mount "
-                f"{self.opts.mount} --to {old.to} --key-file KEY' first")
-        return prev
+        try:
+            rec = own.vm_to_hand_off(store.records.all(), list(store.names),
+                                     self.opts.vm_name, self.opts.mount)
+        except own.Refusal as exc:
+            raise MigrationError(str(exc)) from None
+        if rec is None:
+            rec = own.new_vm(list(store.names), self.opts.vm_name, self.opts.suspend)
+            store.records.put(rec)
+        self.vm = rec
+        self.report.vm, self.report.vm_name = rec.id, rec.name
+        return rec
+
+    def _put(self, rec: VMRecord) -> None:
+        self.vm = rec
+        self._store.records.put(rec)
 
     def _open(self) -> None:
-        prev = self._open_settled()
+        self._open_vm()
         store = self._store
         if store.writeback and self.opts.suspend == "freeze":
             raise MigrationError(
                 f"{self.opts.mount} is a --writeback mount, where freeze (the default "
                 "--suspend) cannot hold the VM's writes (they land in the page cache first): "
                 "use --suspend pid:PID or qemu:QMP_SOCKET")
-        self.record = SourceRecord(str(uuid.uuid4()),
-                                   next_epoch(prev, store.read_dest_record()), self.opts.to,
-                                   self.opts.suspend, list(store.names))
-        store.claim(self.record.migration, f"migrator migrate pid {os.getpid()} to "
-                    f"{self.opts.to}")
-        store.write_record(self.record.to_dict())
+        store.claim(self.migration, f"migrator migrate pid {os.getpid()} to {self.opts.to}")
         self.block_size = store.block_size
         self.report.block_size = self.block_size
         self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
@@ -416,7 +411,8 @@ class Source:
             first[f.file_id] = self._store.swap(f.file_id)
             f.size = self._store.size(f.file_id)
         tag, vouched = "", ()
-        record = self._store.read_sync_record()
+        assert self.vm is not None
+        record = self._store.records.read_sync(self.vm.id)
         if self.opts.delta and self.opts.lineage and not self.opts.stop_and_copy and record:
             proof = source_proof(record, {f.rel: (self._store.last_epoch(f.file_id), f.size)
                                           for f in self.files}, self._store.trust_lost())
@@ -424,9 +420,16 @@ class Source:
             tag, vouched = proof.tag, tuple(by_name[n] for n in proof.files)
             self.since_replica = {fid: first[fid] for fid in vouched}
             self.report.lineage_detail = "; ".join(f"{n}: {w}" for n, w in proof.why_not.items())
-        return p.Manifest(self.block_size, tuple(
-            p.FileEntry(f.file_id, f.rel, f.size) for f in self.files), migration,
-            self.opts.delta and not self.opts.stop_and_copy, replica, tag, vouched)
+        return p.Manifest(self.block_size, self._entries(), migration,
+                          self.opts.delta and not self.opts.stop_and_copy, replica, tag, vouched,
+                          *self._vm_fields())
+
+    def _entries(self) -> tuple[p.FileEntry, ...]:
+        return tuple(p.FileEntry(f.file_id, f.rel, f.size) for f in self.files)
+
+    def _vm_fields(self) -> tuple[str, str, int]:
+        assert self.vm is not None
+        return self.vm.id, self.vm.name, self.vm.generation
 
     async def _what_the_destination_holds(self, man: p.Manifest) -> None:
         """Lineage (if the Manifest named a replica), then Held frames until Ready: the xxh3 of
@@ -577,7 +580,8 @@ class Source:
         # Durably give the VM up before the suspend, so the handoff adds no disk write to
         # the downtime; until the Commit is sent, a failure still resumes it here.
         t = time.monotonic()
-        self._set_record(HANDED_OFF, "switching over: the destination may run the VM")
+        assert self.vm is not None
+        self._put(own.begin_handoff(self.vm, self.opts.to, self.migration, self.opts.suspend))
         self.report.handoff_record_ms = _ms(t)
         if not self.suspended:
             await self._suspend()
@@ -645,7 +649,7 @@ class Source:
             delay = min(2 * delay, RECONNECT_MAX)
 
     async def _reattach_once(self) -> None:
-        assert self.record is not None
+        assert self.vm is not None
         stream = await self.hooks.connect(self.opts)
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
         ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
@@ -653,10 +657,11 @@ class Source:
         try:
             await ch.handshake()
             unfinished = self.pc is not None and not self.pc.finished
-            mid = self.record.migration
-            await ch.send(p.Reattach(mid, self.record.epoch, unfinished))
-            await ch.send(p.Manifest(self.block_size, tuple(
-                p.FileEntry(f.file_id, f.rel, f.size) for f in self.files), mid))
+            mid = self.migration
+            await ch.send(p.Reattach(mid, self.vm.next_generation, unfinished))
+            await ch.send(p.Manifest(self.block_size, self._entries(), mid,
+                                     vm=self.vm.id, vm_name=self.vm.name,
+                                     generation=self.vm.generation))
             if unfinished:
                 assert self.spill is not None
                 await ch.send(self._announcement())
@@ -676,17 +681,11 @@ class Source:
         return p.Postcopy(self.spill.migration, os.path.abspath(self.spill.path),
                           self.spill.nslots)
 
-    def _set_record(self, state: str, detail: str = "") -> None:
-        assert self.record is not None and self.store is not None
-        self.record.state, self.record.detail = state, detail
-        self.record.updated_at = time.time()
-        self.store.write_record(self.record.to_dict())
-
     async def _hand_off(self) -> None:
-        """The point of no return: the record says handed-off already; say Commit."""
-        assert self.ch is not None and self.record is not None
+        """The point of no return: the record says handing-off already; say Commit."""
+        assert self.ch is not None and self.vm is not None
         self.commit_sent = True  # before the send: once it starts, it may arrive
-        await self.ch.send(p.Commit(self.record.epoch))
+        await self.ch.send(p.Commit(self.vm.next_generation))
 
     @property
     def spilling(self) -> bool:
@@ -696,8 +695,7 @@ class Source:
     @property
     def handed_off(self) -> bool:
         """The VM was given up (Commit sent): it must not run here again unless settled."""
-        return (self.commit_sent and self.record is not None
-                and self.record.state in (HANDED_OFF, UNVERIFIED))
+        return self.commit_sent and self.vm is not None and self.vm.role == HANDING_OFF
 
     async def _send_device_state(self) -> None:
         """The hypervisor's device state (QEMU), saved at suspend, for the destination's."""
@@ -831,7 +829,8 @@ class Source:
         if not v.ok:
             self.report.mismatched_blocks = v.mismatches
             self.report.verify_detail = v.detail
-            self._set_record(UNVERIFIED, f"{v.mismatches} blocks differ: {v.detail}")
+            assert self.vm is not None
+            self._put(own.unverified(self.vm, f"{v.mismatches} blocks differ: {v.detail}"))
             self.report.source_vm = ("kept suspended, files untouched: it is the good copy")
             raise MigrationError(
                 f"VERIFICATION FAILED: {v.mismatches} blocks differ on the destination "
@@ -840,32 +839,35 @@ class Source:
                 f"{self.opts.mount} --resume-here'")
         # The copy is proven: only now is the source copy retired.
         self.report.source_vm = self.adapter.finish()
-        self._keep_lineage()
-        self._set_record(RETIRED, "the destination verified its copy")
+        assert self.vm is not None
+        self._put(own.retired(self.vm, "the destination verified its copy",
+                              self._keep_lineage()))
+        self.report.generation = self.vm.generation
 
-    def _keep_lineage(self) -> None:
+    def _keep_lineage(self) -> dict[str, Any] | None:
         """The retired copy is the destination's files as of the switchover: keep its digests
         (the verification's) and this mount's epochs, so a migration back to here reads and
         sends only what the VM wrote there since (lineage.py). Best effort: without them, the
         way back compares digests."""
-        assert self.record is not None
+        assert self.vm is not None
         if len(self.my_digests) != len(self.files):
-            return
-        name = tag(self.record.migration, BACK)
+            return None
+        name = tag(self.migration, BACK)
         epochs: dict[str, int] = {}
         for f in self.files:
             ended = self._store.last_epoch(f.file_id)
             if ended is None:
-                return
+                return None
             epochs[f.rel] = ended + 1
         try:
-            self._store.write_digests(digestlog.encode(name, self.block_size, self.my_digests))
+            self._store.records.write_digests(self.vm.id, digestlog.encode(
+                name, self.block_size, self.my_digests))
         except OSError as exc:
             self.hooks.notify(f"cannot keep the retired copy's digests ({exc.strerror}): a "
                               "migration back will compare digests")
-            return
-        self.record.lineage = dest_lineage(epochs, {f.rel: f.file_id for f in self.files},
-                                           {f.rel: f.size for f in self.files}, name)
+            return None
+        return dest_lineage(epochs, {f.rel: f.file_id for f in self.files},
+                            {f.rel: f.size for f in self.files}, name)
 
     # -- the whole migration --------------------------------------------------------
 
@@ -880,8 +882,7 @@ class Source:
             # Writes still in the page cache (a --writeback mount, or mmap'ed RAM) reach the
             # backing files first: the initial copy reads them, and the heat counts them.
             await self._store.flush()
-            assert self.record is not None
-            man = self._start_epoch(self.record.migration)
+            man = self._start_epoch(self.migration)
             self.t_epoch = time.monotonic()
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
             r.data_bytes = self.progress.total = sum(f.size for f in self.files)
@@ -932,28 +933,47 @@ class Source:
         with trio.CancelScope(shield=True):
             refused = (isinstance(exc, PeerAborted) or (isinstance(exc, NotOwner)
                        and exc.status == REFUSED)) and not self.switched
+            vm = self.vm
+            if vm is not None and vm.role == HANDING_OFF and (not self.handed_off or refused):
+                # First the record, as it was (or resumed, on the destination's refusal):
+                # nothing that failed before the Commit leaves this host handing off.
+                try:
+                    self._put(own.handoff_off(vm, f"the destination refused: {reason}"
+                                              if self.commit_sent else
+                                              f"aborted before the handoff: {reason}",
+                                              resumed=self.commit_sent))
+                except MigrationError as exc2:
+                    r.error = f"{reason}; and {exc2}"
+            if isinstance(exc, PeerAborted) and exc.owner_generation >= 0 and vm is not None:
+                self._split_brain(exc.owner_generation)
             if not self.handed_off or refused:
                 try:
                     if self.suspended:
                         self.adapter.resume()
                         self.suspended = False
-                    if self.record is not None and self.record.state == HANDED_OFF:
                         if self.commit_sent:
-                            self._set_record(RESUMED, f"the destination refused: {reason}")
                             r.source_vm = "resumed here: the destination refused the VM"
-                        else:
-                            self._set_record(COPYING, f"aborted before the handoff: {reason}")
-                except (AdapterError, MigrationError) as exc2:
+                except Exception as exc2:  # (whatever it is, the user must hear it)
                     r.error = f"{reason}; and resuming the source VM failed: {exc2}"
-            elif self.record is not None and self.record.state == HANDED_OFF:
+            elif self.vm is not None and self.vm.role == HANDING_OFF:
                 where = ("runs on the destination" if self.switched
                          else "may run on the destination")
                 r.source_vm = f"kept suspended: the VM {where}"
                 r.error = (f"{reason}; the VM {where}, its copy here stays suspended: settle "
                            f"with 'migrator resolve --mount {self.opts.mount} --to "
-                           f"{self.record.to} --key-file KEY'")
+                           f"{self.opts.to} --key-file KEY'")
             if self.ch is not None:
                 await self.ch.abort(reason)
+
+    def _split_brain(self, theirs: int) -> None:
+        """The destination owns this VM too: both records say so, and a person decides."""
+        assert self.vm is not None
+        if self.vm.role != own.OWNER:
+            return
+        try:
+            self._put(own.split_brain(self.vm, self.opts.to, theirs))
+        except MigrationError as exc:
+            self.hooks.notify(str(exc))
 
 
 def _ms(since: float) -> float:

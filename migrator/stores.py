@@ -8,6 +8,7 @@ over an in-memory stream with files in memory instead, in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,9 +22,10 @@ from blkfs import ctlproto as cp
 from blkfs.control import ControlClient, ControlError, flush_file
 from blkfs.runtime import FSTYPE, mount_fstype
 
+from . import ownership as own
 from . import protocol as p
 from .delta import file_digests
-from .ownership import DEST_RECORD, DIGEST_LOG, SOURCE_RECORD, SYNC_RECORD, overwrite_refusal
+from .ownership import VMRecord
 from .transport import MigrationError
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,34 @@ WRITE_CHUNK = 256 << 10
 
 Extent = tuple[int, int]
 HeatRuns = tuple[tuple[int, int, float], ...] | np.ndarray  # ctlproto.HEAT_RUN records
-RESERVED = {DEST_RECORD, SOURCE_RECORD, DIGEST_LOG, SYNC_RECORD, ".blkfs"}
+RESERVED = {".blkfs"}
+META = ".blkfs"  # the daemon's directory at the backing root: the mount never shows it
+VMS = os.path.join(META, "vms")  # under it: one directory of records per VM
+
+
+class VMRecords(Protocol):
+    """What one host knows of the VMs of a mount (ownership.VMRecord), and each VM's digest
+    log and sync record (lineage), kept where the VM's files do not show them."""
+
+    def all(self) -> list[VMRecord]: ...
+
+    def get(self, vm: str) -> VMRecord | None: ...
+
+    def put(self, rec: VMRecord) -> None:
+        """Durably, before the caller acts on it (one write and one fdatasync)."""
+        ...
+
+    def drop(self, vm: str) -> None: ...
+
+    def read_sync(self, vm: str) -> dict[str, object] | None: ...
+
+    def write_sync(self, vm: str, record: dict[str, object]) -> None: ...
+
+    def read_digests(self, vm: str) -> bytes | None: ...
+
+    def write_digests(self, vm: str, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class SourceFiles(Protocol):
@@ -89,28 +118,10 @@ class SourceFiles(Protocol):
         same files (both take the dirty sets) never run at once."""
         ...
 
-    def read_record(self) -> dict[str, object] | None:
-        """The source's ownership record (ownership.SourceRecord), if any."""
+    @property
+    def records(self) -> VMRecords:
+        """This host's records of the mount's VMs."""
         ...
-
-    def read_dest_record(self) -> dict[str, object] | None:
-        """This mount's record as a destination (an earlier incoming migration), if any."""
-        ...
-
-    def write_record(self, record: dict[str, object]) -> None:
-        """Durably, before the caller acts on it."""
-        ...
-
-    def read_sync_record(self) -> dict[str, object] | None:
-        """migrator sync's record of its last acknowledged epoch (lineage), if any."""
-        ...
-
-    def write_digests(self, data: bytes) -> None:
-        """A digest log (digestlog) beside the records, durably: this copy's digests once it
-        is retired, for a migration back that trusts them (lineage)."""
-        ...
-
-    def write_sync_record(self, record: dict[str, object]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -139,11 +150,12 @@ class DestFiles(Protocol):
     """The destination's files of one incoming migration, by file id."""
 
     mount: str
+    force: bool  # serve --force: overwrite the files of a VM that runs here
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
         """Take the mount for this migration (`holder` says who, to a second taker) and
-        refuse what cannot work (names, space, a VM running here) before anything is
-        written."""
+        refuse what cannot work (names, space) before anything is written. Whose files they
+        are is the engine's to ask (ownership.admit)."""
         ...
 
     def reattach(self, manifest: p.Manifest, holder: str,
@@ -153,26 +165,9 @@ class DestFiles(Protocol):
         fetch for this session again."""
         ...
 
-    def write_state(self, state: dict[str, object]) -> None:
-        """The migration's state and ownership record, durably (written before any file is
-        touched, and before the VM is started)."""
-        ...
-
-    async def write_digests(self, data: bytes) -> None:
-        """The digest log (digestlog), durably, beside the state."""
-        ...
-
-    def read_digests(self) -> bytes | None: ...
-
-    def read_state(self) -> dict[str, object] | None: ...
-
-    def read_source_record(self) -> dict[str, object] | None:
-        """This mount's record as a source (a VM that left it: its retired copy is a replica
-        of the destination's files as of the switchover)."""
-        ...
-
-    def write_sync_record(self, record: dict[str, object]) -> None:
-        """The replica another host holds of these files, as a source proves it (lineage)."""
+    @property
+    def records(self) -> VMRecords:
+        """This host's records of the mount's VMs (the incoming one's among them)."""
         ...
 
     def postcopy_absent(self) -> int:
@@ -226,7 +221,7 @@ class BlkfsSource:
     from the backing files (the daemon writes synchronously, so the backing file holds
     every write it has tracked)."""
 
-    def __init__(self, mount: str, names: list[str]) -> None:
+    def __init__(self, mount: str, names: list[str], vm_name: str | None = None) -> None:
         self.mount = mount
         try:
             self.client = ControlClient.for_mount(mount)
@@ -234,8 +229,7 @@ class BlkfsSource:
             raise MigrationError(str(exc)) from None
         self.fds: list[int] = []
         self.epochs: dict[int, int] = {}  # file id -> the epoch our latest swap ended
-        self.record = RecordFile(mount, SOURCE_RECORD)
-        self.sync_record = RecordFile(mount, SYNC_RECORD)
+        self._records: RecordDir | None = None
         try:
             info = self._call(cp.Info())
             if not info.tracking:
@@ -243,9 +237,18 @@ class BlkfsSource:
                                      "with tracking to migrate from it")
             self.writeback = info.writeback
             self.block_size = info.block_size
-            self.names = [self._rel(n) for n in names]
-            if len(set(self.names)) != len(self.names):
-                raise MigrationError("a file is named twice")
+            self._records = RecordDir(info.backing)
+            if not names and vm_name:  # --vm NAME alone: the files that VM was named with
+                try:
+                    found = own.find_vm(self._records.all(), [], vm_name)
+                except own.Refusal as exc:
+                    raise MigrationError(str(exc)) from None
+                names = found.files if found is not None else []
+            self.names = [mount_relative(mount, n) for n in names]
+            twice = sorted({n for n in self.names if self.names.count(n) > 1})
+            if twice:
+                raise MigrationError(f"{twice[0]} is named twice (the same file, by two "
+                                     "paths?)")
             for rel in self.names:
                 self._call(cp.Dirty(rel))  # exists, is a regular file, inside the mount
             for rel in self.names:
@@ -254,15 +257,6 @@ class BlkfsSource:
         except BaseException:
             self.close()
             raise
-
-    def _rel(self, name: str) -> str:
-        mnt = os.path.abspath(self.mount)
-        if os.path.isabs(name):
-            full = os.path.abspath(name)
-            if os.path.commonpath([full, mnt]) != mnt:
-                raise MigrationError(f"{name} is not under {self.mount}")
-            return os.path.relpath(full, mnt)
-        return os.path.normpath(name)
 
     def _call(self, req: cp.Request) -> object:
         try:
@@ -314,38 +308,17 @@ class BlkfsSource:
         except ControlError as exc:
             raise MigrationError(f"{exc} (stop that one first)") from None
 
-    def read_record(self) -> dict[str, object] | None:
-        return self.record.read()
-
-    def read_dest_record(self) -> dict[str, object] | None:
-        return read_json(os.path.join(self.mount, DEST_RECORD))
-
-    def write_record(self, record: dict[str, object]) -> None:
-        try:
-            self.record.write(record)
-        except OSError as exc:
-            raise MigrationError(f"cannot write the ownership record in {self.mount}: "
-                                 f"{exc.strerror}") from None
-
-    def read_sync_record(self) -> dict[str, object] | None:
-        return self.sync_record.read()
-
-    def write_digests(self, data: bytes) -> None:
-        write_file_durably(os.path.join(self.mount, DIGEST_LOG), data)
-
-    def write_sync_record(self, record: dict[str, object]) -> None:
-        try:
-            self.sync_record.write(record)
-        except OSError as exc:
-            raise MigrationError(f"cannot write the sync record in {self.mount}: "
-                                 f"{exc.strerror}") from None
+    @property
+    def records(self) -> RecordDir:
+        assert self._records is not None
+        return self._records
 
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        self.record.close()
-        self.sync_record.close()
+        if self._records is not None:
+            self._records.close()
         self.client.close()
 
 
@@ -435,6 +408,141 @@ class RecordFile:
             self.fd = None
 
 
+def mount_relative(mount: str, name: str) -> str:
+    """A FILE of the command line as the mount's relative name: relative to the mount,
+    absolute under it, or through a symlink to a file under it all mean the same file."""
+    root = os.path.realpath(mount)
+    full = os.path.realpath(name if os.path.isabs(name) else os.path.join(root, name))
+    if full == root or os.path.commonpath([full, root]) != root:
+        raise MigrationError(f"{name} is not a file under the mount {mount}")
+    return os.path.relpath(full, root)
+
+
+class RecordDir:
+    """The VM records of one mount: ``BACKING/.blkfs/vms/<id>/`` holds the VM's record, its
+    digest log and its sync record. Outside what the mount shows (the VM never sees them,
+    nor lists them), and on the backing filesystem itself: a record written inside the
+    downtime costs one pwrite and one fdatasync, without a FUSE round trip.
+
+    Records of the migrator before VM identity (``.migration-*`` files at the top of the
+    mount) are converted the first time the directory is read, and moved under
+    ``.blkfs/legacy/``."""
+
+    def __init__(self, backing: str) -> None:
+        self.backing = backing
+        self.root = os.path.join(backing, VMS)
+        self.open: dict[str, RecordFile] = {}
+        self._legacy_done = False
+
+    def _dir(self, vm: str) -> str:
+        if not vm or "/" in vm or vm.startswith("."):
+            raise MigrationError(f"bad VM id {vm!r}")
+        return os.path.join(self.root, vm)
+
+    def all(self) -> list[VMRecord]:
+        self._convert_legacy()
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        out = []
+        for vm in names:
+            rec = self.get(vm)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def get(self, vm: str) -> VMRecord | None:
+        self._convert_legacy()
+        d = read_json(os.path.join(self._dir(vm), "record.json"))
+        rec = VMRecord.from_dict(d) if d else None
+        if d and rec is None:
+            log.warning("unreadable VM record %s: counted as unknown", vm)
+        return rec
+
+    def put(self, rec: VMRecord) -> None:
+        f = self.open.get(rec.id)
+        try:
+            if f is None:
+                d = self._dir(rec.id)
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                f = self.open[rec.id] = RecordFile(d, "record.json")
+            f.write(rec.to_dict())
+        except OSError as exc:
+            raise MigrationError(f"cannot write the record of VM {rec.name} in {self.root}: "
+                                 f"{exc.strerror}") from None
+
+    def drop(self, vm: str) -> None:
+        f = self.open.pop(vm, None)
+        if f is not None:
+            f.close()
+        d = self._dir(vm)
+        for name in ("record.json", "sync.json", "digests"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(d, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+    def read_sync(self, vm: str) -> dict[str, object] | None:
+        return read_json(os.path.join(self._dir(vm), "sync.json"))
+
+    def write_sync(self, vm: str, record: dict[str, object]) -> None:
+        os.makedirs(self._dir(vm), mode=0o700, exist_ok=True)
+        f = RecordFile(self._dir(vm), "sync.json")
+        try:
+            f.write(record)
+        except OSError as exc:
+            raise MigrationError(f"cannot write the sync record in {self.root}: "
+                                 f"{exc.strerror}") from None
+        finally:
+            f.close()
+
+    def read_digests(self, vm: str) -> bytes | None:
+        try:
+            with open(os.path.join(self._dir(vm), "digests"), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_digests(self, vm: str, data: bytes) -> None:
+        os.makedirs(self._dir(vm), mode=0o700, exist_ok=True)
+        write_file_durably(os.path.join(self._dir(vm), "digests"), data)
+
+    def _convert_legacy(self) -> None:
+        if self._legacy_done:
+            return
+        self._legacy_done = True
+        top = {n: os.path.join(self.backing, n) for n in (
+            own.LEGACY_SOURCE, own.LEGACY_DEST, own.LEGACY_SYNC, own.LEGACY_DIGESTS)}
+        if not any(os.path.exists(p) for p in top.values()):
+            return
+        src, dst = read_json(top[own.LEGACY_SOURCE]), read_json(top[own.LEGACY_DEST])
+        sync = read_json(top[own.LEGACY_SYNC])
+        blob = None
+        with contextlib.suppress(FileNotFoundError), open(top[own.LEGACY_DIGESTS], "rb") as f:
+            blob = f.read()
+        for rec in own.from_legacy(src, dst):
+            if self.get(rec.id) is None:
+                self.put(rec)
+            if blob is not None:  # (tagged: a reader that expects another tag ignores it)
+                self.write_digests(rec.id, blob)
+            if sync and isinstance(sync.get("files"), dict) and set(sync["files"]) <= set(
+                    rec.files):
+                self.write_sync(rec.id, sync)
+        keep = os.path.join(self.backing, META, "legacy")
+        os.makedirs(keep, mode=0o700, exist_ok=True)
+        for name, path in top.items():
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, os.path.join(keep, name))
+        log.warning("converted the migration records of %s to VM records (the old ones are "
+                    "in %s)", self.backing, keep)
+
+    def close(self) -> None:
+        for f in self.open.values():
+            f.close()
+        self.open.clear()
+
+
 class MountDest:
     """Files under the destination's blkfs mount.
 
@@ -453,7 +561,7 @@ class MountDest:
         self.names: dict[int, str] = {}
         self.fresh_ids: set[int] = set()  # files created empty by this migration
         self.client: ControlClient | None = None  # holds the mount's migration slot
-        self.record = RecordFile(self.mount, DEST_RECORD)
+        self._records: RecordDir | None = None
         self.direct: dict[int, int] = {}  # backing file fds, by file id
         self.pending: dict[int, list[list[int]]] = {}  # written ranges the daemon must know
         self.npending = 0
@@ -470,12 +578,6 @@ class MountDest:
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
         self._claim(manifest.migration or "?", holder)
-        why = overwrite_refusal(self.read_state(),
-                                read_json(os.path.join(self.mount, SOURCE_RECORD)),
-                                {f.name for f in manifest.files})
-        if why and not self.force:
-            raise MigrationError(f"refusing to overwrite: {why}; stop it there first, or "
-                                 "run 'migrator serve' with --force")
         need = 0
         for f in manifest.files:
             path = self._target(f.name)
@@ -513,34 +615,17 @@ class MountDest:
         assert isinstance(out, cp.Reattached)
         return out
 
-    def write_state(self, state: dict[str, object]) -> None:
-        self.record.write(state)
-
-    async def write_digests(self, data: bytes) -> None:
-        await trio.to_thread.run_sync(self._write_digests, data)
-
-    def _write_digests(self, data: bytes) -> None:
-        write_file_durably(os.path.join(self.mount, DIGEST_LOG), data)
-
-    def read_digests(self) -> bytes | None:
-        try:
-            with open(os.path.join(self.mount, DIGEST_LOG), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def read_state(self) -> dict[str, object] | None:
-        return self.record.read()
-
-    def read_source_record(self) -> dict[str, object] | None:
-        return read_json(os.path.join(self.mount, SOURCE_RECORD))
-
-    def write_sync_record(self, record: dict[str, object]) -> None:
-        f = RecordFile(self.mount, SYNC_RECORD)
-        try:
-            f.write(record)
-        finally:
-            f.close()
+    @property
+    def records(self) -> RecordDir:
+        if self._records is None:
+            check_blkfs_mount(self.mount)
+            try:
+                with ControlClient.for_mount(self.mount, timeout=10) as c:
+                    info = c.call(cp.Info())
+            except ControlError as exc:
+                raise MigrationError(str(exc)) from None
+            self._records = RecordDir(info.backing)
+        return self._records
 
     def postcopy_absent(self) -> int:
         try:
@@ -686,7 +771,8 @@ class MountDest:
                 pass  # the daemon died under us (ENOTCONN): nothing more to release
         self.fds.clear()
         self.direct.clear()
-        self.record.close()
+        if self._records is not None:
+            self._records.close()
         if self.client is not None:
             self.client.close()  # the mount's migration slot is free again
             self.client = None

@@ -130,7 +130,7 @@ class Syncer(Source):
         self.stopping = True
 
     def _open(self) -> None:
-        self._open_settled()
+        self._open_vm()
         store = self._store
         store.claim(self.sync.sync, f"migrator sync pid {os.getpid()} to {self.opts.to}")
         self.block_size = self.report.block_size = store.block_size
@@ -270,7 +270,8 @@ class Syncer(Source):
         """The destination holds epoch `epoch` durably: say so here too, for a migration that
         starts from it (lineage.py), then count."""
         s = self.sync
-        self._store.write_sync_record(sync_record(s.sync, self.opts.to, epoch, {
+        assert self.vm is not None
+        self._store.records.write_sync(self.vm.id, sync_record(s.sync, self.opts.to, epoch, {
             f.rel: (self.ended[f.rel], f.size) for f in self.files}, time.time()))
         now = time.monotonic()
         lag = now - (self.t_acked if self.t_acked is not None else t_swap)

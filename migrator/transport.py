@@ -52,7 +52,16 @@ def _bad_peer(exc: p.ProtocolError) -> MigrationError:
 
 
 class PeerAborted(MigrationError):
-    pass
+    """The peer said Abort; `owner_generation` is its Abort's (>= 0: it refused because it
+    owns the VM itself, at that generation: a split brain)."""
+
+    def __init__(self, text: str, owner_generation: int = -1) -> None:
+        super().__init__(text)
+        self.owner_generation = owner_generation
+
+    @classmethod
+    def of(cls, ev: p.Abort) -> PeerAborted:
+        return cls(f"the peer aborted: {ev.reason}", ev.owner_generation)
 
 
 class NotOwner(MigrationError):
@@ -165,7 +174,7 @@ class Channel:
             self.conn.receive_data(data)
             while (ev := self.conn.next_event()) is not p.NEED_DATA:
                 if isinstance(ev, p.Abort):
-                    raise PeerAborted(f"the peer aborted: {ev.reason}")
+                    raise PeerAborted.of(ev)
                 self._early.append(ev)
         except p.ProtocolError as exc:
             raise _bad_peer(exc) from None
@@ -217,7 +226,7 @@ class Channel:
                     self.conn.receive_data(data)
                     while (ev := self.conn.next_event()) is not p.NEED_DATA:
                         if isinstance(ev, p.Abort):
-                            raise PeerAborted(f"the peer aborted: {ev.reason}")
+                            raise PeerAborted.of(ev)
                 except p.ProtocolError:
                     return
 
@@ -241,7 +250,7 @@ class Channel:
                 raise _bad_peer(exc) from None
             if ev is not p.NEED_DATA:
                 if isinstance(ev, p.Abort):
-                    raise PeerAborted(f"the peer aborted: {ev.reason}")
+                    raise PeerAborted.of(ev)
                 return ev
             try:
                 with trio.fail_after(self.io_timeout):
@@ -277,7 +286,7 @@ class Channel:
             raise MigrationError(f"the peer did not complete the handshake within {timeout:g} s "
                                  "(is it a migrator?)") from None
 
-    async def abort(self, reason: str) -> None:
+    async def abort(self, reason: str, owner_generation: int = -1) -> None:
         """Tell the peer why we stop, if the connection still allows it.
 
         Then half-close and read until the peer closes (2 s at most): closing with its
@@ -286,7 +295,7 @@ class Channel:
         """
         with trio.move_on_after(2):
             try:
-                data = self.conn.send(p.Abort.about(reason))
+                data = self.conn.send(p.Abort.about(reason, owner_generation))
                 async with self._send_lock:
                     await self.stream.send_all(data)
                 if isinstance(self.stream, trio.SocketStream):

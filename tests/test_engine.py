@@ -9,6 +9,7 @@ switchover leaves the source VM running and the destination marked incomplete.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +21,7 @@ import trio.testing
 from migrator import protocol as p
 from migrator.delta import file_digests
 from migrator.dest import DestSession, ServeOptions, SessionOutcome, Sessions, serve_one
+from migrator.ownership import VMRecord
 from migrator.plan import Policy, Verdict
 from migrator.source import MigrateOptions, Source, SourceHooks
 from migrator.transport import Channel, MigrationError
@@ -77,23 +79,67 @@ class FakeVM:
         return off // BS
 
 
+class MemoryRecords:
+    """VMRecords in memory (one host's): every record written is kept, in order, in `log`."""
+
+    def __init__(self) -> None:
+        self.recs: dict[str, dict[str, Any]] = {}
+        self.log: list[VMRecord] = []
+        self.syncs: dict[str, dict[str, Any]] = {}
+        self.digests: dict[str, bytes] = {}
+
+    def all(self) -> list[VMRecord]:
+        return [r for r in (VMRecord.from_dict(d) for d in self.recs.values()) if r]
+
+    def get(self, vm: str) -> VMRecord | None:
+        d = self.recs.get(vm)
+        return VMRecord.from_dict(d) if d else None
+
+    def put(self, rec: VMRecord) -> None:
+        self.recs[rec.id] = copy.deepcopy(rec.to_dict())
+        self.log.append(copy.deepcopy(rec))
+
+    def drop(self, vm: str) -> None:
+        self.recs.pop(vm, None)
+        self.syncs.pop(vm, None)
+        self.digests.pop(vm, None)
+
+    def read_sync(self, vm: str) -> dict[str, Any] | None:
+        return self.syncs.get(vm)
+
+    def write_sync(self, vm: str, record: dict[str, Any]) -> None:
+        self.syncs[vm] = dict(record)
+
+    def read_digests(self, vm: str) -> bytes | None:
+        return self.digests.get(vm)
+
+    def write_digests(self, vm: str, data: bytes) -> None:
+        self.digests[vm] = data
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def last(self) -> VMRecord | None:
+        return self.log[-1] if self.log else None
+
+
 class MemorySource:
     """SourceFiles in memory: bytes, a dirty set per file (swap empties it), no heat."""
 
     block_size = BS
     writeback = False
 
-    def __init__(self, files: dict[str, bytes], vm: FakeVM) -> None:
+    def __init__(self, files: dict[str, bytes], vm: FakeVM,
+                 records: MemoryRecords | None = None) -> None:
         self.names = list(files)
         self.data = [bytearray(b) for b in files.values()]
         self.dirty: list[set[int]] = [set(range(-(-len(b) // BS))) for b in self.data]
         self.vm = vm
         self.closed = False
-        self.records: list[dict[str, Any]] = []  # every ownership record written, in order
+        self.records = records if records is not None else MemoryRecords()
         self.epochs = [0] * len(self.data)  # blkfs epochs: a swap ends one
         self.ended: dict[int, int] = {}
-        self.sync_record: dict[str, Any] | None = None
-        self.digest_log: bytes | None = None
         self.trust = True
 
     def size(self, file_id: int) -> int:
@@ -122,15 +168,6 @@ class MemorySource:
     def trust_lost(self) -> bool:
         return not self.trust
 
-    def read_sync_record(self) -> dict[str, Any] | None:
-        return self.sync_record
-
-    def write_sync_record(self, record: dict[str, Any]) -> None:
-        self.sync_record = dict(record)
-
-    def write_digests(self, data: bytes) -> None:
-        self.digest_log = data
-
     def clear(self, file_id: int, extents: list[tuple[int, int]]) -> None:
         for first, count in extents:
             self.dirty[file_id] -= set(range(first, first + count))
@@ -144,18 +181,16 @@ class MemorySource:
     def claim(self, migration: str, holder: str) -> None:
         pass
 
-    def read_record(self) -> dict[str, Any] | None:
-        return dict(self.records[-1]) if self.records else None
-
-    def read_dest_record(self) -> dict[str, Any] | None:
-        return None
-
-    def write_record(self, record: dict[str, Any]) -> None:
-        self.records.append(dict(record))
+    @property
+    def sync_record(self) -> dict[str, Any] | None:
+        last = self.records.last
+        return self.records.read_sync(last.id) if last is not None else None
 
     @property
     def state(self) -> str | None:
-        return self.records[-1]["state"] if self.records else None
+        """The role of this host's record of the VM (the last one written)."""
+        last = self.records.last
+        return last.role if last is not None else None
 
     def close(self) -> None:
         self.closed = True
@@ -165,45 +200,26 @@ class MemoryDest:
     """DestFiles in memory; `fail_after_writes` makes a write fail like a full disk."""
 
     mount = "/nonexistent-dest"
+    force = False
 
     def __init__(self, fail_after_writes: int | None = None,
-                 holds: dict[str, bytes] | None = None) -> None:
+                 holds: dict[str, bytes] | None = None,
+                 records: MemoryRecords | None = None) -> None:
+        self.records = records if records is not None else MemoryRecords()
         self.holds = holds or {}  # older copies of files, by name, there before the migration
         self.data: dict[int, bytearray] = {}
         self.names: dict[int, str] = {}
-        self.states: list[dict[str, Any]] = []
         self.writes = 0
         self.unsettled = 0  # writes the mount does not show yet (MountDest.settle)
         self.fail_after_writes = fail_after_writes
-        self.digest_log: bytes | None = None
         self.reattached: str | None = None
         self.own: dict[str, tuple[int, set[int]]] = {}  # name -> this mount's (epoch, dirty)
-        self.source_record: dict[str, Any] | None = None
-        self.sync_record: dict[str, Any] | None = None
 
     def prepare(self, manifest: p.Manifest, holder: str) -> None:
         pass
 
     def reattach(self, manifest: p.Manifest, holder: str, postcopy: str | None) -> None:
         self.reattached = holder
-
-    async def write_digests(self, data: bytes) -> None:
-        self.digest_log = data
-
-    def read_digests(self) -> bytes | None:
-        return self.digest_log
-
-    def write_state(self, state: dict[str, Any]) -> None:
-        self.states.append(dict(state))
-
-    def read_state(self) -> dict[str, Any] | None:
-        return dict(self.states[-1]) if self.states else None
-
-    def read_source_record(self) -> dict[str, Any] | None:
-        return self.source_record
-
-    def write_sync_record(self, record: dict[str, Any]) -> None:
-        self.sync_record = dict(record)
 
     def postcopy_absent(self) -> int:
         return 0
@@ -263,8 +279,24 @@ class MemoryDest:
         pass
 
     @property
+    def digest_log(self) -> bytes | None:
+        last = self.records.last
+        return self.records.read_digests(last.id) if last is not None else None
+
+    @digest_log.setter
+    def digest_log(self, value: None) -> None:
+        self.records.digests.clear()
+
+    @property
+    def states(self) -> list[dict[str, Any]]:
+        """The incoming session's state, as each record write left it (with the role)."""
+        return [{**(r.incoming or {}), "role": r.role, "owner": r.role == "owner",
+                 "generation": r.generation} for r in self.records.log]
+
+    @property
     def status(self) -> str | None:
-        return self.states[-1]["status"] if self.states else None
+        last = self.records.last
+        return (last.incoming or {}).get("status") if last is not None else None
 
 
 def files(seed: int = 7) -> dict[str, bytes]:
@@ -378,8 +410,10 @@ async def test_source_abort_at_suspend_resumes_nothing_and_marks_dest(
     assert outcome is not None and not outcome.completed
     assert "the peer aborted: the hypervisor refused to stop" in outcome.text
     assert dest.status == "incomplete"
-    # The record said handed-off before the suspend; no Commit went out, so it is settled.
-    assert [r["state"] for r in src.records][-2:] == ["handed-off", "copying"]
+    # The record said handing-off before the suspend; no Commit went out, so it is owner again,
+    # at the generation it had.
+    assert [(r.role, r.generation) for r in src.records.log][-2:] == [("handing-off", 0),
+                                                                      ("owner", 0)]
 
 
 async def test_a_peer_that_stops_talking_times_out_on_the_virtual_clock(

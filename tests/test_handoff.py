@@ -14,11 +14,20 @@ import trio.testing
 
 from migrator import protocol as p
 from migrator.dest import ServeOptions, Sessions, serve_one
-from migrator.ownership import HANDED_OFF, RESUMED, RETIRED, UNVERIFIED, SourceRecord
+from migrator.ownership import HANDING_OFF, OWNER, RETIRED, VMRecord
 from migrator.resolve import resolve_source
 from migrator.transport import MigrationError
 
-from .test_engine import KEY, FakeVM, MemoryDest, MemorySource, files, migrate, options
+from .test_engine import (
+    KEY,
+    FakeVM,
+    MemoryDest,
+    MemoryRecords,
+    MemorySource,
+    files,
+    migrate,
+    options,
+)
 
 
 class DestVM:
@@ -78,12 +87,13 @@ class CuttableStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def ask_dest(dest: MemoryDest, record: SourceRecord, vm: FakeVM,
+async def ask_dest(dest: MemoryDest, record: VMRecord | None, vm: FakeVM,
                    decision: str | None = None) -> Any:
     """`migrator resolve` on the source, against a serve that answers from `dest`."""
     left, right = trio.testing.memory_stream_pair()
     sopts = ServeOptions(mount=dest.mount, key=KEY, open_files=lambda mount, force: dest)
-    written: list[SourceRecord] = []
+    written: list[VMRecord] = []
+    assert record is not None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_one, right, sopts, Sessions(), "memory")
 
@@ -106,10 +116,11 @@ async def test_the_source_is_retired_only_after_the_copy_is_verified(
     source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start)
     assert source.report.verified and outcome is not None and outcome.completed
     assert seen_at_finish == ["complete"]  # the destination had verified its copy
-    assert [r["state"] for r in src.records] == ["copying", HANDED_OFF, RETIRED]
+    assert [(r.role, r.generation) for r in src.records.log] == [
+        (OWNER, 0), (HANDING_OFF, 0), (RETIRED, 1)]
     owner = [s for s in dest.states if s.get("owner")]
     assert owner and owner[0]["status"] == "running"  # written before the VM started
-    assert dest.states[-1]["status"] == "complete" and dest.states[-1]["epoch"] == 1
+    assert dest.states[-1]["status"] == "complete" and dest.states[-1]["generation"] == 1
     assert running(vm, dvm) == 1 and dvm.running
 
 
@@ -123,7 +134,7 @@ async def test_a_flipped_bit_on_the_wire_stops_the_migration_before_the_switchov
     r = source.report
     assert r.status == "failed" and "tampered with or corrupted" in (r.error or ""), r.error
     assert vm.running and not vm.finished and not dvm.running and running(vm, dvm) == 1
-    assert src.state is None or src.state not in (UNVERIFIED, HANDED_OFF)
+    assert src.state == OWNER  # as it was
     assert outcome is not None and "tampered with or corrupted" in outcome.text
 
 
@@ -140,13 +151,15 @@ async def test_a_flipped_bit_keeps_the_source_copy_suspended_and_says_how_to_fal
     assert r.status == "failed" and not r.verified and r.mismatched_blocks == 1
     assert "VERIFICATION FAILED" in (r.error or "") and "--resume-here" in (r.error or "")
     assert not vm.finished and not vm.running and vm.resumes == 0  # the good copy, kept
-    assert src.state == UNVERIFIED and "kept suspended" in r.source_vm
+    last = src.records.last
+    assert last is not None and last.role == HANDING_OFF and "unverified" in last.detail
+    assert "kept suspended" in r.source_vm
     assert outcome is not None and "VERIFICATION FAILED" in outcome.text
     assert running(vm, dvm) == 1
     # The fallback: the VM stopped there by a person, then resumed here by hand.
     dvm.running = False
-    out, written = await ask_dest(dest, SourceRecord.from_dict(src.records[-1]), vm, "resume")
-    assert out.done and vm.running and written[-1].state == RESUMED
+    out, written = await ask_dest(dest, src.records.last, vm, "resume")
+    assert out.done and vm.running and written[-1].role == OWNER
 
 
 async def test_a_cut_while_the_destination_starts_the_vm_leaves_one_vm(
@@ -168,13 +181,13 @@ async def test_a_cut_while_the_destination_starts_the_vm_leaves_one_vm(
     r = source.report
     assert r.status == "failed" and "migrator resolve" in (r.error or ""), r.error
     assert not vm.running and vm.resumes == 0 and not vm.finished  # held, not resumed
-    assert src.state == HANDED_OFF
+    assert src.state == HANDING_OFF
     assert dvm.running and running(vm, dvm) == 1
     assert outcome is not None and "the VM runs here" in outcome.text
     assert dest.states[-1]["owner"] and dest.states[-1]["status"] == "running"
     # Settling: the destination says it owns the VM, so the source copy is retired.
-    out, written = await ask_dest(dest, SourceRecord.from_dict(src.records[-1]), vm)
-    assert out.done and "owner" in out.text and vm.finished and written[-1].state == RETIRED
+    out, written = await ask_dest(dest, src.records.last, vm)
+    assert out.done and "owner" in out.text and vm.finished and written[-1].role == RETIRED
     assert running(vm, dvm) == 1
 
 
@@ -197,12 +210,12 @@ async def test_a_cut_before_the_destination_saw_commit_resumes_after_resolve(
 
     source, outcome, _ = await migrate(src, vm, dest, options(io_timeout=30.0),
                                        resume_hook=dvm.start, wrap=wrap)
-    assert source.report.status == "failed" and src.state == HANDED_OFF
+    assert source.report.status == "failed" and src.state == HANDING_OFF
     assert not vm.running and not dvm.running  # none runs until it is settled: never two
     assert outcome is not None and not outcome.completed
     assert not dest.states[-1]["owner"]
-    out, written = await ask_dest(dest, SourceRecord.from_dict(src.records[-1]), vm)
-    assert out.done and "refused" in out.text and vm.running and written[-1].state == RESUMED
+    out, written = await ask_dest(dest, src.records.last, vm)
+    assert out.done and "refused" in out.text and vm.running and written[-1].role == OWNER
     assert running(vm, dvm) == 1
 
 
@@ -212,7 +225,7 @@ async def test_a_destination_that_cannot_start_the_vm_refuses_and_the_source_run
     src, dest = MemorySource(files(), vm), MemoryDest()
     source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start)
     assert source.report.status == "failed" and "would not start" in (source.report.error or "")
-    assert vm.running and vm.resumes == 1 and src.state == RESUMED
+    assert vm.running and vm.resumes == 1 and src.state == OWNER
     assert dest.states[-1]["status"] == "refused" and not dest.states[-1]["owner"]
     assert outcome is not None and "would not start" in outcome.text
     assert running(vm, dvm) == 1
@@ -236,7 +249,7 @@ async def test_an_interrupt_after_commit_never_resumes_the_source(autojump_clock
         with stop:
             await migrate(src, vm, dest, options(), resume_hook=dvm.start)
         nursery.cancel_scope.cancel()
-    assert not vm.running and vm.resumes == 0 and src.state == HANDED_OFF
+    assert not vm.running and vm.resumes == 0 and src.state == HANDING_OFF
     assert dvm.running and dest.states[-1]["owner"]  # the Commit was honoured there
     assert running(vm, dvm) == 1
 
@@ -245,13 +258,13 @@ async def test_a_new_migration_is_refused_while_a_handoff_is_unsettled(
         autojump_clock: Any) -> None:
     vm = FakeVM([0])
     src = MemorySource(files(), vm)
-    src.records.append(SourceRecord("m-old", 3, "dst:7070", "pid:1", ["disk.raw"],
-                                    HANDED_OFF).to_dict())
+    src.records.put(VMRecord("vm-1", "disk", list(files()), 2, HANDING_OFF, "dst:7070",
+                             "m-old", suspend="pid:1"))
     dest = MemoryDest()
     source, _, _ = await migrate(src, vm, dest, options())
     assert "never settled" in (source.report.error or "") and "migrator resolve" in (
         source.report.error or "")
-    assert dest.states == [] and vm.running  # nothing sent, nothing suspended
+    assert dest.records.log == [] and vm.running  # nothing sent, nothing suspended
 
 
 async def test_the_destination_answers_unknown_for_a_migration_it_never_saw(
@@ -259,26 +272,11 @@ async def test_the_destination_answers_unknown_for_a_migration_it_never_saw(
     vm = FakeVM([0])
     vm.running = False
     dest = MemoryDest()
-    dest.states.append({"migration": "other", "status": "complete", "owner": True})
-    rec = SourceRecord("m-lost", 1, "dst:7070", "pid:1", ["disk.raw"], HANDED_OFF)
+    dest.records.put(VMRecord("vm-2", "other", ["other.raw"], 1, OWNER, "a:1", "other"))
+    rec = VMRecord("vm-1", "disk", ["disk.raw"], 0, HANDING_OFF, "dst:7070", "m-lost")
     out, written = await ask_dest(dest, rec, vm)
     assert not out.done and "no record of migration m-lost" in out.text and not written
     assert not vm.running and not vm.finished  # nothing is guessed
-
-
-def test_files_of_a_vm_that_runs_here_are_not_overwritten() -> None:
-    from migrator.ownership import overwrite_refusal
-
-    took = {"migration": "m1", "owner": True, "status": "running", "epoch": 2,
-            "files": [{"name": "disk.raw", "size": 1}, {"name": "vm.mem", "size": 1}]}
-    why = overwrite_refusal(took, None, {"disk.raw"})
-    assert why is not None and "migration m1" in why and "runs here" in why
-    assert overwrite_refusal(took, None, {"other.raw"}) is None  # another VM's files
-    assert overwrite_refusal({**took, "owner": False}, None, {"disk.raw"}) is None
-    assert overwrite_refusal({**took, "status": "incomplete"}, None, {"disk.raw"}) is None
-    left = {"state": "retired", "epoch": 3}  # the VM moved on from here since
-    assert overwrite_refusal(took, left, {"disk.raw"}) is None
-    assert overwrite_refusal(took, {"state": "retired", "epoch": 1}, {"disk.raw"}) is not None
 
 
 # -- reattach: the source reconnects after the link broke past Commit ---------------------------
@@ -366,18 +364,18 @@ async def test_a_cut_after_commit_is_healed_by_the_source_reattaching(
 
 async def test_a_reattach_without_the_digest_log_cannot_verify_and_keeps_the_source(
         autojump_clock: Any) -> None:
-    class NoLog(MemoryDest):
-        async def write_digests(self, data: bytes) -> None:
+    class NoLog(MemoryRecords):
+        def write_digests(self, vm: str, data: bytes) -> None:
             raise OSError(28, "No space left on device")
 
     vm, dvm = FakeVM([10, 2, 0]), DestVM()
-    src, dest = MemorySource(files(), vm), NoLog()
+    src, dest = MemorySource(files(), vm), MemoryDest(records=NoLog())
     source, _ = await migrate_over(cut_first_link_after_start(dvm), dest, src, vm, dvm,
                                    io_timeout=30.0)
     r = source.report
     assert r.status == "failed" and r.verified is False and r.reattaches == 1
     assert "cannot be verified" in (r.verify_detail or ""), r.verify_detail
-    assert not vm.finished and not vm.running and src.state == UNVERIFIED  # the good copy
+    assert not vm.finished and not vm.running and src.state == HANDING_OFF  # the good copy
     assert running(vm, dvm) == 1
 
 
@@ -395,7 +393,7 @@ async def test_a_reattach_to_a_destination_that_never_took_the_vm_resumes_the_so
                                    vm, dvm, io_timeout=30.0)
     r = source.report
     assert r.status == "failed" and "never took the VM" in (r.error or ""), r.error
-    assert vm.running and vm.resumes == 1 and src.state == RESUMED and not dvm.running
+    assert vm.running and vm.resumes == 1 and src.state == OWNER and not dvm.running
     assert running(vm, dvm) == 1
 
 
@@ -416,6 +414,6 @@ async def test_a_destination_that_stays_away_leaves_the_source_held_after_its_ti
     source, net = await migrate_over(cut_all, dest, src, vm, dvm, io_timeout=20.0)
     r = source.report
     assert r.status == "failed" and "reconnecting for 20 s failed" in (r.error or ""), r.error
-    assert "migrator resolve" in (r.error or "") and src.state == HANDED_OFF
+    assert "migrator resolve" in (r.error or "") and src.state == HANDING_OFF
     assert not vm.running and not vm.finished and running(vm, dvm) == 1
     assert 20 <= trio.current_time() - t0 < 60 and len(net.links) > 3  # backoff, bounded

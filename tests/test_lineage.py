@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from migrator.lineage import (
     BACK,
     dest_lineage,
@@ -11,6 +13,7 @@ from migrator.lineage import (
     sync_record,
     tag,
 )
+from migrator.ownership import VMRecord
 
 REC = sync_record("s", "host:1", 4, {"disk": (10, 4096), "mem": (3, 8192)}, 0.0)
 
@@ -30,13 +33,14 @@ def test_the_source_vouches_only_for_files_whose_next_epoch_is_the_one_it_ends()
 
 LIN = dest_lineage({"disk": 7, "mem": 2}, {"disk": 0, "mem": 1}, {"disk": 4096, "mem": 8192},
                    "s@4")
-REPLICA = {"status": "replica", "migration": "s", "replica": {"epoch": 4, "lineage": LIN}}
+REPLICA = VMRecord("v", "v", ["disk", "mem"], role="replica", incoming={
+    "status": "replica", "migration": "s", "replica": {"epoch": 4, "lineage": LIN}})
 NAMES, SIZES = {0: "disk", 1: "mem"}, {0: 4096, 1: 8192}
 
 
 def test_the_destination_accepts_files_nobody_wrote_since() -> None:
     own = {0: (7, []), 1: (2, [(0, 1)])}  # mem was written here since
-    ok, why = dest_proof(held_lineage(REPLICA, None), "s@4", NAMES, SIZES, [0, 1], own, "s@4")
+    ok, why = dest_proof(held_lineage(REPLICA), "s@4", NAMES, SIZES, [0, 1], own, "s@4")
     assert ok == [0] and "mem: written here since the sync" in why
     ok, why = dest_proof(LIN, "s@4", NAMES, SIZES, [0], {0: (0, [(0, 1)])}, "s@4")
     assert ok == [] and "written here" in why  # an unclean restart: epoch 0, all dirty
@@ -51,7 +55,12 @@ def test_the_destination_accepts_files_nobody_wrote_since() -> None:
 
 def test_a_retired_source_copy_is_a_replica_and_a_running_one_is_not() -> None:
     back = dest_lineage({"disk": 3}, {"disk": 0}, {"disk": 4096}, tag("m", BACK))
-    assert held_lineage(None, {"state": "retired", "lineage": back}) == back
-    assert held_lineage(None, {"state": "handed-off", "lineage": back}) is None
-    assert held_lineage({"status": "incomplete", "replica": {"lineage": LIN}}, None) is None
-    assert held_lineage(REPLICA, {"state": "retired", "lineage": back}) == LIN
+    def rec(role: str, **kw: Any) -> VMRecord:
+        return VMRecord("v", "v", ["disk"], role=role, **kw)
+
+    assert held_lineage(rec("retired", lineage=back)) == back
+    assert held_lineage(rec("handing-off", lineage=back)) is None
+    assert held_lineage(rec("owner", lineage=back)) is None  # it runs: it changes
+    assert held_lineage(rec("incomplete", incoming={"replica": {"lineage": LIN}})) is None
+    assert held_lineage(REPLICA) == LIN
+    assert held_lineage(None) is None

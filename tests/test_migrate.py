@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,9 +114,35 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def state(dst: Mount) -> dict[str, object] | None:
-    f = dst.mnt / ".migration-state.json"
-    return json.loads(f.read_text()) if f.exists() else None
+def vm_records(m: Mount) -> list[dict[str, Any]]:
+    """What this host knows of each VM on the mount (migrator's records, in the backing
+    directory's .blkfs/vms: the mount never shows them)."""
+    out = []
+    for f in sorted((m.backing / ".blkfs" / "vms").glob("*/record.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except ValueError:
+            continue  # (being written)
+    return out
+
+
+def vm_record(m: Mount) -> dict[str, Any]:
+    """The record of the VM changed last on this mount ({} if none)."""
+    recs = vm_records(m)
+    return max(recs, key=lambda r: r["at"]) if recs else {}
+
+
+def digest_log(m: Mount) -> bool:
+    return any((m.backing / ".blkfs" / "vms").glob("*/digests"))
+
+
+def state(dst: Mount) -> dict[str, Any] | None:
+    """The last incoming session's state, with the VM's role (owner: it took the VM)."""
+    rec = vm_record(dst)
+    if not rec or rec.get("incoming") is None:
+        return None
+    return {**rec["incoming"], "role": rec["role"], "owner": rec["role"] == "owner",
+            "generation": rec["generation"]}
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 60, what: str = "a condition") -> None:
@@ -493,12 +520,12 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
                 name = "../escaped" if attack == "dotdot" else str(tmp_path / "escaped")
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}],
                        "migration": "m", "delta": False, "replica": False, "lineage": "",
-                       "lineage_files": []}
+                       "lineage_files": [], "vm": "v1", "vm_name": "v", "generation": 0}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
             elif attack == "lie-size":
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}],
                        "migration": "m", "delta": False, "replica": False, "lineage": "",
-                       "lineage_files": []}
+                       "lineage_files": [], "vm": "v1", "vm_name": "v", "generation": 0}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.BLOCKS, struct.pack(">IQ", 0, 1000)
@@ -507,7 +534,7 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f",
                                                        "size": 1 << 20}], "migration": "m",
                        "delta": False, "replica": False, "lineage": "",
-                       "lineage_files": []}
+                       "lineage_files": [], "vm": "v1", "vm_name": "v", "generation": 0}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
                 time.sleep(0.3)
                 sk.sendall(_raw_frame(p.FrameType.PACKED, struct.pack(">IQBI", 0, 0, 1, 65536)
@@ -649,9 +676,9 @@ def test_a_thin_disk_and_zero_memory_cost_what_they_hold(
 def test_zero_runs_over_data_the_destination_holds_are_punched(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
         idle_vm: subprocess.Popen[bytes]) -> None:
-    """A second migration onto files the destination already holds: the blocks that became
-    zeros on the source are punched there by its daemon (the files stay as thin as the
-    source's), not written."""
+    """A migration onto files the destination already holds (the way back, onto the copy it
+    retired): the blocks that became zeros meanwhile are punched there by its daemon (the
+    files stay as thin as the source's), not written."""
     src, dst = hosts
     (src.mnt / "disk.raw").write_bytes(os.urandom(32 << 20))
     (src.mnt / "vm.mem").write_bytes(os.urandom(4 << 20))
@@ -660,15 +687,15 @@ def test_zero_runs_over_data_the_destination_holds_are_punched(
     assert migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend",
                    f"pid:{idle_vm.pid}").returncode == 0
     assert s.finish()[0] == 0
-    with open(src.mnt / "disk.raw", "r+b") as f:  # the guest frees 24 MiB: zeros now
+    with open(dst.mnt / "disk.raw", "r+b") as f:  # the guest, there now, frees 24 MiB: zeros
         f.seek(4 << 20)
         f.write(bytes(24 << 20))
-    s2 = Server(dst, key, "--force")  # (its files belong to the VM that ran there)
+    s2 = Server(src, key)  # back to the first host, which holds the copy it retired
     servers.append(s2)
     report = tmp_path / "report.json"
     vm2 = subprocess.Popen(["sleep", "300"])  # (the first one was retired)
     try:
-        r = migrate(src, s2.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm2.pid}",
+        r = migrate(dst, s2.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm2.pid}",
                     "--report", str(report))
     finally:
         vm2.kill()
@@ -678,7 +705,7 @@ def test_zero_runs_over_data_the_destination_holds_are_punched(
     rep = json.loads(report.read_text())
     assert rep["verified"] and rep["bytes_by_kind"]["zero"] >= 24 << 20, rep["bytes_by_kind"]
     assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
-    assert os.stat(dst.backing / "disk.raw").st_blocks * 512 < 12 << 20  # punched, not written
+    assert os.stat(src.backing / "disk.raw").st_blocks * 512 < 12 << 20  # punched, not written
 
 
 @pytest.mark.cache

@@ -548,7 +548,8 @@ def test_mutated_frames_raise_only_protocol_errors(draw: st.DataObject) -> None:
 def manifest_frame(files: list[dict[str, object]], block_size: object = BS) -> bytes:
     return frame(FrameType.MANIFEST, {"block_size": block_size, "files": files, "migration": "",
                                          "delta": False, "replica": False, "lineage": "",
-                       "lineage_files": []})
+                                         "lineage_files": [], "vm": "", "vm_name": "",
+                                         "generation": 0})
 
 
 def entry(file_id: object = 0, name: object = "disk.img", size: object = BS) -> dict[str, object]:
@@ -632,7 +633,7 @@ def test_sizes_are_read_only() -> None:
 def test_manifest_files_must_be_a_list() -> None:
     raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": {"0": "a"}, "migration": "",
                                      "delta": False, "replica": False, "lineage": "",
-                       "lineage_files": []})
+                       "lineage_files": [], "vm": "", "vm_name": "", "generation": 0})
     refused(link_at(State.MANIFEST).dest, raw, "must be a list")
 
 
@@ -748,8 +749,12 @@ def test_digests_limits_on_send() -> None:
          "ok with 2 mismatches"),
         (State.VERDICT, FrameType.VERIFIED, {"ok": False, "mismatches": 1, "detail": "x" * 1001},
          "1001 characters long"),
-        (State.COPYING, FrameType.ABORT, {"reason": None}, "must be a string, not NoneType"),
-        (State.COPYING, FrameType.ABORT, b'{"reason":"\\ud800"}', "not valid UTF-8"),
+        (State.COPYING, FrameType.ABORT, {"reason": None, "owner_generation": -1},
+         "must be a string, not NoneType"),
+        (State.COPYING, FrameType.ABORT, b'{"reason":"\\ud800","owner_generation":-1}',
+         "not valid UTF-8"),
+        (State.COPYING, FrameType.ABORT, {"reason": "x", "owner_generation": -2},
+         "outside -1"),
         (State.AUTH, FrameType.AUTH, {"mac": "00" * 31}, "must be 32 bytes"),
     ],
 )
@@ -878,7 +883,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Digests(1, 0, (7,))) == (b"\x0c\x00\x00\x00\x18\x00\x00\x00\x01" + bytes(8)
                                            + b"\x00\x00\x00\x01" + bytes(7) + b"\x07")
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
-        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[]}'
+        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[],"vm":"","vm_name":"","generation":0}'
         .encode()))
     assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x0b" + b'{"epoch":7}'
 
@@ -1029,7 +1034,7 @@ def test_a_replica_session_is_never_switched_over_to() -> None:
 def test_manifest_replica_must_be_a_bool() -> None:
     link = link_at(State.MANIFEST)
     bad = {"block_size": BS, "files": [], "migration": "", "delta": False, "replica": 1,
-           "lineage": "", "lineage_files": []}
+           "lineage": "", "lineage_files": [], "vm": "", "vm_name": "", "generation": 0}
     refused(link.dest, frame(FrameType.MANIFEST, bad), "Manifest.replica must be true or false")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Mount
-from .test_migrate import MIGRATOR, Server
+from .test_migrate import MIGRATOR, Server, state
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.serial, pytest.mark.cache]
 
@@ -237,5 +237,5 @@ def test_destination_qemu_failure_conts_the_source(guest: Path,
     n = len(ticks(con_src))
     wait_ticks(con_src, n + 2, 30)  # the source guest runs on
     assert source.poll() is None
-    st = json.loads((dst.mnt / ".migration-state.json").read_text())
-    assert st["status"] == "incomplete"
+    st = state(dst)
+    assert st is not None and st["status"] == "incomplete" and st["role"] == "incomplete"

@@ -64,7 +64,7 @@ def test_a_flood_of_strangers_does_not_keep_the_real_source_out(
         # Idle strangers past the limit were dropped: the serve holds no more than that,
         # and none of them reached the blkfs daemon.
         assert fds(s.proc.pid) < MAX_HANDSHAKES + 40
-        assert fds(dst.pid) == daemon_fds
+        assert fds(dst.pid) <= daemon_fds
         report = tmp_path / "report.json"
         r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{idle_vm.pid}",
                     "--report", str(report))

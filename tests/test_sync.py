@@ -103,7 +103,9 @@ async def test_a_sync_keeps_a_replica_that_is_never_runnable(autojump_clock: Any
     assert s.status == "stopped" and s.error is None, s
     assert s.epochs >= 6 and s.epoch == s.epochs - 1 and s.sessions == 1, s
     assert vm.suspends == 0 and vm.resumes == 0 and not vm.finished  # never touched
-    assert src.records == []  # no ownership record: the VM stays the source's
+    # the VM's record here says owner from the start (a new VM), and nothing changes it: the
+    # VM stays the source's
+    assert [(r.role, r.generation) for r in src.records.log] == [("owner", 0)]
     st = dest.states[-1]
     assert st["status"] == "replica" and not st["owner"], st
     assert st["replica"]["epoch"] == s.epoch and st["migration"] == s.sync
@@ -120,18 +122,18 @@ async def test_each_epoch_is_durable_before_it_is_acknowledged(autojump_clock: A
     vm = FakeVM([5])
     src, dest = MemorySource(files(), vm), MemoryDest()
     order: list[str] = []
-    sync, write_state = dest.sync, dest.write_state
+    sync, put = dest.sync, dest.records.put
 
     async def synced() -> None:
         order.append("sync")
         await sync()
 
-    def state(st: dict[str, Any]) -> None:
-        rep = st.get("replica") or {}
+    def state(rec: Any) -> None:
+        rep = (rec.incoming or {}).get("replica") or {}
         order.append(f"epoch {rep.get('epoch')}")
-        write_state(st)
+        put(rec)
 
-    dest.sync, dest.write_state = synced, state  # type: ignore[method-assign]
+    dest.sync, dest.records.put = synced, state  # type: ignore[method-assign]
     lab = Lab(src, dest)
     await lab.run_for(5)
     first = [order.index(x) for x in dict.fromkeys(order) if x.startswith("epoch ")
@@ -165,22 +167,24 @@ async def test_a_destination_that_refuses_ends_the_sync_with_its_reason(
 
 
 def test_blkfs_status_names_a_replica_never_a_vm() -> None:
-    from blkfs.cli import INCOMING_RECORD, incoming_line
-    from migrator.ownership import DEST_RECORD
+    from blkfs.cli import VM_RECORDS, vm_line
+    from migrator.stores import VMS
 
-    assert INCOMING_RECORD == DEST_RECORD  # blkfs reads the record migrator writes
-    rec = {"migration": "s1", "source": "a:1", "status": "replica", "owner": False,
-           "replica": {"epoch": 7, "synced_at": 100.0}}
-    line = incoming_line(rec, 130.0)
-    assert line.startswith("REPLICA, NOT RUNNABLE") and "epoch 7" in line and "30 s ago" in line
+    assert VM_RECORDS == VMS  # blkfs reads the records migrator writes
+    rec = {"name": "web", "role": "replica", "generation": 2, "peer": "a:1",
+           "incoming": {"migration": "s1", "status": "replica",
+                        "replica": {"epoch": 7, "synced_at": 100.0}}}
+    line = vm_line(rec, 130.0)
+    assert "REPLICA, NOT RUNNABLE" in line and "epoch 7" in line and "30 s ago" in line
     assert "syncing" in line
-    rec["stopped_at"] = 131.0
-    rec["replica"] = {"epoch": None, "synced_at": None}
-    assert "no whole epoch yet" in incoming_line(rec, 140.0) and "stopped" in incoming_line(
-        rec, 140.0)
-    assert "this host's" in incoming_line({"migration": "m", "status": "complete",
-                                           "owner": True}, 0)
-    assert "not runnable" in incoming_line({"migration": "m", "status": "incomplete"}, 0)
+    rec["incoming"]["stopped_at"] = 131.0  # type: ignore[index]
+    rec["incoming"]["replica"] = {"epoch": None, "synced_at": None}  # type: ignore[index]
+    assert "no whole epoch yet" in vm_line(rec, 140.0) and "stopped" in vm_line(rec, 140.0)
+    assert "this host's" in vm_line({"name": "m", "role": "owner", "generation": 1}, 0)
+    assert "NOT RUNNABLE" in vm_line({"name": "m", "role": "incomplete", "generation": 1}, 0)
+    assert "runs at b:2" in vm_line({"name": "m", "role": "retired", "peer": "b:2"}, 0)
+    assert "SPLIT BRAIN" in vm_line({"name": "m", "role": "owner", "split_brain": {
+        "peer": "b:2", "generation": 3}}, 0)
 
 
 # -- lineage: a migration from the replica reads and sends only what changed since ----------
