@@ -27,19 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import xxhash
 
 from blkfs import ctlproto as cp
 
 from . import digestlog, lineage
-from . import ownership as own
 from . import protocol as p
-from .codecs import CodecError, decompress
-from .ownership import OWNER, VMRecord
+from .handoff import DestHandoff, Refused
+from .ownership import INCOMPLETE_ANSWER, OWNER, VMRecord
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
 from .quiet import Quiet
+from .received import Received, _File
 from .stores import DestFiles, MountDest
 from .transport import (
     IO_TIMEOUT,
@@ -51,7 +50,6 @@ from .transport import (
     PeerMismatch,
     leaf,
 )
-from .zeros import zero_digest
 
 log = logging.getLogger(__name__)
 
@@ -66,30 +64,6 @@ _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
 
 class VerificationFailed(MigrationError):
     pass
-
-
-class Refused(MigrationError):
-    """An ownership rule refused the session before anything was written here;
-    `owner_generation` >= 0 if this host owns the VM itself (a split brain)."""
-
-    def __init__(self, text: str, owner_generation: int = -1) -> None:
-        super().__init__(text)
-        self.owner_generation = owner_generation
-
-
-@dataclass
-class _File:
-    entry: p.FileEntry
-    size: int
-    digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was written
-    zero: bytearray = field(default_factory=bytearray)  # 1 per block received as a Zero run
-    verified: int = 0
-
-    def digest(self, block: int, bs: int) -> int | None:
-        d = self.digests.get(block)
-        if d is None and block < len(self.zero) and self.zero[block]:
-            return zero_digest(max(0, min(bs, self.size - block * bs)))
-        return d
 
 
 @dataclass
@@ -128,17 +102,13 @@ class DestSession:
         self.resumed = trio.Event()  # the resume hook returned: the VM runs here now
         self._nursery: trio.Nursery | None = None
         self.files: dict[int, _File] = {}
-        self.block_size = 0
-        self.state: dict[str, Any] = {}  # this incoming session's, kept in the VM's record
-        self.vm: VMRecord | None = None  # this host's record of the VM (ownership.py)
-        self.mismatches: list[str] = []  # the first few, for the message
-        self.mismatch_count = 0
-        self.blocks_written = 0
+        self._handoff: DestHandoff | None = None  # this host's record of the VM
+        self.rx = Received(files)  # what this session wrote, and the digests to verify
+        self.files = self.rx.files
         self.t_switch: float | None = None
         self.answered: tuple[str, str] | None = None  # a resolve query was answered
         self.reattached = False  # this session goes on with a migration another one began
         self.digests_saved = False
-        self.unchecked = 0  # blocks whose digests died with an earlier session
         self.held_blocks = 0  # blocks this host held before and said so (delta)
         self.replica = False  # a migrator sync session: a replica kept, never a VM
         self.sent_since_ack = False  # replica: data arrived after the last acknowledged epoch
@@ -153,26 +123,14 @@ class DestSession:
     def open_files(self, man: p.Manifest, peer: str) -> None:
         self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
         self.block_size = man.block_size
-        if not man.vm:
-            raise MigrationError("bad peer: its Manifest names no VM")
-        records = self.store.records
         migration = man.migration or str(uuid.uuid4())
-        try:
-            got = own.admit(records.all(), man.vm, man.vm_name, [f.name for f in man.files],
-                            man.generation, peer, migration, replica=man.replica,
-                            force=self.store.force)
-        except own.Refusal as exc:
-            if exc.owner_generation is not None:  # this host owns it too: say so, keep it
-                mine = records.get(man.vm)
-                if mine is not None:
-                    records.put(own.split_brain(mine, peer, man.generation))
-            raise Refused(str(exc), -1 if exc.owner_generation is None
-                          else exc.owner_generation) from None
+        got = self.handoff.admit(man.vm, man.vm_name, [f.name for f in man.files],
+                                 man.generation, peer, migration, man.replica)
         self.replica = man.replica
         kept: dict[int, dict[int, int]] = {}
         if man.lineage:  # before the record below replaces the replica's
             self.lineage, kept = self._check_lineage(man, got.before)
-        self.state = {
+        state: dict[str, Any] = {
             "migration": migration,
             # a replica (migrator sync) is never runnable: no Switchover is accepted for it,
             # and a later migration that starts from it marks it incomplete first
@@ -184,11 +142,8 @@ class DestSession:
         if man.replica:
             # the source epoch (sync round) of which every write is here, durably; None until
             # the first round is acknowledged (a replica cut before that holds a part)
-            self.state["replica"] = {"epoch": None, "synced_at": None}
-        self.vm = got.record
-        self._save_state()  # before any file is touched
-        for stale in got.dropped:  # VMs gone from here whose files this one takes
-            records.drop(stale.id)
+            state["replica"] = {"epoch": None, "synced_at": None}
+        self.handoff.begin(got, state)  # before any file is touched
         self.store.create(man)
         for f in man.files:
             self.files[f.file_id] = _File(f, f.size)
@@ -259,29 +214,38 @@ class DestSession:
                 self.held_blocks += len(held)
                 await self.ch.send(p.Held(fid, first, tuple(held)))
 
-    def _save_state(self, vm: VMRecord | None = None, **changes: Any) -> None:
-        """The session's state into the VM's record, durably (with the VM's new role)."""
-        self.state.update(changes)
-        if vm is not None:
-            self.vm = vm
-        assert self.vm is not None
-        self.vm.incoming = self.state
-        self.store.records.put(self.vm)
+    @property
+    def block_size(self) -> int:
+        return self.rx.block_size
+
+    @block_size.setter
+    def block_size(self, value: int) -> None:
+        self.rx.block_size = value
+
+    @property
+    def handoff(self) -> DestHandoff:
+        if self._handoff is None:  # (only once the session needs the records)
+            self._handoff = DestHandoff(self.store.records, self.store.force)
+        return self._handoff
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """This incoming session's state, kept in the VM's record."""
+        return self._handoff.state if self._handoff is not None else {}
+
+    @property
+    def vm(self) -> VMRecord | None:
+        return self._handoff.vm if self._handoff is not None else None
 
     @property
     def owner(self) -> bool:
         """This host took the VM: it runs here from now on, whatever happens to the source."""
-        return self.vm is not None and self.vm.role == OWNER
+        return self._handoff is not None and self._handoff.owner
 
     def _take_ownership(self, generation: int) -> None:
         """Durably, before the VM is started (the handoff, docs/migration.md)."""
-        assert self.vm is not None
         t = time.monotonic()
-        try:
-            took = own.took(self.vm, generation)
-        except own.Refusal as exc:
-            raise MigrationError(str(exc)) from None
-        self._save_state(took, status="running", taken_at=time.time())
+        self.handoff.take(generation)
         log.info("ownership record: %.2f ms", (time.monotonic() - t) * 1000)
 
     async def _start_vm(self) -> None:
@@ -295,9 +259,7 @@ class DestSession:
         except MigrationError as exc:
             if self.qemu is not None:
                 self.qemu.abort()  # before the record says so: it must not run
-            assert self.vm is not None
-            self._save_state(own.incoming_ended(self.vm, f"its start failed: {exc}"),
-                             status="refused", error=str(exc))
+            self.handoff.refuse(f"its start failed: {exc}", "refused", error=str(exc))
             raise
         log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
@@ -347,7 +309,7 @@ class DestSession:
             return  # (a reattached session holds only what the log gave it, or less)
         self.digests_saved = True
         blob = digestlog.encode(self.state["migration"], self.block_size,
-                                {fid: self._all_digests(f) for fid, f in self.files.items()})
+                                {fid: self.rx.all_digests(f) for fid, f in self.files.items()})
         t = time.monotonic()
         try:
             await self._write_digests(blob)
@@ -360,17 +322,6 @@ class DestSession:
     async def _write_digests(self, blob: bytes) -> None:
         assert self.vm is not None
         await trio.to_thread.run_sync(self.store.records.write_digests, self.vm.id, blob)
-
-    def _all_digests(self, f: _File) -> dict[int, int]:
-        if not f.zero or not f.zero.count(1):
-            return f.digests
-        bs = self.block_size
-        out = dict(f.digests)
-        i = f.zero.find(1)
-        while i >= 0:
-            out[i] = zero_digest(max(0, min(bs, f.size - i * bs)))
-            i = f.zero.find(1, i + 1)
-        return out
 
     def _load_digests(self) -> None:
         """A reattached session: the digests the broken one wrote down."""
@@ -388,92 +339,6 @@ class DestSession:
             if fid in self.files:
                 self.files[fid].digests.update(digests)
         self.digests_saved = True
-
-    # -- data -------------------------------------------------------------------
-
-    def write_packed(self, ev: p.Packed) -> None:
-        """Decompressed to exactly the size it states, then written like Blocks."""
-        try:
-            data = decompress(ev.codec, ev.data, ev.size)
-        except CodecError as exc:
-            raise MigrationError(f"bad peer: blocks {ev.first_block}+ of "
-                                 f"{self.files[ev.file_id].entry.name}: {exc}") from None
-        self.write_blocks(p.Blocks(ev.file_id, ev.first_block, data))
-
-    def write_blocks(self, ev: p.Blocks) -> None:
-        f = self.files[ev.file_id]
-        bs = self.block_size
-        self.store.write(ev.file_id, ev.first_block * bs, ev.data)
-        mv = memoryview(ev.data)
-        h = xxhash.xxh3_64_intdigest
-        for i in range(0, len(mv), bs):
-            f.digests[ev.first_block + i // bs] = h(mv[i:i + bs])
-        n = (len(mv) + bs - 1) // bs
-        if f.zero:
-            f.zero[ev.first_block:ev.first_block + n] = bytes(n)
-        self.blocks_written += n
-
-    def write_zero(self, ev: p.Zero) -> None:
-        """All-zero blocks: nothing is written where the file is still a fresh hole here;
-        over data it wrote, or in a file that existed, they are zeroed (store.zero)."""
-        f = self.files[ev.file_id]
-        bs = self.block_size
-        first, n = ev.first_block, ev.count
-        nblocks = -(-f.size // bs)
-        if len(f.zero) < nblocks:
-            f.zero.extend(bytes(nblocks - len(f.zero)))
-        if len(f.digests) < n:  # (a zero run may cover a whole 16 GiB hole)
-            written = [b for b in f.digests if first <= b < first + n]
-        else:
-            written = [b for b in range(first, first + n) if b in f.digests]
-        if written or not self.store.fresh(ev.file_id):
-            self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
-        for b in written:
-            del f.digests[b]
-        f.zero[first:first + n] = b"\x01" * n
-        self.blocks_written += n
-
-    def resize(self, ev: p.Resize) -> None:
-        f = self.files[ev.file_id]
-        self.store.resize(ev.file_id, ev.size)
-        f.size = ev.size
-        nblocks = (ev.size + self.block_size - 1) // self.block_size
-        for b in [b for b in f.digests if b >= nblocks]:
-            del f.digests[b]
-        if ev.size % self.block_size and nblocks - 1 in f.digests:
-            del f.digests[nblocks - 1]  # its tail changed: the source resends it
-        del f.zero[nblocks:]
-        if ev.size % self.block_size and len(f.zero) == nblocks:
-            f.zero[nblocks - 1] = 0
-
-    def _mismatch(self, text: str) -> None:
-        self.mismatch_count += 1
-        if len(self.mismatches) < 5:
-            self.mismatches.append(text)
-
-    def check_digests(self, ev: p.Digests) -> None:
-        f = self.files[ev.file_id]
-        for i, d in enumerate(ev.digests):
-            b = ev.first_block + i
-            mine = f.digest(b, self.block_size)
-            if mine is None and self.reattached and not self.digests_saved:
-                self.unchecked += 1
-            elif mine != d:
-                self._mismatch(f"{f.entry.name} block {b} "
-                               + ("never received" if mine is None else "differs"))
-            f.verified += 1
-
-    def verdict(self) -> tuple[bool, str]:
-        if self.unchecked:
-            self._mismatch(f"{self.unchecked} blocks cannot be verified: their digests died "
-                           "with the 'migrator serve' session that received them")
-        for f in self.files.values():
-            nblocks = (f.size + self.block_size - 1) // self.block_size
-            if f.verified != nblocks:
-                self._mismatch(f"{f.entry.name}: {f.verified} of {nblocks} blocks checked")
-        n = self.mismatch_count
-        more = f" (+{n - len(self.mismatches)} more)" if n > len(self.mismatches) else ""
-        return n == 0, "; ".join(self.mismatches) + more
 
     async def _start_qemu(self) -> None:
         """The waiting QEMU opens its files now, long before the switchover needs it."""
@@ -579,8 +444,7 @@ class DestSession:
 
     async def answer(self, q: p.Query) -> None:
         """`migrator resolve` on the source asks what this host's record says."""
-        status, epoch, detail = own.answer(self.store.records.all(), q.migration,
-                                           self.store.postcopy_absent())
+        status, epoch, detail = self.handoff.answer(q.migration, self.store.postcopy_absent())
         log.info("resolve query for %s: %s (%s)", q.migration, status, detail)
         await self.ch.send(p.Answer(q.migration, status, epoch, detail))
         self.answered = (status, detail)
@@ -592,14 +456,13 @@ class DestSession:
         ch = self.ch
         man = await ch.expect(p.Manifest)
         announce = await ch.expect(p.Postcopy) if ra.postcopy else None
-        record, status, detail = own.reattachable(self.store.records.all(), ra.migration,
-                                                  ra.epoch)
+        record, status, detail = self.handoff.reattachable(ra.migration, ra.epoch)
         epoch = record.generation if record is not None else 0
         if record is not None:
             got = self.store.reattach(man, f"migrator serve pid {os.getpid()}, reattached "
                                       f"from {peer}", announce.migration if announce else None)
             if got is not None and got.given_up:
-                status, detail = own.INCOMPLETE_ANSWER, (
+                status, detail = INCOMPLETE_ANSWER, (
                     f"the post-copy here gave up {got.remaining} blocks: the source copy is "
                     "the only whole one")
         if status != OWNER:
@@ -609,7 +472,7 @@ class DestSession:
             self.answered = (status, detail)
             return False
         assert record is not None
-        self.vm, self.state = record, dict(record.incoming or {})
+        self.handoff.resume(record)
         self.block_size = man.block_size
         for f in man.files:
             self.files[f.file_id] = _File(f, f.size)
@@ -621,7 +484,7 @@ class DestSession:
                                    self.spill_override, self.resumed)
             self.pc.on_digests = self._merge_digests
             await self.pc.reattach()
-        self._save_state(reattaches=int(self.state.get("reattaches", 0)) + 1,
+        self.handoff.save(reattaches=int(self.state.get("reattaches", 0)) + 1,
                          postcopy_paused=None)
         log.info("migration %s: source %s reattached (%s)", ra.migration, peer,
                  "post-copy goes on" if announce else "verification")
@@ -644,13 +507,13 @@ class DestSession:
         if self.pc.stats is not None:
             self.state["postcopy"] = cp.to_dict(self.pc.stats)
         if news.done:
-            self._save_state(status="complete", completed_at=time.time(),
+            self.handoff.save(status="complete", completed_at=time.time(),
                              verified="post-copy pages checked against the spill hashes; the "
                              f"source was lost before the final digests ({why})")
             return SessionOutcome(True, f"source lost ({why}); completed from the spill area "
                                   f"alone ({found} pages found there at once)", awaiting=True)
         if n == 0:
-            self._save_state(postcopy_paused=f"source lost ({why}); {news.remaining} blocks "
+            self.handoff.save(postcopy_paused=f"source lost ({why}); {news.remaining} blocks "
                              "absent, installed as they reach the spill area")
             return SessionOutcome(False, f"source lost ({why}): post-copy paused with "
                                   f"{news.remaining} blocks absent; the blkfs daemon installs "
@@ -659,7 +522,7 @@ class DestSession:
                                   f"blkfs spill {self.mount} --give-up", awaiting=True)
         shown = ", ".join(f"{rel} block {b}" for rel, b in news.missing[:10])
         more = f" (+{n - 10} more)" if n > 10 else ""
-        self._save_state(status="incomplete", error=f"source lost ({why})",
+        self.handoff.save(status="incomplete", error=f"source lost ({why})",
                          missing_blocks=[list(m) for m in news.missing], missing_count=n)
         return SessionOutcome(False, f"source lost ({why}) before every page reached the "
                               f"spill area: {n} blocks missing: {shown}{more}; reads of them "
@@ -680,7 +543,7 @@ class DestSession:
                    lineage=lineage.dest_lineage(epochs, ids, sizes, lineage.tag(
                        self.state["migration"], epoch)))
         self.sent_since_ack = False
-        self._save_state(files=[{"name": f.entry.name, "size": f.size}
+        self.handoff.save(files=[{"name": f.entry.name, "size": f.size}
                                 for f in self.files.values()])
 
     def _merge_digests(self) -> None:
@@ -706,18 +569,18 @@ class DestSession:
             self._nursery.start_soon(pc.install, ev)
         elif isinstance(ev, p.Blocks):
             if len(ev.data) >= THREAD_WRITE:
-                await trio.to_thread.run_sync(self.write_blocks, ev)
+                await trio.to_thread.run_sync(self.rx.write_blocks, ev)
             else:  # a thread hop costs more than a small write
-                self.write_blocks(ev)
+                self.rx.write_blocks(ev)
         elif isinstance(ev, p.Packed):
             if ev.size >= THREAD_WRITE:
-                await trio.to_thread.run_sync(self.write_packed, ev)
+                await trio.to_thread.run_sync(self.rx.write_packed, ev)
             else:
-                self.write_packed(ev)
+                self.rx.write_packed(ev)
         elif isinstance(ev, p.Zero):
-            self.write_zero(ev)
+            self.rx.write_zero(ev)
         elif isinstance(ev, p.Resize):
-            self.resize(ev)
+            self.rx.resize(ev)
         elif isinstance(ev, p.DeviceState):
             if self.qemu is None:
                 raise MigrationError("the source sends a QEMU device state: run 'migrator serve' "
@@ -765,17 +628,18 @@ class DestSession:
             self._nursery.start_soon(self._save_digests_soon)
             await self._start_vm()
         elif isinstance(ev, p.Digests):
-            self.check_digests(ev)
+            self.rx.check_digests(ev, self.reattached and not self.digests_saved)
         elif isinstance(ev, p.VerifyDone):
             if pc is not None and pc.stats is not None:
                 self.state["postcopy"] = cp.to_dict(pc.stats)
             await self.store.sync()
-            ok, detail = self.verdict()
+            ok, detail = self.rx.verdict()
             if ok:
-                self._save_state(status="complete", completed_at=time.time(), verified=True)
+                self.handoff.save(status="complete", completed_at=time.time(), verified=True)
             else:
-                self._save_state(verified=False, mismatches=self.mismatch_count, detail=detail)
-            await ch.send(p.Verified(ok, self.mismatch_count, detail))
+                self.handoff.save(verified=False, mismatches=self.rx.mismatch_count,
+                                  detail=detail)
+            await ch.send(p.Verified(ok, self.rx.mismatch_count, detail))
             if not ok:
                 raise VerificationFailed(f"verification failed: {detail}")
 
@@ -887,7 +751,7 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
                 return SessionOutcome(False, f"{peer} asked about a migration: "
                                       f"{session.answered[0]} ({session.answered[1]})")
             log.info("migration %s complete: %d blocks written", state["migration"],
-                     session.blocks_written)
+                     session.rx.blocks_written)
             text = f"migration from {peer} complete and verified ({len(session.files)} files)"
             if session.reattached:
                 text += "; the source reattached after the first session broke"
@@ -954,12 +818,8 @@ async def _failed(session: DestSession, peer: str, msg: str,
         touched = session.vm is not None and session.state
         if touched:
             try:
-                assert session.vm is not None
                 refused = session.state.get("status") == "refused"  # (its start failed)
-                vm = session.vm if session.vm.role == own.INCOMPLETE else own.incoming_ended(
-                    session.vm, msg)
-                session._save_state(vm, status="refused" if refused else "incomplete",
-                                    error=msg)
+                session.handoff.refuse(msg, "refused" if refused else "incomplete", error=msg)
             except (OSError, MigrationError) as exc2:  # e.g. its blkfs daemon died (ENOTCONN)
                 log.error("cannot update the migration state in %s: %s", session.mount, exc2)
         if not isinstance(exc, PeerAborted):
@@ -988,7 +848,7 @@ async def _failed(session: DestSession, peer: str, msg: str,
         return SessionOutcome(out.completed, f"migration from {peer}: {out.text}",
                               awaiting=out.awaiting)
     try:
-        session._save_state(error=f"verification did not finish: {msg}")
+        session.handoff.save(error=f"verification did not finish: {msg}")
     except OSError as exc2:
         log.error("cannot update the migration state in %s: %s", session.mount,
                   exc2.strerror or exc2)
@@ -1011,7 +871,7 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
         # The files are that epoch exactly: its digests, for a migration that trusts them
         # (lineage.py) instead of reading every block on both sides.
         blob = digestlog.encode(lineage.tag(session.state["migration"], epoch),
-                                session.block_size, {fid: session._all_digests(f)
+                                session.block_size, {fid: session.rx.all_digests(f)
                                                      for fid, f in session.files.items()})
         try:
             await session._write_digests(blob)
@@ -1022,7 +882,7 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
     else:
         rec["lineage"] = None  # blocks of a later epoch may be here: digests only
     try:
-        session._save_state(stopped_at=time.time(),
+        session.handoff.save(stopped_at=time.time(),
                             stopped=msg.removeprefix("the peer aborted: "))
     except OSError as exc2:
         log.error("cannot update the replica state in %s: %s", session.mount,

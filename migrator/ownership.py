@@ -235,6 +235,10 @@ def admit(records: list[VMRecord], vm: str, name: str, files: list[str], generat
     """May an incoming migration (or sync) of VM `vm`, owned by `peer` at `generation`,
     write these files here? Refusal if not; the records to write if so."""
     own = next((r for r in records if r.id == vm), None)
+    if own is not None and own.role == HANDING_OFF and generation >= own.next_generation:
+        # The VM this host was handing off comes back from an owner at that generation or
+        # later: the handoff happened (its copy here is history), whatever was never settled.
+        own = retired(own, f"{peer} owns it at generation {generation}: the handoff took")
     if own is not None and not force:
         if own.role in RUNS_HERE:
             raise Refusal(

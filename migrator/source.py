@@ -31,23 +31,23 @@ import xxhash
 from blkfs.spill import SpillArea, SpillError, spill_key
 
 from . import digestlog
-from . import ownership as own
 from . import protocol as p
-from .codecs import CODECS, compressor, packed
+from .codecs import CODECS, compressor
 from .delta import Holdings
+from .handoff import SourceHandoff
 from .lineage import BACK, dest_lineage, source_proof, tag
-from .ownership import HANDING_OFF, OWNER, REFUSED, VMRecord
+from .ownership import OWNER, REFUSED, VMRecord
 from .plan import (
     Policy,
     RoundPlanner,
     RoundStats,
     Verdict,
-    batches,
     initial_order,
     union_extents,
 )
 from .postcopy import SourcePostcopy, is_memory_file
 from .report import MigrationReport, Progress
+from .sending import FRAME_DATA, Sender
 from .stores import BlkfsSource, SourceFiles
 from .transport import (
     IO_TIMEOUT,
@@ -60,16 +60,12 @@ from .transport import (
     parse_hostport,
 )
 from .vm import AdapterError, VMAdapter
-from .zeros import hole_runs, zero_digest, zero_runs
+from .zeros import hole_runs, zero_digest
 
 Extent = tuple[int, int]
-COMPRESS_PIECE = 1 << 20  # --compress decides per MiB: random data among text goes raw
 CONNECT_TIMEOUT = 10.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.25, 4.0  # s between reattach attempts: doubling, capped
 REATTACH_PATIENCE = 10  # io timeouts at most, while the destination says it is still busy
-FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
-HOLE_BATCH = 1 << 24  # blocks per batch over a hole (checked and cleared at once)
-THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
 
 
 @dataclass
@@ -153,9 +149,8 @@ class Source:
         self.t_resume: float | None = None
         self._compress = compressor(opts.compress) if opts.compress else None
         self.switched = False  # the destination said Resumed: the VM runs there
-        self.commit_sent = False  # from the first byte of Commit on, the VM may run there
-        self.vm: VMRecord | None = None  # this host's record of the VM (ownership.py)
         self.migration = str(uuid.uuid4())  # this attempt
+        self.handoff: SourceHandoff | None = None  # this host's record of the VM
         self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
         self.spill: SpillArea | None = None
         self.memory_ids: set[int] = set()
@@ -189,136 +184,13 @@ class Source:
                 f.size = size
 
     async def _send(self, f: _File, exts: list[Extent], clear: bool = False) -> tuple[int, int]:
-        """Send these blocks of `f`; returns (blocks, data bytes).
-
-        A reader stays one frame ahead of the sender, so disk reads and network sends
-        overlap.
-        """
+        """Send these blocks of `f` (sending.py); the initial copy (`clear`) sends only what
+        the destination does not hold already."""
         assert self.ch is not None
-        ch, store = self.ch, self._store
-        bs = self.block_size
-        nblocks = (f.size + bs - 1) // bs
-        # Batches of one frame's data, but one batch for a whole hole: the holes now only
-        # shape the batches (each batch is checked again after its dirty marks are cleared).
-        shaped: list[Extent] = []
-        if exts:
-            ranges = store.data_ranges(f.file_id, 0, f.size)
-            for first, count in exts:
-                for b0, n, hole in hole_runs(ranges, first, min(count, nblocks - first), bs,
-                                             f.size):
-                    shaped += batches([(b0, n)], HOLE_BATCH if hole else FRAME_DATA // bs)
-        todo = [(first, min(count, nblocks - first)) for first, count in shaped
-                if first < nblocks]
-        blocks = nbytes = 0
-        # (first block, data) to send as Blocks, (first block, count) as Zero, or
-        # (first block, (data, compressed)) as Packed
-        tx, rx = trio.open_memory_channel[tuple[int, bytes | int | tuple[bytes, bytes]]](2)
-        kinds = self.report.bytes_by_kind
-        compress = self._compress
-        codec = CODECS[self.opts.compress] if self.opts.compress else 0
-        held = self.dest_has.get(f.file_id) if clear else None  # the initial copy only
-
-        async def reader() -> None:
-            async with tx:
-                try:
-                    await read_all()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the sender stopped (its error is the one to report)
-
-        def read(first: int, count: int) -> list[tuple[int, bytes | int | tuple[bytes, bytes]]]:
-            """Holes are not read; what is read, zero blocks of it travel as Zero runs, the
-            rest compressed where that pays (--compress)."""
-            out: list[tuple[int, bytes | int | tuple[bytes, bytes]]] = []
-            ranges = store.data_ranges(f.file_id, first * bs, (first + count) * bs)
-            for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
-                if hole:
-                    out.append((b0, n))
-                    kinds["hole"] = kinds.get("hole", 0) + min(n * bs, f.size - b0 * bs)
-                    continue
-                data = store.read(f.file_id, b0 * bs, n * bs)
-                for z0, zn, zero in zero_runs(data, bs, b0):
-                    if zero:
-                        out.append((z0, zn))
-                        kinds["zero"] = kinds.get("zero", 0) + min(zn * bs, len(data) - (
-                            z0 - b0) * bs)
-                        continue
-                    run = data[(z0 - b0) * bs:(z0 - b0 + zn) * bs]
-                    left = len(run)  # what the destination holds as it is here stays there
-                    for s0, sn in held.to_send(run, bs, z0) if held else [(z0, zn)]:
-                        piece = run[(s0 - z0) * bs:(s0 - z0 + sn) * bs]
-                        left -= len(piece)
-                        if compress is None:
-                            out.append((s0, piece))
-                        else:
-                            out += compressed(piece, 0, len(piece), s0)
-                    if left:
-                        kinds["held"] = kinds.get("held", 0) + left
-            return out
-
-        def compressed(data: bytes, start: int, length: int,
-                       first: int) -> list[tuple[int, bytes | tuple[bytes, bytes]]]:
-            """Pieces of COMPRESS_PIECE, each compressed if that pays; the raw neighbours
-            joined again into one frame."""
-            assert compress is not None
-            out: list[tuple[int, bytes | tuple[bytes, bytes]]] = []
-            step = max(bs, COMPRESS_PIECE // bs * bs)
-            end = start + length
-            raw = start  # where the run of pieces that did not pay began
-            with memoryview(data) as view:
-                for off in range(start, end, step):
-                    piece = view[off:min(off + step, end)]
-                    small = packed(compress, piece)
-                    if small is None:
-                        continue
-                    if raw < off:
-                        out.append((first + (raw - start) // bs, data[raw:off]))
-                    out.append((first + (off - start) // bs, (bytes(piece), small)))
-                    raw = off + len(piece)
-            if raw < end:
-                out.append((first + (raw - start) // bs, data[raw:end]))
-            return out
-
-        async def read_all() -> None:
-            for first, count in todo:
-                if clear:  # initial copy: writes that came before this read need no resend
-                    store.clear(f.file_id, [(first, count)])
-                if count * bs >= THREAD_READ:
-                    pieces = await self.hooks.run_sync(read, first, count)
-                else:  # a thread hop costs more than a small page-cache read
-                    pieces = read(first, count)
-                for piece in pieces:
-                    await tx.send(piece)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            async with rx:
-                async for first, data in rx:
-                    if isinstance(data, int):  # a zero run: a few bytes on the wire
-                        await ch.send(p.Zero(f.file_id, first, data))
-                        blocks += data
-                        continue
-                    small = None
-                    if isinstance(data, tuple):
-                        data, small = data
-                    end = first * bs + len(data)
-                    if len(data) % bs and end != f.size:
-                        data = data[: len(data) // bs * bs]  # shrank meanwhile: resized later
-                        small = None  # (what was compressed is no longer what goes)
-                    if not data:
-                        continue
-                    if small is not None:
-                        await ch.send(p.Packed(f.file_id, first, codec, len(data), small))
-                        kinds["compressed"] = kinds.get("compressed", 0) + len(data)
-                    else:
-                        await ch.send(p.Blocks(f.file_id, first, data))
-                        kinds["normal"] = kinds.get("normal", 0) + len(data)
-                    blocks += (len(data) + bs - 1) // bs
-                    nbytes += len(data)
-                    by_file = self.report.bytes_by_file
-                    by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
-                    self.report.bytes_sent = self.progress.sent
-        self.report.blocks_sent += blocks
-        return blocks, nbytes
+        return await Sender(self.ch, self._store, self.block_size, self.report, self.progress,
+                            self.hooks.run_sync, self._compress,
+                            CODECS[self.opts.compress] if self.opts.compress else 0).send(
+            f, exts, clear, self.dest_has.get(f.file_id) if clear else None)
 
     async def _send_sets(self, sets: dict[int, list[Extent]],
                          clear: bool = False) -> tuple[int, int]:
@@ -340,25 +212,19 @@ class Source:
         self.progress.channel = self.ch
         await self.ch.handshake()
 
+    @property
+    def vm(self) -> VMRecord | None:
+        return self.handoff.vm if self.handoff is not None else None
+
     def _open_vm(self) -> VMRecord:
         """Open the files and find the VM they are, refusing unless this host is its owner
-        (ownership.may_hand_off); a VM this host never knew is a new one, owned here."""
+        (handoff.py asks the rules)."""
         self.store = store = self.hooks.open_files(self.opts)
-        try:
-            rec = own.vm_to_hand_off(store.records.all(), list(store.names),
-                                     self.opts.vm_name, self.opts.mount)
-        except own.Refusal as exc:
-            raise MigrationError(str(exc)) from None
-        if rec is None:
-            rec = own.new_vm(list(store.names), self.opts.vm_name, self.opts.suspend)
-            store.records.put(rec)
-        self.vm = rec
+        self.handoff = SourceHandoff(store.records, self.opts.mount, self.opts.to,
+                                     self.opts.suspend, self.migration)
+        rec = self.handoff.open(list(store.names), self.opts.vm_name)
         self.report.vm, self.report.vm_name = rec.id, rec.name
         return rec
-
-    def _put(self, rec: VMRecord) -> None:
-        self.vm = rec
-        self._store.records.put(rec)
 
     def _open(self) -> None:
         self._open_vm()
@@ -580,8 +446,8 @@ class Source:
         # Durably give the VM up before the suspend, so the handoff adds no disk write to
         # the downtime; until the Commit is sent, a failure still resumes it here.
         t = time.monotonic()
-        assert self.vm is not None
-        self._put(own.begin_handoff(self.vm, self.opts.to, self.migration, self.opts.suspend))
+        assert self.handoff is not None
+        self.handoff.begin()
         self.report.handoff_record_ms = _ms(t)
         if not self.suspended:
             await self._suspend()
@@ -607,7 +473,7 @@ class Source:
         except PeerAborted:
             raise
         except MigrationError as exc:
-            if not self.commit_sent:
+            if not self.handed_off:
                 raise
             await self._reattach(str(exc))  # the destination holds the VM: it said owner
         bd["destination_resume"] = _ms(t)
@@ -649,7 +515,7 @@ class Source:
             delay = min(2 * delay, RECONNECT_MAX)
 
     async def _reattach_once(self) -> None:
-        assert self.vm is not None
+        assert self.handoff is not None and self.vm is not None
         stream = await self.hooks.connect(self.opts)
         limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
         ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
@@ -658,7 +524,7 @@ class Source:
             await ch.handshake()
             unfinished = self.pc is not None and not self.pc.finished
             mid = self.migration
-            await ch.send(p.Reattach(mid, self.vm.next_generation, unfinished))
+            await ch.send(p.Reattach(mid, self.handoff.generation, unfinished))
             await ch.send(p.Manifest(self.block_size, self._entries(), mid,
                                      vm=self.vm.id, vm_name=self.vm.name,
                                      generation=self.vm.generation))
@@ -683,9 +549,9 @@ class Source:
 
     async def _hand_off(self) -> None:
         """The point of no return: the record says handing-off already; say Commit."""
-        assert self.ch is not None and self.vm is not None
-        self.commit_sent = True  # before the send: once it starts, it may arrive
-        await self.ch.send(p.Commit(self.vm.next_generation))
+        assert self.ch is not None and self.handoff is not None
+        self.handoff.commit_sent = True  # before the send: once it starts, it may arrive
+        await self.ch.send(p.Commit(self.handoff.generation))
 
     @property
     def spilling(self) -> bool:
@@ -695,7 +561,7 @@ class Source:
     @property
     def handed_off(self) -> bool:
         """The VM was given up (Commit sent): it must not run here again unless settled."""
-        return self.commit_sent and self.vm is not None and self.vm.role == HANDING_OFF
+        return self.handoff is not None and self.handoff.handed_off
 
     async def _send_device_state(self) -> None:
         """The hypervisor's device state (QEMU), saved at suspend, for the destination's."""
@@ -735,7 +601,7 @@ class Source:
         except PeerAborted:
             raise
         except MigrationError:
-            if not self.commit_sent:
+            if not self.handed_off:
                 raise
             # The Commit may have arrived: pc.run finds the link broken and reattaches.
         def flushed(n: int) -> None:
@@ -829,8 +695,8 @@ class Source:
         if not v.ok:
             self.report.mismatched_blocks = v.mismatches
             self.report.verify_detail = v.detail
-            assert self.vm is not None
-            self._put(own.unverified(self.vm, f"{v.mismatches} blocks differ: {v.detail}"))
+            assert self.handoff is not None
+            self.handoff.unverified(f"{v.mismatches} blocks differ: {v.detail}")
             self.report.source_vm = ("kept suspended, files untouched: it is the good copy")
             raise MigrationError(
                 f"VERIFICATION FAILED: {v.mismatches} blocks differ on the destination "
@@ -839,10 +705,9 @@ class Source:
                 f"{self.opts.mount} --resume-here'")
         # The copy is proven: only now is the source copy retired.
         self.report.source_vm = self.adapter.finish()
-        assert self.vm is not None
-        self._put(own.retired(self.vm, "the destination verified its copy",
-                              self._keep_lineage()))
-        self.report.generation = self.vm.generation
+        assert self.handoff is not None
+        self.handoff.retire(self._keep_lineage())
+        self.report.generation = self.handoff.record.generation
 
     def _keep_lineage(self) -> dict[str, Any] | None:
         """The retired copy is the destination's files as of the switchover: keep its digests
@@ -933,29 +798,24 @@ class Source:
         with trio.CancelScope(shield=True):
             refused = (isinstance(exc, PeerAborted) or (isinstance(exc, NotOwner)
                        and exc.status == REFUSED)) and not self.switched
-            vm = self.vm
-            if vm is not None and vm.role == HANDING_OFF and (not self.handed_off or refused):
-                # First the record, as it was (or resumed, on the destination's refusal):
-                # nothing that failed before the Commit leaves this host handing off.
-                try:
-                    self._put(own.handoff_off(vm, f"the destination refused: {reason}"
-                                              if self.commit_sent else
-                                              f"aborted before the handoff: {reason}",
-                                              resumed=self.commit_sent))
-                except MigrationError as exc2:
-                    r.error = f"{reason}; and {exc2}"
-            if isinstance(exc, PeerAborted) and exc.owner_generation >= 0 and vm is not None:
-                self._split_brain(exc.owner_generation)
+            if self.handoff is not None:  # first the record: as it was, or still unsettled
+                commit_sent = self.handoff.commit_sent
+                bad = self.handoff.failed(reason, refused, exc.owner_generation
+                                          if isinstance(exc, PeerAborted) else -1)
+                if bad:
+                    r.error = f"{reason}; and {bad}"
+            else:
+                commit_sent = False
             if not self.handed_off or refused:
                 try:
                     if self.suspended:
                         self.adapter.resume()
                         self.suspended = False
-                        if self.commit_sent:
+                        if commit_sent:
                             r.source_vm = "resumed here: the destination refused the VM"
                 except Exception as exc2:  # (whatever it is, the user must hear it)
                     r.error = f"{reason}; and resuming the source VM failed: {exc2}"
-            elif self.vm is not None and self.vm.role == HANDING_OFF:
+            elif self.handed_off:
                 where = ("runs on the destination" if self.switched
                          else "may run on the destination")
                 r.source_vm = f"kept suspended: the VM {where}"
@@ -964,17 +824,6 @@ class Source:
                            f"{self.opts.to} --key-file KEY'")
             if self.ch is not None:
                 await self.ch.abort(reason)
-
-    def _split_brain(self, theirs: int) -> None:
-        """The destination owns this VM too: both records say so, and a person decides."""
-        assert self.vm is not None
-        if self.vm.role != own.OWNER:
-            return
-        try:
-            self._put(own.split_brain(self.vm, self.opts.to, theirs))
-        except MigrationError as exc:
-            self.hooks.notify(str(exc))
-
 
 def _ms(since: float) -> float:
     return round((time.monotonic() - since) * 1000, 2)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import xxhash
 
 from migrator import protocol as p
-from migrator.dest import DestSession, _File
+from migrator.received import Received, _File
 from migrator.stores import MountDest
 
 BS = 4096
 
 
-def session(nblocks: int) -> tuple[DestSession, list[int]]:
-    s = DestSession(MountDest("/"), None)  # type: ignore[arg-type]
+def session(nblocks: int) -> tuple[Received, list[int]]:
+    s = Received(MountDest("/"))
     s.block_size = BS
     data = [bytes([i]) * BS for i in range(nblocks)]
     f = _File(p.FileEntry(0, "disk.raw", nblocks * BS), nblocks * BS)

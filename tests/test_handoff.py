@@ -417,3 +417,53 @@ async def test_a_destination_that_stays_away_leaves_the_source_held_after_its_ti
     assert "migrator resolve" in (r.error or "") and src.state == HANDING_OFF
     assert not vm.running and not vm.finished and running(vm, dvm) == 1
     assert 20 <= trio.current_time() - t0 < 60 and len(net.links) > 3  # backoff, bounded
+
+
+async def test_two_owners_meet_as_a_split_brain_reported_by_both(autojump_clock: Any) -> None:
+    """A cut after the VM started there, then a person forces --resume-here on the source:
+    both hosts say owner at generation 1. The next migration between them finds it, both
+    record it with both generations, nothing is overwritten, and only a person settles it."""
+    link: list[CuttableStream] = []
+
+    async def cut_after_start() -> None:
+        link[0].cut()
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM(then=cut_after_start)
+    src, dest = MemorySource(files(), vm), MemoryDest()
+
+    def wrap(s: trio.abc.Stream) -> trio.abc.Stream:
+        link.append(CuttableStream(s))
+        return link[-1]
+
+    await migrate(src, vm, dest, options(io_timeout=30.0), resume_hook=dvm.start, wrap=wrap)
+    assert src.state == HANDING_OFF and dest.records.last is not None
+    assert (dest.records.last.role, dest.records.last.generation) == (OWNER, 1)
+    dvm.running = False  # the person thinks it stopped there (it did not: its record says so)
+    out, written = await ask_dest(dest, src.records.last, vm, "resume")
+    assert out.done and (written[-1].role, written[-1].generation) == (OWNER, 1)
+    src.records.put(written[-1])
+    before = [bytes(b) for b in dest.data.values()]
+    again = MemoryDest(records=dest.records)
+    source, outcome, _ = await migrate(src, vm, again, options())
+    r = source.report
+    assert r.status == "failed" and "split brain" in (r.error or ""), r.error
+    assert outcome is not None and "split brain" in outcome.text
+    mine, theirs = src.records.last, dest.records.last
+    assert mine is not None and theirs is not None
+    assert mine.split_brain is not None and mine.split_brain["generation"] == 1
+    assert theirs.split_brain is not None and theirs.split_brain["generation"] == 1
+    assert again.data == {} and [bytes(b) for b in dest.data.values()] == before
+    assert vm.running  # the source's copy runs on, as the person forced it
+    # Neither hands it off until a person settles it: retire one copy, keep the other.
+    source, _, _ = await migrate(src, vm, MemoryDest(), options())
+    assert "split brain" in (source.report.error or "") and "--retire-here" in (
+        source.report.error or "")
+    out, written = await ask_dest(dest, theirs, DestVM(), "retire")  # (on the destination)
+    assert out.done and written[-1].role == RETIRED and written[-1].split_brain is None
+    dest.records.put(written[-1])
+    out, written = await ask_dest(dest, mine, vm, "resume")
+    assert out.done and written[-1].role == OWNER and written[-1].split_brain is None
+    src.records.put(written[-1])
+    source, outcome, _ = await migrate(src, vm, MemoryDest(records=dest.records), options())
+    assert source.report.status == "completed", source.report.error
+    assert dest.records.last is not None and dest.records.last.generation == 2

@@ -227,6 +227,9 @@ class History(RuleBasedStateMachine):
         self.bad_starts: list[str] = []
         self.seed = 0
 
+    def story(self) -> str:
+        return "\n".join(["the history so far:", *self.steps])
+
     # -- what a person does --------------------------------------------------------------------
 
     def where(self, vm: str) -> list[Host]:
@@ -256,11 +259,11 @@ class History(RuleBasedStateMachine):
               + (f" ({rec.role if rec else 'new'} source)" if report.status == "failed"
                  else ""))
         self.steps.append(f"migrate {vm} {src}->{dst} {fault}@{at}: {report.status} "
-                          f"{report.error or ''}"[:200])
+                          f"{report.error or ''}")
         if legit:  # no host refuses a legitimate migration
-            assert report.status == "completed" and report.verified, self.steps
+            assert report.status == "completed" and report.verified, self.story()
         if report.status == "completed":
-            assert report.verified, self.steps  # (every block compared)
+            assert report.verified, self.story()  # (every block compared)
         s.records.frozen = d.records.frozen = False  # the processes are back
 
     async def _migrate(self, vm: str, s: Host, d: Host, fault: str, at: int) -> Any:
@@ -369,17 +372,17 @@ class History(RuleBasedStateMachine):
             elsewhere = any(x.running.get(vm) for x in self.hosts.values() if x is not h)
             out = trio.run(settle, "retire" if elsewhere else "resume", clock=clock)
         event("resolve: " + ("asked" if trio_asked else "by hand"))
-        self.steps.append(f"resolve {vm} on {host}: {out.text}"[:200])
+        self.steps.append(f"resolve {vm} on {host}: {out.text}")
         assert out.done, out.text
 
     # -- what must hold after every step ---------------------------------------------------------
 
     @invariant()
     def one_vm_on_the_right_data(self) -> None:
-        assert not self.bad_starts, (self.bad_starts, self.steps)
+        assert not self.bad_starts, (self.bad_starts, self.story())
         for vm in VMS:
             runs = self.where(vm)
-            assert len(runs) <= 1, (vm, [h.name for h in runs], self.steps)
+            assert len(runs) <= 1, (vm, [h.name for h in runs], self.story())
             recs = {h.name: h.vm(vm) for h in self.hosts.values()}
             known = {n: r for n, r in recs.items() if r is not None}
             owners = [n for n, r in known.items() if r.role == own.OWNER]
@@ -389,14 +392,14 @@ class History(RuleBasedStateMachine):
                     assert here == ORIGIN[vm]
                     continue
                 r = known.get(here)
-                assert r is not None and r.role == own.OWNER, (vm, here, r, self.steps)
-                assert owners == [here], (vm, owners, self.steps)
+                assert r is not None and r.role == own.OWNER, (vm, here, r, self.story())
+                assert owners == [here], (vm, owners, self.story())
                 top = max(max(x.generation, x.next_generation if x.unsettled else 0)
                           for x in known.values())
-                assert r.generation == top, (vm, here, r.generation, top, self.steps)
+                assert r.generation == top, (vm, here, r.generation, top, self.story())
             else:  # suspended by an open handoff: resolve settles it; never lost
-                assert not owners, (vm, owners, self.steps)
-                assert any(r.unsettled for r in known.values()), (vm, known, self.steps)
+                assert not owners, (vm, owners, self.story())
+                assert any(r.unsettled for r in known.values()), (vm, known, self.story())
             ids = {r.id for r in known.values()}
             assert len(ids) <= 1, (vm, ids)  # one identity that travels with it
 

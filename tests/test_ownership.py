@@ -3,6 +3,8 @@ what it knows of it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from migrator import ownership as own
@@ -179,3 +181,54 @@ def test_what_a_role_forbids_is_said_before_how_the_vm_was_named() -> None:
     with pytest.raises(Refusal, match="a VM moves whole"):
         own.vm_to_hand_off([rec(OWNER)], ["web/disk.raw"], None, "/m")
     assert own.vm_to_hand_off([rec(OWNER)], FILES, None, "/m") is not None
+
+
+# -- the records on disk (stores.RecordDir) -------------------------------------------------------
+
+
+def test_records_live_under_the_backing_directory_and_survive_a_reopen(tmp_path: Any) -> None:
+    from migrator.stores import RecordDir
+
+    d = RecordDir(str(tmp_path))
+    a = own.new_vm(["disk.raw"], None)
+    d.put(a)
+    d.put(own.begin_handoff(a, "b:1", "m1", "pid:1"))  # (rewritten in place)
+    d.write_digests(a.id, b"log")
+    d.write_sync(a.id, {"tag": "s@1"})
+    d.close()
+    again = RecordDir(str(tmp_path))
+    (got,) = again.all()
+    assert got.role == HANDING_OFF and got.migration == "m1"
+    assert again.read_digests(a.id) == b"log" and again.read_sync(a.id) == {"tag": "s@1"}
+    assert (tmp_path / ".blkfs" / "vms" / a.id / "record.json").exists()
+    (tmp_path / ".blkfs" / "vms" / a.id / "record.json").write_text('{"id": ')  # torn
+    assert again.all() == [] and again.get(a.id) is None  # unknown, never settled
+    again.drop(a.id)
+    assert not (tmp_path / ".blkfs" / "vms" / a.id).exists()
+
+
+def test_the_records_of_an_older_migrator_are_converted_once(tmp_path: Any) -> None:
+    import json
+
+    from migrator.stores import RecordDir
+
+    (tmp_path / ".migration-source.json").write_text(json.dumps({
+        "migration": "m1", "epoch": 1, "to": "b:1", "suspend": "pid:3",
+        "files": ["disk.raw"], "state": "handed-off"}))
+    (tmp_path / ".migration-digests").write_bytes(b"old log")
+    d = RecordDir(str(tmp_path))
+    (rec,) = d.all()
+    assert rec.role == HANDING_OFF and rec.peer == "b:1" and rec.suspend == "pid:3"
+    assert d.read_digests(rec.id) == b"old log"
+    assert not (tmp_path / ".migration-source.json").exists()  # not shown by the mount now
+    assert (tmp_path / ".blkfs" / "legacy" / ".migration-source.json").exists()
+    assert [r.id for r in RecordDir(str(tmp_path)).all()] == [rec.id]
+
+
+def test_an_unsettled_handoff_is_settled_by_the_vm_coming_back_from_its_owner() -> None:
+    going = own.begin_handoff(rec(OWNER, 2), "b:1", "m2", "")  # cut: never settled here
+    back = own.admit([going], "v1", "web", FILES, 3, "b:1", "m3")  # b owns it at 3
+    assert back.record.role == INCOMING and back.before is not None
+    assert back.before.role == RETIRED and back.before.generation == 3
+    with pytest.raises(Refusal, match="split brain"):  # at 2 the source cannot own it
+        own.admit([going], "v1", "web", FILES, 2, "c:1", "m4")

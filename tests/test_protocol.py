@@ -1068,3 +1068,19 @@ def test_a_destination_cannot_accept_what_the_source_did_not_vouch_for() -> None
         encode(Manifest(BS, FILES, "m", lineage="s@1", lineage_files=(7,)))
     with pytest.raises(ProtocolError, match="names a file twice"):
         encode(Lineage((0, 0), ""))
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"vm": "../x"}, "is not a VM id"),
+    ({"vm": ".hidden"}, "is not a VM id"),
+    ({"vm": "v" * 65}, "more than 64"),
+    ({"vm_name": 7}, "must be a string"),
+    ({"generation": True}, "must be an integer"),
+    ({"generation": -1}, "outside 0"),
+])
+def test_the_manifest_s_vm_is_checked(changes: dict[str, object], match: str) -> None:
+    raw = frame(FrameType.MANIFEST, {"block_size": BS, "files": [], "migration": "",
+                                     "delta": False, "replica": False, "lineage": "",
+                                     "lineage_files": [], "vm": "v1", "vm_name": "web",
+                                     "generation": 3, **changes})
+    refused(link_at(State.MANIFEST).dest, raw, match)

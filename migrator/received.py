@@ -1,0 +1,139 @@
+"""What an incoming session wrote, block by block, with the xxh3 of each: the destination's
+half of the verification (the source sends its digests after the resume; every block is
+compared). The writes go through the session's DestFiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import xxhash
+
+from . import protocol as p
+from .codecs import CodecError, decompress
+from .stores import DestFiles
+from .transport import MigrationError
+from .zeros import zero_digest
+
+
+@dataclass
+class _File:
+    entry: p.FileEntry
+    size: int
+    digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was written
+    zero: bytearray = field(default_factory=bytearray)  # 1 per block received as a Zero run
+    verified: int = 0
+
+    def digest(self, block: int, bs: int) -> int | None:
+        d = self.digests.get(block)
+        if d is None and block < len(self.zero) and self.zero[block]:
+            return zero_digest(max(0, min(bs, self.size - block * bs)))
+        return d
+
+
+class Received:
+    def __init__(self, store: DestFiles) -> None:
+        self.store = store
+        self.files: dict[int, _File] = {}
+        self.block_size = 0
+        self.blocks_written = 0
+        self.mismatches: list[str] = []  # the first few, for the message
+        self.mismatch_count = 0
+        self.unchecked = 0  # blocks whose digests died with an earlier session
+
+    def all_digests(self, f: _File) -> dict[int, int]:
+        if not f.zero or not f.zero.count(1):
+            return f.digests
+        bs = self.block_size
+        out = dict(f.digests)
+        i = f.zero.find(1)
+        while i >= 0:
+            out[i] = zero_digest(max(0, min(bs, f.size - i * bs)))
+            i = f.zero.find(1, i + 1)
+        return out
+
+
+    def write_packed(self, ev: p.Packed) -> None:
+        """Decompressed to exactly the size it states, then written like Blocks."""
+        try:
+            data = decompress(ev.codec, ev.data, ev.size)
+        except CodecError as exc:
+            raise MigrationError(f"bad peer: blocks {ev.first_block}+ of "
+                                 f"{self.files[ev.file_id].entry.name}: {exc}") from None
+        self.write_blocks(p.Blocks(ev.file_id, ev.first_block, data))
+
+    def write_blocks(self, ev: p.Blocks) -> None:
+        f = self.files[ev.file_id]
+        bs = self.block_size
+        self.store.write(ev.file_id, ev.first_block * bs, ev.data)
+        mv = memoryview(ev.data)
+        h = xxhash.xxh3_64_intdigest
+        for i in range(0, len(mv), bs):
+            f.digests[ev.first_block + i // bs] = h(mv[i:i + bs])
+        n = (len(mv) + bs - 1) // bs
+        if f.zero:
+            f.zero[ev.first_block:ev.first_block + n] = bytes(n)
+        self.blocks_written += n
+
+    def write_zero(self, ev: p.Zero) -> None:
+        """All-zero blocks: nothing is written where the file is still a fresh hole here;
+        over data it wrote, or in a file that existed, they are zeroed (store.zero)."""
+        f = self.files[ev.file_id]
+        bs = self.block_size
+        first, n = ev.first_block, ev.count
+        nblocks = -(-f.size // bs)
+        if len(f.zero) < nblocks:
+            f.zero.extend(bytes(nblocks - len(f.zero)))
+        if len(f.digests) < n:  # (a zero run may cover a whole 16 GiB hole)
+            written = [b for b in f.digests if first <= b < first + n]
+        else:
+            written = [b for b in range(first, first + n) if b in f.digests]
+        if written or not self.store.fresh(ev.file_id):
+            self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
+        for b in written:
+            del f.digests[b]
+        f.zero[first:first + n] = b"\x01" * n
+        self.blocks_written += n
+
+    def resize(self, ev: p.Resize) -> None:
+        f = self.files[ev.file_id]
+        self.store.resize(ev.file_id, ev.size)
+        f.size = ev.size
+        nblocks = (ev.size + self.block_size - 1) // self.block_size
+        for b in [b for b in f.digests if b >= nblocks]:
+            del f.digests[b]
+        if ev.size % self.block_size and nblocks - 1 in f.digests:
+            del f.digests[nblocks - 1]  # its tail changed: the source resends it
+        del f.zero[nblocks:]
+        if ev.size % self.block_size and len(f.zero) == nblocks:
+            f.zero[nblocks - 1] = 0
+
+    def _mismatch(self, text: str) -> None:
+        self.mismatch_count += 1
+        if len(self.mismatches) < 5:
+            self.mismatches.append(text)
+
+    def check_digests(self, ev: p.Digests, lost: bool = False) -> None:
+        """Against what this session wrote; `lost`: the digests of what an earlier session
+        wrote died with it (counted, never taken for a match)."""
+        f = self.files[ev.file_id]
+        for i, d in enumerate(ev.digests):
+            b = ev.first_block + i
+            mine = f.digest(b, self.block_size)
+            if mine is None and lost:
+                self.unchecked += 1
+            elif mine != d:
+                self._mismatch(f"{f.entry.name} block {b} "
+                               + ("never received" if mine is None else "differs"))
+            f.verified += 1
+
+    def verdict(self) -> tuple[bool, str]:
+        if self.unchecked:
+            self._mismatch(f"{self.unchecked} blocks cannot be verified: their digests died "
+                           "with the 'migrator serve' session that received them")
+        for f in self.files.values():
+            nblocks = (f.size + self.block_size - 1) // self.block_size
+            if f.verified != nblocks:
+                self._mismatch(f"{f.entry.name}: {f.verified} of {nblocks} blocks checked")
+        n = self.mismatch_count
+        more = f" (+{n - len(self.mismatches)} more)" if n > len(self.mismatches) else ""
+        return n == 0, "; ".join(self.mismatches) + more
