@@ -5,10 +5,10 @@ an xxh3 digest of every block it wrote, runs the resume hook when the source
 commits, and compares its digests with the source's after the resume (so the
 check costs no downtime).
 
-A migration's files are listed in ``<mount>/.migration-state.json``, written
-(and fsynced) *before* any file is touched, with ``"status": "incomplete"``;
-only a verified migration turns it to ``"complete"``.  Anything else — abort,
-crash, kill -9, disk full — leaves it incomplete (invariant 3).
+Whose files it may write, and when it takes the VM, is this host's record of the VM
+(handoff.DestHandoff, ownership.py): ``incoming`` (durable) *before* any file is touched,
+``owner`` at the Commit, the session's ``status`` ``complete`` only once verified.
+Anything else — abort, crash, kill -9, disk full — leaves it not runnable (invariant 3).
 
 Library code here logs; what a person reads comes back as a `SessionOutcome` that
 the CLI prints.
@@ -125,7 +125,7 @@ class DestSession:
         self.block_size = man.block_size
         migration = man.migration or str(uuid.uuid4())
         got = self.handoff.admit(man.vm, man.vm_name, [f.name for f in man.files],
-                                 man.generation, peer, migration, man.replica)
+                                 man.generation, _host(peer), migration, man.replica)
         self.replica = man.replica
         kept: dict[int, dict[int, int]] = {}
         if man.lineage:  # before the record below replaces the replica's
@@ -912,6 +912,12 @@ def unfinished_here(store: DestFiles) -> str | None:
             f"(the VM was handed to this host at generation {rec.generation}, verification "
             f"did not end{pc}): its source reattaches on its own within its io timeout, or "
             "'migrator resolve' there settles it")
+
+
+def _host(peer: str) -> str:
+    """Where a VM came from, for its record: the source's host (its port is any port)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 def _peer(stream: trio.SocketStream) -> str:

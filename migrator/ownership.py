@@ -173,9 +173,8 @@ def find_vm(records: list[VMRecord], files: list[str], name: str | None) -> VMRe
                   f"{', '.join(r.files)}: a VM moves whole (--vm {r.name})")
 
 
-def where(rec: VMRecord) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.at))
-    return f"generation {rec.generation}, {rec.peer or '?'}, {when}"
+def when(rec: VMRecord) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.at))
 
 
 def may_hand_off(rec: VMRecord | None, mount: str) -> None:
@@ -197,8 +196,8 @@ def may_hand_off(rec: VMRecord | None, mount: str) -> None:
                       "first")
     if rec.role == RETIRED:
         raise Refusal(f"VM {name} left this host: it was handed to {rec.peer} at generation "
-                      f"{rec.generation} ({where(rec)}) and runs there; to take it back, "
-                      f"migrate it from there to here")
+                      f"{rec.generation} on {when(rec)} and runs there; to take it back, "
+                      "migrate it from there to here")
     if rec.role == REPLICA:
         raise Refusal(f"VM {name} is a replica here, kept by 'migrator sync' from {rec.peer} "
                       "(its owner): the VM runs there; migrate it from there")
