@@ -476,7 +476,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     for rec in vms:
         line = vm_line(rec, time.time())
         con.print(f"[bold yellow]{line}[/]" if rec.get("role") not in ("owner",) else line,
-                  highlight=False)
+                  highlight=False, soft_wrap=True)  # (a line to grep, whole when piped)
     if st.trust_lost:
         con.print("[bold red]a write may have gone unmarked (see the daemon log): the tracking "
                   "state will not be saved at unmount[/]")
