@@ -106,6 +106,7 @@ class DestHandoff:
     def __init__(self, records: VMRecords, force: bool) -> None:
         self.records, self.force = records, force
         self.vm: VMRecord | None = None
+        self.before: VMRecord | None = None  # what this host knew of the VM before
         self.state: dict[str, Any] = {}  # this session's, as `migrator status` shows it
 
     def admit(self, vm: str, name: str, files: list[str], generation: int, peer: str,
@@ -127,7 +128,7 @@ class DestHandoff:
 
     def begin(self, got: own.Admission, state: dict[str, Any]) -> None:
         """Durably, before any file is touched; the stale VMs whose files it takes go."""
-        self.vm, self.state = got.record, state
+        self.vm, self.before, self.state = got.record, got.before, state
         self.save()
         for stale in got.dropped:
             self.records.drop(stale.id)
@@ -162,7 +163,9 @@ class DestHandoff:
     def refuse(self, why: str, status: str, **changes: Any) -> None:
         """The session ends before the VM runs here (or its start failed): not runnable."""
         assert self.vm is not None
-        vm = self.vm if self.vm.role == own.INCOMPLETE else own.incoming_ended(self.vm, why)
+        vm = self.vm
+        if vm.role in (own.INCOMING, OWNER):  # (once: a refused start ends it already)
+            vm = own.incoming_ended(vm, why, self.before)
         self.save(vm, status=status, **changes)
 
     def answer(self, migration: str, absent: int) -> tuple[str, int, str]:

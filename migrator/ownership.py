@@ -283,9 +283,17 @@ def took(rec: VMRecord, generation: int) -> VMRecord:
                       detail=f"handed to this host by {rec.peer}")
 
 
-def incoming_ended(rec: VMRecord, why: str) -> VMRecord:
+def incoming_ended(rec: VMRecord, why: str, before: VMRecord | None = None) -> VMRecord:
     """An incoming migration that ended before the Commit, or whose VM failed to start (then
-    the take is undone: the VM stays at the source's generation)."""
+    the take is undone: the VM stays at the source's generation). A host that had retired
+    the VM stays retired, as it was (its copy is no replica any more: partly overwritten);
+    any other copy is incomplete."""
+    if before is not None and before.role == RETIRED:
+        out = rec.became(RETIRED, generation=before.generation, peer=before.peer,
+                         event="incoming-ended",
+                         detail=f"{why}; these files are partly overwritten, not runnable")
+        out.lineage = None
+        return out
     gen = rec.generation - 1 if rec.role == OWNER else rec.generation
     return rec.became(INCOMPLETE, generation=gen, detail=why)
 
@@ -359,7 +367,9 @@ def answer(records: list[VMRecord], migration: str, absent: int = 0) -> tuple[st
             now = "" if rec.role == OWNER and rec.generation == gen else (
                 f"; it is {rec.role} here now, at generation {rec.generation}")
             return OWNER, gen, f"VM {rec.name} was handed to this host at generation {gen}{now}"
-        if rec.migration == migration and rec.role in (INCOMING, INCOMPLETE):
+        ended = any(h.get("migration") == migration and h.get("event") in (
+            INCOMPLETE, "incoming-ended") for h in rec.history)
+        if ended or (rec.migration == migration and rec.role == INCOMING):
             return REFUSED, rec.generation, (f"this host never took the VM ({rec.name}, "
                                              f"{rec.role}: {rec.detail or 'not runnable'})")
     return UNKNOWN, 0, f"no record of migration {migration} here"

@@ -232,3 +232,17 @@ def test_an_unsettled_handoff_is_settled_by_the_vm_coming_back_from_its_owner() 
     assert back.before.role == RETIRED and back.before.generation == 3
     with pytest.raises(Refusal, match="split brain"):  # at 2 the source cannot own it
         own.admit([going], "v1", "web", FILES, 2, "c:1", "m4")
+
+
+def test_a_failed_incoming_migration_leaves_a_retired_host_retired() -> None:
+    left = own.retired(own.begin_handoff(rec(OWNER, 1), "b:1", "m1", ""), "verified")
+    adm = own.admit([left], "v1", "web", FILES, 2, "b:1", "m2")  # it comes back, and fails
+    back = own.incoming_ended(adm.record, "link cut", adm.before)
+    assert (back.role, back.generation, back.peer, back.lineage) == (RETIRED, 2, "b:1", None)
+    assert "partly overwritten" in back.detail and back.history[-1]["event"] == "incoming-ended"
+    new = own.admit([], "v2", "db", ["db.raw"], 0, "a:1", "m3")
+    assert own.incoming_ended(new.record, "cut", new.before).role == INCOMPLETE
+    took = own.took(new.record, 1)
+    failed_start = own.incoming_ended(took, "would not start", new.before)
+    assert (failed_start.role, failed_start.generation) == (INCOMPLETE, 0)
+    assert own.answer([back], "m2")[0] == REFUSED  # the source of m2 may resume
