@@ -467,3 +467,41 @@ async def test_two_owners_meet_as_a_split_brain_reported_by_both(autojump_clock:
     source, outcome, _ = await migrate(src, vm, MemoryDest(records=dest.records), options())
     assert source.report.status == "completed", source.report.error
     assert dest.records.last is not None and dest.records.last.generation == 2
+
+
+async def test_a_destination_that_cannot_write_its_record_refuses_and_the_source_runs_on(
+        autojump_clock: Any) -> None:
+    """The disk under the destination's records is full: its first record write (incoming,
+    before any file is touched) fails, so nothing is written and the source VM runs on."""
+    class Full(MemoryRecords):
+        def put(self, rec: VMRecord) -> None:
+            raise MigrationError(f"cannot write the record of VM {rec.name} in /x: No space "
+                                 "left on device")
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm), MemoryDest(records=Full())
+    source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start)
+    r = source.report
+    assert r.status == "failed" and "No space left on device" in (r.error or ""), r.error
+    assert vm.running and vm.resumes == 0 and not dvm.running and src.state == OWNER
+    assert dest.data == {}  # no file touched
+    assert outcome is not None and "No space left" in outcome.text
+
+
+async def test_a_source_that_cannot_write_handing_off_never_suspends(autojump_clock: Any) -> None:
+    """Its disk fills before the switchover: the record cannot say handing-off, so the VM is
+    never suspended, no Commit goes out, and the destination's copy stays not runnable."""
+    class FullLater(MemoryRecords):
+        def put(self, rec: VMRecord) -> None:
+            if rec.role == HANDING_OFF:
+                raise MigrationError("cannot write the record of VM disk in /x: No space left "
+                                     "on device")
+            super().put(rec)
+
+    vm, dvm = FakeVM([10, 2, 0]), DestVM()
+    src, dest = MemorySource(files(), vm, FullLater()), MemoryDest()
+    source, outcome, _ = await migrate(src, vm, dest, options(), resume_hook=dvm.start)
+    assert source.report.status == "failed" and "No space" in (source.report.error or "")
+    assert outcome is not None and not outcome.completed
+    assert vm.running and vm.suspends == 0 and not dvm.running and src.state == OWNER
+    assert dest.records.last is not None and dest.records.last.role == "incomplete"
