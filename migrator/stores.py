@@ -36,9 +36,11 @@ WRITE_CHUNK = 256 << 10
 
 Extent = tuple[int, int]
 HeatRuns = tuple[tuple[int, int, float], ...] | np.ndarray  # ctlproto.HEAT_RUN records
-RESERVED = {".blkfs"}
 META = ".blkfs"  # the daemon's directory at the backing root: the mount never shows it
 VMS = os.path.join(META, "vms")  # under it: one directory of records per VM
+# Names a migration may not write: the daemon's directory, and the old records (read once,
+# converted: a file of that name sent by a peer would be taken for one)
+RESERVED = {META, own.LEGACY_SOURCE, own.LEGACY_DEST, own.LEGACY_SYNC, own.LEGACY_DIGESTS}
 
 
 class VMRecords(Protocol):

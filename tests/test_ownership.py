@@ -246,3 +246,14 @@ def test_a_failed_incoming_migration_leaves_a_retired_host_retired() -> None:
     failed_start = own.incoming_ended(took, "would not start", new.before)
     assert (failed_start.role, failed_start.generation) == (INCOMPLETE, 0)
     assert own.answer([back], "m2")[0] == REFUSED  # the source of m2 may resume
+
+
+@pytest.mark.parametrize("name", [".blkfs/vms/x/record.json", ".migration-source.json",
+                                  ".migration-state.json", ".migration-digests"])
+def test_a_peer_cannot_write_where_records_are_read(tmp_path: Any, name: str) -> None:
+    """A file of a record's name, sent by a peer, would be read as a record."""
+    from migrator.stores import MountDest
+    from migrator.transport import MigrationError
+
+    with pytest.raises(MigrationError, match="reserved on the destination"):
+        MountDest(str(tmp_path))._target(name)
