@@ -41,6 +41,7 @@ from migrator.transport import MigrationError, leaf
 from migrator.vm import AdapterError
 
 from .test_engine import BS, KEY, FakeVM, MemoryDest, MemoryRecords, MemorySource, inline
+from .test_handoff import CuttableStream
 
 HOSTS = ("h0", "h1", "h2")
 VMS = {"a": ["a/disk.raw", "a/vm.mem"], "b": ["b/disk.raw"]}
@@ -180,34 +181,17 @@ class HostDest(MemoryDest):
         return ended, [(b, 1) for b in blocks]
 
 
-class Link(trio.abc.Stream):
-    """The source's end of one connection; `at` is called with each frame it sends."""
+class Link(CuttableStream):
+    """The source's end of one connection; `at` is called with each frame it sends (and may
+    cut it then)."""
 
     def __init__(self, inner: trio.abc.Stream, at: Any) -> None:
-        self.inner, self.at, self.broken = inner, at, False
-
-    def cut(self) -> None:
-        self.broken = True
+        super().__init__(inner)
+        self.at = at
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.at(bytes(data[:1]), self)
-        if self.broken:
-            raise trio.BrokenResourceError("link cut")
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.broken:
-            raise trio.BrokenResourceError("link cut")
-        data = await self.inner.receive_some(max_bytes)
-        if self.broken:
-            raise trio.BrokenResourceError("link cut")
-        return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        await super().send_all(data)
 
 
 COMMIT = bytes([10])  # protocol.FrameType.COMMIT
