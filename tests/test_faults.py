@@ -36,6 +36,7 @@ from .test_migrate import (
     read_json,
     servers,
     state,
+    stopped,
     vm_record,
     wait_for,
     wait_mid_copy,
@@ -199,9 +200,12 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
             started = pidfile.exists() and pidfile.read_text().strip() != ""
             if phase == "switchover-window":
                 return started
+            # (serve stops itself in the hook: before that, a SIGCONT below could come first
+            # and leave it stopped for good)
+            held = started and stopped(s.proc.pid)
             if phase == "postcopy-spilling":
-                return started and st.get("phase") == "post-copy" and not st["spill_flushed"]
-            return bool(st.get("spill_flushed"))
+                return held and st.get("phase") == "post-copy" and not st["spill_flushed"]
+            return held and bool(st.get("spill_flushed"))
 
         wait_for(at_phase, 60, phase)
         if pidfile.exists() and pidfile.read_text().strip():
