@@ -22,9 +22,10 @@ from blkfs.cliutil import OneLineParser, count, positive
 from blkfs.control import ControlError
 
 from . import protocol as p
+from .errors import MigrationError, first_error
 from .plan import Policy, Verdict
 from .report import print_summary
-from .transport import MigrationError, leaf, parse_hostport, read_key
+from .transport import parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
 
 if TYPE_CHECKING:
@@ -628,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[a.cmd](a)
     except BaseException as exc:
-        err = leaf(exc)
+        err = first_error(exc)
         if isinstance(err, (MigrationError, AdapterError, p.ProtocolError, ControlError)):
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return 1

@@ -32,6 +32,14 @@ from blkfs import ctlproto as cp
 
 from . import digestlog, lineage
 from . import protocol as p
+from .errors import (
+    KeyMismatch,
+    MigrationError,
+    PeerAborted,
+    PeerMismatch,
+    VerificationFailed,
+    first_error,
+)
 from .handoff import DestHandoff, Refused
 from .ownership import INCOMPLETE_ANSWER, OWNER, VMRecord
 from .postcopy import DestPostcopy
@@ -40,16 +48,7 @@ from .qmp import QMPError
 from .quiet import Quiet
 from .received import Received, _File
 from .stores import DestFiles, MountDest
-from .transport import (
-    IO_TIMEOUT,
-    STILL_RUNNING,
-    Channel,
-    KeyMismatch,
-    MigrationError,
-    PeerAborted,
-    PeerMismatch,
-    leaf,
-)
+from .transport import IO_TIMEOUT, STILL_RUNNING, Channel
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +59,6 @@ MAX_HANDSHAKES = 128  # connections at once that have not proved the key (the ol
 DIGEST_LOG_DELAY = 0.05  # s after Commit at most before the digest log is written
 # States in which the source's Blocks are fetched pages for lazy mode, not copy data.
 _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
-
-
-class VerificationFailed(MigrationError):
-    pass
 
 
 @dataclass
@@ -760,7 +755,7 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
                          f"{session.qemu.dir})")
             return SessionOutcome(True, text)
         except BaseException as group:
-            exc = leaf(group)
+            exc = first_error(group)
             if not isinstance(exc, (MigrationError, p.ProtocolError, OSError)):
                 raise
             msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
@@ -785,12 +780,12 @@ async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcom
         return SessionOutcome(False, f"refused {peer}: it does not know the shared key (a "
                               "source with another key file?)", ends=False, kind="door")
     if isinstance(exc, PeerMismatch):  # a migrator set up otherwise: both operators hear why
-        reason = str(exc).removeprefix("bad peer: ")
+        reason = exc.reason
         await ch.abort(f"the destination refused: {reason}")
         await ch.aclose()
         return SessionOutcome(False, f"refused {peer}: {reason}", ends=False, kind="door")
     if isinstance(exc, PeerAborted):  # a migrator that refused us first (a mismatch)
-        reason = str(exc).removeprefix("the peer aborted: ").removeprefix("bad peer: ")
+        reason = exc.reason
         await ch.aclose()
         return SessionOutcome(False, f"{peer} gave up the handshake: {reason}", ends=False,
                               kind="door")

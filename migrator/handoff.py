@@ -10,9 +10,9 @@ import time
 from typing import Any
 
 from . import ownership as own
+from .errors import BadPeer, MigrationError
 from .ownership import HANDING_OFF, OWNER, VMRecord
 from .stores import VMRecords
-from .transport import MigrationError
 
 
 class Refused(MigrationError):
@@ -114,7 +114,7 @@ class DestHandoff:
         """May this session write these files? Refused if not (a split brain recorded);
         nothing is written yet either way (begin() does)."""
         if not vm:
-            raise MigrationError("bad peer: its Manifest names no VM")
+            raise BadPeer("its Manifest names no VM")
         try:
             return own.admit(self.records.all(), vm, name, files, generation, peer, migration,
                              replica=replica, force=self.force)

@@ -33,7 +33,8 @@ from blkfs.control import AsyncControlClient, ControlError
 from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea, pack_refs, spill_key
 
 from . import protocol as p
-from .transport import Channel, MigrationError, NotOwner
+from .errors import BadPeer, MigrationError, NotOwner
+from .transport import Channel
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class SourcePostcopy:
                         nursery.cancel_scope.cancel()
                         return
                     else:
-                        raise MigrationError(f"bad peer: {type(ev).__name__} during post-copy")
+                        raise BadPeer(f"{type(ev).__name__} during post-copy")
 
             nursery.start_soon(receive)
         if lost:
@@ -200,7 +201,7 @@ class SourcePostcopy:
 
     async def _answer(self, ev: p.Fetch) -> None:
         if ev.file_id not in self.sizes:
-            raise MigrationError(f"bad peer: fetch of file {ev.file_id}, which is not post-copied")
+            raise BadPeer(f"fetch of file {ev.file_id}, which is not post-copied")
         size = self.sizes[ev.file_id]
         start = ev.first_block * self.bs
         n = max(0, min(ev.count * self.bs, size - start))

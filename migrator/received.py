@@ -10,8 +10,8 @@ import xxhash
 
 from . import protocol as p
 from .codecs import CodecError, decompress
+from .errors import BadPeer
 from .stores import DestFiles
-from .transport import MigrationError
 from .zeros import zero_digest
 
 
@@ -57,8 +57,8 @@ class Received:
         try:
             data = decompress(ev.codec, ev.data, ev.size)
         except CodecError as exc:
-            raise MigrationError(f"bad peer: blocks {ev.first_block}+ of "
-                                 f"{self.files[ev.file_id].entry.name}: {exc}") from None
+            raise BadPeer(f"blocks {ev.first_block}+ of "
+                          f"{self.files[ev.file_id].entry.name}: {exc}") from None
         self.write_blocks(p.Blocks(ev.file_id, ev.first_block, data))
 
     def write_blocks(self, ev: p.Blocks) -> None:

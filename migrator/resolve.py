@@ -19,8 +19,9 @@ import trio
 
 from . import ownership as own
 from . import protocol as p
+from .errors import BadPeer, MigrationError
 from .ownership import VMRecord
-from .transport import IO_TIMEOUT, Channel, MigrationError
+from .transport import IO_TIMEOUT, Channel
 from .vm import AdapterError, VMAdapter
 
 
@@ -40,7 +41,7 @@ async def ask(stream: trio.abc.Stream, key: bytes, migration: str,
         await ch.send(p.Query(migration))
         answer = await ch.expect(p.Answer)
         if answer.migration != migration:
-            raise MigrationError(f"bad peer: answered about {answer.migration}")
+            raise BadPeer(f"answered about {answer.migration}")
         return answer
     finally:
         await ch.aclose()

@@ -34,6 +34,7 @@ from . import digestlog
 from . import protocol as p
 from .codecs import CODECS, compressor
 from .delta import Holdings
+from .errors import BadPeer, MigrationError, NotOwner, PeerAborted, first_error
 from .handoff import SourceHandoff
 from .lineage import BACK, dest_lineage, source_proof, tag
 from .ownership import OWNER, REFUSED, VMRecord
@@ -49,16 +50,7 @@ from .postcopy import SourcePostcopy, is_memory_file
 from .report import MigrationReport, Progress
 from .sending import FRAME_DATA, Sender
 from .stores import BlkfsSource, SourceFiles
-from .transport import (
-    IO_TIMEOUT,
-    STILL_RUNNING,
-    Channel,
-    MigrationError,
-    NotOwner,
-    PeerAborted,
-    leaf,
-    parse_hostport,
-)
+from .transport import IO_TIMEOUT, STILL_RUNNING, Channel, parse_hostport
 from .vm import AdapterError, VMAdapter
 from .zeros import hole_runs, zero_digest
 
@@ -393,7 +385,7 @@ class Source:
             await self.ch.send(p.RoundDone(prog.round, blocks, nbytes))
             ack = await self.ch.expect(p.RoundAck)
             if ack.round != prog.round:
-                raise MigrationError(f"bad peer: acknowledged round {ack.round}, not {prog.round}")
+                raise BadPeer(f"acknowledged round {ack.round}, not {prog.round}")
             stats = RoundStats(prog.round, blocks, nbytes, round(time.monotonic() - t, 4),
                                dirty_rate)
             planner.record_round(stats)
@@ -769,7 +761,7 @@ class Source:
         except BaseException as exc:  # errors, Ctrl-C and cancellation alike
             r.status = "failed"
             r.error = _message(exc)
-            await self._fail(r.error, leaf(exc))
+            await self._fail(r.error, first_error(exc))
             raise
         finally:
             r.total_s = round(time.monotonic() - t0, 3)
@@ -822,15 +814,15 @@ class Source:
                 r.error = (f"{reason}; the VM {where}, its copy here stays suspended: settle "
                            f"with 'migrator resolve --mount {self.opts.mount} --to "
                            f"{self.opts.to} --key-file KEY'")
-            if self.ch is not None:
-                await self.ch.abort(reason)
+            if self.ch is not None:  # (what the peer did wrong, not what we call it)
+                await self.ch.abort(exc.reason if isinstance(exc, BadPeer) else reason)
 
 def _ms(since: float) -> float:
     return round((time.monotonic() - since) * 1000, 2)
 
 
 def _message(exc: BaseException) -> str:
-    exc = leaf(exc)
+    exc = first_error(exc)
     if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
         return "interrupted"
     if isinstance(exc, OSError):

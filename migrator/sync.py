@@ -30,10 +30,10 @@ import trio
 
 from . import protocol as p
 from .dest import SYNC_STOPPED
+from .errors import KeyMismatch, MigrationError, NotOwner, PeerAborted, PeerMismatch, first_error
 from .lineage import sync_record
 from .plan import Policy, RoundPlanner
 from .source import MigrateOptions, Source, SourceHooks, _File, _message
-from .transport import KeyMismatch, MigrationError, NotOwner, PeerAborted, PeerMismatch, leaf
 
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # s between attempts after a cut link: doubling, capped
 ROUNDS_KEPT = 50  # the last rounds in the report (a sync may run for months)
@@ -162,7 +162,7 @@ class Syncer(Source):
         return s
 
     def _stopped(self, exc: BaseException | None) -> None:
-        err = leaf(exc) if exc is not None else None
+        err = first_error(exc) if exc is not None else None
         stopped = err is None or isinstance(err, (trio.Cancelled, KeyboardInterrupt))
         self.sync.status = "stopped" if stopped else "failed"
         if not stopped:
@@ -182,7 +182,7 @@ class Syncer(Source):
             try:
                 await self._session()
             except BaseException as group:  # (errors come wrapped from nurseries)
-                exc = leaf(group)
+                exc = first_error(group)
                 if (not isinstance(exc, MigrationError) or s.sessions == 0
                         or isinstance(exc, (PeerAborted, NotOwner, KeyMismatch, PeerMismatch))):
                     # the destination refused, or is not ours, or was never reached (a wrong

@@ -17,6 +17,21 @@ from typing import Any
 import trio
 
 from . import protocol as p
+from .errors import (
+    BadPeer,
+    ConnectionLost,
+    KeyMismatch,
+    MigrationError,
+    NotOwner,
+    PeerAborted,
+    PeerMismatch,
+    Tampered,
+    VerificationFailed,
+    first_error,
+)
+
+__all__ = ["BadPeer", "ConnectionLost", "KeyMismatch", "MigrationError", "NotOwner",
+           "PeerAborted", "PeerMismatch", "Tampered", "VerificationFailed", "first_error"]
 
 HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = 60.0  # no progress for this long: the network is cut or the peer is stuck
@@ -26,58 +41,15 @@ STILL_RUNNING = "the destination is still running this migration's first session
 RECV_CHUNK = 1 << 20
 
 
-class MigrationError(Exception):
-    """A failure to report to the user in one line."""
+def _bad_peer(exc: p.ProtocolError) -> BadPeer:
+    cls = (Tampered if isinstance(exc, p.TamperedError) else
+           KeyMismatch if isinstance(exc, p.AuthenticationError) else
+           PeerMismatch if isinstance(exc, p.MismatchError) else BadPeer)
+    return cls(str(exc))
 
 
-class KeyMismatch(MigrationError):
-    """The peer's proof of the shared key is wrong (another key file, or a stranger)."""
-
-
-class PeerMismatch(MigrationError):
-    """The peer is a migrator set up differently: another version, or --insecure-plaintext
-    on one side only."""
-
-
-class Tampered(MigrationError):
-    """A sealed frame failed its tag: someone on the path changed the stream, or it broke."""
-
-
-def _bad_peer(exc: p.ProtocolError) -> MigrationError:
-    if isinstance(exc, p.TamperedError):
-        return Tampered(str(exc))  # already says what happened, in the user's words
-    cls = (KeyMismatch if isinstance(exc, p.AuthenticationError) else
-           PeerMismatch if isinstance(exc, p.MismatchError) else MigrationError)
-    return cls(f"bad peer: {exc}")
-
-
-class PeerAborted(MigrationError):
-    """The peer said Abort; `owner_generation` is its Abort's (>= 0: it refused because it
-    owns the VM itself, at that generation: a split brain)."""
-
-    def __init__(self, text: str, owner_generation: int = -1) -> None:
-        super().__init__(text)
-        self.owner_generation = owner_generation
-
-    @classmethod
-    def of(cls, ev: p.Abort) -> PeerAborted:
-        return cls(f"the peer aborted: {ev.reason}", ev.owner_generation)
-
-
-class NotOwner(MigrationError):
-    """A destination asked to go on with a migration (a Reattach) does not hold the VM;
-    `status` is its Answer's (ownership: refused, unknown, incomplete)."""
-
-    def __init__(self, status: str, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-
-
-def leaf(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from trio nurseries."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+def _aborted(ev: p.Abort) -> PeerAborted:
+    return PeerAborted(ev.reason, ev.owner_generation)
 
 
 def read_key(path: str) -> bytes:
@@ -174,7 +146,7 @@ class Channel:
             self.conn.receive_data(data)
             while (ev := self.conn.next_event()) is not p.NEED_DATA:
                 if isinstance(ev, p.Abort):
-                    raise PeerAborted.of(ev)
+                    raise _aborted(ev)
                 self._early.append(ev)
         except p.ProtocolError as exc:
             raise _bad_peer(exc) from None
@@ -196,17 +168,17 @@ class Channel:
                 if ahead > 0:
                     await trio.sleep(ahead)
             if self.conn.state in (p.State.ERROR, p.State.ABORTED):
-                raise MigrationError(f"connection to the peer lost: {self.conn.why}")
+                raise ConnectionLost(f"connection to the peer lost: {self.conn.why}")
             data = self.conn.send(event)
             try:
                 with trio.CancelScope(shield=True), trio.fail_after(self.io_timeout):
                     await self.stream.send_all(data)
             except trio.TooSlowError:
-                raise MigrationError(f"the peer took no data for {self.io_timeout:g} s: "
+                raise ConnectionLost(f"the peer took no data for {self.io_timeout:g} s: "
                                      "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 await self._why_peer_left()
-                raise MigrationError(f"connection to the peer lost while sending: {exc}") from None
+                raise ConnectionLost(f"connection to the peer lost while sending: {exc}") from None
             self.bytes_sent += len(data)
 
     async def _why_peer_left(self) -> None:
@@ -226,7 +198,7 @@ class Channel:
                     self.conn.receive_data(data)
                     while (ev := self.conn.next_event()) is not p.NEED_DATA:
                         if isinstance(ev, p.Abort):
-                            raise PeerAborted.of(ev)
+                            raise _aborted(ev)
                 except p.ProtocolError:
                     return
 
@@ -246,20 +218,20 @@ class Channel:
                 ev = self.conn.next_event()
             except p.ProtocolError as exc:
                 if eof and "closed the connection" in str(exc):  # gone, not lying
-                    raise MigrationError(f"connection to the peer lost: {exc}") from None
+                    raise ConnectionLost(f"connection to the peer lost: {exc}") from None
                 raise _bad_peer(exc) from None
             if ev is not p.NEED_DATA:
                 if isinstance(ev, p.Abort):
-                    raise PeerAborted.of(ev)
+                    raise _aborted(ev)
                 return ev
             try:
                 with trio.fail_after(self.io_timeout):
                     data = await self.stream.receive_some(RECV_CHUNK)
             except trio.TooSlowError:
-                raise MigrationError(f"nothing from the peer for {self.io_timeout:g} s: "
+                raise ConnectionLost(f"nothing from the peer for {self.io_timeout:g} s: "
                                      "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise MigrationError(f"connection to the peer lost: {exc}") from None
+                raise ConnectionLost(f"connection to the peer lost: {exc}") from None
             self.bytes_received += len(data)
             eof = not data
             try:
@@ -270,8 +242,8 @@ class Channel:
     async def expect(self, *types: type) -> Any:
         ev = await self.receive()
         if not isinstance(ev, types):
-            raise MigrationError(f"bad peer: expected {' or '.join(t.__name__ for t in types)}, "
-                                 f"got {type(ev).__name__}")
+            raise BadPeer(f"expected {' or '.join(t.__name__ for t in types)}, "
+                          f"got {type(ev).__name__}")
         return ev
 
     async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:

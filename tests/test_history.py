@@ -33,11 +33,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from migrator import ownership as own
 from migrator.dest import ServeOptions, Sessions, serve_one
+from migrator.errors import MigrationError, first_error
 from migrator.plan import Policy
 from migrator.protocol import ProtocolError
 from migrator.resolve import resolve_source
 from migrator.source import MigrateOptions, Source, SourceHooks
-from migrator.transport import MigrationError, leaf
 from migrator.vm import AdapterError
 
 from .test_engine import BS, KEY, FakeVM, MemoryDest, MemoryRecords, MemorySource, inline
@@ -317,7 +317,8 @@ class History(RuleBasedStateMachine):
                 try:
                     await source.run()
                 except BaseException as exc:
-                    if not isinstance(leaf(exc), (MigrationError, AdapterError, ProtocolError)):
+                    expected = (MigrationError, AdapterError, ProtocolError)
+                    if not isinstance(first_error(exc), expected):
                         raise  # (the report says why it failed)
             await trio.sleep(6)  # the sessions end (or wait for a reattach that never comes)
             nursery.cancel_scope.cancel()

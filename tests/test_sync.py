@@ -9,9 +9,9 @@ import trio
 import trio.testing
 
 from migrator.dest import ServeOptions, SessionOutcome, Sessions, serve_one
+from migrator.errors import MigrationError, first_error
 from migrator.source import SourceHooks
 from migrator.sync import Syncer, sync_options
-from migrator.transport import MigrationError, leaf
 
 from .test_engine import BS, KEY, FakeVM, MemoryDest, MemorySource, files, inline, migrate, options
 
@@ -88,7 +88,7 @@ class Lab:
                 try:
                     await self.syncer.run()
                 except BaseException as exc:
-                    if not isinstance(leaf(exc), MigrationError):
+                    if not isinstance(first_error(exc), MigrationError):
                         raise
                     # the report says it
             await trio.sleep(1)  # the destination hears the Abort and ends its session
