@@ -412,12 +412,14 @@ def vm_line(rec: dict[str, Any], now: float) -> str:
     if isinstance(sb, dict):
         return (f"{head}: SPLIT BRAIN: {sb.get('peer')} claims it at generation "
                 f"{sb.get('generation')}; a person decides ('migrator resolve')")
-    inc = rec.get("incoming") if isinstance(rec.get("incoming"), dict) else {}
+    inc = rec.get("dest_record", rec.get("incoming"))  # (the older name)
+    inc = inc if isinstance(inc, dict) else {}
     if role == "replica":
         r = inc.get("replica") if isinstance(inc.get("replica"), dict) else {}
         at = r.get("synced_at")
-        held = ("no whole epoch yet" if r.get("epoch") is None else
-                f"every write up to its epoch {r.get('epoch')}"
+        got = r.get("sync_round", r.get("epoch"))
+        held = ("no whole epoch yet" if got is None else
+                f"every write up to its epoch {got}"
                 + (f" (synced {max(0.0, now - at):.0f} s ago)"
                    if isinstance(at, (int, float)) else ""))
         how = "stopped" if inc.get("stopped_at") else "syncing"

@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -41,7 +41,14 @@ from .errors import (
     first_error,
 )
 from .handoff import DestHandoff, Refused
-from .ownership import INCOMPLETE_ANSWER, OWNER, VMRecord
+from .ownership import (
+    INCOMPLETE_ANSWER,
+    OWNER,
+    DestRecord,
+    DestStatus,
+    ReplicaProgress,
+    VMRecord,
+)
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
@@ -125,20 +132,14 @@ class DestSession:
         kept: dict[int, dict[int, int]] = {}
         if man.lineage:  # before the record below replaces the replica's
             self.lineage, kept = self._check_lineage(man, got.before)
-        state: dict[str, Any] = {
-            "migration": migration,
-            # a replica (migrator sync) is never runnable: no Switchover is accepted for it,
-            # and a later migration that starts from it marks it incomplete first
-            "status": "replica" if man.replica else "incomplete",
-            "source": peer,
-            "started_at": time.time(),
-            "files": [{"name": f.name, "size": f.size} for f in man.files],
-        }
-        if man.replica:
-            # the source epoch (sync round) of which every write is here, durably; None until
-            # the first round is acknowledged (a replica cut before that holds a part)
-            state["replica"] = {"epoch": None, "synced_at": None}
-        self.handoff.begin(got, state)  # before any file is touched
+        # A replica (migrator sync) is never runnable: no Switchover is accepted for it, and a
+        # later migration that starts from it marks it incomplete first. Its sync round stays
+        # None until the first is acknowledged (a replica cut before that holds a part).
+        record = DestRecord(migration, peer, DestStatus.REPLICA if man.replica
+                            else DestStatus.INCOMPLETE,
+                            files=[{"name": f.name, "size": f.size} for f in man.files],
+                            replica=ReplicaProgress() if man.replica else None)
+        self.handoff.begin(got, record)  # before any file is touched
         self.store.create(man)
         for f in man.files:
             self.files[f.file_id] = _File(f, f.size)
@@ -224,9 +225,13 @@ class DestSession:
         return self._handoff
 
     @property
-    def state(self) -> dict[str, Any]:
-        """This incoming session's state, kept in the VM's record."""
-        return self._handoff.state if self._handoff is not None else {}
+    def dest_record(self) -> DestRecord | None:
+        """This incoming session's record, kept in the VM's (None until the Manifest)."""
+        return self._handoff.dest_record if self._handoff is not None else None
+
+    @property
+    def migration(self) -> str:
+        return self.dest_record.migration if self.dest_record is not None else "?"
 
     @property
     def vm(self) -> VMRecord | None:
@@ -254,7 +259,7 @@ class DestSession:
         except MigrationError as exc:
             if self.qemu is not None:
                 self.qemu.abort()  # before the record says so: it must not run
-            self.handoff.refuse(f"its start failed: {exc}", "refused", error=str(exc))
+            self.handoff.refuse(f"its start failed: {exc}", DestStatus.REFUSED, error=str(exc))
             raise
         log.info("resume hook: %.1f ms", (time.monotonic() - t) * 1000)
         ms = (time.monotonic() - self.t_switch) * 1000 if self.t_switch else 0.0
@@ -290,7 +295,7 @@ class DestSession:
         if self.back and self.vm is not None:  # the source's retired copy: these files then
             try:
                 self.store.records.write_sync(self.vm.id, lineage.sync_record(
-                    self.state["migration"], str(self.state.get("source")), lineage.BACK,
+                    self.migration, self.dest_record.source, lineage.BACK,
                     {f.entry.name: (self.back[f.entry.name], f.size)
                      for f in self.files.values()}, time.time()))
             except (OSError, MigrationError) as exc:
@@ -303,7 +308,7 @@ class DestSession:
         if self.digests_saved or self.reattached or not self.files:
             return  # (a reattached session holds only what the log gave it, or less)
         self.digests_saved = True
-        blob = digestlog.encode(self.state["migration"], self.block_size,
+        blob = digestlog.encode(self.migration, self.block_size,
                                 {fid: self.rx.all_digests(f) for fid, f in self.files.items()})
         t = time.monotonic()
         try:
@@ -325,10 +330,10 @@ class DestSession:
         try:
             if blob is None:
                 raise digestlog.DigestLogError("there is none")
-            saved = digestlog.decode(blob, self.state["migration"], self.block_size)
+            saved = digestlog.decode(blob, self.migration, self.block_size)
         except digestlog.DigestLogError as exc:
             log.warning("digest log of migration %s unusable (%s): the pre-copied blocks "
-                        "cannot be verified", self.state["migration"], exc)
+                        "cannot be verified", self.migration, exc)
             return
         for fid, digests in saved.items():
             if fid in self.files:
@@ -378,16 +383,18 @@ class DestSession:
         return await self.ch.expect(p.Manifest, p.Query, p.Reattach)
 
     async def run(self, peer: str, man: p.Manifest | p.Query | p.Reattach | None = None
-                  ) -> dict[str, Any]:
+                  ) -> DestRecord | None:
+        """The session to its end: its record, or None if it only answered (a Query, or a
+        Reattach this host cannot take)."""
         ch = self.ch
         if man is None:
             man = await self.greet()
         if isinstance(man, p.Query):
             await self.answer(man)
-            return {}
+            return None
         if isinstance(man, p.Reattach):
             if not await self._reattach(man, peer):
-                return {}
+                return None
         else:
             self.open_files(man, peer)
             if man.lineage:
@@ -401,7 +408,7 @@ class DestSession:
                     self.qemu = QemuTarget(self.qemu_spec, self.mount)
                 except QemuError as exc:
                     raise MigrationError(str(exc)) from None
-            log.info("migration %s from %s: %d files", self.state["migration"], peer,
+            log.info("migration %s from %s: %d files", self.migration, peer,
                      len(man.files))
         # The receiver stays up to a few frames ahead of the writer, so network reads and
         # file writes overlap; the writer handles events in order, each with the protocol
@@ -435,7 +442,7 @@ class DestSession:
                     await self._handle(ev, state)
                 if lost:
                     raise lost[0]
-        return self.state
+        return self.dest_record
 
     async def answer(self, q: p.Query) -> None:
         """`migrator resolve` on the source asks what this host's record says."""
@@ -479,7 +486,8 @@ class DestSession:
                                    self.spill_override, self.resumed)
             self.pc.on_digests = self._merge_digests
             await self.pc.reattach()
-        self.handoff.save(reattaches=int(self.state.get("reattaches", 0)) + 1,
+        assert self.dest_record is not None
+        self.handoff.save(reattaches=self.dest_record.reattaches + 1,
                          postcopy_paused=None)
         log.info("migration %s: source %s reattached (%s)", ra.migration, peer,
                  "post-copy goes on" if announce else "verification")
@@ -500,11 +508,12 @@ class DestSession:
         self._merge_digests()
         n = news.missing_count
         if self.pc.stats is not None:
-            self.state["postcopy"] = cp.to_dict(self.pc.stats)
+            self.handoff.save(postcopy=cp.to_dict(self.pc.stats))
         if news.done:
-            self.handoff.save(status="complete", completed_at=time.time(),
-                             verified="post-copy pages checked against the spill hashes; the "
-                             f"source was lost before the final digests ({why})")
+            self.handoff.save(status=DestStatus.COMPLETE, completed_at=time.time(),
+                              verified=True, verified_how="post-copy pages checked against "
+                              f"the spill hashes; the source was lost before the final digests "
+                              f"({why})")
             return SessionOutcome(True, f"source lost ({why}); completed from the spill area "
                                   f"alone ({found} pages found there at once)", awaiting=True)
         if n == 0:
@@ -517,29 +526,30 @@ class DestSession:
                                   f"blkfs spill {self.mount} --give-up", awaiting=True)
         shown = ", ".join(f"{rel} block {b}" for rel, b in news.missing[:10])
         more = f" (+{n - 10} more)" if n > 10 else ""
-        self.handoff.save(status="incomplete", error=f"source lost ({why})",
+        self.handoff.save(status=DestStatus.INCOMPLETE, error=f"source lost ({why})",
                          missing_blocks=[list(m) for m in news.missing], missing_count=n)
         return SessionOutcome(False, f"source lost ({why}) before every page reached the "
                               f"spill area: {n} blocks missing: {shown}{more}; reads of them "
                               "fail with EIO, everything else is served")
 
-    async def _replica_synced(self, epoch: int) -> None:
-        """Every write of the source's epoch `epoch` is here: durable first, then said so
-        (the RoundAck that follows is the source's proof of the lag it reports)."""
+    async def _replica_synced(self, sync_round: int) -> None:
+        """Every write of the source's sync round `sync_round` is here: durable first, then
+        said so (the RoundAck that follows is the source's proof of the lag it reports)."""
         await self.store.sync()
-        epochs, ids, sizes = {}, {}, {}
-        for fid, f in self.files.items():  # our own epoch from here: nobody writes the replica
+        swap_epochs, ids, sizes = {}, {}, {}
+        for fid, f in self.files.items():  # our own swap epoch from here: nobody writes it
             got = self.store.own_swap(f.entry.name)
             if got is not None:
-                epochs[f.entry.name], ids[f.entry.name] = got[0] + 1, fid
+                swap_epochs[f.entry.name], ids[f.entry.name] = got[0] + 1, fid
                 sizes[f.entry.name] = f.size
-        rec = self.state["replica"]
-        rec.update(epoch=epoch, synced_at=time.time(), rounds=int(rec.get("rounds", 0)) + 1,
-                   lineage=lineage.dest_lineage(epochs, ids, sizes, lineage.tag(
-                       self.state["migration"], epoch)))
+        rec = self.dest_record
+        assert rec is not None and rec.replica is not None
+        replica = ReplicaProgress(sync_round, time.time(), rec.replica.rounds + 1,
+                                  lineage.dest_lineage(swap_epochs, ids, sizes, lineage.tag(
+                                      self.migration, sync_round)))
         self.sent_since_ack = False
-        self.handoff.save(files=[{"name": f.entry.name, "size": f.size}
-                                for f in self.files.values()])
+        self.handoff.save(replica=replica, files=[{"name": f.entry.name, "size": f.size}
+                                                  for f in self.files.values()])
 
     def _merge_digests(self) -> None:
         assert self.pc is not None
@@ -626,11 +636,12 @@ class DestSession:
             self.rx.check_digests(ev, self.reattached and not self.digests_saved)
         elif isinstance(ev, p.VerifyDone):
             if pc is not None and pc.stats is not None:
-                self.state["postcopy"] = cp.to_dict(pc.stats)
+                self.handoff.save(postcopy=cp.to_dict(pc.stats))
             await self.store.sync()
             ok, detail = self.rx.verdict()
             if ok:
-                self.handoff.save(status="complete", completed_at=time.time(), verified=True)
+                self.handoff.save(status=DestStatus.COMPLETE, completed_at=time.time(),
+                                  verified=True)
             else:
                 self.handoff.save(verified=False, mismatches=self.rx.mismatch_count,
                                   detail=detail)
@@ -671,13 +682,14 @@ class Sessions:
             return None
         cur = self.current
         if (isinstance(first, p.Reattach) and cur is not None
-                and cur.state.get("migration") == first.migration):
+                and cur.migration == first.migration):
             if cur.waiting_for_source is None:
                 return STILL_RUNNING
             cur.waiting_for_source.cancel()
             return None
         if cur is not None and cur.replica:
-            return (f"the destination is busy: migrator sync from {cur.state.get('source')} "
+            source = cur.dest_record.source if cur.dest_record is not None else "?"
+            return (f"the destination is busy: migrator sync from {source} "
                     "keeps a replica there; stop it first (the migration then starts from "
                     "the replica)")
         return "the destination is busy with another migration"
@@ -741,11 +753,11 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
         sessions.current = session
         sessions.started += 1
         try:
-            state = await session.run(peer, first)
+            await session.run(peer, first)
             if session.answered is not None:
                 return SessionOutcome(False, f"{peer} asked about a migration: "
                                       f"{session.answered[0]} ({session.answered[1]})")
-            log.info("migration %s complete: %d blocks written", state["migration"],
+            log.info("migration %s complete: %d blocks written", session.migration,
                      session.rx.blocks_written)
             text = f"migration from {peer} complete and verified ({len(session.files)} files)"
             if session.reattached:
@@ -797,7 +809,7 @@ async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcom
 async def _failed(session: DestSession, peer: str, msg: str,
                   exc: BaseException) -> SessionOutcome:
     """A session that failed: say it in one line, and never leave two VMs."""
-    mid = session.state.get("migration", "?")
+    mid = session.migration
     if session.replica:
         return await _replica_ended(session, peer, msg, exc)
     if not session.owner:
@@ -810,11 +822,13 @@ async def _failed(session: DestSession, peer: str, msg: str,
                 await session.pc.give_up()
             except MigrationError as exc2:
                 log.error("cannot end lazy mode of the refused migration: %s", exc2)
-        touched = session.vm is not None and session.state
-        if touched:
+        rec = session.dest_record
+        touched = session.vm is not None and rec is not None
+        if rec is not None and touched:
             try:
-                refused = session.state.get("status") == "refused"  # (its start failed)
-                session.handoff.refuse(msg, "refused" if refused else "incomplete", error=msg)
+                refused = rec.status == DestStatus.REFUSED  # (its start failed)
+                session.handoff.refuse(msg, DestStatus.REFUSED if refused
+                                       else DestStatus.INCOMPLETE, error=msg)
             except (OSError, MigrationError) as exc2:  # e.g. its blkfs daemon died (ENOTCONN)
                 log.error("cannot update the migration state in %s: %s", session.mount, exc2)
         if not isinstance(exc, PeerAborted):
@@ -857,15 +871,16 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
                          exc: BaseException) -> SessionOutcome:
     """A sync ends only this way (stopped, cut, or failed): the replica stays what its last
     acknowledged epoch made it, marked not runnable, for a later sync or migrate to use."""
-    rec = session.state.get("replica") or {}
-    epoch = rec.get("epoch")
-    stopped = isinstance(exc, PeerAborted) and SYNC_STOPPED in msg
+    dest = session.dest_record
+    rep = dest.replica if dest is not None and dest.replica is not None else ReplicaProgress()
+    sync_round = rep.sync_round
+    stopped = isinstance(exc, PeerAborted) and exc.reason.startswith(SYNC_STOPPED)
     if not isinstance(exc, PeerAborted):
         await session.ch.abort(msg)
-    if epoch is not None and not session.sent_since_ack:
-        # The files are that epoch exactly: its digests, for a migration that trusts them
+    if sync_round is not None and not session.sent_since_ack:
+        # The files are that round exactly: its digests, for a migration that trusts them
         # (lineage.py) instead of reading every block on both sides.
-        blob = digestlog.encode(lineage.tag(session.state["migration"], epoch),
+        blob = digestlog.encode(lineage.tag(session.migration, sync_round),
                                 session.block_size, {fid: session.rx.all_digests(f)
                                                      for fid, f in session.files.items()})
         try:
@@ -873,27 +888,29 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
         except OSError as exc2:
             log.error("cannot write the replica's digest log in %s: %s (a migration from it "
                       "will compare digests instead)", session.mount, exc2.strerror or exc2)
-            rec["lineage"] = None
+            rep = replace(rep, lineage=None)
     else:
-        rec["lineage"] = None  # blocks of a later epoch may be here: digests only
+        rep = replace(rep, lineage=None)  # blocks of a later round may be here: digests only
+    why = exc.reason if isinstance(exc, PeerAborted) else msg
     try:
-        session.handoff.save(stopped_at=time.time(),
-                            stopped=msg.removeprefix("the peer aborted: "))
+        if dest is not None:
+            session.handoff.save(replica=rep, stopped_at=time.time(), stopped=why)
     except OSError as exc2:
         log.error("cannot update the replica state in %s: %s", session.mount,
                   exc2.strerror or exc2)
-    what = ("holds no whole epoch yet (the first sync was cut)" if epoch is None
-            else f"holds every write up to its epoch {epoch}")
-    how = "stopped" if stopped else f"cut ({msg.removeprefix('the peer aborted: ')})"
-    return SessionOutcome(epoch is not None, f"sync from {peer} {how}: the replica here {what}; "
-                          "not runnable: 'migrator migrate' to this host starts from it")
+    what = ("holds no whole epoch yet (the first sync was cut)" if sync_round is None
+            else f"holds every write up to its epoch {sync_round}")
+    how = "stopped" if stopped else f"cut ({why})"
+    return SessionOutcome(sync_round is not None, f"sync from {peer} {how}: the replica here "
+                          f"{what}; not runnable: 'migrator migrate' to this host starts from it")
 
 
 def unfinished_here(store: DestFiles) -> str | None:
     """What a serve starting on this mount should say of a migration it took and did not
     finish (its serve died after the handoff), or None."""
     recs = [r for r in store.records.all()
-            if r.role == OWNER and (r.incoming or {}).get("status") == "running"]
+            if r.role == OWNER and r.dest_record is not None
+            and r.dest_record.status == DestStatus.RUNNING]
     if not recs:
         return None
     rec = recs[0]

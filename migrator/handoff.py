@@ -7,11 +7,12 @@ do and tell them what happened.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from . import ownership as own
 from .errors import BadPeer, MigrationError
-from .ownership import HANDING_OFF, OWNER, VMRecord
+from .ownership import HANDING_OFF, OWNER, DestRecord, DestStatus, VMRecord
 from .stores import VMRecords
 
 
@@ -107,7 +108,7 @@ class DestHandoff:
         self.records, self.force = records, force
         self.vm: VMRecord | None = None
         self.before: VMRecord | None = None  # what this host knew of the VM before
-        self.state: dict[str, Any] = {}  # this session's, as `migrator status` shows it
+        self.dest_record: DestRecord | None = None  # this session's (None before begin)
 
     def admit(self, vm: str, name: str, files: list[str], generation: int, peer: str,
               migration: str, replica: bool) -> own.Admission:
@@ -126,24 +127,27 @@ class DestHandoff:
             raise Refused(str(exc), -1 if exc.owner_generation is None
                           else exc.owner_generation) from None
 
-    def begin(self, got: own.Admission, state: dict[str, Any]) -> None:
+    def begin(self, got: own.Admission, dest_record: DestRecord) -> None:
         """Durably, before any file is touched; the stale VMs whose files it takes go."""
-        self.vm, self.before, self.state = got.record, got.before, state
+        self.vm, self.before, self.dest_record = got.record, got.before, dest_record
         self.save()
         for stale in got.dropped:
             self.records.drop(stale.id)
 
     def resume(self, rec: VMRecord) -> None:
         """A reattached session goes on with the record the broken one left."""
-        self.vm, self.state = rec, dict(rec.incoming or {})
+        assert rec.dest_record is not None  # (reattachable: a session ran here)
+        self.vm, self.dest_record = rec, rec.dest_record
 
     def save(self, vm: VMRecord | None = None, **changes: Any) -> None:
-        """The session's state into the VM's record, durably (with the VM's new role)."""
-        self.state.update(changes)
+        """The session's record, changed, into the VM's record, durably (with the VM's new
+        role). A change of a field DestRecord does not have is a TypeError."""
+        assert self.dest_record is not None
+        self.dest_record = replace(self.dest_record, **changes)
         if vm is not None:
             self.vm = vm
         assert self.vm is not None
-        self.vm.incoming = self.state
+        self.vm.dest_record = self.dest_record
         self.records.put(self.vm)
 
     @property
@@ -158,9 +162,9 @@ class DestHandoff:
             took = own.took(self.vm, generation)
         except own.Refusal as exc:
             raise MigrationError(str(exc)) from None
-        self.save(took, status="running", taken_at=time.time())
+        self.save(took, status=DestStatus.RUNNING, taken_at=time.time())
 
-    def refuse(self, why: str, status: str, **changes: Any) -> None:
+    def refuse(self, why: str, status: DestStatus, **changes: Any) -> None:
         """The session ends before the VM runs here (or its start failed): not runnable."""
         assert self.vm is not None
         vm = self.vm

@@ -92,9 +92,10 @@ def held_lineage(rec: Any) -> dict[str, Any] | None:
     (role retired: the A of A -> B -> A)."""
     if rec is None:
         return None
-    rep = (rec.incoming or {}).get("replica")
-    if rec.role == "replica" and isinstance(rep, dict) and isinstance(rep.get("lineage"), dict):
-        return rep["lineage"]  # type: ignore[no-any-return]
+    dest = rec.dest_record
+    rep = dest.replica if dest is not None else None
+    if rec.role == "replica" and rep is not None and isinstance(rep.lineage, dict):
+        return rep.lineage
     if rec.role == "retired" and isinstance(rec.lineage, dict):
         return rec.lineage
     return None

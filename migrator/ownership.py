@@ -37,15 +37,24 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
 from typing import Any
 
-OWNER = "owner"
-HANDING_OFF = "handing-off"
-RETIRED = "retired"
-REPLICA = "replica"
-INCOMING = "incoming"
-INCOMPLETE = "incomplete"
-ROLES = (OWNER, HANDING_OFF, RETIRED, REPLICA, INCOMING, INCOMPLETE)
+
+class Role(StrEnum):
+    """What this host's copy of a VM is (the module's docstring says each)."""
+
+    OWNER = "owner"
+    HANDING_OFF = "handing-off"
+    RETIRED = "retired"
+    REPLICA = "replica"
+    INCOMING = "incoming"
+    INCOMPLETE = "incomplete"
+
+
+OWNER, HANDING_OFF, RETIRED = Role.OWNER, Role.HANDING_OFF, Role.RETIRED
+REPLICA, INCOMING, INCOMPLETE = Role.REPLICA, Role.INCOMING, Role.INCOMPLETE
+ROLES = tuple(Role)
 RUNS_HERE = (OWNER, HANDING_OFF)  # a copy that runs, or may, on this host
 KEPT_HERE = (*RUNS_HERE, REPLICA, INCOMING)  # files a new incoming migration must not take
 
@@ -81,7 +90,7 @@ class VMRecord:
     split_brain: dict[str, Any] | None = None  # another host claims it too: {peer, generation}
     history: list[dict[str, Any]] = field(default_factory=list)
     lineage: dict[str, Any] | None = None  # retired: the peer's files as of the switchover
-    incoming: dict[str, Any] | None = None  # the last incoming session's state (dest.py)
+    dest_record: DestRecord | None = None  # the last incoming session's (dest.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,13 +98,16 @@ class VMRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMRecord | None:
         """None for anything that is not a whole record (torn, or not ours): unknown."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"dest_record"}
         try:
             rec = cls(**{k: v for k, v in d.items() if k in names})
-        except TypeError:
+            rec.role = Role(rec.role)
+        except (TypeError, ValueError):
             return None
-        if rec.role not in ROLES or not isinstance(rec.files, list):
+        if not isinstance(rec.files, list):
             return None
+        got = d.get("dest_record", d.get("incoming"))  # ("incoming" before it had its own word)
+        rec.dest_record = DestRecord.from_dict(got) if isinstance(got, dict) else None
         return rec
 
     @property
@@ -124,6 +136,79 @@ class VMRecord:
             out.migration = migration
         out.event(event or role, peer=out.peer, migration=out.migration, detail=detail)
         return out
+
+
+class DestStatus(StrEnum):
+    """Where an incoming session stands (the VM's role says whose the VM is)."""
+
+    INCOMPLETE = "incomplete"  # the files are being written, or the session ended unfinished
+    REPLICA = "replica"  # a sync keeps them: never runnable
+    RUNNING = "running"  # the VM was taken and started here; its verification is pending
+    COMPLETE = "complete"  # verified (or completed from the spill area alone)
+    REFUSED = "refused"  # its start failed: it never ran here
+
+
+@dataclass
+class ReplicaProgress:
+    """What a sync has made of the files here."""
+
+    sync_round: int | None = None  # the source's sync round whose every write is here, durably
+    synced_at: float | None = None
+    rounds: int = 0
+    lineage: dict[str, Any] | None = None  # this host's side of it (lineage.dest_lineage)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReplicaProgress:
+        names = {f.name for f in fields(cls)}
+        got = {k: v for k, v in d.items() if k in names}
+        if "epoch" in d and "sync_round" not in d:  # (written before it had its own word)
+            got["sync_round"] = d["epoch"]
+        return cls(**got)
+
+
+@dataclass
+class DestRecord:
+    """The destination's record of one incoming session, kept in its VM's record (durable
+    before any file is touched); `migrator status`, `resolve` and `blkfs status` read it."""
+
+    migration: str
+    source: str = ""
+    status: DestStatus = DestStatus.INCOMPLETE
+    started_at: float = field(default_factory=time.time)
+    files: list[dict[str, Any]] = field(default_factory=list)  # {name, size} each
+    replica: ReplicaProgress | None = None  # a sync's; None for a migration
+    taken_at: float | None = None  # the Commit: the VM is this host's from then on
+    completed_at: float | None = None
+    verified: bool | None = None
+    verified_how: str = ""  # when not by the final digests (the source was lost)
+    error: str = ""
+    detail: str = ""
+    mismatches: int = 0
+    reattaches: int = 0
+    postcopy: dict[str, Any] | None = None  # its post-copy's figures (cp.to_dict)
+    postcopy_paused: str | None = None
+    missing_blocks: list[list[Any]] = field(default_factory=list)  # [name, block] each
+    missing_count: int = 0
+    stopped_at: float | None = None  # a sync that ended
+    stopped: str = ""  # why
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DestRecord | None:
+        """None for a record torn or of another shape (the session is then unknown)."""
+        names = {f.name for f in fields(cls)} - {"replica"}
+        try:
+            rec = cls(**{k: v for k, v in d.items() if k in names})
+            rec.status = DestStatus(rec.status)
+            if isinstance(rec.verified, str):  # (a sentence, before verified_how)
+                rec.verified, rec.verified_how = True, rec.verified
+            rep = d.get("replica")
+            rec.replica = ReplicaProgress.from_dict(rep) if isinstance(rep, dict) else None
+        except (TypeError, ValueError):
+            return None
+        return rec
 
 
 def default_name(files: list[str]) -> str:
@@ -459,7 +544,8 @@ def from_legacy(source: dict[str, Any] | None, dest: dict[str, Any] | None) -> l
         gen = int(dest.get("epoch", 0))
         rec = VMRecord(_legacy_id(files), default_name(files), files, generation=gen,
                        role=role, peer=str(dest.get("source", "")),
-                       migration=str(dest.get("migration", "")), incoming=dict(dest))
+                       migration=str(dest.get("migration", "")),
+                       dest_record=DestRecord.from_dict(dest))
         if role == OWNER:
             rec.history.append({"at": time.time(), "event": "took", "generation": gen,
                                 "migration": rec.migration, "role": OWNER})

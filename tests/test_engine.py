@@ -290,13 +290,16 @@ class MemoryDest:
     @property
     def states(self) -> list[dict[str, Any]]:
         """The incoming session's state, as each record write left it (with the role)."""
-        return [{**(r.incoming or {}), "role": r.role, "owner": r.role == "owner",
-                 "generation": r.generation} for r in self.records.log]
+        return [{**(r.dest_record.to_dict() if r.dest_record else {}), "role": r.role,
+                 "owner": r.role == "owner", "generation": r.generation}
+                for r in self.records.log]
 
     @property
     def status(self) -> str | None:
         last = self.records.last
-        return (last.incoming or {}).get("status") if last is not None else None
+        if last is None or last.dest_record is None:
+            return None
+        return last.dest_record.status
 
 
 def files(seed: int = 7) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ from migrator.lineage import (
     sync_record,
     tag,
 )
-from migrator.ownership import VMRecord
+from migrator.ownership import DestRecord, DestStatus, ReplicaProgress, VMRecord
 
 REC = sync_record("s", "host:1", 4, {"disk": (10, 4096), "mem": (3, 8192)}, 0.0)
 
@@ -33,8 +33,8 @@ def test_the_source_vouches_only_for_files_whose_next_epoch_is_the_one_it_ends()
 
 LIN = dest_lineage({"disk": 7, "mem": 2}, {"disk": 0, "mem": 1}, {"disk": 4096, "mem": 8192},
                    "s@4")
-REPLICA = VMRecord("v", "v", ["disk", "mem"], role="replica", incoming={
-    "status": "replica", "migration": "s", "replica": {"epoch": 4, "lineage": LIN}})
+REPLICA = VMRecord("v", "v", ["disk", "mem"], role="replica", dest_record=DestRecord(
+    "s", status=DestStatus.REPLICA, replica=ReplicaProgress(4, lineage=LIN)))
 NAMES, SIZES = {0: "disk", 1: "mem"}, {0: 4096, 1: 8192}
 
 
@@ -61,6 +61,7 @@ def test_a_retired_source_copy_is_a_replica_and_a_running_one_is_not() -> None:
     assert held_lineage(rec("retired", lineage=back)) == back
     assert held_lineage(rec("handing-off", lineage=back)) is None
     assert held_lineage(rec("owner", lineage=back)) is None  # it runs: it changes
-    assert held_lineage(rec("incomplete", incoming={"replica": {"lineage": LIN}})) is None
+    assert held_lineage(rec("incomplete", dest_record=DestRecord(
+        "s", replica=ReplicaProgress(lineage=LIN)))) is None
     assert held_lineage(REPLICA) == LIN
     assert held_lineage(None) is None

@@ -139,9 +139,9 @@ def digest_log(m: Mount) -> bool:
 def state(dst: Mount) -> dict[str, Any] | None:
     """The last incoming session's state, with the VM's role (owner: it took the VM)."""
     rec = vm_record(dst)
-    if not rec or rec.get("incoming") is None:
+    if not rec or rec.get("dest_record") is None:
         return None
-    return {**rec["incoming"], "role": rec["role"], "owner": rec["role"] == "owner",
+    return {**rec["dest_record"], "role": rec["role"], "owner": rec["role"] == "owner",
             "generation": rec["generation"]}
 
 

@@ -108,8 +108,8 @@ async def test_a_sync_keeps_a_replica_that_is_never_runnable(autojump_clock: Any
     assert [(r.role, r.generation) for r in src.records.log] == [("owner", 0)]
     st = dest.states[-1]
     assert st["status"] == "replica" and not st["owner"], st
-    assert st["replica"]["epoch"] == s.epoch and st["migration"] == s.sync
-    assert "stopped_at" in st and st["stopped"] == "the sync stopped"
+    assert st["replica"]["sync_round"] == s.epoch and st["migration"] == s.sync
+    assert st["stopped_at"] and st["stopped"] == "the sync stopped"
     assert all(x["status"] == "replica" and not x["owner"] for x in dest.states)
     assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
     assert lab.outcomes and "stopped: the replica here holds every write up to its epoch" in (
@@ -129,8 +129,8 @@ async def test_each_epoch_is_durable_before_it_is_acknowledged(autojump_clock: A
         await sync()
 
     def state(rec: Any) -> None:
-        rep = (rec.incoming or {}).get("replica") or {}
-        order.append(f"epoch {rep.get('epoch')}")
+        rep = rec.dest_record.replica if rec.dest_record else None
+        order.append(f"epoch {rep.sync_round if rep else None}")
         put(rec)
 
     dest.sync, dest.records.put = synced, state  # type: ignore[method-assign]
@@ -149,7 +149,7 @@ async def test_a_cut_link_is_retried_and_the_epochs_go_on(autojump_clock: Any) -
     s = lab.syncer.sync
     assert s.status == "stopped" and s.sessions == 2, s
     assert s.held_blocks > 0, s  # the second session found the first one's blocks there
-    assert dest.states[-1]["replica"]["epoch"] == s.epoch
+    assert dest.states[-1]["replica"]["sync_round"] == s.epoch
     assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
     assert "cut" in lab.outcomes[0].text and "no whole epoch yet" in lab.outcomes[0].text
 
@@ -172,13 +172,13 @@ def test_blkfs_status_names_a_replica_never_a_vm() -> None:
 
     assert VM_RECORDS == VMS  # blkfs reads the records migrator writes
     rec = {"name": "web", "role": "replica", "generation": 2, "peer": "a:1",
-           "incoming": {"migration": "s1", "status": "replica",
-                        "replica": {"epoch": 7, "synced_at": 100.0}}}
+           "dest_record": {"migration": "s1", "status": "replica",
+                           "replica": {"sync_round": 7, "synced_at": 100.0}}}
     line = vm_line(rec, 130.0)
     assert "REPLICA, NOT RUNNABLE" in line and "epoch 7" in line and "30 s ago" in line
     assert "syncing" in line
-    rec["incoming"]["stopped_at"] = 131.0  # type: ignore[index]
-    rec["incoming"]["replica"] = {"epoch": None, "synced_at": None}  # type: ignore[index]
+    rec["dest_record"]["stopped_at"] = 131.0  # type: ignore[index]
+    rec["dest_record"]["replica"] = {"sync_round": None, "synced_at": None}  # type: ignore[index]
     assert "no whole epoch yet" in vm_line(rec, 140.0) and "stopped" in vm_line(rec, 140.0)
     assert "this host's" in vm_line({"name": "m", "role": "owner", "generation": 1}, 0)
     assert "NOT RUNNABLE" in vm_line({"name": "m", "role": "incomplete", "generation": 1}, 0)
@@ -266,7 +266,7 @@ async def test_a_restarted_sync_starts_from_its_own_replica(autojump_clock: Any)
     s = lab2.syncer.sync
     assert s.status == "stopped" and s.delta == "lineage" and s.lineage_blocks > 0, s
     assert s.rounds[0].blocks == 0  # nothing changed: nothing read, nothing sent
-    assert dest.states[-1]["replica"]["epoch"] == s.epoch and first is not None
+    assert dest.states[-1]["replica"]["sync_round"] == s.epoch and first is not None
 
 
 async def test_a_stop_in_mid_round_waits_for_its_acknowledgement(autojump_clock: Any) -> None:
@@ -287,7 +287,7 @@ async def test_a_stop_in_mid_round_waits_for_its_acknowledgement(autojump_clock:
     s = lab.syncer.sync
     assert s.status == "stopped" and s.epoch == 3 and s.rounds[-1].blocks > 0, (
         s.epoch, s.rounds)
-    assert dest.states[-1]["replica"]["epoch"] == 3 and dest.digest_log is not None
+    assert dest.states[-1]["replica"]["sync_round"] == 3 and dest.digest_log is not None
     vm.plan = [0]
     source, _, _ = await migrate(src, vm, dest, options())
     assert source.report.delta == "lineage" and source.report.verified, source.report

@@ -41,7 +41,7 @@ def start_sync(src: Mount, port: int, key: Path, *args: str) -> subprocess.Popen
 def replica_epoch(dst: Mount) -> int | None:
     st = state(dst)
     rep = st.get("replica") if st else None
-    return rep.get("epoch") if isinstance(rep, dict) else None  # type: ignore[return-value]
+    return rep.get("sync_round") if isinstance(rep, dict) else None  # type: ignore[return-value]
 
 
 @pytest.fixture
@@ -145,9 +145,9 @@ def test_a_sync_killed_loses_nothing_but_time(hosts: tuple[Mount, Mount], key: P
     sy.communicate()
     st = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
     assert f"its process {sy.pid} is gone: the replica there keeps its last epoch" in st, st
-    wait_for(lambda: "stopped" in (state(dst) or {}))
+    wait_for(lambda: (state(dst) or {}).get("stopped_at"))
     st = state(dst)
-    assert st is not None and st["status"] == "replica" and st["replica"]["epoch"] is None, st
+    assert st is not None and st["status"] == "replica" and st["replica"]["sync_round"] is None, st
     out = run_blkfs("status", str(dst.mnt), check=True).stdout
     assert "REPLICA, NOT RUNNABLE" in out and "no whole epoch yet" in out, out
     r = subprocess.run([*MIGRATOR, "resolve", "--mount", str(dst.mnt)], capture_output=True,
