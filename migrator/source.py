@@ -317,7 +317,7 @@ class Source:
                 self.dest_has[ev.file_id] = Holdings((f.size + bs - 1) // bs)
             self.dest_has[ev.file_id].add(ev.first_block, ev.digests)
             r.held_blocks += len(ev.digests)
-            r.held_digest_bytes += p.HEADER.size + 16 + 8 * len(ev.digests) + p.TAG_SIZE
+            r.held_digest_bytes += p.HEADER.size + p.DIGESTS_HEAD + 8 * len(ev.digests) + p.TAG_SIZE
         r.delta = ", ".join(w for w, on in (("lineage", self.lineage_ok),
                                             ("digests", self.dest_has)) if on) or "none"
 
