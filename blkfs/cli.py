@@ -120,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--writeback",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("BLKFS_WRITEBACK", "") not in ("", "0"),
+        default=False,
         help="the kernel's writeback cache: writes land in the page cache and reach blkfs "
         "coalesced at writeback (several times the IOPS); tracking sees them at the next "
         "flush, which blkfs and the migrator do before every swap; freeze is refused "
-        "(default: off, or on when $BLKFS_WRITEBACK=1)",
+        "(default: off)",
     )
     m.add_argument(
         "--dirty-limit",
