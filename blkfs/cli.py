@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_block_size,
         default=DEFAULT_BLOCK_SIZE,
         metavar="SIZE",
-        help="tracking block size, a power of two from 4K to 1M (default 64K)",
+        help="tracking block size, a power of two from 4K to 1M "
+        f"(default {size_text(DEFAULT_BLOCK_SIZE)})",
     )
     m.add_argument("--fg", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument(

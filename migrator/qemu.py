@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from .qmp import QMP, QMPError
+from .qmp import DEFAULT_TIMEOUT, QMP, QMPError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _ignore_shared(q: QMP) -> None:
               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
-def _connect_qmp(path: str, timeout: float = 10.0) -> QMP:
+def _connect_qmp(path: str, timeout: float = DEFAULT_TIMEOUT) -> QMP:
     try:
         return QMP(path, timeout)
     except QMPError as exc:
