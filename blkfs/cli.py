@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_block_size,
         default=DEFAULT_BLOCK_SIZE,
         metavar="SIZE",
-        help="tracking block size, a power of two from 4K to 1M (default 64K)",
+        help="tracking block size, a power of two from 4K to 1M "
+        f"(default {size_text(DEFAULT_BLOCK_SIZE)})",
     )
     m.add_argument("--fg", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument(
@@ -120,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--writeback",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("BLKFS_WRITEBACK", "") not in ("", "0"),
+        default=False,
         help="the kernel's writeback cache: writes land in the page cache and reach blkfs "
         "coalesced at writeback (several times the IOPS); tracking sees them at the next "
         "flush, which blkfs and the migrator do before every swap; freeze is refused "
-        "(default: off, or on when $BLKFS_WRITEBACK=1)",
+        "(default: off)",
     )
     m.add_argument(
         "--dirty-limit",

@@ -10,7 +10,6 @@ import shutil
 import signal
 import stat
 import sys
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from rich.console import Console
 from blkfs.cliutil import OneLineParser, count, positive
 from blkfs.control import ControlError
 
+from . import defaults
 from . import protocol as p
 from .errors import MigrationError, first_error
 from .plan import Policy, Verdict
@@ -32,13 +32,10 @@ if TYPE_CHECKING:
     from .dest import ServeOptions
 
 PROG = "migrator"
-DEFAULT_SPILL = os.path.join(tempfile.gettempdir(), f"migrator-spill-{os.getuid()}")
-
-
-def _plaintext_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--insecure-plaintext", action="store_true",
-                        help="INSECURE, for benchmarks only: after the handshake, frames go "
-                        "in clear and unauthenticated (both sides must say it)")
+# The flag groups below are shared by the commands that move a VM's files (migrate, sync, and
+# the coming evacuate): one definition each, their defaults from migrator.defaults.
+BENCH_TITLE = "for benchmarks and comparisons, never for real VMs"
+NO_CAP = "default: no cap"
 
 
 def _warn_plaintext(a: argparse.Namespace) -> bool:
@@ -52,6 +49,144 @@ def _warn_plaintext(a: argparse.Namespace) -> bool:
 
 VM_HELP = ("the VM's name, the same on every host (default: its files' directory, or the "
            "first file's stem); given once with its FILEs, later alone")
+
+
+def _bench_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The group of flags that exist for scripts/bench_*.py and the tests (every command that
+    talks to a peer has --insecure-plaintext); apart, so that nobody takes them for tuning."""
+    g = parser.add_argument_group(BENCH_TITLE)
+    g.add_argument("--insecure-plaintext", action="store_true",
+                   help="INSECURE: after the handshake, frames go in clear and "
+                   "unauthenticated (both sides must say it; default: sealed, AES-GCM)")
+    return g
+
+
+def _baseline_flags(parser: argparse.ArgumentParser) -> None:
+    """The bench group of a migration: the baselines scripts/bench_migrate.py compares with."""
+    g = _bench_flags(parser)
+    g.add_argument("--stop-and-copy", action="store_true",
+                   help="baseline: suspend first, copy everything, resume (default: live "
+                   "pre-copy)")
+    g.add_argument("--no-static-first", action="store_true",
+                   help="baseline: initial copy in block order (default: static blocks first, "
+                   "coldest first)")
+    g.add_argument("--no-lineage", action="store_true",
+                   help="do not start from a replica both sides can prove unchanged since an "
+                   "epoch (a migrator sync's, or the copy a migration away from the "
+                   "destination retired), compare digests instead (default: the proof where "
+                   "there is one)")
+
+
+def _io_timeout_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                     then: str = "abort", after: str = "") -> None:
+    """--io-timeout, the same default on both sides; `then`: what a timeout does on this
+    command, `after`: what follows it."""
+    parser.add_argument("--io-timeout", type=positive, default=defaults.IO_TIMEOUT, metavar="S",
+                        help=f"{then} when the peer takes or sends nothing for S seconds "
+                        f"(default {defaults.IO_TIMEOUT:g}){after}")
+
+
+def _peer_flags(parser: argparse.ArgumentParser) -> None:
+    """Connection and auth of a source: its mount, the destination, the shared key."""
+    g = parser.add_argument_group("source, destination, key")
+    g.add_argument("--mount", required=True, help="the source blkfs mount point")
+    g.add_argument("--to", required=True, metavar="HOST:PORT",
+                   help="the destination's 'migrator serve'")
+    g.add_argument("--key-file", required=True, metavar="FILE",
+                   help="shared key (the same file on both hosts, mode 0600)")
+
+
+def _vm_flags(parser: argparse.ArgumentParser) -> None:
+    """Which VM: its FILEs, or its name once they were named."""
+    g = parser.add_argument_group("the VM")
+    g.add_argument("files", nargs="*", metavar="FILE",
+                   help="the VM's files: relative to the mount, or paths under it")
+    g.add_argument("--vm", metavar="NAME", help=VM_HELP)
+
+
+def _link_flags(parser: argparse.ArgumentParser, *, bandwidth: float | None = None,
+                bandwidth_why: str = "", timeout_then: str = "abort",
+                timeout_after: str = "") -> None:
+    """The link: bandwidth cap, io timeout, compression. `bandwidth`: this command's default
+    cap (None: none), `bandwidth_why` says why it has one; `timeout_*`: see _io_timeout_flag."""
+    g = parser.add_argument_group("link")
+    default = NO_CAP if bandwidth is None else f"default {bandwidth:g}{bandwidth_why}"
+    g.add_argument("--bandwidth", type=positive, default=bandwidth, metavar="MB/s",
+                   help=f"cap the link bandwidth ({default})")
+    _io_timeout_flag(g, timeout_then, timeout_after)
+    g.add_argument("--compress", choices=("zstd", "lz4"),
+                   help="compress blocks on the wire where that saves a tenth or more (for "
+                   "slow links: costs CPU; lz4 is the faster, zstd the smaller; default: raw)")
+
+
+def _copy_flags(parser: argparse.ArgumentParser) -> None:
+    """What is sent first, and what not at all (delta)."""
+    g = parser.add_argument_group("copy")
+    g.add_argument("--static-heat", type=float, metavar="H",
+                   help="blocks with heat <= H are static (default: the mount's)")
+    g.add_argument("--no-delta", action="store_true",
+                   help="send every block, even where the destination holds an older copy "
+                   "(default: it says what it holds, an xxh3 per block, and only the blocks "
+                   "that differ travel; a migration's verification still covers every block)")
+
+
+def _switchover_flags(parser: argparse.ArgumentParser) -> None:
+    """When and how a migration switches over: the planner's policy and the VM's suspend."""
+    g = parser.add_argument_group("switchover")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--threshold-blocks", type=count, metavar="N",
+                   help="switch over once a round leaves at most N dirty blocks (default: by "
+                   "--downtime-ms)")
+    x.add_argument("--downtime-ms", type=positive, metavar="MS",
+                   help="switch over once the dirty set fits in MS at the measured bandwidth "
+                   f"(default {defaults.DOWNTIME_MS:g}; {defaults.POSTCOPY_DOWNTIME_MS:g} for the "
+                   "disks' set once memory goes post-copy)")
+    g.add_argument("--max-rounds", type=count, default=defaults.MAX_ROUNDS, metavar="R",
+                   help=f"give up iterating after R rounds (default {defaults.MAX_ROUNDS})")
+    g.add_argument("--on-stall", choices=("switchover", "abort"), default=defaults.ON_STALL,
+                   help="when the rounds stop converging: switch over anyway or abort "
+                   f"(default {defaults.ON_STALL})")
+    g.add_argument("--suspend", default=defaults.SUSPEND, metavar="ADAPTER",
+                   help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET or "
+                   f"freeze (default {defaults.SUSPEND})")
+
+
+def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
+    """Post-copy of the memory through a spill area (docs/spill.md)."""
+    pc = parser.add_argument_group("post-copy (docs/spill.md)")
+    pc.add_argument("--postcopy", nargs="?", const="on", default=defaults.POSTCOPY,
+                    type=_postcopy_mode, metavar="on|auto|off",
+                    help="leave the memory pages of the last dirty set absent on the "
+                    "destination, resume it at once and move them through the spill area; "
+                    f"'auto': only when pre-copy stops converging (default {defaults.POSTCOPY})")
+    pc.add_argument("--spill", metavar="DIR",
+                    help="the spill area, on storage both hosts reach (NFS, CephFS, "
+                    "GlusterFS; any local directory on one machine); default "
+                    f"{defaults.SPILL_DIR}")
+    pc.add_argument("--spill-slots", type=count, default=defaults.SPILL_SLOTS, metavar="N",
+                    help="slots in the spill area, one block each (default "
+                    f"{defaults.SPILL_SLOTS}); may be far fewer than the pages to move: freed "
+                    "slots are reused")
+    pc.add_argument("--spill-bandwidth", type=positive, metavar="MB/s",
+                    help=f"cap writes into the spill area (shared storage other hosts use; "
+                    f"{NO_CAP})")
+    pc.add_argument("--memory", action="append", metavar="FILE",
+                    help="a memory file to post-copy (repeatable; default: the files named "
+                    "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
+
+
+def _reporting_flags(parser: argparse.ArgumentParser, *, when: str = "",
+                     status_file: bool = True) -> None:
+    """The JSON report (written `when`) and, for a migration, where its live status goes."""
+    g = parser.add_argument_group("reporting")
+    g.add_argument("--report", metavar="PATH",
+                   help=f"write the JSON report here{when} (default: none; the summary is "
+                   "printed)")
+    if status_file:
+        g.add_argument("--status-file", metavar="PATH",
+                       help="keep a JSON status (phase, round, dirty blocks, bytes, expected "
+                       "downtime) current in PATH, and leave the last one there (default: in "
+                       "the runtime directory, removed at the end; 'migrator status' reads it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,77 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after one migration (status 0 only if it completed); if its "
                    "source was lost after the handoff, first wait --io-timeout for it to "
                    "reattach")
-    s.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
-                   help="abort when the peer sends or takes nothing for S seconds (default 60)")
-    _plaintext_flag(s)
+    _io_timeout_flag(s)
     s.add_argument("--spill", metavar="DIR",
                    help="post-copy: where this host sees the spill area (default: the path the "
                    "source announces, which is right on one machine or a same-path mount)")
+    _bench_flags(s)
 
     m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'")
-    m.add_argument("--mount", required=True, help="the source blkfs mount point")
-    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
-    m.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
-    m.add_argument("files", nargs="*", metavar="FILE",
-                   help="the VM's files: relative to the mount, or paths under it")
-    m.add_argument("--vm", metavar="NAME", help=VM_HELP)
-    g = m.add_mutually_exclusive_group()
-    g.add_argument("--threshold-blocks", type=count, metavar="N",
-                   help="switch over once a round leaves at most N dirty blocks")
-    g.add_argument("--downtime-ms", type=positive, metavar="MS",
-                   help="switch over once the dirty set fits in MS at the measured bandwidth "
-                   "(default 50; 20 for the disks' set once memory goes post-copy)")
-    m.add_argument("--max-rounds", type=count, default=30, metavar="R",
-                   help="give up iterating after R rounds (default 30)")
-    m.add_argument("--on-stall", choices=("switchover", "abort"), default="switchover",
-                   help="when the rounds stop converging: switch over anyway (default) or abort")
-    m.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
-    m.add_argument("--compress", choices=("zstd", "lz4"),
-                   help="compress blocks on the wire where that saves a tenth or more (for "
-                   "slow links: costs CPU; lz4 is the faster, zstd the smaller)")
-    m.add_argument("--static-heat", type=float, metavar="H",
-                   help="blocks with heat <= H are static (default: the mount's)")
-    m.add_argument("--suspend", default="freeze", metavar="ADAPTER",
-                   help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET or "
-                   "freeze (default)")
-    m.add_argument("--report", metavar="PATH", help="write the JSON report here")
-    m.add_argument("--status-file", metavar="PATH",
-                   help="keep a JSON status (phase, round, dirty blocks, bytes, expected "
-                   "downtime) current in PATH, and leave the last one there (default: in the "
-                   "runtime directory, removed at the end; 'migrator status' reads it)")
-    m.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
-                   help="abort when the peer takes or sends nothing for S seconds (default 60)")
-    m.add_argument("--stop-and-copy", action="store_true",
-                   help="baseline for comparison: suspend first, copy everything, resume")
-    _plaintext_flag(m)
-    m.add_argument("--no-delta", action="store_true",
-                   help="send every block, even where the destination holds an older copy "
-                   "(default: it says what it holds, an xxh3 per block, and only the blocks "
-                   "that differ travel; the verification still covers every block)")
-    m.add_argument("--no-lineage", action="store_true",
-                   help="do not start from a replica both sides can prove unchanged since an "
-                   "epoch (a migrator sync's, or the copy a migration away from the "
-                   "destination retired), compare digests instead (for comparison)")
-    m.add_argument("--no-static-first", action="store_true",
-                   help="baseline for comparison: initial copy in block order, not coldest first")
-    pc = m.add_argument_group("post-copy (docs/spill.md)")
-    pc.add_argument("--postcopy", nargs="?", const="on", default="off", type=_postcopy_mode,
-                    metavar="on|auto|off",
-                    help="leave the memory pages of the last dirty set absent on the "
-                    "destination, resume it at once and move them through the spill area; "
-                    "'auto': only when pre-copy stops converging (default off)")
-    pc.add_argument("--spill", metavar="DIR",
-                    help="the spill area, on storage both hosts reach (NFS, CephFS, "
-                    "GlusterFS; any local directory on one machine); default "
-                    f"{DEFAULT_SPILL}")
-    pc.add_argument("--spill-slots", type=count, default=1024, metavar="N",
-                    help="slots in the spill area, one block each (default 1024); may be far "
-                    "fewer than the pages to move: freed slots are reused")
-    pc.add_argument("--spill-bandwidth", type=positive, metavar="MB/s",
-                    help="cap writes into the spill area (shared storage other hosts use)")
-    pc.add_argument("--memory", action="append", metavar="FILE",
-                    help="a memory file to post-copy (repeatable; default: the files named "
-                    "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
+    _peer_flags(m)
+    _vm_flags(m)
+    _switchover_flags(m)
+    _link_flags(m)
+    _copy_flags(m)
+    _postcopy_flags(m)
+    _reporting_flags(m)
+    _baseline_flags(m)
 
     y = sub.add_parser(
         "sync", help="source: keep a replica of FILEs on a 'migrator serve', ahead of a "
@@ -162,29 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
         "last whole epoch): the static blocks first, then each epoch's dirty set under "
         "--bandwidth, an epoch every --lag/2 s. The destination marks the files 'replica, not "
         "runnable'. A later 'migrator migrate' to it sends only what changed since.")
-    y.add_argument("--mount", required=True, help="the source blkfs mount point")
-    y.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
-    y.add_argument("--key-file", required=True, metavar="FILE", help="shared key (mode 0600)")
-    y.add_argument("files", nargs="*", metavar="FILE",
-                   help="the VM's files: relative to the mount, or paths under it")
-    y.add_argument("--vm", metavar="NAME", help=VM_HELP)
-    y.add_argument("--bandwidth", type=positive, default=100.0, metavar="MB/s",
-                   help="cap the link bandwidth (default 100: a sync shares the link with the "
-                   "VMs' own traffic for hours)")
-    y.add_argument("--lag", type=positive, default=10.0, metavar="S",
-                   help="target: the replica is never more than S seconds behind (default 10; "
-                   "an epoch is sent every S/2 s; the report says when it fell behind)")
-    y.add_argument("--compress", choices=("zstd", "lz4"),
-                   help="compress blocks on the wire where that saves a tenth or more")
-    y.add_argument("--static-heat", type=float, metavar="H",
-                   help="blocks with heat <= H are static (default: the mount's)")
-    y.add_argument("--no-delta", action="store_true",
-                   help="send every block at start, even those the destination holds already")
-    y.add_argument("--report", metavar="PATH", help="write the JSON report here when it stops")
-    y.add_argument("--io-timeout", type=positive, default=60.0, metavar="S",
-                   help="a session is cut when the peer takes or sends nothing for S seconds "
-                   "(default 60); it is retried with backoff")
-    _plaintext_flag(y)
+    _peer_flags(y)
+    _vm_flags(y)
+    y.add_argument("--lag", type=positive, default=defaults.SYNC_LAG_S, metavar="S",
+                   help="target: the replica is never more than S seconds behind (default "
+                   f"{defaults.SYNC_LAG_S:g}; an epoch is sent every S/2 s; the report says when "
+                   "it fell behind)")
+    _link_flags(y, bandwidth=defaults.SYNC_BANDWIDTH_MB_S,
+                bandwidth_why=": a sync shares the link with the VMs' own traffic for hours",
+                timeout_then="a session is cut", timeout_after="; it is retried with backoff")
+    _copy_flags(y)
+    _reporting_flags(y, when=" when it stops", status_file=False)
+    _bench_flags(y)
 
     r = sub.add_parser(
         "resolve", help="settle a handoff that was cut: which host runs the VM",
@@ -198,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--to", metavar="HOST:PORT",
                    help="the destination's 'migrator serve' (default: the one migrated to)")
     r.add_argument("--key-file", metavar="FILE", help="shared key, to ask the destination")
-    _plaintext_flag(r)
+    _bench_flags(r)
     dg = r.add_mutually_exclusive_group()
     dg.add_argument("--resume-here", action="store_true",
                     help="resume the source copy (only once the VM is stopped on the "
@@ -251,10 +319,9 @@ def _policy(a: argparse.Namespace) -> Policy:
     if a.max_rounds < 1:
         raise MigrationError("--max-rounds must be at least 1")
     return Policy(threshold_blocks=a.threshold_blocks,
-                  downtime_ms=a.downtime_ms if a.downtime_ms else 50.0,
-                  postcopy_downtime_ms=a.downtime_ms if a.downtime_ms else 20.0,
-                  max_rounds=a.max_rounds,
-                  on_stall=Verdict.SWITCHOVER if a.on_stall == "switchover" else Verdict.ABORT)
+                  downtime_ms=a.downtime_ms or defaults.DOWNTIME_MS,
+                  postcopy_downtime_ms=a.downtime_ms or defaults.POSTCOPY_DOWNTIME_MS,
+                  max_rounds=a.max_rounds, on_stall=Verdict(a.on_stall))
 
 
 def _say(prefix: str) -> Callable[[str], None]:
@@ -330,7 +397,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           report_path=a.report, stop_and_copy=a.stop_and_copy,
                           static_first=not a.no_static_first, io_timeout=a.io_timeout,
                           postcopy=a.postcopy,
-                          spill_dir=os.path.abspath(a.spill or DEFAULT_SPILL),
+                          spill_dir=os.path.abspath(a.spill or defaults.SPILL_DIR),
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
                           compress=a.compress, plaintext=_warn_plaintext(a),
@@ -569,7 +636,7 @@ def cmd_resolve(a: argparse.Namespace) -> int:
             key = read_key(a.key_file) if a.key_file else None
             to = a.to or rec.peer
             out = trio.run(partial(resolve_source, sealed=not _warn_plaintext(a)), rec,
-                           lambda: parse_adapter(rec.suspend or "freeze", mount, rec.files),
+                           lambda: parse_adapter(rec.suspend or defaults.SUSPEND, mount, rec.files),
                            records.put, (lambda: tcp_connect(to)) if key else None, key,
                            decision)
             print(f"migrator resolve: {out.text}", flush=True)

@@ -39,19 +39,22 @@ class DemoError(Exception):
     pass
 
 
-def _run(*args: str, what: str) -> str:
-    r = subprocess.run(list(args), capture_output=True, text=True)
+Env = dict[str, str]
+
+
+def _run(*args: str, what: str, env: Env) -> str:
+    r = subprocess.run(list(args), capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise DemoError(f"{what} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return r.stdout
 
 
-def _blkfs(*args: str) -> str:
-    return _run(PY, "-m", "blkfs.cli", *args, what="blkfs " + args[0])
+def _blkfs(*args: str, env: Env) -> str:
+    return _run(PY, "-m", "blkfs.cli", *args, what="blkfs " + args[0], env=env)
 
 
-def _simvm(*args: str) -> str:
-    return _run(PY, "-m", "migrator.simvm", *args, what="simvm " + args[0])
+def _simvm(*args: str, env: Env) -> str:
+    return _run(PY, "-m", "migrator.simvm", *args, what="simvm " + args[0], env=env)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
@@ -66,34 +69,37 @@ def _wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _workdir(prefix: str) -> tuple[Path, Path]:
-    """A private work dir (its own blkfs runtime registry) and a fresh key in it."""
+def _workdir(prefix: str) -> tuple[Path, Path, Env]:
+    """A private work dir, a fresh key in it, and the environment of the demo's processes: a
+    blkfs runtime registry of their own in the work dir (only the children need it, so this
+    process's environment stays as it was)."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    os.environ["BLKFS_RUNTIME_DIR"] = str(work / "run")
     key = work / "key"
     key.write_bytes(os.urandom(32).hex().encode())
     key.chmod(0o600)
-    return work, key
+    return work, key, dict(os.environ, BLKFS_RUNTIME_DIR=str(work / "run"))
 
 
-def _mount_hosts(work: Path, mounts: list[Path], *flags: str) -> tuple[Path, Path]:
+def _mount_hosts(work: Path, mounts: list[Path], env: Env, *flags: str) -> tuple[Path, Path]:
     """Two blkfs mounts, src and dst, standing for the two hosts (appended to `mounts`)."""
     for side in ("src", "dst"):
         (work / f"{side}-backing").mkdir()
         (work / side).mkdir()
-        _blkfs("mount", str(work / f"{side}-backing"), str(work / side), *flags)
+        _blkfs("mount", str(work / f"{side}-backing"), str(work / side), *flags, env=env)
         mounts.append(work / side)
     return mounts[0], mounts[1]
 
 
-def _teardown(procs: list[subprocess.Popen[bytes]], mounts: list[Path], work: Path) -> None:
+def _teardown(procs: list[subprocess.Popen[bytes]], mounts: list[Path], work: Path,
+              env: Env) -> None:
     """Processes first (nothing may hold a mount), then the mounts, then the work dir."""
     for pr in procs:
         if pr.poll() is None:
             pr.kill()
             pr.wait()
     for mnt in reversed(mounts):
-        r = subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)], capture_output=True)
+        r = subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)], capture_output=True,
+                           env=env)
         if r.returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -106,16 +112,16 @@ def run_demo(a: argparse.Namespace) -> int:
         disk, mem = parse_size(a.disk_size), parse_size(a.mem_size)
     except ValueError as exc:
         raise DemoError(str(exc)) from None
-    work, key = _workdir("migrator-demo-")
+    work, key, env = _workdir("migrator-demo-")
     mounts: list[Path] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
         console.print(f"[bold]migrator demo[/] in {work}")
-        src, dst = _mount_hosts(work, mounts, "--heat-half-life", "5", "--static-heat", "2")
+        src, dst = _mount_hosts(work, mounts, env, "--heat-half-life", "5", "--static-heat", "2")
         console.print(f"source mount {src}, destination mount {dst} (two blkfs daemons)")
         # 64 KiB units: the VM's hot set is 10 % of blkfs's 64 KiB blocks
         _simvm("create", str(src), "--disk-size", str(disk), "--mem-size", str(mem),
-               "--unit", "65536")
+               "--unit", "65536", env=env)
         rate, bandwidth = a.write_rate, a.bandwidth
         vm_flags: list[str] = []
         if a.postcopy:  # memory hotter than the link: pre-copy alone would not converge
@@ -123,7 +129,8 @@ def run_demo(a: argparse.Namespace) -> int:
             bandwidth = bandwidth or rate / 2
             vm_flags = ["--mem-share", "0.9", "--hot-fraction", "0.5"]
         vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(src), "--rate",
-                               str(rate / 1.048576), *vm_flags], stdout=subprocess.DEVNULL)
+                               str(rate / 1.048576), *vm_flags], stdout=subprocess.DEVNULL,
+                              env=env)
         procs.append(vm)
         what = ("90 % of them to memory, half of its blocks hot" if a.postcopy
                 else "90 % of writes on 10 % of the blocks")
@@ -136,7 +143,8 @@ def run_demo(a: argparse.Namespace) -> int:
                   f">{shlex.quote(str(dest_vm_log))} 2>&1 & echo $! >{shlex.quote(str(pidfile))}")
         serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst),
                                   "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
-                                  "--resume-cmd", resume], stdout=subprocess.PIPE, text=True)
+                                  "--resume-cmd", resume], stdout=subprocess.PIPE, text=True,
+                                 env=env)
         procs.append(serve)  # type: ignore[arg-type]
         assert serve.stdout is not None
         line = serve.stdout.readline()
@@ -157,7 +165,7 @@ def run_demo(a: argparse.Namespace) -> int:
             console.print(f"post-copy: link capped at {bandwidth:g} MB/s; spill area "
                           f"{work / 'spill'} (256 slots of 64 KiB)")
         console.rule("migrator migrate")
-        rc = subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd, env=env).returncode
         console.rule()
         out, _ = serve.communicate(timeout=60)
         for ln in out.strip().splitlines():
@@ -170,9 +178,9 @@ def run_demo(a: argparse.Namespace) -> int:
             console.print(f"the VM resumed on the destination (pid {dest_pid}) and writes there "
                           "for 2 s")
             _wait_gone(dest_pid, 30)
-        console.print(_simvm("check", str(dst)).strip())
+        console.print(_simvm("check", str(dst), env=env).strip())
         if a.postcopy:
-            console.print(_blkfs("spill", str(dst)).strip())
+            console.print(_blkfs("spill", str(dst), env=env).strip())
         console.print(f"[bold green]done[/]: the VM moved from {src} to {dst} while writing; "
                       f"report: {a.report}")
         return 0
@@ -180,7 +188,7 @@ def run_demo(a: argparse.Namespace) -> int:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
     finally:
-        _teardown(procs, mounts, work)
+        _teardown(procs, mounts, work, env)
 
 
 # -- a real QEMU guest -----------------------------------------------------------------------
@@ -222,7 +230,7 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
     """Boot a tiny Debian-kernel guest on one mount, migrate it live to the other."""
     if shutil.which("qemu-system-x86_64") is None and os.geteuid() != 0:
         raise DemoError("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
-    work, key = _workdir("migrator-qemu-demo-")
+    work, key, env = _workdir("migrator-qemu-demo-")
     mounts: list[Path] = []
     pids: list[int] = []
     qemu_dirs: list[str] = []
@@ -236,7 +244,7 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
             raise DemoError(f"building the guest failed: "
                             f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
         guest = Path(r.stdout.strip().splitlines()[-1])
-        src, dst = _mount_hosts(work, mounts)
+        src, dst = _mount_hosts(work, mounts, env)
         for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
             with open(src / name, "wb") as f:
                 f.truncate(size)
@@ -258,7 +266,7 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
         serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst),
                                   "--listen", "127.0.0.1:0", "--key-file", str(key), "--once",
                                   "--resume", f"qemu:{cmdline}"], stdout=subprocess.PIPE,
-                                 text=True)
+                                 text=True, env=env)
         procs.append(serve)  # type: ignore[arg-type]
         assert serve.stdout is not None
         m = re.search(r"listening on [^:]+:(\d+)", serve.stdout.readline())
@@ -272,7 +280,7 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
         if a.bandwidth:
             cmd += ["--bandwidth", str(a.bandwidth)]
         console.rule("migrator migrate" + (" --postcopy" if a.postcopy else ""))
-        rc = subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd, env=env).returncode
         console.rule()
         out, _ = serve.communicate(timeout=60)
         for ln in out.strip().splitlines():
@@ -304,4 +312,4 @@ def run_qemu_demo(a: argparse.Namespace) -> int:
             _wait_gone(pid, 10)
         for d in qemu_dirs:
             shutil.rmtree(d, ignore_errors=True)
-        _teardown(procs, mounts, work)
+        _teardown(procs, mounts, work, env)

@@ -24,6 +24,8 @@ import numpy as np
 
 from blkfs.bitmap import extents, from_extents, mask_extents
 
+from .defaults import DOWNTIME_MS, MAX_ROUNDS, ON_STALL, POSTCOPY_DOWNTIME_MS
+
 Extent = tuple[int, int]
 
 
@@ -98,12 +100,12 @@ class Policy:
     """When to stop iterating. Give `threshold_blocks` or `downtime_ms` (the default)."""
 
     threshold_blocks: int | None = None
-    downtime_ms: float = 50.0
-    max_rounds: int = 30
+    downtime_ms: float = DOWNTIME_MS
+    max_rounds: int = MAX_ROUNDS
     stall_rounds: int = 3
-    on_stall: Verdict = Verdict.SWITCHOVER
+    on_stall: Verdict = Verdict(ON_STALL)  # noqa: RUF009 (an enum member, immutable)
     # Once memory goes post-copy, only the disks' last set is in the downtime: aim lower.
-    postcopy_downtime_ms: float = 20.0
+    postcopy_downtime_ms: float = POSTCOPY_DOWNTIME_MS
     # Rounds past the point where the downtime would be met, while each is expected to halve
     # the set (the VM's dirty rate times the round's time): a tighter last set.
     tighten_rounds: int = 2

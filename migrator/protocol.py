@@ -126,6 +126,7 @@ _BLOCKS = struct.Struct(">IQ")  # file_id, first_block; the data follows
 _PACKED = struct.Struct(">IQBI")  # file_id, first_block, codec, size; the compressed data
 BIG_DATA = 1 << 18  # Blocks frames from this size on are received into their own buffer
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
+DIGESTS_HEAD = _DIGESTS.size  # bytes of a Digests/Held payload before its u64 digests
 _MAC_CONTEXT = b"blkfs-migrator/1|"
 _SEAL_CONTEXT = b"blkfs-migrator/5 frames|"
 

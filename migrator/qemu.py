@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from .qmp import QMP, QMPError
+from .qmp import DEFAULT_TIMEOUT, QMP, QMPError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _ignore_shared(q: QMP) -> None:
               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
-def _connect_qmp(path: str, timeout: float = 10.0) -> QMP:
+def _connect_qmp(path: str, timeout: float = DEFAULT_TIMEOUT) -> QMP:
     try:
         return QMP(path, timeout)
     except QMPError as exc:
@@ -198,8 +198,9 @@ class QemuTarget:
             with open(spec) as f:
                 text = " ".join(line.strip() for line in f
                                 if line.strip() and not line.lstrip().startswith("#"))
-            os.environ.setdefault("MIGRATOR_MOUNT", mount)
-            self.argv = shlex.split(os.path.expandvars(text.replace("$MIGRATOR_MOUNT", mount)))
+            # Not through os.environ: a long-lived serve would keep its first session's mount
+            text = text.replace("${MIGRATOR_MOUNT}", mount).replace("$MIGRATOR_MOUNT", mount)
+            self.argv = shlex.split(os.path.expandvars(text))
             if not self.argv:
                 raise QemuError(f"{spec} holds no QEMU command line")
 
@@ -221,7 +222,8 @@ class QemuTarget:
         with open(self.log, "wb") as log:
             try:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=log, start_new_session=True)
+                                             stderr=log, start_new_session=True,
+                                             env=dict(os.environ, MIGRATOR_MOUNT=self.mount))
             except OSError as exc:
                 raise QemuError(f"cannot start {argv[0]}: {exc.strerror}") from None
         deadline = time.monotonic() + START_TIMEOUT

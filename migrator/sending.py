@@ -22,7 +22,7 @@ from .zeros import hole_runs, zero_runs
 
 Extent = tuple[int, int]
 COMPRESS_PIECE = 1 << 20  # --compress decides per MiB: random data among text goes raw
-FRAME_DATA = 8 << 20  # bytes of block data per Blocks frame
+FRAME_DATA = p.MAX_BLOCKS_DATA  # bytes of block data per Blocks frame: the most it may carry
 HOLE_BATCH = 1 << 24  # blocks per batch over a hole (checked and cleared at once)
 THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
 

@@ -30,7 +30,7 @@ import xxhash
 
 from blkfs.spill import SpillArea, SpillError, spill_key
 
-from . import digestlog
+from . import defaults, digestlog
 from . import protocol as p
 from .codecs import CODECS, compressor
 from .delta import Holdings
@@ -74,12 +74,12 @@ class MigrateOptions:
     stop_and_copy: bool = False  # suspend first, copy everything, resume
     static_first: bool = True  # False: initial copy in block order
     io_timeout: float = IO_TIMEOUT
-    postcopy: str = "off"  # off | on | auto (when pre-copy stops converging)
+    postcopy: str = defaults.POSTCOPY  # off | on | auto (when pre-copy stops converging)
     spill_dir: str | None = None
-    spill_slots: int = 1024
+    spill_slots: int = defaults.SPILL_SLOTS
     memory_files: list[str] | None = None  # post-copied files (default: by name, see postcopy)
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
-    suspend: str = "freeze"  # the --suspend spec, kept in the ownership record for resolve
+    suspend: str = defaults.SUSPEND  # the --suspend spec, kept in the ownership record for resolve
     compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
     delta: bool = True  # ask what the destination holds; send only the blocks that differ
     lineage: bool = True  # with delta: name a replica both sides can prove (lineage.py)
@@ -309,7 +309,7 @@ class Source:
                 self.dest_has[ev.file_id] = Holdings((f.size + bs - 1) // bs)
             self.dest_has[ev.file_id].add(ev.first_block, ev.digests)
             r.held_blocks += len(ev.digests)
-            r.held_digest_bytes += p.HEADER.size + 16 + 8 * len(ev.digests) + p.TAG_SIZE
+            r.held_digest_bytes += p.HEADER.size + p.DIGESTS_HEAD + 8 * len(ev.digests) + p.TAG_SIZE
         r.delta = ", ".join(w for w, on in (("lineage", self.lineage_ok),
                                             ("digests", self.dest_has)) if on) or "none"
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from . import defaults
 from . import protocol as p
 from .errors import (
     BadPeer,
@@ -34,7 +35,7 @@ __all__ = ["BadPeer", "ConnectionLost", "KeyMismatch", "MigrationError", "NotOwn
            "PeerAborted", "PeerMismatch", "Tampered", "VerificationFailed", "first_error"]
 
 HANDSHAKE_TIMEOUT = 10.0
-IO_TIMEOUT = 60.0  # no progress for this long: the network is cut or the peer is stuck
+IO_TIMEOUT = defaults.IO_TIMEOUT  # no progress this long: a cut link or a stuck peer
 # The destination's refusal of a Reattach while the session it replaces still runs there (a
 # slow resume hook): it is alive and working on that migration, so the source keeps trying.
 STILL_RUNNING = "the destination is still running this migration's first session"

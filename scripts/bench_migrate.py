@@ -70,6 +70,9 @@ def sh(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return r
 
 
+MOUNT_FLAGS: list[str] = []  # given to every blkfs mount this script starts
+
+
 class Hosts:
     """Two blkfs mounts in a temp dir; always unmounted."""
 
@@ -83,7 +86,8 @@ class Hosts:
         for m in (self.src, self.dst):
             (self.root / f"{m.name}-backing").mkdir()
             m.mkdir()
-            sh(PY, "-m", "blkfs.cli", "mount", str(self.root / f"{m.name}-backing"), str(m))
+            sh(PY, "-m", "blkfs.cli", "mount", str(self.root / f"{m.name}-backing"), str(m),
+               *MOUNT_FLAGS)
             self.mounted.append(m)
         return self
 
@@ -546,7 +550,7 @@ def main() -> int:
 
 def run(a: argparse.Namespace) -> int:
     if a.writeback:
-        os.environ["BLKFS_WRITEBACK"] = "1"  # every blkfs mount this script starts
+        MOUNT_FLAGS.append("--writeback")
     if a.sparse:
         with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
             return sparse_bench(a, Path(tmp))

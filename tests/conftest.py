@@ -64,14 +64,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def cache_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
-    """The page-cache mode of every mount the test makes (`blkfs mount` reads
-    $BLKFS_WRITEBACK): "plain" or "writeback" for a `cache` test, else None, as the
-    environment says."""
-    mode: str | None = getattr(request, "param", None)
-    if mode is not None:
-        monkeypatch.setenv("BLKFS_WRITEBACK", "1" if mode == "writeback" else "0")
-    return mode
+def cache_mode(request: pytest.FixtureRequest) -> str | None:
+    """The page-cache mode of every mount the test makes (mount_factory says it on the command
+    line): "plain" or "writeback" for a `cache` test, else None, as $BLKFS_WRITEBACK says."""
+    return getattr(request, "param", None)
+
+
+def cache_flags(mode: str | None) -> tuple[str, ...]:
+    """The `blkfs mount` flag of a cache mode. Without one, the suite's own knob decides:
+    BLKFS_WRITEBACK=1 scripts/test.sh makes every mount a writeback one (a test variable, read
+    here only: blkfs's default is off whatever the environment says)."""
+    if mode is None and os.environ.get("BLKFS_WRITEBACK", "") not in ("", "0"):
+        mode = "writeback"
+    return () if mode is None else ("--writeback",) if mode == "writeback" else (
+        "--no-writeback",)
 
 
 def run_blkfs(*args: str, check: bool = False, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -149,7 +155,8 @@ def mount_factory(
         m = mnt or tmp_path / "mnt"
         b.mkdir(exist_ok=True)
         m.mkdir(exist_ok=True)
-        r = run_blkfs("mount", str(b), str(m), *extra, check=True)
+        # The test's own flags last: a --no-writeback there wins (freeze needs one).
+        r = run_blkfs("mount", str(b), str(m), *cache_flags(cache_mode), *extra, check=True)
         info = DaemonInfo.find(str(m))
         mount = Mount(b, m, info.pid if info is not None else 0)
         mounts.append(mount)  # before any check: a failed one still unmounts it below

@@ -13,7 +13,7 @@ PACKAGES = ("blkfs", "migrator")
 PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlproto",
         "blkfs.tracker", "blkfs.cliutil", "migrator.plan", "migrator.protocol",
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
-        "migrator.lineage", "migrator.quiet",
+        "migrator.lineage", "migrator.quiet", "migrator.defaults",
         "migrator.simvm.format"}
 IO_MODULES = {"pyfuse3", "trio", "socket", "subprocess", "select", "signal"}
 FUSE_ONLY = {"blkfs.fs", "blkfs.mount"}  # the only ones that may import pyfuse3
