@@ -108,3 +108,13 @@ def test_no_import_cycles() -> None:
     for name in sorted(MODULES):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_wire_protocol_imports_nothing_of_blkfs() -> None:
+    """The wire is the migrator's own: a change in blkfs (a figure for `blkfs status`, the
+    spill's ref layout) must not change what goes between two hosts."""
+    inside = [name for name in MODULES if name == "migrator.protocol"
+              or name.startswith("migrator.protocol.")]
+    assert len(inside) > 1, inside  # the package and its modules
+    for name in inside:
+        assert not {m for m in GRAPH[name] if m.split(".")[0] == "blkfs"}, name

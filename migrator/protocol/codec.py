@@ -14,10 +14,6 @@ import struct
 from dataclasses import asdict, fields
 from itertools import pairwise
 
-from blkfs.ctlproto import ControlError, PostcopyStats, conform
-from blkfs.spill import REF as SPILL_REF
-from blkfs.spill import pack_refs, unpack_refs
-
 from .events import (
     ANSWER_STATUSES,
     EVENT_OF,
@@ -43,6 +39,7 @@ from .events import (
     Packed,
     Postcopy,
     PostcopyDone,
+    PostcopyFigures,
     ProtocolError,
     Query,
     Ready,
@@ -90,6 +87,7 @@ from .limits import (
 BLOCKS_HEAD = struct.Struct(">IQ")  # file_id, first_block; the data follows
 _PACKED = struct.Struct(">IQBI")  # file_id, first_block, codec, size; the compressed data
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
+SPILL_REF = struct.Struct(">IQIQ")  # one of SpillRefs: file_id, block, slot, generation
 _HEX_FIELDS = frozenset({"nonce", "mac"})  # bytes fields, as lowercase hex in JSON
 _HEX_DIGITS = frozenset("0123456789abcdef")
 
@@ -217,9 +215,9 @@ def check_event(event: Event) -> None:
         case SlotFree():
             check_pairs(event.slots, "SlotFree.slots")
         case PostcopyDone():
-            if type(event.stats) is not PostcopyStats:
-                raise ProtocolError("PostcopyDone.stats must be PostcopyStats")
-            for f in fields(PostcopyStats):
+            if type(event.stats) is not PostcopyFigures:
+                raise ProtocolError("PostcopyDone.stats must be PostcopyFigures")
+            for f in fields(PostcopyFigures):
                 v = getattr(event.stats, f.name)
                 if f.type == "int":
                     check_int(v, 0, MAX_COUNT, f"PostcopyDone.{f.name}")
@@ -291,7 +289,7 @@ def encode_parts(event: Event) -> tuple[int, list[bytes | bytearray | memoryview
             raise ProtocolError("every digest must be an integer in 0..2**64-1") from None
         parts = [_DIGESTS.pack(event.file_id, event.first_block, len(event.digests)), digests]
     elif type(event) is SpillRefs:
-        parts = [pack_refs(event.refs)]
+        parts = [b"".join(SPILL_REF.pack(*r) for r in event.refs)]
     elif type(event) is DeviceState:
         parts = [event.data]
     else:
@@ -358,7 +356,7 @@ def decode_payload(cls: type[Event], payload: bytes) -> Event:
     elif cls is SpillRefs:
         if not payload or len(payload) % SPILL_REF.size:
             raise ProtocolError(f"SpillRefs frame of {len(payload)} bytes is not whole refs")
-        event = SpillRefs(tuple(unpack_refs(payload)))
+        event = SpillRefs(tuple(SPILL_REF.iter_unpack(payload)))
     else:
         obj = _load_json(payload, name)
         if cls is Hello and type(obj.get("version")) is int and obj["version"] != PROTOCOL_VERSION:
@@ -377,10 +375,7 @@ def decode_payload(cls: type[Event], payload: bytes) -> Event:
             if key in args and cls in (Absent, SlotFree):
                 args[key] = _pair_list(args[key], f"{name}.{key}")
         if cls is PostcopyDone:
-            try:
-                args["stats"] = conform(PostcopyStats, args["stats"], "PostcopyDone.stats")
-            except ControlError as exc:
-                raise ProtocolError(str(exc)) from None
+            args["stats"] = _figures(args["stats"])
         if cls is Resumed and type(args["ms"]) is int:  # a JSON peer may write 12 for 12.0
             args["ms"] = float(args["ms"]) if abs(args["ms"]) < 2**53 else math.inf
         event = cls(**args)
@@ -440,3 +435,23 @@ def _files(value: object) -> tuple[FileEntry, ...]:
         raise ProtocolError(f"manifest lists {len(value)} files, more than {MAX_FILES}")
     keys = [f.name for f in fields(FileEntry)]
     return tuple(FileEntry(**_exact_keys(item, keys, "manifest entry")) for item in value)
+
+
+def _figures(value: object) -> PostcopyFigures:
+    """PostcopyDone's figures from JSON, leniently (see PostcopyFigures): unknown figures are
+    dropped and missing ones read 0, but those given must be numbers of the right kind."""
+    if type(value) is not dict:
+        raise ProtocolError(f"PostcopyDone.stats must be a JSON object, not {show(value)}")
+    args: dict[str, int | float] = {}
+    for f in fields(PostcopyFigures):
+        if f.name not in value:
+            continue
+        v = value[f.name]
+        if f.type == "int":
+            args[f.name] = check_int(v, 0, MAX_COUNT, f"PostcopyDone.stats: {f.name}")
+        elif type(v) in (int, float) and 0 <= v < 2**1023:  # an int past it is no float
+            args[f.name] = float(v)
+        else:
+            raise ProtocolError(f"PostcopyDone.stats: {f.name} must be a finite number >= 0, "
+                                f"not {show(v)}")
+    return PostcopyFigures(**args)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from blkfs.ctlproto import PostcopyStats
-
 from .limits import MAX_REASON
 
 SOURCE, DEST = "source", "dest"
@@ -265,10 +263,33 @@ class SlotFree:
 
 
 @dataclass(frozen=True, slots=True)
+class PostcopyFigures:
+    """The destination daemon's post-copy figures as the wire carries them: the protocol's own
+    type (migrator/postcopy.py converts from and to blkfs's), so a figure blkfs adds for
+    `blkfs status` changes nothing here until it is added to this class too.  On the way in,
+    a figure this side does not know is dropped and a missing one reads 0: figures are for
+    the report, and the last frame of a post-copy must not fail over one."""
+
+    demand_faults: int = 0  # reads (or writes) that waited for an absent block
+    pages_via_spill: int = 0  # installed from a slot for a waiting read
+    pages_via_drain: int = 0  # installed from a slot by the background drain
+    pages_via_demand_fetch: int = 0  # fetched from the source over TCP
+    generation_mismatches: int = 0  # slot reads refused as stale: the slot was reused
+    hash_mismatches: int = 0  # refused as torn: changed during the read, or not its xxh3
+    mac_mismatches: int = 0  # refused as forged: its xxh3 fits, its MAC does not
+    refs_received: int = 0
+    remaining: int = 0  # blocks still absent
+    missing_count: int = 0  # absent blocks no one can supply any more
+    demand_fault_p50_ms: float = 0.0
+    demand_fault_p99_ms: float = 0.0
+    postcopy_s: float = 0.0  # lazy mode on -> every block installed
+
+
+@dataclass(frozen=True, slots=True)
 class PostcopyDone:
     """Every absent block is installed on the destination; its daemon's post-copy figures."""
 
-    stats: PostcopyStats
+    stats: PostcopyFigures
 
 
 @dataclass(frozen=True, slots=True)
