@@ -62,7 +62,7 @@ Reattach: a source whose connection broke after Commit reconnects and, instead o
 re-states the migration so the session can go on where it broke (the destination's record
 decides whether it may)::
 
-    Reattach(migration, epoch), Manifest, [Postcopy] ->                          REATTACH
+    Reattach(migration, generation), Manifest, [Postcopy] ->                     REATTACH
            <---------------------------------- Answer(owner: go on; else CLOSED)
     (post-copy not finished: the POSTCOPY exchange above, from PostcopyDone on)  POSTCOPY
     (otherwise: Digests ..., VerifyDone, Verified, Done as above)                VERIFYING

@@ -230,7 +230,7 @@ def check_event(event: Event) -> None:
                 raise ProtocolError(f"DeviceState carries {len(event.data)} bytes, more than "
                                     "8 MiB")
         case Commit():
-            check_int(event.epoch, 0, MAX_COUNT, "Commit.epoch")
+            check_int(event.generation, 0, MAX_COUNT, "Commit.generation")
         case Query():
             check_text(event.migration, 64, "Query.migration")
         case Zero():
@@ -248,7 +248,7 @@ def check_event(event: Event) -> None:
                 raise ProtocolError(f"Packed carries {len(event.data)} bytes, more than 8 MiB")
         case Reattach():
             check_text(event.migration, 64, "Reattach.migration")
-            check_int(event.epoch, 0, MAX_COUNT, "Reattach.epoch")
+            check_int(event.generation, 0, MAX_COUNT, "Reattach.generation")
             if type(event.postcopy) is not bool:
                 raise ProtocolError("Reattach.postcopy must be a bool")
         case Lineage():
@@ -259,7 +259,7 @@ def check_event(event: Event) -> None:
             if event.status not in ANSWER_STATUSES:
                 raise ProtocolError(f"Answer.status must be one of {', '.join(ANSWER_STATUSES)}, "
                                     f"not {show(event.status)}")
-            check_int(event.epoch, 0, MAX_COUNT, "Answer.epoch")
+            check_int(event.generation, 0, MAX_COUNT, "Answer.generation")
             check_text(event.detail, MAX_REASON, "Answer.detail")
         case Ready() | Switchover() | VerifyDone() | Done():
             pass

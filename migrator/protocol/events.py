@@ -80,8 +80,8 @@ class Manifest:
     # `migrator sync`: rounds without end, each acknowledged once durable there; never a
     # Switchover, so the destination keeps a replica that is never runnable
     replica: bool = False
-    # A replica the source vouches for (migrator/lineage.py): "sync@epoch", and the files whose
-    # every write since that epoch its tracker holds; the destination says which it accepts
+    # A replica the source vouches for (migrator/lineage.py): "sync@round", and the files whose
+    # every write since that sync round its tracker holds; the destination says which it accepts
     # (Lineage) before any Held
     lineage: str = ""
     lineage_files: tuple[int, ...] = ()
@@ -161,13 +161,14 @@ class Switchover:
 @dataclass(frozen=True, slots=True)
 class Commit:
     """The handoff: the last set is sent and the source has durably given the VM up (its
-    ownership record says so); the destination may take it, as ownership epoch `epoch`.
+    ownership record says so); the destination may take it, as ownership generation
+    `generation`.
 
     From here on the source resumes its copy only if the destination says Abort (which the
     destination sends only while it has not taken the VM); a connection lost in between is
     ambiguous and settled by `migrator resolve`, never by guessing."""
 
-    epoch: int = 0
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,20 +325,20 @@ class Query:
 
 @dataclass(frozen=True, slots=True)
 class Reattach:
-    """Instead of a Manifest: the source of `migration`, handed off as `epoch`, lost its
+    """Instead of a Manifest: the source of `migration`, handed off as `generation`, lost its
     connection after Commit and asks to finish. The Manifest (the files as they are now) and,
     while post-copy is unfinished, the Postcopy announcement follow; the destination's Answer
     then says ``owner`` (the session goes on) or why not."""
 
     migration: str
-    epoch: int
+    generation: int
     postcopy: bool  # a Postcopy announcement follows the Manifest (post-copy is unfinished)
 
 
 @dataclass(frozen=True, slots=True)
 class Lineage:
     """The destination's answer to a Manifest that names a replica (lineage): the files whose
-    replica it holds unchanged since that epoch, with their digests kept (the source sends
+    replica it holds unchanged since that sync round, with their digests kept (the source sends
     them only the blocks written since), and why the others are not (they go the digest way)."""
 
     accepted: tuple[int, ...]
@@ -348,11 +349,11 @@ class Lineage:
 class Answer:
     """The destination's ownership record of the migration asked about: `status` is
     ``owner`` (it took the VM), ``refused`` (it never will), or ``unknown`` (no record of it:
-    settle by hand); `epoch` the ownership epoch it holds."""
+    settle by hand); `generation` the ownership generation it holds."""
 
     migration: str
     status: str
-    epoch: int
+    generation: int
     detail: str
 
 
