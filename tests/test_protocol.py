@@ -1084,3 +1084,16 @@ def test_the_manifest_s_vm_is_checked(changes: dict[str, object], match: str) ->
                                      "lineage_files": [], "vm": "v1", "vm_name": "web",
                                      "generation": 3, **changes})
     refused(link_at(State.MANIFEST).dest, raw, match)
+
+
+def test_every_frame_has_a_row_and_the_special_rows_are_rows() -> None:
+    """state.py is the one place of the rules: a new frame needs its rows in TABLE, and the
+    each-side-once and post-copy-only sets (and RULES) only qualify frames the table has."""
+    from migrator.protocol.events import EVENT_OF
+    from migrator.protocol.state import EACH_SIDE_ONCE, POSTCOPY_ONLY, RULES, TABLE
+
+    sent = {cls for (_st, _who, cls) in TABLE}
+    assert sent == set(EVENT_OF.values()), set(EVENT_OF.values()) ^ sent
+    pairs = {(st, cls) for (st, _who, cls) in TABLE}
+    assert pairs >= EACH_SIDE_ONCE and pairs >= POSTCOPY_ONLY
+    assert set(RULES) <= sent

@@ -1,9 +1,11 @@
 """Events to frames and back, and the checks every field passes on the way (both ways).
 
 Frame: u8 type, u32 big-endian payload length, payload.  Control frames carry a compact JSON
-object whose keys are exactly the event's fields (bytes as lowercase hex); Blocks, Packed,
-Digests, Held, SpillRefs and DeviceState are binary.  Nothing here knows the state: whether a
-frame may be sent now is state.py's question; sealing it is sealing.py's.
+object whose keys are exactly the event's fields (bytes as lowercase hex): a key missing or
+unknown is a peer of another protocol, which its version should have said, and is refused.
+The one exception is PostcopyDone's figures, read leniently (see PostcopyFigures).  Blocks,
+Packed, Digests, Held, SpillRefs and DeviceState are binary.  Nothing here knows the state:
+whether a frame may be sent now is state.py's question; sealing it is sealing.py's.
 """
 
 from __future__ import annotations
@@ -309,6 +311,8 @@ def encode_parts(event: Event) -> tuple[int, list[bytes | bytearray | memoryview
 
 
 def check_header(code: int, length: int) -> type[Event]:
+    """The event class of a frame header; ProtocolError for an unknown type or a payload
+    over the limit (before any of it is read)."""
     cls = EVENT_OF.get(code)
     if cls is None:
         raise ProtocolError(f"unknown frame type {code:#04x}")
@@ -330,6 +334,7 @@ def decode(frame: bytes) -> Event:
 
 
 def decode_payload(cls: type[Event], payload: bytes) -> Event:
+    """The `cls` event in `payload` (a frame without its header), checked like a sent one."""
     name = cls.__name__
     if cls is Blocks:
         if len(payload) < BLOCKS_HEAD.size:

@@ -46,12 +46,14 @@ class _Gathering:
         self._data = bytearray(size)
 
     def take(self, data: memoryview) -> int:
+        """Take what of `data` belongs to the frame; how many bytes that was."""
         n = min(self.size - self.fill, len(data))
         self._data[self.fill:self.fill + n] = data[:n]
         self.fill += n
         return n
 
     def finish(self) -> bytearray:
+        """The frame's data, all of it here."""
         return self._data
 
 
@@ -83,6 +85,7 @@ class Connection:
 
     @property
     def state(self) -> State:
+        """Where the conversation is (state.py)."""
         return self._cs.state
 
     @property
@@ -97,6 +100,7 @@ class Connection:
 
     @property
     def manifest(self) -> Manifest | None:
+        """The Manifest, once sent (a Reattach's too)."""
         return self._cs.manifest
 
     @property

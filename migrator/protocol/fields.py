@@ -14,6 +14,7 @@ def show(value: object) -> str:
 
 
 def check_int(value: object, lo: int, hi: int, what: str) -> int:
+    """`value` if it is an int (not a bool) in lo..hi; ProtocolError naming `what` if not."""
     if type(value) is not int:  # bool is a subclass of int: refuse it too
         raise ProtocolError(f"{what} must be an integer, not {type(value).__name__}")
     if not lo <= value <= hi:
@@ -22,6 +23,7 @@ def check_int(value: object, lo: int, hi: int, what: str) -> int:
 
 
 def check_text(value: object, limit: int, what: str) -> None:
+    """A str of at most `limit` characters that encodes as UTF-8 (no lone surrogates)."""
     if type(value) is not str:
         raise ProtocolError(f"{what} must be a string, not {type(value).__name__}")
     if len(value) > limit:
@@ -33,11 +35,13 @@ def check_text(value: object, limit: int, what: str) -> None:
 
 
 def check_bytes32(value: object, what: str) -> None:
+    """Exactly 32 bytes (nonces, MACs)."""
     if type(value) is not bytes or len(value) != 32:
         raise ProtocolError(f"{what} must be 32 bytes, not {show(value)}")
 
 
 def check_pairs(value: object, what: str) -> None:
+    """A tuple of at most MAX_ITEMS_PER_FRAME (u64, u64) pairs (extents, slots)."""
     if type(value) is not tuple or not all(type(x) is tuple and len(x) == 2 for x in value):
         raise ProtocolError(f"{what} must be a tuple of pairs")
     check_int(len(value), 0, MAX_ITEMS_PER_FRAME, f"number of {what}")
@@ -47,6 +51,7 @@ def check_pairs(value: object, what: str) -> None:
 
 
 def check_ids(value: object, what: str) -> None:
+    """A tuple of distinct file ids (Manifest.lineage_files, Lineage.accepted)."""
     if type(value) is not tuple or len(value) > MAX_FILES:
         raise ProtocolError(f"{what} must be a list of at most {MAX_FILES} file ids")
     for v in value:

@@ -89,6 +89,7 @@ class Sealer:
         return Opening(self, dec, size)
 
     def tampered(self, what: str) -> TamperedError:
+        """The error of a frame from this direction that fails its check."""
         return TamperedError(f"the connection was tampered with or corrupted: {what} from the "
                              f"{self.sender} fails its check (changed, dropped, replayed or "
                              "reordered on the way)")
@@ -113,6 +114,7 @@ class Opening:
         self._tag = bytearray()
 
     def take(self, data: memoryview) -> int:
+        """Decrypt what of `data` belongs to the frame (the tag is kept for finish)."""
         n = min(self.size - self.fill, len(data))
         body = max(0, min(n, self._body - self.fill))
         if body:

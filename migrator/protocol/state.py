@@ -452,13 +452,16 @@ class ConnectionState:
                                 f"blocks of {bs}, nor the tail of the file")
 
     def nblocks(self, file_id: int, sender: str) -> int:
+        """Blocks in file `file_id` now (its last one may be partial)."""
         return -(-self.size_of(file_id, sender) // self.block_size())
 
     def size_of(self, file_id: int, sender: str) -> int:
+        """The current size of `file_id`; ProtocolError if the manifest has no such file."""
         if file_id not in self.sizes:
             raise ProtocolError(f"{self.lie(sender)}: file_id {file_id} is not in the manifest")
         return self.sizes[file_id]
 
     def block_size(self) -> int:
+        """The Manifest's block size."""
         assert self.manifest is not None  # the table allows sizes only after the Manifest
         return self.manifest.block_size
