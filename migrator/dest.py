@@ -458,7 +458,7 @@ class DestSession:
         ch = self.ch
         man = await ch.expect(p.Manifest)
         announce = await ch.expect(p.Postcopy) if ra.postcopy else None
-        record, status, detail = self.handoff.reattachable(ra.migration, ra.epoch)
+        record, status, detail = self.handoff.reattachable(ra.migration, ra.generation)
         epoch = record.generation if record is not None else 0
         if record is not None:
             got = self.store.reattach(man, f"migrator serve pid {os.getpid()}, reattached "
@@ -620,7 +620,7 @@ class DestSession:
             log.info("commit %.1f ms after switchover; lazy mode on after %.1f ms more",
                      (t - (self.t_switch or t)) * 1000, (time.monotonic() - t) * 1000)
             assert self._nursery is not None
-            self._take_ownership(ev.epoch)
+            self._take_ownership(ev.generation)
             self._nursery.start_soon(self._save_digests_soon)
             self._nursery.start_soon(pc.pump)
             # The VM starts while the post-copy traffic flows (it reads absent pages then).
@@ -628,7 +628,7 @@ class DestSession:
         elif isinstance(ev, p.Commit):
             # No fsync of the files here: it would lengthen the downtime; they are made
             # durable before the migration is marked complete.
-            self._take_ownership(ev.epoch)
+            self._take_ownership(ev.generation)
             assert self._nursery is not None
             self._nursery.start_soon(self._save_digests_soon)
             await self._start_vm()

@@ -24,7 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import trio
 
@@ -59,6 +59,19 @@ def runs(blocks: Iterable[int], limit: int) -> list[Extent]:
         else:
             out.append((b, 1))
     return out
+
+
+def to_wire(stats: cp.PostcopyStats) -> p.PostcopyFigures:
+    """The daemon's post-copy figures as PostcopyDone carries them.  The wire has a type of
+    its own, so a figure blkfs adds stays here until the protocol names it too."""
+    return p.PostcopyFigures(**{f.name: getattr(stats, f.name) for f in fields(p.PostcopyFigures)})
+
+
+def from_wire(figures: p.PostcopyFigures) -> cp.PostcopyStats:
+    """The destination daemon's figures, as it sent them, in the daemon's type (the report's):
+    those the wire carries and the daemon does not (any more) count are left out."""
+    known = {f.name for f in fields(cp.PostcopyStats)}
+    return cp.PostcopyStats(**{k: v for k, v in asdict(figures).items() if k in known})
 
 
 # -- source ----------------------------------------------------------------------------------
@@ -432,7 +445,7 @@ class DestPostcopy:
         await self.resumed.wait()  # PostcopyDone only after Resumed
         await self._report(self.poll)
         assert self.stats is not None
-        await self.ch.send(p.PostcopyDone(self.stats))
+        await self.ch.send(p.PostcopyDone(to_wire(self.stats)))
 
     async def _report(self, client: AsyncControlClient | None) -> None:
         rep = await self._call(client, cp.LazyReport(digests=True))

@@ -46,7 +46,7 @@ from .plan import (
     initial_order,
     union_extents,
 )
-from .postcopy import SourcePostcopy, is_memory_file
+from .postcopy import SourcePostcopy, from_wire, is_memory_file
 from .report import MigrationReport, Progress
 from .sending import FRAME_DATA, Sender
 from .stores import BlkfsSource, SourceFiles
@@ -617,7 +617,7 @@ class Source:
             self.hooks.notify(f"resumed on the destination after {r.downtime_ms} ms; "
                               f"post-copy of {pc.stats.pages} pages")
         st = pc.stats
-        r.postcopy = done[0].stats
+        r.postcopy = from_wire(done[0].stats)
         r.postcopy_s = round(time.monotonic() - t, 3)
         r.spill_flushed_s = st.spill_flushed_s
         r.slot_reuses = st.slot_reuses

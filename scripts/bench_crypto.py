@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blkfs.spill import SlotRef, checked_read, fill_header, slot_mac, spill_key
 from migrator import protocol as p
+from migrator.protocol.codec import BLOCKS_HEAD
+from migrator.protocol.sealing import Sealer
 
 
 def per_call(fn: Callable[[], object], budget_s: float = 0.5) -> float:
@@ -62,9 +64,9 @@ def frame_row(size: int) -> str:
     clear = per_call(lambda: p.encode(ev))
     seal = sessions()[0]._seal_out
     assert seal is not None
-    code, parts = int(p.FrameType.BLOCKS), [p._BLOCKS.pack(0, 0), data]
+    code, parts = int(p.FrameType.BLOCKS), [BLOCKS_HEAD.pack(0, 0), data]
     sealed = per_call(lambda: seal.seal(code, parts, size + 12))
-    opener = p._Sealer(os.urandom(32), "source")
+    opener = Sealer(os.urandom(32), "source")
     frame = bytes(opener.seal(code, parts, size + 12))
     head, body = frame[:p.HEADER.size], memoryview(frame)[p.HEADER.size:]
 

@@ -9,7 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("blkfs", "migrator")
-# Pure: no FUSE, no trio, no sockets, no processes - testable in microseconds.
+# Pure: no FUSE, no trio, no sockets, no processes - testable in microseconds.  A pure package
+# (PURE_PACKAGES) is pure in every module of it.
+PURE_PACKAGES = {"migrator.protocol"}
 PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlproto",
         "blkfs.tracker", "blkfs.cliutil", "migrator.plan", "migrator.protocol",
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
@@ -50,6 +52,7 @@ def imports(name: str, path: Path) -> set[str]:
 
 
 MODULES = modules()
+PURE |= {name for name in MODULES for pkg in PURE_PACKAGES if name.startswith(pkg + ".")}
 GRAPH = {name: imports(name, path) for name, path in MODULES.items()}
 
 
@@ -105,3 +108,13 @@ def test_no_import_cycles() -> None:
     for name in sorted(MODULES):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_wire_protocol_imports_nothing_of_blkfs() -> None:
+    """The wire is the migrator's own: a change in blkfs (a figure for `blkfs status`, the
+    spill's ref layout) must not change what goes between two hosts."""
+    inside = [name for name in MODULES if name == "migrator.protocol"
+              or name.startswith("migrator.protocol.")]
+    assert len(inside) > 1, inside  # the package and its modules
+    for name in inside:
+        assert not {m for m in GRAPH[name] if m.split(".")[0] == "blkfs"}, name

@@ -885,7 +885,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
         '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[],"vm":"","vm_name":"","generation":0}'
         .encode()))
-    assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x0b" + b'{"epoch":7}'
+    assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x10" + b'{"generation":7}'
 
 
 def test_a_manifest_too_big_for_a_frame_is_refused_on_send() -> None:
@@ -1084,3 +1084,16 @@ def test_the_manifest_s_vm_is_checked(changes: dict[str, object], match: str) ->
                                      "lineage_files": [], "vm": "v1", "vm_name": "web",
                                      "generation": 3, **changes})
     refused(link_at(State.MANIFEST).dest, raw, match)
+
+
+def test_every_frame_has_a_row_and_the_special_rows_are_rows() -> None:
+    """state.py is the one place of the rules: a new frame needs its rows in TABLE, and the
+    each-side-once and post-copy-only sets (and RULES) only qualify frames the table has."""
+    from migrator.protocol.events import EVENT_OF
+    from migrator.protocol.state import EACH_SIDE_ONCE, POSTCOPY_ONLY, RULES, TABLE
+
+    sent = {cls for (_st, _who, cls) in TABLE}
+    assert sent == set(EVENT_OF.values()), set(EVENT_OF.values()) ^ sent
+    pairs = {(st, cls) for (st, _who, cls) in TABLE}
+    assert pairs >= EACH_SIDE_ONCE and pairs >= POSTCOPY_ONLY
+    assert set(RULES) <= sent

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from blkfs.ctlproto import PostcopyStats
+from migrator.postcopy import from_wire, to_wire
 from migrator.protocol import (
     Absent,
     Blocks,
@@ -14,9 +18,11 @@ from migrator.protocol import (
     Digests,
     Done,
     Fetch,
+    FrameType,
     LocalProtocolError,
     Postcopy,
     PostcopyDone,
+    PostcopyFigures,
     ProtocolError,
     Resumed,
     SlotFree,
@@ -31,7 +37,7 @@ from migrator.protocol import (
 )
 from tests.test_protocol import BS, MANIFEST, Link, data, refused
 
-STATS = PostcopyDone(PostcopyStats(3, 2, 8, 2, 1, 0, 0, 10, 0, 0, 0.5, 2.25, 1.5))
+STATS = PostcopyDone(PostcopyFigures(3, 2, 8, 2, 1, 0, 0, 10, 0, 0, 0.5, 2.25, 1.5))
 
 
 def at_switchover() -> Link:
@@ -134,8 +140,8 @@ def test_round_trip(event: object) -> None:
     (Fetch(0, 0, 0), "count"),
     (SpillRefs(()), "number of refs"),
     (SpillRefs(((0, 0, 0, 0),)), "generation"),
-    (PostcopyDone(PostcopyStats(demand_fault_p50_ms=-1.0)), "finite number"),
-    (PostcopyDone(PostcopyStats(demand_faults=-1)), "demand_faults"),
+    (PostcopyDone(PostcopyFigures(demand_fault_p50_ms=-1.0)), "finite number"),
+    (PostcopyDone(PostcopyFigures(demand_faults=-1)), "demand_faults"),
 ])
 def test_bad_fields(event: object, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
@@ -160,3 +166,31 @@ def test_device_state_flows_before_commit_and_is_bounded() -> None:
     assert decode(encode(DeviceState(b"abc"))) == DeviceState(b"abc")
     with pytest.raises(ProtocolError, match="non-empty"):
         encode(DeviceState(b""))
+
+
+def _done_with(stats: dict[str, object]) -> bytes:
+    body = json.dumps({"stats": stats}).encode()
+    return bytes([FrameType.POSTCOPY_DONE]) + len(body).to_bytes(4, "big") + body
+
+
+def test_figures_unknown_are_dropped_and_missing_read_zero() -> None:
+    """Figures are for the report: a peer counting one more (or one fewer) must not fail the
+    last frame of a post-copy.  The figures given are still checked."""
+    ev = decode(_done_with({"demand_faults": 4, "postcopy_s": 2, "next_years_figure": 1}))
+    assert ev == PostcopyDone(PostcopyFigures(demand_faults=4, postcopy_s=2.0))
+    with pytest.raises(ProtocolError, match="demand_faults"):
+        decode(_done_with({"demand_faults": -1}))
+    with pytest.raises(ProtocolError, match="postcopy_s must be a finite number"):
+        decode(_done_with({"postcopy_s": 10**400}))
+    with pytest.raises(ProtocolError, match="JSON object"):
+        decode(_done_with([]))  # type: ignore[arg-type]
+
+
+def test_figures_convert_to_and_from_the_daemons_type() -> None:
+    """The edge (migrator/postcopy.py): every figure the wire carries comes from the daemon's
+    PostcopyStats and goes back into it for the report, unchanged."""
+    values = {f.name: (i + 1 if f.type == "int" else i + 0.5)
+              for i, f in enumerate(dataclasses.fields(PostcopyFigures))}
+    daemon = PostcopyStats(**values)  # type: ignore[arg-type]
+    assert dataclasses.asdict(to_wire(daemon)) == values
+    assert from_wire(to_wire(daemon)) == daemon

@@ -42,9 +42,9 @@ class SlowWire(trio.abc.Stream):
 async def test_cancelled_send_still_writes_the_whole_frame() -> None:
     wire = SlowWire()
     src = Channel(wire, "source", KEY, io_timeout=5)
-    src.conn._state = p.State.VERIFYING  # a state where Digests may flow
-    src.conn._sizes = {0: 1 << 30}
-    src.conn._manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
+    src.conn._cs.state = p.State.VERIFYING  # a state where Digests may flow
+    src.conn._cs.sizes = {0: 1 << 30}
+    src.conn._cs.manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
     ev = p.Digests(0, 0, tuple(range(512)))
     async with trio.open_nursery() as n:
         with trio.CancelScope() as scope:
@@ -60,10 +60,10 @@ async def test_cancelled_send_still_writes_the_whole_frame() -> None:
 
 def _postcopy_conn(ch: Channel) -> None:
     c = ch.conn
-    c._state = p.State.POSTCOPY  # both sides may speak: refs one way, fetches the other
-    c._sizes = {0: 1 << 30}
-    c._manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
-    c._postcopy = p.Postcopy("m", "/spill", 8)
+    c._cs.state = p.State.POSTCOPY  # both sides may speak: refs one way, fetches the other
+    c._cs.sizes = {0: 1 << 30}
+    c._cs.manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
+    c._cs.postcopy = p.Postcopy("m", "/spill", 8)
 
 
 async def test_a_frame_that_arrives_while_sending_reaches_the_waiting_receiver() -> None:
