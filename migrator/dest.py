@@ -55,11 +55,10 @@ from .qmp import QMPError
 from .quiet import Quiet
 from .received import Received, _File
 from .stores import DestFiles, MountDest
-from .transport import IO_TIMEOUT, STILL_RUNNING, Channel
+from .transport import IO_TIMEOUT, Channel
 
 log = logging.getLogger(__name__)
 
-SYNC_STOPPED = "the sync stopped"  # how a migrator sync's Abort begins when it stops cleanly
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
 SOURCE_LOST_WAIT = 10.0  # s the session waits for the daemon to complete from the spill
 MAX_HANDSHAKES = 128  # connections at once that have not proved the key (the oldest goes)
@@ -674,25 +673,26 @@ class Sessions:
         self.current: DestSession | None = None
         self.started = 0  # sessions that took the lock so far
 
-    def refusal(self, first: object) -> str | None:
-        """Why a peer whose first frame is `first` is refused now, or None to let it in. A
-        Reattach of the running session's migration is let in while that session waits for
-        its lost source (which gives way), and told STILL_RUNNING while it still runs."""
+    def refusal(self, first: object) -> p.Abort | None:
+        """The Abort that refuses a peer whose first frame is `first` now, or None to let it
+        in. A Reattach of the running session's migration is let in while that session waits
+        for its lost source (which gives way), and told STILL_RUNNING while it still runs."""
         if not self.lock.locked():
             return None
         cur = self.current
         if (isinstance(first, p.Reattach) and cur is not None
                 and cur.migration == first.migration):
             if cur.waiting_for_source is None:
-                return STILL_RUNNING
+                return p.Abort("the destination is still running this migration's first "
+                               "session", code=p.AbortCode.STILL_RUNNING)
             cur.waiting_for_source.cancel()
             return None
         if cur is not None and cur.replica:
             source = cur.dest_record.source if cur.dest_record is not None else "?"
-            return (f"the destination is busy: migrator sync from {source} "
-                    "keeps a replica there; stop it first (the migration then starts from "
-                    "the replica)")
-        return "the destination is busy with another migration"
+            return p.Abort(f"the destination is busy: migrator sync from {source} keeps a "
+                           "replica there; stop it first (the migration then starts from the "
+                           "replica)")
+        return p.Abort("the destination is busy with another migration")
 
 
 class Handshakes:
@@ -744,9 +744,9 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
         return out
     refusal = sessions.refusal(first)
     if refusal is not None:
-        log.info("refused %s: %s", peer, refusal)
+        log.info("refused %s: %s", peer, refusal.reason)
         session.store.close()
-        await ch.abort(refusal)
+        await ch.abort(refusal.reason, code=p.AbortCode(refusal.code))
         await ch.aclose()
         return SessionOutcome(False, "", ends=False)
     async with sessions.lock:
@@ -874,7 +874,7 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
     dest = session.dest_record
     rep = dest.replica if dest is not None and dest.replica is not None else ReplicaProgress()
     sync_round = rep.sync_round
-    stopped = isinstance(exc, PeerAborted) and exc.reason.startswith(SYNC_STOPPED)
+    stopped = isinstance(exc, PeerAborted) and exc.code == p.AbortCode.SYNC_STOPPED
     if not isinstance(exc, PeerAborted):
         await session.ch.abort(msg)
     if sync_round is not None and not session.sent_since_ack:

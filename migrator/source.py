@@ -50,7 +50,7 @@ from .postcopy import SourcePostcopy, from_wire, is_memory_file
 from .report import MigrationReport, Progress
 from .sending import FRAME_DATA, Sender
 from .stores import BlkfsSource, SourceFiles
-from .transport import IO_TIMEOUT, STILL_RUNNING, Channel, parse_hostport
+from .transport import IO_TIMEOUT, Channel, parse_hostport
 from .vm import AdapterError, VMAdapter
 from .zeros import hole_runs, zero_digest
 
@@ -497,7 +497,8 @@ class Source:
                     raise
                 except MigrationError as exc:
                     last = str(exc)
-                    if STILL_RUNNING in last:  # alive, and busy with this very migration
+                    if (isinstance(exc, PeerAborted)  # alive, and busy with this very migration
+                            and exc.code == p.AbortCode.STILL_RUNNING):
                         deadline = min(trio.current_time() + timeout,
                                        start + REATTACH_PATIENCE * timeout)
             left = deadline - trio.current_time()

@@ -29,7 +29,6 @@ from typing import Any
 import trio
 
 from . import protocol as p
-from .dest import SYNC_STOPPED
 from .errors import KeyMismatch, MigrationError, NotOwner, PeerAborted, PeerMismatch, first_error
 from .lineage import sync_record
 from .plan import Policy, RoundPlanner
@@ -172,7 +171,8 @@ class Syncer(Source):
     async def _say_stopped(self) -> None:
         if self.ch is not None:
             s = self.sync
-            await self.ch.abort(SYNC_STOPPED if s.error is None else f"{SYNC_STOPPED}: {s.error}")
+            await self.ch.abort("the sync stopped" if s.error is None
+                                else f"the sync stopped: {s.error}", code=p.AbortCode.SYNC_STOPPED)
 
     async def _run(self) -> None:
         s = self.sync

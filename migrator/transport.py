@@ -36,9 +36,6 @@ __all__ = ["BadPeer", "ConnectionLost", "KeyMismatch", "MigrationError", "NotOwn
 
 HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = defaults.IO_TIMEOUT  # no progress this long: a cut link or a stuck peer
-# The destination's refusal of a Reattach while the session it replaces still runs there (a
-# slow resume hook): it is alive and working on that migration, so the source keeps trying.
-STILL_RUNNING = "the destination is still running this migration's first session"
 RECV_CHUNK = 1 << 20
 
 
@@ -50,7 +47,7 @@ def _bad_peer(exc: p.ProtocolError) -> BadPeer:
 
 
 def _aborted(ev: p.Abort) -> PeerAborted:
-    return PeerAborted(ev.reason, ev.owner_generation)
+    return PeerAborted(ev.reason, ev.owner_generation, ev.code)
 
 
 def read_key(path: str) -> bytes:
@@ -218,7 +215,7 @@ class Channel:
             try:
                 ev = self.conn.next_event()
             except p.ProtocolError as exc:
-                if eof and "closed the connection" in str(exc):  # gone, not lying
+                if eof and isinstance(exc, p.PeerClosed):  # gone, not lying
                     raise ConnectionLost(f"connection to the peer lost: {exc}") from None
                 raise _bad_peer(exc) from None
             if ev is not p.NEED_DATA:
@@ -259,7 +256,8 @@ class Channel:
             raise MigrationError(f"the peer did not complete the handshake within {timeout:g} s "
                                  "(is it a migrator?)") from None
 
-    async def abort(self, reason: str, owner_generation: int = -1) -> None:
+    async def abort(self, reason: str, owner_generation: int = -1,
+                    code: p.AbortCode = p.AbortCode.NONE) -> None:
         """Tell the peer why we stop, if the connection still allows it.
 
         Then half-close and read until the peer closes (2 s at most): closing with its
@@ -268,7 +266,7 @@ class Channel:
         """
         with trio.move_on_after(2):
             try:
-                data = self.conn.send(p.Abort.about(reason, owner_generation))
+                data = self.conn.send(p.Abort.about(reason, owner_generation, code))
                 async with self._send_lock:
                     await self.stream.send_all(data)
                 if isinstance(self.stream, trio.SocketStream):

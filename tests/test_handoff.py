@@ -362,6 +362,34 @@ async def test_a_cut_after_commit_is_healed_by_the_source_reattaching(
     assert any("the source reattached" in t for t in texts), texts
 
 
+async def test_a_destination_still_starting_the_vm_is_waited_for_past_the_io_timeout(
+        autojump_clock: Any) -> None:
+    """The link breaks after Commit while the destination's resume hook still runs (a slow
+    start: 3 io timeouts). Its Abort says still-running (AbortCode, not its words), so the
+    source keeps trying past its io timeout, and reattaches once the session there ended."""
+    vm = FakeVM([10, 2, 0])
+    links: list[CuttableStream] = []
+
+    async def slow_start() -> None:
+        links[0].cut()  # the Resumed never reaches the source
+        await trio.sleep(30.0)
+
+    dvm = DestVM(then=slow_start)
+
+    def wrap(n: int, st: trio.abc.Stream) -> trio.abc.Stream:
+        if n == 0:
+            links.append(CuttableStream(st))
+            return links[0]
+        return st
+
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    source, net = await migrate_over(wrap, dest, src, vm, dvm, io_timeout=10.0)
+    r = source.report
+    assert r.status == "completed" and r.verified and r.reattaches == 1, r.error
+    assert running(vm, dvm) == 1 and dvm.running
+    assert len(net.links) > 2  # refused (still running) at least once before it got in
+
+
 async def test_a_reattach_without_the_digest_log_cannot_verify_and_keeps_the_source(
         autojump_clock: Any) -> None:
     class NoLog(MemoryRecords):

@@ -15,6 +15,7 @@ import pytest
 
 from migrator.protocol import (
     Abort,
+    AbortCode,
     Absent,
     Answer,
     Auth,
@@ -140,11 +141,11 @@ FROZEN: dict[FrameType, tuple[Event, str]] = {
         "7b226f6b223a66616c73652c226d69736d617463686573223a312c2264657461696c223a22646973"
         "6b2e72617720626c6f636b2037227d"),
     FrameType.ABORT: (
-        Abort("owner here", 4),
-        # {"reason":"owner here","owner_generation":4}
-        "0f0000002c"
-        "7b22726561736f6e223a226f776e65722068657265222c226f776e65725f67656e65726174696f6e"
-        "223a347d"),
+        Abort("busy", -1, AbortCode.STILL_RUNNING),
+        # {"reason":"busy","owner_generation":-1,"code":"still-running"}
+        "0f0000003e"
+        "7b22726561736f6e223a2262757379222c226f776e65725f67656e65726174696f6e223a2d312c22"
+        "636f6465223a227374696c6c2d72756e6e696e67227d"),
     FrameType.DONE: (
         Done(),
         # {}

@@ -22,6 +22,7 @@ from .events import (
     ROLES,
     TYPE_OF,
     Abort,
+    AbortCode,
     Absent,
     Answer,
     Auth,
@@ -192,6 +193,9 @@ def check_event(event: Event) -> None:
         case Abort():
             check_text(event.reason, MAX_REASON, "Abort.reason")
             check_int(event.owner_generation, -1, U32, "Abort.owner_generation")
+            if event.code not in set(AbortCode):
+                raise ProtocolError(f"Abort.code {show(event.code)} is not one of "
+                                    f"{sorted(AbortCode)}")
         case Postcopy():
             check_text(event.migration, 64, "Postcopy.migration")
             check_text(event.spill, MAX_PATH, "Postcopy.spill")

@@ -28,6 +28,7 @@ from .events import (
     LocalProtocolError,
     Manifest,
     NeedData,
+    PeerClosed,
     Postcopy,
     ProtocolError,
     Reattach,
@@ -200,7 +201,7 @@ class Connection:
             if length is None or len(self._buf) < end:
                 if self._eof and (self._buf or self._cs.state is not State.CLOSED):
                     where = " in the middle of a frame" if self._buf else ""
-                    raise ProtocolError(
+                    raise PeerClosed(
                         f"peer closed the connection during {self._cs.state.name}{where}")
                 return NEED_DATA
             code = self._buf[0]
@@ -223,7 +224,7 @@ class Connection:
         try:
             if self._big.fill < self._big.size:
                 if self._eof:
-                    raise ProtocolError(f"peer closed the connection during "
+                    raise PeerClosed(f"peer closed the connection during "
                                         f"{self._cs.state.name} in the middle of a frame")
                 return NEED_DATA
             code, length = HEADER.unpack_from(self._big_head)

@@ -41,6 +41,22 @@ class TamperedError(RemoteProtocolError):
     """A sealed frame fails its tag: changed, dropped, replayed, reordered or cut on the way."""
 
 
+class PeerClosed(RemoteProtocolError):
+    """The peer closed the connection where the protocol does not end: it went away (a crash,
+    a kill, a cut), which is not a lie about anything."""
+
+
+class AbortCode(enum.StrEnum):
+    """What kind of end an Abort is, where its receiver acts on it (the reason is for
+    people and may be reworded)."""
+
+    NONE = ""
+    # the destination still runs this migration's first session (a slow resume hook): the
+    # source's Reattach is refused for now, and it keeps trying
+    STILL_RUNNING = "still-running"
+    SYNC_STOPPED = "sync-stopped"  # a migrator sync stops cleanly: the replica is whole
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """First frame of each side: who it is and a fresh nonce, so a MAC cannot be replayed;
@@ -301,13 +317,15 @@ class Abort:
     # A destination that refuses because it owns the VM itself (a split brain): its
     # generation, so the source records the split brain too (-1: not that kind of refusal)
     owner_generation: int = -1
+    code: str = AbortCode.NONE  # an AbortCode
 
     @classmethod
-    def about(cls, text: str, owner_generation: int = -1) -> Abort:
+    def about(cls, text: str, owner_generation: int = -1, code: str = AbortCode.NONE
+              ) -> Abort:
         """An Abort that always encodes (clipped, unencodable characters replaced), for error
         paths that must not fail themselves."""
         return cls(text.encode("utf-8", "replace").decode("utf-8")[:MAX_REASON],
-                   owner_generation)
+                   owner_generation, str(code))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,8 @@ PROTOCOL_VERSION = 8  # 2: the handoff (Manifest.migration, Commit.epoch, Query/
 # 6: replica sessions (Manifest.replica, migrator sync), Lineage (Manifest.lineage);
 # 7: VM identity (Manifest.vm, vm_name, generation; Abort.owner_generation)
 # 8: one word, one meaning: Commit/Reattach/Answer.epoch -> .generation (the ownership
-#    generation); PostcopyDone's figures are the protocol's own (unknown ones dropped)
+#    generation); PostcopyDone's figures are the protocol's own (unknown ones dropped);
+#    Abort.code (what a receiver acts on: still-running, sync-stopped), never its text
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload
