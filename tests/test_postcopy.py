@@ -34,6 +34,7 @@ from .test_migrate import (
     freeze_hosts,
     hosts,
     key,
+    read_json,
     servers,
     state,
     stopped,
@@ -82,28 +83,22 @@ class Migration:
     """`migrator migrate --postcopy` in the background, its stderr read line by line."""
 
     def __init__(self, src: Mount, port: int, key: Path, vm_pid: int, *args: str) -> None:
+        self.status = src.backing.parent / f"migrate-{port}.status.json"
         self.proc = subprocess.Popen(
             [*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to", f"127.0.0.1:{port}",
-             "--key-file", str(key), "--suspend", f"pid:{vm_pid}", "--postcopy", *args,
-             "disk.raw", "vm.mem"],
+             "--key-file", str(key), "--suspend", f"pid:{vm_pid}", "--postcopy",
+             "--status-file", str(self.status), *args, "disk.raw", "vm.mem"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)  # (as Server's)
-        self.lines: list[str] = []
 
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline().decode(errors="replace")
-            if not line:
-                break
-            self.lines.append(line)
-            if text in line:
-                return
-        raise AssertionError(f"no {text!r} from migrate: {''.join(self.lines)}")
+    def wait_spill_flushed(self, timeout: float = 60) -> None:
+        """Until every remaining page is in the spill area, as migrate's status file says."""
+        wait_for(lambda: read_json(self.status).get("spill_flushed")
+                 or self.proc.poll() is not None, timeout, "the spill flushed")
+        assert read_json(self.status).get("spill_flushed"), self.finish()
 
     def finish(self, timeout: float = 120) -> tuple[int, str]:
         out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, "".join(self.lines) + (out + err).decode(errors="replace")
+        return self.proc.returncode, (out + err).decode(errors="replace")
 
     def kill9(self) -> None:
         self.proc.kill()
@@ -216,7 +211,7 @@ def test_source_killed_after_spill_flush_dest_completes(
     m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
                   "--spill-bandwidth", "50")
     try:
-        m.wait_for("spill flushed")
+        m.wait_spill_flushed()
     finally:
         m.kill9()  # kill -9 the source migrator: only the spill area is left
         os.kill(s.proc.pid, signal.SIGCONT)
@@ -248,7 +243,7 @@ def test_forged_slots_with_the_source_gone_are_missing_never_installed(
     servers.append(s)
     m = Migration(src, s.port, key, vm.pid, "--spill", str(spill), "--spill-bandwidth", "50")
     try:
-        m.wait_for("spill flushed")
+        m.wait_spill_flushed()
     finally:
         m.kill9()
     try:
@@ -352,7 +347,7 @@ def test_corrupted_spill_slot_is_refused_and_fetched(
     m = Migration(src, s.port, key, vm.pid, "--spill", str(spill), "--spill-bandwidth", "50",
                   "--report", str(report))
     try:
-        m.wait_for("spill flushed")
+        m.wait_spill_flushed()
         tamper_with_slots(spill, how)
     finally:
         os.kill(s.proc.pid, signal.SIGCONT)
