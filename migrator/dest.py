@@ -557,12 +557,13 @@ class DestSession:
             if f is not None:
                 f.digests[b] = d
 
-    async def _handle(self, ev: Any, state: p.State) -> None:
-        ch = self.ch
+    async def _handle(self, ev: p.Event, state: p.State) -> None:
+        """One frame, in order, with the protocol state it arrived in (the protocol has
+        already checked that it may come now: the handlers only act)."""
         pc = self.pc
-        if not isinstance(ev, (p.Blocks, p.Zero, p.Packed)):
+        if not isinstance(ev, _DATA):
             self.store.settle()  # the data written so far is what the mount shows, from now
-        if self.replica and isinstance(ev, (p.Blocks, p.Zero, p.Packed, p.Resize)):
+        if self.replica and isinstance(ev, (*_DATA, p.Resize)):
             self.sent_since_ack = True
         if pc is not None and not pc.absent_done.is_set() and not isinstance(ev, p.Absent):
             pc.absent_done.set()  # Absent frames come right after Postcopy, all together
@@ -571,82 +572,124 @@ class DestSession:
             # A fetched block, for a read that waits: into lazy mode (not through the
             # mount), without waiting for it here.
             self._nursery.start_soon(pc.install, ev)
-        elif isinstance(ev, p.Blocks):
-            if len(ev.data) >= THREAD_WRITE:
-                await trio.to_thread.run_sync(self.rx.write_blocks, ev)
-            else:  # a thread hop costs more than a small write
-                self.rx.write_blocks(ev)
-        elif isinstance(ev, p.Packed):
-            if ev.size >= THREAD_WRITE:
-                await trio.to_thread.run_sync(self.rx.write_packed, ev)
-            else:
-                self.rx.write_packed(ev)
-        elif isinstance(ev, p.Zero):
-            self.rx.write_zero(ev)
-        elif isinstance(ev, p.Resize):
-            self.rx.resize(ev)
-        elif isinstance(ev, p.DeviceState):
-            if self.qemu is None:
-                raise MigrationError("the source sends a QEMU device state: run 'migrator serve' "
-                                     "with --resume qemu:CMDLINE_FILE|QMP_SOCKET")
-            self.device_state += ev.data
-        elif isinstance(ev, p.Postcopy):
-            assert self._nursery is not None
-            self.pc = DestPostcopy(self.mount, ch, ev, self.block_size, self.spill_override,
-                                   self.resumed)
-            self.pc.on_digests = self._merge_digests
-            names = {fid: f.entry.name for fid, f in self.files.items()}
-            self._nursery.start_soon(self.pc.setup, names)
-        elif isinstance(ev, p.Absent):
-            assert pc is not None
-            pc.add_absent(ev)
-        elif isinstance(ev, p.SpillRefs):
-            assert pc is not None
-            await pc.refs(ev)
-        elif isinstance(ev, p.SpillFlushed):
-            log.info("source: spill flushed (%d pages)", ev.pages)
-        elif isinstance(ev, p.RoundDone) and self.replica:
+            return
+        handler = _HANDLERS.get(type(ev))
+        if handler is not None:
+            await handler(self, ev)
+
+    async def _on_blocks(self, ev: p.Blocks) -> None:
+        if len(ev.data) >= THREAD_WRITE:
+            await trio.to_thread.run_sync(self.rx.write_blocks, ev)
+        else:  # a thread hop costs more than a small write
+            self.rx.write_blocks(ev)
+
+    async def _on_packed(self, ev: p.Packed) -> None:
+        if ev.size >= THREAD_WRITE:
+            await trio.to_thread.run_sync(self.rx.write_packed, ev)
+        else:
+            self.rx.write_packed(ev)
+
+    async def _on_zero(self, ev: p.Zero) -> None:
+        self.rx.write_zero(ev)
+
+    async def _on_resize(self, ev: p.Resize) -> None:
+        self.rx.resize(ev)
+
+    async def _on_device_state(self, ev: p.DeviceState) -> None:
+        if self.qemu is None:
+            raise MigrationError("the source sends a QEMU device state: run 'migrator serve' "
+                                 "with --resume qemu:CMDLINE_FILE|QMP_SOCKET")
+        self.device_state += ev.data
+
+    async def _on_postcopy(self, ev: p.Postcopy) -> None:
+        assert self._nursery is not None
+        self.pc = DestPostcopy(self.mount, self.ch, ev, self.block_size, self.spill_override,
+                               self.resumed)
+        self.pc.on_digests = self._merge_digests
+        names = {fid: f.entry.name for fid, f in self.files.items()}
+        self._nursery.start_soon(self.pc.setup, names)
+
+    async def _on_absent(self, ev: p.Absent) -> None:
+        assert self.pc is not None
+        self.pc.add_absent(ev)
+
+    async def _on_spill_refs(self, ev: p.SpillRefs) -> None:
+        assert self.pc is not None
+        await self.pc.refs(ev)
+
+    async def _on_spill_flushed(self, ev: p.SpillFlushed) -> None:
+        log.info("source: spill flushed (%d pages)", ev.pages)
+
+    async def _on_round_done(self, ev: p.RoundDone) -> None:
+        if self.replica:
             await self._replica_synced(ev.round)
-            await ch.send(p.RoundAck(ev.round))
-        elif isinstance(ev, p.RoundDone):
-            await ch.send(p.RoundAck(ev.round))
+            await self.ch.send(p.RoundAck(ev.round))
+        else:
+            await self.ch.send(p.RoundAck(ev.round))
             self._new_own_epoch()  # (after the ack: the source's next round is not delayed)
-        elif isinstance(ev, p.Switchover):
-            self.t_switch = time.monotonic()
-        elif isinstance(ev, p.Commit) and pc is not None:
+
+    async def _on_switchover(self, ev: p.Switchover) -> None:
+        self.t_switch = time.monotonic()
+
+    async def _on_commit(self, ev: p.Commit) -> None:
+        pc = self.pc
+        assert self._nursery is not None
+        if pc is not None:
             t = time.monotonic()
             await pc.begun.wait()  # before the VM can read anything
             log.info("commit %.1f ms after switchover; lazy mode on after %.1f ms more",
                      (t - (self.t_switch or t)) * 1000, (time.monotonic() - t) * 1000)
-            assert self._nursery is not None
             self._take_ownership(ev.generation)
             self._nursery.start_soon(self._save_digests_soon)
             self._nursery.start_soon(pc.pump)
             # The VM starts while the post-copy traffic flows (it reads absent pages then).
             self._nursery.start_soon(self._start_vm)
-        elif isinstance(ev, p.Commit):
+        else:
             # No fsync of the files here: it would lengthen the downtime; they are made
             # durable before the migration is marked complete.
             self._take_ownership(ev.generation)
-            assert self._nursery is not None
             self._nursery.start_soon(self._save_digests_soon)
             await self._start_vm()
-        elif isinstance(ev, p.Digests):
-            self.rx.check_digests(ev, self.reattached and not self.digests_saved)
-        elif isinstance(ev, p.VerifyDone):
-            if pc is not None and pc.stats is not None:
-                self.handoff.save(postcopy=cp.to_dict(pc.stats))
-            await self.store.sync()
-            ok, detail = self.rx.verdict()
-            if ok:
-                self.handoff.save(status=DestStatus.COMPLETE, completed_at=time.time(),
-                                  verified=True)
-            else:
-                self.handoff.save(verified=False, mismatches=self.rx.mismatch_count,
-                                  detail=detail)
-            await ch.send(p.Verified(ok, self.rx.mismatch_count, detail))
-            if not ok:
-                raise VerificationFailed(f"verification failed: {detail}")
+
+    async def _on_digests(self, ev: p.Digests) -> None:
+        self.rx.check_digests(ev, self.reattached and not self.digests_saved)
+
+    async def _on_verify_done(self, ev: p.VerifyDone) -> None:
+        pc = self.pc
+        if pc is not None and pc.stats is not None:
+            self.handoff.save(postcopy=cp.to_dict(pc.stats))
+        await self.store.sync()
+        ok, detail = self.rx.verdict()
+        if ok:
+            self.handoff.save(status=DestStatus.COMPLETE, completed_at=time.time(),
+                              verified=True)
+        else:
+            self.handoff.save(verified=False, mismatches=self.rx.mismatch_count,
+                              detail=detail)
+        await self.ch.send(p.Verified(ok, self.rx.mismatch_count, detail))
+        if not ok:
+            raise VerificationFailed(f"verification failed: {detail}")
+
+
+_DATA = (p.Blocks, p.Zero, p.Packed)  # copy data: written, never a reason to settle
+# What the destination does with each frame the source may send it (the protocol's state
+# table says when each may come); a frame not here needs nothing done (Done, Held's kin).
+_HANDLERS: dict[type, Callable[[DestSession, Any], Awaitable[None]]] = {
+    p.Blocks: DestSession._on_blocks,
+    p.Packed: DestSession._on_packed,
+    p.Zero: DestSession._on_zero,
+    p.Resize: DestSession._on_resize,
+    p.DeviceState: DestSession._on_device_state,
+    p.Postcopy: DestSession._on_postcopy,
+    p.Absent: DestSession._on_absent,
+    p.SpillRefs: DestSession._on_spill_refs,
+    p.SpillFlushed: DestSession._on_spill_flushed,
+    p.RoundDone: DestSession._on_round_done,
+    p.Switchover: DestSession._on_switchover,
+    p.Commit: DestSession._on_commit,
+    p.Digests: DestSession._on_digests,
+    p.VerifyDone: DestSession._on_verify_done,
+}
 
 
 @dataclass
