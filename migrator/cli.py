@@ -438,8 +438,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 
 def cmd_sync(a: argparse.Namespace) -> int:
-    from .report import keep_status_file
-    from .sync import LiveSyncLine, Syncer, print_sync_summary, sync_options
+    from .report import LiveSyncLine, keep_status_file, print_sync_summary
+    from .sync import Syncer, sync_options
 
     console = Console(stderr=True)
     key = read_key(a.key_file)

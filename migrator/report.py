@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from rich.console import Console
@@ -25,6 +25,9 @@ from blkfs.cliutil import human_bytes
 from blkfs.ctlproto import PostcopyStats
 
 from .plan import RoundStats
+
+if TYPE_CHECKING:
+    from .sync import Syncer, SyncReport
 
 
 class _Counted(Protocol):
@@ -311,4 +314,80 @@ class LiveProgress:
                 shown = max(shown, min(sent, total or sent))
                 self.bar.update(task, description=p.phase, info=info, total=total,
                                 completed=shown)
+                await trio.sleep(0.2)
+
+
+# -- migrator sync ---------------------------------------------------------------------------
+
+
+def print_sync_summary(s: SyncReport, console: Console) -> None:
+    """What the sync left on the destination, in words and a table."""
+    from rich.table import Table
+
+    from blkfs.cliutil import human_bytes
+
+    if s.status == "stopped":
+        head = "[bold green]sync stopped[/]"
+    else:
+        head = f"[bold red]sync {s.status}[/]" + (f": {s.error}" if s.error else "")
+    console.print(head)
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    epoch = ("no whole epoch (the first round never finished)" if s.epoch is None else
+             f"epoch {s.epoch}, synced {time.time() - (s.synced_at or time.time()):.1f} s ago "
+             f"(replica of sync {s.sync}, not runnable)")
+    lag = ("-" if s.lag_s is None else
+           f"last {s.lag_s:.2f} s, never caught up (target {s.lag_target_s:g} s)"
+           if s.caught_up_s is None else
+           f"last {s.lag_s:.2f} s, worst {s.lag_max_s:.2f} s since it caught up at "
+           f"{s.caught_up_s:.1f} s (target {s.lag_target_s:g} s; {s.lag_over_target} rounds "
+           "over it)")
+    rows = [
+        ("files", ", ".join(f"{f['name']} ({human_bytes(f['size'])})" for f in s.files)),
+        ("replica there", epoch),
+        ("lag", lag),
+        ("rounds", f"{s.epochs} acknowledged in {s.sessions} session(s)"
+                   + (f"; initial copy {s.initial_copy_s:.2f} s" if s.initial_copy_s else "")),
+        ("data / sent", f"{human_bytes(s.data_bytes)} / {human_bytes(s.bytes_sent)}"),
+        *([("replica used", f"{s.lineage_blocks} blocks the destination held unchanged as of "
+            "an earlier epoch: neither read nor sent")] if s.lineage_blocks else []),
+        *([("older copy", f"the destination held {s.held_blocks} blocks already: only the "
+            "blocks that differed travelled")] if s.held_blocks else []),
+        *([("replica not used", s.lineage_detail)]
+          if s.lineage_detail and s.lineage_detail != "no replica here" else []),
+        ("time", f"{s.total_s:.1f} s"
+                 + (f" at most {s.bandwidth_mb_s:g} MB/s" if s.bandwidth_mb_s else "")),
+        ("next", f"'migrator migrate --to {s.to} ...' sends only what changed since"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+class LiveSyncLine:
+    """One line, five times a second: epoch, lag against its target, pending, sent, rate."""
+
+    def __init__(self, syncer: Syncer, console: Console) -> None:
+        self.s = syncer
+        self.console = console
+
+    async def run(self) -> None:
+        from rich.live import Live
+
+        from blkfs.cliutil import human_bytes
+
+        t0 = time.monotonic()
+        with Live(console=self.console, transient=True, refresh_per_second=5) as live:
+            while True:
+                sy, pr = self.s, self.s.progress
+                lag = sy.lag_now
+                sent = pr.sent
+                rate = sent / max(time.monotonic() - t0, 1e-6) / 1e6
+                what = (f"epoch {sy.sync.epoch}, lag {lag:.1f} s (target {sy.lag:g} s)"
+                        if lag is not None else "no whole epoch yet")
+                if pr.phase == "initial copy" and pr.total:
+                    what += f", initial copy {min(sent, pr.total) * 100 // pr.total}%"
+                live.update(f"sync to {sy.opts.to}: {pr.phase}; {what}; {pr.pending} dirty "
+                            f"blocks; sent {human_bytes(sent)} ({rate:.0f} MB/s average)")
                 await trio.sleep(0.2)
