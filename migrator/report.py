@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 from rich.console import Console
@@ -25,9 +25,6 @@ from blkfs.cliutil import human_bytes
 from blkfs.ctlproto import PostcopyStats
 
 from .plan import RoundStats
-
-if TYPE_CHECKING:
-    from .sync import Syncer, SyncReport
 
 
 class _Counted(Protocol):
@@ -320,6 +317,57 @@ class LiveProgress:
 # -- migrator sync ---------------------------------------------------------------------------
 
 
+@dataclass
+class SyncRound:
+    epoch: int
+    blocks: int
+    bytes: int  # on the wire
+    s: float  # swap -> acknowledged durable there
+    lag_s: float  # how old the replica was just before this acknowledgement
+
+
+@dataclass
+class SyncReport:
+    """What `migrator sync` did, as JSON; the lag is the age of the newest whole epoch there."""
+
+    status: str = "setup"  # setup | syncing | stopped | failed
+    error: str | None = None
+    sync: str = ""  # the id the destination's replica record carries
+    to: str = ""
+    files: list[dict[str, Any]] = field(default_factory=list)
+    data_bytes: int = 0
+    bytes_sent: int = 0  # on the wire, all sessions, frames included
+    sessions: int = 0  # connections (more than 1: the link was cut and retried)
+    delta: str = "none"  # the last session: "digests" if the destination held an older copy
+    held_blocks: int = 0  # blocks that destination said it held (not sent), all sessions
+    lineage_blocks: int = 0  # blocks its replica held as of our last epoch (not read at all)
+    lineage_detail: str = ""  # the last session: why the replica's epoch could not be used
+    initial_copy_s: float | None = None  # the first session's
+    epoch: int | None = None  # the replica's: every write of this sync epoch is there
+    synced_at: float | None = None
+    epochs: int = 0  # rounds acknowledged, all sessions
+    lag_target_s: float = 0.0
+    lag_s: float | None = None  # the last acknowledged round's
+    # The first copy takes what it takes; then the replica catches up (its lag falls under
+    # the target) and from then on the lag should stay there:
+    caught_up_s: float | None = None  # start -> the first epoch acknowledged within the target
+    lag_max_s: float = 0.0  # worst since it caught up
+    lag_over_target: int = 0  # rounds since it caught up whose lag passed the target
+    bandwidth_mb_s: float | None = None
+    rounds: list[SyncRound] = field(default_factory=list)  # the last sync.ROUNDS_KEPT
+    total_s: float = 0.0
+    started_at: float = field(default_factory=time.time)
+
+    def write(self, path: str) -> None:
+        import json
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        os.replace(tmp, path)
+
+
 def print_sync_summary(s: SyncReport, console: Console) -> None:
     """What the sync left on the destination, in words and a table."""
     from rich.table import Table
@@ -368,7 +416,7 @@ def print_sync_summary(s: SyncReport, console: Console) -> None:
 class LiveSyncLine:
     """One line, five times a second: epoch, lag against its target, pending, sent, rate."""
 
-    def __init__(self, syncer: Syncer, console: Console) -> None:
+    def __init__(self, syncer: Any, console: Console) -> None:  # a sync.Syncer
         self.s = syncer
         self.console = console
 

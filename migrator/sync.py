@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
@@ -32,61 +31,11 @@ from . import protocol as p
 from .errors import KeyMismatch, MigrationError, NotOwner, PeerAborted, PeerMismatch, first_error
 from .lineage import sync_record
 from .plan import Policy, RoundPlanner
+from .report import SyncReport, SyncRound
 from .source import MigrateOptions, Source, SourceHooks, _File, _message
 
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # s between attempts after a cut link: doubling, capped
 ROUNDS_KEPT = 50  # the last rounds in the report (a sync may run for months)
-
-
-@dataclass
-class SyncRound:
-    epoch: int
-    blocks: int
-    bytes: int  # on the wire
-    s: float  # swap -> acknowledged durable there
-    lag_s: float  # how old the replica was just before this acknowledgement
-
-
-@dataclass
-class SyncReport:
-    """What `migrator sync` did, as JSON; the lag is the age of the newest whole epoch there."""
-
-    status: str = "setup"  # setup | syncing | stopped | failed
-    error: str | None = None
-    sync: str = ""  # the id the destination's replica record carries
-    to: str = ""
-    files: list[dict[str, Any]] = field(default_factory=list)
-    data_bytes: int = 0
-    bytes_sent: int = 0  # on the wire, all sessions, frames included
-    sessions: int = 0  # connections (more than 1: the link was cut and retried)
-    delta: str = "none"  # the last session: "digests" if the destination held an older copy
-    held_blocks: int = 0  # blocks that destination said it held (not sent), all sessions
-    lineage_blocks: int = 0  # blocks its replica held as of our last epoch (not read at all)
-    lineage_detail: str = ""  # the last session: why the replica's epoch could not be used
-    initial_copy_s: float | None = None  # the first session's
-    epoch: int | None = None  # the replica's: every write of this sync epoch is there
-    synced_at: float | None = None
-    epochs: int = 0  # rounds acknowledged, all sessions
-    lag_target_s: float = 0.0
-    lag_s: float | None = None  # the last acknowledged round's
-    # The first copy takes what it takes; then the replica catches up (its lag falls under
-    # the target) and from then on the lag should stay there:
-    caught_up_s: float | None = None  # start -> the first epoch acknowledged within the target
-    lag_max_s: float = 0.0  # worst since it caught up
-    lag_over_target: int = 0  # rounds since it caught up whose lag passed the target
-    bandwidth_mb_s: float | None = None
-    rounds: list[SyncRound] = field(default_factory=list)  # the last ROUNDS_KEPT
-    total_s: float = 0.0
-    started_at: float = field(default_factory=time.time)
-
-    def write(self, path: str) -> None:
-        import json
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
 
 
 class _NoVM:
