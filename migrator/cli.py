@@ -499,11 +499,12 @@ def cmd_sync(a: argparse.Namespace) -> int:
 
 
 def _records(mount: str) -> Any:
-    """This host's VM records of a live blkfs mount (stores.RecordDir)."""
+    """This host's VM records of a live blkfs mount (vmrecords.RecordDir)."""
     from blkfs import ctlproto as cp
     from blkfs.control import ControlClient
 
-    from .stores import RecordDir, check_blkfs_mount
+    from .stores import check_blkfs_mount
+    from .vmrecords import RecordDir
 
     check_blkfs_mount(mount)
     with ControlClient.for_mount(mount, timeout=10) as c:
@@ -515,7 +516,8 @@ def _vm_files(a: argparse.Namespace) -> list[str]:
     """The FILEs as the mount names them (relative, absolute or through a symlink: the same
     file), or those of the VM named --vm; one line if neither says which."""
     from .ownership import Refusal, find_vm
-    from .stores import check_blkfs_mount, mount_relative
+    from .stores import check_blkfs_mount
+    from .vmrecords import mount_relative
 
     check_blkfs_mount(os.path.abspath(a.mount))
     if a.files:

@@ -13,7 +13,7 @@ from typing import Any
 from . import ownership as own
 from .errors import BadPeer, MigrationError
 from .ownership import HANDING_OFF, OWNER, DestRecord, DestStatus, VMRecord
-from .stores import VMRecords
+from .vmrecords import VMRecords
 
 
 class Refused(MigrationError):

@@ -1,7 +1,7 @@
 """Lineage: knowing, without reading a block, that a destination's replica equals the source's
 files as of an epoch, so a migration sends only the blocks written since. Pure.
 
-`migrator sync` leaves two records, each among the VM's records (stores.RecordDir). On the
+`migrator sync` leaves two records, each among the VM's records (vmrecords.RecordDir). On the
 source (the VM's sync record): for each file, the blkfs epoch its last acknowledged round ended
 (its swap) and the file's size. On the destination (its VM record's incoming state,
 ``replica.lineage``): the same tag and, for each file, the destination's own blkfs epoch after

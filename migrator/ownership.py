@@ -2,7 +2,7 @@
 
 A VM is a named set of files on a mount with an id that travels with it, and a generation
 that goes up by one at every handoff.  Every host that ever held it keeps one record of it
-(`VMRecord`, stored by stores.RecordDir outside what the mount shows), whose role says what
+(`VMRecord`, stored by vmrecords.RecordDir outside what the mount shows), whose role says what
 this host's copy is:
 
 * ``owner``: the VM runs here (or is to be started here) at `generation`;

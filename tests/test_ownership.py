@@ -183,11 +183,11 @@ def test_what_a_role_forbids_is_said_before_how_the_vm_was_named() -> None:
     assert own.vm_to_hand_off([rec(OWNER)], FILES, None, "/m") is not None
 
 
-# -- the records on disk (stores.RecordDir) -------------------------------------------------------
+# -- the records on disk (vmrecords.RecordDir) ----------------------------------------------------
 
 
 def test_records_live_under_the_backing_directory_and_survive_a_reopen(tmp_path: Any) -> None:
-    from migrator.stores import RecordDir
+    from migrator.vmrecords import RecordDir
 
     d = RecordDir(str(tmp_path))
     a = own.new_vm(["disk.raw"], None)
@@ -210,7 +210,7 @@ def test_records_live_under_the_backing_directory_and_survive_a_reopen(tmp_path:
 def test_the_records_of_an_older_migrator_are_converted_once(tmp_path: Any) -> None:
     import json
 
-    from migrator.stores import RecordDir
+    from migrator.vmrecords import RecordDir
 
     (tmp_path / ".migration-source.json").write_text(json.dumps({
         "migration": "m1", "epoch": 1, "to": "b:1", "suspend": "pid:3",

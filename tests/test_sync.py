@@ -168,7 +168,7 @@ async def test_a_destination_that_refuses_ends_the_sync_with_its_reason(
 
 def test_blkfs_status_names_a_replica_never_a_vm() -> None:
     from blkfs.cli import VM_RECORDS, vm_line
-    from migrator.stores import VMS
+    from migrator.vmrecords import VMS
 
     assert VM_RECORDS == VMS  # blkfs reads the records migrator writes
     rec = {"name": "web", "role": "replica", "generation": 2, "peer": "a:1",
