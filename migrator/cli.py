@@ -29,7 +29,7 @@ from .transport import parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
 
 if TYPE_CHECKING:
-    from .dest import ServeOptions
+    from .serving import ServeOptions
 
 PROG = "migrator"
 # The flag groups below are shared by the commands that move a VM's files (migrate, sync, and
@@ -332,7 +332,7 @@ def _say(prefix: str) -> Callable[[str], None]:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .dest import ServeOptions
+    from .serving import ServeOptions
     from .stores import check_blkfs_mount
 
     mount = os.path.abspath(a.mount)
@@ -363,7 +363,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, mount: str) -> bool:
-    from .dest import serve, unfinished_here
+    from .serving import serve, unfinished_here
     from .stores import MountDest
 
     result: list[bool] = []

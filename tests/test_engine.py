@@ -20,9 +20,10 @@ import trio.testing
 
 from migrator import protocol as p
 from migrator.delta import file_digests
-from migrator.dest import DestSession, ServeOptions, SessionOutcome, Sessions, serve_one
+from migrator.dest import DestSession, SessionOutcome
 from migrator.ownership import VMRecord
 from migrator.plan import Policy, Verdict
+from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.source import MigrateOptions, Source, SourceHooks
 from migrator.transport import Channel, MigrationError
 from migrator.vm import AdapterError
@@ -584,7 +585,7 @@ async def test_compressed_blocks_arrive_exact_and_random_ones_go_as_they_are(
 async def test_past_the_limit_the_oldest_stranger_is_dropped() -> None:
     """Handshakes in progress are bounded: a new connection evicts the oldest one that has
     not proved the key, so idle strangers can neither pile up nor keep a real source out."""
-    from migrator.dest import Handshakes
+    from migrator.serving import Handshakes
 
     hs = Handshakes(limit=2)
     dropped: list[int] = []

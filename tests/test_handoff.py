@@ -13,9 +13,9 @@ import trio
 import trio.testing
 
 from migrator import protocol as p
-from migrator.dest import ServeOptions, Sessions, serve_one
 from migrator.ownership import HANDING_OFF, OWNER, RETIRED, VMRecord
 from migrator.resolve import resolve_source
+from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.transport import MigrationError
 
 from .test_engine import (

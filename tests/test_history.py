@@ -32,11 +32,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from migrator import ownership as own
-from migrator.dest import ServeOptions, Sessions, serve_one
 from migrator.errors import MigrationError, first_error
 from migrator.plan import Policy
 from migrator.protocol import ProtocolError
 from migrator.resolve import resolve_source
+from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.source import MigrateOptions, Source, SourceHooks
 from migrator.vm import AdapterError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from migrator import protocol as p
-from migrator.dest import MAX_HANDSHAKES
+from migrator.serving import MAX_HANDSHAKES
 
 from .conftest import Mount
 from .test_migrate import Server, digest, fill_source, hosts, idle_vm, key, migrate, servers

@@ -8,8 +8,9 @@ from typing import Any
 import trio
 import trio.testing
 
-from migrator.dest import ServeOptions, SessionOutcome, Sessions, serve_one
+from migrator.dest import SessionOutcome
 from migrator.errors import MigrationError, first_error
+from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.source import SourceHooks
 from migrator.sync import Syncer, sync_options
 
