@@ -381,8 +381,9 @@ async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, moun
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
+    from .options import MigrateOptions, SourceHooks
     from .report import LiveProgress, keep_status_file
-    from .source import MigrateOptions, Source, SourceHooks
+    from .source import Source
 
     console = Console(stderr=True)
     key = read_key(a.key_file)
@@ -448,7 +449,7 @@ def cmd_sync(a: argparse.Namespace) -> int:
                         static_heat=a.static_heat, report_path=a.report,
                         io_timeout=a.io_timeout, compress=a.compress,
                         plaintext=_warn_plaintext(a), delta=not a.no_delta)
-    from .source import SourceHooks
+    from .options import SourceHooks
 
     syncer = Syncer(opts, a.lag, SourceHooks(notify=lambda text: console.print(
         f"migrator sync: {text}")))
@@ -616,9 +617,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_resolve(a: argparse.Namespace) -> int:
+    from .options import tcp_connect
     from .ownership import describe
     from .resolve import resolve_source
-    from .source import tcp_connect
 
     mount = os.path.abspath(a.mount)
     records = _records(mount)

@@ -50,6 +50,24 @@ def is_memory_file(name: str) -> bool:
     return base.endswith(MEMORY_SUFFIXES) or "memory" in base or base.startswith("mem")
 
 
+def memory_files(rels: list[str], named: list[str] | None, mount: str) -> set[str]:
+    """The migrated files that are memory: those named (--memory, relative to the mount or
+    absolute under it), else those whose names say so (is_memory_file)."""
+    if named:
+        got = {os.path.normpath(os.path.relpath(m, mount) if os.path.isabs(m) else m)
+               for m in named}
+        unknown = got - set(rels)
+        if unknown:
+            raise MigrationError(f"--memory {sorted(unknown)[0]} is not one of the migrated "
+                                 "files")
+        return got
+    got = {r for r in rels if is_memory_file(r)}
+    if not got:
+        raise MigrationError("--postcopy: no memory file among the migrated files; name it "
+                             "with --memory FILE (disks always stay pre-copy)")
+    return got
+
+
 def runs(blocks: Iterable[int], limit: int) -> list[Extent]:
     """Sorted blocks as (first, count) runs of at most `limit` blocks."""
     out: list[Extent] = []

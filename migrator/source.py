@@ -21,103 +21,37 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import xxhash
 
 from blkfs.spill import SpillArea, SpillError, spill_key
 
-from . import defaults, digestlog
 from . import protocol as p
 from .codecs import CODECS, compressor
 from .delta import Holdings
 from .errors import BadPeer, MigrationError, NotOwner, PeerAborted, first_error
 from .handoff import SourceHandoff
-from .lineage import BACK, dest_lineage, source_proof, tag
+from .lineage import source_proof
+from .options import MigrateOptions, SourceFile, SourceHooks
 from .ownership import OWNER, REFUSED, VMRecord
 from .plan import (
-    Policy,
     RoundPlanner,
     RoundStats,
     Verdict,
     initial_order,
     union_extents,
 )
-from .postcopy import SourcePostcopy, from_wire, is_memory_file
+from .postcopy import SourcePostcopy, from_wire, memory_files
+from .reconnect import keep_trying
 from .report import MigrationReport, Progress
-from .sending import FRAME_DATA, Sender
-from .stores import BlkfsSource, SourceFiles
-from .transport import IO_TIMEOUT, Channel, parse_hostport
+from .sending import Sender
+from .stores import SourceFiles
+from .transport import Channel
+from .verifying import retired_lineage, verification_digests
 from .vm import AdapterError, VMAdapter
-from .zeros import hole_runs, zero_digest
 
 Extent = tuple[int, int]
-CONNECT_TIMEOUT = 10.0
-RECONNECT_FIRST, RECONNECT_MAX = 0.25, 4.0  # s between reattach attempts: doubling, capped
-REATTACH_PATIENCE = 10  # io timeouts at most, while the destination says it is still busy
-
-
-@dataclass
-class MigrateOptions:
-    mount: str
-    to: str
-    key: bytes
-    files: list[str]
-    policy: Policy
-    bandwidth_mb_s: float | None = None
-    static_heat: float | None = None
-    report_path: str | None = None
-    # Baselines for comparison (scripts/bench_migrate.py), not for production use:
-    stop_and_copy: bool = False  # suspend first, copy everything, resume
-    static_first: bool = True  # False: initial copy in block order
-    io_timeout: float = IO_TIMEOUT
-    postcopy: str = defaults.POSTCOPY  # off | on | auto (when pre-copy stops converging)
-    spill_dir: str | None = None
-    spill_slots: int = defaults.SPILL_SLOTS
-    memory_files: list[str] | None = None  # post-copied files (default: by name, see postcopy)
-    spill_rate_mb_s: float | None = None  # cap on writes into the spill area
-    suspend: str = defaults.SUSPEND  # the --suspend spec, kept in the ownership record for resolve
-    compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
-    delta: bool = True  # ask what the destination holds; send only the blocks that differ
-    lineage: bool = True  # with delta: name a replica both sides can prove (lineage.py)
-    plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
-    vm_name: str | None = None  # --vm NAME: the VM's name (its files, once named)
-
-
-@dataclass
-class _File:
-    file_id: int
-    rel: str
-    size: int
-
-
-async def tcp_connect(to: str) -> trio.abc.Stream:
-    host, port = parse_hostport(to)
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            return await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise MigrationError(f"cannot connect to {host}:{port}: no answer within "
-                             f"{CONNECT_TIMEOUT:g} s") from None
-    except OSError as exc:
-        raise MigrationError(f"cannot connect to {host}:{port}: {exc.strerror or exc} "
-                             "(is 'migrator serve' running there?)") from None
-
-
-@dataclass
-class SourceHooks:
-    """How the engine reaches the world; the defaults are the real ones."""
-
-    open_files: Callable[[MigrateOptions], SourceFiles] = field(
-        default=lambda o: BlkfsSource(o.mount, o.files, o.vm_name))
-    connect: Callable[[MigrateOptions], Awaitable[trio.abc.Stream]] = field(
-        default=lambda o: tcp_connect(o.to))
-    notify: Callable[[str], None] = field(default=lambda text: None)  # milestones, one line
-    # Blocking work (the VM adapter, large reads) off the trio thread.
-    run_sync: Callable[..., Awaitable[Any]] = field(default=trio.to_thread.run_sync)
 
 
 class Source:
@@ -129,7 +63,7 @@ class Source:
         self.report = MigrationReport()
         self.progress = Progress()
         self.store: SourceFiles | None = None
-        self.files: list[_File] = []
+        self.files: list[SourceFile] = []
         self.block_size = 0
         self.ch: Channel | None = None
         self.suspended = False
@@ -175,7 +109,8 @@ class Source:
                 await self.ch.send(p.Resize(f.file_id, size))
                 f.size = size
 
-    async def _send(self, f: _File, exts: list[Extent], clear: bool = False) -> tuple[int, int]:
+    async def _send(self, f: SourceFile, exts: list[Extent], clear: bool = False
+                    ) -> tuple[int, int]:
         """Send these blocks of `f` (sending.py); the initial copy (`clear`) sends only what
         the destination does not hold already."""
         assert self.ch is not None
@@ -229,25 +164,13 @@ class Source:
         store.claim(self.migration, f"migrator migrate pid {os.getpid()} to {self.opts.to}")
         self.block_size = store.block_size
         self.report.block_size = self.block_size
-        self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
+        self.files = [SourceFile(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
         if self.opts.postcopy != "off":
             self._postcopy_setup(store.names)
 
     def _postcopy_setup(self, rels: list[str]) -> None:
         """Which files are memory, and a fresh spill area, before anything is sent."""
-        mem = self.opts.memory_files
-        if mem:
-            mem_rels = {os.path.normpath(os.path.relpath(m, self.opts.mount)
-                                         if os.path.isabs(m) else m) for m in mem}
-            unknown = mem_rels - set(rels)
-            if unknown:
-                raise MigrationError(f"--memory {sorted(unknown)[0]} is not one of the migrated "
-                                     "files")
-        else:
-            mem_rels = {r for r in rels if is_memory_file(r)}
-            if not mem_rels:
-                raise MigrationError("--postcopy: no memory file among the migrated files; name "
-                                     "it with --memory FILE (disks always stay pre-copy)")
+        mem_rels = memory_files(rels, self.opts.memory_files, self.opts.mount)
         self.memory_ids = {f.file_id for f in self.files if f.rel in mem_rels}
         self.report.postcopy_files = sorted(mem_rels)
         path = self.opts.spill_dir
@@ -483,29 +406,9 @@ class Source:
                           f"{self.opts.to} for up to {timeout:g} s")
         if self.ch is not None:
             await self.ch.aclose()
-        start = trio.current_time()
-        deadline = start + timeout
-        delay, last = RECONNECT_FIRST, why
-        while True:
-            with trio.move_on_after(max(0.0, deadline - trio.current_time())):
-                try:
-                    await self._reattach_once()
-                    self.report.reattaches += 1
-                    self.hooks.notify("reattached to the destination: the migration goes on")
-                    return
-                except NotOwner:
-                    raise
-                except MigrationError as exc:
-                    last = str(exc)
-                    if (isinstance(exc, PeerAborted)  # alive, and busy with this very migration
-                            and exc.code == p.AbortCode.STILL_RUNNING):
-                        deadline = min(trio.current_time() + timeout,
-                                       start + REATTACH_PATIENCE * timeout)
-            left = deadline - trio.current_time()
-            if left <= 0:
-                raise MigrationError(f"{why}; reconnecting for {timeout:g} s failed: {last}")
-            await trio.sleep(min(delay, left))  # the last try at the deadline itself
-            delay = min(2 * delay, RECONNECT_MAX)
+        await keep_trying(self._reattach_once, timeout, why)
+        self.report.reattaches += 1
+        self.hooks.notify("reattached to the destination: the migration goes on")
 
     async def _reattach_once(self) -> None:
         assert self.handoff is not None and self.vm is not None
@@ -656,30 +559,10 @@ class Source:
 
     async def _verify_once(self) -> p.Verified:
         assert self.ch is not None
-        bs = self.block_size
-        h = xxhash.xxh3_64_intdigest
-        buf = memoryview(bytearray(max(bs, FRAME_DATA // bs * bs)))  # reused: no faults
         for f in self.files:
-            nblocks = (f.size + bs - 1) // bs
-            for first in range(0, nblocks, 8192):
-                count = min(8192, nblocks - first)
-                digests: list[int] = []
-                ranges = self._store.data_ranges(f.file_id, first * bs, (first + count) * bs)
-                for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
-                    if hole:  # a constant: holes are never read twice (nor once)
-                        digests += [zero_digest(min(bs, f.size - b * bs))
-                                    for b in range(b0, b0 + n)]
-                        continue
-                    off, stop = b0 * bs, min((b0 + n) * bs, f.size)
-                    while off < stop:
-                        want = min(len(buf), stop - off)
-                        got = self._store.read_into(f.file_id, off, buf[:want])
-                        if got != want:  # (suspended: it cannot change, unless behind us)
-                            raise MigrationError(f"{f.rel} shrank under the verification")
-                        digests += [h(buf[i:min(i + bs, got)]) for i in range(0, got, bs)]
-                        off += got
+            for first, digests in verification_digests(self._store, f, self.block_size):
                 self.my_digests.setdefault(f.file_id, {}).update(enumerate(digests, first))
-                await self.ch.send(p.Digests(f.file_id, first, tuple(digests)))
+                await self.ch.send(p.Digests(f.file_id, first, digests))
         await self.ch.send(p.VerifyDone())
         return await self.ch.expect(p.Verified)
 
@@ -703,29 +586,9 @@ class Source:
         self.report.generation = self.handoff.record.generation
 
     def _keep_lineage(self) -> dict[str, Any] | None:
-        """The retired copy is the destination's files as of the switchover: keep its digests
-        (the verification's) and this mount's epochs, so a migration back to here reads and
-        sends only what the VM wrote there since (lineage.py). Best effort: without them, the
-        way back compares digests."""
         assert self.vm is not None
-        if len(self.my_digests) != len(self.files):
-            return None
-        name = tag(self.migration, BACK)
-        epochs: dict[str, int] = {}
-        for f in self.files:
-            ended = self._store.last_epoch(f.file_id)
-            if ended is None:
-                return None
-            epochs[f.rel] = ended + 1
-        try:
-            self._store.records.write_digests(self.vm.id, digestlog.encode(
-                name, self.block_size, self.my_digests))
-        except OSError as exc:
-            self.hooks.notify(f"cannot keep the retired copy's digests ({exc.strerror}): a "
-                              "migration back will compare digests")
-            return None
-        return dest_lineage(epochs, {f.rel: f.file_id for f in self.files},
-                            {f.rel: f.size for f in self.files}, name)
+        return retired_lineage(self._store, self.vm.id, self.migration, self.block_size,
+                               self.files, self.my_digests, self.hooks.notify)
 
     # -- the whole migration --------------------------------------------------------
 

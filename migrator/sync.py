@@ -30,9 +30,10 @@ import trio
 from . import protocol as p
 from .errors import KeyMismatch, MigrationError, NotOwner, PeerAborted, PeerMismatch, first_error
 from .lineage import sync_record
+from .options import MigrateOptions, SourceFile, SourceHooks
 from .plan import Policy, RoundPlanner
 from .report import SyncReport, SyncRound
-from .source import MigrateOptions, Source, SourceHooks, _File, _message
+from .source import Source, _message
 
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # s between attempts after a cut link: doubling, capped
 ROUNDS_KEPT = 50  # the last rounds in the report (a sync may run for months)
@@ -82,7 +83,7 @@ class Syncer(Source):
         store = self._store
         store.claim(self.sync.sync, f"migrator sync pid {os.getpid()} to {self.opts.to}")
         self.block_size = self.report.block_size = store.block_size
-        self.files = [_File(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
+        self.files = [SourceFile(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
 
     async def run(self) -> SyncReport:  # type: ignore[override]
         """Until stopped (stop(), or cancelled): the report says stopped, or why it failed."""

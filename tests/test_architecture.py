@@ -15,7 +15,7 @@ PURE_PACKAGES = {"migrator.protocol"}
 PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlproto",
         "blkfs.tracker", "blkfs.cliutil", "migrator.plan", "migrator.protocol",
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
-        "migrator.lineage", "migrator.quiet", "migrator.defaults",
+        "migrator.lineage", "migrator.quiet", "migrator.defaults", "migrator.errors",
         "migrator.simvm.format"}
 IO_MODULES = {"pyfuse3", "trio", "socket", "subprocess", "select", "signal"}
 FUSE_ONLY = {"blkfs.fs", "blkfs.mount"}  # the only ones that may import pyfuse3
@@ -118,3 +118,33 @@ def test_the_wire_protocol_imports_nothing_of_blkfs() -> None:
     assert len(inside) > 1, inside  # the package and its modules
     for name in inside:
         assert not {m for m in GRAPH[name] if m.split(".")[0] == "blkfs"}, name
+
+
+ENGINE = {"migrator.source", "migrator.sending", "migrator.handoff", "migrator.dest",
+          "migrator.serving", "migrator.received", "migrator.postcopy", "migrator.sync"}
+FACES = {"migrator.report", "migrator.cli", "migrator.demo", "migrator.resolve"}
+MAX_LINES = 700  # a file longer than this holds two things (the CLI's parser excepted)
+
+
+def test_the_engine_never_prints() -> None:
+    """Words for people go back as a `notify` callback or a SessionOutcome; report.py and
+    the CLIs show them (docs/architecture.md)."""
+    for name in sorted(ENGINE):
+        tree = ast.parse(MODULES[name].read_text())
+        prints = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  and isinstance(n.func, ast.Name) and n.func.id == "print"]
+        assert not prints, f"{name} prints (lines {prints})"
+        assert not {m for m in GRAPH[name] if m.split(".")[0] == "rich"}, f"{name} imports rich"
+
+
+def test_the_engine_modules_exist() -> None:
+    """(so a rename does not make the rules above check nothing)"""
+    assert set(MODULES) >= ENGINE | FACES, sorted((ENGINE | FACES) - set(MODULES))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("migrator")))
+def test_no_file_of_the_migrator_holds_two_things(name: str) -> None:
+    if name == "migrator.cli":
+        return
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name} is {lines} lines: split it by job"

@@ -21,10 +21,11 @@ import trio.testing
 from migrator import protocol as p
 from migrator.delta import file_digests
 from migrator.dest import DestSession, SessionOutcome
+from migrator.options import MigrateOptions, SourceHooks
 from migrator.ownership import VMRecord
 from migrator.plan import Policy, Verdict
 from migrator.serving import ServeOptions, Sessions, serve_one
-from migrator.source import MigrateOptions, Source, SourceHooks
+from migrator.source import Source
 from migrator.transport import Channel, MigrationError
 from migrator.vm import AdapterError
 

@@ -307,7 +307,8 @@ class Network:
 
 async def migrate_over(network_wrap: Any, dest: MemoryDest, src: MemorySource, vm: FakeVM,
                        dvm: DestVM, **kw: Any) -> tuple[Any, Network]:
-    from migrator.source import Source, SourceHooks
+    from migrator.options import SourceHooks
+    from migrator.source import Source
 
     from .test_engine import inline
 

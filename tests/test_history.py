@@ -33,11 +33,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from migrator import ownership as own
 from migrator.errors import MigrationError, first_error
+from migrator.options import MigrateOptions, SourceHooks
 from migrator.plan import Policy
 from migrator.protocol import ProtocolError
 from migrator.resolve import resolve_source
 from migrator.serving import ServeOptions, Sessions, serve_one
-from migrator.source import MigrateOptions, Source, SourceHooks
+from migrator.source import Source
 from migrator.vm import AdapterError
 
 from .test_engine import BS, KEY, FakeVM, MemoryDest, MemoryRecords, MemorySource, inline

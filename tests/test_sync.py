@@ -10,8 +10,8 @@ import trio.testing
 
 from migrator.dest import SessionOutcome
 from migrator.errors import MigrationError, first_error
+from migrator.options import SourceHooks
 from migrator.serving import ServeOptions, Sessions, serve_one
-from migrator.source import SourceHooks
 from migrator.sync import Syncer, sync_options
 
 from .test_engine import BS, KEY, FakeVM, MemoryDest, MemorySource, files, inline, migrate, options
