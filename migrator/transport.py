@@ -166,7 +166,9 @@ class Channel:
             self._listen_done = trio.Event()
             task_status.started()
             try:
-                while self._peer_abort is None:
+                # (a receive() that began before this task ran reads the stream itself:
+                # checked in the same step as the read, so the two never read at once)
+                while self._peer_abort is None and not self._receiving:
                     try:
                         data = await self.stream.receive_some(RECV_CHUNK)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
