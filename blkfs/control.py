@@ -454,8 +454,21 @@ def find_socket(mountpoint: str) -> str:
     return info.control
 
 
+def _connect_error(path: str, exc: OSError) -> ControlError:
+    """What a failed connect to the control socket means, for both clients alike."""
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return DaemonNotRunning(f"no blkfs daemon answers on {path}: is it still running? "
+                                "(look for blkfs in ps; remount if it died)")
+    if isinstance(exc, PermissionError):
+        return ControlError(
+            f"permission denied on {path}: only the daemon's owner and root may use it")
+    return DaemonNotRunning(f"cannot reach the blkfs daemon on {path}: {exc}")
+
+
 class ControlClient:
-    """Blocking client: one connection, one request at a time."""
+    """Blocking client: one connection, one request at a time. For CLIs and scripts only:
+    in trio code it would stop the event loop while the daemon thinks (use
+    AsyncControlClient there; tests/test_architecture.py holds the rule)."""
 
     def __init__(self, path: str, timeout: float = 60.0) -> None:
         self.path = path
@@ -463,15 +476,9 @@ class ControlClient:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except OSError as exc:
             self.sock.close()
-            raise DaemonNotRunning(f"no blkfs daemon answers on {path}: is it still running? "
-                                   "(look for blkfs in ps; remount if it died)") from None
-        except PermissionError:
-            self.sock.close()
-            raise ControlError(
-                f"permission denied on {path}: only the daemon's owner and root may use it"
-            ) from None
+            raise _connect_error(path, exc) from None
         self._buf = bytearray()
 
     @classmethod
@@ -503,38 +510,50 @@ class ControlClient:
 
 
 class AsyncControlClient:
-    """The trio client (the migrator's destination side): requests on one connection are
+    """The trio client (the migrator's engine, both sides): requests on one connection are
     answered in order, so a lock keeps each request and its reply together."""
 
-    def __init__(self, stream: trio.SocketStream, path: str) -> None:
+    def __init__(self, stream: trio.SocketStream, path: str, timeout: float = 60.0) -> None:
         self.stream = stream
         self.path = path
+        self.timeout = timeout  # for each call that names none
         self._buf = bytearray()
         self._lock = trio.Lock()
         self.broken = False
 
     @classmethod
-    async def for_mount(cls, mountpoint: str, sndbuf: int | None = None) -> AsyncControlClient:
-        path = find_socket(mountpoint)
+    async def connect(cls, path: str, timeout: float = 60.0,
+                      sndbuf: int | None = None) -> AsyncControlClient:
+        """A connection to the control socket at `path` (errors as ControlClient's)."""
         try:
             stream = await trio.open_unix_socket(path)
         except OSError as exc:
-            raise DaemonNotRunning(f"cannot reach the blkfs daemon of {mountpoint}: {exc}"
-                                   ) from None
+            raise _connect_error(path, exc) from None
         if sndbuf:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        return cls(stream, path)
+        return cls(stream, path, timeout)
 
-    async def call(self, req: cp.Request, timeout: float = 60.0) -> Any:
-        """One request and its reply. Not cut by cancellation halfway (the next reply would
-        be taken for this one's): a cancelled caller waits for the reply, `timeout` at most,
-        after which the connection is given up."""
+    @classmethod
+    async def for_mount(cls, mountpoint: str, sndbuf: int | None = None,
+                        timeout: float = 60.0) -> AsyncControlClient:
+        return await cls.connect(find_socket(mountpoint), timeout, sndbuf)
+
+    async def call(self, req: cp.Request, timeout: float | None = None, *,
+                   cancellable: bool = False) -> Any:
+        """One request and its reply, `timeout` (default: the client's) at most, after which
+        the connection is given up.
+
+        By default not cut by cancellation halfway (the next reply would be taken for this
+        one's): a cancelled caller waits for the reply first. With `cancellable`, for a
+        request whose lost reply does no harm (the epochs of swaps tell a lost one), a
+        cancellation ends the call at once and gives the connection up instead."""
+        timeout = self.timeout if timeout is None else timeout
         async with self._lock:
             if self.broken:
                 raise ControlError(f"the connection to the blkfs daemon on {self.path} was "
                                    "given up")
             try:
-                with trio.CancelScope(shield=True), trio.fail_after(timeout):
+                with trio.CancelScope(shield=not cancellable), trio.fail_after(timeout):
                     await self.stream.send_all(cp.encode_request(req))
                     while (reply := cp.take_reply(self._buf)) is None:
                         chunk = await self.stream.receive_some(1 << 20)
@@ -550,9 +569,16 @@ class AsyncControlClient:
                 self.broken = True
                 raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}"
                                    ) from None
+            except trio.Cancelled:
+                self.broken = True  # its reply may still come, and be taken for the next one's
+                raise
         await trio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here
         line, data = reply
         return cp.decode_reply(line, req, data)
+
+    def close(self) -> None:
+        """Close at once (no checkpoint): for cleanup code that cannot await."""
+        self.stream.socket.close()
 
     async def aclose(self) -> None:
         await self.stream.aclose()

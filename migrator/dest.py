@@ -113,8 +113,8 @@ class DestSession:
 
     # -- setup ------------------------------------------------------------------
 
-    def open_files(self, man: p.Manifest, peer: str) -> None:
-        self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
+    async def open_files(self, man: p.Manifest, peer: str) -> None:
+        await self.store.prepare(man, f"migrator serve pid {os.getpid()}, from {peer}")
         self.block_size = man.block_size
         migration = man.migration or str(uuid.uuid4())
         got = self.handoff.admit(man.vm, man.vm_name, [f.name for f in man.files],
@@ -122,7 +122,7 @@ class DestSession:
         self.replica = man.replica
         kept: dict[int, dict[int, int]] = {}
         if man.lineage:  # before the record below replaces the replica's
-            self.lineage, kept = self._check_lineage(man, got.before)
+            self.lineage, kept = await self._check_lineage(man, got.before)
         # A replica (migrator sync) is never runnable: no Switchover is accepted for it, and a
         # later migration that starts from it marks it incomplete first. Its sync round stays
         # None until the first is acknowledged (a replica cut before that holds a part).
@@ -138,7 +138,7 @@ class DestSession:
             self.files[fid].digests = digests
             self.held_blocks += len(digests)
 
-    def _check_lineage(self, man: p.Manifest, before: VMRecord | None
+    async def _check_lineage(self, man: p.Manifest, before: VMRecord | None
                        ) -> tuple[tuple[list[int], str], dict[int, dict[int, int]]]:
         """Which vouched files this host holds unchanged as of the named replica epoch (see
         lineage.py), with their digests from the replica's log, keyed by this manifest's ids."""
@@ -156,7 +156,7 @@ class DestSession:
                 log.info("lineage %s: digest log unusable: %s", man.lineage, exc)
         own = {}
         for fid in man.lineage_files:
-            got = self.store.own_swap(names[fid])
+            got = await self.store.own_swap(names[fid])
             if got is not None:
                 own[fid] = got
         sizes = {f.file_id: f.size for f in man.files}
@@ -259,7 +259,7 @@ class DestSession:
         finally:
             self.resumed.set()  # the VM runs here now, whatever happens to the source
 
-    def _new_own_epoch(self) -> None:
+    async def _new_own_epoch(self) -> None:
         """A new epoch of this mount's own after each round: the one that runs at the Commit
         holds every block written here since the last round (the rest of the migration's, then
         the VM's), so a migration back proves that the source's retired copy lacks at most
@@ -267,7 +267,7 @@ class DestSession:
         back: dict[str, int] = {}
         for f in self.files.values():
             try:
-                got = self.store.own_swap(f.entry.name)
+                got = await self.store.own_swap(f.entry.name)
             except MigrationError as exc:
                 log.warning("no lineage for a migration back: %s", exc)
                 got = None
@@ -387,7 +387,7 @@ class DestSession:
             if not await self._reattach(man, peer):
                 return None
         else:
-            self.open_files(man, peer)
+            await self.open_files(man, peer)
             if man.lineage:
                 ok, why = self.lineage or ([], "")
                 await ch.send(p.Lineage(tuple(ok), why[:p.MAX_REASON]))
@@ -437,7 +437,8 @@ class DestSession:
 
     async def answer(self, q: p.Query) -> None:
         """`migrator resolve` on the source asks what this host's record says."""
-        status, epoch, detail = self.handoff.answer(q.migration, self.store.postcopy_absent())
+        status, epoch, detail = self.handoff.answer(q.migration,
+                                                    await self.store.postcopy_absent())
         log.info("resolve query for %s: %s (%s)", q.migration, status, detail)
         await self.ch.send(p.Answer(q.migration, status, epoch, detail))
         self.answered = (status, detail)
@@ -452,8 +453,9 @@ class DestSession:
         record, status, detail = self.handoff.reattachable(ra.migration, ra.generation)
         epoch = record.generation if record is not None else 0
         if record is not None:
-            got = self.store.reattach(man, f"migrator serve pid {os.getpid()}, reattached "
-                                      f"from {peer}", announce.migration if announce else None)
+            got = await self.store.reattach(man, f"migrator serve pid {os.getpid()}, "
+                                            f"reattached from {peer}",
+                                            announce.migration if announce else None)
             if got is not None and got.given_up:
                 status, detail = INCOMPLETE_ANSWER, (
                     f"the post-copy here gave up {got.remaining} blocks: the source copy is "
@@ -529,7 +531,7 @@ class DestSession:
         await self.store.sync()
         swap_epochs, ids, sizes = {}, {}, {}
         for fid, f in self.files.items():  # our own swap epoch from here: nobody writes it
-            got = self.store.own_swap(f.entry.name)
+            got = await self.store.own_swap(f.entry.name)
             if got is not None:
                 swap_epochs[f.entry.name], ids[f.entry.name] = got[0] + 1, fid
                 sizes[f.entry.name] = f.size
@@ -554,7 +556,9 @@ class DestSession:
         already checked that it may come now: the handlers only act)."""
         pc = self.pc
         if not isinstance(ev, _DATA):
-            self.store.settle()  # the data written so far is what the mount shows, from now
+            await self.store.settle()  # the data written so far is what the mount shows, now
+        else:
+            await self.store.settle(only_if_many=True)
         if self.replica and isinstance(ev, (*_DATA, p.Resize)):
             self.sent_since_ack = True
         if pc is not None and not pc.absent_done.is_set() and not isinstance(ev, p.Absent):
@@ -582,7 +586,7 @@ class DestSession:
             self.rx.write_packed(ev)
 
     async def _on_zero(self, ev: p.Zero) -> None:
-        self.rx.write_zero(ev)
+        await self.rx.write_zero(ev)
 
     async def _on_resize(self, ev: p.Resize) -> None:
         self.rx.resize(ev)
@@ -618,7 +622,7 @@ class DestSession:
             await self.ch.send(p.RoundAck(ev.round))
         else:
             await self.ch.send(p.RoundAck(ev.round))
-            self._new_own_epoch()  # (after the ack: the source's next round is not delayed)
+            await self._new_own_epoch()  # (after the ack: the source's next round is not delayed)
 
     async def _on_switchover(self, ev: p.Switchover) -> None:
         self.t_switch = time.monotonic()

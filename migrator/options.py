@@ -72,8 +72,8 @@ async def tcp_connect(to: str) -> trio.abc.Stream:
 class SourceHooks:
     """How the engine reaches the world; the defaults are the real ones."""
 
-    open_files: Callable[[MigrateOptions], SourceFiles] = field(
-        default=lambda o: BlkfsSource(o.mount, o.files, o.vm_name))
+    open_files: Callable[[MigrateOptions], SourceFiles | Awaitable[SourceFiles]] = field(
+        default=lambda o: BlkfsSource.open(o.mount, o.files, o.vm_name))
     connect: Callable[[MigrateOptions], Awaitable[trio.abc.Stream]] = field(
         default=lambda o: tcp_connect(o.to))
     notify: Callable[[str], None] = field(default=lambda text: None)  # milestones, one line

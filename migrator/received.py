@@ -74,7 +74,7 @@ class Received:
             f.zero[ev.first_block:ev.first_block + n] = bytes(n)
         self.blocks_written += n
 
-    def write_zero(self, ev: p.Zero) -> None:
+    async def write_zero(self, ev: p.Zero) -> None:
         """All-zero blocks: nothing is written where the file is still a fresh hole here;
         over data it wrote, or in a file that existed, they are zeroed (store.zero)."""
         f = self.files[ev.file_id]
@@ -88,7 +88,7 @@ class Received:
         else:
             written = [b for b in range(first, first + n) if b in f.digests]
         if written or not self.store.fresh(ev.file_id):
-            self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
+            await self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
         for b in written:
             del f.digests[b]
         f.zero[first:first + n] = b"\x01" * n

@@ -134,7 +134,7 @@ class Sender:
         async def read_all() -> None:
             for first, count in todo:
                 if clear:  # initial copy: writes that came before this read need no resend
-                    store.clear(f.file_id, [(first, count)])
+                    await store.clear(f.file_id, [(first, count)])
                 if count * bs >= THREAD_READ:
                     pieces = await self.run_sync(read, first, count)
                 else:  # a thread hop costs more than a small page-cache read

@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from blkfs import ctlproto as cp
+
 from . import digestlog, lineage
 from . import protocol as p
 from .dest import DestSession, SessionOutcome
@@ -129,14 +131,14 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
     try:
         first = await session.first_frame()
     except (MigrationError, p.ProtocolError) as exc:
-        session.store.close()
+        await session.store.aclose()
         out = await _failed(session, peer, str(exc), exc)
         await ch.aclose()
         return out
     refusal = sessions.refusal(first)
     if refusal is not None:
         log.info("refused %s: %s", peer, refusal.reason)
-        session.store.close()
+        await session.store.aclose()
         await ch.abort(refusal.reason, code=p.AbortCode(refusal.code))
         await ch.aclose()
         return SessionOutcome(False, "", ends=False)
@@ -167,7 +169,7 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
             sessions.current = None
             if session.qemu is not None:
                 session.qemu.detach()
-            session.store.close()
+            await session.store.aclose()
             if session.pc is not None:
                 await session.pc.aclose()
             await ch.aclose()
@@ -298,7 +300,13 @@ async def _replica_ended(session: DestSession, peer: str, msg: str,
 
 def unfinished_here(store: DestFiles) -> str | None:
     """What a serve starting on this mount should say of a migration it took and did not
-    finish (its serve died after the handoff), or None."""
+    finish (its serve died after the handoff), or None.
+
+    A CLI face (migrator serve's start-up line, cli.py, which calls it sync): the one
+    blocking control call of the migrator outside its CLI modules, 10 s at most, allowed by
+    name in tests/test_architecture.py until cli.py awaits an async twin."""
+    from blkfs.control import ControlClient, ControlError  # a CLI face: see its docstring
+
     recs = [r for r in store.records.all()
             if r.role == OWNER and r.dest_record is not None
             and r.dest_record.status == DestStatus.RUNNING]
@@ -306,8 +314,9 @@ def unfinished_here(store: DestFiles) -> str | None:
         return None
     rec = recs[0]
     try:
-        absent = store.postcopy_absent()
-    except MigrationError:
+        with ControlClient.for_mount(store.mount, timeout=10) as c:
+            absent = int(c.call(cp.Info()).postcopy_absent)
+    except ControlError:
         absent = 0
     pc = (f"; its post-copy lacks {absent} blocks, installed from the spill area as they "
           "appear there (blkfs spill)" if absent else "")

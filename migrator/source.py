@@ -46,7 +46,7 @@ from .postcopy import SourcePostcopy, from_wire, memory_files
 from .reconnect import keep_trying
 from .report import MigrationReport, Progress
 from .sending import Sender
-from .stores import SourceFiles
+from .stores import SourceFiles, opened
 from .transport import Channel
 from .verifying import retired_lineage, verification_digests
 from .vm import AdapterError, VMAdapter
@@ -98,8 +98,8 @@ class Source:
     def _phase(self, phase: str) -> None:
         self.progress.phase = phase
 
-    def _swap(self) -> dict[int, list[Extent]]:
-        return {f.file_id: self._store.swap(f.file_id) for f in self.files}
+    async def _swap(self) -> dict[int, list[Extent]]:
+        return {f.file_id: await self._store.swap(f.file_id) for f in self.files}
 
     async def _sync_sizes(self) -> None:
         assert self.ch is not None
@@ -143,25 +143,25 @@ class Source:
     def vm(self) -> VMRecord | None:
         return self.handoff.vm if self.handoff is not None else None
 
-    def _open_vm(self) -> VMRecord:
+    async def _open_vm(self) -> VMRecord:
         """Open the files and find the VM they are, refusing unless this host is its owner
         (handoff.py asks the rules)."""
-        self.store = store = self.hooks.open_files(self.opts)
+        self.store = store = await opened(self.hooks.open_files(self.opts))
         self.handoff = SourceHandoff(store.records, self.opts.mount, self.opts.to,
                                      self.opts.suspend, self.migration)
         rec = self.handoff.open(list(store.names), self.opts.vm_name)
         self.report.vm, self.report.vm_name = rec.id, rec.name
         return rec
 
-    def _open(self) -> None:
-        self._open_vm()
+    async def _open(self) -> None:
+        await self._open_vm()
         store = self._store
         if store.writeback and self.opts.suspend == "freeze":
             raise MigrationError(
                 f"{self.opts.mount} is a --writeback mount, where freeze (the default "
                 "--suspend) cannot hold the VM's writes (they land in the page cache first): "
                 "use --suspend pid:PID or qemu:QMP_SOCKET")
-        store.claim(self.migration, f"migrator migrate pid {os.getpid()} to {self.opts.to}")
+        await store.claim(self.migration, f"migrator migrate pid {os.getpid()} to {self.opts.to}")
         self.block_size = store.block_size
         self.report.block_size = self.block_size
         self.files = [SourceFile(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
@@ -184,19 +184,19 @@ class Source:
         except SpillError as exc:
             raise MigrationError(str(exc)) from None
 
-    def _start_epoch(self, migration: str, replica: bool = False) -> p.Manifest:
+    async def _start_epoch(self, migration: str, replica: bool = False) -> p.Manifest:
         """The first swap (the epoch that collects writes from now on) and the Manifest; with
         delta, the replica this source can vouch for (lineage.py), if any."""
         first: dict[int, list[Extent]] = {}
         for f in self.files:
-            first[f.file_id] = self._store.swap(f.file_id)
+            first[f.file_id] = await self._store.swap(f.file_id)
             f.size = self._store.size(f.file_id)
         tag, vouched = "", ()
         assert self.vm is not None
         record = self._store.records.read_sync(self.vm.id)
         if self.opts.delta and self.opts.lineage and not self.opts.stop_and_copy and record:
             proof = source_proof(record, {f.rel: (self._store.last_epoch(f.file_id), f.size)
-                                          for f in self.files}, self._store.trust_lost())
+                                          for f in self.files}, await self._store.trust_lost())
             by_name = {f.rel: f.file_id for f in self.files}
             tag, vouched = proof.tag, tuple(by_name[n] for n in proof.files)
             self.since_replica = {fid: first[fid] for fid in vouched}
@@ -247,7 +247,7 @@ class Source:
                 static[f.file_id], dynamic[f.file_id] = [], self.since_replica[f.file_id]
                 self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
                 continue
-            runs, threshold = self._store.heat(f.file_id, self.opts.static_heat)
+            runs, threshold = await self._store.heat(f.file_id, self.opts.static_heat)
             nblocks = (f.size + self.block_size - 1) // self.block_size
             if self.opts.static_first:
                 static[f.file_id], dynamic[f.file_id] = initial_order(nblocks, runs, threshold)
@@ -278,7 +278,7 @@ class Source:
         while True:
             self._phase("dirty rounds")
             await self._store.flush()
-            sets = self._swap()
+            sets = await self._swap()
             self.report.dirty_sync_count += 1
             dirty_rate = self._dirty_rate(sets)
             if self.use_postcopy:
@@ -368,7 +368,7 @@ class Source:
             await self._suspend()
         t = time.monotonic()
         await self.ch.send(p.Switchover())
-        last = self._swap()
+        last = await self._swap()
         self.report.dirty_sync_count += 1
         union = {f.file_id: union_extents(held.get(f.file_id, []), last.get(f.file_id, []))
                  for f in self.files}
@@ -597,13 +597,13 @@ class Source:
         t0 = time.monotonic()
         planner: RoundPlanner | None = None
         try:
-            self._open()
+            await self._open()
             await self._connect()
             assert self.ch is not None
             # Writes still in the page cache (a --writeback mount, or mmap'ed RAM) reach the
             # backing files first: the initial copy reads them, and the heat counts them.
             await self._store.flush()
-            man = self._start_epoch(self.migration)
+            man = await self._start_epoch(self.migration)
             self.t_epoch = time.monotonic()
             r.files = [{"name": f.rel, "size": f.size} for f in self.files]
             r.data_bytes = self.progress.total = sum(f.size for f in self.files)
@@ -665,7 +665,7 @@ class Source:
             if not self.handed_off or refused:
                 try:
                     if self.suspended:
-                        self.adapter.resume()
+                        await self.hooks.run_sync(self.adapter.resume)
                         self.suspended = False
                         if commit_sent:
                             r.source_vm = "resumed here: the destination refused the VM"

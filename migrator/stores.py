@@ -4,21 +4,28 @@
 (dest.py) writes blocks and its state file through a `DestFiles`.  The real ones are here:
 a blkfs mount on each side.  The engine tests (tests/test_engine.py) run a whole migration
 over an in-memory stream with files in memory instead, in milliseconds.
+
+Whatever asks the daemon is async, over blkfs.control.AsyncControlClient: the engine runs
+in trio's loop, and a daemon that stalls must stall nothing but the call that waits for it
+(the loop's other tasks and timeouts go on; tests/test_architecture.py keeps the blocking
+ControlClient out of the engine).
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
+from collections.abc import Awaitable
 from typing import Protocol
 
 import numpy as np
 import trio
 
 from blkfs import ctlproto as cp
-from blkfs.control import ControlClient, ControlError, flush_file
-from blkfs.runtime import FSTYPE, mount_fstype
+from blkfs.control import AsyncControlClient, ControlError, find_socket, flush_file
+from blkfs.runtime import FSTYPE, DaemonInfo, mount_fstype
 
 from . import ownership as own
 from . import protocol as p
@@ -57,7 +64,7 @@ class SourceFiles(Protocol):
         """The [start, end) byte ranges of data (not holes) within [start, end), sorted."""
         ...
 
-    def swap(self, file_id: int) -> list[Extent]:
+    async def swap(self, file_id: int) -> list[Extent]:
         """End the file's epoch: the blocks written since the last swap."""
         ...
 
@@ -65,15 +72,15 @@ class SourceFiles(Protocol):
         """The blkfs epoch this store's latest swap of the file ended (None before one)."""
         ...
 
-    def trust_lost(self) -> bool:
+    async def trust_lost(self) -> bool:
         """The daemon may have missed a write on this mount (its dirty sets prove nothing)."""
         ...
 
-    def clear(self, file_id: int, extents: list[Extent]) -> None:
+    async def clear(self, file_id: int, extents: list[Extent]) -> None:
         """Forget these blocks' dirty marks: they are about to be read."""
         ...
 
-    def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
+    async def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
         """(first, count, heat) runs of written blocks, and the static threshold used."""
         ...
 
@@ -81,7 +88,7 @@ class SourceFiles(Protocol):
         """Writes still in the page cache reach the tracker (the barrier before a swap)."""
         ...
 
-    def claim(self, migration: str, holder: str) -> None:
+    async def claim(self, migration: str, holder: str) -> None:
         """Take the mount's one migration slot until close(): a sync and a migrate of the
         same files (both take the dirty sets) never run at once."""
         ...
@@ -120,14 +127,14 @@ class DestFiles(Protocol):
     mount: str
     force: bool  # serve --force: overwrite the files of a VM that runs here
 
-    def prepare(self, manifest: p.Manifest, holder: str) -> None:
+    async def prepare(self, manifest: p.Manifest, holder: str) -> None:
         """Take the mount for this migration (`holder` says who, to a second taker) and
         refuse what cannot work (names, space) before anything is written. Whose files they
         are is the engine's to ask (ownership.admit)."""
         ...
 
-    def reattach(self, manifest: p.Manifest, holder: str,
-                 postcopy: str | None) -> cp.Reattached | None:
+    async def reattach(self, manifest: p.Manifest, holder: str,
+                       postcopy: str | None) -> cp.Reattached | None:
         """Take the mount again for a migration whose source reattached (its files exist);
         with `postcopy` (the spill area's migration id), have the daemon's paused post-copy
         fetch for this session again."""
@@ -138,17 +145,21 @@ class DestFiles(Protocol):
         """This host's records of the mount's VMs (the incoming one's among them)."""
         ...
 
-    def postcopy_absent(self) -> int:
+    async def postcopy_absent(self) -> int:
         """Blocks an incoming post-copy on this mount still lacks (0 if none runs)."""
         ...
 
     def create(self, manifest: p.Manifest) -> None: ...
 
-    def write(self, file_id: int, offset: int, data: bytes) -> None: ...
+    def write(self, file_id: int, offset: int, data: bytes) -> None:
+        """Sync (it may run in a worker thread): what the daemon must learn of it waits for
+        `settle`."""
+        ...
 
-    def settle(self) -> None:
+    async def settle(self, only_if_many: bool = False) -> None:
         """Writes made so far are seen through the mount (and tracked) from now on: called
-        before any frame that is not data, above all before the VM may start."""
+        before any frame that is not data, above all before the VM may start. With
+        `only_if_many`, before data frames: only once many writes wait (bounds the list)."""
         ...
 
     def fresh(self, file_id: int) -> bool:
@@ -161,12 +172,12 @@ class DestFiles(Protocol):
         else None."""
         ...
 
-    def zero(self, file_id: int, offset: int, length: int) -> None:
+    async def zero(self, file_id: int, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (over data this migration wrote, or in a
         file that existed)."""
         ...
 
-    def own_swap(self, name: str) -> tuple[int, list[Extent]] | None:
+    async def own_swap(self, name: str) -> tuple[int, list[Extent]] | None:
         """End this mount's own blkfs epoch of a file (after settle): (the epoch ended, the
         extents written in it); None if there is no such file. Lineage: nobody wrote a
         replica since its sync if the next swap finds nothing."""
@@ -178,7 +189,9 @@ class DestFiles(Protocol):
         """Every written block durable."""
         ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None:
+        """Pending writes told to the daemon (even when cancelled), then everything closed."""
+        ...
 
 
 # -- the source: a blkfs mount -------------------------------------------------------------------
@@ -187,19 +200,31 @@ class DestFiles(Protocol):
 class BlkfsSource:
     """Files under a source blkfs mount: dirty sets and heat from its daemon, data straight
     from the backing files (the daemon writes synchronously, so the backing file holds
-    every write it has tracked)."""
+    every write it has tracked). Made by `open`, which asks the daemon."""
 
-    def __init__(self, mount: str, names: list[str], vm_name: str | None = None) -> None:
+    def __init__(self, mount: str, client: AsyncControlClient) -> None:
         self.mount = mount
-        try:
-            self.client = ControlClient.for_mount(mount)
-        except ControlError as exc:
-            raise MigrationError(str(exc)) from None
+        self.client = client
         self.fds: list[int] = []
         self.epochs: dict[int, int] = {}  # file id -> the epoch our latest swap ended
         self._records: RecordDir | None = None
+        self.names: list[str] = []
+        self.writeback = False
+        self.block_size = 0
+
+    @classmethod
+    async def open(cls, mount: str, names: list[str], vm_name: str | None = None,
+                   timeout: float = 60.0) -> BlkfsSource:
+        """The files `names` (or those of VM `vm_name`) of a live mount, checked; `timeout`
+        bounds each control call."""
         try:
-            info = self._call(cp.Info())
+            client = await AsyncControlClient.for_mount(mount, timeout=timeout)
+        except ControlError as exc:
+            raise MigrationError(str(exc)) from None
+        self = cls(mount, client)
+        try:
+            info = await self._call(cp.Info())
+            assert isinstance(info, cp.InfoReply)
             if not info.tracking:
                 raise MigrationError(f"{mount} is mounted with --no-tracking: remount it "
                                      "with tracking to migrate from it")
@@ -218,17 +243,20 @@ class BlkfsSource:
                 raise MigrationError(f"{twice[0]} is named twice (the same file, by two "
                                      "paths?)")
             for rel in self.names:
-                self._call(cp.Dirty(rel))  # exists, is a regular file, inside the mount
+                await self._call(cp.Dirty(rel))  # exists, is a regular file, inside the mount
             for rel in self.names:
                 self.fds.append(os.open(os.path.join(info.backing, rel),
                                         os.O_RDONLY | os.O_CLOEXEC))
         except BaseException:
             self.close()
             raise
+        return self
 
-    def _call(self, req: cp.Request) -> object:
+    async def _call(self, req: cp.Request) -> object:
+        """Cancellable: a reply lost to a cancellation (the migration ends) harms nothing the
+        next one relies on (a lost swap moves the epoch on, which lineage notices)."""
         try:
-            return self.client.call(req)
+            return await self.client.call(req, cancellable=True)
         except ControlError as exc:
             raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
 
@@ -244,8 +272,8 @@ class BlkfsSource:
     def data_ranges(self, file_id: int, start: int, end: int) -> list[tuple[int, int]]:
         return data_ranges(self.fds[file_id], start, end)
 
-    def swap(self, file_id: int) -> list[Extent]:
-        r = self._call(cp.Dirty(self.names[file_id], swap=True))
+    async def swap(self, file_id: int) -> list[Extent]:
+        r = await self._call(cp.Dirty(self.names[file_id], swap=True))
         assert isinstance(r, cp.DirtyReply)
         self.epochs[file_id] = r.epoch
         return list(r.extents)
@@ -253,16 +281,16 @@ class BlkfsSource:
     def last_epoch(self, file_id: int) -> int | None:
         return self.epochs.get(file_id)
 
-    def trust_lost(self) -> bool:
-        info = self._call(cp.Info())
+    async def trust_lost(self) -> bool:
+        info = await self._call(cp.Info())
         assert isinstance(info, cp.InfoReply)
         return info.trust_lost
 
-    def clear(self, file_id: int, extents: list[Extent]) -> None:
-        self._call(cp.Clear(self.names[file_id], tuple(extents)))
+    async def clear(self, file_id: int, extents: list[Extent]) -> None:
+        await self._call(cp.Clear(self.names[file_id], tuple(extents)))
 
-    def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
-        r = self._call(cp.Heat(self.names[file_id], static_heat=static_heat))
+    async def heat(self, file_id: int, static_heat: float | None) -> tuple[HeatRuns, float]:
+        r = await self._call(cp.Heat(self.names[file_id], static_heat=static_heat))
         assert isinstance(r, cp.HeatReply)
         return r.heat_runs(), r.static_heat
 
@@ -270,9 +298,9 @@ class BlkfsSource:
         for rel in self.names:
             await trio.to_thread.run_sync(flush_file, os.path.join(self.mount, rel))
 
-    def claim(self, migration: str, holder: str) -> None:
+    async def claim(self, migration: str, holder: str) -> None:
         try:
-            self.client.call(cp.Claim(migration, holder))
+            await self.client.call(cp.Claim(migration, holder), cancellable=True)
         except ControlError as exc:
             raise MigrationError(f"{exc} (stop that one first)") from None
 
@@ -317,7 +345,8 @@ class MountDest:
         self.fds: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.fresh_ids: set[int] = set()  # files created empty by this migration
-        self.client: ControlClient | None = None  # holds the mount's migration slot
+        self.client: AsyncControlClient | None = None  # holds the mount's migration slot
+        self.backing: str | None = None  # the mount's backing directory, once claimed
         self._records: RecordDir | None = None
         self.direct: dict[int, int] = {}  # backing file fds, by file id
         self.pending: dict[int, list[list[int]]] = {}  # written ranges the daemon must know
@@ -333,8 +362,8 @@ class MountDest:
             raise MigrationError(f"refusing file name {name!r}: it leads outside {self.mount}")
         return full
 
-    def prepare(self, manifest: p.Manifest, holder: str) -> None:
-        self._claim(manifest.migration or "?", holder)
+    async def prepare(self, manifest: p.Manifest, holder: str) -> None:
+        await self._claim(manifest.migration or "?", holder)
         need = 0
         for f in manifest.files:
             path = self._target(f.name)
@@ -349,24 +378,26 @@ class MountDest:
             raise MigrationError(f"destination disk full: the migration needs {need} more bytes, "
                                  f"{self.mount} has {free} free")
 
-    def _claim(self, migration: str, holder: str) -> ControlClient:
+    async def _claim(self, migration: str, holder: str) -> AsyncControlClient:
         check_blkfs_mount(self.mount)
         try:  # a live daemon, and the mount's one migration slot, held until close()
-            self.client = ControlClient.for_mount(self.mount)
-            self.client.call(cp.Claim(migration, holder))
+            self.client = await AsyncControlClient.for_mount(self.mount)
+            await self.client.call(cp.Claim(migration, holder))
+            info = await self.client.call(cp.Info())
         except ControlError as exc:
             raise MigrationError(str(exc)) from None
+        self.backing = info.backing
         return self.client
 
-    def reattach(self, manifest: p.Manifest, holder: str,
-                 postcopy: str | None) -> cp.Reattached | None:
-        client = self._claim(manifest.migration, holder)
+    async def reattach(self, manifest: p.Manifest, holder: str,
+                       postcopy: str | None) -> cp.Reattached | None:
+        client = await self._claim(manifest.migration, holder)
         for f in manifest.files:
             self.names[f.file_id] = f.name
         if postcopy is None:
             return None
         try:
-            out = client.call(cp.LazyReattach(postcopy))
+            out = await client.call(cp.LazyReattach(postcopy))
         except ControlError as exc:
             raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
         assert isinstance(out, cp.Reattached)
@@ -374,26 +405,37 @@ class MountDest:
 
     @property
     def records(self) -> RecordDir:
+        """Sync: the backing directory is the claim's answer, or else the daemon's runtime
+        file (a local file: no call into the daemon, which a property could not await)."""
         if self._records is None:
-            check_blkfs_mount(self.mount)
-            try:
-                with ControlClient.for_mount(self.mount, timeout=10) as c:
-                    info = c.call(cp.Info())
-            except ControlError as exc:
-                raise MigrationError(str(exc)) from None
-            self._records = RecordDir(info.backing)
+            backing = self.backing
+            if backing is None:
+                check_blkfs_mount(self.mount)
+                try:
+                    find_socket(self.mount)  # a live daemon, or the advice why not
+                except ControlError as exc:
+                    raise MigrationError(str(exc)) from None
+                info = DaemonInfo.find(self.mount)
+                if info is None:
+                    raise MigrationError(f"the blkfs daemon of {self.mount} left no runtime "
+                                         "file: mount it again")
+                backing = info.backing
+            self._records = RecordDir(backing)
         return self._records
 
-    def postcopy_absent(self) -> int:
+    async def postcopy_absent(self) -> int:
         try:
-            with ControlClient.for_mount(self.mount, timeout=10) as c:
-                info = c.call(cp.Info())
+            c = await AsyncControlClient.for_mount(self.mount, timeout=10)
+            try:
+                info = await c.call(cp.Info(), cancellable=True)
+            finally:
+                c.close()
         except ControlError as exc:
             raise MigrationError(str(exc)) from None
         return int(info.postcopy_absent)
 
     def create(self, manifest: p.Manifest) -> None:
-        backing = self._backing()
+        backing = self.backing if self.client is not None else None
         for f in manifest.files:
             path = self._target(f.name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -407,12 +449,6 @@ class MountDest:
                 self._open_direct(f.file_id, fd, os.path.join(
                     backing, os.path.relpath(path, self.mount)))
 
-    def _backing(self) -> str | None:
-        try:
-            return self.client.call(cp.Info()).backing if self.client is not None else None
-        except ControlError as exc:
-            raise MigrationError(str(exc)) from None
-
     def _open_direct(self, file_id: int, mount_fd: int, path: str) -> None:
         """The backing file, if it is the very file the mount shows (else: through FUSE)."""
         try:
@@ -425,15 +461,17 @@ class MountDest:
             return
         self.direct[file_id] = fd
 
-    def settle(self) -> None:
-        """Tell the daemon every range written directly since the last call."""
-        if not self.npending:
+    async def settle(self, only_if_many: bool = False) -> None:
+        """Tell the daemon every range written directly since the last call (not cut by a
+        cancellation: a write it never learns of would be missing from its tracking); with
+        `only_if_many`, only once PENDING_MAX of them wait."""
+        if not self.npending or (only_if_many and self.npending < self.PENDING_MAX):
             return
         assert self.client is not None
         try:
             for file_id, ranges in self.pending.items():
                 for i in range(0, len(ranges), self.PENDING_MAX):
-                    self.client.call(cp.Written(self.names[file_id], tuple(
+                    await self.client.call(cp.Written(self.names[file_id], tuple(
                         (o, n) for o, n in ranges[i:i + self.PENDING_MAX])))
         except ControlError as exc:
             raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
@@ -455,8 +493,6 @@ class MountDest:
             else:
                 ranges.append([offset, len(data)])
                 self.npending += 1
-                if self.npending >= self.PENDING_MAX:
-                    self.settle()
         except OSError as exc:
             name = self.names[file_id]
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -490,35 +526,36 @@ class MountDest:
             if own:
                 os.close(fd)
 
-    def zero(self, file_id: int, offset: int, length: int) -> None:
+    async def zero(self, file_id: int, offset: int, length: int) -> None:
         """Punched by the daemon (its tracker and the kernel's cache stay coherent)."""
         assert self.client is not None
         try:
-            self.client.call(cp.Punch(self.names[file_id], offset, length))
+            await self.client.call(cp.Punch(self.names[file_id], offset, length))
         except ControlError as exc:
             raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
 
     def resize(self, file_id: int, size: int) -> None:
         os.ftruncate(self.fds[file_id], size)
 
-    def own_swap(self, name: str) -> tuple[int, list[Extent]] | None:
+    async def own_swap(self, name: str) -> tuple[int, list[Extent]] | None:
         assert self.client is not None
-        self.settle()
+        await self.settle()
         try:
-            r = self.client.call(cp.Dirty(name, swap=True))
+            r = await self.client.call(cp.Dirty(name, swap=True))
         except ControlError:
             return None  # no such file (yet) here
         assert isinstance(r, cp.DirtyReply)
         return r.epoch, list(r.extents)
 
     async def sync(self) -> None:
-        self.settle()
+        await self.settle()
         for fid, fd in self.fds.items():
             await trio.to_thread.run_sync(os.fsync, self.direct.get(fid, fd))
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         try:
-            self.settle()
+            with trio.CancelScope(shield=True):  # (each call is bounded by its timeout)
+                await self.settle()
         except MigrationError as exc:  # the daemon is gone: it saves no state then anyway
             log.warning("%s: %s", self.mount, exc)
         for fd in [*self.fds.values(), *self.direct.values()]:
@@ -533,3 +570,9 @@ class MountDest:
         if self.client is not None:
             self.client.close()  # the mount's migration slot is free again
             self.client = None
+
+
+async def opened(files: SourceFiles | Awaitable[SourceFiles]) -> SourceFiles:
+    """What a SourceHooks.open_files gave: the real one opens asynchronously (it asks the
+    daemon), a test's may hand its files over as they are."""
+    return await files if inspect.isawaitable(files) else files

@@ -78,10 +78,10 @@ class Syncer(Source):
             self._scope.cancel()
         self.stopping = True
 
-    def _open(self) -> None:
-        self._open_vm()
+    async def _open(self) -> None:
+        await self._open_vm()
         store = self._store
-        store.claim(self.sync.sync, f"migrator sync pid {os.getpid()} to {self.opts.to}")
+        await store.claim(self.sync.sync, f"migrator sync pid {os.getpid()} to {self.opts.to}")
         self.block_size = self.report.block_size = store.block_size
         self.files = [SourceFile(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
 
@@ -126,7 +126,7 @@ class Syncer(Source):
 
     async def _run(self) -> None:
         s = self.sync
-        self._open()
+        await self._open()
         delay = RETRY_FIRST
         while True:
             try:
@@ -164,7 +164,7 @@ class Syncer(Source):
         r.lineage_detail, r.lineage_files = "", []
         await self._store.flush()
         t_swap = time.monotonic()
-        man = self._start_epoch(s.sync, replica=True)  # its first round sends what changed
+        man = await self._start_epoch(s.sync, replica=True)  # its first round sends what changed
         self._ended()
         s.files = [{"name": f.rel, "size": f.size} for f in self.files]
         s.data_bytes = self.progress.total = sum(f.size for f in self.files)
@@ -196,7 +196,7 @@ class Syncer(Source):
             await self._store.flush()
             t_swap = time.monotonic()
             self.in_round = True  # from this swap on, a stop waits for the acknowledgement
-            sets = self._swap()
+            sets = await self._swap()
             self._ended()
             self.progress.pending = sum(c for exts in sets.values() for _, c in exts)
             sent = self.progress.sent

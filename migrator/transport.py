@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
 import stat
 import time
 from collections import deque
@@ -117,37 +116,67 @@ class Channel:
         self.bytes_received = 0
         self._t0 = time.monotonic()
         self._send_lock = trio.Lock()
-        self._early: deque[Any] = deque()  # events read while sending (see _peer_spoke)
+        self._early: deque[Any] = deque()  # events read while sending (see _listen)
         self._receiving = False  # a task waits in receive(): it reads the socket itself
+        self._listening: trio.CancelScope | None = None  # a send's _listen runs
+        self._listen_done = trio.Event()
+        self._peer_abort: Exception | None = None  # what _listen learnt: raised by send
 
-    def _peer_spoke(self) -> None:
-        """Before each send: has the peer said something we were not waiting for?
+    async def _listen(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """While a send runs and no task waits in receive(): has the peer said something we
+        were not waiting for?
 
         A source busy copying reads nothing until the next RoundAck; if the destination
         aborts meanwhile (disk full, its QEMU failed), its reason must not be lost in the
-        connection reset that follows.
+        connection reset that follows. A plain receive on the stream (any trio stream),
+        cancelled when the send is done or a receiver comes (receive() waits for it to stop).
         """
-        sock = getattr(self.stream, "socket", None)
-        if sock is None or self._receiving:
-            return  # a receiver would never learn about events read here: let it read them
-        try:
-            ready, _, _ = select.select([sock.fileno()], [], [], 0)
-            if not ready:
-                return
-            data = os.read(sock.fileno(), RECV_CHUNK)  # trio keeps it non-blocking
-        except (OSError, ValueError):
-            return  # the send itself will report a broken connection
-        if not data:
+        with trio.CancelScope() as scope:
+            self._listening = scope
+            self._listen_done = trio.Event()
+            task_status.started()
+            try:
+                # (a receive() that began before this task ran reads the stream itself:
+                # checked in the same step as the read, so the two never read at once)
+                while self._peer_abort is None and not self._receiving:
+                    try:
+                        data = await self.stream.receive_some(RECV_CHUNK)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        return  # the send itself reports a broken connection
+                    if not data:
+                        return  # (the receiver sees the end of the stream itself)
+                    self.bytes_received += len(data)
+                    try:
+                        self.conn.receive_data(data)
+                        while (ev := self.conn.next_event()) is not p.NEED_DATA:
+                            if isinstance(ev, p.Abort):
+                                self._peer_abort = _aborted(ev)
+                                return
+                            self._early.append(ev)
+                    except p.ProtocolError as exc:
+                        self._peer_abort = _bad_peer(exc)
+                        return
+            finally:
+                self._listening = None
+                self._listen_done.set()
+
+    async def _send_listening(self, data: bytes) -> None:
+        """stream.send_all, with an ear on the peer meanwhile unless a receiver has it."""
+        if self._receiving or self._peer_abort is not None:
+            await self.stream.send_all(data)
             return
-        self.bytes_received += len(data)
-        try:
-            self.conn.receive_data(data)
-            while (ev := self.conn.next_event()) is not p.NEED_DATA:
-                if isinstance(ev, p.Abort):
-                    raise _aborted(ev)
-                self._early.append(ev)
-        except p.ProtocolError as exc:
-            raise _bad_peer(exc) from None
+        failed: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen)
+            await trio.lowlevel.checkpoint()  # what already waits is read before we go on
+            try:
+                await self.stream.send_all(data)
+            except Exception as exc:  # as it is, not in the nursery's ExceptionGroup
+                failed = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
 
     async def send(self, event: Any) -> None:
         """Send one frame, whole or not at all.
@@ -157,7 +186,8 @@ class Channel:
         frame would leave the peer reading garbage (seen when post-copy ended while the
         spill writer was sending).
         """
-        self._peer_spoke()
+        if self._peer_abort is not None:
+            raise self._peer_abort
         async with self._send_lock:
             if self.limit:
                 # Token bucket: never run ahead of limit x elapsed.
@@ -170,14 +200,18 @@ class Channel:
             data = self.conn.send(event)
             try:
                 with trio.CancelScope(shield=True), trio.fail_after(self.io_timeout):
-                    await self.stream.send_all(data)
+                    await self._send_listening(data)
             except trio.TooSlowError:
                 raise ConnectionLost(f"the peer took no data for {self.io_timeout:g} s: "
                                      "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if self._peer_abort is not None:
+                    raise self._peer_abort from None
                 await self._why_peer_left()
                 raise ConnectionLost(f"connection to the peer lost while sending: {exc}") from None
             self.bytes_sent += len(data)
+        if self._peer_abort is not None:
+            raise self._peer_abort
 
     async def _why_peer_left(self) -> None:
         """A send failed: the peer may have said why before it closed (an Abort we did not
@@ -201,10 +235,15 @@ class Channel:
                     return
 
     async def receive(self) -> Any:
-        if self._early:
-            return self._early.popleft()
         self._receiving = True
         try:
+            if self._listening is not None:  # a send listens: it gives the stream back
+                self._listening.cancel()
+                await self._listen_done.wait()
+            if self._early:
+                return self._early.popleft()
+            if self._peer_abort is not None:
+                raise self._peer_abort
             return await self._receive()
         finally:
             self._receiving = False

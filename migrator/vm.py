@@ -31,7 +31,6 @@ import time
 from typing import Protocol
 
 from blkfs import ctlproto as cp
-from blkfs.control import ControlClient
 
 
 class AdapterError(Exception):
@@ -119,13 +118,18 @@ class FreezeAdapter:
         self.mountpoint, self.files = mountpoint, files
         self.name = "freeze"
 
-    def suspend(self) -> None:
+    def _call(self, req: cp.Request) -> None:
+        """Blocking, as every adapter: the engine calls adapters in a worker thread."""
+        from blkfs.control import ControlClient
+
         with ControlClient.for_mount(self.mountpoint) as c:
-            c.call(cp.Freeze(tuple(self.files)))
+            c.call(req)
+
+    def suspend(self) -> None:
+        self._call(cp.Freeze(tuple(self.files)))
 
     def resume(self) -> None:
-        with ControlClient.for_mount(self.mountpoint) as c:
-            c.call(cp.Thaw(tuple(self.files)))
+        self._call(cp.Thaw(tuple(self.files)))
 
     def finish(self) -> str:
         return (f"source files stay frozen: stop the source VM, then 'blkfs thaw "

@@ -148,3 +148,57 @@ def test_no_file_of_the_migrator_holds_two_things(name: str) -> None:
         return
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} is {lines} lines: split it by job"
+
+
+# Where migrator code may use the blocking blkfs.control.ControlClient: the CLI faces, which
+# run outside trio or before it. The engine runs in trio's loop, where a stalled daemon would
+# stop every task and timeout: it uses AsyncControlClient (tests/test_stalled_daemon.py).
+BLOCKING_CLIENT_ALLOWED = {
+    "migrator.cli": None,  # the whole module: `migrator status` and the other commands
+    "migrator.report": None,
+    # The VM adapters are blocking by contract: the engine runs them in worker threads
+    # (SourceHooks.run_sync), `migrator resolve` from its CLI.
+    "migrator.vm": {"FreezeAdapter"},
+    # migrator serve's start-up line, called sync by cli.py (until it awaits an async twin).
+    "migrator.serving": {"unfinished_here"},
+}
+
+
+def blocking_client_uses(path: Path) -> list[tuple[str, int]]:
+    """(top-level def or class, line) of each mention of ControlClient in a file."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for top in tree.body:
+        where = getattr(top, "name", "<module>")
+        for node in ast.walk(top):
+            names: list[str] = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name.rsplit(".", 1)[-1] for a in node.names]
+            if "ControlClient" in names:
+                out.append((where, node.lineno))
+    return out
+
+
+def test_the_engine_never_uses_the_blocking_control_client() -> None:
+    bad = []
+    for name, path in MODULES.items():
+        if not name.startswith("migrator."):
+            continue
+        allowed = BLOCKING_CLIENT_ALLOWED.get(name, set())
+        for where, line in blocking_client_uses(path):
+            if allowed is not None and where not in allowed:
+                bad.append(f"{path.relative_to(ROOT)}:{line} ({where})")
+    assert not bad, ("the blocking ControlClient in trio code (use AsyncControlClient): "
+                     + ", ".join(bad))
+
+
+def test_the_blocking_client_check_sees_a_use(tmp_path: Path) -> None:
+    """The check above finds the ways a use is written (it is no proof if it finds none)."""
+    f = tmp_path / "m.py"
+    f.write_text("from blkfs.control import ControlClient as C\nimport blkfs.control\n\n"
+                 "def f():\n    return blkfs.control.ControlClient('p')\n")
+    assert blocking_client_uses(f) == [("<module>", 1), ("f", 5)]

@@ -321,7 +321,7 @@ async def migrate_over(network_wrap: Any, dest: MemoryDest, src: MemorySource, v
                                               run_sync=inline))
         try:
             await source.run()
-        except MigrationError:
+        except* MigrationError:
             pass
         await trio.sleep(2)  # the sessions say how they ended
         nursery.cancel_scope.cancel()  # (a serve session left waiting for nothing)

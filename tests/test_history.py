@@ -143,7 +143,7 @@ class HostSource(MemorySource):
         self.data = [host.data[n] for n in names]
         self.dirty = [host.track(n)[1] for n in names]
 
-    def swap(self, file_id: int) -> list[tuple[int, int]]:
+    async def swap(self, file_id: int) -> list[tuple[int, int]]:
         t = self.host.track(self.names[file_id])
         blocks = sorted(t[1])
         t[1].clear()
@@ -172,7 +172,7 @@ class HostDest(MemoryDest):
     def mark(self, name: str, offset: int, length: int) -> None:
         self.host.track(name)[1].update(range(offset // BS, -(-(offset + length) // BS)))
 
-    def own_swap(self, name: str) -> tuple[int, list[tuple[int, int]]] | None:
+    async def own_swap(self, name: str) -> tuple[int, list[tuple[int, int]]] | None:
         if name not in self.host.data:
             return None
         t = self.host.track(name)

@@ -234,7 +234,7 @@ async def test_a_swap_between_the_sync_and_the_migration_breaks_the_lineage(
         autojump_clock: Any) -> None:
     """Another swap took a dirty set the migration would never see: never trusted."""
     src, vm, dest, _ = await synced([6, 0])
-    src.swap(0)
+    await src.swap(0)
     vm.write_some(src)
     source, _, _ = await migrate(src, vm, dest, options())
     r = source.report

@@ -109,3 +109,67 @@ def test_keygen_writes_a_key_only_its_owner_reads_and_never_overwrites_by_accide
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and read_key(path) != key
     with pytest.raises(MigrationError, match="migrator keygen"):
         read_key(str(tmp_path / "missing.key"))
+
+
+async def test_an_abort_that_came_while_busy_sending_is_heard_by_the_next_send() -> None:
+    """A source busy copying reads nothing: the destination's Abort (disk full) must reach it
+    with its reason, on any trio stream (here in memory), before a reset could lose it."""
+    import trio.testing
+
+    from migrator.transport import PeerAborted
+
+    mine, peer = trio.testing.memory_stream_pair()
+    ch = Channel(mine, "source", KEY, io_timeout=5)
+    _postcopy_conn(ch)
+    await peer.send_all(p.encode(p.Abort.about("destination disk full")))
+    with trio.fail_after(3), pytest.raises(PeerAborted, match="destination disk full"):
+        await ch.send(p.SpillRefs(((0, 1, 0, 1),)))
+
+
+async def test_a_frame_heard_while_sending_waits_for_the_next_receive() -> None:
+    """What a send heard that is not an Abort is the next receive()'s, in order."""
+    import trio.testing
+
+    mine, peer = trio.testing.memory_stream_pair()
+    ch = Channel(mine, "source", KEY, io_timeout=5)
+    _postcopy_conn(ch)
+    fetches = [p.Fetch(0, 7, 1), p.Fetch(0, 9, 2)]
+    await peer.send_all(b"".join(p.encode(f) for f in fetches))
+    with trio.fail_after(3):
+        await ch.send(p.SpillRefs(((0, 1, 0, 1),)))
+        assert [await ch.receive(), await ch.receive()] == fetches
+
+
+async def test_an_abort_during_a_long_send_is_heard_when_it_ends() -> None:
+    """The send listens while its frame goes out (a slow peer, a full socket buffer)."""
+    from migrator.transport import PeerAborted
+
+    class SlowTalkingWire(SlowWire):
+        def __init__(self) -> None:
+            super().__init__()
+            self.incoming = bytearray()
+            self.arrived = trio.Event()
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            await self.arrived.wait()
+            data, self.incoming = bytes(self.incoming), bytearray()
+            self.arrived = trio.Event()
+            return data
+
+    wire = SlowTalkingWire()
+    ch = Channel(wire, "source", KEY, io_timeout=5)
+    ch.conn._cs.state = p.State.VERIFYING
+    ch.conn._cs.sizes = {0: 1 << 30}
+    ch.conn._cs.manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
+
+    async def abort_midway() -> None:
+        await wire.started.wait()
+        wire.incoming += p.encode(p.Abort.about("its QEMU failed"))
+        wire.arrived.set()
+
+    with trio.fail_after(3):
+        async with trio.open_nursery() as n:
+            n.start_soon(abort_midway)
+            with pytest.raises(PeerAborted, match="its QEMU failed"):
+                await ch.send(p.Digests(0, 0, tuple(range(512))))
+    assert bytes(wire.wire) == p.encode(p.Digests(0, 0, tuple(range(512))))  # whole
