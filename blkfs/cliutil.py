@@ -30,7 +30,7 @@ def _number(convert: Callable[[str], float], ok: Callable[[float], bool],
 
 positive = _number(float, lambda v: v > 0, "a positive number")
 non_negative = _number(float, lambda v: v >= 0, "a number >= 0")
-count = _number(int, lambda v: v >= 0, "a whole number >= 0")
+whole_number = _number(int, lambda v: v >= 0, "a whole number >= 0")
 
 
 def human_bytes(n: float) -> str:

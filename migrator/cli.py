@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from rich.console import Console
 
-from blkfs.cliutil import OneLineParser, count, positive
+from blkfs.cliutil import OneLineParser, positive, whole_number
 from blkfs.control import ControlError
 
 from . import defaults
@@ -134,14 +134,14 @@ def _switchover_flags(parser: argparse.ArgumentParser) -> None:
     """When and how a migration switches over: the planner's policy and the VM's suspend."""
     g = parser.add_argument_group("switchover")
     x = g.add_mutually_exclusive_group()
-    x.add_argument("--threshold-blocks", type=count, metavar="N",
+    x.add_argument("--threshold-blocks", type=whole_number, metavar="N",
                    help="switch over once a round leaves at most N dirty blocks (default: by "
                    "--downtime-ms)")
     x.add_argument("--downtime-ms", type=positive, metavar="MS",
                    help="switch over once the dirty set fits in MS at the measured bandwidth "
                    f"(default {defaults.DOWNTIME_MS:g}; {defaults.POSTCOPY_DOWNTIME_MS:g} for the "
                    "disks' set once memory goes post-copy)")
-    g.add_argument("--max-rounds", type=count, default=defaults.MAX_ROUNDS, metavar="R",
+    g.add_argument("--max-rounds", type=whole_number, default=defaults.MAX_ROUNDS, metavar="R",
                    help=f"give up iterating after R rounds (default {defaults.MAX_ROUNDS})")
     g.add_argument("--on-stall", choices=("switchover", "abort"), default=defaults.ON_STALL,
                    help="when the rounds stop converging: switch over anyway or abort "
@@ -163,7 +163,7 @@ def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
                     help="the spill area, on storage both hosts reach (NFS, CephFS, "
                     "GlusterFS; any local directory on one machine); default "
                     f"{defaults.SPILL_DIR}")
-    pc.add_argument("--spill-slots", type=count, default=defaults.SPILL_SLOTS, metavar="N",
+    pc.add_argument("--spill-slots", type=whole_number, default=defaults.SPILL_SLOTS, metavar="N",
                     help="slots in the spill area, one block each (default "
                     f"{defaults.SPILL_SLOTS}); may be far fewer than the pages to move: freed "
                     "slots are reused")

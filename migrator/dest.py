@@ -46,7 +46,7 @@ from .ownership import (
 from .postcopy import DestPostcopy
 from .qemu import QemuError, QemuTarget
 from .qmp import QMPError
-from .received import Received, _File
+from .received import Received, ReceivedFile
 from .stores import DestFiles
 from .transport import Channel
 
@@ -71,7 +71,7 @@ class SessionOutcome:
     # A migration was attempted (it ends a `--once` serve); not for a stranger or a refusal.
     ends: bool = True
     # A refusal at the door (wrong key, a migrator set up otherwise): said once per kind and
-    # window (quiet.Quiet), so a peer that keeps knocking cannot fill the log.
+    # window (quiet.RepeatedLines), so a peer that keeps knocking cannot fill the log.
     kind: str = ""
 
 
@@ -94,7 +94,7 @@ class DestSession:
         self.pc: DestPostcopy | None = None  # once the source announced post-copy
         self.resumed = trio.Event()  # the resume hook returned: the VM runs here now
         self._nursery: trio.Nursery | None = None
-        self.files: dict[int, _File] = {}
+        self.files: dict[int, ReceivedFile] = {}
         self._handoff: DestHandoff | None = None  # this host's record of the VM
         self.rx = Received(files)  # what this session wrote, and the digests to verify
         self.files = self.rx.files
@@ -106,7 +106,7 @@ class DestSession:
         self.replica = False  # a migrator sync session: a replica kept, never a VM
         self.sent_since_ack = False  # replica: data arrived after the last acknowledged epoch
         self.lineage: tuple[list[int], str] | None = None  # (files accepted, why not others)
-        self.back: dict[str, int] = {}  # after the last round: name -> the own epoch it ended
+        self.back: dict[str, int] = {}  # after the last round: name -> the swap epoch it ended here
         # Set while the session waits for the daemon to complete from the spill after losing
         # its source: cancelling it gives way to that source's Reattach.
         self.waiting_for_source: trio.CancelScope | None = None
@@ -133,7 +133,7 @@ class DestSession:
         self.handoff.begin(got, record)  # before any file is touched
         self.store.create(man)
         for f in man.files:
-            self.files[f.file_id] = _File(f, f.size)
+            self.files[f.file_id] = ReceivedFile(f, f.size)
         for fid, digests in kept.items():  # the replica's blocks count as written here
             self.files[fid].digests = digests
             self.held_blocks += len(digests)
@@ -259,8 +259,8 @@ class DestSession:
         finally:
             self.resumed.set()  # the VM runs here now, whatever happens to the source
 
-    async def _new_own_epoch(self) -> None:
-        """A new epoch of this mount's own after each round: the one that runs at the Commit
+    async def _new_own_swap_epoch(self) -> None:
+        """A new swap epoch of this mount's own after each round: the one that runs at the Commit
         holds every block written here since the last round (the rest of the migration's, then
         the VM's), so a migration back proves that the source's retired copy lacks at most
         those (lineage.py). Never in the downtime: one control call a file, per round."""
@@ -470,7 +470,7 @@ class DestSession:
         self.handoff.resume(record)
         self.block_size = man.block_size
         for f in man.files:
-            self.files[f.file_id] = _File(f, f.size)
+            self.files[f.file_id] = ReceivedFile(f, f.size)
         self._load_digests()
         self.reattached = True
         self.resumed.set()  # the session that broke started the VM (its record says owner)
@@ -622,7 +622,7 @@ class DestSession:
             await self.ch.send(p.RoundAck(ev.round))
         else:
             await self.ch.send(p.RoundAck(ev.round))
-            await self._new_own_epoch()  # (after the ack: the source's next round is not delayed)
+            await self._new_own_swap_epoch()  # (after the ack: the next round is not delayed)
 
     async def _on_switchover(self, ev: p.Switchover) -> None:
         self.t_switch = time.monotonic()

@@ -9,7 +9,7 @@ WINDOW_S = 10.0
 
 
 @dataclass
-class Quiet:
+class RepeatedLines:
     """Say the first line of a kind; hold the rest of that kind for `window` seconds, then say
     the next one with how many were held."""
 

@@ -16,7 +16,7 @@ from .zeros import zero_digest
 
 
 @dataclass
-class _File:
+class ReceivedFile:
     entry: p.FileEntry
     size: int
     digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was written
@@ -33,14 +33,14 @@ class _File:
 class Received:
     def __init__(self, store: DestFiles) -> None:
         self.store = store
-        self.files: dict[int, _File] = {}
+        self.files: dict[int, ReceivedFile] = {}
         self.block_size = 0
         self.blocks_written = 0
         self.mismatches: list[str] = []  # the first few, for the message
         self.mismatch_count = 0
         self.unchecked = 0  # blocks whose digests died with an earlier session
 
-    def all_digests(self, f: _File) -> dict[int, int]:
+    def all_digests(self, f: ReceivedFile) -> dict[int, int]:
         if not f.zero or not f.zero.count(1):
             return f.digests
         bs = self.block_size

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .handoff import Refused
 from .ownership import OWNER, DestStatus, ReplicaProgress
-from .quiet import Quiet
+from .quiet import RepeatedLines
 from .stores import DestFiles, MountDest
 from .transport import IO_TIMEOUT, Channel
 
@@ -339,7 +339,7 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     `once`, one, and return whether it completed."""
     sessions = Sessions()
     handshakes = Handshakes()
-    quiet = Quiet()
+    quiet = RepeatedLines()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:

@@ -354,7 +354,7 @@ class Source:
             await self._store.flush()
             bd["flush"] = _ms(t)
 
-    async def _switchover(self, held: dict[int, list[Extent]]) -> None:
+    async def _switchover(self, held_back: dict[int, list[Extent]]) -> None:
         assert self.ch is not None
         self._phase("switchover")
         bd = self.report.downtime_breakdown_ms
@@ -370,7 +370,7 @@ class Source:
         await self.ch.send(p.Switchover())
         last = await self._swap()
         self.report.dirty_sync_count += 1
-        union = {f.file_id: union_extents(held.get(f.file_id, []), last.get(f.file_id, []))
+        union = {f.file_id: union_extents(held_back.get(f.file_id, []), last.get(f.file_id, []))
                  for f in self.files}
         bd["swap"] = _ms(t)
         t = time.monotonic()
@@ -618,8 +618,8 @@ class Source:
             if self.opts.stop_and_copy:
                 await self._suspend()
             await self._initial_copy(planner)
-            held = {} if self.opts.stop_and_copy else await self._rounds(planner)
-            await self._switchover(held)
+            held_back = {} if self.opts.stop_and_copy else await self._rounds(planner)
+            await self._switchover(held_back)
             await self._verify()
             r.status = "completed"
         except BaseException as exc:  # errors, Ctrl-C and cancellation alike

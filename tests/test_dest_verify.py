@@ -5,7 +5,7 @@ from __future__ import annotations
 import xxhash
 
 from migrator import protocol as p
-from migrator.received import Received, _File
+from migrator.received import Received, ReceivedFile
 from migrator.stores import MountDest
 
 BS = 4096
@@ -15,7 +15,7 @@ def session(nblocks: int) -> tuple[Received, list[int]]:
     s = Received(MountDest("/"))
     s.block_size = BS
     data = [bytes([i]) * BS for i in range(nblocks)]
-    f = _File(p.FileEntry(0, "disk.raw", nblocks * BS), nblocks * BS)
+    f = ReceivedFile(p.FileEntry(0, "disk.raw", nblocks * BS), nblocks * BS)
     f.digests = {i: xxhash.xxh3_64_intdigest(d) for i, d in enumerate(data)}
     s.files[0] = f
     return s, [xxhash.xxh3_64_intdigest(d) for d in data]

@@ -356,7 +356,7 @@ def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: P
     assert r.returncode == 0, r.stderr
     rc, out = s.finish()
     assert rc == 0 and "complete and verified" in out
-    # One line for the operator however often it knocked within 10 s (quiet.Quiet); none
+    # One line for the operator however often it knocked within 10 s (quiet.RepeatedLines); none
     # when the source saw the dest's proof first and hung up before it said anything.
     assert out.count("shared key") <= 1, out
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from migrator.quiet import Quiet
+from migrator.quiet import RepeatedLines
 
 
 def test_the_first_line_is_said_the_rest_counted_then_said_with_the_count() -> None:
-    q = Quiet(window=10)
+    q = RepeatedLines(window=10)
     assert q.line("key", "refused a", 0.0) == "refused a"
     assert q.line("key", "refused b", 1.0) is None
     assert q.line("key", "refused c", 9.9) is None
