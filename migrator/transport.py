@@ -121,6 +121,10 @@ class Channel:
         self._listening: trio.CancelScope | None = None  # a send's _listen runs
         self._listen_done = trio.Event()
         self._peer_abort: Exception | None = None  # what _listen learnt: raised by send
+        # No ear during the handshake: its frames are small and each is followed by a read,
+        # and what a quick peer sent after its Auth (its first frame, maybe a bad one) must
+        # come to that read, not fail the handshake as if the peer were a stranger.
+        self._handshaking = False
 
     async def _listen(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """While a send runs and no task waits in receive(): has the peer said something we
@@ -162,7 +166,7 @@ class Channel:
 
     async def _send_listening(self, data: bytes) -> None:
         """stream.send_all, with an ear on the peer meanwhile unless a receiver has it."""
-        if self._receiving or self._peer_abort is not None:
+        if self._receiving or self._peer_abort is not None or self._handshaking:
             await self.stream.send_all(data)
             return
         failed: Exception | None = None
@@ -285,6 +289,7 @@ class Channel:
 
     async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Hello both ways, then mutual proof of the shared key."""
+        self._handshaking = True
         try:
             with trio.fail_after(timeout):
                 await self.send(self.conn.hello_event())
@@ -294,6 +299,8 @@ class Channel:
         except trio.TooSlowError:
             raise MigrationError(f"the peer did not complete the handshake within {timeout:g} s "
                                  "(is it a migrator?)") from None
+        finally:
+            self._handshaking = False
 
     async def abort(self, reason: str, owner_generation: int = -1,
                     code: p.AbortCode = p.AbortCode.NONE) -> None:

@@ -173,3 +173,35 @@ async def test_an_abort_during_a_long_send_is_heard_when_it_ends() -> None:
             with pytest.raises(PeerAborted, match="its QEMU failed"):
                 await ch.send(p.Digests(0, 0, tuple(range(512))))
     assert bytes(wire.wire) == p.encode(p.Digests(0, 0, tuple(range(512))))  # whole
+
+
+async def test_a_bad_first_frame_sent_with_the_auth_fails_after_the_handshake() -> None:
+    """A quick peer's frames can all be waiting before the destination's first send: its
+    Hello, its Auth, and right behind them a bad frame. The handshake still completes (the
+    peer proved the key: it is no stranger) and the bad frame fails the first receive after
+    it, as a bad peer (serve then ends the session, not ignore it as a probe)."""
+    import trio.testing
+
+    from migrator.errors import BadPeer
+
+    left, right = trio.testing.memory_stream_pair()
+    peer = p.Connection("source", KEY)
+    await left.send_all(peer.send(peer.hello_event()))
+    dest = Channel(right, "dest", KEY, io_timeout=5)
+
+    async def peer_side() -> None:
+        while (ev := peer.next_event()) is p.NEED_DATA or not isinstance(ev, p.Hello):
+            if ev is p.NEED_DATA:
+                peer.receive_data(await left.receive_some(65536))
+        # the Auth and a frame that no state allows, in one write
+        await left.send_all(peer.send(peer.auth_event())
+                            + peer.seal(p.HEADER.pack(int(p.FrameType.BLOCKS), 2**31)))
+
+    with trio.fail_after(3):
+        async with trio.open_nursery() as n:
+            n.start_soon(peer_side)
+            await trio.testing.wait_all_tasks_blocked()
+            await dest.handshake()  # (passes: the peer knows the key)
+            with pytest.raises(BadPeer):
+                await dest.receive()
+            n.cancel_scope.cancel()
