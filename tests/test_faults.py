@@ -140,6 +140,12 @@ TIMED = {"sigstop-serve", "cut-link", "link-flap"}
 CUT_S = {"cut-link": 5.0, "link-flap": 1.0}  # past them / within them (TCP carries on)
 
 
+def absent(m: Mount) -> int:
+    """The blocks an incoming post-copy has not installed yet on `m` (what `blkfs status
+    --json` says, asked over the control socket: a poll must not start a Python each time)."""
+    return int(m.call("status")["postcopy_absent"])
+
+
 def running(pid: int) -> bool:
     """Alive and not stopped (a process blocked reading an absent page counts as running)."""
     return proc_state(pid) not in (None, "T", "t")
@@ -295,10 +301,7 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
             assert chk.returncode == 0, chk.stdout + chk.stderr
         elif dest_vm and running(dest_vm) and dst.mounted():
             if postcopy:
-                wait_for(lambda: json.loads(subprocess.run(
-                    [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
-                    capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
-                    "post-copy to complete")
+                wait_for(lambda: absent(dst) == 0, 60, "post-copy to complete")
             os.kill(dest_vm, signal.SIGTERM)
             wait_for(lambda: proc_state(dest_vm) is None, 10, "the destination VM to stop")
             chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True,
@@ -481,10 +484,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
             "reattaches"] == 1, st
         assert running(dest_vm)  # the one VM
         if postcopy:
-            wait_for(lambda: json.loads(subprocess.run(
-                [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
-                capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
-                "post-copy to complete")
+            wait_for(lambda: absent(dst) == 0, 60, "post-copy to complete")
         os.kill(dest_vm, signal.SIGTERM)
         wait_for(lambda: proc_state(dest_vm) is None, 10, "the destination VM to stop")
         chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True, text=True)
@@ -534,10 +534,7 @@ def test_a_source_cut_off_in_postcopy_reuses_the_slots_the_lone_daemon_installed
                                         str(dst.mnt), "--json"], capture_output=True,
                                        text=True, timeout=30).stdout)
         assert st["slots"] == 8
-        wait_for(lambda: json.loads(subprocess.run(
-            [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
-            capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
-            "the destination to complete alone")
+        wait_for(lambda: absent(dst) == 0, 60, "the destination to complete alone")
         s2 = Server(dst, key)
         servers.append(s2)
         r = subprocess.run([*MIGRATOR, "resolve", "--mount", str(src.mnt), "--to",
