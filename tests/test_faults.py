@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount
+from .conftest import Mount, together
 from .test_migrate import (
     MIGRATOR,
     SIMVM,
@@ -320,8 +320,9 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
 def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_point(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
         tmp_path: Path, idle_vm: subprocess.Popen[bytes]) -> None:
-    src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    src, dst = together(
+        lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
     before = fill_source(src, 32)
     s = Server(dst, key, once=False)
     servers.append(s)
@@ -373,8 +374,9 @@ def test_a_full_destination_disk_after_the_copy_cannot_break_the_handoff(
     vm = None
     try:
         (fs / "dst-backing").mkdir()
-        src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
-        dst = mount_factory(backing=fs / "dst-backing", mnt=tmp_path / "dst")
+        src, dst = together(
+            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+            lambda: mount_factory(backing=fs / "dst-backing", mnt=tmp_path / "dst"))
         subprocess.run([*SIMVM, "create", str(src.mnt), "--unit", "65536", "--disk-size", "24M",
                         "--mem-size", "4M"], check=True, capture_output=True)
         vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "4"],

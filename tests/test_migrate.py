@@ -23,7 +23,7 @@ import pytest
 
 from migrator import protocol as p
 
-from .conftest import Mount, run_blkfs
+from .conftest import Mount, run_blkfs, together
 
 pytestmark = pytest.mark.mount
 
@@ -33,8 +33,9 @@ SIMVM = [sys.executable, "-m", "migrator.simvm"]
 
 @pytest.fixture
 def hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, Mount]:
-    src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    src, dst = together(
+        lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
     return src, dst
 
 
@@ -42,9 +43,10 @@ def hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, M
 def freeze_hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, Mount]:
     """Hosts whose source is never a --writeback mount (BLKFS_WRITEBACK=1 included): for the
     tests of the default suspend, blkfs freeze, which a writeback mount refuses."""
-    src = mount_factory("--no-writeback", backing=tmp_path / "src-backing",
-                        mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    src, dst = together(
+        lambda: mount_factory("--no-writeback", backing=tmp_path / "src-backing",
+                              mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
     return src, dst
 
 
@@ -441,8 +443,9 @@ def test_destination_disk_full(mount_factory: Callable[..., Mount], key: Path,
     if r.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here")
     try:
-        src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
-        dst = mount_factory(backing=small / "backing", mnt=tmp_path / "dst")
+        src, dst = together(
+            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+            lambda: mount_factory(backing=small / "backing", mnt=tmp_path / "dst"))
         before = fill_source(src, 16)
         s = Server(dst, key)
         servers.append(s)

@@ -29,7 +29,7 @@ import pytest
 
 from migrator.qmp import QMP, QMPError
 
-from .conftest import Mount
+from .conftest import Mount, together
 from .test_migrate import MIGRATOR, Server, state
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.serial, pytest.mark.cache]
@@ -147,8 +147,9 @@ def wait_ticks(console: Path, n: int, timeout: float) -> list[str]:
 def two_hosts(mount_factory: Callable[..., Mount],
               tmp_path: Path) -> tuple[Mount, Mount, Path]:
     """Source and destination mounts and the key."""
-    src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
+    src, dst = together(
+        lambda: mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst"))
     key = tmp_path / "key"
     key.write_text(os.urandom(32).hex())
     key.chmod(0o600)
