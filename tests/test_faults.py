@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from migrator.simvm.format import read_header
+
 from .conftest import Mount, together
 from .test_migrate import (
     MIGRATOR,
@@ -46,6 +48,16 @@ pytestmark = [pytest.mark.mount, pytest.mark.slow]
 __all__ = ["hosts", "idle_vm", "key", "netns_pair", "servers"]  # fixtures, re-exported for pytest
 
 
+def wait_writing(src: Mount, vm: subprocess.Popen[bytes], mib: int = 2) -> None:
+    """Until the simulated VM on `src` has written `mib` MiB (its header counts its writes):
+    it runs, and there is data to copy, when the migration starts."""
+    def wrote() -> bool:
+        assert vm.poll() is None, vm.returncode
+        h = read_header(src.mnt)
+        return h.total_writes * h.unit_size >= mib << 20
+    wait_for(wrote, 30, f"the VM to write {mib} MiB")
+
+
 def proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -70,7 +82,7 @@ def test_kill9_of_serve_while_the_vm_starts_there_leaves_one_vm_and_resolve_sett
     servers.append(s)
     dest_vm = 0
     try:
-        time.sleep(0.5)
+        wait_writing(src, vm)
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", "--io-timeout", "3", "disk.raw", "vm.mem"],
@@ -193,7 +205,7 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
                  "--spill-bandwidth", "0.5" if phase == "postcopy-spilling" else "200"]
     dest_vm = 0
     try:
-        time.sleep(1.0)
+        wait_writing(src, vm, 4 if phase == "initial-copy" else 2)  # (at 2 MB/s: ~2 s)
         m = subprocess.Popen([*in_a, *MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"{host}:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", *args, "disk.raw", "vm.mem"],
@@ -447,7 +459,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
                  "--spill-bandwidth", "0.5"]
     dest_vm = 0
     try:
-        time.sleep(1.0)
+        wait_writing(src, vm)
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", *args, "disk.raw", "vm.mem"],
@@ -516,7 +528,7 @@ def test_a_source_cut_off_in_postcopy_reuses_the_slots_the_lone_daemon_installed
     servers.append(s)
     dest_vm = 0
     try:
-        time.sleep(1.0)
+        wait_writing(src, vm)
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", "--io-timeout", "3", "--status-file",
