@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,6 +23,7 @@ from blkfs.control import ControlClient
 from blkfs.runtime import DaemonInfo, mount_fstype, process_gone
 
 BLKFS = [sys.executable, "-m", "blkfs.cli"]
+T = TypeVar("T")
 
 
 def fuse_available() -> str | None:
@@ -137,6 +139,15 @@ class Mount:
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
 
 
+def together(*calls: Callable[[], T]) -> list[T]:
+    """The calls run at once, each in a thread of its own; their results in order (the first
+    error is raised). For `blkfs mount`s: each waits on processes of its own, as two hosts'
+    would, so a test need not wait for one to be up before it starts the other."""
+    with ThreadPoolExecutor(len(calls)) as ex:
+        futures = [ex.submit(c) for c in calls]
+        return [f.result() for f in futures]
+
+
 @pytest.fixture
 def runtime_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path_factory.mktemp("rt")
@@ -165,17 +176,18 @@ def mount_factory(
         return mount
 
     yield make
-    for mount in mounts:
+    for mount in mounts:  # all of them first: their daemons then save their state together
         mnt = str(mount.mnt)
         if mount_fstype(mnt) is not None:
             r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
             if r.returncode != 0:
                 force_unmount(mnt, mount.pid)
+    for mount in mounts:
         deadline = time.monotonic() + 20
         while not process_gone(mount.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         if not process_gone(mount.pid):
-            force_unmount(mnt, mount.pid)
+            force_unmount(str(mount.mnt), mount.pid)
 
 
 @pytest.fixture

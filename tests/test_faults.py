@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount
+from migrator.simvm.format import read_header
+
+from .conftest import Mount, together
 from .test_migrate import (
     MIGRATOR,
     SIMVM,
@@ -46,6 +48,16 @@ pytestmark = [pytest.mark.mount, pytest.mark.slow]
 __all__ = ["hosts", "idle_vm", "key", "netns_pair", "servers"]  # fixtures, re-exported for pytest
 
 
+def wait_writing(src: Mount, vm: subprocess.Popen[bytes], mib: int = 2) -> None:
+    """Until the simulated VM on `src` has written `mib` MiB (its header counts its writes):
+    it runs, and there is data to copy, when the migration starts."""
+    def wrote() -> bool:
+        assert vm.poll() is None, vm.returncode
+        h = read_header(src.mnt)
+        return h.total_writes * h.unit_size >= mib << 20
+    wait_for(wrote, 30, f"the VM to write {mib} MiB")
+
+
 def proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -70,7 +82,7 @@ def test_kill9_of_serve_while_the_vm_starts_there_leaves_one_vm_and_resolve_sett
     servers.append(s)
     dest_vm = 0
     try:
-        time.sleep(0.5)
+        wait_writing(src, vm)
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", "--io-timeout", "3", "disk.raw", "vm.mem"],
@@ -140,6 +152,12 @@ TIMED = {"sigstop-serve", "cut-link", "link-flap"}
 CUT_S = {"cut-link": 5.0, "link-flap": 1.0}  # past them / within them (TCP carries on)
 
 
+def absent(m: Mount) -> int:
+    """The blocks an incoming post-copy has not installed yet on `m` (what `blkfs status
+    --json` says, asked over the control socket: a poll must not start a Python each time)."""
+    return int(m.call("status")["postcopy_absent"])
+
+
 def running(pid: int) -> bool:
     """Alive and not stopped (a process blocked reading an absent page counts as running)."""
     return proc_state(pid) not in (None, "T", "t")
@@ -187,7 +205,7 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
                  "--spill-bandwidth", "0.5" if phase == "postcopy-spilling" else "200"]
     dest_vm = 0
     try:
-        time.sleep(1.0)
+        wait_writing(src, vm, 4 if phase == "initial-copy" else 2)  # (at 2 MB/s: ~2 s)
         m = subprocess.Popen([*in_a, *MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"{host}:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", *args, "disk.raw", "vm.mem"],
@@ -295,10 +313,7 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
             assert chk.returncode == 0, chk.stdout + chk.stderr
         elif dest_vm and running(dest_vm) and dst.mounted():
             if postcopy:
-                wait_for(lambda: json.loads(subprocess.run(
-                    [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
-                    capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
-                    "post-copy to complete")
+                wait_for(lambda: absent(dst) == 0, 60, "post-copy to complete")
             os.kill(dest_vm, signal.SIGTERM)
             wait_for(lambda: proc_state(dest_vm) is None, 10, "the destination VM to stop")
             chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True,
@@ -317,8 +332,9 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
 def test_a_long_running_serve_outlives_its_daemon_and_never_writes_a_bare_mount_point(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
         tmp_path: Path, idle_vm: subprocess.Popen[bytes]) -> None:
-    src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst")
+    src, dst = together(
+        lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
     before = fill_source(src, 32)
     s = Server(dst, key, once=False)
     servers.append(s)
@@ -370,8 +386,9 @@ def test_a_full_destination_disk_after_the_copy_cannot_break_the_handoff(
     vm = None
     try:
         (fs / "dst-backing").mkdir()
-        src = mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src")
-        dst = mount_factory(backing=fs / "dst-backing", mnt=tmp_path / "dst")
+        src, dst = together(
+            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+            lambda: mount_factory(backing=fs / "dst-backing", mnt=tmp_path / "dst"))
         subprocess.run([*SIMVM, "create", str(src.mnt), "--unit", "65536", "--disk-size", "24M",
                         "--mem-size", "4M"], check=True, capture_output=True)
         vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "4"],
@@ -442,7 +459,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
                  "--spill-bandwidth", "0.5"]
     dest_vm = 0
     try:
-        time.sleep(1.0)
+        wait_writing(src, vm)
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", *args, "disk.raw", "vm.mem"],
@@ -481,10 +498,7 @@ def test_serve_killed_after_commit_and_run_again_lets_the_source_reattach_and_fi
             "reattaches"] == 1, st
         assert running(dest_vm)  # the one VM
         if postcopy:
-            wait_for(lambda: json.loads(subprocess.run(
-                [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
-                capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
-                "post-copy to complete")
+            wait_for(lambda: absent(dst) == 0, 60, "post-copy to complete")
         os.kill(dest_vm, signal.SIGTERM)
         wait_for(lambda: proc_state(dest_vm) is None, 10, "the destination VM to stop")
         chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True, text=True)
@@ -514,7 +528,7 @@ def test_a_source_cut_off_in_postcopy_reuses_the_slots_the_lone_daemon_installed
     servers.append(s)
     dest_vm = 0
     try:
-        time.sleep(1.0)
+        wait_writing(src, vm)
         m = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                               f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                               f"pid:{vm.pid}", "--io-timeout", "3", "--status-file",
@@ -534,10 +548,7 @@ def test_a_source_cut_off_in_postcopy_reuses_the_slots_the_lone_daemon_installed
                                         str(dst.mnt), "--json"], capture_output=True,
                                        text=True, timeout=30).stdout)
         assert st["slots"] == 8
-        wait_for(lambda: json.loads(subprocess.run(
-            [sys.executable, "-m", "blkfs.cli", "status", str(dst.mnt), "--json"],
-            capture_output=True, text=True).stdout)["postcopy_absent"] == 0, 60,
-            "the destination to complete alone")
+        wait_for(lambda: absent(dst) == 0, 60, "the destination to complete alone")
         s2 = Server(dst, key)
         servers.append(s2)
         r = subprocess.run([*MIGRATOR, "resolve", "--mount", str(src.mnt), "--to",

@@ -205,8 +205,9 @@ def test_source_killed_after_spill_flush_dest_completes(
         hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
         vm: subprocess.Popen[bytes]) -> None:
     src, dst = hosts
-    # (--once waits its io timeout for the source to reattach before it exits)
-    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5")
+    # (--once waits its io timeout for the source to reattach before it exits: 3 s, the
+    # timeout the fault cells hold on a busy machine; the wait is the only use of more)
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "3")
     servers.append(s)
     m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),
                   "--spill-bandwidth", "50")
@@ -239,7 +240,7 @@ def test_forged_slots_with_the_source_gone_are_missing_never_installed(
     "completed from the spill area alone" with 258 wrong blocks before the MACs."""
     src, dst = hosts
     spill = tmp_path / "spill"
-    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5")
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "3")
     servers.append(s)
     m = Migration(src, s.port, key, vm.pid, "--spill", str(spill), "--spill-bandwidth", "50")
     try:
@@ -280,7 +281,7 @@ def test_source_killed_before_spill_flush_dest_waits_then_gives_up_on_request(
     never come, so their readers wait (post-copy is paused, and says so) and the mount will
     not unmount; once a person gives them up, they are errors, never zeros or stale bytes."""
     src, dst = hosts
-    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5")
+    s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "3")
     servers.append(s)
     # 2 slots and a frozen destination: the source cannot get every page into the spill.
     m = Migration(src, s.port, key, vm.pid, "--spill", str(tmp_path / "spill"),

@@ -3,11 +3,18 @@
 The guest (scripts/build_guest.sh, Debian packages only) writes "TICK n" into 4 KiB block n of
 its virtio disk every tick and checks a 16 MiB RAM canary, printing both on its serial console.
 QEMU moves only its device state (x-ignore-shared); blkfs and the migrator move the disk image
-and the RAM file.  Slow tier: one boot + migration + a few ticks is ~20 s.
+and the RAM file.
+
+The guest boots once per module (`booted`: ~7 s of TCG) and is saved, stopped after its first
+tick: its disk, its RAM file and QEMU's device state.  Each test puts that disk and RAM file on
+its source mount and starts the source QEMU from the saved state (`-incoming`): the guest runs on
+from its next tick, on the mount, with the canary it made at boot in its RAM, and the test waits
+for its ticks there before it migrates it.  Slow tier: restore + migration + a few ticks is ~6 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,11 +22,14 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .conftest import Mount
+from migrator.qmp import QMP, QMPError
+
+from .conftest import Mount, together
 from .test_migrate import MIGRATOR, Server, state
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.serial, pytest.mark.cache]
@@ -50,6 +60,70 @@ def qemu_argv(guest: Path, mount: str, console: Path, cache: str) -> list[str]:
             "-machine", "memory-backend=mem"]
 
 
+def ignore_shared(q: QMP) -> None:
+    """x-ignore-shared, as the migrator sets it: RAM stays in the shared memory-backend-file."""
+    q.execute("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
+
+def wait_migration(q: QMP, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (st := q.command("query-migrate").get("status")) != "completed":
+        assert st not in ("failed", "cancelled") and time.monotonic() < deadline, (what, st)
+        time.sleep(0.01)
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {path}"
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Booted:
+    """A guest booted once and saved, stopped after its first tick."""
+
+    dir: Path  # disk.raw, vm.mem (its RAM) and state (QEMU's device state, RAM left out)
+    canary: str  # the md5 of the 16 MiB it put in its RAM at boot
+    ticks: int  # the ticks it made before it was stopped (on disk.raw too)
+
+
+@pytest.fixture(scope="module")
+def booted(guest: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    """Boot the guest (on a plain directory) and save it as the migrator's source would:
+    `stop`, device state with x-ignore-shared (the RAM is in vm.mem), `quit`."""
+    d = tmp_path_factory.mktemp("booted")
+    for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
+        with open(d / name, "wb") as f:
+            f.truncate(size)
+    console, qmp = d / "console.log", d / "qmp.sock"
+    with open(d / "qemu.log", "wb") as log:
+        proc = subprocess.Popen([*qemu_argv(guest, str(d), console, "writeback"),
+                                 "-qmp", f"unix:{qmp},server=on,wait=off"],
+                                stdout=log, stderr=log)
+    try:
+        wait_ticks(console, 1, 120)
+        wait_socket(qmp, proc)
+        with QMP(str(qmp)) as q:
+            q.command("stop")
+            ignore_shared(q)
+            q.command("migrate", uri=f"exec:cat > {d / 'state'}")
+            wait_migration(q, "save")
+            with contextlib.suppress(OSError, QMPError):
+                q.command("quit")  # it may close the socket before it answers
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = console.read_text(errors="replace")
+    canary = re.search(r"CANARY (\w+)", text)
+    assert canary and (d / "state").stat().st_size > 0, text
+    yield Booted(d, canary.group(1), len(ticks(console)))
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def ticks(console: Path) -> list[str]:
     try:
         text = console.read_text(errors="replace")
@@ -64,7 +138,7 @@ def wait_ticks(console: Path, n: int, timeout: float) -> list[str]:
         t = ticks(console)
         if len(t) >= n:
             return t
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"{console}: {len(ticks(console))} ticks after {timeout} s, want {n}:\n"
                          + (console.read_text(errors="replace")[-2000:]
                             if console.exists() else "(no console)"))
@@ -72,28 +146,48 @@ def wait_ticks(console: Path, n: int, timeout: float) -> list[str]:
 
 def two_hosts(mount_factory: Callable[..., Mount],
               tmp_path: Path) -> tuple[Mount, Mount, Path]:
-    """Source and destination mounts, the key, and the guest's empty disk and RAM files."""
-    src = mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src")
-    dst = mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst")
+    """Source and destination mounts and the key."""
+    src, dst = together(
+        lambda: mount_factory(backing=tmp_path / "src-b", mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-b", mnt=tmp_path / "dst"))
     key = tmp_path / "key"
     key.write_text(os.urandom(32).hex())
     key.chmod(0o600)
-    for name, size in (("disk.raw", 64 << 20), ("vm.mem", 128 << 20)):
-        with open(src.mnt / name, "wb") as f:
-            f.truncate(size)
     return src, dst, key
 
 
-def boot_source(guest: Path, src: Mount, tmp_path: Path, cache: str,
+def put(src: Path, dst: Path) -> None:
+    """Copy a guest file through the mount (written as the guest wrote it, zeros left out)."""
+    zero = bytes(1 << 16)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while blk := fi.read(len(zero)):
+            if blk == zero[:len(blk)]:
+                fo.seek(len(blk), os.SEEK_CUR)
+            else:
+                fo.write(blk)
+        fo.truncate(os.fstat(fi.fileno()).st_size)
+
+
+def boot_source(guest: Path, booted: Booted, src: Mount, tmp_path: Path, cache: str,
                 procs: list[subprocess.Popen[bytes]]) -> tuple[subprocess.Popen[bytes], Path,
                                                                Path]:
-    """The source QEMU on `src`: (process, serial console file, QMP socket)."""
+    """The source QEMU on `src`, the saved guest's disk and RAM put there and its device state
+    loaded (`-incoming`), then `cont`: (process, serial console file, QMP socket)."""
+    for name in ("disk.raw", "vm.mem"):
+        put(booted.dir / name, src.mnt / name)
     con_src, qmp_src = tmp_path / "console-src.log", tmp_path / "qmp-src.sock"
     with open(tmp_path / "qemu-src.log", "wb") as log:
         source = subprocess.Popen([*qemu_argv(guest, str(src.mnt), con_src, cache),
+                                   "-S", "-incoming", "defer",
                                    "-qmp", f"unix:{qmp_src},server=on,wait=off"],
                                   stdout=log, stderr=log)
     procs.append(source)
+    wait_socket(qmp_src, source)
+    with QMP(str(qmp_src)) as q:  # closed: QEMU serves one QMP client, the migrator's next
+        ignore_shared(q)
+        q.command("migrate-incoming", uri=f"exec:cat {booted.dir / 'state'}")
+        wait_migration(q, "restore")
+        q.command("cont")
     return source, con_src, qmp_src
 
 
@@ -113,14 +207,16 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
                           ("writeback", True, False), ("writeback", False, True)],
                          ids=["precopy-writeback", "precopy-cache-none", "postcopy",
                               "precopy-own-destination-qemu"])
-def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Mount],
-                                  tmp_path: Path, procs: list[subprocess.Popen[bytes]],
-                                  cache: str, postcopy: bool, attach: bool) -> None:
+def test_qemu_guest_migrates_live(guest: Path, booted: Booted,
+                                  mount_factory: Callable[..., Mount], tmp_path: Path,
+                                  procs: list[subprocess.Popen[bytes]], cache: str,
+                                  postcopy: bool, attach: bool) -> None:
     src, dst, key = two_hosts(mount_factory, tmp_path)
-    source, con_src, qmp_src = boot_source(guest, src, tmp_path, cache, procs)
+    source, con_src, qmp_src = boot_source(guest, booted, src, tmp_path, cache, procs)
     con_dst = tmp_path / "console-dst.log"
-    before = wait_ticks(con_src, 2, 60)
-    canary = re.search(r"CANARY (\w+)", con_src.read_text()).group(1)  # type: ignore[union-attr]
+    before = wait_ticks(con_src, 2, 60)  # it runs on the source mount, from its saved state
+    assert int(before[0].split()[1]) == booted.ticks + 1, before
+    canary = booted.canary
     cmdline = tmp_path / "qemu-dst.cmdline"
     cmdline.write_text(" ".join(f"'{a}'" for a in qemu_argv(guest, "$MIGRATOR_MOUNT", con_dst,
                                                               cache)) + "\n")
@@ -134,9 +230,7 @@ def test_qemu_guest_migrates_live(guest: Path, mount_factory: Callable[..., Moun
             procs.append(subprocess.Popen(
                 [*qemu_argv(guest, str(dst.mnt), con_dst, cache), "-S", "-incoming", "defer",
                  "-qmp", f"unix:{qmp_dst},server=on,wait=off"], stdout=log, stderr=log))
-        deadline = time.monotonic() + 20
-        while not qmp_dst.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_socket(qmp_dst, procs[-1])  # type: ignore[arg-type]
         resume = f"qemu:{qmp_dst}"
     s = Server(dst, key, "--resume", resume)
     report = tmp_path / "report.json"
@@ -212,13 +306,13 @@ class _Pid:
         return 0
 
 
-def test_destination_qemu_failure_conts_the_source(guest: Path,
+def test_destination_qemu_failure_conts_the_source(guest: Path, booted: Booted,
                                                    mount_factory: Callable[..., Mount],
                                                    tmp_path: Path,
                                                    procs: list[subprocess.Popen[bytes]]) -> None:
     """Invariant 3 with QEMU: the destination QEMU cannot start; the source guest goes on."""
     src, dst, key = two_hosts(mount_factory, tmp_path)
-    source, con_src, qmp_src = boot_source(guest, src, tmp_path, "writeback", procs)
+    source, con_src, qmp_src = boot_source(guest, booted, src, tmp_path, "writeback", procs)
     wait_ticks(con_src, 1, 60)
     cmdline = tmp_path / "bad.cmdline"
     cmdline.write_text(" ".join(qemu_argv(guest, "$MIGRATOR_MOUNT", tmp_path / "c.log",

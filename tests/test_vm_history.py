@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Mount
+from .conftest import Mount, together
 from .test_migrate import (
     MIGRATOR,
     Server,
@@ -89,8 +89,9 @@ def test_a_stale_copy_never_overwrites_the_vm_that_runs_there(
         vms: Callable[[], int]) -> None:
     """G -> H of a; the VM writes on H; then another VM's migration G -> H is interrupted.
     The guard of a at H is a's own record: neither that session nor G's retries erase it."""
-    g = mount_factory(backing=tmp_path / "g-backing", mnt=tmp_path / "g")
-    h = mount_factory(backing=tmp_path / "h-backing", mnt=tmp_path / "h")
+    g, h = together(
+        lambda: mount_factory(backing=tmp_path / "g-backing", mnt=tmp_path / "g"),
+        lambda: mount_factory(backing=tmp_path / "h-backing", mnt=tmp_path / "h"))
     (g.mnt / "a.raw").write_bytes(os.urandom(4 << 20))
     (g.mnt / "b.raw").write_bytes(os.urandom(24 << 20))  # (2.4 s at 10 MB/s: time to cut)
     assert hop(g, h, key, servers, vms(), "a.raw").returncode == 0
@@ -132,8 +133,9 @@ def test_there_and_back_and_there_again_leaves_one_owner(
         vms: Callable[[], int]) -> None:
     """C -> D, D -> C, C -> D: one id, generation 3, D the owner and C retired, whoever is
     asked; then C hands the VM to a fresh host F: refused."""
-    c = mount_factory(backing=tmp_path / "c-backing", mnt=tmp_path / "c")
-    d = mount_factory(backing=tmp_path / "d-backing", mnt=tmp_path / "d")
+    c, d = together(
+        lambda: mount_factory(backing=tmp_path / "c-backing", mnt=tmp_path / "c"),
+        lambda: mount_factory(backing=tmp_path / "d-backing", mnt=tmp_path / "d"))
     (c.mnt / "disk.raw").write_bytes(os.urandom(8 << 20))
     (c.mnt / "vm.mem").write_bytes(os.urandom(2 << 20))
     for src, dst in ((c, d), (d, c), (c, d)):
