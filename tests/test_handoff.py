@@ -18,7 +18,7 @@ from migrator.resolve import resolve_source
 from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.transport import MigrationError
 
-from .test_engine import (
+from .fakes.engine import (
     KEY,
     FakeVM,
     MemoryDest,
@@ -310,7 +310,7 @@ async def migrate_over(network_wrap: Any, dest: MemoryDest, src: MemorySource, v
     from migrator.options import SourceHooks
     from migrator.source import Source
 
-    from .test_engine import inline
+    from .fakes.engine import inline
 
     opts = options(**kw)
     sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,

@@ -41,7 +41,7 @@ from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.source import Source
 from migrator.vm import AdapterError
 
-from .test_engine import BS, KEY, FakeVM, MemoryDest, MemoryRecords, MemorySource, inline
+from .fakes.engine import BS, KEY, FakeVM, MemoryDest, MemoryRecords, MemorySource, inline
 from .test_handoff import CuttableStream
 
 HOSTS = ("h0", "h1", "h2")

@@ -14,7 +14,7 @@ from migrator.options import SourceHooks
 from migrator.serving import ServeOptions, Sessions, serve_one
 from migrator.sync import Syncer, sync_options
 
-from .test_engine import BS, KEY, FakeVM, MemoryDest, MemorySource, files, inline, migrate, options
+from .fakes.engine import BS, KEY, FakeVM, MemoryDest, MemorySource, files, inline, migrate, options
 
 
 class Cut(trio.abc.Stream):

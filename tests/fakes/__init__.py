@@ -1,0 +1,1 @@
+"""Fakes for the tests: the engine's world in memory (engine.py)."""
