@@ -14,13 +14,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 from blkfs import ctlproto as cp
 from blkfs.control import ControlClient
 from blkfs.runtime import DaemonInfo, mount_fstype, process_gone
+
+if TYPE_CHECKING:
+    from .hosts import Server
 
 BLKFS = [sys.executable, "-m", "blkfs.cli"]
 T = TypeVar("T")
@@ -193,3 +196,75 @@ def mount_factory(
 @pytest.fixture
 def mount(mount_factory: Callable[..., Mount]) -> Mount:
     return mount_factory("--block-size", "64K")
+
+
+# -- two hosts, their key and serve processes (the mounted migration tests) ------------------
+
+
+@pytest.fixture
+def hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, Mount]:
+    src, dst = together(
+        lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
+    return src, dst
+
+
+@pytest.fixture
+def freeze_hosts(mount_factory: Callable[..., Mount], tmp_path: Path) -> tuple[Mount, Mount]:
+    """Hosts whose source is never a --writeback mount (BLKFS_WRITEBACK=1 included): for the
+    tests of the default suspend, blkfs freeze, which a writeback mount refuses."""
+    src, dst = together(
+        lambda: mount_factory("--no-writeback", backing=tmp_path / "src-backing",
+                              mnt=tmp_path / "src"),
+        lambda: mount_factory(backing=tmp_path / "dst-backing", mnt=tmp_path / "dst"))
+    return src, dst
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    k = tmp_path / "key"
+    k.write_text(os.urandom(32).hex())
+    k.chmod(0o600)
+    return k
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture
+def idle_vm() -> Iterator[subprocess.Popen[bytes]]:
+    """A process standing in for the VM: it must never be left stopped by a failure."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair: (ns_a, ns_b, veth end in ns_a)."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 (ip netns)")
+    tag = f"bk{os.getpid() % 100000}"
+    a, b, x, y = f"{tag}a", f"{tag}b", f"{tag}x", f"{tag}y"
+    cmds = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
+            ["ip", "link", "add", x, "type", "veth", "peer", "name", y],
+            ["ip", "link", "set", x, "netns", a], ["ip", "link", "set", y, "netns", b],
+            ["ip", "-n", a, "addr", "add", "10.231.77.1/24", "dev", x],
+            ["ip", "-n", b, "addr", "add", "10.231.77.2/24", "dev", y],
+            ["ip", "-n", a, "link", "set", x, "up"], ["ip", "-n", b, "link", "set", y, "up"],
+            ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
+    try:
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"network namespaces unavailable here: {' '.join(c)}: {r.stderr}")
+        yield a, b, x
+    finally:
+        subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", b], capture_output=True)

@@ -21,7 +21,7 @@ import pytest
 from migrator.simvm.format import read_header
 
 from .conftest import Mount, together
-from .test_migrate import (
+from .hosts import (
     MIGRATOR,
     SIMVM,
     Server,
@@ -30,13 +30,8 @@ from .test_migrate import (
     digest_log,
     fill_source,
     hold_until,
-    hosts,
-    idle_vm,
-    key,
     migrate,
-    netns_pair,
     read_json,
-    servers,
     state,
     stopped,
     vm_record,
@@ -45,7 +40,6 @@ from .test_migrate import (
 )
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
-__all__ = ["hosts", "idle_vm", "key", "netns_pair", "servers"]  # fixtures, re-exported for pytest
 
 
 def wait_writing(src: Mount, vm: subprocess.Popen[bytes], mib: int = 2) -> None:

@@ -25,11 +25,14 @@ from blkfs.spill import Refused, SlotAllocator, SpillArea, spill_key
 
 from . import gluster
 from .conftest import Mount
-from .test_migrate import MIGRATOR, Server, hosts, key, servers
+from .hosts import (
+    MIGRATOR,
+    Server,
+)
 from .test_postcopy import completed_from_the_spill_alone, stop_dest_on_resume, vm
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.group("gluster")]  # one glusterd
-__all__ = ["hosts", "key", "servers", "vm"]  # fixtures, re-exported for pytest
+__all__ = ["vm"]  # a fixture of test_postcopy, re-exported for pytest
 
 SERVER_ADDR, DEST_ADDR = "10.231.78.1", "10.231.78.2"
 

@@ -21,20 +21,14 @@ import pytest
 from migrator import protocol as p
 
 from .conftest import Mount
-from .test_migrate import (
+from .hosts import (
     Server,
     assert_source_whole,
     digest,
-    hosts,
-    idle_vm,
-    key,
     last_line,
     migrate,
-    servers,
     state,
 )
-
-__all__ = ["hosts", "idle_vm", "key", "servers"]  # fixtures, re-exported for pytest
 
 pytestmark = pytest.mark.mount
 

@@ -26,23 +26,18 @@ import xxhash
 from blkfs.spill import FLAG_FILLED, HEADER_SIZE, SlotHeader
 
 from .conftest import Mount
-from .test_migrate import (
+from .hosts import (
     MIGRATOR,
     SIMVM,
     Server,
     digest,
-    freeze_hosts,
-    hosts,
-    key,
     read_json,
-    servers,
     state,
     stopped,
     wait_for,
 )
 
 pytestmark = pytest.mark.mount
-__all__ = ["freeze_hosts", "hosts", "key", "servers"]  # fixtures, re-exported for pytest
 
 BS = 65536
 READER = r"""

@@ -30,7 +30,11 @@ import pytest
 from migrator.qmp import QMP, QMPError
 
 from .conftest import Mount, together
-from .test_migrate import MIGRATOR, Server, state
+from .hosts import (
+    MIGRATOR,
+    Server,
+    state,
+)
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.serial, pytest.mark.cache]
 

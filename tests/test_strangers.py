@@ -19,9 +19,12 @@ from migrator import protocol as p
 from migrator.serving import MAX_HANDSHAKES
 
 from .conftest import Mount
-from .test_migrate import Server, digest, fill_source, hosts, idle_vm, key, migrate, servers
-
-__all__ = ["hosts", "idle_vm", "key", "servers"]  # fixtures, re-exported for pytest
+from .hosts import (
+    Server,
+    digest,
+    fill_source,
+    migrate,
+)
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

@@ -14,22 +14,18 @@ from pathlib import Path
 import pytest
 
 from .conftest import Mount, run_blkfs
-from .test_migrate import (
+from .hosts import (
     MIGRATOR,
     SIMVM,
     Server,
     digest,
-    hosts,
-    key,
     last_line,
     migrate,
-    servers,
     state,
     wait_for,
 )
 
 pytestmark = pytest.mark.mount
-__all__ = ["hosts", "key", "servers"]  # fixtures, re-exported for pytest
 
 
 def start_sync(src: Mount, port: int, key: Path, *args: str) -> subprocess.Popen[str]:

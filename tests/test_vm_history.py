@@ -19,21 +19,17 @@ from typing import Any
 import pytest
 
 from .conftest import Mount, together
-from .test_migrate import (
+from .hosts import (
     MIGRATOR,
     Server,
     digest,
-    freeze_hosts,
-    key,
     migrate,
-    servers,
     stopped,
     vm_record,
     wait_mid_copy,
 )
 
 pytestmark = pytest.mark.mount
-__all__ = ["freeze_hosts", "key", "servers"]  # (fixtures)
 
 
 @pytest.fixture

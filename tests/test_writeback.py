@@ -21,7 +21,9 @@ from blkfs.bdi import bdi_name
 from blkfs.control import flush_file
 
 from .conftest import Mount, run_blkfs
-from .test_migrate import wait_for
+from .hosts import (
+    wait_for,
+)
 from .test_tracking import WRITER
 
 pytestmark = pytest.mark.mount
