@@ -11,7 +11,7 @@ import secrets
 import stat
 import time
 from collections import deque
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -36,6 +36,7 @@ __all__ = ["BadPeer", "ConnectionLost", "KeyMismatch", "MigrationError", "NotOwn
 HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = defaults.IO_TIMEOUT  # no progress this long: a cut link or a stuck peer
 RECV_CHUNK = 1 << 20
+E = TypeVar("E")  # the event types expect() waits for
 
 
 def _bad_peer(exc: p.ProtocolError) -> BadPeer:
@@ -116,7 +117,7 @@ class Channel:
         self.bytes_received = 0
         self._t0 = time.monotonic()
         self._send_lock = trio.Lock()
-        self._early: deque[Any] = deque()  # events read while sending (see _listen)
+        self._early: deque[p.Event] = deque()  # events read while sending (see _listen)
         self._receiving = False  # a task waits in receive(): it reads the socket itself
         self._listening: trio.CancelScope | None = None  # a send's _listen runs
         self._listen_done = trio.Event()
@@ -182,7 +183,7 @@ class Channel:
         if failed is not None:
             raise failed
 
-    async def send(self, event: Any) -> None:
+    async def send(self, event: p.Event) -> None:
         """Send one frame, whole or not at all.
 
         Cancellation may stop us while we wait for the lock or the bandwidth budget, but
@@ -238,7 +239,7 @@ class Channel:
                 except p.ProtocolError:
                     return
 
-    async def receive(self) -> Any:
+    async def receive(self) -> p.Event:
         self._receiving = True
         try:
             if self._listening is not None:  # a send listens: it gives the stream back
@@ -252,7 +253,7 @@ class Channel:
         finally:
             self._receiving = False
 
-    async def _receive(self) -> Any:
+    async def _receive(self) -> p.Event:
         eof = False
         while True:
             try:
@@ -280,7 +281,7 @@ class Channel:
             except p.ProtocolError as exc:
                 raise _bad_peer(exc) from None
 
-    async def expect(self, *types: type) -> Any:
+    async def expect(self, *types: type[E]) -> E:
         ev = await self.receive()
         if not isinstance(ev, types):
             raise BadPeer(f"expected {' or '.join(t.__name__ for t in types)}, "
