@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -78,9 +79,18 @@ def wait_migration(q: QMP, what: str, timeout: float = 60) -> None:
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Until QEMU listens on its QMP socket: the file appears at bind(), a moment before
+    listen(), and a connect in between is refused (seen on a loaded machine)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, f"no {path}"
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, f"no QMP on {path}"
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    return  # (closed at once: QEMU then serves the next client)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass
         time.sleep(0.02)
 
 
