@@ -36,6 +36,8 @@ __all__ = ["BadPeer", "ConnectionLost", "KeyMismatch", "MigrationError", "NotOwn
 HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = defaults.IO_TIMEOUT  # no progress this long: a cut link or a stuck peer
 RECV_CHUNK = 1 << 20
+LISTEN_FROM = 1 << 20  # frames from this size on are sent with an ear on the peer
+LISTEN_EVERY = 0.05  # s: smaller frames get one at most this often
 E = TypeVar("E")  # the event types expect() waits for
 
 
@@ -126,6 +128,7 @@ class Channel:
         # and what a quick peer sent after its Auth (its first frame, maybe a bad one) must
         # come to that read, not fail the handshake as if the peer were a stranger.
         self._handshaking = False
+        self._listened_at = -LISTEN_EVERY  # when a send last listened (time.monotonic)
 
     async def _listen(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """While a send runs and no task waits in receive(): has the peer said something we
@@ -166,10 +169,18 @@ class Channel:
                 self._listen_done.set()
 
     async def _send_listening(self, data: bytes) -> None:
-        """stream.send_all, with an ear on the peer meanwhile unless a receiver has it."""
-        if self._receiving or self._peer_abort is not None or self._handshaking:
+        """stream.send_all, with an ear on the peer meanwhile unless a receiver has it.
+
+        A frame that can keep the sender busy always gets one; small ones at most every
+        LISTEN_EVERY seconds (the listener costs a task and a few scheduler passes: on every
+        small frame, +1.3 ms of the switchover's send_last_set in `scripts/bench_demo.py`),
+        so a stream of small frames still hears an Abort within that time."""
+        now = time.monotonic()
+        small = len(data) < LISTEN_FROM and now - self._listened_at < LISTEN_EVERY
+        if small or self._receiving or self._peer_abort is not None or self._handshaking:
             await self.stream.send_all(data)
             return
+        self._listened_at = now
         failed: Exception | None = None
         async with trio.open_nursery() as nursery:
             await nursery.start(self._listen)
