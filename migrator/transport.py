@@ -6,6 +6,7 @@ All protocol rules (states, limits, authentication) live in the pure
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import stat
@@ -128,7 +129,7 @@ class Channel:
         # and what a quick peer sent after its Auth (its first frame, maybe a bad one) must
         # come to that read, not fail the handshake as if the peer were a stranger.
         self._handshaking = False
-        self._listened_at = -LISTEN_EVERY  # when a send last listened (time.monotonic)
+        self._listened_at = -math.inf  # when a send last listened (trio.current_time)
 
     async def _listen(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """While a send runs and no task waits in receive(): has the peer said something we
@@ -175,7 +176,7 @@ class Channel:
         LISTEN_EVERY seconds (the listener costs a task and a few scheduler passes: on every
         small frame, +1.3 ms of the switchover's send_last_set in `scripts/bench_demo.py`),
         so a stream of small frames still hears an Abort within that time."""
-        now = time.monotonic()
+        now = trio.current_time()  # (trio's clock: the same on an autojump clock every run)
         small = len(data) < LISTEN_FROM and now - self._listened_at < LISTEN_EVERY
         if small or self._receiving or self._peer_abort is not None or self._handshaking:
             await self.stream.send_all(data)
