@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from .qmp import DEFAULT_TIMEOUT, QMP, QMPError
+from .qmp import DEFAULT_TIMEOUT, QMP, QMPError, QMPRefused
 
 log = logging.getLogger(__name__)
 
@@ -226,15 +226,24 @@ class QemuTarget:
                                              env=dict(os.environ, MIGRATOR_MOUNT=self.mount))
             except OSError as exc:
                 raise QemuError(f"cannot start {argv[0]}: {exc.strerror}") from None
+        # The socket file appears at QEMU's bind(), a moment before its listen(): a connect
+        # in between is refused, so refusals are retried while QEMU lives (seen under load).
         deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(qmp):
+        while True:
             if self.proc.poll() is not None:
                 raise QemuError(f"the destination QEMU exited at start: {self._last_words()}")
             if time.monotonic() > deadline:
                 raise QemuError(f"the destination QEMU opened no QMP socket within "
                                 f"{START_TIMEOUT:g} s")
+            if os.path.exists(qmp):
+                try:
+                    self.q = QMP(qmp, DEFAULT_TIMEOUT)
+                    break
+                except QMPRefused:
+                    pass  # (not listening yet: the loop sees if it exited)
+                except QMPError as exc:
+                    raise QemuError(str(exc)) from None
             time.sleep(0.02)
-        self.q = _connect_qmp(qmp)
         self._listen()
 
     def _listen(self) -> None:

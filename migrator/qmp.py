@@ -39,6 +39,11 @@ class QMPError(Exception):
         self.desc = desc                # QEMU's "desc", verbatim
 
 
+class QMPRefused(QMPError):
+    """Nobody listens on the socket (yet: QEMU binds it a moment before it listens; or any
+    more: it exited and left the file behind)."""
+
+
 class QMPTimeout(QMPError):
     """No reply (or event) in time: QEMU is stuck, busy, or serving another client."""
 
@@ -71,7 +76,7 @@ class QMP:
             raise QMPError(f"QMP socket {self.path} does not exist (is QEMU running with "
                            f"-qmp unix:{self.path},server=on,wait=off?)") from None
         except ConnectionRefusedError:
-            raise QMPError(f"connection refused on QMP socket {self.path} "
+            raise QMPRefused(f"connection refused on QMP socket {self.path} "
                            "(QEMU has exited and left the socket behind?)") from None
         except TimeoutError:
             raise QMPTimeout(f"timed out connecting to QMP socket {self.path}") from None
