@@ -136,8 +136,10 @@ class DestHandoff:
 
     def resume(self, rec: VMRecord) -> None:
         """A reattached session goes on with the record the broken one left."""
-        assert rec.dest_record is not None  # (reattachable: a session ran here)
-        self.vm, self.dest_record = rec, rec.dest_record
+        # (a record converted from an older migrator may lack the session's part)
+        self.vm = rec
+        self.dest_record = rec.dest_record or DestRecord(rec.migration, rec.peer,
+                                                         DestStatus.RUNNING)
 
     def save(self, vm: VMRecord | None = None, **changes: Any) -> None:
         """The session's record, changed, into the VM's record, durably (with the VM's new
