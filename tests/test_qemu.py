@@ -143,7 +143,10 @@ def ticks(console: Path) -> list[str]:
         text = console.read_text(errors="replace")
     except FileNotFoundError:
         return []
-    return [ln for ln in text.splitlines() if ln.startswith("TICK ")]
+    # Whole lines only: the guest writes its serial console a few bytes at a time, so the
+    # last line may still be arriving ("TICK 9 disk=ok ca", seen once).
+    whole = text[:text.rfind("\n") + 1]
+    return [ln for ln in whole.splitlines() if ln.startswith("TICK ")]
 
 
 def wait_ticks(console: Path, n: int, timeout: float) -> list[str]:
