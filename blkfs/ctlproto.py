@@ -235,8 +235,9 @@ class Thaw(Request):
 
 @dataclass
 class PostcopyStats:
-    """Post-copy figures of the destination daemon, counted in place by lazy mode; a copy
-    goes into the ``PostcopyDone`` frame and the migration report unchanged."""
+    """Post-copy figures of the destination daemon, counted in place by lazy mode; the
+    migrator reports them, and sends them in its own wire type (protocol.PostcopyFigures,
+    converted by migrator/postcopy.py)."""
 
     demand_faults: int = 0  # reads (or writes) that waited for an absent block
     pages_via_spill: int = 0  # installed from a slot for a waiting read

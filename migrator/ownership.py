@@ -41,6 +41,13 @@ from enum import StrEnum
 from typing import Any
 
 
+def _known_fields(cls: type, d: dict[str, Any], *nested: str) -> dict[str, Any]:
+    """The keys of `d` that are fields of the dataclass `cls`, but the `nested` ones (which
+    the caller builds itself): a record written by a newer migrator still reads."""
+    names = {f.name for f in fields(cls)} - set(nested)
+    return {k: v for k, v in d.items() if k in names}
+
+
 class Role(StrEnum):
     """What this host's copy of a VM is (the module's docstring says each)."""
 
@@ -98,9 +105,8 @@ class VMRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMRecord | None:
         """None for anything that is not a whole record (torn, or not ours): unknown."""
-        names = {f.name for f in fields(cls)} - {"dest_record"}
         try:
-            rec = cls(**{k: v for k, v in d.items() if k in names})
+            rec = cls(**_known_fields(cls, d, "dest_record"))
             rec.role = Role(rec.role)
         except (TypeError, ValueError):
             return None
@@ -159,8 +165,7 @@ class ReplicaProgress:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplicaProgress:
-        names = {f.name for f in fields(cls)}
-        got = {k: v for k, v in d.items() if k in names}
+        got = _known_fields(cls, d)
         if "epoch" in d and "sync_round" not in d:  # (written before it had its own word)
             got["sync_round"] = d["epoch"]
         return cls(**got)
@@ -198,9 +203,8 @@ class DestRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DestRecord | None:
         """None for a record torn or of another shape (the session is then unknown)."""
-        names = {f.name for f in fields(cls)} - {"replica"}
         try:
-            rec = cls(**{k: v for k, v in d.items() if k in names})
+            rec = cls(**_known_fields(cls, d, "replica"))
             rec.status = DestStatus(rec.status)
             if isinstance(rec.verified, str):  # (a sentence, before verified_how)
                 rec.verified, rec.verified_how = True, rec.verified

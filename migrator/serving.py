@@ -217,7 +217,8 @@ async def _failed(session: DestSession, peer: str, msg: str,
                 log.error("cannot end lazy mode of the refused migration: %s", exc2)
         rec = session.dest_record
         touched = session.vm is not None and rec is not None
-        if rec is not None and touched:
+        if touched:
+            assert rec is not None
             try:
                 refused = rec.status == DestStatus.REFUSED  # (its start failed)
                 session.handoff.refuse(msg, DestStatus.REFUSED if refused
