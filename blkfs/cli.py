@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("mountpoint", metavar="MOUNTPOINT")
     d.add_argument("file", metavar="FILE", help="path relative to the mount (or under it)")
     d.add_argument("--swap", action="store_true", help="end the epoch and return its set")
+    d.add_argument("--pages", action="store_true",
+                   help="extents of pages (the unit of tracking: 4K under blocks up to 64K, a "
+                   "16th of larger blocks) instead of blocks")
     d.add_argument("--no-flush", action="store_true",
                    help="do not flush FILE's page cache before --swap")
     d.add_argument("--json", action="store_true", help="machine-readable output")
@@ -523,15 +526,17 @@ def cmd_dirty(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
         if a.swap and not a.no_flush:
             _flush(a.mountpoint, rel)
-        d = c.call(cp.Dirty(rel, swap=a.swap))
+        d = c.call(cp.Dirty(rel, swap=a.swap, pages=a.pages))
     if a.json:
-        _print_json({k: v for k, v in d.to_json().items() if k != "size"})
+        _print_json({k: v for k, v in d.to_json().items()
+                     if k != "size" and (k != "page_size" or a.pages)})
         return 0
     n = d.blocks
     what = "ended" if a.swap else "current"
+    unit = "pages" if a.pages else "blocks"
     print(
-        f"{d.file}: {what} epoch {d.epoch}: {n} dirty blocks of {size_text(d.block_size)} "
-        f"({human_bytes(n * d.block_size)}): {_fmt_extents(d.extents)}"
+        f"{d.file}: {what} epoch {d.epoch}: {n} dirty {unit} of {size_text(d.unit)} "
+        f"({human_bytes(n * d.unit)}): {_fmt_extents(d.extents)}"
     )
     return 0
 

@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from . import ctlproto as cp
-from .bitmap import runs as bitmap_runs
+from .bitmap import block_runs, page_runs
 from .ctlproto import ControlError
 from .holes import punch_hole
 from .lazy import LazyError, LazyMode
@@ -180,11 +180,14 @@ class Controller:
     def op_dirty(self, req: cp.Dirty, conn: Connection) -> cp.DirtyReply:
         rel, tr = self._resolve(req.file)
         if req.swap:
-            epoch, bits = tr.swap_bitmap()
+            epoch, masks = tr.swap_bitmap()
         else:
-            epoch, bits = tr.bitmap.epoch, tr.bitmap.bits
+            epoch, masks = tr.bitmap.epoch, tr.bitmap.bits
+        if req.pages:
+            return cp.DirtyReply(rel, epoch, tr.block_size, tr.size, cp.pack_extents(
+                *page_runs(masks, tr.pages_per_block)), tr.page_size)
         return cp.DirtyReply(rel, epoch, tr.block_size, tr.size,
-                             cp.pack_extents(*bitmap_runs(bits)))
+                             cp.pack_extents(*block_runs(masks)))
 
     def op_clear(self, req: cp.Clear, conn: Connection) -> cp.ClearReply:
         """Clear the dirty marks of some blocks before reading them (see FileTracker.clear)."""

@@ -147,6 +147,7 @@ class DirtyReply:
     block_size: int
     size: int
     runs: bytes  # the dirty extents, packed (pack_extents); the payload
+    page_size: int = 0  # asked for pages: the runs are of pages of this size, not blocks
 
     @property
     def extents(self) -> list[Extent]:
@@ -155,7 +156,12 @@ class DirtyReply:
 
     @property
     def blocks(self) -> int:
+        """How many units (blocks, or pages when asked for pages) the runs hold."""
         return int(unpack_extents(self.runs)["count"].sum())
+
+    @property
+    def unit(self) -> int:
+        return self.page_size or self.block_size
 
     def to_json(self) -> dict[str, Any]:
         """As people and scripts read it (`blkfs dirty --json`): the extents as pairs."""
@@ -164,12 +170,14 @@ class DirtyReply:
 
 @dataclass(frozen=True)
 class Dirty(Request):
-    """The current epoch's dirty extents; with swap, end the epoch and return its set."""
+    """The current epoch's dirty extents; with swap, end the epoch and return its set; with
+    pages, in pages (the unit of tracking under a block), else in blocks."""
 
     OP = "dirty"
     Reply = DirtyReply
     file: str
     swap: bool = False
+    pages: bool = False
 
 
 @dataclass(frozen=True)

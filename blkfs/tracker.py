@@ -26,13 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from .bitmap import DirtyBitmap, Extent, blocks_for, extents, from_extents
+from .bitmap import (
+    DirtyBitmap,
+    Extent,
+    blocks_for,
+    extents,
+    from_extents,
+    masks_from_pages,
+    page_shift,
+)
 from .heat import DEFAULT_HALF_LIFE, Heat
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: dirty pages ("dirty_pages", "page_size"); 1: dirty blocks ("dirty")
+READABLE_FORMATS = (1, 2)
 
 FileKey = tuple[int, int]  # (st_dev, st_ino) of the backing file
 
@@ -51,10 +60,10 @@ class FileIdentity:
 
 
 class FileTracker:
-    """Dirty bitmap + heat + size of one tracked file."""
+    """Dirty bitmap (page masks by block) + heat (by block) + size of one tracked file."""
 
-    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "key", "lazy", "restored", "shift",
-                 "size", "writes")
+    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "key", "lazy", "pidx", "pshift",
+                 "restored", "shift", "size", "writes")
 
     def __init__(
         self,
@@ -68,8 +77,11 @@ class FileTracker:
     ) -> None:
         self.key = key
         self.shift = shift
+        self.pshift = page_shift(shift)
+        ppb = 1 << (shift - self.pshift)
+        self.pidx = ppb - 1  # page index within its block: (offset >> pshift) & pidx
         self.size = size
-        self.bitmap = DirtyBitmap(blocks_for(size, shift), all_dirty=all_dirty)
+        self.bitmap = DirtyBitmap(blocks_for(size, shift), all_dirty=all_dirty, ppb=ppb)
         self.heat = Heat(half_life, now)
         self.heat_log: list[int] = []  # blocks written since the last settle_heat
         self.frozen = False
@@ -82,18 +94,26 @@ class FileTracker:
         return 1 << self.shift
 
     @property
+    def page_size(self) -> int:
+        return 1 << self.pshift
+
+    @property
+    def pages_per_block(self) -> int:
+        return self.pidx + 1
+
+    @property
     def nblocks(self) -> int:
         return blocks_for(self.size, self.shift)
 
     def on_write(self, offset: int, length: int) -> None:
         """Record `length` bytes written at `offset`, after they reached the backing file.
 
-        The write hot path: a byte (or slice) store in the bitmap and a list
-        append.  Heat is settled later in batches (`settle_heat`, about once a
-        second and before every heat query): a dict update per write and a
-        clock read cost more than the rest of the tracking together.  `_grow`
-        keeps the bitmap at least as long as the file, so the single-block
-        store needs no bounds check.
+        The write hot path: an OR of the written pages into the block's mask
+        and a list append.  Heat is settled later in batches (`settle_heat`,
+        about once a second and before every heat query): a dict update per
+        write and a clock read cost more than the rest of the tracking
+        together.  `_grow` keeps the bitmap at least as long as the file, so
+        the single-block store needs no bounds check.
         """
         end = offset + length
         if length <= 0:
@@ -105,10 +125,12 @@ class FileTracker:
         last = (end - 1) >> shift
         self.writes += 1
         if first == last:
-            self.bitmap.bits[first] = 1
+            pshift, pidx = self.pshift, self.pidx
+            self.bitmap.bits[first] |= (2 << (((end - 1) >> pshift) & pidx)) - (
+                1 << ((offset >> pshift) & pidx))
             self.heat_log.append(first)
         else:
-            self.bitmap.mark(first, last)
+            self.bitmap.mark_bytes(offset, end, shift, self.pshift)
             self.heat_log.extend(range(first, last + 1))
 
     def settle_heat(self, now: float) -> None:
@@ -149,12 +171,17 @@ class FileTracker:
             self.bitmap.mark(0, n - 1)
 
     def swap(self) -> tuple[int, list[Extent]]:
-        """End the current epoch: return (its number, its dirty extents)."""
-        epoch, bits = self.swap_bitmap()
-        return epoch, extents(bits)
+        """End the current epoch: return (its number, its dirty block extents)."""
+        epoch, masks = self.swap_bitmap()
+        return epoch, DirtyBitmap.of(masks, self.bitmap.ppb).extents()
 
-    def swap_bitmap(self) -> tuple[int, bytearray]:
-        """End the current epoch: return (its number, its dirty bitmap)."""
+    def swap_pages(self) -> tuple[int, list[Extent]]:
+        """End the current epoch: return (its number, its dirty page extents)."""
+        epoch, masks = self.swap_bitmap()
+        return epoch, DirtyBitmap.of(masks, self.bitmap.ppb).page_extents()
+
+    def swap_bitmap(self) -> tuple[int, Any]:
+        """End the current epoch: return (its number, its page masks)."""
         self.bitmap.resize(self.nblocks)
         return self.bitmap.swap()
 
@@ -165,14 +192,14 @@ class FileTracker:
         after the clear is marked again) and need not resend blocks whose
         writes all came before it read them.
         """
-        bits = self.bitmap.bits
         for first, count in exts:
-            stop = min(first + count, len(bits))
-            if stop > first:
-                bits[first:stop] = bytes(stop - first)
+            self.bitmap.clear(first, first + count)
 
     def dirty_extents(self) -> list[Extent]:
         return self.bitmap.extents()
+
+    def dirty_pages(self) -> list[Extent]:
+        return self.bitmap.page_extents()
 
     # -- persistence ------------------------------------------------------------
 
@@ -187,7 +214,8 @@ class FileTracker:
             "mtime_ns": ident.mtime_ns,
             "ctime_ns": ident.ctime_ns,
             "epoch": self.bitmap.epoch,
-            "dirty": self.bitmap.extents(),
+            "page_size": self.page_size,
+            "dirty_pages": self.bitmap.page_extents(),
             "heat_blocks": base64.b64encode(blocks.astype("<u8").tobytes()).decode(),
             "heat_values": base64.b64encode(values.astype("<f8").tobytes()).decode(),
         }
@@ -210,7 +238,15 @@ class FileTracker:
             now=now,
             all_dirty=False,
         )
-        tr.bitmap.bits = from_extents(rec["dirty"], tr.nblocks)
+        if "dirty_pages" in rec:
+            if rec["page_size"] != tr.page_size:
+                raise ValueError(f"pages of {rec['page_size']} bytes, not {tr.page_size}")
+            tr.bitmap.bits = masks_from_pages(rec["dirty_pages"], tr.nblocks, tr.pages_per_block)
+        else:  # format 1: whole blocks
+            blocks = from_extents(rec["dirty"], tr.nblocks)
+            tr.bitmap.bits = masks_from_pages([], tr.nblocks, tr.pages_per_block)
+            for first, count in extents(blocks):
+                tr.bitmap.mark(first, first + count - 1)
         tr.bitmap.epoch = int(rec["epoch"])
         blocks = np.frombuffer(base64.b64decode(rec["heat_blocks"]), dtype="<u8")
         values = np.frombuffer(base64.b64decode(rec["heat_values"]), dtype="<f8")
@@ -284,7 +320,7 @@ def load_state(meta_dir: str, block_size: int) -> SavedState:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-        if doc.get("format") != STATE_FORMAT:
+        if doc.get("format") not in READABLE_FORMATS:
             raise ValueError(f"unknown format {doc.get('format')!r}")
         if doc.get("block_size") != block_size:
             log.info(

@@ -317,6 +317,91 @@ def test_matches_exact_model(size: int, ops: list[tuple[str, int, int]]) -> None
         assert all(b < tr.nblocks for b, _ in snapshot(tr.heat, 0.0))
 
 
+PSHIFT, BIG = 12, 16  # 4 KiB pages under 64 KiB blocks, the default
+PAGE, BIG_BS = 1 << PSHIFT, 1 << BIG
+page_writes = st.tuples(st.just("w"), st.integers(0, 40 * PAGE), st.integers(0, 40 * PAGE))
+page_resizes = st.tuples(st.just("r"), st.integers(0, 40 * PAGE), st.just(0))
+
+
+def pages_of(offset: int, end: int) -> set[int]:
+    return set(range(offset >> PSHIFT, ((end - 1) >> PSHIFT) + 1)) if end > offset else set()
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 40 * PAGE), st.lists(st.one_of(page_writes, swaps, page_resizes),
+                                            max_size=40))
+def test_pages_match_exact_model(size: int, ops: list[tuple[str, int, int]]) -> None:
+    """Under 64 KiB blocks a write dirties exactly the 4 KiB pages it touches (growth: every
+    page from the old end's block on, whole); the block view is the blocks of those pages."""
+    tr = FileTracker(KEY, size, BIG, half_life=HL, now=0.0, all_dirty=False)
+    assert (tr.page_size, tr.pages_per_block) == (PAGE, 16)
+    model: set[int] = set()
+    for op, arg, length in ops:
+        if op == "w":
+            tr.on_write(arg, length)
+            if length > 0:
+                end = arg + length
+                if end > size:  # growth: whole blocks from the old end's block
+                    model |= pages_of((size >> BIG) << BIG, -(-end // BIG_BS) * BIG_BS)
+                    size = end
+                model |= pages_of(arg, end)
+        elif op == "r":
+            tr.on_resize(arg)
+            if arg > size:
+                model |= pages_of((size >> BIG) << BIG, -(-arg // BIG_BS) * BIG_BS)
+            elif arg < size:
+                model = {pg for pg in model if pg < blocks_for(arg, BIG) * 16}
+            size = arg
+        else:
+            _, exts = tr.swap_pages()
+            assert exts == to_extents(model)
+            model = set()
+        assert tr.dirty_pages() == to_extents(model)
+        assert tr.dirty_extents() == to_extents({pg // 16 for pg in model})
+
+
+def test_a_page_write_dirties_its_pages_only() -> None:
+    tr = FileTracker(KEY, 4 * BIG_BS, BIG, all_dirty=False)
+    tr.on_write(BIG_BS + 3 * PAGE + 100, 10)  # inside page 3 of block 1
+    tr.on_write(2 * BIG_BS - 8, 16)  # across blocks 1 and 2: the last page of one, first of 2
+    assert tr.dirty_pages() == [(16 + 3, 1), (31, 2)]
+    assert tr.dirty_extents() == [(1, 2)]
+    tr.clear([(1, 1)])
+    assert tr.dirty_pages() == [(32, 1)]
+    assert tr.swap_pages() == (0, [(32, 1)])
+    assert tr.dirty_pages() == []
+
+
+def test_pages_survive_a_clean_unmount(tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(3 * BIG_BS))
+    st_ = img.stat()
+    tr = FileTracker((st_.st_dev, st_.st_ino), 3 * BIG_BS, BIG, all_dirty=False)
+    tr.on_write(PAGE, 1)
+    tr.on_write(2 * BIG_BS, BIG_BS)
+    save_state(str(tmp_path), BIG_BS, [tr.to_record(FileIdentity.of(st_), "disk.raw", 0.0)])
+    back = load_state(str(tmp_path), BIG_BS).take((st_.st_dev, st_.st_ino), st_, BIG,
+                                                   half_life=HL, now=0.0)
+    assert back is not None and back.dirty_pages() == [(1, 1), (32, 16)]
+
+
+def test_a_format_1_state_restores_its_blocks_whole(tmp_path: Path) -> None:
+    """The state of the previous release (dirty blocks, no pages) is still trusted: its
+    blocks come back dirty whole."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(3 * BIG_BS))
+    st_ = img.stat()
+    tr = FileTracker((st_.st_dev, st_.st_ino), 3 * BIG_BS, BIG, all_dirty=False)
+    rec = tr.to_record(FileIdentity.of(st_), "disk.raw", 0.0)
+    del rec["dirty_pages"], rec["page_size"]
+    rec["dirty"] = [[1, 1]]
+    (tmp_path / STATE_FILE).write_text(json.dumps(
+        {"format": 1, "block_size": BIG_BS, "saved_at": time.time(), "files": [rec]}))
+    back = load_state(str(tmp_path), BIG_BS).take((st_.st_dev, st_.st_ino), st_, BIG,
+                                                   half_life=HL, now=0.0)
+    assert back is not None and back.dirty_pages() == [(16, 16)]
+
+
 # -- records ------------------------------------------------------------------------
 
 
@@ -571,8 +656,9 @@ def test_take_refuses_any_identity_difference(image: Path, field: str) -> None:
     [
         ("heat_blocks", "!!not base64!!"),
         ("heat_values", "AAAA"),  # 3 bytes: not a whole double, and lengths differ
-        ("dirty", [[-1, 2]]),
-        ("dirty", 5),
+        ("dirty_pages", [[-1, 2]]),
+        ("dirty_pages", 5),
+        ("page_size", 8192),
         ("epoch", "x"),
     ],
 )

@@ -293,13 +293,14 @@ WRITER = textwrap.dedent("""
 def test_no_lost_write_under_concurrent_swaps(
     mount_factory: Callable[..., Mount], mode: str
 ) -> None:
-    """Invariant 1: copy each swapped set to a replica while a writer hammers the
-    file; after a final swap the replica must equal the file byte for byte.  A
-    write whose mark were lost would leave an old version in the replica.  Many
-    small blocks, few writes each: a lost mark is most often the block's last."""
-    mount = mount_factory("--block-size", "4K")
-    B = 4096
-    nblocks = 8192
+    """Invariant 1: copy each swapped set of pages to a replica while a writer hammers the
+    file; after a final swap the replica must equal the file byte for byte.  A write whose
+    mark were lost would leave an old version in the replica.  Many small pages (4 KiB
+    under 64 KiB blocks: only the pages swapped are copied, never the rest of a block), few
+    writes each: a lost mark is most often the page's last."""
+    mount = mount_factory("--block-size", "64K")
+    B, P = 64 * 1024, 4096
+    nblocks = 512
     p = mount.path("disk.raw")
     p.write_bytes(b"\0" * nblocks * B)
     replica = bytearray(p.read_bytes())
@@ -313,10 +314,11 @@ def test_no_lost_write_under_concurrent_swaps(
             def round_() -> None:
                 nonlocal swaps, copied
                 flush_file(str(p))  # the barrier for mmap writes still in the page cache
-                exts = c.call(cp.Dirty("disk.raw", swap=True)).extents
+                reply = c.call(cp.Dirty("disk.raw", swap=True, pages=True))
+                assert reply.page_size == P
                 swaps += 1
-                for first, count in exts:
-                    replica[first * B:(first + count) * B] = os.pread(fd, count * B, first * B)
+                for first, count in reply.extents:
+                    replica[first * P:(first + count) * P] = os.pread(fd, count * P, first * P)
                     copied += count
 
             while writer.poll() is None:

@@ -221,7 +221,8 @@ def test_no_lost_write_with_pwrite_mmap_and_direct_writers_at_once(
         mount_factory: Callable[..., Mount]) -> None:
     """Invariant 1 under writeback: three writers (buffered pwrite, shared mmap, O_DIRECT),
     each on its third of the file, while swaps run in a loop behind a flush; a replica built
-    from the swapped sets, read from the backing file as the migrator reads, equals the file."""
+    from the swapped sets of pages (4 KiB under 16 KiB blocks), read from the backing file as
+    the migrator reads, equals the file."""
     m = mount_factory("--writeback", "--block-size", "16K")
     bs, third = 16 * 1024, 1024
     p, back = m.path("disk.raw"), m.backing / "disk.raw"
@@ -239,9 +240,12 @@ def test_no_lost_write_with_pwrite_mmap_and_direct_writers_at_once(
             def round_() -> None:
                 nonlocal swaps
                 flush_file(str(p))
-                for first, count in c.call(cp.Dirty("disk.raw", swap=True)).extents:
-                    replica[first * bs:(first + count) * bs] = os.pread(fd, count * bs,
-                                                                        first * bs)
+                reply = c.call(cp.Dirty("disk.raw", swap=True, pages=True))
+                ps = reply.page_size
+                assert ps == 4096
+                for first, count in reply.extents:
+                    replica[first * ps:(first + count) * ps] = os.pread(fd, count * ps,
+                                                                        first * ps)
                 swaps += 1
 
             while any(w.poll() is None for w in writers):
