@@ -23,7 +23,7 @@ from blkfs.control import ControlError
 from . import defaults
 from . import protocol as p
 from .errors import MigrationError, first_error
-from .plan import Policy, Verdict
+from .plan import OnStall, Policy
 from .report import print_summary
 from .transport import parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 PROG = "migrator"
 # The flag groups below are shared by the commands that move a VM's files (migrate, sync, and
 # the coming evacuate): one definition each, their defaults from migrator.defaults.
+def percentage(text: str) -> int:
+    n = whole_number(text)
+    if n > 99:
+        raise argparse.ArgumentTypeError(f"{text} is more than 99 (a percentage of the VM's time)")
+    return n
+
+
 BENCH_TITLE = "for benchmarks and comparisons, never for real VMs"
 NO_CAP = "default: no cap"
 
@@ -142,10 +149,24 @@ def _switchover_flags(parser: argparse.ArgumentParser) -> None:
                    f"(default {defaults.DOWNTIME_MS:g}; {defaults.POSTCOPY_DOWNTIME_MS:g} for the "
                    "disks' set once memory goes post-copy)")
     g.add_argument("--max-rounds", type=whole_number, default=defaults.MAX_ROUNDS, metavar="R",
-                   help=f"give up iterating after R rounds (default {defaults.MAX_ROUNDS})")
-    g.add_argument("--on-stall", choices=("switchover", "abort"), default=defaults.ON_STALL,
-                   help="when the rounds stop converging: switch over anyway or abort "
-                   f"(default {defaults.ON_STALL})")
+                   help="after R rounds the rounds count as not converging (default "
+                   f"{defaults.MAX_ROUNDS})")
+    g.add_argument("--on-stall", choices=[s.value for s in OnStall], default=defaults.ON_STALL,
+                   help="when the rounds stop converging and slowing the VM did not help: "
+                   "converge goes on (memory post-copy with --postcopy auto) and stops after "
+                   "--converge-timeout, the VM running here; switchover switches over anyway, "
+                   "saying the expected downtime first; abort stops at once (default "
+                   f"{defaults.ON_STALL})")
+    g.add_argument("--converge-timeout", type=positive, metavar="S",
+                   default=defaults.CONVERGE_TIMEOUT_S,
+                   help="--on-stall converge: rounds that have not met the downtime target after "
+                   f"S seconds stop the migration (default {defaults.CONVERGE_TIMEOUT_S:g})")
+    g.add_argument("--max-throttle", type=percentage, metavar="PCT",
+                   default=defaults.THROTTLE_MAX,
+                   help="auto-converge: while the VM dirties faster than the link moves, slow "
+                   f"its process (pid:, qemu:) in steps ({defaults.THROTTLE_INITIAL} %%, then "
+                   f"+{defaults.THROTTLE_STEP}) up to PCT %% of its time; 0: never (default "
+                   f"{defaults.THROTTLE_MAX})")
     g.add_argument("--suspend", default=defaults.SUSPEND, metavar="ADAPTER",
                    help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET or "
                    f"freeze (default {defaults.SUSPEND})")
@@ -321,7 +342,7 @@ def _policy(a: argparse.Namespace) -> Policy:
     return Policy(threshold_blocks=a.threshold_blocks,
                   downtime_ms=a.downtime_ms or defaults.DOWNTIME_MS,
                   postcopy_downtime_ms=a.downtime_ms or defaults.POSTCOPY_DOWNTIME_MS,
-                  max_rounds=a.max_rounds, on_stall=Verdict(a.on_stall))
+                  max_rounds=a.max_rounds, on_stall=OnStall(a.on_stall))
 
 
 def _say(prefix: str) -> Callable[[str], None]:
@@ -402,7 +423,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           spill_slots=a.spill_slots, memory_files=a.memory,
                           spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
                           compress=a.compress, plaintext=_warn_plaintext(a),
-                          delta=not a.no_delta, lineage=not a.no_lineage, vm_name=a.vm)
+                          delta=not a.no_delta, lineage=not a.no_lineage, vm_name=a.vm,
+                          max_throttle=a.max_throttle, converge_timeout=a.converge_timeout)
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 

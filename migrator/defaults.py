@@ -16,8 +16,12 @@ IO_TIMEOUT = 60.0  # s of no progress: the network is cut or the peer is stuck
 # When to switch over (plan.Policy)
 DOWNTIME_MS = 50.0  # the expected downtime the last dirty set may cost
 POSTCOPY_DOWNTIME_MS = 20.0  # the same once memory goes post-copy: only the disks' last set
-MAX_ROUNDS = 30
-ON_STALL = "switchover"  # or "abort": when the rounds stop converging
+MAX_ROUNDS = 30  # rounds before the rounds count as not converging (converge: go on)
+ON_STALL = "converge"  # or "switchover", "abort": when the rounds stop converging
+CONVERGE_TIMEOUT_S = 300.0  # converge: rounds that long without meeting the target stop
+# Auto-converge (QEMU's cpu-throttle-initial/-increment/-tailslow and max): the VM's share of
+# time taken away, in steps, while it dirties more than half of what a round moves
+THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
 
 # The source VM
 SUSPEND = "freeze"  # the --suspend adapter: blkfs freeze of the VM's files

@@ -574,16 +574,19 @@ class DestSession:
             await handler(self, ev)
 
     async def _on_blocks(self, ev: p.Blocks) -> None:
-        if len(ev.data) >= THREAD_WRITE:
-            await trio.to_thread.run_sync(self.rx.write_blocks, ev)
-        else:  # a thread hop costs more than a small write
-            self.rx.write_blocks(ev)
+        await self._write(self.rx.write_blocks, ev, len(ev.data))
 
     async def _on_packed(self, ev: p.Packed) -> None:
-        if ev.size >= THREAD_WRITE:
-            await trio.to_thread.run_sync(self.rx.write_packed, ev)
-        else:
-            self.rx.write_packed(ev)
+        await self._write(self.rx.write_packed, ev, ev.size)
+
+    async def _on_pages(self, ev: p.Pages) -> None:
+        await self._write(self.rx.write_pages, ev, ev.size)
+
+    async def _write(self, write: Any, ev: p.Event, size: int) -> None:
+        if size >= THREAD_WRITE:
+            await trio.to_thread.run_sync(write, ev)
+        else:  # a thread hop costs more than a small write
+            write(ev)
 
     async def _on_zero(self, ev: p.Zero) -> None:
         await self.rx.write_zero(ev)
@@ -667,13 +670,14 @@ class DestSession:
             raise VerificationFailed(f"verification failed: {detail}")
 
 
-_DATA = (p.Blocks, p.Zero, p.Packed)  # copy data: written, never a reason to settle
+_DATA = (p.Blocks, p.Zero, p.Packed, p.Pages)  # copy data: written, never a reason to settle
 # What the destination does with each frame the source may send it (the protocol's state
 # table says when each may come); a frame not here needs nothing done (Done, Held's kin).
 _HANDLERS: dict[type, Callable[[DestSession, Any], Awaitable[None]]] = {
     p.Blocks: DestSession._on_blocks,
     p.Packed: DestSession._on_packed,
     p.Zero: DestSession._on_zero,
+    p.Pages: DestSession._on_pages,
     p.Resize: DestSession._on_resize,
     p.DeviceState: DestSession._on_device_state,
     p.Postcopy: DestSession._on_postcopy,

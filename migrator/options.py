@@ -14,6 +14,7 @@ from . import defaults
 from .errors import MigrationError
 from .plan import Policy
 from .stores import BlkfsSource, SourceFiles
+from .throttle import Throttle
 from .transport import IO_TIMEOUT, parse_hostport
 
 CONNECT_TIMEOUT = 10.0
@@ -44,6 +45,8 @@ class MigrateOptions:
     lineage: bool = True  # with delta: name a replica both sides can prove (lineage.py)
     plaintext: bool = False  # --insecure-plaintext: frames in clear after the handshake
     vm_name: str | None = None  # --vm NAME: the VM's name (its files, once named)
+    max_throttle: int = defaults.THROTTLE_MAX  # auto-converge's most (0: never slow the VM)
+    converge_timeout: float = defaults.CONVERGE_TIMEOUT_S  # --on-stall converge gives up
 
 
 @dataclass
@@ -79,3 +82,5 @@ class SourceHooks:
     notify: Callable[[str], None] = field(default=lambda text: None)  # milestones, one line
     # Blocking work (the VM adapter, large reads) off the trio thread.
     run_sync: Callable[..., Awaitable[Any]] = field(default=trio.to_thread.run_sync)
+    # Auto-converge: what slows the VM's process (rounds.Throttler), given its pid
+    throttle: Callable[[int], Any] = field(default=Throttle)

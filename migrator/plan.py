@@ -5,13 +5,16 @@ Two decisions live here:
 * **What to send first.** The initial copy sends static blocks before dynamic
   ones, each coldest first (a block that has not changed for a long time is
   unlikely to change before switchover, so copying it early is rarely wasted).
-* **When to stop iterating.** After each round the dirty set is measured; the
+* **When to stop iterating.** After each round the dirty set (in pages: the unit of
+  tracking under a block, 4 KiB under 64 KiB blocks) is measured; the
   migration switches over when that set is small enough — by block count, or by
   the downtime it would cost at the bandwidth measured so far (QEMU's rule:
   remaining bytes <= bandwidth x downtime limit) — or when the rounds stop
   converging (the set has not shrunk for ``stall_rounds`` rounds, or
-  ``max_rounds`` is reached), in which case the policy says switch over anyway
-  or abort.
+  ``max_rounds`` is reached), in which case the policy (``OnStall``) says: go on
+  converging (slow the VM down, go post-copy, stop after a timeout: rounds.py), switch over
+  anyway, or abort.
+* **When to slow the VM down** (auto-converge, ``AutoConverge``): QEMU's rule.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ import numpy as np
 
 from blkfs.bitmap import extents, from_extents, mask_extents
 
-from .defaults import DOWNTIME_MS, MAX_ROUNDS, ON_STALL, POSTCOPY_DOWNTIME_MS
+from .defaults import (
+    DOWNTIME_MS,
+    MAX_ROUNDS,
+    ON_STALL,
+    POSTCOPY_DOWNTIME_MS,
+    THROTTLE_INITIAL,
+    THROTTLE_MAX,
+    THROTTLE_STEP,
+)
 
 Extent = tuple[int, int]
 
@@ -88,6 +99,14 @@ class Verdict(enum.Enum):
     ABORT = "abort"
 
 
+class OnStall(enum.StrEnum):
+    """What the rounds do once they stop converging (and slowing the VM did not help)."""
+
+    CONVERGE = "converge"  # go on: post-copy where asked, else stop after the timeout
+    SWITCHOVER = "switchover"  # switch over now, whatever the downtime (said first)
+    ABORT = "abort"  # stop now; the VM runs on here
+
+
 @dataclass(frozen=True)
 class Decision:
     verdict: Verdict
@@ -103,7 +122,7 @@ class Policy:
     downtime_ms: float = DOWNTIME_MS
     max_rounds: int = MAX_ROUNDS
     stall_rounds: int = 3
-    on_stall: Verdict = Verdict(ON_STALL)  # noqa: RUF009 (an enum member, immutable)
+    on_stall: OnStall | Verdict = OnStall(ON_STALL)  # noqa: RUF009 (an enum member, immutable)
     # Once memory goes post-copy, only the disks' last set is in the downtime: aim lower.
     postcopy_downtime_ms: float = POSTCOPY_DOWNTIME_MS
     # Rounds past the point where the downtime would be met, while each is expected to halve
@@ -118,13 +137,20 @@ class Policy:
         if self.max_rounds < 1 or self.stall_rounds < 1:
             raise ValueError("max_rounds and stall_rounds must be >= 1")
         if self.on_stall is Verdict.CONTINUE:
-            raise ValueError("on_stall must be SWITCHOVER or ABORT")
+            raise ValueError("on_stall must be converge, switchover or abort")
+        object.__setattr__(self, "on_stall", OnStall(getattr(self.on_stall, "value",
+                                                             self.on_stall)))
+
+    @property
+    def stall_verdict(self) -> Verdict:
+        return {OnStall.SWITCHOVER: Verdict.SWITCHOVER, OnStall.ABORT: Verdict.ABORT}.get(
+            OnStall(self.on_stall), Verdict.CONTINUE)
 
 
 @dataclass(frozen=True)
 class RoundStats:
     round: int
-    dirty_blocks: int
+    dirty_pages: int
     bytes: int
     seconds: float
     dirty_rate_mb_s: float = 0.0  # how fast the VM dirtied what this round sent
@@ -132,14 +158,19 @@ class RoundStats:
 
 @dataclass
 class RoundPlanner:
-    """Feeds on round statistics; says whether to run another round."""
+    """Feeds on round statistics; says whether to run another round.  Dirty sets are
+    counted in pages of `page_size` (by default a block: pages are blocks)."""
 
     policy: Policy
     block_size: int
+    page_size: int = 0
     rounds: list[RoundStats] = field(default_factory=list)
     _sent: int = 0
     _busy: float = 0.0
     _tightened: int = 0
+
+    def __post_init__(self) -> None:
+        self.page_size = self.page_size or self.block_size
 
     def enter_postcopy(self) -> None:
         """From now on the pending sets are the disks' only: their own target, a fresh count
@@ -163,48 +194,88 @@ class RoundPlanner:
         """Bytes per second measured so far (0 before anything was sent)."""
         return self._sent / self._busy if self._busy > 0 else 0.0
 
-    def expected_downtime_ms(self, pending_blocks: int) -> float:
-        bw = self.bandwidth
-        if pending_blocks == 0:
-            return 0.0
-        return float("inf") if bw <= 0 else pending_blocks * self.block_size / bw * 1000.0
+    @property
+    def unit(self) -> str:
+        return "blocks" if self.page_size == self.block_size else "pages"
 
-    def next_set(self, pending_blocks: int, dirty_rate: float) -> float:
-        """Blocks the VM is expected to dirty while a round sends `pending_blocks`, at
+    def expected_downtime_ms(self, pending: int) -> float:
+        """The last set of `pending` pages at the bandwidth measured so far."""
+        bw = self.bandwidth
+        if pending == 0:
+            return 0.0
+        return float("inf") if bw <= 0 else pending * self.page_size / bw * 1000.0
+
+    def next_set(self, pending: int, dirty_rate: float) -> float:
+        """Pages the VM is expected to dirty while a round sends `pending` pages, at
         `dirty_rate` bytes per second."""
         bw = self.bandwidth
         if bw <= 0:
             return float("inf")
-        return dirty_rate * (pending_blocks * self.block_size / bw) / self.block_size
+        return dirty_rate * (pending * self.page_size / bw) / self.page_size
 
-    def decide(self, pending_blocks: int, dirty_rate: float | None = None) -> Decision:
-        """Decide after a swap found `pending_blocks` dirty blocks to send (the VM dirtied
-        them at `dirty_rate` bytes per second, if known)."""
-        p = self.policy
+    def decide(self, pending: int, dirty_rate: float | None = None) -> Decision:
+        """Decide after a swap found `pending` dirty pages to send (the VM dirtied them at
+        `dirty_rate` bytes per second, if known)."""
+        p, unit = self.policy, self.unit
         if p.threshold_blocks is not None:
-            if pending_blocks <= p.threshold_blocks:
-                return Decision(Verdict.SWITCHOVER, f"{pending_blocks} dirty blocks <= threshold "
-                                f"{p.threshold_blocks}")
+            if pending * self.page_size <= p.threshold_blocks * self.block_size:
+                return Decision(Verdict.SWITCHOVER, f"{pending} dirty {unit} <= threshold "
+                                f"{p.threshold_blocks} blocks")
         else:
-            expect = self.expected_downtime_ms(pending_blocks)
+            expect = self.expected_downtime_ms(pending)
             if expect <= p.downtime_ms:
-                nxt = None if dirty_rate is None else self.next_set(pending_blocks, dirty_rate)
-                if (nxt is not None and self._tightened < p.tighten_rounds and pending_blocks > 1
-                        and nxt <= pending_blocks / 2 and len(self.rounds) < p.max_rounds):
+                nxt = None if dirty_rate is None else self.next_set(pending, dirty_rate)
+                if (nxt is not None and self._tightened < p.tighten_rounds and pending > 1
+                        and nxt <= pending / 2 and len(self.rounds) < p.max_rounds):
                     self._tightened += 1
-                    return Decision(Verdict.CONTINUE, f"{pending_blocks} dirty blocks (expected "
+                    return Decision(Verdict.CONTINUE, f"{pending} dirty {unit} (expected "
                                     f"downtime {expect:.1f} ms): one more round, expected to "
                                     f"leave {nxt:.0f}")
-                return Decision(Verdict.SWITCHOVER, f"{pending_blocks} dirty blocks: expected "
+                return Decision(Verdict.SWITCHOVER, f"{pending} dirty {unit}: expected "
                                 f"downtime {expect:.1f} ms <= {p.downtime_ms:g} ms")
         if len(self.rounds) >= p.max_rounds:
-            return Decision(p.on_stall, f"not converged after {len(self.rounds)} rounds "
-                            f"(max {p.max_rounds}); {pending_blocks} blocks still dirty",
+            return Decision(p.stall_verdict, f"not converged after {len(self.rounds)} rounds "
+                            f"(max {p.max_rounds}); {pending} {unit} still dirty",
                             stalled=True)
-        counts = [r.dirty_blocks for r in self.rounds] + [pending_blocks]
+        counts = [r.dirty_pages for r in self.rounds] + [pending]
         k = p.stall_rounds
         if len(counts) > k and min(counts[-k:]) >= min(counts[:-k]):
-            return Decision(p.on_stall, f"dirty set stopped shrinking for {k} rounds "
-                            f"({pending_blocks} blocks dirty; the VM writes faster than the "
+            return Decision(p.stall_verdict, f"dirty set stopped shrinking for {k} rounds "
+                            f"({pending} {unit} dirty; the VM writes faster than the "
                             "link moves data)", stalled=True)
-        return Decision(Verdict.CONTINUE, f"{pending_blocks} dirty blocks")
+        return Decision(Verdict.CONTINUE, f"{pending} dirty {unit}")
+
+
+@dataclass
+class AutoConverge:
+    """When to slow the VM down, and by how much (QEMU's auto-converge): after two rounds in
+    a row in which the VM dirtied more than `trigger` of what the round before moved, or
+    when the rounds stop converging, the throttle goes up a step (the first to `initial`),
+    at most every other round (the round right after a step was dirtied partly before it)."""
+
+    initial: int = THROTTLE_INITIAL
+    step: int = THROTTLE_STEP
+    maximum: int = THROTTLE_MAX
+    trigger: float = 0.5
+    level: int = 0
+    _high: int = 0
+    _since_step: int = 2
+
+    @property
+    def at_max(self) -> bool:
+        return self.maximum <= 0 or self.level >= self.maximum
+
+    def after_round(self, dirtied: int, moved: int, stalled: bool) -> int | None:
+        """After a swap found `dirtied` bytes, the round before having moved `moved`: the
+        new level if the VM is to be slowed more, else None."""
+        self._since_step += 1
+        self._high = self._high + 1 if moved and dirtied > self.trigger * moved else 0
+        if self.at_max or self._since_step < 2 or not (stalled or self._high >= 2):
+            return None
+        self._high, self._since_step = 0, 0
+        self.level = min(self.maximum, self.initial if not self.level else
+                         self.level + self.step)
+        return self.level
+
+    def reset(self) -> None:
+        self.level, self._high, self._since_step = 0, 0, 2

@@ -95,6 +95,7 @@ class QemuSource:
             self.q.close()
             raise QemuError(f"the QEMU on {qmp_path} is {status!r}, not running: nothing to "
                             "migrate live")
+        self.pid = self.q.peer_pid()  # QEMU's, seen on the QMP socket
         self.device_state = b""
         self._saver: threading.Thread | None = None
         self._save_error: QemuError | None = None

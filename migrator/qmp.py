@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import json
 import socket
+import struct
 import time
 from types import TracebackType
 from typing import Any
@@ -48,6 +49,16 @@ class QMPTimeout(QMPError):
     """No reply (or event) in time: QEMU is stuck, busy, or serving another client."""
 
 
+def peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end of a unix socket (QEMU, for auto-converge)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
 class QMP:
     """One QMP session: connect, read the greeting, leave capabilities negotiation.
 
@@ -67,6 +78,9 @@ class QMP:
         except BaseException:
             self._sock.close()
             raise
+
+    def peer_pid(self) -> int | None:
+        return peer_pid(self._sock)
 
     def _connect(self) -> None:
         self._sock.settimeout(self.timeout)

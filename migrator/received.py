@@ -61,6 +61,40 @@ class Received:
                           f"{self.files[ev.file_id].entry.name}: {exc}") from None
         self.write_blocks(p.Blocks(ev.file_id, ev.first_block, data))
 
+    def write_pages(self, ev: p.Pages) -> None:
+        """Dirty pages, written where they go; each block they touch is read back whole for
+        its digest (the rest of it is what this side held already)."""
+        f = self.files[ev.file_id]
+        bs = self.block_size
+        data: bytes | bytearray = ev.data
+        if ev.codec:
+            try:
+                data = decompress(ev.codec, ev.data, ev.size)
+            except CodecError as exc:
+                raise BadPeer(f"pages at byte {ev.ranges[0][0]} of {f.entry.name}: "
+                              f"{exc}") from None
+        h = xxhash.xxh3_64_intdigest
+        touched: dict[int, bool] = {}  # block -> the ranges cover it whole
+        with memoryview(data) as mv:
+            pos = 0
+            for off, n in ev.ranges:
+                self.store.write(ev.file_id, off, mv[pos:pos + n])
+                first, last = off // bs, (off + n - 1) // bs
+                for b in range(first, last + 1):
+                    whole = off <= b * bs and min((b + 1) * bs, f.size) <= off + n
+                    if whole:
+                        f.digests[b] = h(mv[pos + b * bs - off:pos + min((b + 1) * bs,
+                                                                          f.size) - off])
+                    touched[b] = touched.get(b, False) or whole
+                pos += n
+        for b, whole in touched.items():
+            if not whole:
+                f.digests[b] = h(self.store.read(ev.file_id, b * bs, max(0, min(
+                    bs, f.size - b * bs))))
+            if b < len(f.zero):
+                f.zero[b] = 0
+        self.blocks_written += len(touched)
+
     def write_blocks(self, ev: p.Blocks) -> None:
         f = self.files[ev.file_id]
         bs = self.block_size

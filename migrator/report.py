@@ -37,7 +37,8 @@ class Progress:
 
     phase: str = "connecting"
     round: int = 0
-    pending: int = 0  # dirty blocks to send
+    pending: int = 0  # dirty pages to send
+    page_size: int = 0  # bytes of each
     bytes_sent: int = 0
     total: int = 0  # data bytes of the migrated files
     channel: _Counted | None = None  # bytes on the wire, frames included, as they go
@@ -45,6 +46,7 @@ class Progress:
     migration: str = ""
     spill_flushed: bool = False  # post-copy: every remaining page is in the spill area
     expected_downtime_ms: float | None = None  # the last set at the measured bandwidth
+    throttle_pct: int = 0  # auto-converge: how much the VM is slowed now
 
     @property
     def sent(self) -> int:
@@ -62,6 +64,7 @@ class MigrationReport:
     generation: int | None = None  # the VM's at the destination, once handed over
     files: list[dict[str, Any]] = field(default_factory=list)
     block_size: int = 0
+    page_size: int = 0  # the unit of the dirty rounds (4 KiB under 64 KiB blocks)
     total_s: float = 0.0
     setup_ms: float = 0.0
     downtime_ms: float | None = None
@@ -71,7 +74,8 @@ class MigrationReport:
     expected_downtime_ms: float | None = None
     bytes_sent: int = 0  # on the wire, frames and headers included
     data_bytes: int = 0  # size of the migrated files
-    blocks_sent: int = 0
+    blocks_sent: int = 0  # by the initial copy (and post-copy)
+    pages_sent: int = 0  # by the dirty rounds and the last set
     bytes_by_file: dict[str, int] = field(default_factory=dict)  # block data over the link
     # Bytes of blocks by how they travelled: normal (as data), compressed (--compress: their
     # size before), zero (all-zero blocks, as Zero runs), hole (holes of the source's files:
@@ -99,8 +103,13 @@ class MigrationReport:
     initial_copy_s: float = 0.0
     rounds: list[RoundStats] = field(default_factory=list)
     dirty_sync_count: int = 0
-    last_set_blocks: int = 0
+    last_set_pages: int = 0
     switchover_reason: str = ""
+    # Auto-converge: the most the VM was slowed (%), for how long, and each step as
+    # (s since the rounds began, %); absent when it never was
+    throttle_max_pct: int | None = None
+    throttle_s: float | None = None
+    throttle_steps: list[tuple[float, int]] = field(default_factory=list)
     mbps: float = 0.0
     verified: bool = False
     verify_s: float = 0.0
@@ -168,16 +177,20 @@ def print_summary(r: MigrationReport, console: Console) -> None:
         *([("replica not used", r.lineage_detail)]  # (said when there was one to use)
           if r.lineage_detail and r.lineage_detail != "no replica here" else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
-        ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_blocks) for x in r.rounds)
-                    + " dirty blocks (the VM dirtying " + ", ".join(
+        ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_pages) for x in r.rounds)
+                    + f" dirty pages of {human_bytes(r.page_size)} (the VM dirtying " + ", ".join(
                         f"{x.dirty_rate_mb_s:.1f}" for x in r.rounds) + " MB/s)"
                     if r.rounds else "none")
-                   + f"; last set {r.last_set_blocks}"),
+                   + f"; last set {r.last_set_pages} pages"),
         *([("by phase", "before the downtime {}, during it {}, after it {}".format(
             *(human_bytes(r.bytes_by_phase.get(k, 0))
               for k in ("before_downtime", "during_downtime", "after_downtime"))))]
           if r.bytes_by_phase else []),
         ("switchover", r.switchover_reason or "-"),
+        *([("auto-converge", f"the VM slowed by up to {r.throttle_max_pct} % for "
+            f"{r.throttle_s or 0:.1f} s (steps: " + ", ".join(
+                f"{pct} % at {t:g} s" for t, pct in r.throttle_steps) + ")")]
+          if r.throttle_max_pct else []),
         ("bandwidth", f"{r.mbps:.0f} MB/s, {r.blocks_per_s:.0f} blocks/s"),
         ("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)"),
     ]
@@ -203,13 +216,14 @@ def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> d
     sent = progress.sent
     return {
         "migration": progress.migration, "status": report.status, "phase": progress.phase,
-        "round": progress.round, "dirty_blocks": progress.pending,
-        "remaining_bytes": progress.pending * report.block_size if report.block_size else None,
+        "round": progress.round, "dirty_pages": progress.pending,
+        "remaining_bytes": progress.pending * progress.page_size if progress.page_size else None,
         "bytes_sent": sent, "data_bytes": progress.total,
         "mbps": round(sent / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
         "blocks_sent": report.blocks_sent, "bytes_by_kind": report.bytes_by_kind,
         "dirty_rate_mb_s": report.dirty_rate_mb_s,
         "expected_downtime_ms": report.expected_downtime_ms,
+        "throttle_pct": progress.throttle_pct,
         "downtime_ms": report.downtime_ms, "spill_flushed": progress.spill_flushed,
         "source_vm": report.source_vm, "error": report.error,
         "elapsed_s": round(elapsed, 2), "updated_at": time.time(),
@@ -228,20 +242,22 @@ def status_line(doc: dict[str, Any]) -> str:
                  f"replica at epoch {doc['replica_epoch']}, lag {lag:.1f} s (target "
                  f"{doc.get('lag_target_s'):g} s)" if lag is not None else
                  f"replica at epoch {doc['replica_epoch']}",
-                 f"{doc.get('dirty_blocks')} dirty blocks",
+                 f"{human_bytes(doc.get('remaining_bytes') or 0)} dirty",
                  f"sent {human_bytes(doc.get('bytes_sent') or 0)}"]
         if doc.get("error"):
             parts.append(f"error: {doc['error']}")
         return (f"sync {doc.get('migration') or '?'} to {doc.get('to')} ({doc.get('status')}): "
                 + ", ".join(parts))
     parts = [f"{doc.get('phase')}", f"round {doc.get('round')}",
-             f"{doc.get('dirty_blocks')} dirty blocks"]
+             f"{doc.get('dirty_pages')} dirty pages"]
     if doc.get("remaining_bytes") is not None:
         parts.append(f"{human_bytes(doc['remaining_bytes'])} remaining")
     parts.append(f"sent {human_bytes(doc.get('bytes_sent') or 0)} of "
                  f"{human_bytes(doc.get('data_bytes') or 0)} at {doc.get('mbps', 0):g} MB/s")
     if doc.get("dirty_rate_mb_s") is not None:
         parts.append(f"dirtied at {doc['dirty_rate_mb_s']:g} MB/s")
+    if doc.get("throttle_pct"):
+        parts.append(f"VM slowed {doc['throttle_pct']} %")
     if doc.get("downtime_ms") is not None:
         parts.append(f"downtime {doc['downtime_ms']:g} ms")
     elif doc.get("expected_downtime_ms") is not None:
@@ -303,7 +319,10 @@ class LiveProgress:
                 sent = p.sent
                 mbps = sent / elapsed / 1e6 if elapsed > 0 else 0.0
                 total = p.total or None
-                info = f"round {p.round}, {p.pending} dirty blocks, {mbps:.0f} MB/s"
+                info = (f"round {p.round}, {human_bytes(p.pending * p.page_size)} dirty, "
+                        f"{mbps:.0f} MB/s")
+                if p.throttle_pct:
+                    info += f", VM slowed {p.throttle_pct} %"
                 if p.expected_downtime_ms is not None and p.phase == "dirty rounds":
                     info += f", expected downtime {p.expected_downtime_ms:.0f} ms"
                 if p.phase == "initial copy" and total and mbps > 0:
@@ -320,7 +339,7 @@ class LiveProgress:
 @dataclass
 class SyncRound:
     epoch: int
-    blocks: int
+    pages: int  # dirty pages sent (the first round: the blocks of the initial copy, in pages)
     bytes: int  # on the wire
     s: float  # swap -> acknowledged durable there
     lag_s: float  # how old the replica was just before this acknowledgement
@@ -436,6 +455,7 @@ class LiveSyncLine:
                         if lag is not None else "no whole epoch yet")
                 if pr.phase == "initial copy" and pr.total:
                     what += f", initial copy {min(sent, pr.total) * 100 // pr.total}%"
-                live.update(f"sync to {sy.opts.to}: {pr.phase}; {what}; {pr.pending} dirty "
-                            f"blocks; sent {human_bytes(sent)} ({rate:.0f} MB/s average)")
+                live.update(f"sync to {sy.opts.to}: {pr.phase}; {what}; "
+                            f"{human_bytes(pr.pending * pr.page_size)} dirty; sent "
+                            f"{human_bytes(sent)} ({rate:.0f} MB/s average)")
                 await trio.sleep(0.2)

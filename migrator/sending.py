@@ -1,7 +1,8 @@
-"""Sending blocks of a file: the copy's inner loop, shared by the initial copy, the rounds and
-the switchover's last set (source.py). Holes are never read, zero blocks travel as Zero runs,
-blocks the destination holds already stay there (delta), the rest as Blocks, compressed where
-that pays (--compress)."""
+"""Sending a file's data: the copy's inner loop. `send` sends blocks (the initial copy, and
+post-copy's memory): holes are never read, zero blocks travel as Zero runs, blocks the
+destination holds already stay there (delta), the rest as Blocks, compressed where that pays
+(--compress). `send_pages` sends the dirty pages of the rounds and the last set as Pages
+frames: a 4 KiB write costs 4 KiB, not its 64 KiB block."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ COMPRESS_PIECE = 1 << 20  # --compress decides per MiB: random data among text g
 FRAME_DATA = p.MAX_BLOCKS_DATA  # bytes of block data per Blocks frame: the most it may carry
 HOLE_BATCH = 1 << 24  # blocks per batch over a hole (checked and cleared at once)
 THREAD_READ = 1 << 20  # reads at least this large go to a worker thread
+PAGES_FRAME = 1 << 20  # bytes of pages per Pages frame (its ranges are read one by one)
 
 
 @dataclass
@@ -172,3 +174,69 @@ class Sender:
                     self.report.bytes_sent = self.progress.sent
         self.report.blocks_sent += blocks
         return blocks, nbytes
+
+    async def send_pages(self, f: Any, pages: list[Extent], page_size: int) -> tuple[int, int]:
+        """Send these pages of `f` (a round's dirty set, in pages of `page_size`), clipped
+        to its size as last told; returns (pages, data bytes).  A reader stays one frame
+        ahead of the sender."""
+        ps, size = page_size, f.size
+        frames: list[list[tuple[int, int]]] = [[]]
+        held = 0
+        for first, count in pages:
+            off, end = first * ps, min((first + count) * ps, size)
+            while off < end:
+                n = min(end - off, PAGES_FRAME - held)
+                frames[-1].append((off, n))
+                off += n
+                held += n
+                if held >= PAGES_FRAME or len(frames[-1]) == p.MAX_PAGE_RANGES:
+                    frames.append([])
+                    held = 0
+        if not frames[-1]:
+            frames.pop()
+        tx, rx = trio.open_memory_channel[p.Pages](2)
+        store, compress, codec = self.store, self.compress, self.codec
+
+        def read(ranges: list[tuple[int, int]]) -> p.Pages | None:
+            parts, kept = [], []
+            for off, n in ranges:
+                data = store.read(f.file_id, off, n)
+                if data:  # (short: the file shrank since; a Resize follows)
+                    parts.append(data)
+                    kept.append((off, len(data)))
+            if not kept:
+                return None
+            data = b"".join(parts)
+            small = packed(compress, data) if compress is not None else None
+            if small is not None:
+                return p.Pages(f.file_id, tuple(kept), small, codec)
+            return p.Pages(f.file_id, tuple(kept), data)
+
+        async def reader() -> None:
+            async with tx:
+                try:
+                    for ranges in frames:
+                        nbytes = sum(n for _, n in ranges)
+                        ev = (await self.run_sync(read, ranges) if nbytes >= THREAD_READ
+                              else read(ranges))
+                        if ev is not None:
+                            await tx.send(ev)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the sender stopped (its error is the one to report)
+
+        npages = nbytes = 0
+        kinds, by_file = self.report.bytes_by_kind, self.report.bytes_by_file
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with rx:
+                async for ev in rx:
+                    await self.ch.send(ev)
+                    n = ev.size
+                    kind = "compressed" if ev.codec else "normal"
+                    kinds[kind] = kinds.get(kind, 0) + n
+                    by_file[f.rel] = by_file.get(f.rel, 0) + n
+                    npages += sum(-(-r // ps) for _, r in ev.ranges)
+                    nbytes += n
+                    self.report.bytes_sent = self.progress.sent
+        self.report.pages_sent += npages
+        return npages, nbytes

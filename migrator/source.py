@@ -5,7 +5,7 @@ Phases (docs/migration.md has the diagram):
 1. connect, handshake (mutual HMAC proof of the shared key), manifest;
 2. start an epoch on every file (swap), then the initial copy: static blocks
    coldest first, then dynamic blocks, while the epoch collects new writes;
-3. rounds: flush (fsync through the mount), swap, send exactly those blocks,
+3. rounds: flush (fsync through the mount), swap, send exactly those pages,
    until the planner says the dirty set is small enough or stopped shrinking;
 4. switchover: suspend the VM, flush, last swap, send the last set, commit —
    the destination runs its resume hook; downtime = suspend → resumed;
@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from blkfs.bitmap import blocks_of_pages
 from blkfs.spill import SpillArea, SpillError, spill_key
 
 from . import protocol as p
@@ -37,14 +38,13 @@ from .options import MigrateOptions, SourceFile, SourceHooks
 from .ownership import OWNER, REFUSED, VMRecord
 from .plan import (
     RoundPlanner,
-    RoundStats,
-    Verdict,
     initial_order,
     union_extents,
 )
 from .postcopy import SourcePostcopy, from_wire, memory_files
 from .reconnect import keep_trying
 from .report import MigrationReport, Progress
+from .rounds import DirtyRounds
 from .sending import Sender
 from .stores import SourceFiles, opened
 from .transport import Channel
@@ -65,6 +65,7 @@ class Source:
         self.store: SourceFiles | None = None
         self.files: list[SourceFile] = []
         self.block_size = 0
+        self.page_size = 0  # the unit of the dirty sets: swaps return pages
         self.ch: Channel | None = None
         self.suspended = False
         self.t_suspend = 0.0
@@ -109,25 +110,35 @@ class Source:
                 await self.ch.send(p.Resize(f.file_id, size))
                 f.size = size
 
-    async def _send(self, f: SourceFile, exts: list[Extent], clear: bool = False
-                    ) -> tuple[int, int]:
-        """Send these blocks of `f` (sending.py); the initial copy (`clear`) sends only what
-        the destination does not hold already."""
+    def _sender(self) -> Sender:
         assert self.ch is not None
-        return await Sender(self.ch, self._store, self.block_size, self.report, self.progress,
-                            self.hooks.run_sync, self._compress,
-                            CODECS[self.opts.compress] if self.opts.compress else 0).send(
-            f, exts, clear, self.dest_has.get(f.file_id) if clear else None)
+        return Sender(self.ch, self._store, self.block_size, self.report, self.progress,
+                      self.hooks.run_sync, self._compress,
+                      CODECS[self.opts.compress] if self.opts.compress else 0)
 
     async def _send_sets(self, sets: dict[int, list[Extent]],
                          clear: bool = False) -> tuple[int, int]:
+        """Send these blocks (sending.py); the initial copy (`clear`) sends only what the
+        destination does not hold already."""
         await self._sync_sizes()
         blocks = nbytes = 0
         for f in self.files:
-            b, n = await self._send(f, sets.get(f.file_id, []), clear)
+            b, n = await self._sender().send(f, sets.get(f.file_id, []), clear,
+                                             self.dest_has.get(f.file_id) if clear else None)
             blocks += b
             nbytes += n
         return blocks, nbytes
+
+    async def _send_pages(self, sets: dict[int, list[Extent]]) -> tuple[int, int]:
+        """Send these dirty pages (a round's, the last set's): (pages, bytes)."""
+        await self._sync_sizes()
+        pages = nbytes = 0
+        for f in self.files:
+            if sets.get(f.file_id):
+                n, b = await self._sender().send_pages(f, sets[f.file_id], self.page_size)
+                pages += n
+                nbytes += b
+        return pages, nbytes
 
     # -- phases -----------------------------------------------------------------
 
@@ -163,7 +174,9 @@ class Source:
                 "use --suspend pid:PID or qemu:QMP_SOCKET")
         await store.claim(self.migration, f"migrator migrate pid {os.getpid()} to {self.opts.to}")
         self.block_size = store.block_size
+        self.page_size = store.page_size or self.block_size
         self.report.block_size = self.block_size
+        self.report.page_size = self.progress.page_size = self.page_size
         self.files = [SourceFile(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
         if self.opts.postcopy != "off":
             self._postcopy_setup(store.names)
@@ -199,7 +212,8 @@ class Source:
                                           for f in self.files}, await self._store.trust_lost())
             by_name = {f.rel: f.file_id for f in self.files}
             tag, vouched = proof.tag, tuple(by_name[n] for n in proof.files)
-            self.since_replica = {fid: first[fid] for fid in vouched}
+            ppb = self.block_size // self.page_size
+            self.since_replica = {fid: blocks_of_pages(first[fid], ppb) for fid in vouched}
             self.report.lineage_detail = "; ".join(f"{n}: {w}" for n, w in proof.why_not.items())
         return p.Manifest(self.block_size, self._entries(), migration,
                           self.opts.delta and not self.opts.stop_and_copy, replica, tag, vouched,
@@ -255,7 +269,8 @@ class Source:
                 static[f.file_id], dynamic[f.file_id] = [(0, nblocks)] if nblocks else [], []
             self.report.static_blocks += sum(c for _, c in static[f.file_id])
             self.report.dynamic_blocks += sum(c for _, c in dynamic[f.file_id])
-        self.progress.pending = self.report.static_blocks + self.report.dynamic_blocks
+        self.progress.pending = (self.report.static_blocks + self.report.dynamic_blocks) * (
+            self.block_size // self.page_size)
         b1, n1 = await self._send_sets(static, clear=True)
         b2, n2 = await self._send_sets(dynamic, clear=True)
         # Round 0: wait until the destination wrote it all, so its backlog never
@@ -264,65 +279,6 @@ class Source:
         await self.ch.expect(p.RoundAck)
         self.report.initial_copy_s = time.monotonic() - now
         planner.record_transfer(n1 + n2, self.report.initial_copy_s)
-
-    async def _rounds(self, planner: RoundPlanner) -> dict[int, list[Extent]]:
-        """Iterate until the planner says switch over; returns the swapped set held back.
-
-        With post-copy on, memory is not sent in rounds: whatever of it is dirtied goes
-        post-copy anyway, so the rounds carry the disks alone, stay short, and their dirty
-        set alone decides when to switch over.  Memory's dirty sets accumulate meanwhile.
-        """
-        assert self.ch is not None
-        backlog: dict[int, list[Extent]] = {}  # memory dirtied in rounds, held for post-copy
-        prog = self.progress
-        while True:
-            self._phase("dirty rounds")
-            await self._store.flush()
-            sets = await self._swap()
-            self.report.dirty_sync_count += 1
-            dirty_rate = self._dirty_rate(sets)
-            if self.use_postcopy:
-                for fid in self.memory_ids:
-                    backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
-            prog.pending = sum(c for exts in sets.values() for _, c in exts)
-            decision = planner.decide(prog.pending, dirty_rate * 1e6)
-            self.report.expected_downtime_ms = prog.expected_downtime_ms = round(
-                planner.expected_downtime_ms(prog.pending), 2)
-            if decision.stalled and self.opts.postcopy == "auto" and not self.use_postcopy:
-                # Memory outruns the link: it goes post-copy; the disks go on converging alone.
-                self.use_postcopy = True
-                planner.enter_postcopy()
-                self.report.postcopy_reason = decision.reason
-                for fid in self.memory_ids:
-                    backlog[fid] = union_extents(backlog.get(fid, []), sets.pop(fid, []))
-                prog.pending = sum(c for exts in sets.values() for _, c in exts)
-                decision = planner.decide(prog.pending)
-            if decision.verdict is Verdict.SWITCHOVER:
-                self.report.switchover_reason = decision.reason
-                return {**sets, **backlog}
-            if decision.verdict is Verdict.ABORT:
-                raise MigrationError(f"{decision.reason}: aborting as asked (--on-stall abort)")
-            prog.round += 1
-            t = time.monotonic()
-            blocks, nbytes = await self._send_sets(sets)
-            await self.ch.send(p.RoundDone(prog.round, blocks, nbytes))
-            ack = await self.ch.expect(p.RoundAck)
-            if ack.round != prog.round:
-                raise BadPeer(f"acknowledged round {ack.round}, not {prog.round}")
-            stats = RoundStats(prog.round, blocks, nbytes, round(time.monotonic() - t, 4),
-                               dirty_rate)
-            planner.record_round(stats)
-            self.report.rounds.append(stats)
-
-    def _dirty_rate(self, sets: dict[int, list[Extent]]) -> float:
-        """MB/s the VM dirtied in the epoch a swap just ended (what QEMU calls the dirty
-        page rate), for the report and the status."""
-        now = time.monotonic()
-        dirty = sum(c for exts in sets.values() for _, c in exts) * self.block_size
-        rate = round(dirty / max(now - self.t_epoch, 1e-6) / 1e6, 2)
-        self.t_epoch = now
-        self.report.dirty_rate_mb_s = rate
-        return rate
 
     def _resumed(self) -> None:
         self.t_resume = time.monotonic()
@@ -377,8 +333,7 @@ class Source:
         if self.use_postcopy and any(union.get(fid) for fid in self.memory_ids):
             await self._switchover_postcopy(union, t)
             return  # (no memory page left to move: a plain commit)
-        blocks, _ = await self._send_sets(union)
-        self.report.last_set_blocks = blocks
+        self.report.last_set_pages, _ = await self._send_pages(union)
         await self._send_device_state()
         bd["send_last_set"] = _ms(t)
         t = time.monotonic()
@@ -474,14 +429,15 @@ class Source:
         r = self.report
         bd = r.downtime_breakdown_ms
         disks = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
-        absent = {fid: e for fid, e in union.items() if fid in self.memory_ids and e}
+        ppb = self.block_size // self.page_size  # (memory goes by block: a page is fetched
+        absent = {fid: blocks_of_pages(e, ppb)  # with its block's others, all current)
+                  for fid, e in union.items() if fid in self.memory_ids and e}
         # Absent first: the destination turns lazy mode on while the disks' last set flows.
         await self.ch.send(self._announcement())
         for fid, exts in absent.items():
             for i in range(0, len(exts), p.MAX_ITEMS_PER_FRAME):
                 await self.ch.send(p.Absent(fid, tuple(exts[i:i + p.MAX_ITEMS_PER_FRAME])))
-        blocks, _ = await self._send_sets(disks)
-        r.last_set_blocks = blocks
+        r.last_set_pages, _ = await self._send_pages(disks)
         await self._send_device_state()
         bd["send_last_set"] = _ms(t)
         by_id = {f.file_id: f for f in self.files}
@@ -612,13 +568,14 @@ class Source:
             await self._what_the_destination_holds(man)
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
-            planner = RoundPlanner(self.opts.policy, self.block_size)
+            planner = RoundPlanner(self.opts.policy, self.block_size, self.page_size)
             if self.use_postcopy:
                 planner.enter_postcopy()
             if self.opts.stop_and_copy:
                 await self._suspend()
             await self._initial_copy(planner)
-            held_back = {} if self.opts.stop_and_copy else await self._rounds(planner)
+            held_back = ({} if self.opts.stop_and_copy
+                         else await DirtyRounds(self, planner).run())
             await self._switchover(held_back)
             await self._verify()
             r.status = "completed"

@@ -45,6 +45,7 @@ class SourceFiles(Protocol):
     """The migrated files on the source, by file id (their index in `names`)."""
 
     block_size: int
+    page_size: int  # the unit of dirty tracking under a block (swap's extents are pages)
     names: list[str]
     writeback: bool  # writes reach tracking at writeback: freeze cannot hold them
 
@@ -65,7 +66,7 @@ class SourceFiles(Protocol):
         ...
 
     async def swap(self, file_id: int) -> list[Extent]:
-        """End the file's epoch: the blocks written since the last swap."""
+        """End the file's epoch: the pages written since the last swap."""
         ...
 
     def last_epoch(self, file_id: int) -> int | None:
@@ -151,9 +152,14 @@ class DestFiles(Protocol):
 
     def create(self, manifest: p.Manifest) -> None: ...
 
-    def write(self, file_id: int, offset: int, data: bytes) -> None:
+    def write(self, file_id: int, offset: int, data: bytes | memoryview) -> None:
         """Sync (it may run in a worker thread): what the daemon must learn of it waits for
         `settle`."""
+        ...
+
+    def read(self, file_id: int, offset: int, length: int) -> bytes:
+        """What the file holds here now (a block that pages were written into, for its
+        digest)."""
         ...
 
     async def settle(self, only_if_many: bool = False) -> None:
@@ -211,6 +217,7 @@ class BlkfsSource:
         self.names: list[str] = []
         self.writeback = False
         self.block_size = 0
+        self.page_size = 0
 
     @classmethod
     async def open(cls, mount: str, names: list[str], vm_name: str | None = None,
@@ -242,8 +249,10 @@ class BlkfsSource:
             if twice:
                 raise MigrationError(f"{twice[0]} is named twice (the same file, by two "
                                      "paths?)")
-            for rel in self.names:
-                await self._call(cp.Dirty(rel))  # exists, is a regular file, inside the mount
+            for rel in self.names:  # exists, is a regular file, inside the mount
+                r = await self._call(cp.Dirty(rel, pages=True))
+                assert isinstance(r, cp.DirtyReply)
+                self.page_size = r.page_size
             for rel in self.names:
                 self.fds.append(os.open(os.path.join(info.backing, rel),
                                         os.O_RDONLY | os.O_CLOEXEC))
@@ -273,7 +282,7 @@ class BlkfsSource:
         return data_ranges(self.fds[file_id], start, end)
 
     async def swap(self, file_id: int) -> list[Extent]:
-        r = await self._call(cp.Dirty(self.names[file_id], swap=True))
+        r = await self._call(cp.Dirty(self.names[file_id], swap=True, pages=True))
         assert isinstance(r, cp.DirtyReply)
         self.epochs[file_id] = r.epoch
         return list(r.extents)
@@ -349,6 +358,7 @@ class MountDest:
         self.backing: str | None = None  # the mount's backing directory, once claimed
         self._records: RecordDir | None = None
         self.direct: dict[int, int] = {}  # backing file fds, by file id
+        self.readers: dict[int, int] = {}  # buffered fds through the mount, where no direct
         self.pending: dict[int, list[list[int]]] = {}  # written ranges the daemon must know
         self.npending = 0
 
@@ -478,7 +488,20 @@ class MountDest:
         self.pending.clear()
         self.npending = 0
 
-    def write(self, file_id: int, offset: int, data: bytes) -> None:
+    def read(self, file_id: int, offset: int, length: int) -> bytes:
+        fd = self.direct.get(file_id)
+        if fd is None:  # (the mount fd is O_DIRECT: it wants aligned buffers)
+            fd = self.readers.get(file_id)
+            if fd is None:
+                fd = self.readers[file_id] = os.open(self._target(self.names[file_id]),
+                                                     os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise MigrationError(f"cannot read {self.names[file_id]} back: "
+                                 f"{exc.strerror}") from None
+
+    def write(self, file_id: int, offset: int, data: bytes | memoryview) -> None:
         try:
             direct = self.direct.get(file_id)
             if direct is None:
@@ -558,13 +581,14 @@ class MountDest:
                 await self.settle()
         except MigrationError as exc:  # the daemon is gone: it saves no state then anyway
             log.warning("%s: %s", self.mount, exc)
-        for fd in [*self.fds.values(), *self.direct.values()]:
+        for fd in [*self.fds.values(), *self.direct.values(), *self.readers.values()]:
             try:
                 os.close(fd)
             except OSError:
                 pass  # the daemon died under us (ENOTCONN): nothing more to release
         self.fds.clear()
         self.direct.clear()
+        self.readers.clear()
         if self._records is not None:
             self._records.close()
         if self.client is not None:

@@ -83,6 +83,8 @@ class Syncer(Source):
         store = self._store
         await store.claim(self.sync.sync, f"migrator sync pid {os.getpid()} to {self.opts.to}")
         self.block_size = self.report.block_size = store.block_size
+        self.page_size = self.report.page_size = self.progress.page_size = (
+            store.page_size or store.block_size)
         self.files = [SourceFile(i, rel, store.size(i)) for i, rel in enumerate(store.names)]
 
     async def run(self) -> SyncReport:  # type: ignore[override]
@@ -175,7 +177,7 @@ class Syncer(Source):
         s.lineage_blocks += r.lineage_blocks - kept
         s.delta, s.lineage_detail = r.delta, r.lineage_detail
         s.status = "syncing"
-        planner = RoundPlanner(self.opts.policy, self.block_size)
+        planner = RoundPlanner(self.opts.policy, self.block_size, self.page_size)
         self.t_epoch = t_swap
         # Epochs go on across sessions: the replica's number never goes back.
         n = 0 if s.epoch is None else s.epoch + 1
@@ -183,8 +185,8 @@ class Syncer(Source):
         await self._initial_copy(planner, n)  # its RoundDone: acknowledged once durable
         if s.initial_copy_s is None:
             s.initial_copy_s = round(r.initial_copy_s, 3)
-        self._acked(n, t_swap, r.blocks_sent - blocks, self.progress.sent - sent,
-                    time.monotonic() - t_swap)
+        self._acked(n, t_swap, (r.blocks_sent - blocks) * (self.block_size // self.page_size),
+                    self.progress.sent - sent, time.monotonic() - t_swap)
         self._phase("synced")
         while True:
             assert self.t_acked is not None
@@ -200,10 +202,10 @@ class Syncer(Source):
             self._ended()
             self.progress.pending = sum(c for exts in sets.values() for _, c in exts)
             sent = self.progress.sent
-            blocks, nbytes = await self._send_sets(sets)
-            await self.ch.send(p.RoundDone(n, blocks, nbytes))
+            pages, nbytes = await self._send_pages(sets)
+            await self.ch.send(p.RoundDone(n, pages, nbytes))
             await self.ch.expect(p.RoundAck)
-            self._acked(n, t_swap, blocks, self.progress.sent - sent, time.monotonic() - t_swap)
+            self._acked(n, t_swap, pages, self.progress.sent - sent, time.monotonic() - t_swap)
             self.in_round = False
             self._phase("synced")
             if self.stopping:
@@ -216,7 +218,7 @@ class Syncer(Source):
             assert epoch is not None  # (just swapped)
             self.ended[f.rel] = epoch
 
-    def _acked(self, epoch: int, t_swap: float, blocks: int, nbytes: int, took: float) -> None:
+    def _acked(self, epoch: int, t_swap: float, pages: int, nbytes: int, took: float) -> None:
         """The destination holds epoch `epoch` durably: say so here too, for a migration that
         starts from it (lineage.py), then count."""
         s = self.sync
@@ -238,7 +240,7 @@ class Syncer(Source):
         self.progress.round = epoch
         self.progress.pending = 0
         s.rounds = [*s.rounds[-(ROUNDS_KEPT - 1):],
-                    SyncRound(epoch, blocks, nbytes, round(took, 3), round(lag, 3))]
+                    SyncRound(epoch, pages, nbytes, round(took, 3), round(lag, 3))]
 
     @property
     def lag_now(self) -> float | None:

@@ -55,6 +55,7 @@ class PidAdapter:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.throttle_pid = pid  # auto-converge slows this process (migrator.throttle)
         self.name = f"pid:{pid}"
         if _state(pid) is None:
             raise AdapterError(f"no process {pid} to suspend: give the VM's pid "
@@ -148,6 +149,7 @@ class QemuAdapter:
             self.qemu = QemuSource(qmp_path)
         except QemuError as exc:
             raise AdapterError(str(exc)) from None
+        self.throttle_pid = self.qemu.pid  # auto-converge slows QEMU (its vCPU threads with it)
 
     def saved_state(self) -> bytes:
         """QEMU's device state, saved since `suspend` (blocking: run it in a thread)."""

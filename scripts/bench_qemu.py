@@ -268,7 +268,7 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
                   "ticks_on": ticks_on(con_src, con_dst),
                   "detail": {k: rep.get(k) for k in ("bytes_by_kind", "bytes_by_phase",
                                                       "bytes_by_file", "device_state_bytes",
-                                                      "downtime_breakdown_ms", "last_set_blocks",
+                                                      "downtime_breakdown_ms", "last_set_pages",
                                                       "rounds")}}
         if pm:
             with contextlib.suppress(ProcessLookupError):

@@ -122,7 +122,8 @@ def test_the_wire_protocol_imports_nothing_of_blkfs() -> None:
 
 ENGINE = {"migrator.source", "migrator.sending", "migrator.handoff", "migrator.dest",
           "migrator.serving", "migrator.received", "migrator.postcopy", "migrator.sync",
-          "migrator.options", "migrator.verifying", "migrator.reconnect"}
+          "migrator.options", "migrator.verifying", "migrator.reconnect", "migrator.rounds",
+          "migrator.throttle"}
 FACES = {"migrator.report", "migrator.cli", "migrator.demo", "migrator.resolve"}
 MAX_LINES = 700  # a file longer than this holds two things (the CLI's parser excepted)
 

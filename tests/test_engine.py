@@ -18,7 +18,7 @@ import trio.testing
 
 from migrator import protocol as p
 from migrator.dest import DestSession
-from migrator.plan import Policy, Verdict
+from migrator.plan import OnStall, Policy, Verdict
 from migrator.transport import Channel, MigrationError
 from migrator.vm import AdapterError
 
@@ -28,6 +28,7 @@ from .fakes.engine import (
     FakeVM,
     MemoryDest,
     MemorySource,
+    PagedSource,
     files,
     migrate,
     options,
@@ -51,6 +52,43 @@ async def test_a_whole_precopy_migration_copies_the_suspend_point(autojump_clock
     assert src.closed
 
 
+async def test_rounds_send_the_dirty_pages_not_their_blocks(autojump_clock: Any) -> None:
+    """Pages smaller than blocks: every round and the last set carry only the pages written
+    (Pages frames, one block read back whole for its digest there), verified, and the
+    destination equals the suspend point."""
+    vm = FakeVM([20, 10, 5, 1, 0])
+    src, dest = PagedSource(files(), vm), MemoryDest()
+    source, _, _ = await migrate(src, vm, dest, options(policy=Policy(
+        threshold_blocks=0, max_rounds=10)))
+    r = source.report
+    assert r.status == "completed" and r.verified, r.error
+    assert [bytes(dest.data[i]) for i in range(2)] == suspend_point(src)
+    assert (r.block_size, r.page_size) == (4 * BS, BS)
+    assert r.rounds and all(0 < x.bytes <= x.dirty_pages * BS for x in r.rounds)  # not blocks
+    assert r.pages_sent == sum(x.dirty_pages for x in r.rounds) + r.last_set_pages
+
+
+async def test_a_lost_page_write_there_fails_verification(autojump_clock: Any) -> None:
+    """The digest of a block that pages were written into is of the block as it is there:
+    a page the destination did not write is found."""
+    vm = FakeVM([20, 10, 5, 1, 0])
+    src, dest = PagedSource(files(), vm), MemoryDest()
+    real = dest.write
+    dropped: list[int] = []
+
+    def lossy(file_id: int, offset: int, data: Any) -> None:
+        if len(data) == BS and not dropped and offset % (4 * BS):  # one page, mid-block
+            dropped.append(offset)
+            return
+        real(file_id, offset, data)
+
+    dest.write = lossy  # type: ignore[method-assign]
+    source, _, _ = await migrate(src, vm, dest, options(policy=Policy(threshold_blocks=0,
+                                                                      max_rounds=10)))
+    assert dropped and not source.report.verified
+    assert "VERIFICATION FAILED" in (source.report.error or "")
+
+
 async def test_a_round_that_stalls_aborts_and_the_vm_runs_on(autojump_clock: Any) -> None:
     vm = FakeVM([30])  # as many dirty blocks every round: never converges
     src, dest = MemorySource(files(), vm), MemoryDest()
@@ -66,9 +104,11 @@ async def test_a_round_that_stalls_aborts_and_the_vm_runs_on(autojump_clock: Any
 async def test_a_stall_with_switchover_policy_still_completes(autojump_clock: Any) -> None:
     vm = FakeVM([30])
     src, dest = MemorySource(files(), vm), MemoryDest()
-    opts = options(policy=Policy(threshold_blocks=0, max_rounds=20))
+    opts = options(policy=Policy(threshold_blocks=0, max_rounds=20, on_stall=OnStall.SWITCHOVER))
     source, outcome, _ = await migrate(src, vm, dest, opts)
     assert source.report.verified and "stopped shrinking" in source.report.switchover_reason
+    assert "switched over anyway (--on-stall switchover), expected downtime" in (
+        source.report.switchover_reason)
     assert outcome is not None and outcome.completed
     assert [bytes(dest.data[i]) for i in range(2)] == suspend_point(src)
 
@@ -196,7 +236,7 @@ async def test_the_report_splits_bytes_around_the_downtime_and_rates_each_round(
     assert r.blocks_per_s > 0
     doc = status_doc(source.progress, r, 2.0)
     assert doc["status"] == "completed" and doc["bytes_sent"] == r.bytes_sent
-    assert doc["remaining_bytes"] == source.progress.pending * r.block_size
+    assert doc["remaining_bytes"] == source.progress.pending * r.page_size
     assert r.migration in status_line(doc) and "downtime" in status_line(doc)
 
 

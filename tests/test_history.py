@@ -108,6 +108,7 @@ class HostVM(FakeVM):
         self.finished = False
         self.fail_suspend = None
         self.dead = False
+        self.slowed, self.events = 0, []
 
     @property  # type: ignore[override]
     def running(self) -> bool:

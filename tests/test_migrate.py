@@ -594,7 +594,7 @@ def test_status_of_a_migration_whose_process_died(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     doc = {"migration": "m-123", "status": "active", "phase": "dirty rounds", "round": 2,
-           "dirty_blocks": 7, "remaining_bytes": 7 << 16, "bytes_sent": 1 << 20,
+           "dirty_pages": 7, "remaining_bytes": 7 << 12, "bytes_sent": 1 << 20,
            "data_bytes": 4 << 20, "mbps": 12.5, "pid": dead.pid, "mount": "/mnt/vms"}
     (run / "migrations" / f"{dead.pid}.json").write_text(json.dumps(doc))
     env = dict(os.environ, BLKFS_RUNTIME_DIR=str(run))

@@ -41,6 +41,7 @@ from migrator.protocol import (
     LocalProtocolError,
     Manifest,
     Packed,
+    Pages,
     ProtocolError,
     Ready,
     RemoteProtocolError,
@@ -443,7 +444,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 32, 255])
+@pytest.mark.parametrize("code", [0, 33, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -979,6 +980,32 @@ def test_packed_frames_round_trip_where_blocks_go_and_lies_are_refused() -> None
             encode(bad)
     # a peer that states a size past the file is refused on receipt too
     lie = HEADER.pack(FrameType.PACKED, 18) + struct.pack(">IQBI", 0, 63, 1, 2 * BIG_BS) + b"z"
+    d.receive_data(lie)
+    with pytest.raises(RemoteProtocolError, match="past its size"):
+        d.next_event()
+
+
+def test_pages_frames_round_trip_where_blocks_go_and_lies_are_refused() -> None:
+    s, d = _big_link()
+    ev = Pages(0, ((4096, 4096), (3 * 4096, 8)), b"p" * 4104)
+    assert decode(encode(ev)) == ev
+    assert feed(d, s.send(ev)) == [ev]  # COPYING
+    packed = Pages(0, ((0, 4096),), b"compressed", codec=1)
+    assert feed(d, s.send(packed)) == [packed]
+    size = BIG_MANIFEST.files[0].size
+    with pytest.raises(LocalProtocolError, match="past its size"):
+        s.send(Pages(0, ((size - 4, 8),), b"x" * 8))
+    for bad, why in ((Pages(0, (), b"x"), "1 to"),
+                     (Pages(0, ((8, 4), (4, 4)), b"x" * 8), "ascend"),
+                     (Pages(0, ((0, 4), (2, 4)), b"x" * 8), "ascend"),
+                     (Pages(0, ((0, 0),), b"x"), "length"),
+                     (Pages(0, ((0, 4),), b"xyz"), "for ranges of 4"),
+                     (Pages(0, ((0, 4),), b""), "not empty")):
+        with pytest.raises(ProtocolError, match=why):
+            encode(bad)
+    # a peer that writes past the file is refused on receipt too
+    lie = (HEADER.pack(FrameType.PAGES, 9 + 12 + 8) + struct.pack(">IBI", 0, 0, 1)
+           + struct.pack(">QI", size - 4, 8) + b"x" * 8)
     d.receive_data(lie)
     with pytest.raises(RemoteProtocolError, match="past its size"):
         d.next_event()

@@ -33,6 +33,7 @@ from migrator.protocol import (
     Lineage,
     Manifest,
     Packed,
+    Pages,
     Postcopy,
     PostcopyDone,
     PostcopyFigures,
@@ -58,11 +59,11 @@ from migrator.protocol import (
 # payload is shown above it as text)
 FROZEN: dict[FrameType, tuple[Event, str]] = {
     FrameType.HELLO: (
-        Hello(8, "source", bytes(range(32)), True),
-        # {"version":8,"role":"source","nonce":"000102030405060708090a0b0c0d0e0f101112131415161718
+        Hello(9, "source", bytes(range(32)), True),
+        # {"version":9,"role":"source","nonce":"000102030405060708090a0b0c0d0e0f101112131415161718
         # 191a1b1c1d1e1f","sealed":true}
         "0100000076"
-        "7b2276657273696f6e223a382c22726f6c65223a22736f75726365222c226e6f6e6365223a223030"
+        "7b2276657273696f6e223a392c22726f6c65223a22736f75726365222c226e6f6e6365223a223030"
         "30313032303330343035303630373038303930613062306330643065306631303131313231333134"
         "31353136313731383139316131623163316431653166222c227365616c6564223a747275657d"),
     FrameType.AUTH: (
@@ -227,6 +228,11 @@ FROZEN: dict[FrameType, tuple[Event, str]] = {
         Packed(0, 1, 1, 65536, b"zz"),
         "1d00000013"
         "00000000000000000000000101000100007a7a"),
+    FrameType.PAGES: (
+        Pages(0, ((4096, 2), (8192, 1)), b"abc"),
+        # file_id 0, codec 0, 2 ranges: (4096, 2), (8192, 1); then the data
+        "2000000024"
+        "000000000000000002000000000000100000000002000000000000200000000001616263"),
     FrameType.HELD: (
         Held(0, 0, (7,)),
         "1e00000018"

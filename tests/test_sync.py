@@ -115,7 +115,7 @@ async def test_a_sync_keeps_a_replica_that_is_never_runnable(autojump_clock: Any
     assert [bytes(dest.data[i]) for i in range(2)] == [bytes(b) for b in src.data]
     assert lab.outcomes and "stopped: the replica here holds every write up to its epoch" in (
         lab.outcomes[0].text), lab.outcomes
-    assert s.rounds[-1].blocks == 0 and s.lag_max_s >= 0
+    assert s.rounds[-1].pages == 0 and s.lag_max_s >= 0
 
 
 async def test_each_epoch_is_durable_before_it_is_acknowledged(autojump_clock: Any) -> None:
@@ -266,7 +266,7 @@ async def test_a_restarted_sync_starts_from_its_own_replica(autojump_clock: Any)
     await lab2.run_for(10)
     s = lab2.syncer.sync
     assert s.status == "stopped" and s.delta == "lineage" and s.lineage_blocks > 0, s
-    assert s.rounds[0].blocks == 0  # nothing changed: nothing read, nothing sent
+    assert s.rounds[0].pages == 0  # nothing changed: nothing read, nothing sent
     assert dest.states[-1]["replica"]["sync_round"] == s.epoch and first is not None
 
 
@@ -286,7 +286,7 @@ async def test_a_stop_in_mid_round_waits_for_its_acknowledgement(autojump_clock:
     lab = Lab(src, dest)
     await lab.run_for(60)
     s = lab.syncer.sync
-    assert s.status == "stopped" and s.epoch == 3 and s.rounds[-1].blocks > 0, (
+    assert s.status == "stopped" and s.epoch == 3 and s.rounds[-1].pages > 0, (
         s.epoch, s.rounds)
     assert dest.states[-1]["replica"]["sync_round"] == 3 and dest.digest_log is not None
     vm.plan = [0]

@@ -40,6 +40,7 @@ from .events import (
     Manifest,
     MismatchError,
     Packed,
+    Pages,
     Postcopy,
     PostcopyDone,
     PostcopyFigures,
@@ -77,6 +78,7 @@ from .limits import (
     MAX_FILE_SIZE,
     MAX_FILES,
     MAX_ITEMS_PER_FRAME,
+    MAX_PAGE_RANGES,
     MAX_PATH,
     MAX_PAYLOAD,
     MAX_REASON,
@@ -89,6 +91,8 @@ from .limits import (
 
 BLOCKS_HEAD = struct.Struct(">IQ")  # file_id, first_block; the data follows
 _PACKED = struct.Struct(">IQBI")  # file_id, first_block, codec, size; the compressed data
+_PAGES = struct.Struct(">IBI")  # file_id, codec, number of ranges; the ranges, then the data
+PAGE_RANGE = struct.Struct(">QI")  # offset, length
 _DIGESTS = struct.Struct(">IQI")  # file_id, first_block, count; count u64 follow
 DIGESTS_HEAD = _DIGESTS.size  # bytes of a Digests/Held payload before its u64 digests
 SPILL_REF = struct.Struct(">IQIQ")  # one of SpillRefs: file_id, block, slot, generation
@@ -138,6 +142,20 @@ def _check_manifest(m: Manifest) -> None:
     for a, b in pairwise(sorted(tuple(name.split("/")) for name in names)):
         if b[: len(a)] == a:
             raise ProtocolError(f"{show('/'.join(a))} is both a file and a directory")
+
+
+def _check_page_ranges(ranges: object) -> None:
+    if type(ranges) is not tuple or not 1 <= len(ranges) <= MAX_PAGE_RANGES:
+        raise ProtocolError(f"Pages.ranges must be a tuple of 1 to {MAX_PAGE_RANGES} ranges")
+    end = 0
+    for r in ranges:
+        if type(r) is not tuple or len(r) != 2:
+            raise ProtocolError(f"Pages range {show(r)} is not (offset, length)")
+        off = check_int(r[0], 0, MAX_FILE_SIZE, "Pages range offset")
+        n = check_int(r[1], 1, MAX_BLOCKS_DATA, "Pages range length")
+        if off < end:
+            raise ProtocolError("Pages ranges must ascend without overlapping")
+        end = off + n
 
 
 def check_event(event: Event) -> None:
@@ -244,6 +262,17 @@ def check_event(event: Event) -> None:
             check_int(event.file_id, 0, U32, "Zero.file_id")
             check_int(event.first_block, 0, U64, "Zero.first_block")
             check_int(event.count, 1, U64, "Zero.count")
+        case Pages():
+            check_int(event.file_id, 0, U32, "Pages.file_id")
+            check_int(event.codec, 0, 255, "Pages.codec")
+            _check_page_ranges(event.ranges)
+            if not isinstance(event.data, (bytes, bytearray)) or not event.data:
+                raise ProtocolError("Pages.data must be bytes, and not empty")
+            if event.codec == 0 and len(event.data) != event.size:
+                raise ProtocolError(f"Pages carry {len(event.data)} bytes for ranges of "
+                                    f"{event.size}")
+            if len(event.data) > MAX_BLOCKS_DATA:
+                raise ProtocolError(f"Pages carry {len(event.data)} bytes, more than 8 MiB")
         case Packed():
             check_int(event.file_id, 0, U32, "Packed.file_id")
             check_int(event.first_block, 0, U64, "Packed.first_block")
@@ -289,6 +318,9 @@ def encode_parts(event: Event) -> tuple[int, list[bytes | bytearray | memoryview
     elif type(event) is Packed:
         parts = [_PACKED.pack(event.file_id, event.first_block, event.codec, event.size),
                  event.data]
+    elif type(event) is Pages:
+        parts = [_PAGES.pack(event.file_id, event.codec, len(event.ranges)),
+                 b"".join(PAGE_RANGE.pack(o, n) for o, n in event.ranges), event.data]
     elif type(event) in (Digests, Held):
         try:
             digests = struct.pack(f">{len(event.digests)}Q", *event.digests)
@@ -352,6 +384,17 @@ def decode_payload(cls: type[Event], payload: bytes) -> Event:
         file_id, first, codec, size = _PACKED.unpack_from(payload)
         event = Packed(file_id, first, codec, size, payload[_PACKED.size :])
         check_event(event)
+    elif cls is Pages:
+        if len(payload) < _PAGES.size:
+            raise ProtocolError(f"Pages frame of {len(payload)} bytes is shorter than its header")
+        file_id, codec, count = _PAGES.unpack_from(payload)
+        check_int(count, 1, MAX_PAGE_RANGES, "number of page ranges")
+        head = _PAGES.size + count * PAGE_RANGE.size
+        if len(payload) <= head:
+            raise ProtocolError(f"Pages frame of {len(payload)} bytes is shorter than its "
+                                f"{count} ranges")
+        ranges = tuple(PAGE_RANGE.iter_unpack(payload[_PAGES.size:head]))
+        event = Pages(file_id, ranges, payload[head:], codec)
     elif cls in (Digests, Held):
         if len(payload) < _DIGESTS.size:
             raise ProtocolError(f"Digests frame of {len(payload)} bytes is shorter than its header")

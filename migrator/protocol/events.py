@@ -146,6 +146,23 @@ class Packed:
 
 
 @dataclass(frozen=True, slots=True)
+class Pages:
+    """Byte ranges of a file: the dirty pages a round sends (4 KiB under 64 KiB blocks), so
+    a small write costs its page on the wire, not its block.  `data` is the ranges' bytes in
+    order, compressed with `codec` (0: raw, else migrator.codecs) where that paid."""
+
+    file_id: int
+    ranges: tuple[tuple[int, int], ...]  # (offset, length): ascending, disjoint, not empty
+    data: bytes | bytearray
+    codec: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes the ranges hold (what `data` decompresses to)."""
+        return sum(n for _, n in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
 class Resize:
     """A file changed size on the source."""
 
@@ -158,7 +175,7 @@ class RoundDone:
     """End of a pre-copy round; the destination acks once the round's data is written."""
 
     round: int
-    blocks: int
+    blocks: int  # what the round sent: blocks (the initial copy) or pages (a dirty round)
     bytes: int
 
 
@@ -379,7 +396,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | Held | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
-    | Reattach | Zero | Packed | Lineage
+    | Reattach | Zero | Packed | Lineage | Pages
 )
 
 
@@ -417,6 +434,7 @@ class FrameType(enum.IntEnum):
     PACKED = 29
     HELD = 30
     LINEAGE = 31
+    PAGES = 32
 
 
 EVENT_OF: dict[int, type[Event]] = {
@@ -431,7 +449,7 @@ EVENT_OF: dict[int, type[Event]] = {
     FrameType.SLOT_FREE: SlotFree, FrameType.POSTCOPY_DONE: PostcopyDone,
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
     FrameType.REATTACH: Reattach, FrameType.ZERO: Zero, FrameType.PACKED: Packed,
-    FrameType.HELD: Held, FrameType.LINEAGE: Lineage,
+    FrameType.HELD: Held, FrameType.LINEAGE: Lineage, FrameType.PAGES: Pages,
 }
 TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in EVENT_OF.items()}
 

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import struct
 
-PROTOCOL_VERSION = 8  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
+PROTOCOL_VERSION = 9  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
 # 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta);
 # 6: replica sessions (Manifest.replica, migrator sync), Lineage (Manifest.lineage);
 # 7: VM identity (Manifest.vm, vm_name, generation; Abort.owner_generation)
 # 8: one word, one meaning: Commit/Reattach/Answer.epoch -> .generation (the ownership
 #    generation); PostcopyDone's figures are the protocol's own (unknown ones dropped);
 #    Abort.code (what a receiver acts on: still-running, sync-stopped), never its text
+# 9: Pages (the rounds send dirty pages, not whole blocks)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload
 MAX_FRAME = HEADER.size + MAX_PAYLOAD + TAG_SIZE  # the most unparsed input a peer can make us hold
 MAX_BLOCKS_DATA = 8 * 2**20
 MAX_DIGESTS_PER_FRAME = 65536
+MAX_PAGE_RANGES = 2048  # ranges in one Pages frame (8 MiB of 4 KiB pages)
 MAX_ITEMS_PER_FRAME = 65536  # extents in Absent, refs in SpillRefs, slots in SlotFree
 MAX_SLOTS = 1 << 24
 MAX_PATH = 4096

@@ -37,6 +37,7 @@ from .events import (
     Manifest,
     MismatchError,
     Packed,
+    Pages,
     Postcopy,
     PostcopyDone,
     ProtocolError,
@@ -125,6 +126,9 @@ TABLE: dict[tuple[State, str, type[Event]], Next] = {
     (State.COPYING, SOURCE, Packed): State.COPYING,  # pre-copy only: fetches go as Blocks
     (State.ROUND_END, SOURCE, Packed): State.ROUND_END,
     (State.SWITCHOVER, SOURCE, Packed): State.SWITCHOVER,
+    (State.COPYING, SOURCE, Pages): State.COPYING,  # pre-copy only, like Packed
+    (State.ROUND_END, SOURCE, Pages): State.ROUND_END,
+    (State.SWITCHOVER, SOURCE, Pages): State.SWITCHOVER,
     (State.COPYING, SOURCE, Resize): State.COPYING,
     (State.COPYING, SOURCE, RoundDone): State.ROUND_END,
     (State.ROUND_END, SOURCE, Blocks): State.ROUND_END,
@@ -200,6 +204,14 @@ def _blocks(cs: ConnectionState, ev: Blocks, sender: str) -> None:
 
 def _packed(cs: ConnectionState, ev: Packed, sender: str) -> None:
     cs.check_run(ev.file_id, ev.first_block, ev.size, "Packed blocks", "hold", sender)
+
+
+def _pages(cs: ConnectionState, ev: Pages, sender: str) -> None:
+    size = cs.size_of(ev.file_id, sender)
+    off, n = ev.ranges[-1]
+    if off + n > size:
+        raise ProtocolError(f"{cs.lie(sender)}: Pages for file {ev.file_id} end at byte "
+                            f"{off + n}, past its size {size}")
 
 
 def _resize(cs: ConnectionState, ev: Resize, sender: str) -> None:
@@ -329,7 +341,8 @@ Rule = Callable[[Any, Any, str], None]  # (ConnectionState, the event, its sende
 # state allows it).  An event with no entry needs nothing but its row.
 RULES: dict[type[Event], tuple[Rule, ...]] = {
     Hello: (_hello,), Auth: (_auth,), Manifest: (_manifest,), Blocks: (_blocks,),
-    Packed: (_packed,), Resize: (_resize,), Zero: (_zero,), Switchover: (_not_in_replica,),
+    Packed: (_packed,), Pages: (_pages,), Resize: (_resize,), Zero: (_zero,),
+    Switchover: (_not_in_replica,),
     Postcopy: (_not_in_replica, _postcopy), Lineage: (_lineage,), Held: (_held, _digests),
     Digests: (_digests,), RoundDone: (_round_done,), RoundAck: (_round_ack,),
     DeviceState: (_device_state,), Answer: (_answer,), Absent: (_absent,),

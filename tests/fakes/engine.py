@@ -46,16 +46,20 @@ class FakeVM:
         self.suspends = self.resumes = 0
         self.finished = False
         self.fail_suspend: str | None = None
+        self.slowed = 0  # % of its time auto-converge takes away (FakeThrottle)
+        self.events: list[str] = []  # suspend, resume, throttle N, unthrottle: in order
 
     def suspend(self) -> None:
         if self.fail_suspend:
             raise AdapterError(self.fail_suspend)
         self.running = False
         self.suspends += 1
+        self.events.append("suspend")
 
     def resume(self) -> None:
         self.running = True
         self.resumes += 1
+        self.events.append("resume")
 
     def finish(self) -> str:
         self.finished = True
@@ -65,6 +69,7 @@ class FakeVM:
         if not self.running:
             return
         n = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
+        n = n * (100 - self.slowed) // 100  # auto-converge: a slowed VM writes less
         for _ in range(n):
             fid = self.rng.randrange(len(src.data))
             src.dirty[fid].add(self.write_one(src.data[fid]))
@@ -74,6 +79,30 @@ class FakeVM:
         off = self.rng.randrange(len(buf) // BS) * BS + self.rng.randrange(BS - 8)
         buf[off:off + 8] = self.rng.randbytes(8)
         return off // BS
+
+
+class ThrottledVM(FakeVM):
+    """A FakeVM auto-converge can slow (a process with a pid, as pid: and qemu: are)."""
+
+    throttle_pid = 4242
+
+
+class FakeThrottle:
+    """rounds.Throttler over a FakeVM: a level slows its writes by as much."""
+
+    def __init__(self, vm: FakeVM) -> None:
+        self.vm = vm
+        self.level = 0
+        self.closed = False
+
+    async def set(self, level: int) -> None:
+        self.level = self.vm.slowed = level
+        self.vm.events.append(f"throttle {level}")
+
+    async def aclose(self) -> None:
+        self.level = self.vm.slowed = 0
+        self.closed = True
+        self.vm.events.append("unthrottle")
 
 
 class MemoryRecords:
@@ -125,6 +154,7 @@ class MemorySource:
     """SourceFiles in memory: bytes, a dirty set per file (swap empties it), no heat."""
 
     block_size = BS
+    page_size = BS  # (pages are blocks here)
     writeback = False
 
     def __init__(self, files: dict[str, bytes], vm: FakeVM,
@@ -174,6 +204,7 @@ class MemorySource:
         return (), 1.0
 
     async def flush(self) -> None:
+        await trio.sleep(0.05)  # (time passes on the autojump clock: a timeout can come)
         self.vm.write_some(self)
 
     async def claim(self, migration: str, holder: str) -> None:
@@ -192,6 +223,17 @@ class MemorySource:
 
     def close(self) -> None:
         self.closed = True
+
+
+class PagedSource(MemorySource):
+    """A MemorySource whose blocks are four of its pages (BS): the dirty sets are pages, as a
+    blkfs mount's under 64 KiB blocks; heat, the copy and clear go by block."""
+
+    block_size = 4 * BS
+    page_size = BS
+
+    async def clear(self, file_id: int, extents: list[tuple[int, int]]) -> None:
+        await super().clear(file_id, [(first * 4, count * 4) for first, count in extents])
 
 
 class MemoryDest:
@@ -236,6 +278,9 @@ class MemoryDest:
         buf = self.data[file_id]
         buf[offset:offset + len(data)] = data
         self.mark(self.names[file_id], offset, len(data))
+
+    def read(self, file_id: int, offset: int, length: int) -> bytes:
+        return bytes(self.data[file_id][offset:offset + length])
 
     def mark(self, name: str, offset: int, length: int) -> None:
         """A write through this mount, as its blkfs tracks it."""
@@ -315,13 +360,16 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
                   *, peer: Callable[[trio.abc.Stream], Awaitable[Any]] | None = None,
                   resume_hook: Callable[[], Awaitable[None]] | None = None,
                   wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
+                  notify: Callable[[str], None] = lambda text: None,
                   ) -> tuple[Source, SessionOutcome | None, float]:
     """Run both ends; returns the source (its report), the destination's outcome and the
     migration's time on the (virtual) clock. `wrap` wraps the source's end of the link."""
     left, right = trio.testing.memory_stream_pair()
     link = wrap(left) if wrap is not None else left
     source = Source(opts, vm, SourceHooks(open_files=lambda o: src,
-                                          connect=lambda o: _ready(link), run_sync=inline))
+                                          connect=lambda o: _ready(link), run_sync=inline,
+                                          throttle=lambda pid: FakeThrottle(vm),
+                                          notify=notify))
     outcome: list[SessionOutcome] = []
     sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
                          open_files=lambda mount, force: dest, resume_hook=resume_hook,
