@@ -29,6 +29,9 @@ verified by the migrator and checked against the VM's own ledger.
     .venv/bin/python scripts/bench_migrate.py --back     # A -> B -> A, 2 % of the disk changed
     .venv/bin/python scripts/bench_migrate.py --sync --disk-size 4G --mem-size 1G --write-rate 5
         # a cold migrate against one from a replica migrator sync kept for 60 s
+    .venv/bin/python scripts/bench_migrate.py --converge --tree /tmp/base-tree --tree .
+        # issue 24: 4 KiB random writes at 8 MB/s into a 1 GiB disk over a 40 MB/s link, with
+        # the defaults, each tree in the same run; hot memory with and without auto-converge
     .venv/bin/python scripts/bench_migrate.py --only-postcopy --gluster
         # the spill area on a GlusterFS volume: the source writes it through one glusterfs
         # client (network namespace a), the destination reads it through another (b)
@@ -494,6 +497,125 @@ def sparse_bench(a: argparse.Namespace, tmp: Path) -> int:
     return 0 if all(targets.values()) else 1
 
 
+def converge_one(tree: Path, root: Path, *, disk: str, mem: str, rate_mb_s: float,
+                 mem_share: float, bandwidth: float, flags: list[str], warmup: float,
+                 timeout: float = 600.0) -> dict[str, Any]:
+    """One migration with `tree`'s code: a simulated VM writing `rate_mb_s` of random 4 KiB
+    units (`mem_share` of them to memory) from the start, migrated with `flags` over a link
+    capped at `bandwidth` MB/s. The report, the migrator's exit code and its one line."""
+    run_dir = tempfile.mkdtemp(prefix="bc-", dir="/tmp")  # (a control socket's path is short)
+    env = dict(os.environ, PYTHONPATH=str(tree), BLKFS_RUNTIME_DIR=run_dir)
+
+    def run(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, *args], env=env, cwd=tree, capture_output=True, text=True,
+                              **kw)
+
+    key = make_key(root)
+    mounts = []
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for side in ("src", "dst"):
+            (root / f"{side}-backing").mkdir()
+            (root / side).mkdir()
+            r = run("-m", "blkfs.cli", "mount", str(root / f"{side}-backing"), str(root / side))
+            if r.returncode:
+                raise SystemExit(f"mount in {tree}: {r.stderr.strip()}")
+            mounts.append(root / side)
+        src, dst = mounts
+        run("-m", "migrator.simvm", "create", str(src), "--disk-size", disk, "--mem-size", mem,
+            "--unit", "4096", check=True)
+        vm = subprocess.Popen([PY, "-m", "migrator.simvm", "run", str(src), "--rate",
+                               str(rate_mb_s / 1.048576), "--hot-fraction", "1.0",
+                               "--mem-share", str(mem_share)], env=env, cwd=tree,
+                              stdout=subprocess.DEVNULL, text=True)
+        procs.append(vm)
+        serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(dst),
+                                  "--listen", "127.0.0.1:0", "--key-file", str(key), "--once"],
+                                 env=env, cwd=tree, stdout=subprocess.PIPE, text=True)
+        procs.append(serve)
+        assert serve.stdout is not None
+        port = re.search(r":(\d+),", serve.stdout.readline())
+        if not port:
+            raise SystemExit(f"migrator serve did not start in {tree}")
+        time.sleep(warmup)
+        report = root / "report.json"
+        t = time.monotonic()
+        r = run("-m", "migrator.cli", "migrate", "--mount", str(src), "--to",
+                f"127.0.0.1:{port.group(1)}", "--key-file", str(key), "--suspend",
+                f"pid:{vm.pid}", "--report", str(report), "--bandwidth", str(bandwidth),
+                *flags, "disk.raw", "vm.mem", timeout=timeout)
+        wall = time.monotonic() - t
+        rep = json.loads(report.read_text()) if report.exists() else {}
+        rep["exit"], rep["wall_s"] = r.returncode, round(wall, 2)
+        rep["line"] = (r.stderr.strip().splitlines() or [""])[-1]
+        if r.returncode == 0:
+            serve.wait(timeout=60)
+        else:
+            rep["vm_running"] = vm.poll() is None and _proc_state(vm.pid) not in ("T", "t")
+        return rep
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait()
+        for m in reversed(mounts):
+            if run("-m", "blkfs.cli", "umount", str(m)).returncode:
+                subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def converge_bench(a: argparse.Namespace, tmp: Path) -> int:
+    """Issue 24's figures: the busy-disk scenario with the defaults, per tree (today's and
+    this one), and a VM whose memory outruns the link with and without auto-converge."""
+    trees = [t.resolve() for t in (a.tree or [Path(".")])]
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    for run_no in range(a.runs):
+        for tree in trees:
+            name = f"4 KiB random writes, 8 MB/s, 1 GiB disk, 40 MB/s link: {tree.name}"
+            root, _ = fresh_root(tmp, f"{name} {run_no}")
+            rows.append(("busy disk", str(tree), converge_one(
+                tree, root, disk="1G", mem="16M", rate_mb_s=8.0, mem_share=0.0,
+                bandwidth=40.0, flags=[], warmup=1.0)))
+            shutil.rmtree(root, ignore_errors=True)
+    me = trees[-1]
+    for name, flags in (("hot memory, auto-converge (default)", ["--converge-timeout", "120"]),
+                        ("hot memory, --max-throttle 0", ["--max-throttle", "0",
+                                                          "--converge-timeout", "60"])):
+        root, _ = fresh_root(tmp, name)
+        rows.append((name, str(me), converge_one(
+            me, root, disk="64M", mem="256M", rate_mb_s=a.hot_rate, mem_share=0.95,
+            bandwidth=a.hot_bandwidth, flags=flags, warmup=2.0)))
+        shutil.rmtree(root, ignore_errors=True)
+    t = Table(title="converging by default (issue 24)")
+    for col in ("workload", "tree", "exit", "total s", "downtime ms", "sent / data", "rounds",
+                "throttle", "verified", "the migrator's last line"):
+        t.add_column(col, justify="left" if col in ("workload", "tree", "the migrator's last "
+                                                    "line") else "right")
+    for what, tree, r in rows:
+        data = r.get("data_bytes") or 1
+        thr = (f"{r['throttle_max_pct']} % / {r.get('throttle_s') or 0:.1f} s"
+               if r.get("throttle_max_pct") else "-")
+        t.add_row(what, Path(tree).name or tree, str(r["exit"]), f"{r.get('total_s', 0):.1f}",
+                  "-" if r.get("downtime_ms") is None else f"{r['downtime_ms']:.1f}",
+                  f"{(r.get('bytes_sent') or 0) / data:.2f}", str(len(r.get("rounds", []))),
+                  thr, "yes" if r.get("verified") else "no", r["line"][:90])
+    console.print(t)
+    out = Path(a.json.replace(".json", "_converge.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps([{"workload": w, "tree": tr, "report": r} for w, tr, r in rows],
+                              indent=1) + "\n")
+    console.print(f"JSON: {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--disk-size", default="1G")
@@ -525,6 +647,12 @@ def main() -> int:
     ap.add_argument("--sync-seconds", type=float, default=60.0, metavar="S")
     ap.add_argument("--sync-bandwidth", type=float, default=200.0, metavar="MB/s")
     ap.add_argument("--sync-lag", type=float, default=10.0, metavar="S")
+    ap.add_argument("--converge", action="store_true",
+                    help="only issue 24's figures: the busy 1 GiB disk over 40 MB/s with the "
+                    "defaults (per --tree), hot memory with and without auto-converge")
+    ap.add_argument("--tree", action="append", type=Path,
+                    help="--converge: a checkout whose code runs the busy-disk row (repeatable)")
+    ap.add_argument("--runs", type=int, default=1, help="--converge: runs of each tree")
     a = ap.parse_args()
     for flag in ("writeback", "gluster"):  # a run of its own: not over the main figures
         if getattr(a, flag) and a.json == ap.get_default("json"):
@@ -551,6 +679,9 @@ def main() -> int:
 def run(a: argparse.Namespace) -> int:
     if a.writeback:
         MOUNT_FLAGS.append("--writeback")
+    if a.converge:
+        with tempfile.TemporaryDirectory(prefix="bench-converge-") as tmp:
+            return converge_bench(a, Path(tmp))
     if a.sparse:
         with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
             return sparse_bench(a, Path(tmp))

@@ -4,7 +4,8 @@ Part 1, tracking at scale (one mount, 64 KiB blocks: 1,179,648 blocks tracked). 
 touches 4 KiB of every memory block and of half the disk's blocks, each in random order: the
 worst case for the heat (every run of equal heat is short) and a fragmented dirty set. Then,
 through the control socket as the migrator asks them: the heat query and the initial-copy plan
-(``migrator.plan.initial_order``) per file, a swap of a fragmented dirty set, and a status
+(``migrator.plan.initial_order``) per file, a swap of a fragmented dirty set (in blocks, and
+in 4 KiB pages as the migrator's rounds swap), and a status
 query; medians of --repeat, plus the first call. The daemon's RSS before and after.
 
 Part 2, a migration at scale: a fresh pair of mounts, the same file sizes holding
@@ -125,6 +126,12 @@ def part1(tmp: Path, repeat: int) -> dict[str, Any]:
                     d = c.call(cp.Dirty(name, swap=True))
                     row.update(swap_ms=round((time.perf_counter() - t) * 1e3, 1),
                                swap_extents=len(d.extents))
+                    for b in rng.sample(range(h.blocks), min(h.blocks, 200_000)):
+                        os.pwrite(fds[name], piece, b * BLOCK)  # again: as the migrator swaps
+                    t = time.perf_counter()
+                    d = c.call(cp.Dirty(name, swap=True, pages=True))
+                    row.update(swap_pages_ms=round((time.perf_counter() - t) * 1e3, 1),
+                               swap_page_extents=len(d.extents))
                     out[name] = row
                 first, med, _ = timed(lambda: c.call(cp.Status()), repeat)
                 out["status_ms"] = med
