@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -177,8 +177,8 @@ def print_summary(r: MigrationReport, console: Console) -> None:
         *([("replica not used", r.lineage_detail)]  # (said when there was one to use)
           if r.lineage_detail and r.lineage_detail != "no replica here" else []),
         ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
-        ("rounds", (f"{len(r.rounds)}: " + ", ".join(str(x.dirty_pages) for x in r.rounds)
-                    + f" dirty pages of {human_bytes(r.page_size)} (the VM dirtying " + ", ".join(
+        ("rounds", (f"{len(r.rounds)}: " + _few(str(x.dirty_pages) for x in r.rounds)
+                    + f" dirty pages of {human_bytes(r.page_size)} (the VM dirtying " + _few(
                         f"{x.dirty_rate_mb_s:.1f}" for x in r.rounds) + " MB/s)"
                     if r.rounds else "none")
                    + f"; last set {r.last_set_pages} pages"),
@@ -209,6 +209,14 @@ def print_summary(r: MigrationReport, console: Console) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def _few(items: Iterable[str], head: int = 4, tail: int = 3) -> str:
+    """A long list as its first and last few (the report's JSON has them all)."""
+    listed = list(items)
+    if len(listed) <= head + tail + 1:
+        return ", ".join(listed)
+    return ", ".join([*listed[:head], "…", *listed[-tail:]])
 
 
 def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> dict[str, Any]:

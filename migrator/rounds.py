@@ -21,6 +21,7 @@ from . import protocol as p
 from .errors import BadPeer, MigrationError
 from .plan import AutoConverge, Decision, OnStall, RoundPlanner, RoundStats, Verdict, union_extents
 from .report import MigrationReport, Progress
+from .throttle import ThrottleError
 
 Extent = tuple[int, int]
 Sets = dict[int, list[Extent]]
@@ -123,11 +124,18 @@ class DirtyRounds:
         level = (self.auto.after_round(dirtied, moved, decision.stalled)
                  if self._can_throttle() else None)
         if level is not None:
-            await self._slow_down(level, decision)
-            return Decision(Verdict.CONTINUE, decision.reason)
+            try:
+                await self._slow_down(level, decision)
+                return Decision(Verdict.CONTINUE, decision.reason)
+            except ThrottleError as exc:  # (the VM runs on at full speed: say so, go on)
+                m.hooks.notify(f"{exc}: going on without auto-converge")
+                self.auto.maximum = 0
+                await self._unthrottle()
         late = policy.on_stall is OnStall.CONVERGE and trio.current_time() > self.deadline
         if not decision.stalled and not late:
             return decision
+        if not late and not self.auto.at_max and self._can_throttle():
+            return Decision(Verdict.CONTINUE, decision.reason)  # (the next step comes)
         if m.opts.postcopy == "auto" and not m.use_postcopy and m.memory_ids:
             # Memory outruns the link: it goes post-copy; the disks go on converging alone.
             m.use_postcopy = True
@@ -137,8 +145,6 @@ class DirtyRounds:
             self.auto.reset()
             m.hooks.notify(f"not converging ({decision.reason}): memory goes post-copy")
             return WENT_POSTCOPY
-        if not late and not self.auto.at_max and self._can_throttle():
-            return Decision(Verdict.CONTINUE, decision.reason)  # (the next step comes)
         expect = self.planner.expected_downtime_ms(m.progress.pending)
         if policy.on_stall is OnStall.SWITCHOVER:
             m.hooks.notify(f"not converging ({decision.reason}): switching over anyway "

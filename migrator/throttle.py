@@ -26,6 +26,10 @@ CLOSE_WAIT = 5.0  # s the helper has to continue the VM and exit before it is ki
 PR_SET_PDEATHSIG = 1
 
 
+class ThrottleError(Exception):
+    """The VM cannot be slowed (no helper, or it went away): the rounds go on without."""
+
+
 class Throttle:
     """The helper of one VM process, from the engine (trio): `set` a level, `aclose` always
     (the VM runs at full speed again once it returns)."""
@@ -36,12 +40,15 @@ class Throttle:
         self._proc: trio.Process | None = None
 
     async def set(self, level: int) -> None:
-        if self._proc is None:
-            self._proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "migrator.throttle", str(self.pid)],
-                stdin=subprocess.PIPE, start_new_session=True)  # (Ctrl-C is ours to handle)
-        assert self._proc.stdin is not None
-        await self._proc.stdin.send_all(f"{level}\n".encode())
+        try:
+            if self._proc is None:
+                self._proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "migrator.throttle", str(self.pid)],
+                    stdin=subprocess.PIPE, start_new_session=True)  # (Ctrl-C is ours)
+            assert self._proc.stdin is not None
+            await self._proc.stdin.send_all(f"{level}\n".encode())
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise ThrottleError(f"cannot slow process {self.pid}: {exc}") from None
         self.level = level
 
     async def aclose(self) -> None:

@@ -285,12 +285,14 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
         for e in events:
             e.close()
         kill(procs)
-        for mnt in mounts:
+        for mnt in mounts:  # (blkfs umount waits for the daemon: its state file is written)
             for _ in range(20):
-                if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
-                                  env=env).returncode == 0:
+                if subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)],
+                                  capture_output=True, env=env).returncode == 0:
                     break
                 time.sleep(0.25)
+            else:
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
 def main() -> int:

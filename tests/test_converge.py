@@ -18,9 +18,18 @@ import trio
 
 from migrator.options import MigrateOptions
 from migrator.plan import AutoConverge, OnStall, Policy
-from migrator.throttle import Throttle
+from migrator.throttle import Throttle, ThrottleError
 
-from .fakes.engine import FakeVM, MemoryDest, MemorySource, ThrottledVM, files, migrate, options
+from .fakes.engine import (
+    FakeThrottle,
+    FakeVM,
+    MemoryDest,
+    MemorySource,
+    ThrottledVM,
+    files,
+    migrate,
+    options,
+)
 
 pytestmark = pytest.mark.quick
 
@@ -135,6 +144,24 @@ async def test_a_failure_while_throttled_undoes_the_throttle(autojump_clock: Any
     assert vm.running and vm.suspends == 0
 
 
+async def test_a_throttle_that_cannot_start_is_said_and_the_rounds_go_on(
+        autojump_clock: Any) -> None:
+    class Broken(FakeThrottle):
+        async def set(self, level: int) -> None:
+            raise ThrottleError("cannot slow process 4242: no such file")
+
+    vm = ThrottledVM([30])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    said: list[str] = []
+    source, _, _ = await migrate(src, vm, dest, converge_options(), notify=said.append,
+                                 throttle=lambda pid: Broken(vm))
+    r = source.report
+    assert r.status == "failed" and r.error is not None
+    assert r.error.startswith("not converging after 5 s"), r.error
+    assert any("going on without auto-converge" in s for s in said), said
+    assert vm.running and vm.slowed == 0 and r.throttle_max_pct is None
+
+
 async def test_no_throttle_when_told_never(autojump_clock: Any) -> None:
     vm = ThrottledVM([30])
     src, dest = MemorySource(files(), vm), MemoryDest()
@@ -190,7 +217,7 @@ def test_a_killed_migrator_never_leaves_the_vm_slowed() -> None:
     vm = subprocess.Popen([sys.executable, "-c", BUSY])
     migrator = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import trio
-        from migrator.throttle import Throttle
+        from migrator.throttle import Throttle, ThrottleError
         async def main():
             t = Throttle({vm.pid})
             await t.set(99)

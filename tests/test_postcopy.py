@@ -159,6 +159,45 @@ def test_postcopy_reader_sees_only_final_pages(hosts: tuple[Mount, Mount], key: 
     assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+@pytest.mark.cache
+def test_postcopy_auto_comes_after_the_throttle(hosts: tuple[Mount, Mount], key: Path,
+                                                servers: list[Server], tmp_path: Path) -> None:
+    """--postcopy auto on a VM whose memory outruns the link (its disk quiet): first it is
+    slowed (auto-converge, here up to 30 %), then its memory goes post-copy with the throttle
+    undone; completed, verified, and the destination holds the suspend point."""
+    src, dst = hosts
+    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "8M", "--mem-size", "24M",
+                    "--unit", "65536"], check=True, capture_output=True)
+    vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "40", "--hot-fraction",
+                           "0.5", "--mem-share", "0.99"], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)
+    s = Server(dst, key, "--resume-cmd", "true")
+    servers.append(s)
+    report = tmp_path / "report.json"
+    m = Migration(src, s.port, key, vm.pid, "--postcopy=auto", "--max-throttle", "30",
+                  "--bandwidth", "6", "--spill", str(tmp_path / "spill"), "--report",
+                  str(report))
+    try:
+        rc, out = m.finish()
+        assert rc == 0, out
+        assert vm.wait(timeout=10) == -signal.SIGKILL  # retired: killed, never left stopped
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait()
+    rc, sout = s.finish()
+    assert rc == 0 and "complete and verified" in sout, sout
+    rep = json.loads(report.read_text())
+    assert rep["verified"] and rep["postcopy_reason"], rep
+    assert [pct for _, pct in rep["throttle_steps"]] == [20, 30], rep["throttle_steps"]
+    assert rep["throttle_max_pct"] == 30 and rep["throttle_s"] > 0
+    flat = " ".join(out.split())  # (the console wraps its lines)
+    assert "slowed by 20 %" in flat and "memory goes post-copy" in flat, out
+    assert flat.index("slowed by 30 %") < flat.index("memory goes post-copy"), out
+    assert digest(dst.mnt / "vm.mem") == digest(src.mnt / "vm.mem")
+    assert digest(dst.mnt / "disk.raw") == digest(src.mnt / "disk.raw")
+
+
 def stop_dest_on_resume() -> str:
     """A resume hook that freezes `migrator serve` itself: nothing more reaches its daemon."""
     return "kill -STOP $PPID"

@@ -361,6 +361,7 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
                   resume_hook: Callable[[], Awaitable[None]] | None = None,
                   wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
                   notify: Callable[[str], None] = lambda text: None,
+                  throttle: Callable[[int], Any] | None = None,
                   ) -> tuple[Source, SessionOutcome | None, float]:
     """Run both ends; returns the source (its report), the destination's outcome and the
     migration's time on the (virtual) clock. `wrap` wraps the source's end of the link."""
@@ -368,7 +369,7 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
     link = wrap(left) if wrap is not None else left
     source = Source(opts, vm, SourceHooks(open_files=lambda o: src,
                                           connect=lambda o: _ready(link), run_sync=inline,
-                                          throttle=lambda pid: FakeThrottle(vm),
+                                          throttle=throttle or (lambda pid: FakeThrottle(vm)),
                                           notify=notify))
     outcome: list[SessionOutcome] = []
     sopts = ServeOptions(mount=dest.mount, key=KEY, io_timeout=opts.io_timeout,
