@@ -265,6 +265,7 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
         if mig.returncode != 0:
             raise SystemExit(f"migrator migrate failed: {err.strip().splitlines()[-1:]}")
         pm = re.search(r"QEMU pid (\d+)", out)
+        dest_log = [ln.strip() for ln in out.splitlines() if " ms" in ln]
         rep = json.loads(report.read_text())
         stop = events[0].first("STOP")
         resume = events[1].first("RESUME") if len(events) > 1 else None
@@ -275,7 +276,9 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
                   "detail": {k: rep.get(k) for k in ("bytes_by_kind", "bytes_by_phase",
                                                       "bytes_by_file", "device_state_bytes",
                                                       "downtime_breakdown_ms", "last_set_pages",
-                                                      "rounds")}}
+                                                      "prefetched_blocks", "postcopy_pages",
+                                                      "rounds")},
+                  "dest_log": dest_log}
         if pm:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pm.group(1)), 9)
