@@ -220,14 +220,10 @@ def blocks_of_pages(exts: Iterable[Extent], ppb: int) -> list[Extent]:
     return out
 
 
-def pages_of_blocks(exts: Iterable[Extent], ppb: int) -> list[Extent]:
-    return [(first * ppb, count * ppb) for first, count in exts]
-
-
 class DirtyBitmap:
     """Pages written since the last swap, for one file: a page mask per block.
 
-    ``mark`` and ``mark_pages`` are the write hot path; ``swap`` atomically hands out the
+    ``mark`` and ``mark_bytes`` are the write hot path; ``swap`` atomically hands out the
     current masks and starts empty ones (a new epoch).  Atomic here means: no await or
     thread switch between reading and replacing, which holds because the daemon runs the
     write handler and the swap on one trio thread.
@@ -244,13 +240,6 @@ class DirtyBitmap:
         self.bits = self._new(nblocks, self.full if all_dirty else 0)
         self.epoch = epoch
 
-    @classmethod
-    def of(cls, masks: array, ppb: int, epoch: int = 0) -> DirtyBitmap:
-        """A bitmap over these masks (a swapped-out epoch, to query)."""
-        bm = cls(0, ppb=ppb, epoch=epoch)
-        bm.bits = masks
-        return bm
-
     def _new(self, nblocks: int, value: int = 0) -> array:
         return array(_typecode(self.ppb), [value]) * nblocks
 
@@ -266,10 +255,6 @@ class DirtyBitmap:
             bits[first] = self.full
         else:
             bits[first : last + 1] = self._new(last + 1 - first, self.full)
-
-    def mark_pages(self, block: int, mask: int) -> None:
-        """Mark some pages of one block (the map is long enough: the caller grew it)."""
-        self.bits[block] |= mask
 
     def mark_bytes(self, offset: int, end: int, shift: int, pshift: int) -> None:
         """Mark the pages bytes [offset, end) touch (blocks of 2**shift, pages of 2**pshift)."""
@@ -304,12 +289,6 @@ class DirtyBitmap:
     def count(self) -> int:
         """Dirty blocks."""
         return int(np.count_nonzero(mask_array(self.bits)))
-
-    def count_pages(self) -> int:
-        m = mask_array(self.bits)
-        if self.ppb == 1:
-            return int(np.count_nonzero(m))
-        return int(np.unpackbits(m.view(np.uint8)).sum())
 
     def extents(self) -> list[Extent]:
         """Dirty blocks as extents."""

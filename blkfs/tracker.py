@@ -29,10 +29,12 @@ import numpy as np
 from .bitmap import (
     DirtyBitmap,
     Extent,
+    block_extents,
     blocks_for,
     extents,
     from_extents,
     masks_from_pages,
+    page_extents,
     page_shift,
 )
 from .heat import DEFAULT_HALF_LIFE, Heat
@@ -173,12 +175,12 @@ class FileTracker:
     def swap(self) -> tuple[int, list[Extent]]:
         """End the current epoch: return (its number, its dirty block extents)."""
         epoch, masks = self.swap_bitmap()
-        return epoch, DirtyBitmap.of(masks, self.bitmap.ppb).extents()
+        return epoch, block_extents(masks)
 
     def swap_pages(self) -> tuple[int, list[Extent]]:
         """End the current epoch: return (its number, its dirty page extents)."""
         epoch, masks = self.swap_bitmap()
-        return epoch, DirtyBitmap.of(masks, self.bitmap.ppb).page_extents()
+        return epoch, page_extents(masks, self.pages_per_block)
 
     def swap_bitmap(self) -> tuple[int, Any]:
         """End the current epoch: return (its number, its page masks)."""
@@ -243,9 +245,7 @@ class FileTracker:
                 raise ValueError(f"pages of {rec['page_size']} bytes, not {tr.page_size}")
             tr.bitmap.bits = masks_from_pages(rec["dirty_pages"], tr.nblocks, tr.pages_per_block)
         else:  # format 1: whole blocks
-            blocks = from_extents(rec["dirty"], tr.nblocks)
-            tr.bitmap.bits = masks_from_pages([], tr.nblocks, tr.pages_per_block)
-            for first, count in extents(blocks):
+            for first, count in extents(from_extents(rec["dirty"], tr.nblocks)):
                 tr.bitmap.mark(first, first + count - 1)
         tr.bitmap.epoch = int(rec["epoch"])
         blocks = np.frombuffer(base64.b64decode(rec["heat_blocks"]), dtype="<u8")
