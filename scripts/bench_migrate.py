@@ -631,6 +631,8 @@ def main() -> int:
     ap.add_argument("--hot-bandwidth", type=float, default=40.0, metavar="MB/s",
                     help="hot-memory workload: link cap (default 40)")
     ap.add_argument("--only-postcopy", action="store_true", help="only the post-copy rows")
+    ap.add_argument("--scenario", action="append", metavar="WORDS",
+                    help="only the rows whose name holds WORDS (repeatable)")
     ap.add_argument("--sparse", action="store_true",
                     help="only the thin-image workload (sparse against dense)")
     ap.add_argument("--writeback", action="store_true",
@@ -709,14 +711,23 @@ def run(a: argparse.Namespace) -> int:
     hot = {"write_rate": a.hot_rate, "hot_fraction": 0.5, "bandwidth": a.hot_bandwidth,
            "may_fail": True, "mem_share": 0.95}
     hot_scenarios: list[tuple[str, list[str], dict[str, Any]]] = [
-        ("hot memory: pre-copy", ["--on-stall", "abort"], hot),
-        ("hot memory: --postcopy=auto", ["--postcopy=auto", "--spill-bandwidth", "100"],
-         {**hot, "dest_vm": True}),
+        # No throttle in these two: they compare the ways out of a stall the throttle would
+        # otherwise prevent (--converge measures the throttle itself).
+        ("hot memory: pre-copy", ["--on-stall", "abort", "--max-throttle", "0"], hot),
+        ("hot memory: --postcopy=auto", ["--postcopy=auto", "--spill-bandwidth", "100",
+                                         "--max-throttle", "0"], {**hot, "dest_vm": True}),
+        # The demand-fault figures: the same VM on an uncapped link (a fault's block is not
+        # queued behind a link budget), post-copy from the start.
+        ("hot memory: --postcopy, uncapped link", ["--postcopy", "--spill-bandwidth", "100"],
+         {**hot, "bandwidth": None, "dest_vm": True}),
     ]
+    if a.scenario:
+        scenarios = [x for x in scenarios if any(w in x[0] for w in a.scenario)]
+        hot_scenarios = [x for x in hot_scenarios if any(w in x[0] for w in a.scenario)]
     if a.only_postcopy:
         scenarios = [x for x in scenarios if "post-copy" in x[0]]
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
-        if not a.only_postcopy:
+        if not a.only_postcopy and not a.scenario:
             console.print(f"idle cp of {a.disk_size} + {a.mem_size} between the two mounts ...")
             (Path(tmp) / "cp").mkdir()
             results["idle_cp_s"] = round(idle_cp(a, Path(tmp) / "cp"), 3)
@@ -766,7 +777,8 @@ def run(a: argparse.Namespace) -> int:
                        + pc.get("mac_mismatches", 0)) if pc else "-")
     console.print(pt)
     targets = {}
-    if not a.only_postcopy:
+    whole = "ours (static first)" in results and "stop-and-copy" in results
+    if whole and "idle_cp_s" in results:
         ours, sac = results["ours (static first)"], results["stop-and-copy"]
         targets = {
             "downtime <= 50 ms": ours["downtime_ms"] <= 50,
@@ -775,22 +787,27 @@ def run(a: argparse.Namespace) -> int:
             "bytes sent <= 1.15 x data": ours["bytes_sent"] <= 1.15 * ours["data_bytes"],
             "total <= 1.5 x idle cp": ours["total_s"] <= 1.5 * results["idle_cp_s"],
         }
-    pcr, hp, ha = (results["ours + post-copy"], results["hot memory: pre-copy"],
-                   results["hot memory: --postcopy=auto"])
-    targets.update({
-        "post-copy: resume <= 20 ms after suspend": all(
-            r.get("resume_ms") is not None and r["resume_ms"] <= 20 for r in (pcr, ha)),
-        "post-copy: demand-fault p99 <= 5 ms": all(
-            ((r.get("postcopy") or {}).get("demand_fault_p99_ms") or 0) <= 5
-            for r in (pcr, ha)),
-        "hot memory: pre-copy gives up, post-copy completes":
+    pcr, hp, ha, hu = (results.get("ours + post-copy"), results.get("hot memory: pre-copy"),
+                       results.get("hot memory: --postcopy=auto"),
+                       results.get("hot memory: --postcopy, uncapped link"))
+    resumed = [r for r in (pcr, ha) if r]
+    if resumed:
+        targets["post-copy: resume <= 20 ms after suspend"] = all(
+            r.get("resume_ms") is not None and r["resume_ms"] <= 20 for r in resumed)
+    if hu:  # issue 24: on an uncapped link
+        figures = hu.get("postcopy") or {}
+        targets["post-copy, uncapped: demand-fault p50 <= 0.6 ms"] = (
+            figures.get("demand_fault_p50_ms", 99) <= 0.6)
+        targets["post-copy, uncapped: demand-fault p99 <= 5 ms"] = (
+            figures.get("demand_fault_p99_ms", 99) <= 5)
+    if hp and ha:
+        targets["hot memory: pre-copy gives up, post-copy completes"] = (
             hp["status"] != "completed" and ha["status"] == "completed" and ha["verified"]
-            and ha["ledger_check"],
-    })
+            and ha["ledger_check"])
     results["targets"] = targets
     for k, ok in targets.items():
         console.print(f"  {'[green]met[/]' if ok else '[red]MISSED[/]'}  {k}")
-    if not a.only_postcopy:
+    if whole and "idle_cp_s" in results:
         ratio = sac["downtime_ms"] / ours["downtime_ms"]
         console.print(f"  stop-and-copy downtime / ours: {ratio:.0f}x; "
                       f"total / idle cp: {ours['total_s'] / results['idle_cp_s']:.2f}x")
