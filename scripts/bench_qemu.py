@@ -56,12 +56,16 @@ class Events:
 
     def __init__(self, path: Path, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"no QMP socket at {path}")
-            time.sleep(0.005)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
+        while True:  # (QEMU binds the socket a moment before it listens on it)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"no QMP socket listening at {path}") from None
+                time.sleep(0.005)
         self.f = self.sock.makefile("rwb")
         json.loads(self.f.readline())  # greeting
         self.f.write(b'{"execute": "qmp_capabilities"}\n')
