@@ -317,9 +317,13 @@ class Controller:
 
     async def op_written(self, req: cp.Written, conn: Connection) -> cp.Count:
         rel, tr = self._resolve(req.file)
-        if tr.lazy is not None and tr.lazy.absent.count:
-            raise ControlError(f"{rel} has post-copy blocks still absent: write it through "
-                               "the mount")
+        # Present blocks of a post-copy file may be written beside the mount (post-copy's
+        # warm set arrives while lazy mode turns on); an absent one only through it, where
+        # the write waits for the block's content first.
+        lazy = tr.lazy
+        if lazy is not None and any(lazy.absent.absent_in(o, n) for o, n in req.ranges if n):
+            raise ControlError(f"{rel}: a write beside the mount into post-copy blocks still "
+                               "absent; write it through the mount")
         if tr.frozen:
             await self.registry.wait_thawed(tr)
         marked = 0

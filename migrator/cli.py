@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from rich.console import Console
 
-from blkfs.cliutil import OneLineParser, positive, whole_number
+from blkfs.cliutil import OneLineParser, non_negative, positive, whole_number
 from blkfs.control import ControlError
 
 from . import defaults
@@ -191,6 +191,11 @@ def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
     pc.add_argument("--spill-bandwidth", type=positive, metavar="MB/s",
                     help=f"cap writes into the spill area (shared storage other hosts use; "
                     f"{NO_CAP})")
+    pc.add_argument("--warm-set", type=non_negative, default=defaults.WARM_SET_MS, metavar="MS",
+                    help="of the memory left for post-copy, send the hottest (whole 2 MiB "
+                    "regions) with the last set, as much as the link moves in MS "
+                    "milliseconds, so the destination starts without waiting for those "
+                    f"pages (default {defaults.WARM_SET_MS:g}; 0: none)")
     pc.add_argument("--memory", action="append", metavar="FILE",
                     help="a memory file to post-copy (repeatable; default: the files named "
                     "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
@@ -421,7 +426,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           postcopy=a.postcopy,
                           spill_dir=os.path.abspath(a.spill or defaults.SPILL_DIR),
                           spill_slots=a.spill_slots, memory_files=a.memory,
-                          spill_rate_mb_s=a.spill_bandwidth, suspend=a.suspend,
+                          spill_rate_mb_s=a.spill_bandwidth, warm_set_ms=a.warm_set,
+                          suspend=a.suspend,
                           compress=a.compress, plaintext=_warn_plaintext(a),
                           delta=not a.no_delta, lineage=not a.no_lineage, vm_name=a.vm,
                           max_throttle=a.max_throttle, converge_timeout=a.converge_timeout)

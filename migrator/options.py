@@ -39,6 +39,7 @@ class MigrateOptions:
     spill_slots: int = defaults.SPILL_SLOTS
     memory_files: list[str] | None = None  # post-copied files (default: by name, see postcopy)
     spill_rate_mb_s: float | None = None  # cap on writes into the spill area
+    warm_set_ms: float = defaults.WARM_SET_MS  # post-copy: hottest memory sent in the downtime
     suspend: str = defaults.SUSPEND  # the --suspend spec, kept in the ownership record for resolve
     compress: str | None = None  # zstd | lz4: blocks go compressed where that pays
     delta: bool = True  # ask what the destination holds; send only the blocks that differ

@@ -15,6 +15,9 @@ Two decisions live here:
   converging (slow the VM down, go post-copy, stop after a timeout: rounds.py), switch over
   anyway, or abort.
 * **When to slow the VM down** (auto-converge, ``AutoConverge``): QEMU's rule.
+* **What post-copy still sends in the downtime** (``warm_set``): the hottest absent memory,
+  by whole fault region, within a small budget, so that the destination's first reads (QEMU
+  loading its device state, the guest's first touches) find their pages instead of faulting.
 """
 
 from __future__ import annotations
@@ -72,6 +75,84 @@ def initial_order(
     static += list(zip(firsts[cold].tolist(), counts[cold].tolist(), strict=True))
     dynamic = list(zip(firsts[~cold].tolist(), counts[~cold].tolist(), strict=True))
     return static, dynamic
+
+
+FAULT_REGION = 2 << 20  # bytes one fault on mmap'ed guest RAM reads (a huge page's folio)
+
+
+def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float]] | np.ndarray,
+             budget_blocks: int, region_blocks: int) -> tuple[list[Extent], list[Extent]]:
+    """(sent with the last set, left absent): the absent blocks of whole fault regions,
+    hottest region first, as many as fit `budget_blocks`.
+
+    A read on the destination waits for every absent block of the range it reads, and a
+    fault on mmap'ed RAM reads its whole region (2 MiB here): a region half sent still
+    faults, so regions go whole or not at all.  A region's heat is its hottest absent
+    block's (blkfs heat runs; a block in no run has heat 0); ties go to the lower region."""
+    listed = [(f, c) for f, c in absent if c > 0]
+    if not listed or budget_blocks <= 0:
+        return [], sorted(listed)
+    blocks = np.sort(np.concatenate([np.arange(f, f + c, dtype=np.int64) for f, c in listed]))
+    # (not np.unique: its first call in a process costs 8 ms, and this runs in the downtime)
+    blocks = blocks[np.concatenate(([True], np.diff(blocks) != 0))]
+    if isinstance(heat_runs, np.ndarray):
+        firsts = heat_runs["first"].astype(np.int64)
+        counts = heat_runs["count"].astype(np.int64)
+        heats = heat_runs["heat"].astype(np.float64)
+    else:
+        runs = sorted(heat_runs)
+        firsts = np.array([r[0] for r in runs], dtype=np.int64)
+        counts = np.array([r[1] for r in runs], dtype=np.int64)
+        heats = np.array([r[2] for r in runs], dtype=np.float64)
+    heat = np.zeros(len(blocks))
+    if len(firsts):
+        order = np.argsort(firsts, kind="stable")
+        firsts, counts, heats = firsts[order], counts[order], heats[order]
+        at = np.maximum(np.searchsorted(firsts, blocks, side="right") - 1, 0)  # run at/before
+        inside = (firsts[at] <= blocks) & (blocks < firsts[at] + counts[at])
+        heat = np.where(inside, heats[at], 0.0)
+    region = blocks // max(1, region_blocks)  # sorted, as the blocks are
+    start = np.flatnonzero(np.concatenate(([True], np.diff(region) != 0)))
+    ids = region[start]
+    size = np.diff(np.concatenate((start, [len(region)])))
+    hottest = np.maximum.reduceat(heat, start)
+    taken = np.zeros(len(ids), dtype=bool)
+    left = budget_blocks
+    for i in np.lexsort((ids, -hottest)).tolist():  # hottest first, then lower region
+        if size[i] <= left:
+            taken[i] = True
+            left -= int(size[i])
+            if left == 0:
+                break
+    warm = np.repeat(taken, size)
+    return _as_extents(blocks[warm]), _as_extents(blocks[~warm])
+
+
+def pages_in_blocks(pages: Iterable[Extent], blocks: Iterable[Extent], ppb: int) -> list[Extent]:
+    """The page extents that lie in the given (sorted) block extents, `ppb` pages a block."""
+    out: list[Extent] = []
+    spans = [(f * ppb, (f + c) * ppb) for f, c in blocks]
+    i = 0
+    for first, count in sorted(pages):
+        stop = first + count
+        while i < len(spans) and spans[i][1] <= first:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] < stop:
+            lo, hi = max(first, spans[j][0]), min(stop, spans[j][1])
+            if lo < hi:
+                out.append((lo, hi - lo))
+            j += 1
+    return out
+
+
+def _as_extents(blocks: np.ndarray) -> list[Extent]:
+    if not len(blocks):
+        return []
+    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = np.concatenate(([0], cut))
+    stops = np.concatenate((cut, [len(blocks)]))
+    return list(zip(blocks[starts].tolist(), (stops - starts).tolist(), strict=True))
 
 
 def union_extents(a: Iterable[Extent], b: Iterable[Extent]) -> list[Extent]:

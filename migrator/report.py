@@ -122,6 +122,7 @@ class MigrationReport:
     postcopy_files: list[str] = field(default_factory=list)
     postcopy_reason: str = ""  # --postcopy=auto: why pre-copy of memory was given up
     postcopy_pages: int = 0  # memory pages left absent at switchover
+    warm_set_pages: int = 0  # post-copy: the hottest memory pages sent with the last set instead
     postcopy_s: float | None = None  # Commit -> the destination has every page
     resume_ms: float | None = None  # suspend -> running on the destination
     spill_flushed_s: float | None = None  # Commit -> every page durable in the spill area
@@ -197,7 +198,8 @@ def print_summary(r: MigrationReport, console: Console) -> None:
     pc = r.postcopy
     if r.postcopy_files and pc is not None:
         rows.append(("post-copy", f"{r.postcopy_pages} pages of {', '.join(r.postcopy_files)} "
-                     f"in {r.postcopy_s if r.postcopy_s is not None else '-'} s: "
+                     f"in {r.postcopy_s if r.postcopy_s is not None else '-'} s "
+                     f"({r.warm_set_pages} of the hottest went with the last set): "
                      f"{pc.pages_from_spill} from the spill area ({pc.pages_via_drain} by the "
                      f"drain), {pc.pages_via_demand_fetch} fetched; {pc.demand_faults} faults, "
                      f"p50 {pc.demand_fault_p50_ms} ms, p99 {pc.demand_fault_p99_ms} ms; "

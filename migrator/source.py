@@ -37,16 +37,19 @@ from .lineage import source_proof
 from .options import MigrateOptions, SourceFile, SourceHooks
 from .ownership import OWNER, REFUSED, VMRecord
 from .plan import (
+    FAULT_REGION,
     RoundPlanner,
     initial_order,
+    pages_in_blocks,
     union_extents,
+    warm_set,
 )
 from .postcopy import SourcePostcopy, from_wire, memory_files
 from .reconnect import keep_trying
 from .report import MigrationReport, Progress
 from .rounds import DirtyRounds
 from .sending import Sender
-from .stores import SourceFiles, opened
+from .stores import HeatRuns, SourceFiles, opened
 from .transport import Channel
 from .verifying import retired_lineage, verification_digests
 from .vm import AdapterError, VMAdapter
@@ -310,7 +313,8 @@ class Source:
             await self._store.flush()
             bd["flush"] = _ms(t)
 
-    async def _switchover(self, held_back: dict[int, list[Extent]]) -> None:
+    async def _switchover(self, held_back: dict[int, list[Extent]],
+                          bandwidth: float = 0.0) -> None:
         assert self.ch is not None
         self._phase("switchover")
         bd = self.report.downtime_breakdown_ms
@@ -320,6 +324,10 @@ class Source:
         assert self.handoff is not None
         self.handoff.begin()
         self.report.handoff_record_ms = _ms(t)
+        # What the memory's blocks are worth to the destination's start, asked while the VM
+        # still runs (a heat query of a large memory file takes milliseconds).
+        heat = (await self._memory_heat() if self.use_postcopy and self.opts.warm_set_ms > 0
+                else {})
         if not self.suspended:
             await self._suspend()
         t = time.monotonic()
@@ -331,8 +339,12 @@ class Source:
         bd["swap"] = _ms(t)
         t = time.monotonic()
         if self.use_postcopy and any(union.get(fid) for fid in self.memory_ids):
-            await self._switchover_postcopy(union, t)
-            return  # (no memory page left to move: a plain commit)
+            absent, warm = self._warm_split(union, heat, bandwidth)
+            self.report.warm_set_pages = sum(c for e in warm.values() for _f, c in e)
+            if any(absent.values()):
+                await self._switchover_postcopy(union, absent, warm, t)
+                return
+            # (the warm set took every memory page: a plain commit)
         self.report.last_set_pages, _ = await self._send_pages(union)
         await self._send_device_state()
         bd["send_last_set"] = _ms(t)
@@ -423,15 +435,43 @@ class Source:
             await self.ch.send(p.DeviceState(state[i:i + p.MAX_BLOCKS_DATA]))
         self.report.device_state_bytes = len(state)
 
-    async def _switchover_postcopy(self, union: dict[int, list[Extent]], t: float) -> None:
-        """Disks' last set now; memory pages stay absent and follow through the spill area."""
+    async def _memory_heat(self) -> dict[int, HeatRuns]:
+        return {fid: (await self._store.heat(fid, None))[0] for fid in self.memory_ids}
+
+    def _warm_split(self, union: dict[int, list[Extent]], heat: dict[int, HeatRuns],
+                    bandwidth: float) -> tuple[dict[int, list[Extent]], dict[int, list[Extent]]]:
+        """(absent blocks, warm pages) of the memory files: memory goes post-copy by block (a
+        page is fetched with its block's others, all current), except the hottest whole fault
+        regions that the link moves within --warm-set ms, whose dirty pages go with the last
+        set (plan.warm_set)."""
+        ppb = self.block_size // self.page_size
+        budget = (int(bandwidth * self.opts.warm_set_ms / 1000 / self.block_size)
+                  if bandwidth > 0 else 0)
+        region = max(1, FAULT_REGION // self.block_size)
+        absent: dict[int, list[Extent]] = {}
+        warm: dict[int, list[Extent]] = {}
+        for fid in self.memory_ids:
+            pages = union.get(fid)
+            if not pages:
+                continue
+            sent, left = warm_set(blocks_of_pages(pages, ppb), heat.get(fid, ()), budget, region)
+            budget -= sum(c for _f, c in sent)
+            if left:
+                absent[fid] = left
+            if sent:
+                warm[fid] = pages_in_blocks(pages, sent, ppb)
+        return absent, warm
+
+    async def _switchover_postcopy(self, union: dict[int, list[Extent]],
+                                   absent: dict[int, list[Extent]],
+                                   warm: dict[int, list[Extent]], t: float) -> None:
+        """Disks' last set and the memory's warm set now; the other memory blocks stay absent
+        and follow through the spill area."""
         assert self.ch is not None and self.spill is not None
         r = self.report
         bd = r.downtime_breakdown_ms
         disks = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
-        ppb = self.block_size // self.page_size  # (memory goes by block: a page is fetched
-        absent = {fid: blocks_of_pages(e, ppb)  # with its block's others, all current)
-                  for fid, e in union.items() if fid in self.memory_ids and e}
+        disks.update(warm)
         # Absent first: the destination turns lazy mode on while the disks' last set flows.
         await self.ch.send(self._announcement())
         for fid, exts in absent.items():
@@ -576,7 +616,7 @@ class Source:
             await self._initial_copy(planner)
             held_back = ({} if self.opts.stop_and_copy
                          else await DirtyRounds(self, planner).run())
-            await self._switchover(held_back)
+            await self._switchover(held_back, planner.bandwidth)
             await self._verify()
             r.status = "completed"
         except BaseException as exc:  # errors, Ctrl-C and cancellation alike

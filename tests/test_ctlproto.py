@@ -198,3 +198,21 @@ def test_lazy_begin_with_a_spill_area_needs_its_key() -> None:
     for bad in (None, "ab" * 31, "zz" * 32):
         with pytest.raises(cp.ControlError, match="spill_key"):
             cp.LazyBegin("m", 65536, "/spill", files, bad).check()
+
+
+async def test_written_beside_the_mount_is_refused_only_for_absent_blocks(tmp_path: Path) -> None:
+    """Post-copy's warm set is written beside the mount while lazy mode turns on: into present
+    blocks that is a write like any other; into an absent block it would race the block's
+    install, and is refused."""
+    c = controller(tmp_path)
+    (tmp_path / "b" / "vm.mem").write_bytes(b"\0" * 8 * 4096)
+    await c.dispatch(cp.Dirty("vm.mem", swap=True))
+    begun = await c.dispatch(cp.LazyBegin("m1", 4096, None,
+                                          (cp.LazyFileSpec(0, "vm.mem", ((2, 3),)),)))
+    assert begun == cp.Remaining(3)
+    assert await c.dispatch(cp.Written("vm.mem", ((0, 8192), (5 * 4096, 100)))) == cp.Count(2)
+    assert (await c.dispatch(cp.Dirty("vm.mem"))).extents == [(0, 2), (5, 1)]
+    for ranges in (((2 * 4096, 1),), ((0, 3 * 4096),), ((4 * 4096 + 4095, 2),)):
+        err = await c.dispatch(cp.Written("vm.mem", ranges))
+        assert isinstance(err, cp.ControlError) and "still absent" in str(err), ranges
+    c.lazy.close()

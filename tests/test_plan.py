@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs import ctlproto as cp
@@ -14,7 +17,9 @@ from migrator.plan import (
     Verdict,
     batches,
     initial_order,
+    pages_in_blocks,
     union_extents,
+    warm_set,
 )
 
 
@@ -151,3 +156,58 @@ def test_a_tighter_last_round_while_it_is_expected_to_halve_the_set() -> None:
     off = RoundPlanner(Policy(downtime_ms=50, tighten_rounds=0), 65536)
     off.record_round(RoundStats(1, 1000, 1000 * 65536, 0.1))
     assert off.decide(100, dirty_rate=1.0).verdict is Verdict.SWITCHOVER
+
+
+def test_the_warm_set_takes_whole_regions_hottest_first_within_the_budget() -> None:
+    absent = [(0, 4), (40, 3), (70, 1)]  # regions of 32 blocks: 0 (4 absent), 1 (3), 2 (1)
+    heat = [(40, 3, 5.0), (0, 2, 1.0), (70, 1, 9.0)]
+    assert warm_set(absent, heat, 4, 32) == ([(40, 3), (70, 1)], [(0, 4)])
+    assert warm_set(absent, heat, 100, 32) == ([(0, 4), (40, 3), (70, 1)], [])
+    assert warm_set(absent, heat, 0, 32) == ([], absent)
+    assert warm_set(absent, heat, 3, 32) == ([(70, 1)], [(0, 4), (40, 3)])  # 1 still fits
+    # no heat known: lower regions first; a region that does not fit is passed over whole
+    assert warm_set([(0, 4), (2, 4), (40, 3), (70, 1)], [], 4, 32) == (
+        [(40, 3), (70, 1)], [(0, 6)])
+    assert warm_set([(5, 4)], [(0, 6, 2.0)], 3, 1) == ([(5, 3)], [(8, 1)])
+    assert warm_set([], heat, 10, 32) == ([], [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(1, 20)), max_size=12),
+       st.lists(st.tuples(st.integers(0, 300), st.integers(1, 10), st.floats(0, 100)),
+                max_size=8),
+       st.integers(0, 80), st.sampled_from([1, 4, 32]))
+def test_the_warm_set_and_the_absent_set_split_the_blocks(
+        absent: list[tuple[int, int]], runs: list[tuple[int, int, float]], budget: int,
+        region: int) -> None:
+    blocks = {b for f, c in absent for b in range(f, f + c)}
+    ends = sorted({b for f, c, _ in runs for b in (f, f + c)})  # runs never overlap: cut them
+    heat = [(a, b - a, float(a % 7)) for a, b in itertools.pairwise(ends)]
+    warm, left = warm_set(absent, heat, budget, region)
+    w = {b for f, c in warm for b in range(f, f + c)}
+    rest = {b for f, c in left for b in range(f, f + c)}
+    assert w | rest == blocks and not w & rest and len(w) <= budget
+    assert not {b // region for b in w} & {b // region for b in rest}  # regions go whole
+    packed = np.zeros(len(heat), dtype=[("first", "<u8"), ("count", "<u4"), ("heat", "<f4")])
+    for i, run in enumerate(heat):
+        packed[i] = run
+    assert warm_set(absent, packed, budget, region) == (warm, left)
+
+
+def test_pages_in_blocks() -> None:
+    assert pages_in_blocks([(0, 3), (14, 6), (40, 2)], [(0, 1), (2, 1)], 16) == [
+        (0, 3), (14, 2), (40, 2)]
+    assert pages_in_blocks([(0, 64)], [(1, 2)], 16) == [(16, 32)]
+    assert pages_in_blocks([(0, 64)], [], 16) == []
+
+
+def test_fetch_runs_bridge_small_gaps_within_the_limit() -> None:
+    from migrator.postcopy import runs
+
+    wanted = [1584, 1585, 1586, 1587, 1588, 1589, 1590, 1593, 1595]  # one fault's 2 MiB read
+    assert runs(wanted, 16, 4) == [(1584, 12)]
+    assert runs(wanted, 16, 0) == [(1584, 7), (1593, 1), (1595, 1)]
+    assert runs([1, 2, 3, 10], 16, 4) == [(1, 3), (10, 1)]  # a gap of 6: two fetches
+    assert runs(range(40), 16, 4) == [(0, 16), (16, 16), (32, 8)]
+    assert runs([0, 5, 6], 4, 4) == [(0, 1), (5, 2)]  # bridging would pass the limit
+    assert runs([3, 3, 2], 16) == [(2, 2)]
