@@ -25,10 +25,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from blkfs.bitmap import extents, from_extents, mask_extents
+from blkfs.bitmap import blocks_of_pages, extents, from_extents, mask_extents
 
 from .defaults import (
     DOWNTIME_MS,
@@ -126,6 +127,28 @@ def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float
                 break
     warm = np.repeat(taken, size)
     return _as_extents(blocks[warm]), _as_extents(blocks[~warm])
+
+
+def split_memory(dirty: dict[int, list[Extent]], heat: dict[int, Any], budget_blocks: int,
+                 ppb: int, region_blocks: int) -> tuple[dict[int, list[Extent]],
+                                                        dict[int, list[Extent]]]:
+    """Post-copy's split of the memory files' dirty pages (by file id): (absent blocks, warm
+    pages).  Memory goes post-copy by block (a page is fetched with its block's others, all
+    current), except the warm set (`warm_set`, `budget_blocks` shared by the files in turn),
+    whose dirty pages go with the last set."""
+    absent: dict[int, list[Extent]] = {}
+    warm: dict[int, list[Extent]] = {}
+    for fid, pages in dirty.items():
+        if not pages:
+            continue
+        sent, left = warm_set(blocks_of_pages(pages, ppb), heat.get(fid, ()), budget_blocks,
+                              region_blocks)
+        budget_blocks -= sum(c for _f, c in sent)
+        if left:
+            absent[fid] = left
+        if sent:
+            warm[fid] = pages_in_blocks(pages, sent, ppb)
+    return absent, warm
 
 
 def pages_in_blocks(pages: Iterable[Extent], blocks: Iterable[Extent], ppb: int) -> list[Extent]:

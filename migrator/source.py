@@ -40,9 +40,8 @@ from .plan import (
     FAULT_REGION,
     RoundPlanner,
     initial_order,
-    pages_in_blocks,
+    split_memory,
     union_extents,
-    warm_set,
 )
 from .postcopy import SourcePostcopy, from_wire, memory_files
 from .reconnect import keep_trying
@@ -339,7 +338,10 @@ class Source:
         bd["swap"] = _ms(t)
         t = time.monotonic()
         if self.use_postcopy and any(union.get(fid) for fid in self.memory_ids):
-            absent, warm = self._warm_split(union, heat, bandwidth)
+            absent, warm = split_memory(
+                {fid: union.get(fid, []) for fid in self.memory_ids}, heat,
+                int(bandwidth * self.opts.warm_set_ms / 1000 / self.block_size),
+                self.block_size // self.page_size, max(1, FAULT_REGION // self.block_size))
             self.report.warm_set_pages = sum(c for e in warm.values() for _f, c in e)
             if any(absent.values()):
                 await self._switchover_postcopy(union, absent, warm, t)
@@ -437,30 +439,6 @@ class Source:
 
     async def _memory_heat(self) -> dict[int, HeatRuns]:
         return {fid: (await self._store.heat(fid, None))[0] for fid in self.memory_ids}
-
-    def _warm_split(self, union: dict[int, list[Extent]], heat: dict[int, HeatRuns],
-                    bandwidth: float) -> tuple[dict[int, list[Extent]], dict[int, list[Extent]]]:
-        """(absent blocks, warm pages) of the memory files: memory goes post-copy by block (a
-        page is fetched with its block's others, all current), except the hottest whole fault
-        regions that the link moves within --warm-set ms, whose dirty pages go with the last
-        set (plan.warm_set)."""
-        ppb = self.block_size // self.page_size
-        budget = (int(bandwidth * self.opts.warm_set_ms / 1000 / self.block_size)
-                  if bandwidth > 0 else 0)
-        region = max(1, FAULT_REGION // self.block_size)
-        absent: dict[int, list[Extent]] = {}
-        warm: dict[int, list[Extent]] = {}
-        for fid in self.memory_ids:
-            pages = union.get(fid)
-            if not pages:
-                continue
-            sent, left = warm_set(blocks_of_pages(pages, ppb), heat.get(fid, ()), budget, region)
-            budget -= sum(c for _f, c in sent)
-            if left:
-                absent[fid] = left
-            if sent:
-                warm[fid] = pages_in_blocks(pages, sent, ppb)
-        return absent, warm
 
     async def _switchover_postcopy(self, union: dict[int, list[Extent]],
                                    absent: dict[int, list[Extent]],

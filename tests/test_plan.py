@@ -18,6 +18,7 @@ from migrator.plan import (
     batches,
     initial_order,
     pages_in_blocks,
+    split_memory,
     union_extents,
     warm_set,
 )
@@ -211,3 +212,16 @@ def test_fetch_runs_bridge_small_gaps_within_the_limit() -> None:
     assert runs(range(40), 16, 4) == [(0, 16), (16, 16), (32, 8)]
     assert runs([0, 5, 6], 4, 4) == [(0, 1), (5, 2)]  # bridging would pass the limit
     assert runs([3, 3, 2], 16) == [(2, 2)]
+
+
+def test_split_memory_shares_the_budget_and_keeps_the_pages_of_warm_blocks() -> None:
+    # file 1: pages 0-2 (block 0) and 40 (block 2); file 2: page 16 (block 1); 16 pages a
+    # block, regions of 1 block; heat: file 1's block 2 hottest
+    dirty = {1: [(0, 3), (40, 1)], 2: [(16, 1)], 3: []}
+    heat = {1: [(2, 1, 9.0), (0, 1, 1.0)]}
+    absent, warm = split_memory(dirty, heat, 2, 16, 1)
+    assert warm == {1: [(0, 3), (40, 1)]}
+    assert absent == {2: [(1, 1)]}  # the budget went to file 1
+    absent, warm = split_memory(dirty, heat, 1, 16, 1)
+    assert warm == {1: [(40, 1)]} and absent == {1: [(0, 1)], 2: [(1, 1)]}
+    assert split_memory(dirty, heat, 0, 16, 1) == ({1: [(0, 1), (2, 1)], 2: [(1, 1)]}, {})
