@@ -3,10 +3,11 @@ between the migration connection and the destination daemon's lazy mode on the d
 
 Source, from Commit on (the VM is suspended, so every remaining page is final):
 
-* the *spill writer* puts each remaining page into a slot of the spill area
-  (allocating from the free list, waiting for frees when all N are in use) and
-  tells the destination where (SpillRefs); when every page is in, it makes the
-  area durable and says SpillFlushed — from then on the source may vanish;
+* the *spill writer*, once the destination says the VM runs (SPILL_START_GRACE at most: the
+  CPUs are the destination's while it starts the VM), puts each remaining page into a slot of
+  the spill area (allocating from the free list, waiting for frees when all N are in use) and
+  tells the destination where (SpillRefs); when every page is in, it makes the area durable
+  and says SpillFlushed — from then on the source may vanish;
 * the *receiver* answers Fetch at once (ahead of the spill stream) with Blocks
   read from the backing file, and returns freed slots to the allocator.
 

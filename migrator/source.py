@@ -448,14 +448,14 @@ class Source:
         assert self.ch is not None and self.spill is not None
         r = self.report
         bd = r.downtime_breakdown_ms
-        disks = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
-        disks.update(warm)
-        # Absent first: the destination turns lazy mode on while the disks' last set flows.
+        last_set = {fid: e for fid, e in union.items() if fid not in self.memory_ids}
+        last_set.update(warm)  # (the disks' pages and the memory's warm set)
+        # Absent first: the destination turns lazy mode on while the last set flows.
         await self.ch.send(self._announcement())
         for fid, exts in absent.items():
             for i in range(0, len(exts), p.MAX_ITEMS_PER_FRAME):
                 await self.ch.send(p.Absent(fid, tuple(exts[i:i + p.MAX_ITEMS_PER_FRAME])))
-        r.last_set_pages, _ = await self._send_pages(disks)
+        r.last_set_pages, _ = await self._send_pages(last_set)
         await self._send_device_state()
         bd["send_last_set"] = _ms(t)
         by_id = {f.file_id: f for f in self.files}
