@@ -22,6 +22,7 @@ Two decisions live here:
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -82,16 +83,21 @@ FAULT_REGION = 2 << 20  # bytes one fault on mmap'ed guest RAM reads (a huge pag
 
 
 def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float]] | np.ndarray,
-             budget_blocks: int, region_blocks: int) -> tuple[list[Extent], list[Extent]]:
+             budget_blocks: int, region_blocks: int,
+             first: Iterable[int] = ()) -> tuple[list[Extent], list[Extent]]:
     """(sent with the last set, left absent): the absent blocks of whole fault regions,
-    hottest region first, as many as fit `budget_blocks`.
+    hottest region first, as many as fit `budget_blocks`; before them, whatever the budget,
+    the regions of the blocks in `first`: those the hypervisor reads while it loads its state
+    are needed within the downtime anyway, and a fault on them costs the same bytes and a
+    round trip more.
 
     A read on the destination waits for every absent block of the range it reads, and a
     fault on mmap'ed RAM reads its whole region (2 MiB here): a region half sent still
     faults, so regions go whole or not at all.  A region's heat is its hottest absent
     block's (blkfs heat runs; a block in no run has heat 0); ties go to the lower region."""
     listed = [(f, c) for f, c in absent if c > 0]
-    if not listed or budget_blocks <= 0:
+    first = list(first)
+    if not listed or (budget_blocks <= 0 and not first):
         return [], sorted(listed)
     blocks = np.sort(np.concatenate([np.arange(f, f + c, dtype=np.int64) for f, c in listed]))
     # (not np.unique: its first call in a process costs 8 ms, and this runs in the downtime)
@@ -117,21 +123,23 @@ def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float
     ids = region[start]
     size = np.diff(np.concatenate((start, [len(region)])))
     hottest = np.maximum.reduceat(heat, start)
+    wanted = np.isin(ids, np.array(sorted({b // max(1, region_blocks) for b in first}),
+                                   dtype=np.int64))
     taken = np.zeros(len(ids), dtype=bool)
     left = budget_blocks
-    for i in np.lexsort((ids, -hottest)).tolist():  # hottest first, then lower region
-        if size[i] <= left:
+    for i in np.lexsort((ids, -hottest, ~wanted)).tolist():  # first, hottest, lower region
+        if wanted[i] or size[i] <= left:
             taken[i] = True
             left -= int(size[i])
-            if left == 0:
-                break
+        elif left <= 0:
+            break
     warm = np.repeat(taken, size)
     return _as_extents(blocks[warm]), _as_extents(blocks[~warm])
 
 
 def split_memory(dirty: dict[int, list[Extent]], heat: dict[int, Any], budget_blocks: int,
-                 ppb: int, region_blocks: int) -> tuple[dict[int, list[Extent]],
-                                                        dict[int, list[Extent]]]:
+                 ppb: int, region_blocks: int, first: dict[int, Iterable[int]] | None = None
+                 ) -> tuple[dict[int, list[Extent]], dict[int, list[Extent]]]:
     """Post-copy's split of the memory files' dirty pages (by file id): (absent blocks, warm
     pages).  Memory goes post-copy by block (a page is fetched with its block's others, all
     current), except the warm set (`warm_set`, `budget_blocks` shared by the files in turn),
@@ -142,13 +150,31 @@ def split_memory(dirty: dict[int, list[Extent]], heat: dict[int, Any], budget_bl
         if not pages:
             continue
         sent, left = warm_set(blocks_of_pages(pages, ppb), heat.get(fid, ()), budget_blocks,
-                              region_blocks)
+                              region_blocks, (first or {}).get(fid, ()))
         budget_blocks -= sum(c for _f, c in sent)
         if left:
             absent[fid] = left
         if sent:
             warm[fid] = pages_in_blocks(pages, sent, ppb)
     return absent, warm
+
+
+def blocks_of_ranges(ranges: Iterable[tuple[int, int]], block_size: int) -> set[int]:
+    """The blocks that (offset, length) byte ranges touch."""
+    return {b for off, n in ranges
+            for b in range(off // block_size, (off + max(n, 1) - 1) // block_size + 1)}
+
+
+def blocks_in(extents: Iterable[Extent], blocks: Iterable[int]) -> list[int]:
+    """Those of `blocks` that lie in the (sorted) extents."""
+    listed = list(extents)
+    firsts = [f for f, _c in listed]
+    out = []
+    for b in sorted(blocks):
+        i = bisect.bisect_right(firsts, b) - 1
+        if i >= 0 and b < listed[i][0] + listed[i][1]:
+            out.append(b)
+    return out
 
 
 def pages_in_blocks(pages: Iterable[Extent], blocks: Iterable[Extent], ppb: int) -> list[Extent]:

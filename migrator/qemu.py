@@ -35,6 +35,7 @@ from .qmp import DEFAULT_TIMEOUT, QMP, QMPError, QMPRefused
 log = logging.getLogger(__name__)
 
 MIGRATE_TIMEOUT = 60.0
+MAX_QUEUES = 64  # virtio queues asked of one device at most (virtio-net: 2 per queue pair)
 START_TIMEOUT = 20.0
 
 
@@ -148,6 +149,30 @@ class QemuSource:
             self._save_error = QemuError(f"saving QEMU's device state failed: {exc!r}")
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+    def ring_ranges(self) -> list[tuple[int, int]]:
+        """(guest-physical address, length) of every virtio queue's rings: what QEMU reads of
+        guest RAM while it loads its device state (virtio_load checks each ring's indices).
+        From QEMU's introspection commands (x-query-virtio*, QEMU 7.2+): none where QEMU has
+        them not, since this is a hint for what to send first, never needed."""
+        out: list[tuple[int, int]] = []
+        try:
+            devices = self.q.command("x-query-virtio")
+            for dev in devices:
+                for queue in range(MAX_QUEUES):
+                    try:
+                        st = self.q.command("x-query-virtio-queue-status", path=dev["path"],
+                                            queue=queue)
+                    except QMPError:
+                        break  # (past its last queue)
+                    num = int(st.get("vring-num", 0))
+                    for key, size in (("vring-desc", 16 * num), ("vring-avail", 6 + 2 * num),
+                                      ("vring-used", 6 + 8 * num)):
+                        if st.get(key):
+                            out.append((int(st[key]), size))
+        except (QMPError, KeyError, TypeError, ValueError) as exc:
+            log.info("no virtio ring addresses from QEMU (%s)", exc)
+        return out
 
     def _join(self) -> None:
         if self._saver is not None:

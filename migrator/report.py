@@ -123,6 +123,8 @@ class MigrationReport:
     postcopy_reason: str = ""  # --postcopy=auto: why pre-copy of memory was given up
     postcopy_pages: int = 0  # memory pages left absent at switchover
     warm_set_pages: int = 0  # post-copy: the hottest memory pages sent with the last set instead
+    load_reads: int = 0  # blocks the hypervisor said it reads while it loads (QEMU: its rings)
+    load_reads_left_absent: int = 0  # of those, left absent all the same (the budget was short)
     postcopy_s: float | None = None  # Commit -> the destination has every page
     resume_ms: float | None = None  # suspend -> running on the destination
     spill_flushed_s: float | None = None  # Commit -> every page durable in the spill area

@@ -18,6 +18,7 @@ and leaves its files untouched (the migrator only reads them).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -39,6 +40,8 @@ from .ownership import OWNER, REFUSED, VMRecord
 from .plan import (
     FAULT_REGION,
     RoundPlanner,
+    blocks_in,
+    blocks_of_ranges,
     initial_order,
     split_memory,
     union_extents,
@@ -52,6 +55,8 @@ from .stores import HeatRuns, SourceFiles, opened
 from .transport import Channel
 from .verifying import retired_lineage, verification_digests
 from .vm import AdapterError, VMAdapter
+
+log = logging.getLogger(__name__)
 
 Extent = tuple[int, int]
 
@@ -323,10 +328,8 @@ class Source:
         assert self.handoff is not None
         self.handoff.begin()
         self.report.handoff_record_ms = _ms(t)
-        # What the memory's blocks are worth to the destination's start, asked while the VM
-        # still runs (a heat query of a large memory file takes milliseconds).
-        heat = (await self._memory_heat() if self.use_postcopy and self.opts.warm_set_ms > 0
-                else {})
+        heat, first = (await self._warm_hints() if self.use_postcopy
+                       and self.opts.warm_set_ms > 0 else ({}, {}))
         if not self.suspended:
             await self._suspend()
         t = time.monotonic()
@@ -341,8 +344,11 @@ class Source:
             absent, warm = split_memory(
                 {fid: union.get(fid, []) for fid in self.memory_ids}, heat,
                 int(bandwidth * self.opts.warm_set_ms / 1000 / self.block_size),
-                self.block_size // self.page_size, max(1, FAULT_REGION // self.block_size))
+                self.block_size // self.page_size, max(1, FAULT_REGION // self.block_size),
+                first)
             self.report.warm_set_pages = sum(c for e in warm.values() for _f, c in e)
+            self.report.load_reads_left_absent = sum(
+                len(blocks_in(absent.get(fid, []), b)) for fid, b in first.items())
             if any(absent.values()):
                 await self._switchover_postcopy(union, absent, warm, t)
                 return
@@ -437,8 +443,21 @@ class Source:
             await self.ch.send(p.DeviceState(state[i:i + p.MAX_BLOCKS_DATA]))
         self.report.device_state_bytes = len(state)
 
-    async def _memory_heat(self) -> dict[int, HeatRuns]:
-        return {fid: (await self._store.heat(fid, None))[0] for fid in self.memory_ids}
+    async def _warm_hints(self) -> tuple[dict[int, HeatRuns], dict[int, set[int]]]:
+        """What the memory's blocks are worth to the destination's start, asked while the VM
+        still runs: their heat (a query of a large file takes milliseconds), and the blocks the
+        hypervisor reads while it loads its state (QEMU: its virtio rings), if it says."""
+        heat = {fid: (await self._store.heat(fid, None))[0] for fid in self.memory_ids}
+        reads = getattr(self.adapter, "load_reads", None)
+        if reads is None or len(self.memory_ids) != 1:  # (which file is its RAM?)
+            return heat, {}
+        try:
+            blocks = blocks_of_ranges(await self.hooks.run_sync(reads), self.block_size)
+        except Exception as exc:  # a hint: the migration goes on without it
+            log.warning("%s could not say what it reads at load: %r", self.adapter.name, exc)
+            return heat, {}
+        self.report.load_reads = len(blocks)
+        return heat, {fid: blocks for fid in self.memory_ids}
 
     async def _switchover_postcopy(self, union: dict[int, list[Extent]],
                                    absent: dict[int, list[Extent]],

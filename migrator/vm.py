@@ -32,6 +32,8 @@ from typing import Protocol
 
 from blkfs import ctlproto as cp
 
+LOW_RAM = 2 << 30  # guest-physical = RAM file offset below this (x86 pc and q35)
+
 
 class AdapterError(Exception):
     """The VM could not be suspended or resumed; the message is for the user."""
@@ -174,6 +176,13 @@ class QemuAdapter:
     def finish(self) -> str:
         self.qemu.quit()
         return "source QEMU quit (the guest runs on the destination now)"
+
+    def load_reads(self) -> list[tuple[int, int]]:
+        """Byte ranges of the RAM file that the destination QEMU reads while it loads its
+        device state (its virtio rings), asked while the guest runs (blocking: a thread).
+        Guest-physical addresses below 2 GiB are RAM file offsets on x86's pc and q35
+        machines; above, the mapping depends on the machine, and those are left out."""
+        return [(a, n) for a, n in self.qemu.ring_ranges() if a + n <= LOW_RAM]
 
 
 def parse_adapter(spec: str, mountpoint: str, files: list[str]) -> VMAdapter:

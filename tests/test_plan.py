@@ -16,6 +16,8 @@ from migrator.plan import (
     RoundStats,
     Verdict,
     batches,
+    blocks_in,
+    blocks_of_ranges,
     initial_order,
     pages_in_blocks,
     split_memory,
@@ -225,3 +227,22 @@ def test_split_memory_shares_the_budget_and_keeps_the_pages_of_warm_blocks() -> 
     absent, warm = split_memory(dirty, heat, 1, 16, 1)
     assert warm == {1: [(40, 1)]} and absent == {1: [(0, 1)], 2: [(1, 1)]}
     assert split_memory(dirty, heat, 0, 16, 1) == ({1: [(0, 1), (2, 1)], 2: [(1, 1)]}, {})
+
+
+def test_the_regions_the_hypervisor_reads_at_load_go_first_whatever_the_budget() -> None:
+    absent = [(0, 4), (40, 3), (70, 1)]
+    heat = [(40, 3, 5.0), (0, 2, 1.0), (70, 1, 9.0)]
+    assert warm_set(absent, heat, 4, 32, first=[3]) == ([(0, 4)], [(40, 3), (70, 1)])
+    assert warm_set(absent, heat, 5, 32, first=[3]) == ([(0, 4), (70, 1)], [(40, 3)])
+    assert warm_set(absent, heat, 0, 32, first=[41, 999]) == ([(40, 3)], [(0, 4), (70, 1)])
+    assert warm_set(absent, heat, 2, 32, first=[5, 70]) == ([(0, 4), (70, 1)], [(40, 3)])
+    absent2, warm = split_memory({1: [(0, 3)], 2: [(32, 1)]}, {}, 0, 16, 1, {2: {2}})
+    assert warm == {2: [(32, 1)]} and absent2 == {1: [(0, 1)]}
+
+
+def test_blocks_of_ranges_and_blocks_in() -> None:
+    assert blocks_of_ranges([(104062976, 4096), (104067072, 8192), (0, 0)], 65536) == {
+        1587, 1588, 0}
+    assert blocks_of_ranges([(65535, 2)], 65536) == {0, 1}
+    assert blocks_in([(0, 4), (40, 3)], {3, 4, 39, 40, 42, 43}) == [3, 40, 42]
+    assert blocks_in([], {1}) == []
