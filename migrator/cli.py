@@ -195,7 +195,8 @@ def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
                     help="of the memory left for post-copy, send the hottest (whole 2 MiB "
                     "regions) with the last set, as much as the link moves in MS "
                     "milliseconds, so the destination starts without waiting for those "
-                    f"pages (default {defaults.WARM_SET_MS:g}; 0: none)")
+                    "pages; with --suspend qemu: first the regions QEMU reads while it loads "
+                    f"its state, whatever MS (default {defaults.WARM_SET_MS:g}; 0: none)")
     pc.add_argument("--memory", action="append", metavar="FILE",
                     help="a memory file to post-copy (repeatable; default: the files named "
                     "*.mem, *.ram, mem*, *memory*); disks always stay pre-copy")
