@@ -54,15 +54,7 @@ def initial_order(
     as tuples or as its packed array); blocks in no run were never written (heat 0) and come
     first, in block order.  Vectorised: a million runs take tens of milliseconds.
     """
-    if isinstance(heat_runs, np.ndarray):
-        firsts = heat_runs["first"].astype(np.int64)
-        counts = heat_runs["count"].astype(np.int64)
-        heats = heat_runs["heat"].astype(np.float64)
-    else:
-        listed = list(heat_runs)
-        firsts = np.array([r[0] for r in listed], dtype=np.int64)
-        counts = np.array([r[1] for r in listed], dtype=np.int64)
-        heats = np.array([r[2] for r in listed], dtype=np.float64)
+    firsts, counts, heats = _heat_arrays(heat_runs)
     stops = np.minimum(firsts + counts, nblocks)
     keep = stops > firsts
     firsts, stops, heats = firsts[keep], stops[keep], heats[keep]
@@ -102,15 +94,7 @@ def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float
     blocks = np.sort(np.concatenate([np.arange(f, f + c, dtype=np.int64) for f, c in listed]))
     # (not np.unique: its first call in a process costs 8 ms, and this runs in the downtime)
     blocks = blocks[np.concatenate(([True], np.diff(blocks) != 0))]
-    if isinstance(heat_runs, np.ndarray):
-        firsts = heat_runs["first"].astype(np.int64)
-        counts = heat_runs["count"].astype(np.int64)
-        heats = heat_runs["heat"].astype(np.float64)
-    else:
-        runs = sorted(heat_runs)
-        firsts = np.array([r[0] for r in runs], dtype=np.int64)
-        counts = np.array([r[1] for r in runs], dtype=np.int64)
-        heats = np.array([r[2] for r in runs], dtype=np.float64)
+    firsts, counts, heats = _heat_arrays(heat_runs)
     heat = np.zeros(len(blocks))
     if len(firsts):
         order = np.argsort(firsts, kind="stable")
@@ -202,6 +186,18 @@ def _as_extents(blocks: np.ndarray) -> list[Extent]:
     starts = np.concatenate(([0], cut))
     stops = np.concatenate((cut, [len(blocks)]))
     return list(zip(blocks[starts].tolist(), (stops - starts).tolist(), strict=True))
+
+
+def _heat_arrays(heat_runs: Iterable[tuple[int, int, float]] | np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(firsts, counts, heats) of blkfs heat runs, given as tuples or as its packed array."""
+    if isinstance(heat_runs, np.ndarray):
+        return (heat_runs["first"].astype(np.int64), heat_runs["count"].astype(np.int64),
+                heat_runs["heat"].astype(np.float64))
+    listed = list(heat_runs)
+    return (np.array([r[0] for r in listed], dtype=np.int64),
+            np.array([r[1] for r in listed], dtype=np.int64),
+            np.array([r[2] for r in listed], dtype=np.float64))
 
 
 def union_extents(a: Iterable[Extent], b: Iterable[Extent]) -> list[Extent]:
