@@ -554,15 +554,28 @@ class AsyncControlClient:
         one's): a cancelled caller waits for the reply first. With `cancellable`, for a
         request whose lost reply does no harm (the epochs of swaps tell a lost one), a
         cancellation ends the call at once and gives the connection up instead."""
+        return (await self.call_many([req], timeout, cancellable=cancellable))[0]
+
+    async def call_many(self, reqs: list[cp.Request], timeout: float | None = None, *,
+                        cancellable: bool = False) -> list[Any]:
+        """Several requests in one write, their replies in order: one round trip for all (the
+        last swap of every file of a VM, in the downtime). If any is refused, every reply is
+        still read, then the first refusal raised."""
         timeout = self.timeout if timeout is None else timeout
+        replies: list[tuple[bytes, bytes]] = []
         async with self._lock:
             if self.broken:
                 raise ControlError(f"the connection to the blkfs daemon on {self.path} was "
                                    "given up")
             try:
                 with trio.CancelScope(shield=not cancellable), trio.fail_after(timeout):
-                    await self.stream.send_all(cp.encode_request(req))
-                    while (reply := cp.take_reply(self._buf)) is None:
+                    await self.stream.send_all(b"".join(cp.encode_request(r) for r in reqs))
+                    while len(replies) < len(reqs):
+                        while (len(replies) < len(reqs)
+                               and (reply := cp.take_reply(self._buf)) is not None):
+                            replies.append(reply)
+                        if len(replies) == len(reqs):
+                            break
                         chunk = await self.stream.receive_some(1 << 20)
                         if not chunk:
                             raise ControlError(f"the blkfs daemon on {self.path} closed the "
@@ -571,7 +584,7 @@ class AsyncControlClient:
             except trio.TooSlowError:
                 self.broken = True
                 raise ControlError(f"the blkfs daemon on {self.path} did not answer "
-                                   f"{req.OP} within {timeout:g} s") from None
+                                   f"{reqs[len(replies)].OP} within {timeout:g} s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.broken = True
                 raise ControlError(f"talking to the blkfs daemon on {self.path}: {exc}"
@@ -580,8 +593,17 @@ class AsyncControlClient:
                 self.broken = True  # its reply may still come, and be taken for the next one's
                 raise
         await trio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here
-        line, data = reply
-        return cp.decode_reply(line, req, data)
+        out: list[Any] = []
+        refused: ControlError | None = None
+        for (line, data), req in zip(replies, reqs, strict=True):
+            try:
+                out.append(cp.decode_reply(line, req, data))
+            except ControlError as exc:
+                refused = refused or exc
+                out.append(exc)
+        if refused is not None:
+            raise refused
+        return out
 
     def close(self) -> None:
         """Close at once (no checkpoint): for cleanup code that cannot await."""

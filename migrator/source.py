@@ -107,7 +107,7 @@ class Source:
         self.progress.phase = phase
 
     async def _swap(self) -> dict[int, list[Extent]]:
-        return {f.file_id: await self._store.swap(f.file_id) for f in self.files}
+        return await self._store.swap_all([f.file_id for f in self.files])
 
     async def _sync_sizes(self) -> None:
         assert self.ch is not None

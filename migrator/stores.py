@@ -69,6 +69,10 @@ class SourceFiles(Protocol):
         """End the file's epoch: the pages written since the last swap."""
         ...
 
+    async def swap_all(self, file_ids: list[int]) -> dict[int, list[Extent]]:
+        """`swap` of each file, in one round trip where the store can."""
+        ...
+
     def last_epoch(self, file_id: int) -> int | None:
         """The blkfs epoch this store's latest swap of the file ended (None before one)."""
         ...
@@ -282,10 +286,21 @@ class BlkfsSource:
         return data_ranges(self.fds[file_id], start, end)
 
     async def swap(self, file_id: int) -> list[Extent]:
-        r = await self._call(cp.Dirty(self.names[file_id], swap=True, pages=True))
-        assert isinstance(r, cp.DirtyReply)
-        self.epochs[file_id] = r.epoch
-        return list(r.extents)
+        return (await self.swap_all([file_id]))[file_id]
+
+    async def swap_all(self, file_ids: list[int]) -> dict[int, list[Extent]]:
+        try:  # (cancellable, as _call: a lost swap moves the epoch on, which lineage notices)
+            got = await self.client.call_many(
+                [cp.Dirty(self.names[fid], swap=True, pages=True) for fid in file_ids],
+                cancellable=True)
+        except ControlError as exc:
+            raise MigrationError(f"blkfs on {self.mount}: {exc}") from None
+        out: dict[int, list[Extent]] = {}
+        for fid, r in zip(file_ids, got, strict=True):
+            assert isinstance(r, cp.DirtyReply)
+            self.epochs[fid] = r.epoch
+            out[fid] = list(r.extents)
+        return out
 
     def last_epoch(self, file_id: int) -> int | None:
         return self.epochs.get(file_id)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from blkfs import ctlproto as cp
 from blkfs.control import Controller
@@ -216,3 +217,30 @@ async def test_written_beside_the_mount_is_refused_only_for_absent_blocks(tmp_pa
         err = await c.dispatch(cp.Written("vm.mem", ranges))
         assert isinstance(err, cp.ControlError) and "still absent" in str(err), ranges
     c.lazy.close()
+
+
+async def test_pipelined_calls_get_their_replies_in_order_and_a_refusal_spoils_none(
+        tmp_path: Path) -> None:
+    """call_many: the swaps of a VM's files in one round trip (the downtime's last swap). A
+    refused request among them is raised after every reply was read, so the connection
+    stays in step for the next call."""
+    from blkfs.control import AsyncControlClient, serve
+
+    c = controller(tmp_path)
+    for name in ("disk.raw", "vm.mem"):
+        (tmp_path / "b" / name).write_bytes(b"\0" * 3 * 4096)
+    sock = str(tmp_path / "ctl.sock")
+    async with trio.open_nursery() as n:
+        await n.start(serve, c, sock)
+        client = await AsyncControlClient.connect(sock)
+        swaps = [cp.Dirty("disk.raw", swap=True), cp.Dirty("vm.mem", swap=True)]
+        first = await client.call_many(swaps)
+        assert [(r.file, r.epoch, r.extents) for r in first] == [
+            ("disk.raw", 0, [(0, 3)]), ("vm.mem", 0, [(0, 3)])]
+        with pytest.raises(cp.ControlError, match="no such file"):
+            await client.call_many([swaps[0], cp.Dirty("nope", swap=True), swaps[1]])
+        after = await client.call_many(swaps)  # both were swapped, and in step
+        assert [(r.file, r.epoch) for r in after] == [("disk.raw", 2), ("vm.mem", 2)]
+        assert (await client.call(cp.Info())).pid == os.getpid()
+        client.close()
+        n.cancel_scope.cancel()

@@ -189,6 +189,9 @@ class MemorySource:
         self.epochs[file_id] += 1
         return [(b, 1) for b in blocks]
 
+    async def swap_all(self, file_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+        return {fid: await self.swap(fid) for fid in file_ids}
+
     def last_epoch(self, file_id: int) -> int | None:
         return self.ended.get(file_id)
 
