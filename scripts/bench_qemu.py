@@ -136,6 +136,21 @@ def ticks_on(before: Path, after: Path, timeout: float = 60.0) -> bool:
     return False
 
 
+def kill_by_arg(marker: str) -> None:
+    """SIGKILL every process one of whose arguments holds `marker`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(marker.encode() in a for a in args):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+
+
 def kill(procs: list[subprocess.Popen[Any]]) -> None:
     for pr in procs:
         if pr.poll() is None:
@@ -280,7 +295,8 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
                   "detail": {k: rep.get(k) for k in ("bytes_by_kind", "bytes_by_phase",
                                                       "bytes_by_file", "device_state_bytes",
                                                       "downtime_breakdown_ms", "last_set_pages",
-                                                      "prefetched_blocks", "postcopy_pages",
+                                                      "warm_set_pages", "load_reads",
+                                                      "load_reads_left_absent", "postcopy_pages",
                                                       "rounds")},
                   "dest_log": dest_log}
         if pm:
@@ -292,6 +308,9 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
         for e in events:
             e.close()
         kill(procs)
+        # The destination QEMU runs detached from serve: found by its own event socket, so a
+        # run that failed before serve named its pid leaves none behind either
+        kill_by_arg(str(w / "ev-dst.sock"))
         for mnt in mounts:  # (blkfs umount waits for the daemon: its state file is written)
             for _ in range(20):
                 if subprocess.run([PY, "-m", "blkfs.cli", "umount", str(mnt)],
