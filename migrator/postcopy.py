@@ -76,8 +76,9 @@ def memory_files(rels: list[str], named: list[str] | None, mount: str) -> set[st
 
 def runs(blocks: Iterable[int], limit: int, gap: int = 0) -> list[Extent]:
     """Sorted blocks as (first, count) runs of at most `limit` blocks, bridging up to `gap`
-    blocks not asked for between two runs (one round trip for a read's blocks instead of
-    one per run: the blocks bridged are present already and installed as no-ops)."""
+    blocks not asked for between two runs (one round trip for a read's blocks instead of one
+    per run: a bridged block already present is an install that changes nothing, one still
+    absent is installed early)."""
     out: list[Extent] = []
     for b in sorted(set(blocks)):
         if out:
