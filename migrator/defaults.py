@@ -28,7 +28,7 @@ SUSPEND = "freeze"  # the --suspend adapter: blkfs freeze of the VM's files
 
 # Post-copy (docs/spill.md)
 POSTCOPY = "off"  # off | on | auto
-WARM_SET_MS = 10.0  # the downtime post-copy may spend on the hottest absent memory (plan.warm_set)
+WARM_SET_MS = 2.0  # the downtime post-copy may spend on the hottest absent memory (plan.warm_set)
 SPILL_SLOTS = 1024  # slots in the spill area, one block each (freed slots are reused)
 SPILL_DIR = os.path.join(tempfile.gettempdir(), f"migrator-spill-{os.getuid()}")
 

@@ -230,7 +230,8 @@ def run_qemu(guest: Path, ram: str, w: Path, postcopy: bool,
         kill(procs)
 
 
-def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
+def run_ours(guest: Path, ram: str, w: Path, postcopy: bool,
+             extra: tuple[str, ...] = ()) -> dict[str, Any]:
     env = dict(os.environ, BLKFS_RUNTIME_DIR=str(w / "run"))
     procs: list[subprocess.Popen[Any]] = []
     mounts: list[Path] = []
@@ -272,6 +273,7 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool) -> dict[str, Any]:
                "--report", str(report), "disk.raw", "vm.mem"]
         if postcopy:
             cmd += ["--postcopy", "--spill", str(w / "spill")]
+        cmd += extra
         t0 = time.monotonic()
         mig = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
@@ -327,6 +329,9 @@ def main() -> int:
     ap.add_argument("--ram", action="append", help="guest RAM (repeatable; default 128M, 512M)")
     ap.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
     ap.add_argument("--json", default="reports/bench_qemu.json")
+    ap.add_argument("--ours-flag", action="append", default=[], metavar="FLAG",
+                    help="a flag for our `migrator migrate` (repeatable), e.g. --ours-flag="
+                    "--warm-set=2")
     a = ap.parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
@@ -346,7 +351,8 @@ def main() -> int:
                     elif way.startswith("qemu"):
                         res = run_qemu(guest, ram, Path(d), way.endswith("postcopy"))
                     else:
-                        res = run_ours(guest, ram, Path(d), way.endswith("postcopy"))
+                        res = run_ours(guest, ram, Path(d), way.endswith("postcopy"),
+                                       tuple(a.ours_flag))
                 print(f"{ram} run {i + 1} {way}: {res}", flush=True)
                 rows[ram][way].append(res)
     summary: dict[str, dict[str, dict[str, Any]]] = {}
@@ -357,7 +363,7 @@ def main() -> int:
         for way, runs in by_way.items():
             def med(k: str, runs: list[dict[str, Any]] = runs) -> float | None:
                 vals = [x[k] for x in runs if x.get(k) is not None]
-                return statistics.median(vals) if vals else None
+                return round(statistics.median(vals), 3) if vals else None
             s = {k: med(k) for k in ("downtime_ms", "own_downtime_ms", "total_s", "bytes")}
             s["ticks_on"] = all(x["ticks_on"] for x in runs)
             summary[ram][way] = s
