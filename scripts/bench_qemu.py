@@ -285,7 +285,7 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool,
         out, _ = serve.communicate(timeout=60)
         if mig.returncode != 0:
             raise SystemExit(f"migrator migrate failed: {err.strip().splitlines()[-1:]}")
-        pm = re.search(r"QEMU pid (\d+)", out)
+        pm = re.search(r"QEMU pid (\d+) \(QMP and log in (\S+)\)", out)
         dest_log = [ln.strip() for ln in out.splitlines() if " ms" in ln]
         rep = json.loads(report.read_text())
         stop = events[0].first("STOP")
@@ -305,6 +305,7 @@ def run_ours(guest: Path, ram: str, w: Path, postcopy: bool,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pm.group(1)), 9)
             time.sleep(0.5)
+            shutil.rmtree(pm.group(2), ignore_errors=True)  # (its QMP socket and log)
         return result
     finally:
         for e in events:
