@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from blkfs.bitmap import blocks_of_pages, extents, from_extents, mask_extents
+from blkfs.bitmap import blocks_of_pages, extents, from_extents, mask_extents, to_extents
 
 from .defaults import (
     DOWNTIME_MS,
@@ -118,7 +118,7 @@ def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float
         elif left <= 0:
             break
     warm = np.repeat(taken, size)
-    return _as_extents(blocks[warm]), _as_extents(blocks[~warm])
+    return to_extents(blocks[warm].tolist()), to_extents(blocks[~warm].tolist())
 
 
 def split_memory(dirty: dict[int, list[Extent]], heat: dict[int, Any], budget_blocks: int,
@@ -177,15 +177,6 @@ def pages_in_blocks(pages: Iterable[Extent], blocks: Iterable[Extent], ppb: int)
                 out.append((lo, hi - lo))
             j += 1
     return out
-
-
-def _as_extents(blocks: np.ndarray) -> list[Extent]:
-    if not len(blocks):
-        return []
-    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
-    starts = np.concatenate(([0], cut))
-    stops = np.concatenate((cut, [len(blocks)]))
-    return list(zip(blocks[starts].tolist(), (stops - starts).tolist(), strict=True))
 
 
 def _heat_arrays(heat_runs: Iterable[tuple[int, int, float]] | np.ndarray
