@@ -227,7 +227,8 @@ class Source:
                           *self._vm_fields())
 
     def _entries(self) -> tuple[p.FileEntry, ...]:
-        return tuple(p.FileEntry(f.file_id, f.rel, f.size) for f in self.files)
+        return tuple(p.FileEntry(f.file_id, f.rel, f.size, self._store.allocated(f.file_id))
+                     for f in self.files)
 
     def _vm_fields(self) -> tuple[str, str, int]:
         assert self.vm is not None

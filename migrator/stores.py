@@ -30,6 +30,7 @@ from blkfs.runtime import FSTYPE, DaemonInfo, mount_fstype
 from . import ownership as own
 from . import protocol as p
 from .delta import file_digests
+from .space import SpaceNeed
 from .transport import MigrationError
 from .vmrecords import RESERVED, RecordDir, VMRecords, mount_relative
 
@@ -50,6 +51,10 @@ class SourceFiles(Protocol):
     writeback: bool  # writes reach tracking at writeback: freeze cannot hold them
 
     def size(self, file_id: int) -> int: ...
+
+    def allocated(self, file_id: int) -> int:
+        """The bytes the file takes on disk (its data; a thin image's is far below its size)."""
+        ...
 
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         """Bytes as the VM wrote them (short at the end of the file)."""
@@ -276,6 +281,9 @@ class BlkfsSource:
     def size(self, file_id: int) -> int:
         return os.fstat(self.fds[file_id]).st_size
 
+    def allocated(self, file_id: int) -> int:
+        return os.fstat(self.fds[file_id]).st_blocks * 512
+
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         return os.pread(self.fds[file_id], length, offset)
 
@@ -389,19 +397,16 @@ class MountDest:
 
     async def prepare(self, manifest: p.Manifest, holder: str) -> None:
         await self._claim(manifest.migration or "?", holder)
-        need = 0
+        have: dict[str, int] = {}
         for f in manifest.files:
-            path = self._target(f.name)
             try:
-                have = os.stat(path).st_blocks * 512
+                have[f.name] = os.stat(self._target(f.name)).st_blocks * 512
             except FileNotFoundError:
-                have = 0
-            need += max(0, f.size - have)
+                have[f.name] = 0
         sv = os.statvfs(self.mount)
-        free = sv.f_bavail * sv.f_frsize
-        if need > free:
-            raise MigrationError(f"destination disk full: the migration needs {need} more bytes, "
-                                 f"{self.mount} has {free} free")
+        space = SpaceNeed.of(manifest.files, have, sv.f_bavail * sv.f_frsize)
+        if space.short:
+            raise MigrationError(f"destination disk full: {space.words(self.mount)}")
 
     async def _claim(self, migration: str, holder: str) -> AsyncControlClient:
         check_blkfs_mount(self.mount)

@@ -29,6 +29,7 @@ from .hosts import (
     layout_digest,
     migrate,
     state,
+    stopped,
     wait_mid_copy,
 )
 
@@ -281,6 +282,69 @@ def test_destination_disk_full(mount_factory: Callable[..., Mount], key: Path,
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
+def _thin(path: Path, size: int, pieces: dict[int, bytes]) -> None:
+    """A sparse file of `size` with data only at `pieces` (offset -> bytes)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in pieces.items():
+            f.seek(off)
+            f.write(data)
+
+
+def test_a_thin_image_fits_by_its_data_and_a_destination_too_small_for_it_says_both_figures(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server], tmp_path: Path,
+        idle_vm: subprocess.Popen[bytes]) -> None:
+    """A 1 TiB image holding 3 MiB goes to a 48 MiB disk, verified, and takes its data there
+    (the check counts the source's allocation, not the size). One with 64 MiB of data is
+    refused before anything moves, in one line with what it needs and what is free."""
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        src, dst = together(
+            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+            lambda: mount_factory(backing=small / "backing", mnt=tmp_path / "dst"))
+        size = 1 << 40
+        pieces = {0: os.urandom(1 << 20), (1 << 39) + 12345: os.urandom(1 << 20),
+                  size - (1 << 20): os.urandom(1 << 20)}
+        _thin(src.mnt / "disk.raw", size, pieces)
+        s = Server(dst, key)
+        servers.append(s)
+        r2 = migrate(src, s.port, key, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
+        assert r2.returncode == 0, r2.stderr
+        assert s.finish()[0] == 0 and state(dst)["status"] == "complete"  # type: ignore[index]
+        got = dst.mnt / "disk.raw"
+        assert os.path.getsize(got) == size
+        assert os.stat(got).st_blocks * 512 < 8 << 20  # its data, not its size
+        with open(got, "rb") as f:
+            for off, data in pieces.items():
+                f.seek(off)
+                assert f.read(len(data)) == data, off
+
+        _thin(src.mnt / "big.raw", size, {size // 2: os.urandom(64 << 20)})
+        s2 = Server(dst, key)
+        servers.append(s2)
+        vm2 = subprocess.Popen(["sleep", "300"])  # (the first VM went with its migration)
+        try:
+            r3 = migrate(src, s2.port, key, "big.raw", "--suspend", f"pid:{vm2.pid}")
+            assert vm2.poll() is None and not stopped(vm2.pid)
+        finally:
+            vm2.kill()
+            vm2.wait()
+        line = last_line(r3)
+        assert r3.returncode == 1 and "destination disk full" in line, r3.stderr
+        assert "needs 68.0 MiB" in line and "of data" in line and "MiB (" in line, line
+        assert "free" in line and len(r3.stderr.strip().splitlines()) == 1, r3.stderr
+        assert s2.finish()[0] == 1
+        assert not (dst.mnt / "big.raw").exists() or os.stat(dst.mnt / "big.raw").st_blocks == 0
+        subprocess.run(["fusermount3", "-u", str(dst.mnt)], capture_output=True)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
 def test_garbage_from_a_fake_destination(hosts: tuple[Mount, Mount], key: Path,
                                          idle_vm: subprocess.Popen[bytes]) -> None:
     src, _ = hosts
@@ -344,12 +408,14 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
         with sk:
             if attack in ("dotdot", "absolute"):
                 name = "../escaped" if attack == "dotdot" else str(tmp_path / "escaped")
-                man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10}],
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": name, "size": 10,
+                                                       "allocated": 0}],
                        "migration": "m", "delta": False, "replica": False, "lineage": "",
                        "lineage_files": [], "vm": "v1", "vm_name": "v", "generation": 0}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
             elif attack == "lie-size":
-                man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10}],
+                man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f", "size": 10,
+                                                       "allocated": 10}],
                        "migration": "m", "delta": False, "replica": False, "lineage": "",
                        "lineage_files": [], "vm": "v1", "vm_name": "v", "generation": 0}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
@@ -358,7 +424,8 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
                                       + b"x" * 65536, conn))
             elif attack == "bad-packed":  # says 64 KiB of zstd, holds garbage
                 man = {"block_size": 65536, "files": [{"file_id": 0, "name": "f",
-                                                       "size": 1 << 20}], "migration": "m",
+                                                       "size": 1 << 20, "allocated": 0}],
+                       "migration": "m",
                        "delta": False, "replica": False, "lineage": "",
                        "lineage_files": [], "vm": "v1", "vm_name": "v", "generation": 0}
                 sk.sendall(_raw_frame(p.FrameType.MANIFEST, json.dumps(man).encode(), conn))
@@ -382,6 +449,8 @@ def test_destination_refuses_bad_peers(hosts: tuple[Mount, Mount], key: Path,
     assert st is None or st["status"] == "incomplete"
     if attack == "lie-size":
         assert "lies about sizes" in out
+    if attack in ("dotdot", "absolute"):
+        assert "'..' component" in out or "absolute" in out, out
     if attack == "bad-packed":
         assert "does not decompress" in out, out
 

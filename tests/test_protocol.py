@@ -553,8 +553,9 @@ def manifest_frame(files: list[dict[str, object]], block_size: object = BS) -> b
                                          "generation": 0})
 
 
-def entry(file_id: object = 0, name: object = "disk.img", size: object = BS) -> dict[str, object]:
-    return {"file_id": file_id, "name": name, "size": size}
+def entry(file_id: object = 0, name: object = "disk.img", size: object = BS,
+          allocated: object = 0) -> dict[str, object]:
+    return {"file_id": file_id, "name": name, "size": size, "allocated": allocated}
 
 
 BAD_NAMES = [
@@ -606,7 +607,8 @@ def test_good_names(name: str) -> None:
         ([entry(file_id=False)], BS, "integer, not bool"),
         ([entry(name=7)], BS, "must be a string, not int"),
         ([entry() | {"mode": 420}], BS, "unexpected keys"),
-        ([{"file_id": 0, "name": "a"}], BS, "lacks size"),
+        ([{"file_id": 0, "name": "a", "allocated": 0}], BS, "lacks size"),
+        ([{"file_id": 0, "name": "a", "size": 1}], BS, "lacks allocated"),
         ([["a"]], BS, "must be a JSON object, not list"),
         ([], 3000, "outside 4096..1048576"),
         ([], 2 * 2**20, "outside 4096..1048576"),
@@ -886,7 +888,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Digests(1, 0, (7,))) == (b"\x0c\x00\x00\x00\x18\x00\x00\x00\x01" + bytes(8)
                                            + b"\x00\x00\x00\x01" + bytes(7) + b"\x07")
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
-        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[],"vm":"","vm_name":"","generation":0}'
+        '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1,"allocated":0}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[],"vm":"","vm_name":"","generation":0}'
         .encode()))
     assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x10" + b'{"generation":7}'
 

@@ -130,6 +130,7 @@ def _check_manifest(m: Manifest) -> None:
         check_int(entry.file_id, 0, MAX_FILES - 1, "file_id")
         check_file_name(entry.name)
         check_int(entry.size, 0, MAX_FILE_SIZE, f"size of {show(entry.name)}")
+        check_int(entry.allocated, 0, MAX_FILE_SIZE, f"allocation of {show(entry.name)}")
         if entry.file_id in ids:
             raise ProtocolError(f"manifest has file_id {entry.file_id} twice")
         if entry.name in names:

@@ -77,11 +77,14 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One migrated file: its id in later frames, its path under the root, its size."""
+    """One migrated file: its id in later frames, its path under the root, its size, and the
+    bytes it takes on the source's disk (a thin image is far smaller there than its size: the
+    destination checks its free space against that)."""
 
     file_id: int
     name: str
     size: int
+    allocated: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,9 @@ class MemorySource:
     def size(self, file_id: int) -> int:
         return len(self.data[file_id])
 
+    def allocated(self, file_id: int) -> int:
+        return len(self.data[file_id])  # (dense)
+
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         return bytes(self.data[file_id][offset:offset + length])
 
