@@ -6,9 +6,12 @@ page, the size of most writes) for blocks up to 64 KiB, a 16th of the block abov
 mask is at most 16 bits.  Heat, the copy and the spill area stay at the block; only the dirty
 rounds go by page, where a 4 KiB write would otherwise cost a 64 KiB block on the wire.
 
-The masks live in an ``array('B')`` (up to 8 pages a block) or ``array('H')``: one C-speed
-item store per write, a range one slice assignment, and numpy reads the same memory without
-a copy for every query.  A 1 TiB image at 64 KiB blocks costs 32 MiB.
+The masks live in chunks of ``CHUNK_BLOCKS`` blocks (``PageMasks``): a chunk nobody wrote is
+None, one whose every page is dirty is a shared full chunk, any other an ``array('B')`` (up to
+8 pages a block) or ``array('H')`` of its own, allocated at its first write. So a thin image
+costs what its data and its dirty set take, not its size: a 4 TiB image freshly seen (all
+dirty) is 16,384 references to one chunk; a write is one C-speed item store into its chunk,
+and numpy reads each chunk's memory without a copy for every query.
 
 Extents are ``(first, count)`` pairs in ascending order, of blocks or of pages (the form
 every API and wire message uses).
@@ -130,55 +133,145 @@ def to_extents(blocks: Iterable[int]) -> list[Extent]:
     return out
 
 
+CHUNK_SHIFT = 12
+CHUNK_BLOCKS = 1 << CHUNK_SHIFT  # 8 KiB of 16-page masks: 256 MiB of file at 64 KiB blocks
+CHUNK_MASK = CHUNK_BLOCKS - 1
+
+
+def chunks_for(nblocks: int) -> int:
+    return (nblocks + CHUNK_MASK) >> CHUNK_SHIFT
+
+
 def _typecode(ppb: int) -> str:
     return "B" if ppb <= 8 else "H"
 
 
-def mask_array(masks: array) -> np.ndarray:
-    """The masks as a numpy array over the same memory (no copy)."""
-    return np.frombuffer(masks, dtype=np.uint8 if masks.typecode == "B" else np.uint16)
+_FULL: dict[int, array] = {}
 
 
-def block_runs(masks: array) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of dirty blocks (any page written) as (firsts, counts) arrays."""
-    return mask_runs(mask_array(masks) != 0)
+def full_chunk(ppb: int) -> array:
+    """The one chunk of whole-dirty masks for `ppb` pages a block, shared by every bitmap:
+    never changed in place (ORing pages into a full mask leaves it full; every other change
+    first takes a chunk of its own)."""
+    c = _FULL.get(ppb)
+    if c is None:
+        c = _FULL[ppb] = array(_typecode(ppb), [(1 << ppb) - 1]) * CHUNK_BLOCKS
+    return c
 
 
-def block_extents(masks: array) -> list[Extent]:
-    return mask_extents(mask_array(masks) != 0)
+class PageMasks:
+    """One epoch's page masks for `n` blocks, in chunks (see the module's docstring). Masks
+    past `n` are 0 in the last chunk, which is never the shared full one unless whole."""
+
+    __slots__ = ("chunks", "code", "full", "n", "ppb")
+
+    def __init__(self, nblocks: int, ppb: int, *, all_dirty: bool = False) -> None:
+        self.ppb = ppb
+        self.full = (1 << ppb) - 1
+        self.code = _typecode(ppb)
+        self.n = 0
+        self.chunks: list[array | None] = []
+        self.grow(nblocks)
+        if all_dirty and nblocks:
+            self.set_full(0, nblocks)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _zeros(self, n: int = CHUNK_BLOCKS) -> array:
+        return array(self.code, bytes(n * (1 if self.code == "B" else 2)))
+
+    def own(self, ci: int) -> array:
+        """Chunk `ci` as an array of its own, to change in place."""
+        c = self.chunks[ci]
+        if c is None:
+            c = self._zeros()
+        elif c is _FULL.get(self.ppb):
+            c = array(self.code, c)
+        self.chunks[ci] = c
+        return c
+
+    def grow(self, nblocks: int) -> None:
+        """At least `nblocks` blocks; added ones are clean."""
+        if nblocks > self.n:
+            self.chunks.extend([None] * (chunks_for(nblocks) - len(self.chunks)))
+            self.n = nblocks
+
+    def shrink(self, nblocks: int) -> None:
+        if nblocks >= self.n:
+            return
+        del self.chunks[chunks_for(nblocks):]
+        self.n = nblocks
+        tail = nblocks & CHUNK_MASK
+        if tail and self.chunks[-1] is not None:
+            self.own(len(self.chunks) - 1)[tail:] = self._zeros(CHUNK_BLOCKS - tail)
+
+    def set_full(self, first: int, stop: int) -> None:
+        """Blocks [first, stop) whole-dirty (stop <= n)."""
+        full = full_chunk(self.ppb)
+        while first < stop:
+            ci = first >> CHUNK_SHIFT
+            base = ci << CHUNK_SHIFT
+            end = min(stop, base + CHUNK_BLOCKS)
+            c = self.chunks[ci]
+            if c is full:
+                pass
+            elif end - first == CHUNK_BLOCKS:
+                self.chunks[ci] = full
+            else:
+                self.own(ci)[first - base:end - base] = array(self.code, [self.full]) * (
+                    end - first)
+            first = end
+
+    def or_mask(self, block: int, mask: int) -> None:
+        c = self.chunks[block >> CHUNK_SHIFT]
+        if c is None:
+            c = self.own(block >> CHUNK_SHIFT)
+        c[block & CHUNK_MASK] |= mask
+
+    def clear(self, first: int, stop: int) -> None:
+        stop = min(stop, self.n)
+        while first < stop:
+            ci = first >> CHUNK_SHIFT
+            base = ci << CHUNK_SHIFT
+            end = min(stop, base + CHUNK_BLOCKS)
+            if self.chunks[ci] is not None:
+                if end - first == CHUNK_BLOCKS:
+                    self.chunks[ci] = None
+                else:
+                    self.own(ci)[first - base:end - base] = self._zeros(end - first)
+            first = end
+
+    def pieces(self) -> list[tuple[int, int, np.ndarray | None]]:
+        """(first block, blocks, masks) of every chunk written, in block order (views, no
+        copy); consecutive full chunks come as one piece with masks None."""
+        dtype = np.uint8 if self.code == "B" else np.uint16
+        full = _FULL.get(self.ppb)
+        out: list[tuple[int, int, np.ndarray | None]] = []
+        for ci, c in enumerate(self.chunks):
+            if c is None:
+                continue
+            base = ci << CHUNK_SHIFT
+            if c is full:
+                if out and out[-1][2] is None and out[-1][0] + out[-1][1] == base:
+                    out[-1] = (out[-1][0], out[-1][1] + CHUNK_BLOCKS, None)
+                else:
+                    out.append((base, CHUNK_BLOCKS, None))
+            else:
+                m = np.frombuffer(c, dtype=dtype)[:self.n - base]
+                out.append((base, m.size, m))
+        return out
+
+    def count(self) -> int:
+        return sum(n if m is None else int(np.count_nonzero(m)) for _, n, m in self.pieces())
 
 
-_CHUNK = 1 << 16  # blocks unpacked to pages at once: 1 M pages, 1 MiB of booleans
-
-
-def page_runs(masks: array, ppb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of dirty pages as (firsts, counts) arrays, in pages (block b, page i is page
-    b * ppb + i).  Chunks of blocks all clean or all whole cost a comparison; only chunks
-    mixing whole and partial blocks are unpacked to one boolean per page."""
-    m = mask_array(masks)
-    if ppb == 1:
-        return mask_runs(m != 0)
-    full = (1 << ppb) - 1
-    firsts: list[np.ndarray] = []
-    counts: list[np.ndarray] = []
-    for start in range(0, m.size, _CHUNK):
-        chunk = m[start:start + _CHUNK]
-        if not chunk.any():
-            continue
-        if (chunk == full).all():
-            firsts.append(np.array([start * ppb], dtype=np.int64))
-            counts.append(np.array([chunk.size * ppb], dtype=np.int64))
-            continue
-        bits = np.unpackbits(chunk.view(np.uint8), bitorder="little")
-        if chunk.itemsize * 8 != ppb:
-            bits = bits.reshape(chunk.size, chunk.itemsize * 8)[:, :ppb].reshape(-1)
-        f, c = mask_runs(bits.view(bool))
-        firsts.append(f + start * ppb)
-        counts.append(c)
+def _joined(firsts: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Runs found piece by piece, in order, as one pair of arrays: runs that touch across a
+    piece's edge are one run."""
     if not firsts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    f, c = np.concatenate(firsts), np.concatenate(counts)
-    # runs that touch across a chunk's edge are one run
+    f, c = np.concatenate(firsts).astype(np.int64), np.concatenate(counts).astype(np.int64)
     joined = np.flatnonzero(f[1:] == (f + c)[:-1]) + 1
     if joined.size:
         keep = np.ones(f.size, dtype=bool)
@@ -189,12 +282,55 @@ def page_runs(masks: array, ppb: int) -> tuple[np.ndarray, np.ndarray]:
     return f, c
 
 
-def page_extents(masks: array, ppb: int) -> list[Extent]:
+def block_runs(masks: PageMasks) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of dirty blocks (any page written) as (firsts, counts) arrays."""
+    firsts, counts = [], []
+    for base, n, m in masks.pieces():
+        if m is None:
+            f, c = np.array([base]), np.array([n])
+        else:
+            f, c = mask_runs(m != 0)
+        firsts.append(f + base if m is not None else f)
+        counts.append(c)
+    return _joined(firsts, counts)
+
+
+def block_extents(masks: PageMasks) -> list[Extent]:
+    f, c = block_runs(masks)
+    return list(zip(f.tolist(), c.tolist(), strict=True))
+
+
+def page_runs(masks: PageMasks, ppb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of dirty pages as (firsts, counts) arrays, in pages (block b, page i is page
+    b * ppb + i).  Chunks all whole cost a comparison; only chunks mixing whole and partial
+    blocks are unpacked to one boolean per page."""
+    if ppb == 1:
+        return block_runs(masks)
+    full = (1 << ppb) - 1
+    firsts: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    for base, n, chunk in masks.pieces():
+        if chunk is None or (chunk == full).all():
+            firsts.append(np.array([base * ppb], dtype=np.int64))
+            counts.append(np.array([n * ppb], dtype=np.int64))
+            continue
+        if not chunk.any():
+            continue
+        bits = np.unpackbits(chunk.view(np.uint8), bitorder="little")
+        if chunk.itemsize * 8 != ppb:
+            bits = bits.reshape(chunk.size, chunk.itemsize * 8)[:, :ppb].reshape(-1)
+        f, c = mask_runs(bits.view(bool))
+        firsts.append(f + base * ppb)
+        counts.append(c)
+    return _joined(firsts, counts)
+
+
+def page_extents(masks: PageMasks, ppb: int) -> list[Extent]:
     f, c = page_runs(masks, ppb)
     return list(zip(f.tolist(), c.tolist(), strict=True))
 
 
-def masks_from_pages(exts: Iterable[Extent], nblocks: int, ppb: int) -> array:
+def masks_from_pages(exts: Iterable[Extent], nblocks: int, ppb: int) -> PageMasks:
     """Page masks of `nblocks` blocks from page extents (clipped at the end)."""
     bm = DirtyBitmap(nblocks, ppb=ppb)
     shift, npages = ppb.bit_length() - 1, nblocks * ppb
@@ -204,7 +340,8 @@ def masks_from_pages(exts: Iterable[Extent], nblocks: int, ppb: int) -> array:
         end = min(first + count, npages)
         if end > first:
             bm.mark_bytes(first, end, shift, 0)  # in pages: a "byte" is a page here
-    return bm.bits
+    bm.resize(nblocks)
+    return bm.masks
 
 
 def blocks_of_pages(exts: Iterable[Extent], ppb: int) -> list[Extent]:
@@ -221,7 +358,7 @@ def blocks_of_pages(exts: Iterable[Extent], ppb: int) -> list[Extent]:
 
 
 class DirtyBitmap:
-    """Pages written since the last swap, for one file: a page mask per block.
+    """Pages written since the last swap, for one file: a page mask per block (`masks`).
 
     ``mark`` and ``mark_bytes`` are the write hot path; ``swap`` atomically hands out the
     current masks and starts empty ones (a new epoch).  Atomic here means: no await or
@@ -229,7 +366,7 @@ class DirtyBitmap:
     write handler and the swap on one trio thread.
     """
 
-    __slots__ = ("bits", "epoch", "full", "ppb")
+    __slots__ = ("epoch", "full", "masks", "ppb")
 
     def __init__(self, nblocks: int, *, all_dirty: bool = False, epoch: int = 0,
                  ppb: int = 1) -> None:
@@ -237,69 +374,70 @@ class DirtyBitmap:
             raise ValueError(f"{ppb} pages a block: 1 to {MAX_PAGES_PER_BLOCK}")
         self.ppb = ppb
         self.full = (1 << ppb) - 1
-        self.bits = self._new(nblocks, self.full if all_dirty else 0)
+        self.masks = PageMasks(nblocks, ppb, all_dirty=all_dirty)
         self.epoch = epoch
 
-    def _new(self, nblocks: int, value: int = 0) -> array:
-        return array(_typecode(self.ppb), [value]) * nblocks
-
     def __len__(self) -> int:
-        return len(self.bits)
+        return self.masks.n
 
     def mark(self, first: int, last: int) -> None:
         """Mark blocks first..last inclusive whole, growing the map if needed."""
-        bits = self.bits
-        if last >= len(bits):
-            bits.extend(self._new(last + 1 - len(bits)))
-        if first == last:
-            bits[first] = self.full
-        else:
-            bits[first : last + 1] = self._new(last + 1 - first, self.full)
+        self.masks.grow(last + 1)
+        self.masks.set_full(first, last + 1)
 
     def mark_bytes(self, offset: int, end: int, shift: int, pshift: int) -> None:
         """Mark the pages bytes [offset, end) touch (blocks of 2**shift, pages of 2**pshift)."""
         first, last = offset >> shift, (end - 1) >> shift
         idx = self.ppb - 1
         p0, p1 = (offset >> pshift) & idx, ((end - 1) >> pshift) & idx
-        bits = self.bits
-        if last >= len(bits):
-            bits.extend(self._new(last + 1 - len(bits)))
-        if first == last:
-            bits[first] |= (2 << p1) - (1 << p0)
+        m = self.masks
+        if last >= m.n:
+            m.grow(last + 1)
+        ci = first >> CHUNK_SHIFT
+        if ci == last >> CHUNK_SHIFT:  # (the common case: one chunk, one item store or three)
+            c = m.chunks[ci]
+            if c is None:
+                c = m.own(ci)
+            elif c is _FULL.get(self.ppb):
+                return  # every page of it is dirty already
+            i, j = first & CHUNK_MASK, last & CHUNK_MASK
+            if i == j:
+                c[i] |= (2 << p1) - (1 << p0)
+                return
+            c[i] |= self.full - ((1 << p0) - 1)
+            if j > i + 1:
+                c[i + 1:j] = full_chunk(self.ppb)[:j - i - 1]
+            c[j] |= (2 << p1) - 1
             return
-        bits[first] |= self.full - ((1 << p0) - 1)
+        m.or_mask(first, self.full - ((1 << p0) - 1))
         if last > first + 1:
-            bits[first + 1 : last] = self._new(last - first - 1, self.full)
-        bits[last] |= (2 << p1) - 1
+            m.set_full(first + 1, last)
+        m.or_mask(last, (2 << p1) - 1)
 
     def clear(self, first: int, stop: int) -> None:
-        bits = self.bits
-        stop = min(stop, len(bits))
-        if stop > first:
-            bits[first:stop] = self._new(stop - first)
+        self.masks.clear(first, stop)
 
     def resize(self, nblocks: int) -> None:
         """Drop blocks past `nblocks` or add clean ones up to it."""
-        bits = self.bits
-        if nblocks < len(bits):
-            del bits[nblocks:]
-        elif nblocks > len(bits):
-            bits.extend(self._new(nblocks - len(bits)))
+        if nblocks < self.masks.n:
+            self.masks.shrink(nblocks)
+        else:
+            self.masks.grow(nblocks)
 
     def count(self) -> int:
         """Dirty blocks."""
-        return int(np.count_nonzero(mask_array(self.bits)))
+        return self.masks.count()
 
     def extents(self) -> list[Extent]:
         """Dirty blocks as extents."""
-        return block_extents(self.bits)
+        return block_extents(self.masks)
 
     def page_extents(self) -> list[Extent]:
-        return page_extents(self.bits, self.ppb)
+        return page_extents(self.masks, self.ppb)
 
-    def swap(self) -> tuple[int, array]:
+    def swap(self) -> tuple[int, PageMasks]:
         """Return (ended epoch, its masks) and start the next epoch empty."""
-        old, ended = self.bits, self.epoch
-        self.bits = self._new(len(old))
+        old, ended = self.masks, self.epoch
+        self.masks = PageMasks(old.n, self.ppb)
         self.epoch = ended + 1
         return ended, old

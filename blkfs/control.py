@@ -182,7 +182,7 @@ class Controller:
         if req.swap:
             epoch, masks = tr.swap_bitmap()
         else:
-            epoch, masks = tr.bitmap.epoch, tr.bitmap.bits
+            epoch, masks = tr.bitmap.epoch, tr.bitmap.masks
         if req.pages:
             return cp.DirtyReply(rel, epoch, tr.block_size, tr.size, cp.pack_extents(
                 *page_runs(masks, tr.pages_per_block)), tr.page_size)

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from .bitmap import (
+    CHUNK_MASK,
+    CHUNK_SHIFT,
     DirtyBitmap,
     Extent,
     block_extents,
@@ -128,7 +130,11 @@ class FileTracker:
         self.writes += 1
         if first == last:
             pshift, pidx = self.pshift, self.pidx
-            self.bitmap.bits[first] |= (2 << (((end - 1) >> pshift) & pidx)) - (
+            masks = self.bitmap.masks
+            chunk = masks.chunks[first >> CHUNK_SHIFT]
+            if chunk is None:
+                chunk = masks.own(first >> CHUNK_SHIFT)
+            chunk[first & CHUNK_MASK] |= (2 << (((end - 1) >> pshift) & pidx)) - (
                 1 << ((offset >> pshift) & pidx))
             self.heat_log.append(first)
         else:
@@ -243,7 +249,7 @@ class FileTracker:
         if "dirty_pages" in rec:
             if rec["page_size"] != tr.page_size:
                 raise ValueError(f"pages of {rec['page_size']} bytes, not {tr.page_size}")
-            tr.bitmap.bits = masks_from_pages(rec["dirty_pages"], tr.nblocks, tr.pages_per_block)
+            tr.bitmap.masks = masks_from_pages(rec["dirty_pages"], tr.nblocks, tr.pages_per_block)
         else:  # format 1: whole blocks
             for first, count in extents(from_extents(rec["dirty"], tr.nblocks)):
                 tr.bitmap.mark(first, first + count - 1)

@@ -16,22 +16,29 @@ def bump(h: Heat, first: int, last: int, now: float) -> None:
     h.bump_many(range(first, last + 1), now)
 
 
+def dense(h: Heat, nblocks: int | None = None) -> np.ndarray:
+    """The stored values of blocks 0..nblocks-1 (all written ones for None) as one array."""
+    idx, vals = h._nonzero(nblocks)
+    n = nblocks if nblocks is not None else (int(idx[-1]) + 1 if idx.size else 0)
+    v = np.zeros(n)
+    v[idx] = vals
+    return v
+
+
 def value(h: Heat, block: int, now: float) -> float:
     scale = h._scale(now)  # first: it may rescale the stored values
-    v = h._view()
+    v = dense(h)
     return float(v[block]) * scale if block < v.size else 0.0
 
 
 def written(h: Heat) -> int:
-    return int(np.count_nonzero(h._view()))
+    return int(h._nonzero()[0].size)
 
 
 def coldest(h: Heat, nblocks: int, now: float) -> Iterator[tuple[int, float]]:
     """Never-written blocks (heat 0) first in block order, then by rising heat."""
     scale = h._scale(now)
-    v = np.zeros(nblocks)
-    part = h._view(nblocks)
-    v[: part.size] = part
+    v = dense(h, nblocks)
     for b in np.flatnonzero(v == 0).tolist():
         yield b, 0.0
     idx = np.flatnonzero(v)
@@ -41,16 +48,15 @@ def coldest(h: Heat, nblocks: int, now: float) -> Iterator[tuple[int, float]]:
 
 def dynamic_blocks(h: Heat, threshold: float, now: float) -> list[int]:
     """Blocks hotter than `threshold`, coldest first (ties in block order)."""
-    idx = np.flatnonzero(h._hot(None, threshold, now))
-    return idx[np.argsort(h._stored[idx], kind="stable")].tolist()
+    idx, vals = h._nonzero()
+    hot = vals > h._limit(threshold, now)
+    return idx[hot][np.argsort(vals[hot], kind="stable")].tolist()
 
 
 def split_extents(h: Heat, nblocks: int, threshold: float,
                   now: float) -> tuple[list[Extent], list[Extent]]:
     """(static extents, dynamic extents) over blocks 0..nblocks-1, in block order."""
-    hot = np.zeros(nblocks, dtype=bool)
-    part = h._hot(nblocks, threshold, now)
-    hot[: part.size] = part
+    hot = dense(h, nblocks) > h._limit(threshold, now)
     return mask_extents(~hot), _block_extents(np.flatnonzero(hot))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from itertools import pairwise
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkfs.bitmap import (
+    CHUNK_BLOCKS,
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
@@ -18,6 +20,7 @@ from blkfs.bitmap import (
     check_block_size,
     extents,
     from_extents,
+    full_chunk,
     parse_size,
     to_extents,
 )
@@ -311,13 +314,13 @@ def test_swap_returns_ended_epoch_and_old_bits() -> None:
     bm.mark(1, 2)
     epoch, bits = bm.swap()
     assert epoch == 0
-    assert list(bits) == [0, 1, 1, 0, 0, 0]
+    assert block_extents(bits) == [(1, 2)] and len(bits) == 6
     assert bm.epoch == 1
     assert len(bm) == 6
     assert bm.count() == 0
     # the returned bitmap is detached from the new epoch
     bm.mark(4, 4)
-    assert list(bits) == [0, 1, 1, 0, 0, 0]
+    assert block_extents(bits) == [(1, 2)]
     epoch, bits = bm.swap()
     assert epoch == 1
     assert block_extents(bits) == [(4, 1)]
@@ -332,3 +335,70 @@ def test_swap_keeps_starting_epoch() -> None:
     epoch, bits = bm.swap()
     assert (epoch, block_extents(bits)) == (41, [(0, 3)])
     assert bm.epoch == 42
+
+
+# -- chunks: a thin image costs its dirty set, not its size ------------------------------
+
+CB = CHUNK_BLOCKS
+
+
+@given(st.sampled_from([1, 2, 4, 8, 16]), st.booleans(), st.lists(st.tuples(
+    st.sampled_from(["write", "mark", "clear", "resize", "swap"]),
+    st.integers(0, 3 * CB + 5), st.integers(0, 2 * CB + 3)), max_size=25))
+def test_chunked_masks_match_a_model_across_chunk_edges(
+        ppb: int, all_dirty: bool, ops: list[tuple[str, int, int]]) -> None:
+    """Every change at and across chunk edges (whole chunks, the shared full one, the last
+    partial one) against a dict of page masks."""
+    n = 2 * CB + 7
+    bm = DirtyBitmap(n, all_dirty=all_dirty, ppb=ppb)
+    full = (1 << ppb) - 1
+    model = dict.fromkeys(range(n), full) if all_dirty else {}
+    for op, a, b in ops:
+        if op == "write":  # pages [a, a + b + 1) of a page-addressed file
+            bm.mark_bytes(a, a + b + 1, ppb.bit_length() - 1, 0)
+            for page in range(a, a + b + 1):
+                model[page // ppb] = model.get(page // ppb, 0) | 1 << (page % ppb)
+            n = max(n, (a + b) // ppb + 1)
+        elif op == "mark":
+            bm.mark(a, a + b)
+            model.update(dict.fromkeys(range(a, a + b + 1), full))
+            n = max(n, a + b + 1)
+        elif op == "clear":
+            bm.clear(a, a + b)
+            for blk in range(a, a + b):
+                model.pop(blk, None)
+        elif op == "resize":
+            bm.resize(a)
+            model = {k: v for k, v in model.items() if k < a}
+            n = a
+        else:
+            _, old = bm.swap()
+            assert block_extents(old) == to_extents(k for k, v in model.items() if v)
+            model = {}
+        assert len(bm) == n
+    want = {k: v for k, v in model.items() if v}
+    assert bm.extents() == to_extents(want)
+    assert bm.count() == len(want)
+    assert bm.page_extents() == to_extents(
+        k * ppb + i for k, v in want.items() for i in range(ppb) if v >> i & 1)
+    assert full_chunk(ppb) == array(full_chunk(ppb).typecode, [full]) * CB  # never changed
+
+
+def test_a_4_tib_image_seen_fresh_costs_kilobytes_not_its_size() -> None:
+    """All dirty at 64 KiB blocks: 64 Mi blocks, one shared chunk; a write at each end and
+    a swap of it cost a chunk each."""
+    import tracemalloc
+
+    nblocks = (4 * T) // (64 * K)
+    tracemalloc.start()
+    bm = DirtyBitmap(nblocks, all_dirty=True, ppb=16)
+    assert bm.extents() == [(0, nblocks)] and bm.count() == nblocks
+    bm.swap()
+    bm.mark_bytes(4096, 8192, 16, 12)
+    bm.mark_bytes(4 * T - 4096, 4 * T, 16, 12)
+    assert bm.page_extents() == [(1, 1), (nblocks * 16 - 1, 1)]
+    bm.resize(nblocks - 1)
+    assert bm.extents() == [(0, 1)]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 2 * M, peak  # (the dense masks were 128 MiB)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from blkfs.bitmap import to_extents
+from blkfs.bitmap import CHUNK_BLOCKS, to_extents
 from blkfs.heat import _NEGLIGIBLE, _RESCALE_EXP, DEFAULT_STATIC_HEAT, Heat
 
 from .heatview import (
@@ -486,6 +486,24 @@ def test_memory_is_per_block_not_per_write() -> None:
     h = Heat(HL, now=0.0)
     h.bump_many(range(1 << 20), 0.0)
     h.bump_many(range(0, 1 << 20, 2), 1.0)
-    assert h._stored.nbytes <= 8 * (1 << 20) * 3 // 2
+    assert h.nbytes <= 8 * (1 << 20) * 3 // 2
     assert written(h) == 1 << 20
     assert len(extents(h, 1.0)) == 1 << 20  # alternating heats: one run per block
+
+
+def test_a_thin_image_s_heat_costs_the_chunks_it_touches_not_its_size() -> None:
+    """Writes at both ends of a 4 TiB image (64 Mi blocks): two chunks, exact queries; the
+    chunks go when the file shrinks or the heat decays to nothing."""
+    last = (4 << 40) // (64 << 10) - 1
+    h = Heat(HL, now=0.0)
+    h.bump_many([0, 1, last, last, last - CHUNK_BLOCKS], 0.0)
+    assert h.nbytes == 3 * CHUNK_BLOCKS * 8
+    assert h.hottest(2, 0.0) == [(last, 2.0), (last - CHUNK_BLOCKS, 1.0)]  # (ties: higher)
+    assert h.split(last + 1, 1.0, 0.0) == (last, 1)
+    assert h.dynamic_extents(last + 1, 0.5, 0.0, 10) == [(0, 2), (last - CHUNK_BLOCKS, 1),
+                                                         (last, 1)]
+    assert extents(h, 0.0) == [(0, 2, 1.0), (last - CHUNK_BLOCKS, 1, 1.0), (last, 1, 2.0)]
+    h.truncate(last - last % CHUNK_BLOCKS)  # the last chunk goes
+    assert h.nbytes == 2 * CHUNK_BLOCKS * 8 and h.hottest(1, 0.0) == [(last - CHUNK_BLOCKS, 1.0)]
+    h.bump_many([5], 600 * HL)  # (long after: the rescale drops what decayed to nothing)
+    assert h.nbytes == CHUNK_BLOCKS * 8 and h.hottest(3, 600 * HL) == [(5, 1.0)]

@@ -450,7 +450,7 @@ def test_a_record_with_heat_past_the_file_restores_without_it() -> None:
     rec["heat_values"] = base64.b64encode(np.array([2.0, 9.0], dtype="<f8").tobytes()).decode()
     back = FileTracker.from_record(rec, SHIFT, half_life=HL, now=0.0, elapsed=0.0)
     assert back.heat.hottest(5, 0.0) == [(1, 2.0)]
-    assert back.heat._stored.nbytes < 1 << 20
+    assert back.heat.nbytes < 1 << 20
 
 
 def test_record_round_trip_with_elapsed_decay() -> None:

@@ -198,6 +198,47 @@ def test_kill9_then_remount_reports_every_block_dirty(mount_factory: Callable[..
     assert not st["disk.raw"]["restored"]
 
 
+@pytest.mark.cache
+def test_a_4_tib_thin_image_is_tracked_exactly_in_kilobytes(
+        mount_factory: Callable[..., Mount]) -> None:
+    """A thin image of any size costs the daemon what its writes touch: writes at both ends
+    of a 4 TiB file (64 Mi blocks) come back as exact page extents, a clean unmount keeps
+    them, a crash makes the whole file dirty, and the daemon's memory never grows by the
+    dense bitmap (128 MiB) or heat (512 MiB) it would take."""
+    m = mount_factory("--block-size", "64K")
+    size = 4 << 40
+    before = _rss_kib(m.pid)
+    with open(m.path("disk.raw"), "wb") as f:
+        f.truncate(size)
+    nblocks = size // B
+    assert m.dirty("disk.raw") == [(0, nblocks)]  # new size: every block is new content
+    m.swap("disk.raw")
+    pwrite(m.path("disk.raw"), b"a" * 4096, 4096)
+    pwrite(m.path("disk.raw"), b"z" * 4096, size - 4096)
+    pwrite(m.path("disk.raw"), b"m" * 8192, size // 2 - 4096)  # across a block edge
+    flush_file(str(m.path("disk.raw")))
+    pages = m.call("dirty", file="disk.raw", pages=True)
+    assert pages["page_size"] == 4096
+    half = size // 2 // 4096
+    assert pages["extents"] == [[1, 1], [half - 1, 2], [size // 4096 - 1, 1]]
+    heat = m.call("heat", file="disk.raw")
+    assert heat["blocks"] == nblocks and heat["dynamic"] == 0 and heat["static"] == nblocks
+    hottest = {f["file"]: f for f in m.call("status")["files"]}["disk.raw"]["hottest"]
+    assert sorted(b for b, _ in hottest) == [0, nblocks // 2 - 1, nblocks // 2, nblocks - 1]
+    assert _rss_kib(m.pid) - before < 16 << 10, "the daemon grew by a dense map"
+    m.umount()  # a clean unmount keeps the four blocks, not 64 Mi of them
+    m2 = mount_factory("--block-size", "64K")
+    assert m2.dirty("disk.raw") == [(0, 1), (nblocks // 2 - 1, 2), (nblocks - 1, 1)]
+    m2.kill9()
+    m3 = mount_factory("--block-size", "64K")
+    assert m3.dirty("disk.raw") == [(0, nblocks)]  # after a crash: all of it, whatever size
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 @pytest.fixture
 def plain(mount_factory: Callable[..., Mount]) -> Mount:
     """A mount without the writeback cache whatever BLKFS_WRITEBACK says: freeze needs one."""
