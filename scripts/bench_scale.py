@@ -1,4 +1,4 @@
-"""Large VMs (issue 11, item 3): a 64 GiB sparse disk and an 8 GiB memory file.
+"""Large VMs (issue 11, item 3): a 64 GiB sparse disk and an 8 GiB memory file; thin images.
 
 Part 1, tracking at scale (one mount, 64 KiB blocks: 1,179,648 blocks tracked). A writer
 touches 4 KiB of every memory block and of half the disk's blocks, each in random order: the
@@ -13,8 +13,15 @@ Part 2, a migration at scale: a fresh pair of mounts, the same file sizes holdin
 they have heat), an idle VM: total time, bytes on the wire against the allocated data, the
 destination's allocation, verification, the peak RSS of both daemons.
 
-    .venv/bin/python scripts/bench_scale.py              # both parts (about 3 minutes)
+Part 3, thin images (issue 28): a dense 64 MiB file migrated alone (the yardstick), then a
+1 TiB and a 4 TiB image holding 64 MiB of data each, beside an 8 GiB memory file holding as
+much: total time (and against the dense one), bytes, both sides' allocation, the peak RSS of
+each process (both daemons, migrate and serve), and on a mount of its own the swap and heat
+query times of the thin image with writes at both ends.
+
+    .venv/bin/python scripts/bench_scale.py              # all parts (about 5 minutes)
     .venv/bin/python scripts/bench_scale.py --part 1     # tracking only
+    .venv/bin/python scripts/bench_scale.py --part 3 --thin 1T   # thin images, 1 TiB only
 """
 
 from __future__ import annotations
@@ -143,19 +150,31 @@ def part1(tmp: Path, repeat: int) -> dict[str, Any]:
     return out
 
 
-def part2(tmp: Path, data_mib: int) -> dict[str, Any]:
+def _run(argv: list[str], **kw: Any) -> tuple[subprocess.Popen[str], Any]:
+    """A child process's exit and its resource usage (ru_maxrss: its peak RSS, KiB)."""
+    proc = subprocess.Popen(argv, text=True, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc, usage
+
+
+def migrate_files(tmp: Path, files: list[tuple[str, int, int]], piece: int = 1 << 20,
+                  seed: int = 2) -> dict[str, Any]:
+    """One migration, on fresh mounts, of files (name, size, MiB of data in `piece`s at random
+    offsets, written through the mount so they have heat), an idle VM: times, bytes, the
+    allocation on both sides, each process's peak RSS (MB)."""
     key = tmp / "key"
     key.write_text(os.urandom(32).hex())
     key.chmod(0o600)
     with Mounts(tmp, ("src", "dst")) as ms:
         src = tmp / "src"
-        rng = random.Random(2)
-        for name, size in FILES:
+        rng = random.Random(seed)
+        for name, size, data_mib in files:
             with open(src / name, "wb") as f:
                 f.truncate(size)
-                for i in sorted(rng.sample(range(size >> 20), data_mib)):
-                    f.seek(i << 20)
-                    f.write(os.urandom(1 << 20))
+                for i in sorted(rng.sample(range(size // piece), data_mib * (1 << 20) // piece)):
+                    f.seek(i * piece)
+                    f.write(os.urandom(piece))
         pids = {n: ms.pid(n) for n in ("src", "dst")}
         vm = subprocess.Popen(["sleep", "600"])
         serve = subprocess.Popen([PY, "-m", "migrator.cli", "serve", "--mount", str(tmp / "dst"),
@@ -167,25 +186,35 @@ def part2(tmp: Path, data_mib: int) -> dict[str, Any]:
             assert port, "serve did not start"
             report = tmp / "report.json"
             t = time.monotonic()
-            subprocess.run([PY, "-m", "migrator.cli", "migrate", "--mount", str(src), "--to",
-                            f"127.0.0.1:{port.group(1)}", "--key-file", str(key), "--suspend",
-                            f"pid:{vm.pid}", "--report", str(report), "disk.raw", "vm.mem"],
-                           check=True, capture_output=True)
+            mig, usage = _run([PY, "-m", "migrator.cli", "migrate", "--mount", str(src), "--to",
+                               f"127.0.0.1:{port.group(1)}", "--key-file", str(key),
+                               "--suspend", f"pid:{vm.pid}", "--report", str(report),
+                               *(n for n, _, _ in files)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             wall = time.monotonic() - t
-            serve.communicate(timeout=120)
+            if mig.returncode != 0:
+                raise SystemExit(f"migrate failed: {mig.stderr.read() if mig.stderr else ''}")
+            serve.stdout.read()
+            _, _, serve_usage = os.wait4(serve.pid, 0)
+            serve.returncode = 0
             rep = json.loads(report.read_text())
 
             def alloc(side: str) -> int:
-                return sum(os.stat(tmp / f"{side}-backing" / n).st_blocks * 512 for n, _ in FILES)
+                return sum(os.stat(tmp / f"{side}-backing" / n).st_blocks * 512
+                           for n, _, _ in files)
 
             return {
-                "data_mib_per_file": data_mib, "total_s": rep["total_s"], "wall_s": round(wall, 2),
+                "files": [{"name": n, "size": sz, "data_mib": d} for n, sz, d in files],
+                "total_s": rep["total_s"], "wall_s": round(wall, 2),
                 "initial_copy_s": rep.get("initial_copy_s"), "verify_s": rep.get("verify_s"),
                 "bytes_sent": rep["bytes_sent"], "allocated_src": alloc("src"),
                 "allocated_dst": alloc("dst"), "verified": rep["verified"],
                 "downtime_ms": rep["downtime_ms"],
+                "downtime_breakdown_ms": rep.get("downtime_breakdown_ms"),
                 "rss_peak_src_daemon_mb": round(rss_mb(pids["src"], "VmHWM"), 1),
                 "rss_peak_dst_daemon_mb": round(rss_mb(pids["dst"], "VmHWM"), 1),
+                "rss_peak_migrate_mb": round(usage.ru_maxrss / 1024, 1),
+                "rss_peak_serve_mb": round(serve_usage.ru_maxrss / 1024, 1),
             }
         finally:
             for pr in (vm, serve):
@@ -194,9 +223,53 @@ def part2(tmp: Path, data_mib: int) -> dict[str, Any]:
                     pr.wait()
 
 
+def part2(tmp: Path, data_mib: int) -> dict[str, Any]:
+    return migrate_files(tmp, [(n, size, data_mib) for n, size in FILES])
+
+
+def part3(tmp: Path, sizes: list[int], data_mib: int) -> dict[str, Any]:
+    """Thin images (issue 28): a dense file of `data_mib` MiB alone (the yardstick), then each
+    thin size holding the same data beside an 8 GiB memory file holding as much: the thin ones
+    should cost like their data, not their size."""
+    out: dict[str, Any] = {}
+    (tmp / "dense").mkdir()
+    out["dense"] = migrate_files(tmp / "dense", [("disk.raw", data_mib << 20, data_mib)])
+    for size in sizes:
+        d = tmp / f"thin-{size >> 40}T"
+        d.mkdir()
+        out[f"thin_{size >> 40}T"] = row = migrate_files(
+            d, [("disk.raw", size, data_mib), ("vm.mem", MEM, data_mib)])
+        row["vs_dense"] = round(row["total_s"] / max(out["dense"]["total_s"], 1e-9), 2)
+        row.update(tracking_queries(d, size))
+    return out
+
+
+def tracking_queries(tmp: Path, size: int) -> dict[str, Any]:
+    """A thin image's swap and heat query times on a mount of its own, writes at both ends."""
+    (tmp / "q").mkdir()
+    with Mounts(tmp / "q", ("m",)) as ms:
+        m = tmp / "q" / "m"
+        with open(m / "disk.raw", "wb") as f:
+            f.truncate(size)
+        fd = os.open(m / "disk.raw", os.O_RDWR)
+        try:
+            for off in (0, size // 2, size - BLOCK):
+                os.pwrite(fd, os.urandom(BLOCK), off)
+        finally:
+            os.close(fd)
+        with ControlClient.for_mount(str(m)) as c:
+            first, med, _ = timed(lambda: c.call(cp.Dirty("disk.raw", swap=True, pages=True)), 3)
+            hfirst, hmed, h = timed(lambda: c.call(cp.Heat("disk.raw")), 3)
+        return {"swap_first_ms": first, "swap_ms": med, "heat_first_ms": hfirst,
+                "heat_ms": hmed, "heat_dynamic_blocks": h.dynamic,
+                "query_daemon_rss_peak_mb": round(rss_mb(ms.pid("m"), "VmHWM"), 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", type=int, choices=(1, 2), help="run one part only")
+    ap.add_argument("--part", type=int, choices=(1, 2, 3), help="run one part only")
+    ap.add_argument("--thin", action="append", type=lambda t: int(t.rstrip("T")) << 40,
+                    help="part 3's thin image sizes in TiB (repeatable; default 1T and 4T)")
     ap.add_argument("--repeat", type=int, default=5, help="query repeats (median)")
     ap.add_argument("--data-mib", type=int, default=512, help="data in each file, part 2")
     ap.add_argument("--json", default="reports/bench_scale.json")
@@ -211,6 +284,10 @@ def main() -> int:
             (Path(d) / "p2").mkdir()
             res["migration"] = part2(Path(d) / "p2", a.data_mib)
             print(json.dumps(res["migration"], indent=1))
+        if a.part in (None, 3):
+            (Path(d) / "p3").mkdir()
+            res["thin"] = part3(Path(d) / "p3", a.thin or [1 << 40, 4 << 40], 64)
+            print(json.dumps(res["thin"], indent=1))
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
