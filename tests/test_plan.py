@@ -52,6 +52,21 @@ def test_initial_order_covers_every_block_once(
     assert sorted(covered) == list(range(nblocks))
 
 
+def test_the_plan_of_a_4_tib_thin_image_costs_its_runs_not_its_blocks() -> None:
+    import tracemalloc
+
+    nblocks = (4 << 40) // (64 << 10)
+    runs = [(0, 16, 2.0), (nblocks // 2, 1, 0.5), (nblocks - 1, 1, 5.0)]
+    tracemalloc.start()
+    static, dynamic = initial_order(nblocks, runs, 1.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert static == [(16, nblocks // 2 - 16), (nblocks // 2 + 1, nblocks // 2 - 2),
+                      (nblocks // 2, 1)]
+    assert dynamic == [(0, 16), (nblocks - 1, 1)]
+    assert peak < 1 << 20, peak  # (an array by block was 1 GiB here)
+
+
 def test_batches_split_long_extents() -> None:
     assert list(batches([(0, 5), (10, 2)], 2)) == [(0, 2), (2, 2), (4, 1), (10, 2)]
     with pytest.raises(ValueError):
