@@ -197,7 +197,7 @@ class DestSession:
                 if not held:
                     break  # nothing held (all holes): the source sends it all
                 for i, d in enumerate(held, first):
-                    f.digests[i] = d
+                    f.digests.set(i, d)
                 self.held_blocks += len(held)
                 await self.ch.send(p.Held(fid, first, tuple(held)))
 
@@ -549,7 +549,7 @@ class DestSession:
         for fid, b, d in self.pc.digests:
             f = self.files.get(fid)
             if f is not None:
-                f.digests[b] = d
+                f.digests.set(b, d)
 
     async def _handle(self, ev: p.Event, state: p.State) -> None:
         """One frame, in order, with the protocol state it arrived in (the protocol has
@@ -650,8 +650,8 @@ class DestSession:
             self._nursery.start_soon(self._save_digests_soon)
             await self._start_vm()
 
-    async def _on_digests(self, ev: p.Digests) -> None:
-        self.rx.check_digests(ev, self.reattached and not self.digests_saved)
+    async def _on_digests(self, ev: p.Digests | p.ZeroDigests) -> None:
+        self.rx.check(ev, self.reattached and not self.digests_saved)
 
     async def _on_verify_done(self, ev: p.VerifyDone) -> None:
         pc = self.pc
@@ -688,6 +688,7 @@ _HANDLERS: dict[type, Callable[[DestSession, Any], Awaitable[None]]] = {
     p.Switchover: DestSession._on_switchover,
     p.Commit: DestSession._on_commit,
     p.Digests: DestSession._on_digests,
+    p.ZeroDigests: DestSession._on_digests,
     p.VerifyDone: DestSession._on_verify_done,
 }
 

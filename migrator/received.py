@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from . import protocol as p
+from .blockdigests import BlockDigests
 from .codecs import CodecError, decompress
 from .errors import BadPeer
 from .stores import DestFiles
@@ -19,15 +20,12 @@ from .zeros import zero_digest
 class ReceivedFile:
     entry: p.FileEntry
     size: int
-    digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was written
-    zero: bytearray = field(default_factory=bytearray)  # 1 per block received as a Zero run
+    # xxh3 of what was written, by block; the runs received as Zero frames (blockdigests.py)
+    digests: BlockDigests = field(default_factory=BlockDigests)
     verified: int = 0
 
     def digest(self, block: int, bs: int) -> int | None:
-        d = self.digests.get(block)
-        if d is None and block < len(self.zero) and self.zero[block]:
-            return zero_digest(max(0, min(bs, self.size - block * bs)))
-        return d
+        return self.digests.get(block, bs, self.size)
 
 
 class Received:
@@ -40,16 +38,8 @@ class Received:
         self.mismatch_count = 0
         self.unchecked = 0  # blocks whose digests died with an earlier session
 
-    def all_digests(self, f: ReceivedFile) -> dict[int, int]:
-        if not f.zero or not f.zero.count(1):
-            return f.digests
-        bs = self.block_size
-        out = dict(f.digests)
-        i = f.zero.find(1)
-        while i >= 0:
-            out[i] = zero_digest(max(0, min(bs, f.size - i * bs)))
-            i = f.zero.find(1, i + 1)
-        return out
+    def all_digests(self, f: ReceivedFile) -> BlockDigests:
+        return f.digests
 
 
     def write_packed(self, ev: p.Packed) -> None:
@@ -83,16 +73,14 @@ class Received:
                 for b in range(first, last + 1):
                     whole = off <= b * bs and min((b + 1) * bs, f.size) <= off + n
                     if whole:
-                        f.digests[b] = h(mv[pos + b * bs - off:pos + min((b + 1) * bs,
-                                                                          f.size) - off])
+                        f.digests.set(b, h(mv[pos + b * bs - off:pos + min((b + 1) * bs,
+                                                                            f.size) - off]))
                     touched[b] = touched.get(b, False) or whole
                 pos += n
         for b, whole in touched.items():
             if not whole:
-                f.digests[b] = h(self.store.read(ev.file_id, b * bs, max(0, min(
-                    bs, f.size - b * bs))))
-            if b < len(f.zero):
-                f.zero[b] = 0
+                f.digests.set(b, h(self.store.read(ev.file_id, b * bs, max(0, min(
+                    bs, f.size - b * bs)))))
         self.blocks_written += len(touched)
 
     def write_blocks(self, ev: p.Blocks) -> None:
@@ -101,11 +89,11 @@ class Received:
         self.store.write(ev.file_id, ev.first_block * bs, ev.data)
         mv = memoryview(ev.data)
         h = xxhash.xxh3_64_intdigest
-        for i in range(0, len(mv), bs):
-            f.digests[ev.first_block + i // bs] = h(mv[i:i + bs])
         n = (len(mv) + bs - 1) // bs
-        if f.zero:
-            f.zero[ev.first_block:ev.first_block + n] = bytes(n)
+        f.digests.zeros.remove(ev.first_block, ev.first_block + n)
+        data = f.digests.data
+        for i in range(0, len(mv), bs):
+            data[ev.first_block + i // bs] = h(mv[i:i + bs])
         self.blocks_written += n
 
     async def write_zero(self, ev: p.Zero) -> None:
@@ -114,18 +102,9 @@ class Received:
         f = self.files[ev.file_id]
         bs = self.block_size
         first, n = ev.first_block, ev.count
-        nblocks = -(-f.size // bs)
-        if len(f.zero) < nblocks:
-            f.zero.extend(bytes(nblocks - len(f.zero)))
-        if len(f.digests) < n:  # (a zero run may cover a whole 16 GiB hole)
-            written = [b for b in f.digests if first <= b < first + n]
-        else:
-            written = [b for b in range(first, first + n) if b in f.digests]
+        written = f.digests.set_zero(first, n)
         if written or not self.store.fresh(ev.file_id):
             await self.store.zero(ev.file_id, first * bs, min(n * bs, f.size - first * bs))
-        for b in written:
-            del f.digests[b]
-        f.zero[first:first + n] = b"\x01" * n
         self.blocks_written += n
 
     def resize(self, ev: p.Resize) -> None:
@@ -133,18 +112,19 @@ class Received:
         self.store.resize(ev.file_id, ev.size)
         f.size = ev.size
         nblocks = (ev.size + self.block_size - 1) // self.block_size
-        for b in [b for b in f.digests if b >= nblocks]:
-            del f.digests[b]
-        if ev.size % self.block_size and nblocks - 1 in f.digests:
-            del f.digests[nblocks - 1]  # its tail changed: the source resends it
-        del f.zero[nblocks:]
-        if ev.size % self.block_size and len(f.zero) == nblocks:
-            f.zero[nblocks - 1] = 0
+        # (a partial last block: its tail changed, the source resends it)
+        f.digests.forget_from(nblocks - 1 if ev.size % self.block_size else nblocks)
 
     def _mismatch(self, text: str) -> None:
         self.mismatch_count += 1
         if len(self.mismatches) < 5:
             self.mismatches.append(text)
+
+    def check(self, ev: p.Digests | p.ZeroDigests, lost: bool = False) -> None:
+        if isinstance(ev, p.ZeroDigests):
+            self.check_zero_digests(ev, lost)
+        else:
+            self.check_digests(ev, lost)
 
     def check_digests(self, ev: p.Digests, lost: bool = False) -> None:
         """Against what this session wrote; `lost`: the digests of what an earlier session
@@ -159,6 +139,28 @@ class Received:
                 self._mismatch(f"{f.entry.name} block {b} "
                                + ("never received" if mine is None else "differs"))
             f.verified += 1
+
+    def check_zero_digests(self, ev: p.ZeroDigests, lost: bool = False) -> None:
+        """Blocks all zeros at the source: each must be zeros here too (received as a Zero
+        run, or written with zero data). Costs the blocks written here, not the run."""
+        f = self.files[ev.file_id]
+        bs = self.block_size
+        end = ev.first_block + ev.count
+        for a, b in f.digests.zeros.gaps(ev.first_block, end):
+            if b - a <= len(f.digests.data):
+                found = [(k, f.digests.data[k]) for k in range(a, b) if k in f.digests.data]
+            else:
+                found = [(k, d) for k, d in f.digests.data.items() if a <= k < b]
+            for k, d in found:
+                if d != zero_digest(max(0, min(bs, f.size - k * bs))):
+                    self._mismatch(f"{f.entry.name} block {k} differs")
+            missing = b - a - len(found)
+            if missing and lost:
+                self.unchecked += missing
+            elif missing:
+                self.mismatch_count += missing - 1
+                self._mismatch(f"{f.entry.name} blocks {a}..{b - 1}: {missing} never received")
+        f.verified += ev.count
 
     def verdict(self) -> tuple[bool, str]:
         if self.unchecked:

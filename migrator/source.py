@@ -30,6 +30,7 @@ from blkfs.bitmap import blocks_of_pages
 from blkfs.spill import SpillArea, SpillError, spill_key
 
 from . import protocol as p
+from .blockdigests import BlockDigests
 from .codecs import CODECS, compressor
 from .delta import Holdings
 from .errors import BadPeer, MigrationError, NotOwner, PeerAborted, first_error
@@ -93,7 +94,7 @@ class Source:
         # files the source vouches for, and those the destination accepted
         self.since_replica: dict[int, list[Extent]] = {}
         self.lineage_ok: set[int] = set()
-        self.my_digests: dict[int, dict[int, int]] = {}  # the verification's, of this copy
+        self.my_digests: dict[int, BlockDigests] = {}  # the verification's, of this copy
         self.pc: SourcePostcopy | None = None
 
     # -- helpers ----------------------------------------------------------------
@@ -554,9 +555,9 @@ class Source:
     async def _verify_once(self) -> p.Verified:
         assert self.ch is not None
         for f in self.files:
-            for first, digests in verification_digests(self._store, f, self.block_size):
-                self.my_digests.setdefault(f.file_id, {}).update(enumerate(digests, first))
-                await self.ch.send(p.Digests(f.file_id, first, digests))
+            keep = self.my_digests[f.file_id] = BlockDigests()
+            for frame in verification_digests(self._store, f, self.block_size, keep):
+                await self.ch.send(frame)
         await self.ch.send(p.VerifyDone())
         return await self.ch.expect(p.Verified)
 

@@ -9,6 +9,8 @@ from typing import Any
 import xxhash
 
 from . import digestlog
+from . import protocol as p
+from .blockdigests import BlockDigests
 from .errors import MigrationError
 from .lineage import BACK, dest_lineage, tag
 from .options import SourceFile
@@ -17,19 +19,37 @@ from .stores import SourceFiles
 from .zeros import hole_runs, zero_digest
 
 DIGESTS_PER_FRAME = 8192  # (a Digests frame of 64 KiB: the destination checks as they come)
+ZERO_RUN_MIN = 256  # hole blocks in a row that go as one ZeroDigests (fewer: as digests)
 
 
-def verification_digests(store: SourceFiles, f: SourceFile, block_size: int
-                         ) -> Iterator[tuple[int, tuple[int, ...]]]:
-    """(first block, digests of the blocks from there) for every block of `f`, a frame's
-    worth at a time. Holes are a constant, never read; the copy is suspended, so a file
-    that comes up short is a fault, not a race."""
+def verification_digests(store: SourceFiles, f: SourceFile, block_size: int,
+                         keep: BlockDigests) -> Iterator[p.Digests | p.ZeroDigests]:
+    """The frames of `f`'s verification, in block order: the xxh3 of its blocks, a frame's
+    worth at a time, and each run of at least ZERO_RUN_MIN hole blocks as one ZeroDigests (a
+    hole's digest is a constant, never read: a 4 TiB thin image costs its data; shorter holes
+    go as their digests, in the frames of the data around them). Every digest also goes into
+    `keep`. The copy is suspended, so a file that comes up short is a fault, not a race."""
     bs = block_size
+    nblocks = (f.size + bs - 1) // bs
+    pending = 0  # the first block not yet sent
+    for b0, n, hole in hole_runs(store.data_ranges(f.file_id, 0, f.size), 0, nblocks, bs,
+                                 f.size):
+        if not hole or n < ZERO_RUN_MIN:
+            continue
+        yield from _digest_frames(store, f, bs, pending, b0, keep)
+        keep.set_zero(b0, n)
+        yield p.ZeroDigests(f.file_id, b0, n)
+        pending = b0 + n
+    yield from _digest_frames(store, f, bs, pending, nblocks, keep)
+
+
+def _digest_frames(store: SourceFiles, f: SourceFile, bs: int, start: int, end: int,
+                   keep: BlockDigests) -> Iterator[p.Digests]:
+    """Digests frames of blocks [start, end): data read, holes a constant."""
     h = xxhash.xxh3_64_intdigest
     buf = memoryview(bytearray(max(bs, FRAME_DATA // bs * bs)))  # reused: no faults
-    nblocks = (f.size + bs - 1) // bs
-    for first in range(0, nblocks, DIGESTS_PER_FRAME):
-        count = min(DIGESTS_PER_FRAME, nblocks - first)
+    for first in range(start, end, DIGESTS_PER_FRAME):
+        count = min(DIGESTS_PER_FRAME, end - first)
         digests: list[int] = []
         ranges = store.data_ranges(f.file_id, first * bs, (first + count) * bs)
         for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
@@ -44,11 +64,12 @@ def verification_digests(store: SourceFiles, f: SourceFile, block_size: int
                     raise MigrationError(f"{f.rel} shrank under the verification")
                 digests += [h(buf[i:min(i + bs, got)]) for i in range(0, got, bs)]
                 off += got
-        yield first, tuple(digests)
+        keep.data.update(enumerate(digests, first))
+        yield p.Digests(f.file_id, first, tuple(digests))
 
 
 def retired_lineage(store: SourceFiles, vm_id: str, migration: str, block_size: int,
-                    files: list[SourceFile], digests: dict[int, dict[int, int]],
+                    files: list[SourceFile], digests: dict[int, BlockDigests],
                     notify: Callable[[str], None]) -> dict[str, Any] | None:
     """The retired copy is the destination's files as of the switchover: keep its digests
     (the verification's) and this mount's swap epochs, so a migration back to here reads and

@@ -16,7 +16,7 @@ PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlp
         "blkfs.tracker", "blkfs.cliutil", "migrator.plan", "migrator.protocol",
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
         "migrator.lineage", "migrator.quiet", "migrator.defaults", "migrator.errors",
-        "migrator.simvm.format"}
+        "migrator.simvm.format", "migrator.blockdigests", "migrator.space"}
 IO_MODULES = {"pyfuse3", "trio", "socket", "subprocess", "select", "signal"}
 FUSE_ONLY = {"blkfs.fs", "blkfs.mount"}  # the only ones that may import pyfuse3
 

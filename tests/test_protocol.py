@@ -54,6 +54,7 @@ from migrator.protocol import (
     Verified,
     VerifyDone,
     Zero,
+    ZeroDigests,
     check_event,
     check_file_name,
     decode,
@@ -444,7 +445,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 33, 255])
+@pytest.mark.parametrize("code", [0, 34, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -703,6 +704,11 @@ def test_short_blocks_frame() -> None:
         (frame(FrameType.DIGESTS, bytes(12) + b"\0\0\0\0"), "number of digests 0 is outside"),
         (frame(FrameType.DIGESTS, bytes(12) + (MAX_DIGESTS_PER_FRAME + 1).to_bytes(4, "big")),
          "number of digests 65537 is outside"),
+        (encode(ZeroDigests(0, 1, 2)), "lies about sizes: ZeroDigests for file 0 reach block 2"),
+        (encode(ZeroDigests(1, 0, 5)), "reach block 4, it has 4 blocks"),
+        (encode(ZeroDigests(5, 0, 1)), "file_id 5 is not in the manifest"),
+        (frame(FrameType.ZERO_DIGESTS, b'{"file_id":0,"first_block":0,"count":0}'),
+         "ZeroDigests.count 0 is outside"),
     ],
 )
 def test_bad_digests(raw: bytes, match: str) -> None:

@@ -51,6 +51,7 @@ from migrator.protocol import (
     Verified,
     VerifyDone,
     Zero,
+    ZeroDigests,
     decode,
     encode,
 )
@@ -227,6 +228,12 @@ FROZEN: dict[FrameType, tuple[Event, str]] = {
         # {"file_id":0,"first_block":8,"count":16}
         "1c00000028"
         "7b2266696c655f6964223a302c2266697273745f626c6f636b223a382c22636f756e74223a31367d"),
+    FrameType.ZERO_DIGESTS: (
+        ZeroDigests(0, 8, 1 << 30),
+        # {"file_id":0,"first_block":8,"count":1073741824}
+        "2100000030"
+        "7b2266696c655f6964223a302c2266697273745f626c6f636b223a382c22636f756e74223a3130"
+        "37333734313832347d"),
     FrameType.PACKED: (
         Packed(0, 1, 1, 65536, b"zz"),
         "1d00000013"

@@ -37,7 +37,7 @@ A session (S = source, D = dest; the right column is the state in which those fr
     Switchover ------------------------------>        VM suspended               COPYING
     Blocks, Resize ..., Commit -------------->        the last set               SWITCHOVER
            <---------------------------------- Resumed(ms)                       RESUMING
-    Digests ..., VerifyDone ----------------->        xxh3 of every block        VERIFYING
+    Digests/ZeroDigests ..., VerifyDone ----->        xxh3 of every block        VERIFYING
            <---------------------------------- Verified(ok, mismatches, detail)  VERDICT
     Done ------------------------------------>        both CLOSED                FINISHING
 
@@ -127,6 +127,7 @@ from .events import (
     Verified,
     VerifyDone,
     Zero,
+    ZeroDigests,
 )
 from .fields import check_file_name
 from .limits import (
@@ -230,6 +231,7 @@ __all__ = [
     "Verified",
     "VerifyDone",
     "Zero",
+    "ZeroDigests",
     "check_event",
     "check_file_name",
     "decode",

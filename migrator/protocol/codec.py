@@ -59,6 +59,7 @@ from .events import (
     Verified,
     VerifyDone,
     Zero,
+    ZeroDigests,
 )
 from .fields import (
     check_bytes32,
@@ -263,6 +264,10 @@ def check_event(event: Event) -> None:
             check_int(event.file_id, 0, U32, "Zero.file_id")
             check_int(event.first_block, 0, U64, "Zero.first_block")
             check_int(event.count, 1, U64, "Zero.count")
+        case ZeroDigests():
+            check_int(event.file_id, 0, U32, "ZeroDigests.file_id")
+            check_int(event.first_block, 0, U64, "ZeroDigests.first_block")
+            check_int(event.count, 1, U64, "ZeroDigests.count")
         case Pages():
             check_int(event.file_id, 0, U32, "Pages.file_id")
             check_int(event.codec, 0, 255, "Pages.codec")

@@ -224,6 +224,16 @@ class Digests:
 
 
 @dataclass(frozen=True, slots=True)
+class ZeroDigests:
+    """Blocks [first_block, first_block + count) are all zeros at the source (its holes):
+    the destination's must be too. A thin image's holes are verified in a few bytes."""
+
+    file_id: int
+    first_block: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Held(Digests):
     """xxh3_64 of blocks the destination already holds, for a Manifest that asked (delta):
     the source sends only the blocks whose digest differs. Digests' layout and rules."""
@@ -399,7 +409,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | Held | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
-    | Reattach | Zero | Packed | Lineage | Pages
+    | Reattach | Zero | Packed | Lineage | Pages | ZeroDigests
 )
 
 
@@ -438,6 +448,7 @@ class FrameType(enum.IntEnum):
     HELD = 30
     LINEAGE = 31
     PAGES = 32
+    ZERO_DIGESTS = 33
 
 
 EVENT_OF: dict[int, type[Event]] = {
@@ -453,6 +464,7 @@ EVENT_OF: dict[int, type[Event]] = {
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
     FrameType.REATTACH: Reattach, FrameType.ZERO: Zero, FrameType.PACKED: Packed,
     FrameType.HELD: Held, FrameType.LINEAGE: Lineage, FrameType.PAGES: Pages,
+    FrameType.ZERO_DIGESTS: ZeroDigests,
 }
 TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in EVENT_OF.items()}
 

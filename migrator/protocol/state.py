@@ -55,6 +55,7 @@ from .events import (
     Verified,
     VerifyDone,
     Zero,
+    ZeroDigests,
 )
 from .fields import show
 from .limits import MAX_BLOCKS_DATA, MAX_DEVICE_STATE
@@ -141,6 +142,7 @@ TABLE: dict[tuple[State, str, type[Event]], Next] = {
     (State.SWITCHOVER, SOURCE, Commit): State.RESUMING,
     (State.RESUMING, DEST, Resumed): _after_resumed,
     (State.VERIFYING, SOURCE, Digests): State.VERIFYING,
+    (State.VERIFYING, SOURCE, ZeroDigests): State.VERIFYING,
     (State.VERIFYING, SOURCE, VerifyDone): State.VERDICT,
     (State.VERDICT, DEST, Verified): State.FINISHING,
     (State.FINISHING, SOURCE, Done): State.CLOSED,
@@ -149,6 +151,7 @@ TABLE: dict[tuple[State, str, type[Event]], Next] = {
     (State.SWITCHOVER, SOURCE, Absent): State.SWITCHOVER,
     (State.POSTCOPY, DEST, PostcopyDone): State.POSTCOPY_END,
     (State.POSTCOPY_END, SOURCE, Digests): State.VERIFYING,
+    (State.POSTCOPY_END, SOURCE, ZeroDigests): State.VERIFYING,
     (State.POSTCOPY_END, SOURCE, VerifyDone): State.VERDICT,
 }
 for _st in (State.RESUMING, State.POSTCOPY, State.POSTCOPY_END):
@@ -253,6 +256,13 @@ def _digests(cs: ConnectionState, ev: Digests, sender: str) -> None:
                             f"{stop - 1}, it has {nblocks} blocks")
 
 
+def _zero_digests(cs: ConnectionState, ev: ZeroDigests, sender: str) -> None:
+    nblocks = cs.nblocks(ev.file_id, sender)
+    if ev.first_block + ev.count > nblocks:
+        raise ProtocolError(f"{cs.lie(sender)}: ZeroDigests for file {ev.file_id} reach block "
+                            f"{ev.first_block + ev.count - 1}, it has {nblocks} blocks")
+
+
 def _round_done(cs: ConnectionState, ev: RoundDone, sender: str) -> None:
     if ev.round <= cs.round:
         raise ProtocolError(f"RoundDone for round {ev.round} after round {cs.round}: rounds "
@@ -344,7 +354,8 @@ RULES: dict[type[Event], tuple[Rule, ...]] = {
     Packed: (_packed,), Pages: (_pages,), Resize: (_resize,), Zero: (_zero,),
     Switchover: (_not_in_replica,),
     Postcopy: (_not_in_replica, _postcopy), Lineage: (_lineage,), Held: (_held, _digests),
-    Digests: (_digests,), RoundDone: (_round_done,), RoundAck: (_round_ack,),
+    Digests: (_digests,), ZeroDigests: (_zero_digests,), RoundDone: (_round_done,),
+    RoundAck: (_round_ack,),
     DeviceState: (_device_state,), Answer: (_answer,), Absent: (_absent,),
     SpillRefs: (_spill_refs,), Fetch: (_fetch,), SlotFree: (_slot_free,),
 }
