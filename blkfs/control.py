@@ -308,7 +308,10 @@ class Controller:
             length = max(0, min(req.length, size - req.offset))
             if length:
                 await trio.to_thread.run_sync(punch_hole, fd, req.offset, length)
-                tr.on_write(req.offset, length)  # a write like any other (invariant 1)
+                # A write like any other (invariant 1), but no heat: heat orders the copy of
+                # data, and a hole travels as a Zero run whatever its heat (a 1 TiB hole's
+                # heat would be 128 MiB of it).
+                tr.on_write(req.offset, length, heat=False)
         finally:
             os.close(fd)
         if length and self.invalidate is not None:

@@ -103,6 +103,22 @@ class Heat:
         for ci, a, b in _by_chunk(idx):
             np.add.at(self._chunk(ci), idx[a:b] & CHUNK_MASK, w)
 
+    def bump_span(self, first: int, stop: int, now: float) -> None:
+        """Count one write of each block of [first, stop) at `now`."""
+        if stop <= first:
+            return
+        e = (now - self._t0) * self._inv
+        if e > _RESCALE_EXP:
+            self._rescale(now)
+            e = 0.0
+        self._top = max(self._top, stop)
+        w = 2.0**e
+        while first < stop:
+            ci = first >> CHUNK_SHIFT
+            end = min(stop, (ci + 1) << CHUNK_SHIFT)
+            self._chunk(ci)[first & CHUNK_MASK:(first & CHUNK_MASK) + end - first] += w
+            first = end
+
     def _chunk(self, ci: int) -> np.ndarray:
         c = self._chunks.get(ci)
         if c is None:

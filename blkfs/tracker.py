@@ -48,6 +48,7 @@ STATE_FORMAT = 2  # 2: dirty pages ("dirty_pages", "page_size"); 1: dirty blocks
 READABLE_FORMATS = (1, 2)
 
 FileKey = tuple[int, int]  # (st_dev, st_ino) of the backing file
+HEAT_SPAN_MIN = 64  # blocks a write covers from which its heat is logged as one span
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +67,8 @@ class FileIdentity:
 class FileTracker:
     """Dirty bitmap (page masks by block) + heat (by block) + size of one tracked file."""
 
-    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "key", "lazy", "pidx", "pshift",
-                 "restored", "shift", "size", "writes")
+    __slots__ = ("bitmap", "frozen", "heat", "heat_log", "heat_spans", "key", "lazy", "pidx",
+                 "pshift", "restored", "shift", "size", "writes")
 
     def __init__(
         self,
@@ -87,7 +88,8 @@ class FileTracker:
         self.size = size
         self.bitmap = DirtyBitmap(blocks_for(size, shift), all_dirty=all_dirty, ppb=ppb)
         self.heat = Heat(half_life, now)
-        self.heat_log: list[int] = []  # blocks written since the last settle_heat
+        self.heat_log: list[int] = []  # blocks written since the last settle_heat ...
+        self.heat_spans: list[tuple[int, int]] = []  # ... and [first, stop) of long writes
         self.frozen = False
         self.restored = False  # True when the bitmap came from a clean-shutdown record
         self.writes = 0
@@ -109,7 +111,7 @@ class FileTracker:
     def nblocks(self) -> int:
         return blocks_for(self.size, self.shift)
 
-    def on_write(self, offset: int, length: int) -> None:
+    def on_write(self, offset: int, length: int, heat: bool = True) -> None:
         """Record `length` bytes written at `offset`, after they reached the backing file.
 
         The write hot path: an OR of the written pages into the block's mask
@@ -139,13 +141,21 @@ class FileTracker:
             self.heat_log.append(first)
         else:
             self.bitmap.mark_bytes(offset, end, shift, self.pshift)
-            self.heat_log.extend(range(first, last + 1))
+            if not heat:
+                pass
+            elif last - first < HEAT_SPAN_MIN:
+                self.heat_log.extend(range(first, last + 1))
+            else:  # (a block number a block would cost 8 bytes each: 128 MiB per TiB)
+                self.heat_spans.append((first, last + 1))
 
     def settle_heat(self, now: float) -> None:
         """Count the writes logged since the last call as happening at `now`."""
         if self.heat_log:
             self.heat.bump_many(self.heat_log, now)
             self.heat_log.clear()
+        for first, stop in self.heat_spans:
+            self.heat.bump_span(first, stop, now)
+        self.heat_spans.clear()
 
     def _grow(self, new_size: int) -> None:
         """Mark every block between the old and the new end of file.
@@ -167,6 +177,7 @@ class FileTracker:
             self.bitmap.resize(n)
             self.heat.truncate(n)
             self.heat_log = [b for b in self.heat_log if b < n]
+            self.heat_spans = [(a, min(b, n)) for a, b in self.heat_spans if a < n]
 
     def mark_all(self, size: int | None = None) -> None:
         """Report every block dirty (a write may have gone unmarked), up to `size` if the

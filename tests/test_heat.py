@@ -507,3 +507,15 @@ def test_a_thin_image_s_heat_costs_the_chunks_it_touches_not_its_size() -> None:
     assert h.nbytes == 2 * CHUNK_BLOCKS * 8 and h.hottest(1, 0.0) == [(last - CHUNK_BLOCKS, 1.0)]
     h.bump_many([5], 600 * HL)  # (long after: the rescale drops what decayed to nothing)
     assert h.nbytes == CHUNK_BLOCKS * 8 and h.hottest(3, 600 * HL) == [(5, 1.0)]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3 * CHUNK_BLOCKS), st.integers(0, 2 * CHUNK_BLOCKS),
+                          st.floats(0, 100)), max_size=6))
+def test_a_span_counts_as_a_write_of_each_of_its_blocks(
+        spans: list[tuple[int, int, float]]) -> None:
+    by_span, by_block = Heat(HL, now=0.0), Heat(HL, now=0.0)
+    for first, n, t in sorted(spans, key=lambda x: x[2]):
+        by_span.bump_span(first, first + n, t)
+        by_block.bump_many(list(range(first, first + n)), t)
+    assert extents(by_span, 100.0, 6) == extents(by_block, 100.0, 6)
+    assert by_span.nbytes == by_block.nbytes

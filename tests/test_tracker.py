@@ -700,3 +700,17 @@ def test_clear_before_read_loses_no_write() -> None:
     assert tr.dirty_extents() == [(4, 2)]
     tr.on_write(BS, 1)  # written after the clear (and after the read that followed it)
     assert tr.dirty_extents() == [(1, 1), (4, 2)]
+
+
+def test_a_long_write_logs_one_span_and_a_punch_no_heat() -> None:
+    """A write over many blocks is one span in the heat log (a block number each would be
+    128 MiB per TiB written at once); a punch is dirty but adds no heat."""
+    bs = 1 << SHIFT
+    tr = FileTracker((1, 2), 4000 * bs, SHIFT, half_life=HL, now=0.0, all_dirty=False)
+    tr.on_write(0, 1000 * bs)
+    assert tr.heat_spans == [(0, 1000)] and tr.heat_log == []
+    tr.on_write(2000 * bs, 1000 * bs, heat=False)
+    assert tr.heat_spans == [(0, 1000)]
+    tr.settle_heat(0.0)
+    assert tr.heat.runs(0.0)[1].tolist() == [1000] and tr.heat_spans == []
+    assert tr.dirty_extents() == [(0, 1000), (2000, 1000)]
