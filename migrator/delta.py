@@ -20,33 +20,56 @@ Run = tuple[int, int]  # (first block, count)
 READ_CHUNK = 8 << 20  # bytes per read while digesting what the destination holds
 
 
+CHUNK = 4096  # blocks of digests allocated at once: a thin image's holes cost nothing
+
+
 class Holdings:
-    """The destination's digests of one file's blocks, as far as it said them."""
+    """The destination's digests of one file's blocks, as far as it said them (Held), in
+    chunks allocated where it said some; its runs of zero blocks (HeldZero) are only counted:
+    the data the source reads there is not zeros (zero runs travel as Zero), so it differs."""
 
     def __init__(self, nblocks: int) -> None:
-        self.digests = np.zeros(nblocks, np.uint64)
-        self.known = np.zeros(nblocks, bool)
+        self.nblocks = nblocks
+        self.chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # -> (digests, known)
+        self.zero_blocks = 0
 
     def add(self, first: int, digests: Iterable[int]) -> None:
         got = np.fromiter(digests, np.uint64)
-        self.digests[first:first + len(got)] = got
-        self.known[first:first + len(got)] = True
+        pos, end = first, min(first + len(got), self.nblocks)
+        while pos < end:
+            ci, off = divmod(pos, CHUNK)
+            if ci not in self.chunks:
+                self.chunks[ci] = (np.zeros(CHUNK, np.uint64), np.zeros(CHUNK, bool))
+            d, k = self.chunks[ci]
+            n = min(CHUNK - off, end - pos)
+            d[off:off + n] = got[pos - first:pos - first + n]
+            k[off:off + n] = True
+            pos += n
+
+    def add_zero(self, first: int, count: int) -> None:
+        self.zero_blocks += count
 
     @property
     def blocks(self) -> int:
-        return int(self.known.sum())
+        return sum(int(k.sum()) for _, k in self.chunks.values()) + self.zero_blocks
 
     def to_send(self, data: bytes, bs: int, first: int) -> list[Run]:
         """The runs of blocks in `data` (block `first` on, the last may be short) that the
         destination does not hold as they are here."""
         n = -(-len(data) // bs)
-        end = min(first + n, len(self.known))
         mine = np.fromiter((xxhash.xxh3_64_intdigest(data[i * bs:(i + 1) * bs])
                             for i in range(n)), np.uint64, n)
         send = np.ones(n, bool)
-        if end > first:
-            k = end - first
-            send[:k] = ~(self.known[first:end] & (self.digests[first:end] == mine[:k]))
+        pos, end = first, min(first + n, self.nblocks)
+        while pos < end:
+            ci, off = divmod(pos, CHUNK)
+            m = min(CHUNK - off, end - pos)
+            chunk = self.chunks.get(ci)
+            if chunk is not None:
+                d, k = chunk
+                i = pos - first
+                send[i:i + m] = ~(k[off:off + m] & (d[off:off + m] == mine[i:i + m]))
+            pos += m
         return _runs(send, first)
 
 

@@ -35,6 +35,7 @@ from .errors import (
     VerificationFailed,
 )
 from .handoff import DestHandoff
+from .holding import say_what_is_held
 from .ownership import (
     INCOMPLETE_ANSWER,
     OWNER,
@@ -173,33 +174,6 @@ class DestSession:
         log.info("lineage %s: %d of %d files held unchanged%s", man.lineage, len(ok),
                  len(man.lineage_files), f" ({why})" if why else "")
         return (ok, why), kept
-
-    async def _say_what_is_held(self) -> None:
-        """The source asked (delta): the xxh3 of every block of each file this host held
-        before (an older copy), so that only the blocks that differ travel. They count as
-        written here for the verification, which still compares every block."""
-        bs, per_frame = self.block_size, p.MAX_DIGESTS_PER_FRAME
-        known = set(self.lineage[0]) if self.lineage else set()
-        for fid, f in self.files.items():
-            if self.store.fresh(fid) or fid in known:
-                continue  # created empty here: nothing held; or known by lineage already
-            for first in range(0, (f.size + bs - 1) // bs, per_frame):
-                # a frame at a time, as they are read: the source sees progress, not silence
-                try:
-                    if min(f.size - first * bs, per_frame * bs) >= THREAD_WRITE:
-                        held = await trio.to_thread.run_sync(self.store.held, fid, bs, first,
-                                                             per_frame)
-                    else:  # a thread hop costs more than hashing a small file
-                        held = self.store.held(fid, bs, first, per_frame)
-                except OSError as exc:
-                    raise MigrationError(f"cannot read {f.entry.name} here: "
-                                         f"{exc.strerror}") from None
-                if not held:
-                    break  # nothing held (all holes): the source sends it all
-                for i, d in enumerate(held, first):
-                    f.digests.set(i, d)
-                self.held_blocks += len(held)
-                await self.ch.send(p.Held(fid, first, tuple(held)))
 
     @property
     def block_size(self) -> int:
@@ -392,7 +366,9 @@ class DestSession:
                 ok, why = self.lineage or ([], "")
                 await ch.send(p.Lineage(tuple(ok), why[:p.MAX_REASON]))
             if man.delta:
-                await self._say_what_is_held()
+                self.held_blocks += await say_what_is_held(
+                    self.store, self.ch, self.files, self.block_size,
+                    set(self.lineage[0]) if self.lineage else set())
             await ch.send(p.Ready())
             if self.qemu_spec:
                 try:

@@ -249,10 +249,15 @@ class Source:
                 f = self.files[fid]
                 r.lineage_blocks += (f.size + bs - 1) // bs - sum(
                     c for _, c in self.since_replica[fid])
-        while isinstance(ev := await self.ch.expect(p.Held, p.Ready), p.Held):
+        while not isinstance(ev := await self.ch.expect(p.Held, p.HeldZero, p.Ready), p.Ready):
             f = self.files[ev.file_id]
             if ev.file_id not in self.dest_has:
                 self.dest_has[ev.file_id] = Holdings((f.size + bs - 1) // bs)
+            if isinstance(ev, p.HeldZero):  # (its holes: a few bytes for any run)
+                self.dest_has[ev.file_id].add_zero(ev.first_block, ev.count)
+                r.held_blocks += ev.count
+                r.held_digest_bytes += len(p.encode(ev)) + p.TAG_SIZE
+                continue
             self.dest_has[ev.file_id].add(ev.first_block, ev.digests)
             r.held_blocks += len(ev.digests)
             r.held_digest_bytes += p.HEADER.size + p.DIGESTS_HEAD + 8 * len(ev.digests) + p.TAG_SIZE

@@ -33,6 +33,7 @@ from .delta import file_digests
 from .space import SpaceNeed
 from .transport import MigrationError
 from .vmrecords import RESERVED, RecordDir, VMRecords, mount_relative
+from .zeros import hole_runs
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,11 @@ class DestFiles(Protocol):
         """xxh3 of blocks [first, first+count) of the file at its new size, if it existed
         before this migration with data (an older copy: the source sends only what differs);
         else None."""
+        ...
+
+    def held_holes(self, file_id: int, block_size: int, least: int) -> list[tuple[int, int]]:
+        """(first, count) of the runs of at least `least` hole blocks of the file held here
+        (an older copy): said as runs, not a digest each."""
         ...
 
     async def zero(self, file_id: int, offset: int, length: int) -> None:
@@ -565,6 +571,24 @@ class MountDest:
             ranges = data_ranges(fd, first * block_size, end)
             return file_digests(lambda off, n: os.pread(fd, n, off), ranges, size, block_size,
                                 first, count)
+        finally:
+            if own:
+                os.close(fd)
+
+    def held_holes(self, file_id: int, block_size: int, least: int) -> list[tuple[int, int]]:
+        if file_id in self.fresh_ids:
+            return []
+        os.fsync(self.fds[file_id])  # what the mount's cache holds is in the backing file
+        fd = self.direct.get(file_id)
+        own = fd is None
+        if own:
+            fd = os.open(self._target(self.names[file_id]), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            nblocks = -(-size // block_size)
+            return [(b0, n) for b0, n, hole in hole_runs(data_ranges(fd, 0, size), 0, nblocks,
+                                                         block_size, size)
+                    if hole and n >= least]
         finally:
             if own:
                 os.close(fd)

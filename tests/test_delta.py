@@ -93,3 +93,24 @@ def test_file_digests_a_frame_at_a_time_are_the_whole_files() -> None:
     parts = [d for first in range(0, 38, 10)
              for d in file_digests(lambda o, n: data[o:o + n], [(0, size)], size, BS, first, 10)]
     assert parts == whole == digests(data)
+
+
+def test_a_thin_image_s_holdings_cost_the_blocks_said() -> None:
+    """4 TiB held: digests said at both ends, the rest as zero runs (HeldZero): two chunks
+    of digests, not 9 bytes for each of 64 Mi blocks."""
+    import tracemalloc
+
+    nblocks = (4 << 40) // BS
+    rng = random.Random(3)
+    head, tail = rng.randbytes(3 * BS), rng.randbytes(2 * BS)
+    tracemalloc.start()
+    h = Holdings(nblocks)
+    h.add(0, digests(head))
+    h.add_zero(3, nblocks - 5)
+    h.add(nblocks - 2, digests(tail))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert h.blocks == nblocks
+    assert h.to_send(head, BS, 0) == [] and h.to_send(tail, BS, nblocks - 2) == []
+    assert h.to_send(rng.randbytes(BS), BS, 1 << 20) == [(1 << 20, 1)]  # data in a hole there

@@ -36,6 +36,7 @@ from migrator.protocol import (
     FileEntry,
     FrameType,
     Held,
+    HeldZero,
     Hello,
     Lineage,
     LocalProtocolError,
@@ -445,7 +446,7 @@ def test_garbage_is_refused() -> None:
     refused(Connection("dest", KEY), http, "unknown frame type 0x47")
 
 
-@pytest.mark.parametrize("code", [0, 34, 255])
+@pytest.mark.parametrize("code", [0, 35, 255])
 def test_unknown_frame_type(code: int) -> None:
     d = link_at(State.COPYING).dest
     refused(d, bytes([code, 0, 0, 0, 0]), f"unknown frame type {code:#04x}")
@@ -1043,6 +1044,22 @@ def test_held_frames_are_refused_unasked_and_past_the_file() -> None:
     refused(link.source, encode(Held(0, 0, (1,))), "answer a Manifest that asks")
     link = _delta_link()
     refused(link.source, encode(Held(0, 3, (1, 2))), "reach block 4, it has 4 blocks")
+
+
+def test_held_zero_runs_come_with_held_and_obey_its_rules() -> None:
+    """A thin image's holes held at the destination: one frame a run, in the delta's place
+    (READY), only when asked, never past the file."""
+    link = _delta_link()
+    run = HeldZero(0, 0, 2)
+    assert decode(encode(run)) == run and type(decode(encode(run))) is HeldZero
+    assert link.send(link.dest, run) == [run]
+    assert link.send(link.dest, Held(0, 2, (9,))) == [Held(0, 2, (9,))]
+    assert link.send(link.dest, Ready()) == [Ready()]
+    with pytest.raises(LocalProtocolError, match="HeldZero in state COPYING"):
+        link.dest.send(run)
+    refused(link_at(State.READY).source, encode(HeldZero(0, 0, 1)), "answer a Manifest")
+    refused(_delta_link().source, encode(HeldZero(0, 3, 2)),
+            "HeldZero for file 0 reach block 4, it has 4 blocks")
 
 
 def _replica_link() -> Link:

@@ -29,6 +29,7 @@ from migrator.protocol import (
     FileEntry,
     FrameType,
     Held,
+    HeldZero,
     Hello,
     Lineage,
     Manifest,
@@ -234,6 +235,12 @@ FROZEN: dict[FrameType, tuple[Event, str]] = {
         "2100000030"
         "7b2266696c655f6964223a302c2266697273745f626c6f636b223a382c22636f756e74223a3130"
         "37333734313832347d"),
+    FrameType.HELD_ZERO: (
+        HeldZero(1, 0, 4096),
+        # {"file_id":1,"first_block":0,"count":4096}
+        "220000002a"
+        "7b2266696c655f6964223a312c2266697273745f626c6f636b223a302c22636f756e74223a3430"
+        "39367d"),
     FrameType.PACKED: (
         Packed(0, 1, 1, 65536, b"zz"),
         "1d00000013"

@@ -234,6 +234,12 @@ class ZeroDigests:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldZero(ZeroDigests):
+    """Blocks the destination holds as zeros (its holes), for a Manifest that asked (delta):
+    Held for a thin image's holes, a few bytes for any run. ZeroDigests' layout and rules."""
+
+
+@dataclass(frozen=True, slots=True)
 class Held(Digests):
     """xxh3_64 of blocks the destination already holds, for a Manifest that asked (delta):
     the source sends only the blocks whose digest differs. Digests' layout and rules."""
@@ -409,7 +415,7 @@ Event = (
     Hello | Auth | Manifest | Ready | Blocks | Resize | RoundDone | RoundAck | Switchover
     | Commit | Resumed | Digests | Held | VerifyDone | Verified | Abort | Done | Postcopy | Absent
     | SpillRefs | SpillFlushed | Fetch | SlotFree | PostcopyDone | DeviceState | Query | Answer
-    | Reattach | Zero | Packed | Lineage | Pages | ZeroDigests
+    | Reattach | Zero | Packed | Lineage | Pages | ZeroDigests | HeldZero
 )
 
 
@@ -449,6 +455,7 @@ class FrameType(enum.IntEnum):
     LINEAGE = 31
     PAGES = 32
     ZERO_DIGESTS = 33
+    HELD_ZERO = 34
 
 
 EVENT_OF: dict[int, type[Event]] = {
@@ -464,7 +471,7 @@ EVENT_OF: dict[int, type[Event]] = {
     FrameType.DEVICE_STATE: DeviceState, FrameType.QUERY: Query, FrameType.ANSWER: Answer,
     FrameType.REATTACH: Reattach, FrameType.ZERO: Zero, FrameType.PACKED: Packed,
     FrameType.HELD: Held, FrameType.LINEAGE: Lineage, FrameType.PAGES: Pages,
-    FrameType.ZERO_DIGESTS: ZeroDigests,
+    FrameType.ZERO_DIGESTS: ZeroDigests, FrameType.HELD_ZERO: HeldZero,
 }
 TYPE_OF: dict[type[Event], FrameType] = {cls: FrameType(t) for t, cls in EVENT_OF.items()}
 

@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 10  # 2: the handoff (Manifest.migration, Commit.epoch, Query
 #    Abort.code (what a receiver acts on: still-running, sync-stopped), never its text
 # 9: Pages (the rounds send dirty pages, not whole blocks)
 # 10: FileEntry.allocated (the destination's space check counts a thin image's data),
-#     ZeroDigests (a thin image's holes are verified as runs)
+#     ZeroDigests, HeldZero (a thin image's holes are verified, and said held, as runs)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload

@@ -32,6 +32,7 @@ from .events import (
     Event,
     Fetch,
     Held,
+    HeldZero,
     Hello,
     Lineage,
     Manifest,
@@ -118,6 +119,7 @@ TABLE: dict[tuple[State, str, type[Event]], Next] = {
     (State.REATTACH, SOURCE, Postcopy): State.REATTACH,
     (State.REATTACH, DEST, Answer): _after_answer,
     (State.READY, DEST, Held): State.READY,
+    (State.READY, DEST, HeldZero): State.READY,
     (State.READY, DEST, Lineage): State.READY,
     (State.READY, DEST, Ready): State.COPYING,
     (State.COPYING, SOURCE, Blocks): State.COPYING,
@@ -244,7 +246,7 @@ def _lineage(cs: ConnectionState, ev: Lineage, sender: str) -> None:
         raise ProtocolError("Lineage accepts a file the source did not vouch for")
 
 
-def _held(cs: ConnectionState, ev: Held, sender: str) -> None:
+def _held(cs: ConnectionState, ev: Held | HeldZero, sender: str) -> None:
     if not cs.manifest or not cs.manifest.delta:
         raise ProtocolError("Held frames answer a Manifest that asks for them (delta)")
 
@@ -259,8 +261,9 @@ def _digests(cs: ConnectionState, ev: Digests, sender: str) -> None:
 def _zero_digests(cs: ConnectionState, ev: ZeroDigests, sender: str) -> None:
     nblocks = cs.nblocks(ev.file_id, sender)
     if ev.first_block + ev.count > nblocks:
-        raise ProtocolError(f"{cs.lie(sender)}: ZeroDigests for file {ev.file_id} reach block "
-                            f"{ev.first_block + ev.count - 1}, it has {nblocks} blocks")
+        raise ProtocolError(f"{cs.lie(sender)}: {type(ev).__name__} for file {ev.file_id} "
+                            f"reach block {ev.first_block + ev.count - 1}, it has {nblocks} "
+                            "blocks")
 
 
 def _round_done(cs: ConnectionState, ev: RoundDone, sender: str) -> None:
@@ -354,7 +357,8 @@ RULES: dict[type[Event], tuple[Rule, ...]] = {
     Packed: (_packed,), Pages: (_pages,), Resize: (_resize,), Zero: (_zero,),
     Switchover: (_not_in_replica,),
     Postcopy: (_not_in_replica, _postcopy), Lineage: (_lineage,), Held: (_held, _digests),
-    Digests: (_digests,), ZeroDigests: (_zero_digests,), RoundDone: (_round_done,),
+    Digests: (_digests,), ZeroDigests: (_zero_digests,), HeldZero: (_held, _zero_digests),
+    RoundDone: (_round_done,),
     RoundAck: (_round_ack,),
     DeviceState: (_device_state,), Answer: (_answer,), Absent: (_absent,),
     SpillRefs: (_spill_refs,), Fetch: (_fetch,), SlotFree: (_slot_free,),
@@ -437,7 +441,7 @@ class ConnectionState:
                 self.peer_nonce = event.nonce
             case Lineage():
                 self.lineage_said = True
-            case Held():
+            case Held() | HeldZero():
                 self.held_said = True
             case Manifest():
                 self.manifest = event

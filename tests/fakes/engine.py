@@ -314,6 +314,9 @@ class MemoryDest:
         return file_digests(lambda off, n: data[off:off + n], [(0, len(data))], len(data),
                             block_size, first, count)
 
+    def held_holes(self, file_id: int, block_size: int, least: int) -> list[tuple[int, int]]:
+        return []  # (dense)
+
     async def zero(self, file_id: int, offset: int, length: int) -> None:
         self.write(file_id, offset, bytes(length))
 
