@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -260,16 +261,7 @@ def test_failure_mid_copy_leaves_the_source_whole(
 def test_destination_disk_full(mount_factory: Callable[..., Mount], key: Path,
                                servers: list[Server], tmp_path: Path,
                                idle_vm: subprocess.Popen[bytes]) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        src, dst = together(
-            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
-            lambda: mount_factory(backing=small / "backing", mnt=tmp_path / "dst"))
+    with small_destination(mount_factory, tmp_path, "8m") as (src, dst):
         before = fill_source(src, 16)
         s = Server(dst, key)
         servers.append(s)
@@ -277,6 +269,24 @@ def test_destination_disk_full(mount_factory: Callable[..., Mount], key: Path,
         assert r2.returncode == 1 and "disk full" in last_line(r2), r2.stderr
         assert s.finish()[0] == 1
         assert_source_whole(src, before, idle_vm)
+
+
+@contextlib.contextmanager
+def small_destination(mount_factory: Callable[..., Mount], tmp_path: Path,
+                      size: str) -> Iterator[tuple[Mount, Mount]]:
+    """(source, destination) mounts, the destination's backing on a tmpfs of `size`: a
+    small disk, unmounted afterwards (its blkfs mount first)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        src, dst = together(
+            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
+            lambda: mount_factory(backing=small / "backing", mnt=tmp_path / "dst"))
+        yield src, dst
         subprocess.run(["fusermount3", "-u", str(dst.mnt)], capture_output=True)
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
@@ -297,16 +307,7 @@ def test_a_thin_image_fits_by_its_data_and_a_destination_too_small_for_it_says_b
     """A 1 TiB image holding 3 MiB goes to a 48 MiB disk, verified, and takes its data there
     (the check counts the source's allocation, not the size). One with 64 MiB of data is
     refused before anything moves, in one line with what it needs and what is free."""
-    small = tmp_path / "small"
-    small.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        src, dst = together(
-            lambda: mount_factory(backing=tmp_path / "src-backing", mnt=tmp_path / "src"),
-            lambda: mount_factory(backing=small / "backing", mnt=tmp_path / "dst"))
+    with small_destination(mount_factory, tmp_path, "48m") as (src, dst):
         size = 1 << 40
         pieces = {0: os.urandom(1 << 20), (1 << 39) + 12345: os.urandom(1 << 20),
                   size - (1 << 20): os.urandom(1 << 20)}
@@ -340,9 +341,6 @@ def test_a_thin_image_fits_by_its_data_and_a_destination_too_small_for_it_says_b
         assert "free" in line and len(r3.stderr.strip().splitlines()) == 1, r3.stderr
         assert s2.finish()[0] == 1
         assert not (dst.mnt / "big.raw").exists() or os.stat(dst.mnt / "big.raw").st_blocks == 0
-        subprocess.run(["fusermount3", "-u", str(dst.mnt)], capture_output=True)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 @pytest.mark.parametrize("way", ["lineage", "digests"])
