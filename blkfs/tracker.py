@@ -119,7 +119,8 @@ class FileTracker:
         about once a second and before every heat query): a dict update per
         write and a clock read cost more than the rest of the tracking
         together.  `_grow` keeps the bitmap at least as long as the file, so
-        the single-block store needs no bounds check.
+        the single-block store needs no bounds check. `heat=False`: dirty, but no
+        heat (a punch: a hole travels as a Zero run whatever its heat).
         """
         end = offset + length
         if length <= 0:
@@ -138,14 +139,13 @@ class FileTracker:
                 chunk = masks.own(first >> CHUNK_SHIFT)
             chunk[first & CHUNK_MASK] |= (2 << (((end - 1) >> pshift) & pidx)) - (
                 1 << ((offset >> pshift) & pidx))
-            self.heat_log.append(first)
+            if heat:
+                self.heat_log.append(first)
         else:
             self.bitmap.mark_bytes(offset, end, shift, self.pshift)
-            if not heat:
-                pass
-            elif last - first < HEAT_SPAN_MIN:
+            if heat and last - first < HEAT_SPAN_MIN:
                 self.heat_log.extend(range(first, last + 1))
-            else:  # (a block number a block would cost 8 bytes each: 128 MiB per TiB)
+            elif heat:  # (logged block by block, a 1 TiB write would be 16 Mi ints)
                 self.heat_spans.append((first, last + 1))
 
     def settle_heat(self, now: float) -> None:

@@ -710,7 +710,8 @@ def test_a_long_write_logs_one_span_and_a_punch_no_heat() -> None:
     tr.on_write(0, 1000 * bs)
     assert tr.heat_spans == [(0, 1000)] and tr.heat_log == []
     tr.on_write(2000 * bs, 1000 * bs, heat=False)
-    assert tr.heat_spans == [(0, 1000)]
+    tr.on_write(3500 * bs, 100, heat=False)  # (inside one block)
+    assert tr.heat_spans == [(0, 1000)] and tr.heat_log == []
     tr.settle_heat(0.0)
     assert tr.heat.runs(0.0)[1].tolist() == [1000] and tr.heat_spans == []
-    assert tr.dirty_extents() == [(0, 1000), (2000, 1000)]
+    assert tr.dirty_extents() == [(0, 1000), (2000, 1000), (3500, 1)]
