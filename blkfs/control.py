@@ -87,14 +87,16 @@ class Controller:
         self.invalidate = invalidate  # drops the kernel's cached pages of a file (fs)
         self.info = info
         self.faults = faults
-        self.claim: tuple[Connection, cp.Claim] | None = None  # the incoming migration
+        self.claims: dict[Connection, cp.Claim] = {}  # the migrations running, by connection
 
     def closed(self, conn: Connection) -> None:
         """A client went away: what it held is released; a post-copy it ran goes on alone."""
-        if self.claim is not None and self.claim[0] is conn:
-            log.info("migration %s: its migrator closed the connection", self.claim[1].migration)
-            self.claim = None
-            self.lazy.orphan("its migrator went away")
+        claim = self.claims.pop(conn, None)
+        if claim is not None:
+            log.info("migration %s: its migrator closed the connection", claim.migration)
+            pc = self.lazy.current  # (its migration's, or the last claim's if none says)
+            if pc is not None and (pc.migration == claim.migration or not self.claims):
+                self.lazy.orphan("its migrator went away")
 
     # -- helpers -------------------------------------------------------------
 
@@ -290,7 +292,7 @@ class Controller:
         pc = self.lazy.require()
         if pc.migration != req.migration:
             raise ControlError(f"the post-copy here is {pc.migration}, not {req.migration}")
-        if self.claim is None or self.claim[0] is not conn:
+        if conn not in self.claims:
             raise ControlError("lazy_reattach: claim the mount on this connection first")
         pc.reattach()
         return cp.Reattached(pc.remaining, pc.given_up)
@@ -339,11 +341,23 @@ class Controller:
         return cp.Count(marked)
 
     def op_claim(self, req: cp.Claim, conn: Connection) -> cp.Claimed:
-        if self.claim is not None and self.claim[0] is not conn:
-            held = self.claim[1]
-            raise ControlError(f"{self.info.mountpoint} is taken by migration {held.migration} "
-                               f"({held.holder}): one migration at a time per mount")
-        self.claim = (conn, req)
+        mine = {os.path.normpath(f) for f in req.files}
+        for other, held in self.claims.items():
+            if other is conn:
+                continue
+            theirs = {os.path.normpath(f) for f in held.files}
+            both = sorted(mine & theirs) if mine and theirs else None
+            if both is None:  # (one of them claims the whole mount)
+                whose = "this one would take" if not mine else "that one holds"
+                raise ControlError(f"{self.info.mountpoint} is taken by migration "
+                                   f"{held.migration} ({held.holder}): one migration at a time "
+                                   f"per VM, and {whose} the whole mount")
+            if both:
+                more = f" (and {len(both) - 1} more)" if len(both) > 1 else ""
+                raise ControlError(f"{both[0]}{more} on {self.info.mountpoint} is taken by "
+                                   f"migration {held.migration} ({held.holder}): one migration "
+                                   "at a time per VM")
+        self.claims[conn] = req
         return cp.Claimed(req.migration)
 
     # -- dispatch ------------------------------------------------------------------

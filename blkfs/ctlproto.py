@@ -470,13 +470,15 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Claim(Request):
-    """Take this mount's single incoming-migration slot for as long as this connection is
-    open (one `migrator serve` session at a time per mount, whatever the processes)."""
+    """Take these files of the mount (a VM's) for one migration, sync or serve session, for
+    as long as this connection is open: one at a time per file, whatever the processes, and
+    any number at once for VMs whose files differ. No files: the whole mount."""
 
     OP = "claim"
     Reply = Claimed
     migration: str
     holder: str  # who, for the refusal's message (e.g. "migrator serve pid 123, from HOST")
+    files: tuple[str, ...] = ()  # relative to the mount
 
 
 OPS: dict[str, type[Request]] = {cls.OP: cls for cls in (

@@ -100,8 +100,8 @@ class SourceFiles(Protocol):
         ...
 
     async def claim(self, migration: str, holder: str) -> None:
-        """Take the mount's one migration slot until close(): a sync and a migrate of the
-        same files (both take the dirty sets) never run at once."""
+        """Take the VM's files on the mount until close(): a sync and a migrate of the same
+        files (both take the dirty sets) never run at once; other VMs' go on beside."""
         ...
 
     @property
@@ -338,7 +338,8 @@ class BlkfsSource:
 
     async def claim(self, migration: str, holder: str) -> None:
         try:
-            await self.client.call(cp.Claim(migration, holder), cancellable=True)
+            await self.client.call(cp.Claim(migration, holder, tuple(self.names)),
+                                   cancellable=True)
         except ControlError as exc:
             raise MigrationError(f"{exc} (stop that one first)") from None
 
@@ -402,7 +403,7 @@ class MountDest:
         return full
 
     async def prepare(self, manifest: p.Manifest, holder: str) -> None:
-        await self._claim(manifest.migration or "?", holder)
+        await self._claim(manifest, manifest.migration or "?", holder)
         have: dict[str, int] = {}
         for f in manifest.files:
             try:
@@ -414,11 +415,13 @@ class MountDest:
         if space.short:
             raise MigrationError(f"destination disk full: {space.words(self.mount)}")
 
-    async def _claim(self, migration: str, holder: str) -> AsyncControlClient:
+    async def _claim(self, manifest: p.Manifest, migration: str,
+                     holder: str) -> AsyncControlClient:
         check_blkfs_mount(self.mount)
-        try:  # a live daemon, and the mount's one migration slot, held until close()
+        try:  # a live daemon, and the VM's files claimed, held until close()
             self.client = await AsyncControlClient.for_mount(self.mount)
-            await self.client.call(cp.Claim(migration, holder))
+            await self.client.call(cp.Claim(migration, holder,
+                                            tuple(f.name for f in manifest.files)))
             info = await self.client.call(cp.Info())
         except ControlError as exc:
             raise MigrationError(str(exc)) from None
@@ -427,7 +430,7 @@ class MountDest:
 
     async def reattach(self, manifest: p.Manifest, holder: str,
                        postcopy: str | None) -> cp.Reattached | None:
-        client = await self._claim(manifest.migration, holder)
+        client = await self._claim(manifest, manifest.migration, holder)
         for f in manifest.files:
             self.names[f.file_id] = f.name
         if postcopy is None:

@@ -148,18 +148,32 @@ async def test_lazy_begin_refuses_another_block_size(tmp_path: Path) -> None:
     c.lazy.close()
 
 
-async def test_one_migration_at_a_time_per_mount(tmp_path: Path) -> None:
-    """The claim lasts as long as its connection: a second serve is refused until then."""
+async def test_one_migration_at_a_time_per_vm(tmp_path: Path) -> None:
+    """A claim holds its files as long as its connection: another VM's files go at once, a
+    claim of any of the same files is refused, naming the file and who holds it, until the
+    first goes away; a claim of no files holds the whole mount."""
     from blkfs.control import Connection
 
     c = controller(tmp_path)
-    first, second = Connection(1), Connection(2)
-    assert await c.dispatch(cp.Claim("m1", "serve pid 1"), first) == cp.Claimed("m1")
-    assert await c.dispatch(cp.Claim("m1", "serve pid 1"), first) == cp.Claimed("m1")
-    err = await c.dispatch(cp.Claim("m2", "serve pid 2"), second)
-    assert isinstance(err, cp.ControlError) and "taken by migration m1 (serve pid 1)" in str(err)
+    first, second, third, fourth = (Connection(i) for i in range(1, 5))
+    vm1, vm2 = ("vm1/disk.raw", "vm1/vm.mem"), ("vm2/disk.raw", "vm2/vm.mem")
+    assert await c.dispatch(cp.Claim("m1", "serve pid 1", vm1), first) == cp.Claimed("m1")
+    assert await c.dispatch(cp.Claim("m1", "serve pid 1", vm1), first) == cp.Claimed("m1")
+    assert await c.dispatch(cp.Claim("m2", "sync pid 2", vm2), second) == cp.Claimed("m2")
+    err = await c.dispatch(cp.Claim("m3", "migrate pid 3", ("./vm1/vm.mem", "x")), third)
+    assert isinstance(err, cp.ControlError), err
+    assert str(err).startswith("vm1/vm.mem on ") and "taken by migration m1 (serve pid 1)" in (
+        str(err)) and "one migration at a time per VM" in str(err)
+    err = await c.dispatch(cp.Claim("m4", "old serve"), fourth)  # (the whole mount)
+    assert isinstance(err, cp.ControlError) and "this one would take the whole mount" in str(err)
+    assert "taken by migration m1" in str(err)
     c.closed(first)  # its migrator went away (or finished)
-    assert await c.dispatch(cp.Claim("m2", "serve pid 2"), second) == cp.Claimed("m2")
+    assert await c.dispatch(cp.Claim("m3", "migrate pid 3", vm1), third) == cp.Claimed("m3")
+    c.closed(second)
+    c.closed(third)
+    assert await c.dispatch(cp.Claim("m4", "old serve"), fourth) == cp.Claimed("m4")
+    err = await c.dispatch(cp.Claim("m5", "migrate pid 5", vm2), first)
+    assert isinstance(err, cp.ControlError) and "that one holds the whole mount" in str(err)
 
 
 def test_heat_runs_round_trip_and_refuse_garbage() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount, run_blkfs
+from .conftest import Mount, run_blkfs, together
 from .hosts import (
     MIGRATOR,
     SIMVM,
@@ -78,7 +78,7 @@ def test_a_synced_replica_then_a_migration_that_sends_only_the_change(
         assert "sync " in st and "replica at epoch" in st and "lag" in st, st
         # One migration at a time per mount: a migrate beside the sync is refused, in a line.
         r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm.pid}")
-        assert r.returncode == 1 and "one migration at a time per mount" in last_line(r), r
+        assert r.returncode == 1 and "one migration at a time per VM" in last_line(r), r
         assert "migrator sync pid" in last_line(r) and vm.poll() is None
         os.kill(vm.pid, signal.SIGSTOP)  # the VM pauses: the next whole epoch is exact
         try:
@@ -281,3 +281,53 @@ def test_a_sync_outlives_its_destination_serve(hosts: tuple[Mount, Mount], key: 
     rep = json.loads(report.read_text())
     assert rep["sessions"] >= 2 and rep["status"] == "stopped", rep
     assert digest(src.mnt / "disk.raw") == digest(dst.mnt / "disk.raw")
+
+
+@pytest.mark.parametrize("into", ["two-mounts", "one-mount"])
+def test_a_sync_of_one_vm_and_a_migration_of_another_run_at_once_from_one_mount(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        syncs: list[subprocess.Popen[str]], tmp_path: Path, into: str) -> None:
+    """A host is many VMs: a sync keeps vm1's replica while vm2 migrates from the same mount
+    (into another mount, or into the same one through a second serve), verified; a migration
+    of vm1 meanwhile is refused in one line naming its file and the sync that holds it, its
+    VM left running."""
+    names = ("src", "d1", "d2") if into == "two-mounts" else ("src", "d1")
+    mounts = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
+                                                   mnt=tmp_path / n) for n in names))
+    src, d1, d2 = mounts[0], mounts[1], mounts[-1]
+    before = {}
+    for vm in ("vm1", "vm2"):
+        (src.mnt / vm).mkdir()
+        for name, size in (("disk.raw", 8 << 20), ("vm.mem", 4 << 20)):
+            (src.mnt / vm / name).write_bytes(os.urandom(size))
+            before[f"{vm}/{name}"] = digest(src.mnt / vm / name)
+    s1, s2 = Server(d1, key, once=False), Server(d2, key)
+    servers += [s1, s2]
+    sy = start_sync(src, s1.port, key, "vm1/disk.raw", "vm1/vm.mem", "--lag", "1")
+    syncs.append(sy)
+    # (a replica's first epoch there: the sync holds vm1's files on the source's daemon)
+    wait_for(lambda: (d1.mnt / "vm1" / "disk.raw").exists()
+             and (replica_epoch(d1) or 0) >= 1, what="vm1's replica")
+    vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    try:
+        r2 = migrate(src, s2.port, key, "vm2/disk.raw", "vm2/vm.mem", "--suspend",
+                     f"pid:{vms[0].pid}")
+        assert r2.returncode == 0, r2.stderr
+        assert s2.finish()[0] == 0
+        assert sy.poll() is None  # the sync goes on beside it
+        r1 = migrate(src, s1.port, key, "vm1/disk.raw", "vm1/vm.mem", "--suspend",
+                     f"pid:{vms[1].pid}")
+        line = last_line(r1)
+        assert r1.returncode == 1 and len(r1.stderr.strip().splitlines()) == 1, r1.stderr
+        assert "vm1/disk.raw (and 1 more) on " in line and "migrator sync pid" in line, line
+        assert "one migration at a time per VM" in line, line
+        assert vms[1].poll() is None
+    finally:
+        for vm in vms:
+            vm.kill()
+            vm.wait()
+    sy.send_signal(signal.SIGTERM)
+    out, err = sy.communicate(timeout=30)
+    assert sy.returncode == 0 and "sync stopped" in out, err
+    for rel, d in before.items():
+        assert digest((d1 if rel.startswith("vm1") else d2).mnt / rel) == d, rel
