@@ -104,6 +104,7 @@ class DestSession:
         self.reattached = False  # this session goes on with a migration another one began
         self.digests_saved = False
         self.held_blocks = 0  # blocks this host held before and said so (delta)
+        self.vm_id = self.vm_name = ""  # the VM a Manifest named (the serve's one per VM)
         self.replica = False  # a migrator sync session: a replica kept, never a VM
         self.sent_since_ack = False  # replica: data arrived after the last acknowledged epoch
         self.lineage: tuple[list[int], str] | None = None  # (files accepted, why not others)
@@ -344,8 +345,12 @@ class DestSession:
         return await self.first_frame()
 
     async def first_frame(self) -> p.Manifest | p.Query | p.Reattach:
-        """What an authenticated peer asks for (before the one session at a time is taken)."""
-        return await self.ch.expect(p.Manifest, p.Query, p.Reattach)
+        """What an authenticated peer asks for (before the serve lets the session in: one
+        per VM at a time)."""
+        first = await self.ch.expect(p.Manifest, p.Query, p.Reattach)
+        if isinstance(first, p.Manifest):
+            self.vm_id, self.vm_name = first.vm, first.vm_name
+        return first
 
     async def run(self, peer: str, man: p.Manifest | p.Query | p.Reattach | None = None
                   ) -> DestRecord | None:

@@ -58,34 +58,44 @@ class ServeOptions:
 
 
 class Sessions:
-    """One session at a time on a serve (the daemon's claim makes it one per mount), and
-    which one, so the source of a session that lost it can take its place."""
+    """The sessions a serve runs at once: any number, one per VM (the daemon's claims hold
+    each VM's files), or one at all with `limit` 1 (`--once`, or a serve whose resume starts
+    one QEMU command line); which ones, so the source of a session that lost its own can
+    take its place."""
 
-    def __init__(self) -> None:
-        self.lock = trio.Lock()
-        self.current: DestSession | None = None
-        self.started = 0  # sessions that took the lock so far
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.running: list[DestSession] = []
+        self.started = 0  # sessions let in so far
+        self.giving_way: dict[str, trio.Event] = {}  # migration -> set once its session left
 
     def refusal(self, first: object) -> p.Abort | None:
         """The Abort that refuses a peer whose first frame is `first` now, or None to let it
-        in. A Reattach of the running session's migration is let in while that session waits
-        for its lost source (which gives way), and told STILL_RUNNING while it still runs."""
-        if not self.lock.locked():
-            return None
-        cur = self.current
-        if (isinstance(first, p.Reattach) and cur is not None
-                and cur.migration == first.migration):
-            if cur.waiting_for_source is None:
-                return p.Abort("the destination is still running this migration's first "
-                               "session", code=p.AbortCode.STILL_RUNNING)
-            cur.waiting_for_source.cancel()
-            return None
-        if cur is not None and cur.replica:
-            source = cur.dest_record.source if cur.dest_record is not None else "?"
-            return p.Abort(f"the destination is busy: migrator sync from {source} keeps a "
-                           "replica there; stop it first (the migration then starts from the "
-                           "replica)")
-        return p.Abort("the destination is busy with another migration")
+        in. A Reattach of a running session's migration is let in while that session waits
+        for its lost source (which gives way), and told STILL_RUNNING while it still runs; a
+        Manifest of a VM that a session runs for is refused, and any past the limit."""
+        if isinstance(first, p.Reattach):
+            for cur in self.running:
+                if cur.migration == first.migration:
+                    if cur.waiting_for_source is None:
+                        return p.Abort("the destination is still running this migration's "
+                                       "first session", code=p.AbortCode.STILL_RUNNING)
+                    cur.waiting_for_source.cancel()
+                    self.giving_way.setdefault(cur.migration, trio.Event())
+                    return None
+        vm = first.vm if isinstance(first, p.Manifest) else None
+        for cur in self.running:
+            if cur.replica and (self.limit == 1 or (vm is not None and cur.vm_id == vm)):
+                source = cur.dest_record.source if cur.dest_record is not None else "?"
+                return p.Abort(f"the destination is busy: migrator sync from {source} keeps "
+                               "a replica there; stop it first (the migration then starts "
+                               "from the replica)")
+            if vm and cur.vm_id == vm:
+                return p.Abort(f"the destination is busy with another migration of VM "
+                               f"{cur.vm_name or vm}")
+        if self.limit is not None and len(self.running) >= self.limit:
+            return p.Abort("the destination is busy with another migration")
+        return None
 
 
 class Handshakes:
@@ -142,37 +152,44 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
         await ch.abort(refusal.reason, code=p.AbortCode(refusal.code))
         await ch.aclose()
         return SessionOutcome(False, "", ends=False)
-    async with sessions.lock:
-        sessions.current = session
-        sessions.started += 1
+    if isinstance(first, p.Reattach) and first.migration in sessions.giving_way:
+        # (the session it takes over releases the VM's files first: one claim per VM)
+        await sessions.giving_way[first.migration].wait()
+    sessions.running.append(session)  # (removed however the session ends)
+    sessions.started += 1
+    try:
+        await session.run(peer, first)
+        if session.answered is not None:
+            return SessionOutcome(False, f"{peer} asked about a migration: "
+                                  f"{session.answered[0]} ({session.answered[1]})")
+        log.info("migration %s complete: %d blocks written", session.migration,
+                 session.rx.blocks_written)
+        text = f"migration from {peer} complete and verified ({len(session.files)} files)"
+        if session.reattached:
+            text += "; the source reattached after the first session broke"
+        if session.qemu is not None and session.qemu.pid:
+            text += (f"; the guest runs in QEMU pid {session.qemu.pid} (QMP and log in "
+                     f"{session.qemu.dir})")
+        return SessionOutcome(True, text)
+    except BaseException as group:
+        exc = first_error(group)
+        if not isinstance(exc, (MigrationError, p.ProtocolError, OSError)):
+            raise
+        msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
+        return await _failed(session, peer, msg, exc)
+    finally:
+        sessions.running.remove(session)
         try:
-            await session.run(peer, first)
-            if session.answered is not None:
-                return SessionOutcome(False, f"{peer} asked about a migration: "
-                                      f"{session.answered[0]} ({session.answered[1]})")
-            log.info("migration %s complete: %d blocks written", session.migration,
-                     session.rx.blocks_written)
-            text = f"migration from {peer} complete and verified ({len(session.files)} files)"
-            if session.reattached:
-                text += "; the source reattached after the first session broke"
-            if session.qemu is not None and session.qemu.pid:
-                text += (f"; the guest runs in QEMU pid {session.qemu.pid} (QMP and log in "
-                         f"{session.qemu.dir})")
-            return SessionOutcome(True, text)
-        except BaseException as group:
-            exc = first_error(group)
-            if not isinstance(exc, (MigrationError, p.ProtocolError, OSError)):
-                raise
-            msg = str(exc) if not isinstance(exc, OSError) else f"I/O error: {exc}"
-            return await _failed(session, peer, msg, exc)
-        finally:
-            sessions.current = None
             if session.qemu is not None:
                 session.qemu.detach()
             await session.store.aclose()
             if session.pc is not None:
                 await session.pc.aclose()
             await ch.aclose()
+        finally:
+            gone = sessions.giving_way.pop(session.migration, None)
+            if gone is not None:
+                gone.set()  # (the Reattach it gave way to may go on: the claim is free)
 
 
 async def _stranger(ch: Channel, peer: str, exc: BaseException) -> SessionOutcome:
@@ -338,7 +355,9 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
     """Accept migrations until cancelled (reports the bound port through task_status); with
     `once`, one, and return whether it completed."""
-    sessions = Sessions()
+    # One session at a time for --once, and where the resume starts one QEMU command line
+    # (its files are fixed): any number else, one per VM.
+    sessions = Sessions(limit=1 if once or opts.qemu else None)
     handshakes = Handshakes()
     quiet = RepeatedLines()
     try:
@@ -364,7 +383,7 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
         # The source may reattach to finish: keep the door open a while for it.
         started = sessions.started
         await trio.sleep(opts.io_timeout)
-        if sessions.started == started and sessions.current is None:
+        if sessions.started == started and not sessions.running:
             nursery.cancel_scope.cancel()
 
     async def accept_loop(ln: trio.SocketListener, nursery: trio.Nursery) -> None:

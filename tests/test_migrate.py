@@ -31,6 +31,8 @@ from .hosts import (
     migrate,
     state,
     stopped,
+    vm_records,
+    wait_for,
     wait_mid_copy,
 )
 
@@ -387,6 +389,50 @@ def test_a_thin_image_migrated_back_costs_its_data(hosts: tuple[Mount, Mount], k
     if way == "digests":
         assert rep["held_blocks"] == size // 65536
         assert rep["held_digest_bytes"] < 1 << 20, rep["held_digest_bytes"]
+
+
+def test_two_vms_migrate_at_once_from_one_mount_into_one_serve(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        tmp_path: Path) -> None:
+    """One serve takes a session per VM at once: vm1's migration is held at its switchover
+    (its VM being suspended) while vm2's goes all the way through the same serve, then vm1's
+    finishes; both verified, each VM owned by the destination."""
+    src, dst = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
+                                                     mnt=tmp_path / n) for n in ("src", "dst")))
+    before = {}
+    for vm in ("vm1", "vm2"):
+        (src.mnt / vm).mkdir()
+        for name, size in (("disk.raw", 8 << 20), ("vm.mem", 4 << 20)):
+            (src.mnt / vm / name).write_bytes(os.urandom(size))
+            before[f"{vm}/{name}"] = digest(src.mnt / vm / name)
+    vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    hold = (f"cmd:touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; kill -STOP "
+            f"{vms[0].pid}::kill -CONT {vms[0].pid}")
+    s = Server(dst, key, once=False)
+    servers.append(s)
+    try:
+        m1 = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                               f"127.0.0.1:{s.port}", "--key-file", str(key), "vm1/disk.raw",
+                               "vm1/vm.mem", "--suspend", hold],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(ready.exists, what="vm1's migration at its switchover")
+        r2 = migrate(src, s.port, key, "vm2/disk.raw", "vm2/vm.mem", "--suspend",
+                     f"pid:{vms[1].pid}")
+        assert r2.returncode == 0, r2.stderr  # all the way while vm1's session is open
+        assert m1.poll() is None
+        go.touch()
+        _, err1 = m1.communicate(timeout=120)
+        assert m1.returncode == 0, err1
+    finally:
+        go.touch()
+        for vm in vms:
+            vm.kill()
+            vm.wait()
+    for rel, d in before.items():
+        assert digest(dst.mnt / rel) == d, rel
+    roles = sorted((r["name"], r["role"]) for r in vm_records(dst))
+    assert roles == [("vm1", "owner"), ("vm2", "owner")], roles
 
 
 def test_garbage_from_a_fake_destination(hosts: tuple[Mount, Mount], key: Path,
