@@ -73,6 +73,36 @@ def migrate(src: Mount, port: int, key: Path, *args: str, host: str = "127.0.0.1
                           capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
 
 
+def migrate_a_vm(src: Mount, dst: Mount, key: Path, servers: list[Server],
+                 *args: str) -> subprocess.CompletedProcess[str]:
+    """A migration (files and flags in `args`) of a VM that a `sleep` stands in for, into a
+    serve of its own on `dst`: both must complete (the VM is killed afterwards)."""
+    vm = subprocess.Popen(["sleep", "300"])
+    try:
+        s = Server(dst, key)
+        servers.append(s)
+        r = migrate(src, s.port, key, *args, "--suspend", f"pid:{vm.pid}")
+        assert r.returncode == 0, r.stderr
+        rc, out = s.finish()
+        assert rc == 0 and "complete and verified" in out, out
+        return r
+    finally:
+        vm.kill()
+        vm.wait()
+
+
+def two_vms(src: Mount) -> dict[str, str]:
+    """vm1/ and vm2/ on the mount, each an 8 MiB disk.raw and a 4 MiB vm.mem of random
+    bytes: {relative path: digest}."""
+    out = {}
+    for vm in ("vm1", "vm2"):
+        (src.mnt / vm).mkdir()
+        for name, size in (("disk.raw", 8 << 20), ("vm.mem", 4 << 20)):
+            (src.mnt / vm / name).write_bytes(os.urandom(size))
+            out[f"{vm}/{name}"] = digest(src.mnt / vm / name)
+    return out
+
+
 def digest(path: Path) -> str:
     """What the file holds, to compare (read in 1 MiB pieces: the 1 GiB disk is not held in
     memory; xxh3-128 hashes at ~10x SHA-256's speed, and no test's data is chosen to collide)."""

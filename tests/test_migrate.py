@@ -29,8 +29,10 @@ from .hosts import (
     last_line,
     layout_digest,
     migrate,
+    migrate_a_vm,
     state,
     stopped,
+    two_vms,
     vm_records,
     wait_for,
     wait_mid_copy,
@@ -365,19 +367,9 @@ def test_a_thin_image_migrated_back_costs_its_data(hosts: tuple[Mount, Mount], k
         f.seek(size // 2)
         f.write(new := os.urandom(1 << 20))
     pieces[size // 2] = new
-    vm_b = subprocess.Popen(["sleep", "300"])
-    try:
-        s = Server(a, key)
-        servers.append(s)
-        report = tmp_path / "back.json"
-        r = migrate(b, s.port, key, "disk.raw", "--suspend", f"pid:{vm_b.pid}", "--report",
-                    str(report), *(["--no-lineage"] if way == "digests" else []))
-        assert r.returncode == 0, r.stderr
-        rc, out = s.finish()
-        assert rc == 0 and "complete and verified" in out, out
-    finally:
-        vm_b.kill()
-        vm_b.wait()
+    report = tmp_path / "back.json"
+    migrate_a_vm(b, a, key, servers, "disk.raw", "--report", str(report),
+                 *(["--no-lineage"] if way == "digests" else []))
     with open(a.mnt / "disk.raw", "rb") as f:
         for off, data in pieces.items():
             f.seek(off)
@@ -399,12 +391,7 @@ def test_two_vms_migrate_at_once_from_one_mount_into_one_serve(
     finishes; both verified, each VM owned by the destination."""
     src, dst = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
                                                      mnt=tmp_path / n) for n in ("src", "dst")))
-    before = {}
-    for vm in ("vm1", "vm2"):
-        (src.mnt / vm).mkdir()
-        for name, size in (("disk.raw", 8 << 20), ("vm.mem", 4 << 20)):
-            (src.mnt / vm / name).write_bytes(os.urandom(size))
-            before[f"{vm}/{name}"] = digest(src.mnt / vm / name)
+    before = two_vms(src)
     vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
     ready, go = tmp_path / "ready", tmp_path / "go"
     hold = (f"cmd:touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; kill -STOP "
@@ -795,19 +782,9 @@ def test_a_migration_back_sends_only_what_changed(hosts: tuple[Mount, Mount], ke
         for i in range(0, 128 * 65536 // 50, 65536):
             f.seek(i * 7 % (8 << 20))
             f.write(os.urandom(65536))
-    vm_b = subprocess.Popen(["sleep", "300"])
-    try:
-        s = Server(a, key)
-        servers.append(s)
-        report = tmp_path / "back.json"
-        r = migrate(b, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm_b.pid}",
-                    "--report", str(report), *(["--no-lineage"] if way == "digests" else []))
-        assert r.returncode == 0, r.stderr
-        rc, out = s.finish()
-        assert rc == 0 and "complete and verified" in out, out
-    finally:
-        vm_b.kill()
-        vm_b.wait()
+    report = tmp_path / "back.json"
+    r = migrate_a_vm(b, a, key, servers, "disk.raw", "vm.mem", "--report", str(report),
+                     *(["--no-lineage"] if way == "digests" else []))
     for n in ("disk.raw", "vm.mem"):
         assert digest(a.mnt / n) == digest(b.mnt / n), n
     rep = json.loads(report.read_text())

@@ -21,7 +21,9 @@ from .hosts import (
     digest,
     last_line,
     migrate,
+    migrate_a_vm,
     state,
+    two_vms,
     wait_for,
 )
 
@@ -223,18 +225,8 @@ def test_lineage_survives_a_clean_remount_and_never_an_unclean_one(
     for m in (src, dst):
         m.umount()
     src, dst = mounts()
-    vm = subprocess.Popen(["sleep", "300"])
-    try:
-        s = Server(dst, key)
-        servers.append(s)
-        report = tmp_path / "migrate.json"
-        r = migrate(src, s.port, key, "disk.raw", "--suspend", f"pid:{vm.pid}", "--report",
-                    str(report))
-        assert r.returncode == 0, r.stderr
-        assert s.finish()[0] == 0
-    finally:
-        vm.kill()
-        vm.wait()
+    report = tmp_path / "migrate.json"
+    migrate_a_vm(src, dst, key, servers, "disk.raw", "--report", str(report))
     m = json.loads(report.read_text())
     assert m["delta"] == "lineage" and m["verified"], (m["delta"], m["lineage_detail"])
     assert m["bytes_sent"] < 1 << 20, m["bytes_sent"]
@@ -295,12 +287,7 @@ def test_a_sync_of_one_vm_and_a_migration_of_another_run_at_once_from_one_mount(
     mounts = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
                                                    mnt=tmp_path / n) for n in names))
     src, d1, d2 = mounts[0], mounts[1], mounts[-1]
-    before = {}
-    for vm in ("vm1", "vm2"):
-        (src.mnt / vm).mkdir()
-        for name, size in (("disk.raw", 8 << 20), ("vm.mem", 4 << 20)):
-            (src.mnt / vm / name).write_bytes(os.urandom(size))
-            before[f"{vm}/{name}"] = digest(src.mnt / vm / name)
+    before = two_vms(src)
     s1 = Server(d1, key, once=False)
     s2 = s1 if into == "one-serve" else Server(d2, key)
     servers += [s1, s2]
