@@ -325,14 +325,15 @@ class QemuTarget:
         return self.proc.pid if self.proc else None
 
     def abort(self) -> None:
-        """Before `cont`: a QEMU we started goes away; one we attached to is left as it is."""
+        """Before `cont`: a QEMU we started goes away, and its private directory with it (its
+        last words are in the error already); one we attached to is left as it is."""
         if self.q is not None:
             self.q.close()
-        if self.attach and self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def detach(self) -> None:
         """After `cont`: QEMU runs on, without us."""

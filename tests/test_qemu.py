@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -339,6 +340,7 @@ def test_destination_qemu_failure_conts_the_source(guest: Path, booted: Booted,
     cmdline = tmp_path / "bad.cmdline"
     cmdline.write_text(" ".join(qemu_argv(guest, "$MIGRATOR_MOUNT", tmp_path / "c.log",
                                           "writeback")) + " -no-such-option\n")
+    dirs = set(Path(tempfile.gettempdir()).glob("migrator-qemu-dst-*"))
     s = Server(dst, key, "--resume", f"qemu:{cmdline}")
     try:
         r = subprocess.run([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
@@ -350,6 +352,9 @@ def test_destination_qemu_failure_conts_the_source(guest: Path, booted: Booted,
         s.kill()
     assert r.returncode == 1 and rc == 1
     assert "-no-such-option" in r.stderr, r.stderr  # QEMU's own words reach the user
+    # (and its private directory is gone: the QEMU tests run one at a time, so any new one
+    # would be this serve's)
+    assert set(Path(tempfile.gettempdir()).glob("migrator-qemu-dst-*")) <= dirs
     n = len(ticks(con_src))
     wait_ticks(con_src, n + 2, 30)  # the source guest runs on
     assert source.poll() is None
