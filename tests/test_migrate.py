@@ -422,6 +422,55 @@ def test_two_vms_migrate_at_once_from_one_mount_into_one_serve(
     assert roles == [("vm1", "owner"), ("vm2", "owner")], roles
 
 
+def test_a_migration_killed_beside_another_in_one_serve_ends_only_itself(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        tmp_path: Path) -> None:
+    """A bystander: vm1's migration is held at its switchover while vm2's, through the same
+    serve, is killed -9 mid-copy. vm1's completes and verifies; vm2 keeps running at the
+    source with its files as they were, its copy on the destination not runnable."""
+    src, dst = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
+                                                     mnt=tmp_path / n) for n in ("src", "dst")))
+    before = two_vms(src)
+    with open(src.mnt / "vm2" / "disk.raw", "ab") as f:  # (long enough to be cut mid-copy)
+        f.write(os.urandom(24 << 20))
+    before["vm2/disk.raw"] = digest(src.mnt / "vm2" / "disk.raw")
+    vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    hold = (f"cmd:touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; kill -STOP "
+            f"{vms[0].pid}::kill -CONT {vms[0].pid}")
+    s = Server(dst, key, once=False)
+    servers.append(s)
+
+    def start(vm: str, suspend: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
+                                 f"127.0.0.1:{s.port}", "--key-file", str(key), f"{vm}/disk.raw",
+                                 f"{vm}/vm.mem", "--suspend", suspend, *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        m1 = start("vm1", hold)
+        wait_for(ready.exists, what="vm1's migration at its switchover")
+        status = tmp_path / "vm2.status"
+        m2 = start("vm2", f"pid:{vms[1].pid}", "--bandwidth", "8", "--status-file", str(status))
+        wait_mid_copy(status, m2)
+        m2.kill()
+        m2.communicate()
+        go.touch()
+        _, err1 = m1.communicate(timeout=120)
+        assert m1.returncode == 0, err1
+        assert vms[1].poll() is None and not stopped(vms[1].pid)  # vm2 runs on, here
+    finally:
+        go.touch()
+        for vm in vms:
+            vm.kill()
+            vm.wait()
+    for rel, d in before.items():
+        assert digest(src.mnt / rel) == d, rel  # the source's files as they were
+    for rel in ("vm1/disk.raw", "vm1/vm.mem"):
+        assert digest(dst.mnt / rel) == before[rel], rel
+    roles = dict((r["name"], r["role"]) for r in vm_records(dst))
+    assert roles == {"vm1": "owner", "vm2": "incomplete"}, roles
+
+
 def test_garbage_from_a_fake_destination(hosts: tuple[Mount, Mount], key: Path,
                                          idle_vm: subprocess.Popen[bytes]) -> None:
     src, _ = hosts
