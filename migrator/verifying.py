@@ -28,44 +28,46 @@ def verification_digests(store: SourceFiles, f: SourceFile, block_size: int,
     worth at a time, and each run of at least ZERO_RUN_MIN hole blocks as one ZeroDigests (a
     hole's digest is a constant, never read: a 4 TiB thin image costs its data; shorter holes
     go as their digests, in the frames of the data around them). Every digest also goes into
-    `keep`. The copy is suspended, so a file that comes up short is a fault, not a race."""
+    `keep`. The file's data ranges are asked once. The copy is suspended, so a file that
+    comes up short is a fault, not a race."""
     bs = block_size
-    nblocks = (f.size + bs - 1) // bs
-    pending = 0  # the first block not yet sent
-    for b0, n, hole in hole_runs(store.data_ranges(f.file_id, 0, f.size), 0, nblocks, bs,
-                                 f.size):
-        if not hole or n < ZERO_RUN_MIN:
-            continue
-        yield from _digest_frames(store, f, bs, pending, b0, keep)
-        keep.set_zero(b0, n)
-        yield p.ZeroDigests(f.file_id, b0, n)
-        pending = b0 + n
-    yield from _digest_frames(store, f, bs, pending, nblocks, keep)
-
-
-def _digest_frames(store: SourceFiles, f: SourceFile, bs: int, start: int, end: int,
-                   keep: BlockDigests) -> Iterator[p.Digests]:
-    """Digests frames of blocks [start, end): data read, holes a constant."""
     h = xxhash.xxh3_64_intdigest
     buf = memoryview(bytearray(max(bs, FRAME_DATA // bs * bs)))  # reused: no faults
-    for first in range(start, end, DIGESTS_PER_FRAME):
-        count = min(DIGESTS_PER_FRAME, end - first)
-        digests: list[int] = []
-        ranges = store.data_ranges(f.file_id, first * bs, (first + count) * bs)
-        for b0, n, hole in hole_runs(ranges, first, count, bs, f.size):
-            if hole:
-                digests += [zero_digest(min(bs, f.size - b * bs)) for b in range(b0, b0 + n)]
-                continue
-            off, stop = b0 * bs, min((b0 + n) * bs, f.size)
-            while off < stop:
-                want = min(len(buf), stop - off)
-                got = store.read_into(f.file_id, off, buf[:want])
-                if got != want:  # (suspended: it cannot change, unless behind us)
-                    raise MigrationError(f"{f.rel} shrank under the verification")
-                digests += [h(buf[i:min(i + bs, got)]) for i in range(0, got, bs)]
-                off += got
-        keep.data.update(enumerate(digests, first))
-        yield p.Digests(f.file_id, first, tuple(digests))
+    nblocks = (f.size + bs - 1) // bs
+    first = 0  # the block of digests[0]
+    digests: list[int] = []
+
+    def frames(all_of_them: bool) -> Iterator[p.Digests]:
+        nonlocal first, digests
+        while len(digests) >= DIGESTS_PER_FRAME or (all_of_them and digests):
+            out = tuple(digests[:DIGESTS_PER_FRAME])
+            keep.data.update(enumerate(out, first))
+            yield p.Digests(f.file_id, first, out)
+            first += len(out)
+            digests = digests[DIGESTS_PER_FRAME:]
+
+    for b0, n, hole in hole_runs(store.data_ranges(f.file_id, 0, f.size), 0, nblocks, bs,
+                                 f.size):
+        if hole and n >= ZERO_RUN_MIN:
+            yield from frames(True)
+            keep.set_zero(b0, n)
+            yield p.ZeroDigests(f.file_id, b0, n)
+            first = b0 + n
+            continue
+        if hole:
+            digests += [zero_digest(min(bs, f.size - b * bs)) for b in range(b0, b0 + n)]
+            yield from frames(False)
+            continue
+        off, stop = b0 * bs, min((b0 + n) * bs, f.size)
+        while off < stop:
+            want = min(len(buf), stop - off)
+            got = store.read_into(f.file_id, off, buf[:want])
+            if got != want:  # (suspended: it cannot change, unless behind us)
+                raise MigrationError(f"{f.rel} shrank under the verification")
+            digests += [h(buf[i:min(i + bs, got)]) for i in range(0, got, bs)]
+            off += got
+            yield from frames(False)
+    yield from frames(True)
 
 
 def retired_lineage(store: SourceFiles, vm_id: str, migration: str, block_size: int,

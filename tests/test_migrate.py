@@ -383,42 +383,69 @@ def test_a_thin_image_migrated_back_costs_its_data(hosts: tuple[Mount, Mount], k
         assert rep["held_digest_bytes"] < 1 << 20, rep["held_digest_bytes"]
 
 
+class TwoVMs:
+    """Two VMs on one source mount (two_vms), one serve on a destination mount taking both,
+    and vm1's migration held at its switchover (a `cmd:` suspend waiting for a file) until
+    `release()`; `close()` releases it and stops the stand-in VMs."""
+
+    def __init__(self, mount_factory: Callable[..., Mount], key: Path,
+                 servers: list[Server], tmp_path: Path) -> None:
+        self.src, self.dst = together(*(
+            lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing", mnt=tmp_path / n)
+            for n in ("src", "dst")))
+        self.before = two_vms(self.src)
+        self.key, self.tmp = key, tmp_path
+        self.vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+        self.ready, self.go = tmp_path / "ready", tmp_path / "go"
+        self.hold = (f"cmd:touch {self.ready}; while [ ! -e {self.go} ]; do sleep 0.02; done; "
+                     f"kill -STOP {self.vms[0].pid}::kill -CONT {self.vms[0].pid}")
+        self.serve = Server(self.dst, key, once=False)
+        servers.append(self.serve)
+
+    def start(self, vm: str, suspend: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(self.src.mnt), "--to",
+                                 f"127.0.0.1:{self.serve.port}", "--key-file", str(self.key),
+                                 f"{vm}/disk.raw", f"{vm}/vm.mem", "--suspend", suspend,
+                                 *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def start_held(self) -> subprocess.Popen[str]:
+        """vm1's migration, once it is at its switchover (the VM's claim held on both sides)."""
+        m1 = self.start("vm1", self.hold)
+        wait_for(self.ready.exists, what="vm1's migration at its switchover")
+        return m1
+
+    def release(self) -> None:
+        self.go.touch()
+
+    def close(self) -> None:
+        self.release()
+        for vm in self.vms:
+            vm.kill()
+            vm.wait()
+
+
 def test_two_vms_migrate_at_once_from_one_mount_into_one_serve(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
         tmp_path: Path) -> None:
     """One serve takes a session per VM at once: vm1's migration is held at its switchover
     (its VM being suspended) while vm2's goes all the way through the same serve, then vm1's
     finishes; both verified, each VM owned by the destination."""
-    src, dst = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
-                                                     mnt=tmp_path / n) for n in ("src", "dst")))
-    before = two_vms(src)
-    vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    hold = (f"cmd:touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; kill -STOP "
-            f"{vms[0].pid}::kill -CONT {vms[0].pid}")
-    s = Server(dst, key, once=False)
-    servers.append(s)
+    t = TwoVMs(mount_factory, key, servers, tmp_path)
     try:
-        m1 = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
-                               f"127.0.0.1:{s.port}", "--key-file", str(key), "vm1/disk.raw",
-                               "vm1/vm.mem", "--suspend", hold],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(ready.exists, what="vm1's migration at its switchover")
-        r2 = migrate(src, s.port, key, "vm2/disk.raw", "vm2/vm.mem", "--suspend",
-                     f"pid:{vms[1].pid}")
+        m1 = t.start_held()
+        r2 = migrate(t.src, t.serve.port, key, "vm2/disk.raw", "vm2/vm.mem", "--suspend",
+                     f"pid:{t.vms[1].pid}")
         assert r2.returncode == 0, r2.stderr  # all the way while vm1's session is open
         assert m1.poll() is None
-        go.touch()
+        t.release()
         _, err1 = m1.communicate(timeout=120)
         assert m1.returncode == 0, err1
     finally:
-        go.touch()
-        for vm in vms:
-            vm.kill()
-            vm.wait()
-    for rel, d in before.items():
-        assert digest(dst.mnt / rel) == d, rel
-    roles = sorted((r["name"], r["role"]) for r in vm_records(dst))
+        t.close()
+    for rel, d in t.before.items():
+        assert digest(t.dst.mnt / rel) == d, rel
+    roles = sorted((r["name"], r["role"]) for r in vm_records(t.dst))
     assert roles == [("vm1", "owner"), ("vm2", "owner")], roles
 
 
@@ -428,46 +455,29 @@ def test_a_migration_killed_beside_another_in_one_serve_ends_only_itself(
     """A bystander: vm1's migration is held at its switchover while vm2's, through the same
     serve, is killed -9 mid-copy. vm1's completes and verifies; vm2 keeps running at the
     source with its files as they were, its copy on the destination not runnable."""
-    src, dst = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
-                                                     mnt=tmp_path / n) for n in ("src", "dst")))
-    before = two_vms(src)
-    with open(src.mnt / "vm2" / "disk.raw", "ab") as f:  # (long enough to be cut mid-copy)
+    t = TwoVMs(mount_factory, key, servers, tmp_path)
+    with open(t.src.mnt / "vm2" / "disk.raw", "ab") as f:  # (long enough to be cut mid-copy)
         f.write(os.urandom(24 << 20))
-    before["vm2/disk.raw"] = digest(src.mnt / "vm2" / "disk.raw")
-    vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    hold = (f"cmd:touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; kill -STOP "
-            f"{vms[0].pid}::kill -CONT {vms[0].pid}")
-    s = Server(dst, key, once=False)
-    servers.append(s)
-
-    def start(vm: str, suspend: str, *extra: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
-                                 f"127.0.0.1:{s.port}", "--key-file", str(key), f"{vm}/disk.raw",
-                                 f"{vm}/vm.mem", "--suspend", suspend, *extra],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t.before["vm2/disk.raw"] = digest(t.src.mnt / "vm2" / "disk.raw")
     try:
-        m1 = start("vm1", hold)
-        wait_for(ready.exists, what="vm1's migration at its switchover")
+        m1 = t.start_held()
         status = tmp_path / "vm2.status"
-        m2 = start("vm2", f"pid:{vms[1].pid}", "--bandwidth", "8", "--status-file", str(status))
+        m2 = t.start("vm2", f"pid:{t.vms[1].pid}", "--bandwidth", "8", "--status-file",
+                     str(status))
         wait_mid_copy(status, m2)
         m2.kill()
         m2.communicate()
-        go.touch()
+        t.release()
         _, err1 = m1.communicate(timeout=120)
         assert m1.returncode == 0, err1
-        assert vms[1].poll() is None and not stopped(vms[1].pid)  # vm2 runs on, here
+        assert t.vms[1].poll() is None and not stopped(t.vms[1].pid)  # vm2 runs on, here
     finally:
-        go.touch()
-        for vm in vms:
-            vm.kill()
-            vm.wait()
-    for rel, d in before.items():
-        assert digest(src.mnt / rel) == d, rel  # the source's files as they were
+        t.close()
+    for rel, d in t.before.items():
+        assert digest(t.src.mnt / rel) == d, rel  # the source's files as they were
     for rel in ("vm1/disk.raw", "vm1/vm.mem"):
-        assert digest(dst.mnt / rel) == before[rel], rel
-    roles = dict((r["name"], r["role"]) for r in vm_records(dst))
+        assert digest(t.dst.mnt / rel) == t.before[rel], rel
+    roles = dict((r["name"], r["role"]) for r in vm_records(t.dst))
     assert roles == {"vm1": "owner", "vm2": "incomplete"}, roles
 
 
