@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,7 +36,12 @@ from blkfs.spill import SlotAllocator, SlotHeader, SlotRef, SpillArea, pack_refs
 
 from . import protocol as p
 from .errors import BadPeer, MigrationError, NotOwner
+from .plan import blocks_of_ranges
 from .transport import Channel
+
+if TYPE_CHECKING:
+    from .report import MigrationReport
+    from .stores import HeatRuns, SourceFiles
 
 log = logging.getLogger(__name__)
 
@@ -517,3 +523,22 @@ class DestPostcopy:
             if c is not None:
                 with trio.move_on_after(1):
                     await c.aclose()
+
+
+async def warm_hints(store: SourceFiles, memory_ids: set[int], adapter: Any,
+                     run_sync: Callable[..., Awaitable[Any]], report: MigrationReport
+                     ) -> tuple[dict[int, HeatRuns], dict[int, set[int]]]:
+    """What the memory's blocks are worth to the destination's start, asked while the VM
+    still runs: their heat (a query of a large file takes milliseconds), and the blocks the
+    hypervisor reads while it loads its state (QEMU: its virtio rings), if it says."""
+    heat = {fid: (await store.heat(fid, None))[0] for fid in memory_ids}
+    reads = getattr(adapter, "load_reads", None)
+    if reads is None or len(memory_ids) != 1:  # (which file is its RAM?)
+        return heat, {}
+    try:
+        blocks = blocks_of_ranges(await run_sync(reads), report.block_size)
+    except Exception as exc:  # a hint: the migration goes on without it
+        log.warning("%s could not say what it reads at load: %r", adapter.name, exc)
+        return heat, {}
+    report.load_reads = len(blocks)
+    return heat, {fid: blocks for fid in memory_ids}

@@ -33,7 +33,7 @@ from . import protocol as p
 from .blockdigests import BlockDigests
 from .codecs import CODECS, compressor
 from .delta import Holdings
-from .errors import BadPeer, MigrationError, NotOwner, PeerAborted, first_error
+from .errors import BadPeer, ConnectionLost, MigrationError, NotOwner, PeerAborted, first_error
 from .handoff import SourceHandoff
 from .lineage import source_proof
 from .options import MigrateOptions, SourceFile, SourceHooks
@@ -42,17 +42,16 @@ from .plan import (
     FAULT_REGION,
     RoundPlanner,
     blocks_in,
-    blocks_of_ranges,
     initial_order,
     split_memory,
     union_extents,
 )
-from .postcopy import SourcePostcopy, from_wire, memory_files
+from .postcopy import SourcePostcopy, from_wire, memory_files, warm_hints
 from .reconnect import keep_trying
 from .report import MigrationReport, Progress
 from .rounds import DirtyRounds
 from .sending import Sender
-from .stores import HeatRuns, SourceFiles, opened
+from .stores import SourceFiles, opened
 from .transport import Channel
 from .verifying import retired_lineage, verification_digests
 from .vm import AdapterError, VMAdapter
@@ -148,13 +147,23 @@ class Source:
                 nbytes += b
         return pages, nbytes
 
+    async def _open_channel(self) -> Channel:
+        mb_s = self.opts.bandwidth_mb_s
+        return Channel(await self.hooks.connect(self.opts), "source", self.opts.key,
+                       mb_s * 1e6 if mb_s else None, self.opts.io_timeout,
+                       sealed=not self.opts.plaintext)
+
+    def set_bandwidth(self, mb_s: float | None) -> None:
+        """A new cap, from now on and on any channel a reattach opens (migrator set)."""
+        self.opts.bandwidth_mb_s = mb_s
+        self.report.bandwidth_steps.append((round(time.time() - self.report.started_at, 2), mb_s))
+        if self.ch is not None:
+            self.ch.set_limit(mb_s * 1e6 if mb_s else None)
+
     # -- phases -----------------------------------------------------------------
 
     async def _connect(self) -> None:
-        stream = await self.hooks.connect(self.opts)
-        limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
-        self.ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
-                          sealed=not self.opts.plaintext)
+        self.ch = await self._open_channel()
         self.progress.channel = self.ch
         await self.ch.handshake()
 
@@ -335,8 +344,9 @@ class Source:
         assert self.handoff is not None
         self.handoff.begin()
         self.report.handoff_record_ms = _ms(t)
-        heat, first = (await self._warm_hints() if self.use_postcopy
-                       and self.opts.warm_set_ms > 0 else ({}, {}))
+        heat, first = (await warm_hints(self._store, self.memory_ids, self.adapter,
+                                        self.hooks.run_sync, self.report)
+                       if self.use_postcopy and self.opts.warm_set_ms > 0 else ({}, {}))
         if not self.suspended:
             await self._suspend()
         t = time.monotonic()
@@ -394,10 +404,7 @@ class Source:
 
     async def _reattach_once(self) -> None:
         assert self.handoff is not None and self.vm is not None
-        stream = await self.hooks.connect(self.opts)
-        limit = self.opts.bandwidth_mb_s * 1e6 if self.opts.bandwidth_mb_s else None
-        ch = Channel(stream, "source", self.opts.key, limit, self.opts.io_timeout,
-                     sealed=not self.opts.plaintext)
+        ch = await self._open_channel()
         try:
             await ch.handshake()
             unfinished = self.pc is not None and not self.pc.finished
@@ -428,6 +435,8 @@ class Source:
     async def _hand_off(self) -> None:
         """The point of no return: the record says handing-off already; say Commit."""
         assert self.ch is not None and self.handoff is not None
+        if self.ch.peer_closed():  # (then the VM runs on here rather than wait, suspended)
+            raise ConnectionLost("the destination closed the connection before the Commit")
         self.handoff.commit_sent = True  # before the send: once it starts, it may arrive
         await self.ch.send(p.Commit(self.handoff.generation))
 
@@ -449,22 +458,6 @@ class Source:
         for i in range(0, len(state), p.MAX_BLOCKS_DATA):
             await self.ch.send(p.DeviceState(state[i:i + p.MAX_BLOCKS_DATA]))
         self.report.device_state_bytes = len(state)
-
-    async def _warm_hints(self) -> tuple[dict[int, HeatRuns], dict[int, set[int]]]:
-        """What the memory's blocks are worth to the destination's start, asked while the VM
-        still runs: their heat (a query of a large file takes milliseconds), and the blocks the
-        hypervisor reads while it loads its state (QEMU: its virtio rings), if it says."""
-        heat = {fid: (await self._store.heat(fid, None))[0] for fid in self.memory_ids}
-        reads = getattr(self.adapter, "load_reads", None)
-        if reads is None or len(self.memory_ids) != 1:  # (which file is its RAM?)
-            return heat, {}
-        try:
-            blocks = blocks_of_ranges(await self.hooks.run_sync(reads), self.block_size)
-        except Exception as exc:  # a hint: the migration goes on without it
-            log.warning("%s could not say what it reads at load: %r", self.adapter.name, exc)
-            return heat, {}
-        self.report.load_reads = len(blocks)
-        return heat, {fid: blocks for fid in self.memory_ids}
 
     async def _switchover_postcopy(self, union: dict[int, list[Extent]],
                                    absent: dict[int, list[Extent]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import socket
 import stat
 import time
 from collections import deque
@@ -119,6 +120,7 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._t0 = time.monotonic()
+        self._paced_from = 0  # bytes_sent when the cap last changed (set_limit)
         self._send_lock = trio.Lock()
         self._early: deque[p.Event] = deque()  # events read while sending (see _listen)
         self._receiving = False  # a task waits in receive(): it reads the socket itself
@@ -195,6 +197,29 @@ class Channel:
         if failed is not None:
             raise failed
 
+    def peer_closed(self) -> bool:
+        """The peer has closed its end (an EOF or a reset waits in our socket), seen without
+        reading a frame. The source asks before its Commit: a Commit written into a dead
+        connection would keep the VM suspended here, unsettled, for nothing."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(sock.fileno())) as s:
+                return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset: gone too
+            return True
+
+    def set_limit(self, limit_bytes_per_s: float | None) -> None:
+        """A new cap from now on (migrator set, evacuate's shares). The budget restarts now:
+        a lower cap must not stall for what was sent under the higher one, nor a higher one
+        let a backlog out in a burst."""
+        self.limit = limit_bytes_per_s
+        self._t0 = time.monotonic()
+        self._paced_from = self.bytes_sent
+
     async def send(self, event: p.Event) -> None:
         """Send one frame, whole or not at all.
 
@@ -209,7 +234,8 @@ class Channel:
             if self.limit:
                 # Token bucket: never run ahead of limit x elapsed.
                 size = len(getattr(event, "data", b"")) + 64
-                ahead = (self.bytes_sent + size) / self.limit - (time.monotonic() - self._t0)
+                ahead = ((self.bytes_sent - self._paced_from + size) / self.limit
+                         - (time.monotonic() - self._t0))
                 if ahead > 0:
                     await trio.sleep(ahead)
             if self.conn.state in (p.State.ERROR, p.State.ABORTED):

@@ -205,3 +205,44 @@ async def test_a_bad_first_frame_sent_with_the_auth_fails_after_the_handshake() 
             with pytest.raises(BadPeer):
                 await dest.receive()
             n.cancel_scope.cancel()
+
+
+class FastWire(SlowWire):
+    """Takes everything at once."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.wire += data
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_new_cap_counts_from_the_moment_it_is_set(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """(migrator set, evacuate's shares) A lower cap never stalls for what went out under a
+    higher one or none, and no cap means no wait: on a clock of our own, the waits asked."""
+    from types import SimpleNamespace
+
+    from migrator import transport
+
+    clock, waits = [1000.0], []
+
+    async def sleep(s: float) -> None:
+        waits.append(round(s, 6))
+        clock[0] += s
+        await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(transport, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(transport.trio, "sleep", sleep)
+    ch = Channel(FastWire(), "source", KEY, 1000.0, io_timeout=5)
+    ch.conn._cs.state = p.State.VERIFYING
+    ch.conn._cs.sizes = {0: 1 << 30}
+    ch.conn._cs.manifest = p.Manifest(65536, (p.FileEntry(0, "vm.mem", 1 << 30),))
+    ev = p.Digests(0, 0, tuple(range(512)))  # 4 KiB a frame; paced as 64 bytes (no data)
+    await ch.send(ev)
+    assert waits == [0.064]
+    ch.set_limit(None)
+    for _ in range(3):
+        await ch.send(ev)
+    assert waits == [0.064]  # none
+    ch.set_limit(1000.0)  # ~16 KB went out meanwhile: not owed
+    await ch.send(ev)
+    assert waits == [0.064, 0.064]

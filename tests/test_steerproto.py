@@ -1,0 +1,39 @@
+"""The requests a running migration's control socket takes (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrator import steerproto as sp
+
+
+def test_set_takes_a_positive_cap_or_none() -> None:
+    assert sp.parse_request(sp.set_bandwidth(12.5)) == sp.SetBandwidth(12.5)
+    assert sp.parse_request(sp.set_bandwidth(None)) == sp.SetBandwidth(None)
+    assert sp.parse_request(b'{"op": "set", "bandwidth_mb_s": 3}') == sp.SetBandwidth(3.0)
+
+
+def test_cancel_before_the_commit_or_anyway() -> None:
+    assert sp.parse_request(sp.cancel()) == sp.Cancel(True)
+    assert sp.parse_request(sp.cancel(unless_committed=False)) == sp.Cancel(False)
+    assert sp.parse_request(b'{"op": "cancel"}') == sp.Cancel(False)
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    (b"GET / HTTP/1.1", "not a JSON request"),
+    (b"[1, 2]", "unknown request"),
+    (b'{"op": "stop"}', "unknown request"),
+    (b'{"op": "cancel", "unless_committed": 1}', "true or false"),
+    (b'{"op": "cancel", "now": true}', "nothing else"),
+    (b'{"op": "set"}', "takes bandwidth_mb_s"),
+    (b'{"op": "set", "bandwidth_mb_s": 1, "x": 2}', "nothing else"),
+    (b'{"op": "set", "bandwidth_mb_s": 0}', "positive number"),
+    (b'{"op": "set", "bandwidth_mb_s": -4}', "positive number"),
+    (b'{"op": "set", "bandwidth_mb_s": true}', "positive number"),
+    (b'{"op": "set", "bandwidth_mb_s": "fast"}', "positive number"),
+    (b'{"op": "set", "bandwidth_mb_s": NaN}', "positive number"),
+    (b'{"op": "set", "bandwidth_mb_s": Infinity}', "positive number"),
+])
+def test_anything_else_is_refused_with_its_reason(line: bytes, says: str) -> None:
+    with pytest.raises(sp.SteerError, match=says):
+        sp.parse_request(line)
