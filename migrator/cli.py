@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 from rich.console import Console
 
-from blkfs.cliutil import OneLineParser, non_negative, positive, whole_number
+from blkfs.cliutil import OneLineParser, human_bytes, non_negative, positive, whole_number
 from blkfs.control import ControlError
 
 from . import defaults
 from . import protocol as p
 from .errors import MigrationError, first_error
+from .evacuation import PARALLEL
 from .plan import OnStall, Policy
-from .report import print_summary
+from .report import out_console, print_summary
 from .transport import parse_hostport, read_key
 from .vm import AdapterError, parse_adapter
 
@@ -113,13 +114,14 @@ def _vm_flags(parser: argparse.ArgumentParser) -> None:
 
 def _link_flags(parser: argparse.ArgumentParser, *, bandwidth: float | None = None,
                 bandwidth_why: str = "", timeout_then: str = "abort",
-                timeout_after: str = "") -> None:
+                timeout_after: str = "", capped: str = "the link bandwidth") -> None:
     """The link: bandwidth cap, io timeout, compression. `bandwidth`: this command's default
-    cap (None: none), `bandwidth_why` says why it has one; `timeout_*`: see _io_timeout_flag."""
+    cap (None: none), `bandwidth_why` says why it has one, `capped` what it caps;
+    `timeout_*`: see _io_timeout_flag."""
     g = parser.add_argument_group("link")
     default = NO_CAP if bandwidth is None else f"default {bandwidth:g}{bandwidth_why}"
     g.add_argument("--bandwidth", type=positive, default=bandwidth, metavar="MB/s",
-                   help=f"cap the link bandwidth ({default})")
+                   help=f"cap {capped} ({default})")
     _io_timeout_flag(g, timeout_then, timeout_after)
     g.add_argument("--compress", choices=("zstd", "lz4"),
                    help="compress blocks on the wire where that saves a tenth or more (for "
@@ -137,8 +139,9 @@ def _copy_flags(parser: argparse.ArgumentParser) -> None:
                    "that differ travel; a migration's verification still covers every block)")
 
 
-def _switchover_flags(parser: argparse.ArgumentParser) -> None:
-    """When and how a migration switches over: the planner's policy and the VM's suspend."""
+def _switchover_flags(parser: argparse.ArgumentParser, *, suspend: bool = True) -> None:
+    """When and how a migration switches over: the planner's policy and (`suspend`) the VM's
+    suspend."""
     g = parser.add_argument_group("switchover")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--threshold-blocks", type=whole_number, metavar="N",
@@ -167,9 +170,10 @@ def _switchover_flags(parser: argparse.ArgumentParser) -> None:
                    f"its process (pid:, qemu:) in steps ({defaults.THROTTLE_INITIAL} %%, then "
                    f"+{defaults.THROTTLE_STEP}) up to PCT %% of its time; 0: never (default "
                    f"{defaults.THROTTLE_MAX})")
-    g.add_argument("--suspend", default=defaults.SUSPEND, metavar="ADAPTER",
-                   help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET or "
-                   f"freeze (default {defaults.SUSPEND})")
+    if suspend:
+        g.add_argument("--suspend", default=defaults.SUSPEND, metavar="ADAPTER",
+                       help="how to suspend the VM: pid:PID, 'cmd:STOP::CONT', "
+                       f"qemu:QMP_SOCKET or freeze (default {defaults.SUSPEND})")
 
 
 def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
@@ -231,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared key (same file on both hosts, mode 0600)")
     s.add_argument("--resume-cmd", metavar="CMD",
                    help="shell command that starts the VM on the destination at switchover "
-                   "(env MIGRATOR_MOUNT is the mount); the downtime ends when it returns")
+                   "(env: MIGRATOR_MOUNT the mount, MIGRATOR_VM the VM's name, MIGRATOR_VM_ID "
+                   "its id); the downtime ends when it returns")
     s.add_argument("--resume", metavar="qemu:CMDLINE_FILE|QMP_SOCKET",
                    help="resume a QEMU guest at switchover: start QEMU from the command line "
                    "in CMDLINE_FILE ($MIGRATOR_MOUNT expanded; -incoming defer and a QMP "
@@ -280,6 +285,39 @@ def build_parser() -> argparse.ArgumentParser:
     _copy_flags(y)
     _reporting_flags(y, when=" when it stops", status_file=False)
     _bench_flags(y)
+
+    e = sub.add_parser(
+        "evacuate", help="source: move every VM of a mount away, a few at once",
+        description="Moves every VM this host runs from the mount (those its records say it "
+        "owns, and each directory of files no record names: a VM by its directory's name) to "
+        "the destinations, at most --parallel at once, each by a 'migrator migrate' of its "
+        "own: the soonest done first, each to the destination running the fewest, sharing "
+        "--bandwidth (those in their dirty rounds get twice the share of those in their "
+        "initial copy). A VM that fails runs on here and is tried once on another "
+        "destination. Ctrl-C: no new migration starts, those before their Commit stop (their "
+        "VMs run on here), those past it finish.")
+    e.add_argument("--mount", required=True, help="the source blkfs mount point")
+    e.add_argument("--to", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the destinations' 'migrator serve' (each takes several at once)")
+    e.add_argument("--key-file", required=True, metavar="FILE",
+                   help="shared key (the same file on every host, mode 0600)")
+    e.add_argument("--vm", action="append", metavar="NAME",
+                   help="only this VM (repeatable; default: every VM this host runs from "
+                   "the mount)")
+    e.add_argument("--parallel", type=_at_least_one, default=PARALLEL, metavar="N",
+                   help=f"migrations at once (default {PARALLEL})")
+    e.add_argument("--suspend", action="append", metavar="[NAME=]ADAPTER",
+                   help="how to suspend the VMs (pid:PID, 'cmd:STOP::CONT', qemu:QMP_SOCKET, "
+                   "freeze), or with NAME= one VM; repeatable (default: the one its record "
+                   f"keeps, else {defaults.SUSPEND})")
+    e.add_argument("--dry-run", action="store_true",
+                   help="say which VMs would go, in which order, and stop")
+    _switchover_flags(e, suspend=False)
+    _link_flags(e, capped="all the migrations together, shared by weight")
+    _copy_flags(e)
+    _postcopy_flags(e)
+    _reporting_flags(e, when=" at the end, a record per VM", status_file=False)
+    _bench_flags(e)
 
     r = sub.add_parser(
         "resolve", help="settle a handoff that was cut: which host runs the VM",
@@ -332,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-copy the memory through a spill area (with a VM that writes "
                    "memory faster than the link, so pre-copy alone would not converge)")
     return ap
+
+
+def _at_least_one(text: str) -> int:
+    n = whole_number(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return n
 
 
 def _postcopy_mode(text: str) -> str:
@@ -411,6 +456,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from .options import MigrateOptions, SourceHooks
     from .report import LiveProgress, keep_status_file
     from .source import Source
+    from .steering import serve_steering
 
     console = Console(stderr=True)
     key = read_key(a.key_file)
@@ -442,6 +488,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             nursery.start_soon(partial(keep_status_file, extra={
                 "mount": os.path.abspath(a.mount), "to": a.to}), src.progress, src.report,
                 status_path)
+            await nursery.start(serve_steering, steering_socket(_own_status_file()),
+                                partial(_steer_source, src, nursery.cancel_scope))
             try:
                 await src.run()
             finally:
@@ -459,12 +507,26 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(status_path)
         if src.report.files:  # got past the handshake: there is something to summarize
-            print_summary(src.report, Console())
+            print_summary(src.report, out_console())
         if a.report:
-            Console().print(f"JSON report: {a.report}")
+            print(f"JSON report: {a.report}")
     if src.report.status != "completed":
         raise MigrationError(src.report.error or "the migration did not complete")
     return 0
+
+
+def _steer_source(src: Any, scope: trio.CancelScope, req: Any) -> dict[str, Any]:
+    """A request of the control socket (steerproto), in the migration's own trio loop: no
+    Commit can go out between the look at commit_sent and the cancel."""
+    from .steerproto import Cancel
+
+    if isinstance(req, Cancel):
+        if req.unless_committed and src.handoff is not None and src.handoff.commit_sent:
+            return {"ok": True, "cancelled": False, "why": "past its Commit: it finishes"}
+        scope.cancel()
+        return {"ok": True, "cancelled": True}
+    src.set_bandwidth(req.mb_s)
+    return {"ok": True, "bandwidth_mb_s": req.mb_s}
 
 
 def cmd_sync(a: argparse.Namespace) -> int:
@@ -520,11 +582,94 @@ def cmd_sync(a: argparse.Namespace) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(status_path)
         if syncer.sync.files:
-            print_sync_summary(syncer.sync, Console())
+            print_sync_summary(syncer.sync, out_console())
         if a.report:
-            Console().print(f"JSON report: {a.report}")
+            print(f"JSON report: {a.report}")
     if syncer.sync.status != "stopped":
         raise MigrationError(syncer.sync.error or "the sync did not run")
+    return 0
+
+
+# Evacuate's own flags; every other one goes to each migrate as it was given
+EVACUATE_OWN = {"cmd", "mount", "to", "key_file", "vm", "parallel", "suspend", "dry_run",
+                "report", "bandwidth", "help"}
+
+
+def _pass_through(parser: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+    """The flags given to evacuate that each migrate takes as they are (not the defaults)."""
+    out: list[str] = []
+    for act in parser._actions:
+        value = getattr(a, act.dest, None)
+        if not act.option_strings or act.dest in EVACUATE_OWN or value in (None, act.default):
+            continue
+        flag = act.option_strings[-1]
+        if isinstance(act, argparse._StoreTrueAction):
+            out.append(flag)
+        else:
+            out += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
+    return out
+
+
+def cmd_evacuate(a: argparse.Namespace) -> int:
+    from .evacuate import (
+        EvacuateOptions,
+        Evacuator,
+        check_destinations,
+        find_candidates,
+        print_evacuation,
+    )
+    from .evacuation import order
+    from .report import write_json
+    from .stores import check_blkfs_mount
+
+    mount = os.path.abspath(a.mount)
+    check_blkfs_mount(mount)
+    to = check_destinations(a.to)
+    read_key(a.key_file)  # one line now, rather than once per VM
+    _warn_plaintext(a)
+    suspend, by_vm = "", {}
+    for spec in a.suspend or ():
+        name, eq, adapter = spec.partition("=")
+        if eq and ":" not in name:
+            by_vm[name] = adapter
+        else:
+            suspend = spec
+    os.makedirs(_status_dir(), mode=0o700, exist_ok=True)
+    sub = build_parser()._subparsers._group_actions[0].choices["evacuate"]  # type: ignore[union-attr]
+    opts = EvacuateOptions(mount, to, os.path.abspath(a.key_file), a.vm or [], a.parallel,
+                           a.bandwidth, suspend, by_vm, _pass_through(sub, a),
+                           a.report, _status_dir())
+    candidates, skipped = find_candidates(opts)
+    for line in skipped:
+        print(f"migrator evacuate: left out {line}", flush=True)
+    if not candidates:
+        print(f"migrator evacuate: nothing to evacuate: no VM runs from {a.mount}")
+        return 0
+    if a.dry_run:
+        for i, c in enumerate(order(candidates), 1):
+            print(f"migrator evacuate: {i}. {c.name} ({', '.join(c.files)}): "
+                  f"{human_bytes(c.data_bytes)} of data, {human_bytes(c.hot_bytes)} hot")
+        return 0
+    ev = Evacuator(opts, candidates, Console(stderr=True))
+    try:
+        trio.run(ev.run)
+    finally:
+        ev.close()
+        doc = ev.report(skipped)
+        if a.report:
+            write_json(a.report, doc)
+        print_evacuation(doc, out_console())
+        if a.report:
+            print(f"JSON report: {a.report}")
+    if doc["moved"] < len(doc["vms"]):
+        here = [r["vm"] for r in doc["vms"] if r["outcome"] == "stayed"]
+        open_ = [r["vm"] for r in doc["vms"] if r["outcome"] == "unsettled"]
+        raise MigrationError(
+            f"{doc['moved']} of {len(doc['vms'])} VMs moved"
+            + (f"; {', '.join(here)} still run{'s' if len(here) == 1 else ''} here" if here
+               else "")
+            + (f"; {', '.join(open_)} unsettled: 'migrator resolve --mount {a.mount} --vm "
+               "NAME' settles each" if open_ else ""))
     return 0
 
 
@@ -575,6 +720,11 @@ def _own_status_file() -> str:
     d = _status_dir()
     os.makedirs(d, mode=0o700, exist_ok=True)
     return os.path.join(d, f"{os.getpid()}.json")
+
+
+def steering_socket(status_file: str) -> str:
+    """A migration's control socket, beside its own status file (runtime dir, by pid)."""
+    return status_file[:-len(".json")] + ".sock"
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -717,7 +867,8 @@ def cmd_keygen(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "sync": cmd_sync, "status": cmd_status,
+COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "sync": cmd_sync,
+            "evacuate": cmd_evacuate, "status": cmd_status,
             "resolve": cmd_resolve, "demo": cmd_demo, "keygen": cmd_keygen}
 
 

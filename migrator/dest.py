@@ -330,7 +330,8 @@ class DestSession:
             return
         if not self.resume_cmd:
             return
-        env = dict(os.environ, MIGRATOR_MOUNT=self.mount)
+        env = dict(os.environ, MIGRATOR_MOUNT=self.mount, MIGRATOR_VM=self.vm_name,
+                   MIGRATOR_VM_ID=self.vm_id)
         r = await trio.run_process(["sh", "-c", self.resume_cmd], env=env, check=False,
                                    capture_stdout=True, capture_stderr=True)
         if r.returncode != 0:

@@ -111,6 +111,9 @@ class MigrationReport:
     throttle_s: float | None = None
     throttle_steps: list[tuple[float, int]] = field(default_factory=list)
     mbps: float = 0.0
+    # The cap as it was changed while the migration ran (its control socket: evacuate's
+    # shares): (s since the start, MB/s or None for none)
+    bandwidth_steps: list[tuple[float, float | None]] = field(default_factory=list)
     verified: bool = False
     verify_s: float = 0.0
     mismatched_blocks: int = 0  # verification: blocks that differ on the destination
@@ -139,12 +142,27 @@ class MigrationReport:
         return d
 
     def write(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_json())
+
+
+LOG_WIDTH = 4096  # columns of a console that is not a terminal: a line is never cut
+
+
+def out_console() -> Console:
+    """The console of summaries on stdout: a terminal's width, or, into a pipe or a file (a
+    log read with less and grep), lines whole: never wrapped nor cut with an ellipsis."""
+    c = Console()
+    return c if c.is_terminal else Console(width=LOG_WIDTH, soft_wrap=True)
+
+
+def write_json(path: str, doc: Any) -> None:
+    """A report, whole or not at all (a reader never sees half of it, nor a stale one)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def print_summary(r: MigrationReport, console: Console) -> None:
@@ -390,13 +408,7 @@ class SyncReport:
     started_at: float = field(default_factory=time.time)
 
     def write(self, path: str) -> None:
-        import json
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
 
 def print_sync_summary(s: SyncReport, console: Console) -> None:

@@ -32,6 +32,7 @@ verified by the migrator and checked against the VM's own ledger.
     .venv/bin/python scripts/bench_migrate.py --converge --tree /tmp/base-tree --tree .
         # issue 24: 4 KiB random writes at 8 MB/s into a 1 GiB disk over a 40 MB/s link, with
         # the defaults, each tree in the same run; hot memory with and without auto-converge
+    .venv/bin/python scripts/bench_migrate.py --evacuate   # issue 25: scripts/bench_evacuate.py
     .venv/bin/python scripts/bench_migrate.py --only-postcopy --gluster
         # the spill area on a GlusterFS volume: the source writes it through one glusterfs
         # client (network namespace a), the destination reads it through another (b)
@@ -617,6 +618,11 @@ def converge_bench(a: argparse.Namespace, tmp: Path) -> int:
 
 
 def main() -> int:
+    if "--evacuate" in sys.argv[1:]:  # issue 25's rows: a script of their own
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_evacuate
+
+        return bench_evacuate.main([x for x in sys.argv[1:] if x != "--evacuate"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--disk-size", default="1G")
     ap.add_argument("--mem-size", default="256M")

@@ -245,26 +245,49 @@ def idle_vm() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait()
 
 
-@pytest.fixture
-def netns_pair() -> Iterator[tuple[str, str, str]]:
-    """Two network namespaces joined by a veth pair: (ns_a, ns_b, veth end in ns_a)."""
+@contextlib.contextmanager
+def _netns_star(tag: str, peers: int) -> Iterator[list[str]]:
+    """Network namespaces: a hub (index 0) joined to each of `peers` others by a veth pair of
+    its own, the i-th on 10.231.(76+i).0/24 (hub .1, peer .2); [hub, peer..., hub's veth
+    ends...]. Deleted after, whatever happened."""
     if shutil.which("ip") is None or os.geteuid() != 0:
         pytest.skip("needs root and iproute2 (ip netns)")
-    tag = f"bk{os.getpid() % 100000}"
-    a, b, x, y = f"{tag}a", f"{tag}b", f"{tag}x", f"{tag}y"
-    cmds = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
-            ["ip", "link", "add", x, "type", "veth", "peer", "name", y],
-            ["ip", "link", "set", x, "netns", a], ["ip", "link", "set", y, "netns", b],
-            ["ip", "-n", a, "addr", "add", "10.231.77.1/24", "dev", x],
-            ["ip", "-n", b, "addr", "add", "10.231.77.2/24", "dev", y],
-            ["ip", "-n", a, "link", "set", x, "up"], ["ip", "-n", b, "link", "set", y, "up"],
-            ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"]]
+    hub = f"{tag}a"
+    names = [hub, *(f"{tag}{chr(ord('b') + i)}" for i in range(peers))]
+    ends = [f"{tag}x{i or ''}" for i in range(peers)]
+    cmds = [["ip", "netns", "add", n] for n in names]
+    cmds.append(["ip", "-n", hub, "link", "set", "lo", "up"])
+    for i, (peer, x) in enumerate(zip(names[1:], ends, strict=True), 1):
+        y, net = f"{tag}y{i - 1 or ''}", f"10.231.{76 + i}"
+        cmds += [["ip", "link", "add", x, "type", "veth", "peer", "name", y],
+                 ["ip", "link", "set", x, "netns", hub], ["ip", "link", "set", y, "netns", peer],
+                 ["ip", "-n", hub, "addr", "add", f"{net}.1/24", "dev", x],
+                 ["ip", "-n", peer, "addr", "add", f"{net}.2/24", "dev", y],
+                 ["ip", "-n", hub, "link", "set", x, "up"],
+                 ["ip", "-n", peer, "link", "set", y, "up"],
+                 ["ip", "-n", peer, "link", "set", "lo", "up"]]
     try:
         for c in cmds:
             r = subprocess.run(c, capture_output=True, text=True)
             if r.returncode != 0:
                 pytest.skip(f"network namespaces unavailable here: {' '.join(c)}: {r.stderr}")
-        yield a, b, x
+        yield [*names, *ends]
     finally:
-        subprocess.run(["ip", "netns", "del", a], capture_output=True)
-        subprocess.run(["ip", "netns", "del", b], capture_output=True)
+        for n in names:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair: (ns_a, ns_b, veth end in ns_a); ns_a is
+    10.231.77.1, ns_b 10.231.77.2."""
+    with _netns_star(f"bk{os.getpid() % 100000}", 1) as (a, b, x):
+        yield a, b, x
+
+
+@pytest.fixture
+def netns_three() -> Iterator[tuple[str, str, str]]:
+    """Three hosts: a source namespace (10.231.77.1 and 10.231.78.1) and two destinations,
+    10.231.77.2 and 10.231.78.2: (ns_src, ns_b, ns_c)."""
+    with _netns_star(f"bt{os.getpid() % 100000}", 2) as (a, b, c, *_):
+        yield a, b, c

@@ -16,7 +16,8 @@ PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlp
         "blkfs.tracker", "blkfs.cliutil", "migrator.plan", "migrator.protocol",
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
         "migrator.lineage", "migrator.quiet", "migrator.defaults", "migrator.errors",
-        "migrator.simvm.format", "migrator.blockdigests", "migrator.space"}
+        "migrator.simvm.format", "migrator.blockdigests", "migrator.space",
+        "migrator.evacuation", "migrator.steerproto"}
 IO_MODULES = {"pyfuse3", "trio", "socket", "subprocess", "select", "signal"}
 FUSE_ONLY = {"blkfs.fs", "blkfs.mount"}  # the only ones that may import pyfuse3
 
@@ -163,6 +164,8 @@ BLOCKING_CLIENT_ALLOWED = {
     "migrator.vm": {"FreezeAdapter"},
     # migrator serve's start-up line, called sync by cli.py (until it awaits an async twin).
     "migrator.serving": {"unfinished_here"},
+    # evacuate finds the VMs before trio runs, and asks a record in a worker thread.
+    "migrator.evacuate": {"<module>", "find_candidates", "_role"},
 }
 
 

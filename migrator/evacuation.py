@@ -1,0 +1,167 @@
+"""Evacuating a host (pure): which VM goes next, where, with what share of the bandwidth, and
+what became of each. `migrator evacuate` (evacuate.py) runs a `migrate` process per VM and
+tells this module what happened; nothing here knows of processes or sockets.
+
+- Order: the VMs that are done soonest go first (the least data plus hot set), so that as
+  many VMs as possible have left when something goes wrong, and the large hot ones get the
+  link to themselves at the end.
+- Spread: a VM goes to the destination running the fewest migrations now, never to one that
+  is down or that it already failed on.
+- Shares: the budget is split by weight among the running migrations; one in its dirty rounds
+  or switchover weighs twice one in its initial copy, so that it converges and frees its
+  share.
+- A VM whose migration failed and that still runs here is tried once more on another
+  destination, if one is left; else it stays here, and the summary says so.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+PARALLEL = 2  # migrations at once (OpenStack's max_concurrent_live_migrations is 1, vSphere 8)
+ROUNDS_GUESS = 3  # the hot set is sent about this many times before the switchover
+CONVERGING = ("dirty rounds", "switchover")  # the phases that weigh twice
+# The phases after which the VM is the destination's business: an evacuation that is told to
+# stop lets these finish (the Commit is sent in the switchover)
+PAST_COMMIT = ("switchover", "post-copy", "verifying")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A VM of the mount, as evacuate found it."""
+
+    name: str
+    files: tuple[str, ...]
+    data_bytes: int  # allocated: what the initial copy reads
+    hot_bytes: int = 0  # its dynamic blocks (heat above the static threshold)
+    suspend: str = ""  # the adapter it is suspended with ("" : the command's default)
+    known: bool = True  # it has a record here (else its files are named to migrate)
+
+    @property
+    def cost(self) -> int:
+        return self.data_bytes + ROUNDS_GUESS * self.hot_bytes
+
+
+def order(candidates: list[Candidate]) -> list[Candidate]:
+    """Soonest done first; by name among equals, so that a run is repeatable."""
+    return sorted(candidates, key=lambda c: (c.cost, c.name))
+
+
+def shares(total_mb_s: float | None, phases: dict[str, str]) -> dict[str, float | None]:
+    """Each running VM's cap (MB/s) out of the budget: by weight (CONVERGING weighs 2)."""
+    if total_mb_s is None:
+        return dict.fromkeys(phases)
+    weights = {vm: 2 if phase in CONVERGING else 1 for vm, phase in phases.items()}
+    whole = sum(weights.values())
+    return {vm: round(total_mb_s * w / whole, 3) for vm, w in weights.items()}
+
+
+class Outcome(enum.Enum):
+    MOVED = "moved"  # completed and verified: it runs at the destination
+    STAYED = "stayed"  # it runs here, as it did (failed before its Commit, or not started)
+    UNSETTLED = "unsettled"  # cut after its Commit: 'migrator resolve' says where it runs
+
+
+@dataclass
+class Attempt:
+    to: str
+    outcome: Outcome | None = None  # None while it runs
+    error: str = ""
+
+
+@dataclass
+class VMState:
+    candidate: Candidate
+    attempts: list[Attempt] = field(default_factory=list)
+    outcome: Outcome | None = None  # final
+    why_here: str = ""  # STAYED: why it did not leave
+
+    @property
+    def running(self) -> bool:
+        return bool(self.attempts) and self.attempts[-1].outcome is None
+
+
+class Evacuation:
+    """The bookkeeping of one evacuation: what runs where and what each VM became.
+
+    Rules held (tests/test_evacuation.py, against any sequence of events): at most `parallel`
+    migrations run at once, a VM runs at most once at a time and never twice on a destination,
+    no migration starts on a destination known down or after stop(), and every VM ends with
+    exactly one outcome."""
+
+    def __init__(self, candidates: list[Candidate], destinations: list[str],
+                 parallel: int = PARALLEL) -> None:
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        if not destinations:
+            raise ValueError("no destination")
+        self.destinations = list(dict.fromkeys(destinations))
+        self.parallel = parallel
+        self.vms = {c.name: VMState(c) for c in order(candidates)}
+        self.queue = list(self.vms)  # names, in the order they go
+        self.down: set[str] = set()
+        self.stopping = False
+
+    def running(self) -> dict[str, str]:
+        """VM name -> the destination it goes to now."""
+        return {n: v.attempts[-1].to for n, v in self.vms.items() if v.running}
+
+    def _load(self, dest: str) -> int:
+        return sum(1 for to in self.running().values() if to == dest)
+
+    def _where(self, vm: VMState) -> str | None:
+        tried = {a.to for a in vm.attempts}
+        free = [d for d in self.destinations if d not in self.down and d not in tried]
+        return min(free, key=self._load) if free else None
+
+    def next_start(self) -> tuple[Candidate, str] | None:
+        """The next VM to start and where, or None (the limit is reached, or none is left)."""
+        if self.stopping or len(self.running()) >= self.parallel:
+            return None
+        for name in list(self.queue):
+            vm = self.vms[name]
+            to = self._where(vm)
+            self.queue.remove(name)
+            if to is None:
+                self._settle(vm, Outcome.STAYED, self._why_nowhere(vm))
+                continue
+            vm.attempts.append(Attempt(to))
+            return vm.candidate, to
+        return None
+
+    def _why_nowhere(self, vm: VMState) -> str:
+        if vm.attempts:
+            return f"failed on {', '.join(a.to for a in vm.attempts)}: {vm.attempts[-1].error}"
+        return f"no destination left ({', '.join(sorted(self.down))} down)"
+
+    def finished(self, name: str, outcome: Outcome, error: str = "",
+                 dest_down: bool = False) -> None:
+        """Its migrate process ended: how (a STAYED VM is tried again elsewhere, if it can)."""
+        vm = self.vms[name]
+        if not vm.running:
+            raise ValueError(f"{name} is not running")
+        attempt = vm.attempts[-1]
+        attempt.outcome, attempt.error = outcome, error
+        if dest_down:
+            self.down.add(attempt.to)
+        if outcome is Outcome.STAYED and not self.stopping and self._where(vm) is not None:
+            self.queue.insert(0, name)  # first in line: it has waited longest
+            return
+        self._settle(vm, outcome, self._why_nowhere(vm) if outcome is Outcome.STAYED else "")
+
+    def _settle(self, vm: VMState, outcome: Outcome, why: str) -> None:
+        vm.outcome = outcome
+        vm.why_here = why
+
+    def stop(self) -> None:
+        """No new migration starts; the VMs still queued stay here."""
+        self.stopping = True
+        for name in self.queue:
+            self._settle(self.vms[name], Outcome.STAYED, "not started: the evacuation was "
+                         "stopped")
+        self.queue.clear()
+
+    @property
+    def done(self) -> bool:
+        return all(v.outcome is not None for v in self.vms.values())
