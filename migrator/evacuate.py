@@ -33,7 +33,7 @@ from blkfs.control import ControlClient
 
 from . import steerproto as sp
 from .errors import MigrationError
-from .evacuation import PAST_COMMIT, Candidate, Evacuation, Outcome
+from .evacuation import PAST_COMMIT, Candidate, Evacuation, Outcome, hands_over
 from .ownership import HANDING_OFF, OWNER, RETIRED
 from .steering import steer
 from .transport import parse_hostport
@@ -136,6 +136,8 @@ class Running:
     share: float | None = None  # the cap it has (as far as we know)
     told: float | str | None = "unset"  # the last cap it acknowledged
     signalled: bool = False
+    started: float = 0.0  # s since the evacuation began
+    phases: dict[str, float] = field(default_factory=dict)  # when each was first seen
 
 
 class Evacuator:
@@ -178,7 +180,8 @@ class Evacuator:
             proc = await trio.lowlevel.open_process(
                 self._argv(c, to, report, share), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        r = Running(c.name, to, proc, report, log, n, share=share, told=share)
+        r = Running(c.name, to, proc, report, log, n, share=share, told=share,
+                    started=time.monotonic() - self.t0)
         self.running[c.name] = r
         self._say(r, "started" + (f", at most {share:g} MB/s" if share else ""))
         nursery.start_soon(self._wait, r)
@@ -189,7 +192,9 @@ class Evacuator:
         down = outcome is Outcome.STAYED and not await _reachable(r.to)
         self.reports[r.name].append({"to": r.to, "outcome": outcome.value, "error": error,
                                      "destination_down": down, "exit_status": r.proc.returncode,
-                                     "report": doc})
+                                     "started_s": round(r.started, 2),
+                                     "ended_s": round(time.monotonic() - self.t0, 2),
+                                     "phases_s": r.phases, "report": doc})
         del self.running[r.name]
         self.evac.finished(r.name, outcome, error, dest_down=down)
         again = self.evac.vms[r.name].outcome is None
@@ -205,6 +210,9 @@ class Evacuator:
         (the truth a dead migrate process cannot misstate)."""
         doc = _read_status(r.report)  # (any JSON object)
         error = (doc or {}).get("error") or _last_error(r.log)
+        if r.signalled:  # (a process stopped while it started ends in KeyboardInterrupt)
+            error = "stopped with the evacuation" + (
+                f" ({error})" if doc and error and error != "interrupted" else "")
         if r.proc.returncode == 0 and doc and doc.get("status") == "completed":
             return Outcome.MOVED, "", doc
         role = _role(self.opts.mount, r.name)
@@ -229,7 +237,10 @@ class Evacuator:
                 phase = doc.get("phase", "")
                 if phase and phase != self.said.get(r.name):
                     self.said[r.name] = phase
+                    r.phases.setdefault(phase, round(time.monotonic() - self.t0, 2))
                     self._say(r, phase)
+                if hands_over(doc, doc.get("mbps") or r.share):
+                    self.evac.release(r.name)  # (the next one starts at once)
         if self.opts.bandwidth_mb_s is None:
             return
         want = self._shares({r.name: r.status.get("phase", "") for r in self.running.values()})
@@ -286,6 +297,8 @@ class Evacuator:
                         await self.wake.wait()
                     self.wake = trio.Event()
                     await self._tick()
+                    while (nxt := self.evac.next_start()) is not None:  # (a place freed)
+                        await self._start(nursery, *nxt)
                     if live is not None:
                         live.update(self.view())
             nursery.cancel_scope.cancel()

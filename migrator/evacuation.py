@@ -9,7 +9,8 @@ tells this module what happened; nothing here knows of processes or sockets.
   is down or that it already failed on.
 - Shares: the budget is split by weight among the running migrations; one in its dirty rounds
   or switchover weighs twice one in its initial copy, so that it converges and frees its
-  share.
+  share; one that is verifying (its VM runs at the destination) next to nothing, and it no
+  longer holds one of the `parallel` places.
 - A VM whose migration failed and that still runs here is tried once more on another
   destination, if one is left; else it stays here, and the summary says so.
 """
@@ -21,7 +22,27 @@ from dataclasses import dataclass, field
 
 PARALLEL = 2  # migrations at once (OpenStack's max_concurrent_live_migrations is 1, vSphere 8)
 ROUNDS_GUESS = 3  # the hot set is sent about this many times before the switchover
-CONVERGING = ("dirty rounds", "switchover")  # the phases that weigh twice
+# A phase's weight in the shares (1 if not named): converging ones twice, so that they end and
+# free their share; a verification sends 8 bytes a block, its share goes to the others
+WEIGHTS = {"dirty rounds": 2.0, "switchover": 2.0, "post-copy": 2.0, "verifying": 0.1}
+# A migration hands its place to the next one once its VM runs at the destination (little
+# is left to send), or once its initial copy is within LEAD_S of its end: the next one's
+# start (a process, a handshake, a first swap: 0.5-1 s on 2 busy cores) overlaps this one's
+# end instead of leaving the link idle (scripts/bench_evacuate.py).
+SWITCHED = ("verifying",)
+LEAD_S = 0.6
+
+
+def hands_over(status: dict[str, object], rate_mb_s: float | None) -> bool:
+    """Whether a running migration (its status document) gives its place to the next."""
+    phase = status.get("phase")
+    if phase in SWITCHED:
+        return True
+    data, sent = status.get("data_bytes"), status.get("bytes_sent")
+    if phase != "initial copy" or not rate_mb_s or not isinstance(data, int) or not isinstance(
+            sent, int):
+        return False
+    return (data - sent) / (rate_mb_s * 1e6) < LEAD_S
 # The phases after which the VM is the destination's business: an evacuation that is told to
 # stop lets these finish (the Commit is sent in the switchover)
 PAST_COMMIT = ("switchover", "post-copy", "verifying")
@@ -49,10 +70,10 @@ def order(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def shares(total_mb_s: float | None, phases: dict[str, str]) -> dict[str, float | None]:
-    """Each running VM's cap (MB/s) out of the budget: by weight (CONVERGING weighs 2)."""
+    """Each running VM's cap (MB/s) out of the budget, by the WEIGHTS of their phases."""
     if total_mb_s is None:
         return dict.fromkeys(phases)
-    weights = {vm: 2 if phase in CONVERGING else 1 for vm, phase in phases.items()}
+    weights = {vm: WEIGHTS.get(phase, 1.0) for vm, phase in phases.items()}
     whole = sum(weights.values())
     return {vm: round(total_mb_s * w / whole, 3) for vm, w in weights.items()}
 
@@ -86,9 +107,9 @@ class Evacuation:
     """The bookkeeping of one evacuation: what runs where and what each VM became.
 
     Rules held (tests/test_evacuation.py, against any sequence of events): at most `parallel`
-    migrations run at once, a VM runs at most once at a time and never twice on a destination,
-    no migration starts on a destination known down or after stop(), and every VM ends with
-    exactly one outcome."""
+    migrations hold a place at once (those that did not hand it over), a VM runs at most
+    once at a time and never twice on a destination, no migration starts on a destination
+    known down or after stop(), and every VM ends with exactly one outcome."""
 
     def __init__(self, candidates: list[Candidate], destinations: list[str],
                  parallel: int = PARALLEL) -> None:
@@ -101,11 +122,21 @@ class Evacuation:
         self.vms = {c.name: VMState(c) for c in order(candidates)}
         self.queue = list(self.vms)  # names, in the order they go
         self.down: set[str] = set()
+        self.released: set[str] = set()  # running, but handed its place over (hands_over)
         self.stopping = False
 
     def running(self) -> dict[str, str]:
         """VM name -> the destination it goes to now."""
         return {n: v.attempts[-1].to for n, v in self.vms.items() if v.running}
+
+    def release(self, name: str) -> None:
+        """Its place goes to the next (hands_over said so)."""
+        if self.vms[name].running:
+            self.released.add(name)
+
+    def holding(self) -> list[str]:
+        """The running migrations that hold one of the `parallel` places."""
+        return [n for n in self.running() if n not in self.released]
 
     def _load(self, dest: str) -> int:
         return sum(1 for to in self.running().values() if to == dest)
@@ -117,7 +148,7 @@ class Evacuation:
 
     def next_start(self) -> tuple[Candidate, str] | None:
         """The next VM to start and where, or None (the limit is reached, or none is left)."""
-        if self.stopping or len(self.running()) >= self.parallel:
+        if self.stopping or len(self.holding()) >= self.parallel:
             return None
         for name in list(self.queue):
             vm = self.vms[name]
@@ -143,6 +174,7 @@ class Evacuation:
             raise ValueError(f"{name} is not running")
         attempt = vm.attempts[-1]
         attempt.outcome, attempt.error = outcome, error
+        self.released.discard(name)
         if dest_down:
             self.down.add(attempt.to)
         if outcome is Outcome.STAYED and not self.stopping and self._where(vm) is not None:

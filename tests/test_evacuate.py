@@ -121,7 +121,8 @@ def test_ctrl_c_lets_those_past_their_commit_finish_and_starts_none(
         three_hosts: tuple[Mount, ...], vms: dict[str, subprocess.Popen[bytes]], key: Path,
         servers: list[Server], tmp_path: Path) -> None:
     """SIGINT with vm1 past its Commit (held in the resume hook) and vm2 in its initial copy:
-    vm1 finishes and moves, vm2 stops and runs on here, vm3 and vm4 never start."""
+    vm1 finishes and moves, vm2 stops and runs on here, vm4 never starts; vm3 (which may have
+    started as vm1 neared its end: evacuation.hands_over) stops too, or never started."""
     import signal
 
     src, b, _ = three_hosts
@@ -150,10 +151,10 @@ def test_ctrl_c_lets_those_past_their_commit_finish_and_starts_none(
     doc = json.loads(report.read_text())
     by = {r["vm"]: r for r in doc["vms"]}
     assert doc["interrupted"] and by["vm1"]["outcome"] == "moved" and by["vm1"]["verified"]
-    assert by["vm2"]["outcome"] == "stayed" and "interrupted" in by["vm2"]["why_here"], by["vm2"]
-    for n in ("vm3", "vm4"):
-        assert by[n]["outcome"] == "stayed" and not by[n]["attempts"], by[n]
-        assert "stopped" in by[n]["why_here"]
+    for n in ("vm2", "vm3"):
+        assert by[n]["outcome"] == "stayed" and "stopped" in by[n]["why_here"], by[n]
+    assert by["vm2"]["attempts"] and not by["vm4"]["attempts"]
+    assert by["vm4"]["outcome"] == "stayed" and "not started" in by["vm4"]["why_here"]
     roles = {r["name"]: r["role"] for r in vm_records(src)}
     assert roles.get("vm1") == "retired" and roles.get("vm2") == "owner", roles
     assert not stopped(vms["vm2"].pid)  # running here, as it was

@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from migrator.evacuation import Candidate, Evacuation, Outcome, order, shares
+from migrator.evacuation import Candidate, Evacuation, Outcome, hands_over, order, shares
 
 MiB = 1 << 20
 
@@ -25,7 +25,9 @@ def test_the_soonest_done_go_first_a_hot_one_later() -> None:
 def test_shares_split_the_budget_and_converging_weighs_twice() -> None:
     assert shares(None, {"a": "initial copy"}) == {"a": None}
     assert shares(90.0, {"a": "initial copy", "b": "dirty rounds"}) == {"a": 30.0, "b": 60.0}
-    assert shares(100.0, {"a": "connecting", "b": "verifying"}) == {"a": 50.0, "b": 50.0}
+    assert shares(100.0, {"a": "connecting", "b": "initial copy"}) == {"a": 50.0, "b": 50.0}
+    got = shares(100.0, {"a": "initial copy", "b": "verifying"})  # (8 bytes a block)
+    assert got["a"] > 90 and got["b"] < 10
     assert sum(shares(100.0, {"a": "switchover", "b": "x", "c": "y"}).values()) == 100.0
 
 
@@ -44,6 +46,26 @@ def test_spread_over_the_least_loaded_and_retry_elsewhere() -> None:
     assert "failed on A, B: bad disk" in ev.vms["v1"].why_here
     ev.finished("v3", Outcome.UNSETTLED, "cut")
     assert ev.done and ev.next_start() is None
+
+
+def test_a_migration_hands_its_place_over_near_its_end() -> None:
+    st = {"phase": "initial copy", "data_bytes": 400_000_000, "bytes_sent": 100_000_000}
+    assert not hands_over(st, 100.0)  # 3 s left
+    assert hands_over({**st, "bytes_sent": 350_000_000}, 100.0)  # 0.5 s left
+    assert not hands_over({**st, "bytes_sent": 350_000_000}, None)  # (no rate known)
+    assert not hands_over({**st, "phase": "dirty rounds", "bytes_sent": 399_000_000}, 100.0)
+    assert hands_over({"phase": "verifying"}, None)  # its VM runs at the destination
+
+
+def test_a_vm_switched_over_frees_its_place() -> None:
+    ev = Evacuation([vm("v1", 1), vm("v2", 2), vm("v3", 3)], ["A"], parallel=1)
+    ev.next_start()
+    assert ev.next_start() is None
+    ev.release("v1")  # verifying: its VM runs at A
+    assert ev.next_start() == (ev.vms["v2"].candidate, "A")
+    assert sorted(ev.running()) == ["v1", "v2"] and ev.holding() == ["v2"]
+    ev.finished("v1", Outcome.MOVED)
+    assert ev.next_start() is None  # v2 holds the one place
 
 
 def test_stop_leaves_the_queued_here_and_the_running_run() -> None:
@@ -92,6 +114,11 @@ class EvacuationHistory(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.ev.running())))
         self.ev.finished(name, outcome, "why", dest_down=down)
 
+    @precondition(lambda self: bool(self.ev.running()))
+    @rule(data=st.data())
+    def switch_over(self, data: st.DataObject) -> None:
+        self.ev.release(data.draw(st.sampled_from(sorted(self.ev.running()))))
+
     @rule()
     def stop(self) -> None:
         self.ev.stop()
@@ -99,7 +126,8 @@ class EvacuationHistory(RuleBasedStateMachine):
     @invariant()
     def held(self) -> None:
         running = self.ev.running()
-        assert len(running) <= self.ev.parallel
+        assert len(self.ev.holding()) <= self.ev.parallel
+        assert self.ev.released <= set(running)
         for name, v in self.ev.vms.items():
             assert (v.outcome is None) or name not in running  # settled means not running
             assert (name in self.ev.queue) + (name in running) <= 1
