@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--give-up", action="store_true",
                     help="an incoming post-copy's blocks that are still absent will never "
                     "come (the source died before spilling them): make them errors (EIO) "
-                    "instead of waits")
+                    "instead of waits (every running post-copy's, or --migration's)")
+    sp.add_argument("--migration", metavar="ID",
+                    help="with --give-up: only this post-copy (its id: blkfs spill --json)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -590,7 +592,7 @@ def cmd_thaw(a: argparse.Namespace) -> int:
 def cmd_spill(a: argparse.Namespace) -> int:
     with ControlClient.for_mount(a.mountpoint) as c:
         if a.give_up:
-            n = c.call(cp.LazyGiveUp()).count
+            n = c.call(cp.LazyGiveUp(a.migration)).count
             print(f"blkfs: gave up {n} absent blocks: reads of them fail with EIO; the files "
                   "of that migration are incomplete")
             return 0
@@ -598,7 +600,11 @@ def cmd_spill(a: argparse.Namespace) -> int:
     if a.json:
         _print_json(cp.to_dict(r))
         return 0
-    if not r.exists:
+    if not r.exists and r.postcopy is not None and r.postcopy.remaining == 0 and not (
+            r.postcopy.missing_count):
+        print(f"spill area {r.path}: gone (its post-copy completed, and the source removed "
+              "it)")
+    elif not r.exists:
         print(f"{r.path}: {r.error}")
     else:
         print(f"spill area {r.path} (migration {r.migration}): {r.slots} slots of "

@@ -94,9 +94,12 @@ class Controller:
         claim = self.claims.pop(conn, None)
         if claim is not None:
             log.info("migration %s: its migrator closed the connection", claim.migration)
-            pc = self.lazy.current  # (its migration's, or the last claim's if none says)
-            if pc is not None and (pc.migration == claim.migration or not self.claims):
-                self.lazy.orphan("its migrator went away")
+            # The post-copies over its files (all of them if it claimed the whole mount, or
+            # if no claim is left)
+            mine = {os.path.normpath(f) for f in claim.files}
+            self.lazy.orphan("its migrator went away", None if not mine or not self.claims else [
+                mid for mid, pc in self.lazy.running.items()
+                if mine & {os.path.normpath(lf.rel) for lf in pc.files.values()}])
 
     # -- helpers -------------------------------------------------------------
 
@@ -151,12 +154,13 @@ class Controller:
                 **self._postcopy_state()}
 
     def _postcopy_state(self) -> dict[str, Any]:
-        pc = self.lazy.current
-        if pc is None:
+        pcs = list(self.lazy.running.values())
+        if not pcs:
             return {}
-        return {"postcopy_absent": pc.remaining,
-                "postcopy_missing": sum(len(lf.missing) for lf in pc.files.values()),
-                "postcopy_paused": pc.paused}
+        return {"postcopy_absent": sum(pc.remaining for pc in pcs),
+                "postcopy_missing": sum(len(lf.missing) for pc in pcs
+                                        for lf in pc.files.values()),
+                "postcopy_paused": next((pc.paused for pc in pcs if pc.paused), None)}
 
     def op_info(self, req: cp.Info, conn: Connection) -> cp.InfoReply:
         return cp.InfoReply(**self.info_reply())
@@ -256,7 +260,7 @@ class Controller:
         return cp.Remaining(pc.remaining)
 
     def op_lazy_refs(self, req: cp.LazyRefs, conn: Connection) -> cp.Remaining:
-        pc = self.lazy.require()
+        pc = self.lazy.require(req.migration)
         try:
             pc.add_refs(unpack_refs(req.data))
         except ValueError as exc:
@@ -264,7 +268,7 @@ class Controller:
         return cp.Remaining(pc.remaining)
 
     def op_lazy_install(self, req: cp.LazyInstall, conn: Connection) -> cp.Installed:
-        pc = self.lazy.require()
+        pc = self.lazy.require(req.migration)
         try:
             n = pc.install_fetched(req.file_id, req.first_block, req.data)
         except ValueError as exc:
@@ -272,26 +276,28 @@ class Controller:
         return cp.Installed(n, pc.remaining)
 
     async def op_lazy_wait(self, req: cp.LazyWait, conn: Connection) -> cp.News:
-        return await self.lazy.require().wait_news(req.timeout)
+        return await self.lazy.require(req.migration).wait_news(req.timeout)
 
     def op_lazy_report(self, req: cp.LazyReport, conn: Connection) -> cp.LazyReportReply:
-        pc = self.lazy.require()
+        pc = self.lazy.require(req.migration)
         return cp.LazyReportReply(pc.report(), pc.digests() if req.digests else ())
 
     async def op_lazy_source_lost(self, req: cp.LazySourceLost,
                                   conn: Connection) -> cp.SourceLostReply:
-        pc = self.lazy.require()
-        self.lazy.orphan("the source is out of reach")
+        pc = self.lazy.require(req.migration)
+        self.lazy.orphan("the source is out of reach", [pc.migration])
         found, news = await pc.lose_source()
         return cp.SourceLostReply(found, news)
 
     def op_lazy_give_up(self, req: cp.LazyGiveUp, conn: Connection) -> cp.Count:
-        return cp.Count(self.lazy.require().give_up("given up by request"))
+        pcs = ([self.lazy.require(req.migration)] if req.migration is not None else
+               [pc for pc in self.lazy.running.values() if not pc.done])
+        return cp.Count(sum(pc.give_up("given up by request") for pc in pcs))
 
     def op_lazy_reattach(self, req: cp.LazyReattach, conn: Connection) -> cp.Reattached:
-        pc = self.lazy.require()
-        if pc.migration != req.migration:
-            raise ControlError(f"the post-copy here is {pc.migration}, not {req.migration}")
+        pc = self.lazy.running.get(req.migration)
+        if pc is None:
+            raise ControlError(f"no post-copy {req.migration} on this mount")
         if conn not in self.claims:
             raise ControlError("lazy_reattach: claim the mount on this connection first")
         pc.reattach()

@@ -366,6 +366,7 @@ class LazyRefs(Request):
     OP = "lazy_refs"
     Reply = Remaining
     data: bytes
+    migration: str | None = None  # which post-copy (none: the only one running)
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,7 @@ class LazyInstall(Request):
     file_id: int
     first_block: int
     data: bytes
+    migration: str | None = None  # which post-copy (none: the only one running)
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,7 @@ class LazyWait(Request):
     OP = "lazy_wait"
     Reply = News
     timeout: float = 1.0
+    migration: str | None = None  # which post-copy (none: the only one running)
 
     def check(self) -> None:
         if self.timeout > LAZY_WAIT_MAX:
@@ -422,6 +425,7 @@ class LazyReport(Request):
     OP = "lazy_report"
     Reply = LazyReportReply
     digests: bool = False
+    migration: str | None = None  # which post-copy (none: the only one running)
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,7 @@ class LazySourceLost(Request):
 
     OP = "lazy_source_lost"
     Reply = SourceLostReply
+    migration: str | None = None  # which post-copy (none: the only one running)
 
 
 @dataclass(frozen=True)
@@ -445,6 +450,7 @@ class LazyGiveUp(Request):
 
     OP = "lazy_give_up"
     Reply = Count
+    migration: str | None = None  # which post-copy (none: every one running)
 
 
 @dataclass(frozen=True)

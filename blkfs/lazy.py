@@ -70,6 +70,7 @@ class LazyFile:
     refs: dict[int, SlotRef] = field(default_factory=dict)  # block -> slot told by the source
     digests: dict[int, int] = field(default_factory=dict)  # block -> xxh3 of what was installed
     missing: set[int] = field(default_factory=set)  # absent, and no one can supply it any more
+    owner: Postcopy | None = field(default=None, repr=False)  # the post-copy it arrives by
 
     def resize(self, size: int, nblocks: int) -> None:
         """The file was truncated or extended through the mount."""
@@ -105,6 +106,7 @@ class Postcopy:
     # -- setup ---------------------------------------------------------------------
 
     def add_file(self, lf: LazyFile) -> None:
+        lf.owner = self
         self.files[lf.key] = lf
         self.by_id[lf.file_id] = lf
 
@@ -486,10 +488,11 @@ def _pct(sorted_values: list[float], q: float) -> float:
 
 
 class LazyMode:
-    """The daemon's side of post-copy: at most one incoming migration's Postcopy at a time.
+    """The daemon's side of post-copy: the incoming migrations' Postcopy, any number at once,
+    each over files of its own (a VM's), by migration id.
 
     `invalidate(key)` drops the kernel's cached pages of a file (the FUSE layer's job);
-    `nursery` (set by the mount) runs the drain.
+    `nursery` (set by the mount) runs the drains.
     """
 
     def __init__(self, block_shift: int,
@@ -498,35 +501,57 @@ class LazyMode:
         self.shift = block_shift
         self._invalidate = invalidate
         self.spill_dir = os.path.realpath(spill_dir) if spill_dir else None
-        self.current: Postcopy | None = None
+        self.running: dict[str, Postcopy] = {}  # by migration, in the order they began
         self.nursery: trio.Nursery | None = None
-        self._trackers: list[FileTracker] = []  # those whose .lazy points into `current`
+        self._trackers: dict[str, list[FileTracker]] = {}  # those whose .lazy points into each
 
-    def orphan(self, why: str) -> None:
-        """Nobody fetches for the running post-copy any more: complete it from the spill."""
-        pc = self.current
-        if pc is not None and pc.orphan(why) and self.nursery is not None:
-            self.nursery.start_soon(pc.adopt_until_settled)
+    @property
+    def current(self) -> Postcopy | None:
+        """The post-copy begun last (what `blkfs spill` shows), if any."""
+        return next(reversed(self.running.values()), None)
 
-    def require(self) -> Postcopy:
-        if self.current is None:
+    def orphan(self, why: str, migrations: list[str] | None = None) -> None:
+        """Nobody fetches for these post-copies (default: all) any more: complete them from
+        the spill."""
+        for mid, pc in list(self.running.items()):
+            if (migrations is None or mid in migrations) and pc.orphan(why) and (
+                    self.nursery is not None):
+                self.nursery.start_soon(pc.adopt_until_settled)
+
+    def require(self, migration: str | None = None) -> Postcopy:
+        """The post-copy `migration`, or the only one running when none is named."""
+        if migration is not None:
+            pc = self.running.get(migration)
+            if pc is None:
+                raise LazyError(f"no post-copy {migration} on this mount")
+            return pc
+        if not self.running:
             raise LazyError("no post-copy is running on this mount")
-        return self.current
+        live = [pc for pc in self.running.values() if not pc.done] or list(
+            self.running.values())
+        if len(live) > 1:
+            raise LazyError(f"{len(live)} post-copies run on this mount "
+                            f"({', '.join(pc.migration for pc in live)}): name one")
+        return live[-1]
 
     async def ensure(self, lf: LazyFile, offset: int, length: int) -> None:
         """Wait until the blocks that a read or write touches are present."""
         if lf.absent.count:
-            await self.require().ensure(lf, offset, length)
+            assert lf.owner is not None
+            await lf.owner.ensure(lf, offset, length)
 
     async def begin(self, backing: str, migration: str, block_size: int,
                     spill_path: str | None,
                     files: list[tuple[int, str, FileTracker, list[tuple[int, int]]]],
                     spill_key: bytes | None = None) -> Postcopy:
-        """Turn on lazy mode: these blocks are absent until installed (docs/spill.md)."""
-        if (self.current is not None and not self.current.done
-                and not self.current.given_up):
-            raise LazyError(f"post-copy {self.current.migration} is still running here "
-                            f"({self.current.remaining} blocks absent; see blkfs spill)")
+        """Turn on lazy mode for these files: these blocks are absent until installed
+        (docs/spill.md). Other post-copies go on; one still running over any of these files
+        refuses this one."""
+        for _fid, rel, tr, _ext in files:
+            old = tr.lazy.owner if tr.lazy is not None else None
+            if old is not None and not old.done and not old.given_up:
+                raise LazyError(f"{rel} is still arriving by post-copy {old.migration} "
+                                f"({old.remaining} blocks absent; see blkfs spill)")
         if block_size != 1 << self.shift:
             raise LazyError(f"the migration uses {block_size}-byte blocks, this mount "
                             f"{1 << self.shift}: mount the destination with --block-size "
@@ -535,7 +560,10 @@ class LazyMode:
             spill = SpillArea.open(spill_path, migration, spill_key) if spill_path else None
         except SpillError as exc:
             raise LazyError(str(exc)) from None
-        self.close()
+        keys = {tr.key for _f, _r, tr, _e in files}
+        for mid, pc in list(self.running.items()):  # those finished, given up over these
+            if mid == migration or pc.done or keys & set(pc.files):  # files, or begun again
+                self.close(mid)
         pc = Postcopy(migration, block_size, spill)
         try:
             for file_id, rel, tr, extents in files:
@@ -549,25 +577,27 @@ class LazyMode:
         except BaseException:
             pc.close()
             raise
-        self.current = pc
+        self.running[migration] = pc
         if spill_path:
             self.spill_dir = os.path.realpath(spill_path)
+        trackers = self._trackers[migration] = []
         for file_id, _rel, tr, _ext in files:  # reads wait from now on ...
             tr.lazy = pc.by_id[file_id]
-            self._trackers.append(tr)
+            trackers.append(tr)
         for lf in pc.files.values():  # ... and none is answered from the page cache
             await self._invalidate(lf.key)
         if self.nursery is not None:
             self.nursery.start_soon(pc.drain_forever)
-        log.info("post-copy %s: %d absent blocks in %d files, spill %s", migration,
-                 pc.remaining, len(files), spill_path)
+        log.info("post-copy %s: %d absent blocks in %d files, spill %s (%d post-copies here)",
+                 migration, pc.remaining, len(files), spill_path, len(self.running))
         return pc
 
-    def close(self) -> None:
-        """End the current post-copy (done, or the mount goes away)."""
-        for tr in self._trackers:
-            tr.lazy = None
-        self._trackers.clear()
-        if self.current is not None:
-            self.current.close()
-            self.current = None
+    def close(self, migration: str | None = None) -> None:
+        """End a post-copy (default: every one; done, or the mount goes away)."""
+        for mid in [migration] if migration is not None else list(self.running):
+            pc = self.running.pop(mid, None)
+            for tr in self._trackers.pop(mid, []):
+                if tr.lazy is not None and tr.lazy.owner is pc:
+                    tr.lazy = None
+            if pc is not None:
+                pc.close()

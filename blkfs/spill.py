@@ -351,6 +351,21 @@ class SpillArea:
             except OSError:
                 pass
 
+    def discard(self) -> None:
+        """Close and remove this area: its files and its directory, nothing else (a
+        migration that ended either way: nobody will read it)."""
+        self.close()
+        for name in (MANIFEST_NAME, FLUSHED_NAME, HEADERS_NAME, SLOTS_NAME, INSTALLED_NAME,
+                     MANIFEST_NAME + ".tmp", FLUSHED_NAME + ".tmp"):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass  # (something else in it: not ours to remove)
+
     # -- writer (source) ------------------------------------------------------------
 
     def _header_at(self, slot: int, h: SlotHeader) -> None:

@@ -185,8 +185,9 @@ def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
                     "destination, resume it at once and move them through the spill area; "
                     f"'auto': only when pre-copy stops converging (default {defaults.POSTCOPY})")
     pc.add_argument("--spill", metavar="DIR",
-                    help="the spill area, on storage both hosts reach (NFS, CephFS, "
-                    "GlusterFS; any local directory on one machine); default "
+                    help="where spill areas go, on storage both hosts reach (NFS, CephFS, "
+                    "GlusterFS; any local directory on one machine): each migration's is a "
+                    "directory of its own in DIR, removed when it is done; default "
                     f"{defaults.SPILL_DIR}")
     pc.add_argument("--spill-slots", type=whole_number, default=defaults.SPILL_SLOTS, metavar="N",
                     help="slots in the spill area, one block each (default "
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reattach")
     _io_timeout_flag(s)
     s.add_argument("--spill", metavar="DIR",
-                   help="post-copy: where this host sees the spill area (default: the path the "
+                   help="post-copy: where this host sees the sources' --spill DIR (each "
+                   "migration's area is a directory of its own in it; default: the path the "
                    "source announces, which is right on one machine or a same-path mount)")
     _bench_flags(s)
 

@@ -360,6 +360,18 @@ class SourcePostcopy:
 # -- destination ----------------------------------------------------------------------------
 
 
+def _dest_spill_path(override: str | None, announce: p.Postcopy) -> str:
+    """Where this host sees the announced area: `serve --spill DIR` is where it sees the
+    source's --spill DIR, and each migration's area is a directory of its own in it (a
+    source of an older version wrote its area into DIR itself)."""
+    if override is None:
+        return announce.spill
+    if "/" in announce.migration or announce.migration in ("", ".", ".."):
+        return override  # (not a name: never a path out of DIR)
+    own = os.path.join(override, announce.migration)
+    return own if os.path.isdir(own) else override
+
+
 class DestPostcopy:
     """The destination's bridge: migration connection <-> lazy mode of its blkfs daemon.
 
@@ -374,7 +386,7 @@ class DestPostcopy:
         self.ch = ch
         self.announce = announce
         self.block_size = block_size
-        self.spill_path = spill_override or announce.spill
+        self.spill_path = _dest_spill_path(spill_override, announce)
         self.spill_key = spill_key(ch.key, announce.migration)  # all the daemon gets of it
         self.absent: dict[int, list[Extent]] = {}
         self.absent_done = trio.Event()  # every Absent frame is in
@@ -444,7 +456,7 @@ class DestPostcopy:
 
     async def refs(self, ev: p.SpillRefs) -> None:
         if self.spill_usable:
-            await self._call(self.ctl, cp.LazyRefs(pack_refs(ev.refs)))
+            await self._call(self.ctl, cp.LazyRefs(pack_refs(ev.refs), self.announce.migration))
             return
         # No spill here: fetch those pages instead, and free their slots at once.
         by_file: dict[int, list[int]] = {}
@@ -456,7 +468,8 @@ class DestPostcopy:
     async def install(self, ev: p.Blocks) -> None:
         """A fetched block (a read waits for it): on its own connection, off the event
         handler's queue."""
-        await self._call(self.inst, cp.LazyInstall(ev.file_id, ev.first_block, ev.data))
+        await self._call(self.inst, cp.LazyInstall(ev.file_id, ev.first_block, ev.data,
+                                                         self.announce.migration))
 
     async def _fetch(self, by_file: dict[int, list[int]]) -> None:
         limit = max(1, p.MAX_BLOCKS_DATA // self.block_size)
@@ -467,7 +480,7 @@ class DestPostcopy:
     async def pump(self) -> None:
         """Carry the daemon's wants and frees to the source until every block is installed."""
         while True:
-            news = await self._call(self.poll, cp.LazyWait(timeout=1.0))
+            news = await self._call(self.poll, cp.LazyWait(1.0, self.announce.migration))
             assert isinstance(news, cp.News)
             by_file: dict[int, list[int]] = {}
             for fid, b in news.wanted:
@@ -485,7 +498,7 @@ class DestPostcopy:
         await self.ch.send(p.PostcopyDone(to_wire(self.stats)))
 
     async def _report(self, client: AsyncControlClient | None) -> None:
-        rep = await self._call(client, cp.LazyReport(digests=True))
+        rep = await self._call(client, cp.LazyReport(True, self.announce.migration))
         assert isinstance(rep, cp.LazyReportReply)
         self.stats, self.digests = rep.stats, rep.digests
         if self.on_digests is not None:
@@ -497,12 +510,12 @@ class DestPostcopy:
         (pages found in the area at once, the news at the end)."""
         ctl = await self._connect()
         try:
-            out = await self._call(ctl, cp.LazySourceLost())
+            out = await self._call(ctl, cp.LazySourceLost(self.announce.migration))
             assert isinstance(out, cp.SourceLostReply)
             news = out.news
             with trio.move_on_after(wait):
                 while not news.done and not news.missing_count:
-                    got = await self._call(ctl, cp.LazyWait(timeout=1.0))
+                    got = await self._call(ctl, cp.LazyWait(1.0, self.announce.migration))
                     assert isinstance(got, cp.News)
                     news = got
             await self._report(ctl)
@@ -514,7 +527,7 @@ class DestPostcopy:
         """This host will not run the VM: its absent blocks are missing for good (EIO)."""
         ctl = await self._connect()
         try:
-            await self._call(ctl, cp.LazyGiveUp())
+            await self._call(ctl, cp.LazyGiveUp(self.announce.migration))
         finally:
             await ctl.aclose()
 

@@ -203,10 +203,10 @@ class Source:
         mem_rels = memory_files(rels, self.opts.memory_files, self.opts.mount)
         self.memory_ids = {f.file_id for f in self.files if f.rel in mem_rels}
         self.report.postcopy_files = sorted(mem_rels)
-        path = self.opts.spill_dir
-        assert path is not None
+        assert self.opts.spill_dir is not None
         try:
-            spill_id = str(uuid.uuid4())
+            spill_id = str(uuid.uuid4())  # a directory of its own in --spill: many at once
+            path = os.path.join(self.opts.spill_dir, spill_id)
             self.spill = SpillArea.create(path, spill_id, self.block_size,
                                           self.opts.spill_slots,
                                           {f.file_id: f.rel for f in self.files},
@@ -629,8 +629,9 @@ class Source:
             self._bytes_by_phase(time.monotonic())
             if self.ch is not None:
                 await self.ch.aclose()
-            if self.spill is not None:
-                self.spill.close()
+            if self.spill is not None:  # kept only for a destination that may still read it
+                (self.spill.discard if r.status == "completed" or not self.handed_off
+                 else self.spill.close)()
             if self.store is not None:
                 self.store.close()
             if self.opts.report_path:

@@ -148,6 +148,39 @@ async def test_lazy_begin_refuses_another_block_size(tmp_path: Path) -> None:
     c.lazy.close()
 
 
+async def test_two_post_copies_at_once_each_over_its_own_files(tmp_path: Path) -> None:
+    """Two VMs arriving by post-copy into one mount: each op names its post-copy and touches
+    only it; one over a file that is still arriving is refused; the claims' close orphans only
+    the post-copy over its own files."""
+    from blkfs.control import Connection
+
+    c = controller(tmp_path)
+    for vm in ("vm1", "vm2"):
+        (tmp_path / "b" / vm).mkdir()
+        (tmp_path / "b" / vm / "vm.mem").write_bytes(b"\0" * 4 * 4096)
+    one, two = Connection(1), Connection(2)
+    assert await c.dispatch(cp.Claim("m1", "serve", ("vm1/vm.mem",)), one) == cp.Claimed("m1")
+    assert await c.dispatch(cp.Claim("m2", "serve", ("vm2/vm.mem",)), two) == cp.Claimed("m2")
+    for mid, vm in (("p1", "vm1"), ("p2", "vm2")):
+        got = await c.dispatch(cp.LazyBegin(mid, 4096, None, (
+            cp.LazyFileSpec(0, f"{vm}/vm.mem", ((0, 4),)),)))
+        assert got == cp.Remaining(4), got
+    again = await c.dispatch(cp.LazyBegin("p3", 4096, None, (
+        cp.LazyFileSpec(0, "vm1/vm.mem", ((0, 1),)),)))
+    assert isinstance(again, cp.ControlError) and "still arriving by post-copy p1" in str(again)
+    unnamed = await c.dispatch(cp.LazyWait(timeout=0))
+    assert isinstance(unnamed, cp.ControlError) and "2 post-copies" in str(unnamed)
+    assert await c.dispatch(cp.LazyInstall(0, 0, b"\2" * 4 * 4096, "p2")) == cp.Installed(4, 0)
+    assert (await c.dispatch(cp.LazyWait(0, "p2"))).done
+    assert (await c.dispatch(cp.LazyWait(0, "p1"))).remaining == 4  # untouched
+    assert (await c.dispatch(cp.Info())).postcopy_absent == 4
+    c.closed(one)  # vm1's migrator went away: its post-copy alone goes on from the spill
+    assert c.lazy.running["p1"].paused and c.lazy.running["p2"].paused is None
+    assert (await c.dispatch(cp.LazyGiveUp())).count == 4  # every one still running
+    c.lazy.close()
+    assert not c.lazy.running
+
+
 async def test_one_migration_at_a_time_per_vm(tmp_path: Path) -> None:
     """A claim holds its files as long as its connection: another VM's files go at once, a
     claim of any of the same files is refused, naming the file and who holds it, until the

@@ -389,7 +389,7 @@ class TwoVMs:
     `release()`; `close()` releases it and stops the stand-in VMs."""
 
     def __init__(self, mount_factory: Callable[..., Mount], key: Path,
-                 servers: list[Server], tmp_path: Path) -> None:
+                 servers: list[Server], tmp_path: Path, *serve_args: str) -> None:
         self.src, self.dst = together(*(
             lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing", mnt=tmp_path / n)
             for n in ("src", "dst")))
@@ -399,12 +399,14 @@ class TwoVMs:
         self.ready, self.go = tmp_path / "ready", tmp_path / "go"
         self.hold = (f"cmd:touch {self.ready}; while [ ! -e {self.go} ]; do sleep 0.02; done; "
                      f"kill -STOP {self.vms[0].pid}::kill -CONT {self.vms[0].pid}")
-        self.serve = Server(self.dst, key, once=False)
+        self.serve = Server(self.dst, key, *serve_args, once=False)
         servers.append(self.serve)
 
-    def start(self, vm: str, suspend: str, *extra: str) -> subprocess.Popen[str]:
+    def start(self, vm: str, suspend: str, *extra: str,
+              port: int | None = None) -> subprocess.Popen[str]:
         return subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(self.src.mnt), "--to",
-                                 f"127.0.0.1:{self.serve.port}", "--key-file", str(self.key),
+                                 f"127.0.0.1:{port or self.serve.port}", "--key-file",
+                                 str(self.key),
                                  f"{vm}/disk.raw", f"{vm}/vm.mem", "--suspend", suspend,
                                  *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -449,36 +451,62 @@ def test_two_vms_migrate_at_once_from_one_mount_into_one_serve(
     assert roles == [("vm1", "owner"), ("vm2", "owner")], roles
 
 
-def test_a_migration_killed_beside_another_in_one_serve_ends_only_itself(
+BYSTANDER_FAULTS = ["kill -9", "Ctrl-C", "tampered frame", "link cut",
+                    "its VM fails to start"]
+
+
+@pytest.mark.parametrize("fault", BYSTANDER_FAULTS)
+def test_a_migration_that_fails_beside_another_in_one_serve_ends_only_itself(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
-        tmp_path: Path) -> None:
-    """A bystander: vm1's migration is held at its switchover while vm2's, through the same
-    serve, is killed -9 mid-copy. vm1's completes and verifies; vm2 keeps running at the
-    source with its files as they were, its copy on the destination not runnable."""
-    t = TwoVMs(mount_factory, key, servers, tmp_path)
+        tmp_path: Path, fault: str) -> None:
+    """The fault matrix's cells for a bystander: vm1's migration is held at its switchover
+    while vm2's, through the same serve, fails (its source killed -9 or interrupted mid-copy,
+    a frame of it tampered with, its link cut, its VM failing to start at the destination).
+    vm1's completes and verifies; vm2 keeps running at the source with its files as they
+    were, its copy on the destination not runnable."""
+    from .test_mitm import Proxy
+
+    t = TwoVMs(mount_factory, key, servers, tmp_path,
+               *(("--resume-cmd", '[ "$MIGRATOR_VM" != vm2 ] || { echo no such VM >&2; '
+                  'exit 3; }') if fault == "its VM fails to start" else ()))
     with open(t.src.mnt / "vm2" / "disk.raw", "ab") as f:  # (long enough to be cut mid-copy)
         f.write(os.urandom(24 << 20))
     t.before["vm2/disk.raw"] = digest(t.src.mnt / "vm2" / "disk.raw")
+    proxy = Proxy(t.serve.port, "flip" if fault == "tampered frame" else None)
     try:
         m1 = t.start_held()
         status = tmp_path / "vm2.status"
-        m2 = t.start("vm2", f"pid:{t.vms[1].pid}", "--bandwidth", "8", "--status-file",
-                     str(status))
-        wait_mid_copy(status, m2)
-        m2.kill()
-        m2.communicate()
+        m2 = t.start("vm2", f"pid:{t.vms[1].pid}", "--status-file", str(status),
+                     *(("--bandwidth", "8") if fault in ("kill -9", "Ctrl-C", "link cut")
+                       else ()), port=proxy.port)
+        if fault in ("kill -9", "Ctrl-C", "link cut"):
+            wait_mid_copy(status, m2)
+        if fault == "kill -9":
+            m2.kill()
+        elif fault == "Ctrl-C":
+            m2.send_signal(signal.SIGINT)
+        elif fault == "link cut":
+            for sk in proxy.socks:
+                sk.shutdown(socket.SHUT_RDWR)
+        _, err2 = m2.communicate(timeout=120)
+        assert m2.returncode != 0, err2
+        if fault != "kill -9":
+            assert err2.strip().splitlines()[-1].startswith("migrator: error: "), err2
         t.release()
         _, err1 = m1.communicate(timeout=120)
         assert m1.returncode == 0, err1
         assert t.vms[1].poll() is None and not stopped(t.vms[1].pid)  # vm2 runs on, here
     finally:
         t.close()
+        proxy.close()
     for rel, d in t.before.items():
         assert digest(t.src.mnt / rel) == d, rel  # the source's files as they were
     for rel in ("vm1/disk.raw", "vm1/vm.mem"):
         assert digest(t.dst.mnt / rel) == t.before[rel], rel
     roles = dict((r["name"], r["role"]) for r in vm_records(t.dst))
     assert roles == {"vm1": "owner", "vm2": "incomplete"}, roles
+    assert {r["name"]: r["role"] for r in vm_records(t.src)} == {
+        "vm1": "retired", "vm2": "owner"}
 
 
 def test_garbage_from_a_fake_destination(hosts: tuple[Mount, Mount], key: Path,
