@@ -217,8 +217,9 @@ def _reporting_flags(parser: argparse.ArgumentParser, *, when: str = "",
     if status_file:
         g.add_argument("--status-file", metavar="PATH",
                        help="keep a JSON status (phase, round, dirty blocks, bytes, expected "
-                       "downtime) current in PATH, and leave the last one there (default: in "
-                       "the runtime directory, removed at the end; 'migrator status' reads it)")
+                       "downtime) current in PATH too, and leave the last one there (always: "
+                       "in the runtime directory, removed at the end; 'migrator status' reads "
+                       "it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "running ones")
     st.add_argument("--json", action="store_true", help="print the status documents as JSON")
 
+    ID_HELP = ("the migration: its id (or the first 8 characters of it), its pid or its VM's "
+               "name, as 'migrator status' shows them (default: the only one running)")
+    c = sub.add_parser("cancel", help="stop a running migrate (or sync) of this host",
+                       description="Stops a running migration through its control socket. "
+                       "Before its Commit it stops at once and its VM runs on here, as after "
+                       "Ctrl-C; past its Commit it finishes (the VM may already run at the "
+                       "destination), unless --force. A sync stops as on SIGTERM: its replica "
+                       "keeps its last whole epoch.")
+    c.add_argument("id", nargs="?", metavar="ID", help=ID_HELP)
+    c.add_argument("--force", action="store_true",
+                   help="past its Commit too: its VM's copy here stays suspended and the "
+                   "handoff unsettled ('migrator resolve' settles it)")
+    se = sub.add_parser("set", help="change a running migrate: its bandwidth cap",
+                        description="Changes a running migration through its control socket, "
+                        "within a second: shown on its live line and status, and in its "
+                        "report (bandwidth_steps).")
+    se.add_argument("id", nargs="?", metavar="ID", help=ID_HELP)
+    se.add_argument("--bandwidth", required=True, type=_cap, metavar="MB/s|none",
+                    help="the new cap, or 'none' for no cap")
+
     k = sub.add_parser("keygen", help="write a new shared key file (mode 0600) to copy to "
                        "both hosts")
     k.add_argument("file", metavar="FILE", help="where to write it, e.g. /etc/migrator.key")
@@ -372,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-copy the memory through a spill area (with a VM that writes "
                    "memory faster than the link, so pre-copy alone would not converge)")
     return ap
+
+
+def _cap(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else positive(text)
 
 
 def _at_least_one(text: str) -> int:
@@ -487,17 +512,21 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signals, nursery.cancel_scope, src, console)
             nursery.start_soon(LiveProgress(src.progress, console).run)
-            nursery.start_soon(partial(keep_status_file, extra={
-                "mount": os.path.abspath(a.mount), "to": a.to}), src.progress, src.report,
-                status_path)
-            await nursery.start(serve_steering, steering_socket(_own_status_file()),
-                                partial(_steer_source, src, nursery.cancel_scope))
+            for path in status_paths:  # (the runtime dir's: 'migrator status', set, cancel)
+                nursery.start_soon(partial(keep_status_file, extra={
+                    "mount": os.path.abspath(a.mount), "to": a.to}), src.progress, src.report,
+                    path)
+            run = trio.CancelScope()  # (a cancel through the socket: not its own answer's)
+            await nursery.start(serve_steering, steering_socket(status_paths[0]),
+                                partial(_steer_source, src, run))
             try:
-                await src.run()
+                with run:
+                    await src.run()
             finally:
                 nursery.cancel_scope.cancel()
 
-    status_path = os.path.abspath(a.status_file) if a.status_file else _own_status_file()
+    status_paths = [_own_status_file(), *([os.path.abspath(a.status_file)] if a.status_file
+                                          else [])]
     try:
         trio.run(main)
     except Exception:
@@ -505,9 +534,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             raise
         # The report's error is the whole story (e.g. where the VM runs and how to settle it)
     finally:
-        if not a.status_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(status_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(status_paths[0])  # (--status-file's stays: its last status)
         if src.report.files:  # got past the handshake: there is something to summarize
             print_summary(src.report, out_console())
         if a.report:
@@ -525,6 +553,7 @@ def _steer_source(src: Any, scope: trio.CancelScope, req: Any) -> dict[str, Any]
     if isinstance(req, Cancel):
         if req.unless_committed and src.handoff is not None and src.handoff.commit_sent:
             return {"ok": True, "cancelled": False, "why": "past its Commit: it finishes"}
+        src.cancelled_by = "cancelled ('migrator cancel', or its evacuation stopped)"
         scope.cancel()
         return {"ok": True, "cancelled": True}
     src.set_bandwidth(req.mb_s)
@@ -797,6 +826,100 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _running_docs() -> list[dict[str, Any]]:
+    """The status documents of this host's running migrations and syncs (their processes
+    alive)."""
+    import json
+
+    from blkfs.runtime import process_gone
+
+    from .report import RUNNING
+
+    d = _status_dir()
+    docs = []
+    for n in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+        if not n.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(d, n)) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        pid = doc.get("pid") if isinstance(doc, dict) else None
+        if isinstance(pid, int) and not process_gone(pid) and doc.get("status") in RUNNING:
+            docs.append(doc)
+    return docs
+
+
+def _one_running(ident: str | None, what: str) -> dict[str, Any]:
+    docs = _running_docs()
+    if ident:
+        docs = [d for d in docs if ident in (str(d.get("pid")), d.get("vm"))
+                or (len(ident) >= 8 and str(d.get("migration") or "").startswith(ident))]
+    if len(docs) == 1:
+        return docs[0]
+    if not docs:
+        raise MigrationError(f"no running migration {'matches ' + ident if ident else 'here'}"
+                             f" to {what} ('migrator status' lists them)")
+    listed = ", ".join(f"{str(d.get('migration'))[:8]} ({d.get('vm') or '?'}, pid "
+                       f"{d.get('pid')})" for d in docs)
+    raise MigrationError(f"{len(docs)} migrations run here: {listed}; name one")
+
+
+def _steer(doc: dict[str, Any], request: bytes) -> dict[str, Any]:
+    from .steering import steer
+
+    sock = steering_socket(os.path.join(_status_dir(), f"{doc['pid']}.json"))
+    try:
+        answer = trio.run(steer, sock, request)
+    except (OSError, ValueError, trio.TooSlowError) as exc:
+        raise MigrationError(f"migration {str(doc.get('migration'))[:8]} (pid {doc['pid']}) "
+                             f"does not answer on {sock}: {exc}") from None
+    if not answer.get("ok"):
+        raise MigrationError(f"migration {str(doc.get('migration'))[:8]}: "
+                             f"{answer.get('error')}")
+    return answer
+
+
+def _named(doc: dict[str, Any]) -> str:
+    return (f"migration {str(doc.get('migration'))[:8]}"
+            + (f" of {doc['vm']}" if doc.get("vm") else "") + f" (pid {doc.get('pid')})")
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    from .steerproto import cancel
+
+    doc = _one_running(a.id, "cancel")
+    if doc.get("kind") == "sync":
+        os.kill(doc["pid"], signal.SIGTERM)
+        print(f"migrator cancel: asked the sync {_named(doc)} to stop: its replica keeps its "
+              "last whole epoch")
+        return 0
+    answer = _steer(doc, cancel(unless_committed=not a.force))
+    if answer.get("cancelled"):
+        print(f"migrator cancel: {_named(doc)} stopped"
+              + ("" if a.force else ": before its Commit, its VM runs on here"))
+        return 0
+    print(f"migrator cancel: {_named(doc)} is past its Commit and finishes (its VM may already "
+          "run at the destination); --force stops it anyway, leaving it unsettled")
+    return 1
+
+
+def cmd_set(a: argparse.Namespace) -> int:
+    from .steerproto import set_bandwidth
+
+    doc = _one_running(a.id, "change")
+    if doc.get("kind") == "sync":
+        raise MigrationError(f"the sync {_named(doc)} takes its cap at its start: stop it "
+                             "and start it with --bandwidth")
+    was = doc.get("bandwidth_cap_mb_s")
+    _steer(doc, set_bandwidth(a.bandwidth))
+    print(f"migrator set: {_named(doc)}: bandwidth cap "
+          f"{'none' if was is None else f'{was:g} MB/s'} -> "
+          f"{'none' if a.bandwidth is None else f'{a.bandwidth:g} MB/s'}")
+    return 0
+
+
 def cmd_resolve(a: argparse.Namespace) -> int:
     from .options import tcp_connect
     from .ownership import describe
@@ -870,7 +993,8 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "sync": cmd_sync,
-            "evacuate": cmd_evacuate, "status": cmd_status,
+            "evacuate": cmd_evacuate, "status": cmd_status, "cancel": cmd_cancel,
+            "set": cmd_set,
             "resolve": cmd_resolve, "demo": cmd_demo, "keygen": cmd_keygen}
 
 

@@ -47,6 +47,8 @@ class Progress:
     spill_flushed: bool = False  # post-copy: every remaining page is in the spill area
     expected_downtime_ms: float | None = None  # the last set at the measured bandwidth
     throttle_pct: int = 0  # auto-converge: how much the VM is slowed now
+    cap_mb_s: float | None = None  # the bandwidth cap now (--bandwidth, migrator set)
+    vm_name: str = ""
 
     @property
     def sent(self) -> int:
@@ -245,7 +247,8 @@ def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> d
     """What `migrator status` shows: query-migrate's fields, in the report's words."""
     sent = progress.sent
     return {
-        "migration": progress.migration, "status": report.status, "phase": progress.phase,
+        "migration": progress.migration, "vm": report.vm_name or progress.vm_name,
+        "status": report.status, "phase": progress.phase, "bandwidth_cap_mb_s": progress.cap_mb_s,
         "round": progress.round, "dirty_pages": progress.pending,
         "remaining_bytes": progress.pending * progress.page_size if progress.page_size else None,
         "bytes_sent": sent, "data_bytes": progress.total,
@@ -351,6 +354,8 @@ class LiveProgress:
                 total = p.total or None
                 info = (f"round {p.round}, {human_bytes(p.pending * p.page_size)} dirty, "
                         f"{mbps:.0f} MB/s")
+                if p.cap_mb_s:
+                    info += f" (cap {p.cap_mb_s:g})"
                 if p.throttle_pct:
                     info += f", VM slowed {p.throttle_pct} %"
                 if p.expected_downtime_ms is not None and p.phase == "dirty rounds":

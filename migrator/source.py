@@ -68,7 +68,7 @@ class Source:
         self.adapter = adapter
         self.hooks = hooks or SourceHooks()
         self.report = MigrationReport()
-        self.progress = Progress()
+        self.progress = Progress(cap_mb_s=opts.bandwidth_mb_s, vm_name=opts.vm_name or "")
         self.store: SourceFiles | None = None
         self.files: list[SourceFile] = []
         self.block_size = 0
@@ -83,6 +83,7 @@ class Source:
         self.t_resume: float | None = None
         self._compress = compressor(opts.compress) if opts.compress else None
         self.switched = False  # the destination said Resumed: the VM runs there
+        self.cancelled_by = ""  # why a cancellation came, if one did (migrator cancel)
         self.migration = str(uuid.uuid4())  # this attempt
         self.handoff: SourceHandoff | None = None  # this host's record of the VM
         self.use_postcopy = opts.postcopy == "on"  # memory goes post-copy (decided by rounds)
@@ -155,7 +156,7 @@ class Source:
 
     def set_bandwidth(self, mb_s: float | None) -> None:
         """A new cap, from now on and on any channel a reattach opens (migrator set)."""
-        self.opts.bandwidth_mb_s = mb_s
+        self.opts.bandwidth_mb_s = self.progress.cap_mb_s = mb_s
         self.report.bandwidth_steps.append((round(time.time() - self.report.started_at, 2), mb_s))
         if self.ch is not None:
             self.ch.set_limit(mb_s * 1e6 if mb_s else None)
@@ -618,7 +619,7 @@ class Source:
             r.status = "completed"
         except BaseException as exc:  # errors, Ctrl-C and cancellation alike
             r.status = "failed"
-            r.error = _message(exc)
+            r.error = self.cancelled_by or _message(exc)
             await self._fail(r.error, first_error(exc))
             raise
         finally:
@@ -627,8 +628,9 @@ class Source:
                 r.mbps = round(planner.bandwidth / 1e6, 1)
             r.bytes_sent = self.progress.sent
             self._bytes_by_phase(time.monotonic())
-            if self.ch is not None:
-                await self.ch.aclose()
+            if self.ch is not None:  # (shielded: under a cancel, the rest and the report too)
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await self.ch.aclose()
             if self.spill is not None:  # kept only for a destination that may still read it
                 (self.spill.discard if r.status == "completed" or not self.handed_off
                  else self.spill.close)()

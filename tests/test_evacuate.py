@@ -163,34 +163,43 @@ def test_ctrl_c_lets_those_past_their_commit_finish_and_starts_none(
 
 def test_bad_input_is_one_line_and_moves_nothing(three_hosts: tuple[Mount, ...], key: Path,
                                                  vms: dict[str, subprocess.Popen[bytes]],
-                                                 tmp_path: Path) -> None:
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from migrator.cli import main
+
     src = three_hosts[0]
     (src.mnt / "loose.img").write_bytes(b"x" * 4096)
     before = {n: digest(src.mnt / n / "disk.raw") for n in SIZES}
 
-    def run(*args: str, to: str = "127.0.0.1:1") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*MIGRATOR, "evacuate", "--mount", str(src.mnt), "--to", to,
-                               "--key-file", str(key), *args], capture_output=True, text=True,
-                              timeout=60)
+    def run(*args: str, to: str = "127.0.0.1:1") -> tuple[int, str, str]:
+        """In this process (the argument checks; no process start to wait for)."""
+        try:
+            rc = main(["evacuate", "--mount", str(src.mnt), "--to", to, "--key-file",
+                       str(key), *args])
+        except SystemExit as exc:  # (argparse)
+            rc = int(exc.code or 0)
+        out = capsys.readouterr()
+        return rc, out.out, out.err
 
-    r = run(to="nowhere")
-    assert r.returncode != 0 and "bad address 'nowhere'" in r.stderr, r.stderr
-    r = run(to="127.0.0.1:1,127.0.0.1:1")
-    assert r.returncode == 1 and "names a destination twice" in r.stderr
-    r = run("--vm", "vm9")
-    assert r.returncode == 1 and "no VM named vm9" in r.stderr and "vm1, vm2" in r.stderr
-    r = run("--suspend", "vm9=pid:1")
-    assert r.returncode == 1 and "--suspend names vm9" in r.stderr
-    r = run("--parallel", "0")
-    assert r.returncode == 2 and "at least 1" in r.stderr
-    r = run("--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert [ln.split(". ", 1)[1].split(" ")[0] for ln in r.stdout.splitlines()
+    rc, _, err = run(to="nowhere")
+    assert rc == 1 and "bad address 'nowhere'" in err, err
+    rc, _, err = run(to="127.0.0.1:1,127.0.0.1:1")
+    assert rc == 1 and "names a destination twice" in err
+    rc, _, err = run("--vm", "vm9")
+    assert rc == 1 and "no VM named vm9" in err and "vm1, vm2" in err
+    rc, _, err = run("--suspend", "vm9=pid:1")
+    assert rc == 1 and "--suspend names vm9" in err
+    rc, _, err = run("--parallel", "0")
+    assert rc == 2 and "at least 1" in err
+    rc, out, err = run("--dry-run")
+    assert rc == 0, err
+    assert [ln.split(". ", 1)[1].split(" ")[0] for ln in out.splitlines()
             if ". vm" in ln] == ["vm1", "vm2", "vm3", "vm4"]
-    assert "left out loose.img: not part of a VM" in r.stdout
+    assert "left out loose.img: not part of a VM" in out
     # A closed port: every VM fails before its Commit and runs on here, untouched
     suspend = [f"--suspend={n}=pid:{p.pid}" for n, p in vms.items()]
-    r = run("--vm", "vm1", "--vm", "vm2", *suspend)
+    r = subprocess.run([*MIGRATOR, "evacuate", "--mount", str(src.mnt), "--to", "127.0.0.1:1",
+                        "--key-file", str(key), "--vm", "vm1", "--vm", "vm2", *suspend],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         "migrator: error: 0 of 2 VMs moved; vm1, vm2 still run here"), r.stderr

@@ -451,59 +451,115 @@ def test_two_vms_migrate_at_once_from_one_mount_into_one_serve(
     assert roles == [("vm1", "owner"), ("vm2", "owner")], roles
 
 
+def test_a_vm_migrates_in_while_another_migrates_out_of_the_same_mount(
+        mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
+        tmp_path: Path) -> None:
+    """Each mount is a source and a destination at once: vm1 goes A -> B while vm2 goes
+    B -> A (vm1's held at its switchover until vm2's is through); both verified, each owned
+    where it went, each retired where it was."""
+    a, b = together(*(lambda n=n: mount_factory(backing=tmp_path / f"{n}-backing",
+                                                mnt=tmp_path / n) for n in ("a", "b")))
+    (a.mnt / "vm1").mkdir()
+    (b.mnt / "vm2").mkdir()
+    before = {}
+    for m, vm in ((a, "vm1"), (b, "vm2")):
+        for name, size in (("disk.raw", 8 << 20), ("vm.mem", 4 << 20)):
+            (m.mnt / vm / name).write_bytes(os.urandom(size))
+            before[f"{vm}/{name}"] = digest(m.mnt / vm / name)
+    sa, sb = Server(a, key, once=False), Server(b, key, once=False)
+    servers += [sa, sb]
+    vms = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    hold = (f"cmd:touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; "
+            f"kill -STOP {vms[0].pid}::kill -CONT {vms[0].pid}")
+    try:
+        m1 = subprocess.Popen([*MIGRATOR, "migrate", "vm1/disk.raw", "vm1/vm.mem", "--mount",
+                               str(a.mnt), "--to", f"127.0.0.1:{sb.port}", "--key-file",
+                               str(key), "--suspend", hold], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        wait_for(ready.exists, what="vm1's migration at its switchover")
+        r2 = migrate(b, sa.port, key, "vm2/disk.raw", "vm2/vm.mem", "--suspend",
+                     f"pid:{vms[1].pid}")
+        assert r2.returncode == 0, r2.stderr
+        go.touch()
+        _, err1 = m1.communicate(timeout=120)
+        assert m1.returncode == 0, err1
+    finally:
+        go.touch()
+        for vm in vms:
+            vm.kill()
+            vm.wait()
+    for rel, d in before.items():
+        assert digest((b if rel.startswith("vm1") else a).mnt / rel) == d, rel
+    assert {r["name"]: r["role"] for r in vm_records(a)} == {"vm1": "retired", "vm2": "owner"}
+    assert {r["name"]: r["role"] for r in vm_records(b)} == {"vm1": "owner", "vm2": "retired"}
+
+
 BYSTANDER_FAULTS = ["kill -9", "Ctrl-C", "tampered frame", "link cut",
                     "its VM fails to start"]
 
 
-@pytest.mark.parametrize("fault", BYSTANDER_FAULTS)
-def test_a_migration_that_fails_beside_another_in_one_serve_ends_only_itself(
+def test_migrations_that_fail_beside_another_in_one_serve_end_only_themselves(
         mount_factory: Callable[..., Mount], key: Path, servers: list[Server],
-        tmp_path: Path, fault: str) -> None:
-    """The fault matrix's cells for a bystander: vm1's migration is held at its switchover
-    while vm2's, through the same serve, fails (its source killed -9 or interrupted mid-copy,
-    a frame of it tampered with, its link cut, its VM failing to start at the destination).
-    vm1's completes and verifies; vm2 keeps running at the source with its files as they
-    were, its copy on the destination not runnable."""
+        tmp_path: Path) -> None:
+    """The fault matrix's cells for a bystander, as one history: vm1's migration is held at
+    its switchover while vm2's, through the same serve, fails again and again (its source
+    killed -9 or interrupted mid-copy, a frame of it tampered with, its link cut, its VM
+    failing to start at the destination), each attempt after the last one's failure. Each
+    time vm2 keeps running at the source with its files as they were and its copy on the
+    destination is not runnable; then vm1's completes and verifies."""
     from .test_mitm import Proxy
 
-    t = TwoVMs(mount_factory, key, servers, tmp_path,
-               *(("--resume-cmd", '[ "$MIGRATOR_VM" != vm2 ] || { echo no such VM >&2; '
-                  'exit 3; }') if fault == "its VM fails to start" else ()))
+    t = TwoVMs(mount_factory, key, servers, tmp_path, "--resume-cmd",
+               '[ "$MIGRATOR_VM" != vm2 ] || { echo no such VM >&2; exit 3; }')
     with open(t.src.mnt / "vm2" / "disk.raw", "ab") as f:  # (long enough to be cut mid-copy)
         f.write(os.urandom(24 << 20))
     t.before["vm2/disk.raw"] = digest(t.src.mnt / "vm2" / "disk.raw")
-    proxy = Proxy(t.serve.port, "flip" if fault == "tampered frame" else None)
+    proxies: list[Proxy] = []
     try:
         m1 = t.start_held()
-        status = tmp_path / "vm2.status"
-        m2 = t.start("vm2", f"pid:{t.vms[1].pid}", "--status-file", str(status),
-                     *(("--bandwidth", "8") if fault in ("kill -9", "Ctrl-C", "link cut")
-                       else ()), port=proxy.port)
-        if fault in ("kill -9", "Ctrl-C", "link cut"):
-            wait_mid_copy(status, m2)
-        if fault == "kill -9":
-            m2.kill()
-        elif fault == "Ctrl-C":
-            m2.send_signal(signal.SIGINT)
-        elif fault == "link cut":
-            for sk in proxy.socks:
-                sk.shutdown(socket.SHUT_RDWR)
-        _, err2 = m2.communicate(timeout=120)
-        assert m2.returncode != 0, err2
-        if fault != "kill -9":
-            assert err2.strip().splitlines()[-1].startswith("migrator: error: "), err2
+        for fault in BYSTANDER_FAULTS:
+            proxy = Proxy(t.serve.port, "flip" if fault == "tampered frame" else None)
+            proxies.append(proxy)
+            status = tmp_path / f"vm2-{len(proxies)}.status"
+            slow = fault in ("kill -9", "Ctrl-C", "link cut")
+            report = tmp_path / f"vm2-{len(proxies)}.json"
+            m2 = t.start("vm2", f"pid:{t.vms[1].pid}", "--status-file", str(status),
+                         "--report", str(report), *(("--bandwidth", "8") if slow else ()),
+                         port=proxy.port)
+            if slow:
+                wait_mid_copy(status, m2)
+            if fault == "kill -9":
+                m2.kill()
+            elif fault == "Ctrl-C":
+                m2.send_signal(signal.SIGINT)
+            elif fault == "link cut":
+                for sk in proxy.socks:
+                    sk.shutdown(socket.SHUT_RDWR)
+            _, err2 = m2.communicate(timeout=120)
+            assert m2.returncode != 0, (fault, err2)
+            if fault != "kill -9":  # one line, and the report says so (Ctrl-C's too)
+                last = err2.strip().splitlines()[-1]
+                assert last.startswith("migrator: error: "), err2
+                rep = json.loads(report.read_text())
+                assert rep["status"] == "failed" and rep["error"] in last, (rep["error"], last)
+            assert t.vms[1].poll() is None and not stopped(t.vms[1].pid), fault  # runs on
+            for rel in ("vm2/disk.raw", "vm2/vm.mem"):
+                assert digest(t.src.mnt / rel) == t.before[rel], (fault, rel)
+            roles = {r["name"]: r["role"] for r in vm_records(t.dst)}
+            assert roles.get("vm2") == "incomplete", (fault, roles)
+            assert {r["name"]: r["role"] for r in vm_records(t.src)}.get("vm2") == "owner"
+        assert m1.poll() is None  # held all along
         t.release()
         _, err1 = m1.communicate(timeout=120)
         assert m1.returncode == 0, err1
-        assert t.vms[1].poll() is None and not stopped(t.vms[1].pid)  # vm2 runs on, here
     finally:
         t.close()
-        proxy.close()
-    for rel, d in t.before.items():
-        assert digest(t.src.mnt / rel) == d, rel  # the source's files as they were
+        for px in proxies:
+            px.close()
     for rel in ("vm1/disk.raw", "vm1/vm.mem"):
         assert digest(t.dst.mnt / rel) == t.before[rel], rel
-    roles = dict((r["name"], r["role"]) for r in vm_records(t.dst))
+    roles = {r["name"]: r["role"] for r in vm_records(t.dst)}
     assert roles == {"vm1": "owner", "vm2": "incomplete"}, roles
     assert {r["name"]: r["role"] for r in vm_records(t.src)} == {
         "vm1": "retired", "vm2": "owner"}

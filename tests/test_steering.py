@@ -1,0 +1,124 @@
+"""`migrator set` and `migrator cancel`: a running migration steered through its control
+socket, as a person would (real mounts, real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import Mount
+from .hosts import (
+    MIGRATOR,
+    Server,
+    digest,
+    hold_until,
+    read_json,
+    stopped,
+    vm_records,
+    wait_for,
+    wait_mid_copy,
+)
+
+pytestmark = pytest.mark.mount
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MIGRATOR, *args], capture_output=True, text=True, timeout=60)
+
+
+def start(src: Mount, port: int, key: Path, vm: subprocess.Popen[bytes], tmp_path: Path,
+          *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*MIGRATOR, "migrate", "disk.raw", "vm.mem", "--mount", str(src.mnt),
+                             "--to", f"127.0.0.1:{port}", "--key-file", str(key), "--suspend",
+                             f"pid:{vm.pid}", "--status-file", str(tmp_path / "status.json"),
+                             "--report", str(tmp_path / "report.json"), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def fill(src: Mount, mib: int) -> dict[str, str]:
+    for name, size in (("disk.raw", mib << 20), ("vm.mem", 2 << 20)):
+        (src.mnt / name).write_bytes(os.urandom(size))
+    return {n: digest(src.mnt / n) for n in ("disk.raw", "vm.mem")}
+
+
+def test_set_lifts_the_cap_of_a_running_migration(hosts: tuple[Mount, Mount], key: Path,
+                                                  servers: list[Server], tmp_path: Path,
+                                                  idle_vm: subprocess.Popen[bytes]) -> None:
+    src, dst = hosts
+    before = fill(src, 24)
+    s = Server(dst, key)
+    servers.append(s)
+    r = cli("set", "--bandwidth", "none")
+    assert r.returncode == 1 and "no running migration" in r.stderr, r.stderr
+    m = start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "2")  # 13 s at 2 MB/s
+    try:
+        wait_mid_copy(tmp_path / "status.json", m, sent=1e6)
+        assert read_json(tmp_path / "status.json")["bandwidth_cap_mb_s"] == 2
+        r = cli("set", "--bandwidth", "fast")
+        assert r.returncode == 2 and "fast" in r.stderr
+        r = cli("set", str(m.pid), "--bandwidth", "none")
+        assert r.returncode == 0, r.stderr
+        assert "bandwidth cap 2 MB/s -> none" in r.stdout, r.stdout
+        _, err = m.communicate(timeout=30)  # the rest at full speed
+    finally:
+        if m.poll() is None:
+            m.kill()
+            m.communicate()
+    assert m.returncode == 0, err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verified"] and [c for _, c in rep["bandwidth_steps"]] == [None], rep
+    assert rep["total_s"] < 10  # (it would have taken 13 s at 2 MB/s)
+    for n, d in before.items():
+        assert digest(dst.mnt / n) == d
+
+
+def test_cancel_before_the_commit_and_past_it(hosts: tuple[Mount, Mount], key: Path,
+                                              servers: list[Server], tmp_path: Path,
+                                              idle_vm: subprocess.Popen[bytes]) -> None:
+    """Before its Commit: stopped, the VM runs on here, its files as they were. Past it (held
+    in the destination's resume hook): refused, the migration finishes."""
+    src, dst = hosts
+    before = fill(src, 24)
+    held, release = tmp_path / "held", tmp_path / "release"
+    s = Server(dst, key, "--resume-cmd", f"touch {held}; {hold_until(release, 60)}",
+               once=False)
+    servers.append(s)
+    m = start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "4")
+    try:
+        wait_mid_copy(tmp_path / "status.json", m, sent=1e6)
+        r = cli("cancel")
+        assert r.returncode == 0 and "before its Commit, its VM runs on here" in r.stdout, r
+        _, err = m.communicate(timeout=30)
+    finally:
+        if m.poll() is None:
+            m.kill()
+            m.communicate()
+    assert m.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        "migrator: error: cancelled ('migrator cancel', or its evacuation stopped)"), err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["status"] == "failed" and rep["error"].startswith("cancelled"), rep
+    assert not stopped(idle_vm.pid) and idle_vm.poll() is None
+    for n, d in before.items():
+        assert digest(src.mnt / n) == d
+    assert {r["name"]: r["role"] for r in vm_records(src)}.popitem()[1] == "owner"
+    # Past its Commit: it finishes
+    m = start(src, s.port, key, idle_vm, tmp_path)
+    try:
+        wait_for(held.exists, 60, "the resume hook")
+        r = cli("cancel")
+        assert r.returncode == 1 and "is past its Commit and finishes" in r.stdout, r
+        release.touch()
+        _, err = m.communicate(timeout=60)
+    finally:
+        release.touch()
+        if m.poll() is None:
+            m.kill()
+            m.communicate()
+    assert m.returncode == 0, err
+    for n, d in before.items():
+        assert digest(dst.mnt / n) == d
