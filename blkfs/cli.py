@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import ctlproto as cp
+from . import package_version
 from .bdi import DEFAULT_DIRTY_LIMIT
 from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
 from .cliutil import OneLineParser, human_bytes, non_negative, positive, size_text
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             "swapped per epoch) and how often (heat)."
         ),
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser, metavar="COMMAND")
 
     m = sub.add_parser(
@@ -139,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
-    u = sub.add_parser("umount", help="unmount cleanly and save tracking state")
+    u = sub.add_parser("umount", help="unmount cleanly and save tracking state",
+                       description="Unmounts a blkfs mount cleanly: the daemon saves its dirty "
+                       "bitmaps and heat (the next mount goes on from them) and exits. Refused "
+                       "while an incoming post-copy still waits for blocks, unless --force.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("--force", action="store_true",
                    help="unmount even while an incoming post-copy waits for blocks (they are "
@@ -152,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the daemon to save its state (default 60)",
     )
 
-    s = sub.add_parser("status", help="per file: size, blocks, dirty, static/dynamic, hottest")
+    s = sub.add_parser("status", help="per file: size, blocks, dirty, static/dynamic, hottest",
+                       description="Shows the daemon and, per tracked file: size, blocks, the "
+                       "epoch, dirty blocks, static and dynamic blocks by heat, the hottest "
+                       "blocks, writes; and the VMs this mount's records know.")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--static-heat", type=non_negative, metavar="H", help="threshold for this query")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -174,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not flush FILE's page cache before --swap")
     d.add_argument("--json", action="store_true", help="machine-readable output")
 
-    h = sub.add_parser("heat", help="heat per block of FILE and its static/dynamic split")
+    h = sub.add_parser("heat", help="heat per block of FILE and its static/dynamic split",
+                       description="Shows the heat of FILE's written blocks (writes, halving "
+                       "every half-life) and which are static (heat at most --static-heat) "
+                       "or dynamic.")
     h.add_argument("mountpoint", metavar="MOUNTPOINT")
     h.add_argument("file", metavar="FILE")
     h.add_argument("--static-heat", type=non_negative, metavar="H", help="threshold for this query")
@@ -188,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("mountpoint", metavar="MOUNTPOINT")
     f.add_argument("files", metavar="FILE", nargs="*")
-    t = sub.add_parser("thaw", help="release writes held by freeze")
+    t = sub.add_parser("thaw", help="release writes held by freeze",
+                       description="Lets the writes that 'blkfs freeze' holds go on (of these "
+                       "FILEs, or of every file).")
     t.add_argument("mountpoint", metavar="MOUNTPOINT")
     t.add_argument("files", metavar="FILE", nargs="*")
 

@@ -48,3 +48,4 @@ def size_text(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
+

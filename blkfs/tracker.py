@@ -363,7 +363,10 @@ def save_state(meta_dir: str, block_size: int, records: list[dict[str, Any]]) ->
         "saved_at": time.time(),
         "files": records,
     }
-    with open(tmp, "w") as f:
+    # 0600 whatever the daemon's umask (it runs with 0, so that files keep the modes asked)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # (a tmp left by an older version keeps its mode otherwise)
+    with os.fdopen(fd, "w") as f:
         json.dump(doc, f, separators=(",", ":"))
         f.flush()
         os.fsync(f.fileno())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from rich.console import Console
 
+from blkfs import package_version
 from blkfs.cliutil import OneLineParser, human_bytes, non_negative, positive, whole_number
 from blkfs.control import ControlError
 
@@ -226,10 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog=PROG, description="Live-migrate a running VM's disk and memory files "
                  "between two blkfs mounts over TCP: static blocks first, iterative dirty "
                  "rounds, a short suspend, verified with xxh3.")
+    ap.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser,
                             metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="destination: receive migrations into a blkfs mount")
+    s = sub.add_parser("serve", help="destination: receive migrations into a blkfs mount",
+                       description="Receives migrations into a blkfs mount, one session per "
+                       "VM at once, until stopped (or one, with --once): checks the source's "
+                       "proof of the shared key, writes the files, takes the VM at the "
+                       "switchover (its record, then --resume-cmd or --resume) and verifies "
+                       "every block.")
     s.add_argument("--mount", required=True, help="the destination blkfs mount point")
     s.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to listen on (port 0: any free port)")
@@ -259,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "source announces, which is right on one machine or a same-path mount)")
     _bench_flags(s)
 
-    m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'")
+    m = sub.add_parser("migrate", help="source: migrate FILEs to a 'migrator serve'",
+                       description="Live-migrates a running VM's files to a 'migrator serve': "
+                       "static blocks first, dirty rounds until the last set fits "
+                       "--downtime-ms, a short suspend, the handoff, and the verification of "
+                       "every block after the VM runs there. Any failure before the handoff "
+                       "leaves the VM running here, its files as they were.")
     _peer_flags(m)
     _vm_flags(m)
     _switchover_flags(m)
@@ -344,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="the migrations running on this host, as "
                         "query-migrate would say (phase, round, remaining, rates); with "
-                        "--mount, also every VM that mount's host knows (role, generation)")
+                        "--mount, also every VM that mount's host knows (role, generation)",
+                        description="Shows every migration and sync running on this host (of "
+                        "this user), one line each, as QEMU's query-migrate would: phase, "
+                        "round, what is left, rates, expected downtime; with --mount, those of "
+                        "one mount and every VM its records know.")
     st.add_argument("--mount", metavar="MOUNT",
                     help="list the VMs this host knows on this blkfs mount, and its migrations")
     st.add_argument("--status-file", metavar="PATH",
@@ -373,12 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the new cap, or 'none' for no cap")
 
     k = sub.add_parser("keygen", help="write a new shared key file (mode 0600) to copy to "
-                       "both hosts")
+                       "both hosts", description="Writes a new random 256-bit key (hex) to "
+                       "FILE, mode 0600. Every host of a migration needs the same file: it "
+                       "proves each side to the other and keys the sealed frames.")
     k.add_argument("file", metavar="FILE", help="where to write it, e.g. /etc/migrator.key")
     k.add_argument("--force", action="store_true", help="replace a key file that exists")
 
     d = sub.add_parser("demo", help="everything on one machine: two mounts, a simulated VM, "
-                       "a live migration over loopback, verification")
+                       "a live migration over loopback, verification",
+                       description="Everything on one machine: two blkfs mounts, a VM writing "
+                       "(simulated, or a real QEMU guest), a live migration over loopback "
+                       "while it writes, and the check of its copy; a JSON report.")
     d.add_argument("--disk-size", default="256M", help="simulated VM disk (default 256M)")
     d.add_argument("--mem-size", default="64M", help="simulated VM memory (default 64M)")
     d.add_argument("--write-rate", type=float, default=20.0, metavar="MB/s",

@@ -143,6 +143,9 @@ class Sender:
                     pieces = read(first, count)
                 for piece in pieces:
                     await tx.send(piece)
+                if clear and self.progress.page_size:  # (migrator status: what is left)
+                    per = bs // self.progress.page_size
+                    self.progress.pending = max(0, self.progress.pending - count * per)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
@@ -151,6 +154,7 @@ class Sender:
                     if isinstance(data, int):  # a zero run: a few bytes on the wire
                         await ch.send(p.Zero(f.file_id, first, data))
                         blocks += data
+                        self.report.blocks_sent += data
                         continue
                     small = None
                     if isinstance(data, tuple):
@@ -168,11 +172,11 @@ class Sender:
                         await ch.send(p.Blocks(f.file_id, first, data))
                         kinds["normal"] = kinds.get("normal", 0) + len(data)
                     blocks += (len(data) + bs - 1) // bs
+                    self.report.blocks_sent += (len(data) + bs - 1) // bs  # (as it goes)
                     nbytes += len(data)
                     by_file = self.report.bytes_by_file
                     by_file[f.rel] = by_file.get(f.rel, 0) + len(data)
                     self.report.bytes_sent = self.progress.sent
-        self.report.blocks_sent += blocks
         return blocks, nbytes
 
     async def send_pages(self, f: Any, pages: list[Extent], page_size: int) -> tuple[int, int]:

@@ -164,7 +164,8 @@ async def serve_one(stream: trio.abc.Stream, opts: ServeOptions, sessions: Sessi
                                   f"{session.answered[0]} ({session.answered[1]})")
         log.info("migration %s complete: %d blocks written", session.migration,
                  session.rx.blocks_written)
-        text = f"migration from {peer} complete and verified ({len(session.files)} files)"
+        n = len(session.files)
+        text = f"migration from {peer} complete and verified ({n} file{'' if n == 1 else 's'})"
         if session.reattached:
             text += "; the source reattached after the first session broke"
         if session.qemu is not None and session.qemu.pid:

@@ -67,9 +67,14 @@ def read_key(path: str) -> bytes:
         raise MigrationError(f"cannot read key file {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise MigrationError(f"key file {path} is readable by other users: chmod 600 {path}")
-    if len(key) < 16:
-        raise MigrationError(f"the key in {path} is too short ({len(key)} bytes): use at least "
-                             "16 random bytes")
+    try:
+        random_bytes = len(bytes.fromhex(key.decode("ascii")))
+    except ValueError:
+        random_bytes = -1
+    if random_bytes < 16:  # (a password, or a file of another kind: refused before any peer)
+        raise MigrationError(f"{path} does not hold a key made by 'migrator keygen' (at least "
+                             f"32 hex digits): run 'migrator keygen {path}' and copy the file "
+                             "to every host")
     return key
 
 
@@ -93,6 +98,9 @@ def write_key(path: str, *, force: bool = False) -> None:
 def parse_hostport(text: str, default_host: str = "127.0.0.1", *, listen: bool = False
                    ) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
+    if not sep and listen:  # (a bare port would listen on this host only, unsaid)
+        raise MigrationError(f"--listen {text}: give HOST:PORT, e.g. 0.0.0.0:{text} (every "
+                             f"interface) or 127.0.0.1:{text} (this host only)")
     if not sep:
         host, port = default_host, text
     host = host.strip("[]") or default_host

@@ -58,6 +58,10 @@ def test_set_lifts_the_cap_of_a_running_migration(hosts: tuple[Mount, Mount], ke
     try:
         wait_mid_copy(tmp_path / "status.json", m, sent=1e6)
         assert read_json(tmp_path / "status.json")["bandwidth_cap_mb_s"] == 2
+        # (issue 26) the initial copy is counted as it goes: blocks sent, what is left
+        wait_for(lambda: read_json(tmp_path / "status.json").get("blocks_sent", 0) > 0, 30)
+        st = read_json(tmp_path / "status.json")
+        assert 0 < st["remaining_bytes"] < st["data_bytes"], st
         r = cli("set", "--bandwidth", "fast")
         assert r.returncode == 2 and "fast" in r.stderr
         r = cli("set", str(m.pid), "--bandwidth", "none")

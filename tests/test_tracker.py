@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -499,9 +500,14 @@ def _records() -> list[dict[str, Any]]:
 
 def test_save_then_load(tmp_path: Path) -> None:
     recs = _records()
-    path = save_state(str(tmp_path), BS, recs)
+    old = os.umask(0)  # (the daemon's)
+    try:
+        path = save_state(str(tmp_path), BS, recs)
+    finally:
+        os.umask(old)
     assert path == str(tmp_path / STATE_FILE)
     assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # (was 0666 under umask 0)
     doc = json.loads((tmp_path / STATE_FILE).read_text())
     assert doc["format"] == STATE_FORMAT
     assert doc["block_size"] == BS

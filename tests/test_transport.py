@@ -109,6 +109,12 @@ def test_keygen_writes_a_key_only_its_owner_reads_and_never_overwrites_by_accide
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and read_key(path) != key
     with pytest.raises(MigrationError, match="migrator keygen"):
         read_key(str(tmp_path / "missing.key"))
+    for text in ("correct horse battery staple", "ab" * 15, ""):  # a password, too short
+        other = tmp_path / "other.key"
+        other.write_text(text)
+        other.chmod(0o600)
+        with pytest.raises(MigrationError, match="does not hold a key made by 'migrator keygen'"):
+            read_key(str(other))
 
 
 async def test_an_abort_that_came_while_busy_sending_is_heard_by_the_next_send() -> None:
@@ -246,3 +252,12 @@ async def test_a_new_cap_counts_from_the_moment_it_is_set(monkeypatch: pytest.Mo
     ch.set_limit(1000.0)  # ~16 KB went out meanwhile: not owed
     await ch.send(ev)
     assert waits == [0.064, 0.064]
+
+
+def test_a_bare_port_to_listen_on_says_which_host() -> None:
+    from migrator.transport import parse_hostport
+
+    with pytest.raises(MigrationError, match=r"--listen 7091: give HOST:PORT, e\.g\. 0\.0"):
+        parse_hostport("7091", listen=True)
+    assert parse_hostport("0.0.0.0:7091", listen=True) == ("0.0.0.0", 7091)
+    assert parse_hostport("7091") == ("127.0.0.1", 7091)  # (a destination: this host)

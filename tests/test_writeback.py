@@ -268,7 +268,7 @@ def test_migrating_with_freeze_from_a_writeback_mount_is_refused_before_anything
     m.path("disk.raw").write_bytes(b"d" * B)
     before = (m.backing / "disk.raw").read_bytes()
     key = tmp_path / "key"
-    key.write_text("k" * 64)
+    key.write_text("ab" * 32)
     key.chmod(0o600)
     r = subprocess.run([sys.executable, "-m", "migrator.cli", "migrate", "--mount", str(m.mnt),
                         "--to", "127.0.0.1:9", "--key-file", str(key), "disk.raw"],
