@@ -208,7 +208,7 @@ class Evacuator:
     def _outcome(self, r: Running) -> tuple[Outcome, str, dict[str, Any] | None]:
         """What became of the VM, by its report and, above all, by this host's record of it
         (the truth a dead migrate process cannot misstate)."""
-        doc = _read_status(r.report)  # (any JSON object)
+        doc = _read_json(r.report)
         error = (doc or {}).get("error") or _last_error(r.log)
         if r.signalled:  # (a process stopped while it started ends in KeyboardInterrupt)
             error = "stopped with the evacuation" + (
@@ -231,7 +231,7 @@ class Evacuator:
 
     async def _tick(self) -> None:
         for r in list(self.running.values()):
-            doc = _read_status(os.path.join(self.opts.status_dir, f"{r.proc.pid}.json"))
+            doc = _read_json(os.path.join(self.opts.status_dir, f"{r.proc.pid}.json"))
             if doc:
                 r.status = doc
                 phase = doc.get("phase", "")
@@ -412,7 +412,7 @@ async def _reachable(to: str) -> bool:
     return True
 
 
-def _read_status(path: str) -> dict[str, Any] | None:
+def _read_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             doc = json.load(f)
