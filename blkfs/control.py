@@ -399,11 +399,13 @@ OPS: dict[type[cp.Request], Callable[[Controller, Any, Connection], Any]] = {
 assert set(OPS) == set(cp.OPS.values()), "every op of ctlproto has a handler"
 
 
-async def serve(controller: Controller, path: str, *, task_status: Any = None) -> None:
-    """Listen on `path` (trio task; reports readiness through task_status)."""
+async def private_unix_socket(path: str, backlog: int) -> Any:
+    """A listening unix socket at `path` that only its owner (and root) may open: created
+    0600 (no window with a wider mode), a stale socket of a dead process replaced. Also the
+    migrator's control socket (migrator/steering.py)."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # stale socket of a dead daemon; the mount check came first
+            os.unlink(path)  # stale socket of a dead process; its caller's checks came first
     except FileNotFoundError:
         pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -413,7 +415,13 @@ async def serve(controller: Controller, path: str, *, task_status: Any = None) -
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(16)
+    sock.listen(backlog)
+    return sock
+
+
+async def serve(controller: Controller, path: str, *, task_status: Any = None) -> None:
+    """Listen on `path` (trio task; reports readiness through task_status)."""
+    sock = await private_unix_socket(path, 16)
     owner = os.getuid()
     numbers = iter(range(1, 1 << 62))
 

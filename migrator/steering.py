@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from blkfs.control import peer_uid
+from blkfs.control import peer_uid, private_unix_socket
 
 from . import steerproto as sp
 
@@ -24,15 +23,7 @@ async def serve_steering(path: str,
                          apply: Callable[[sp.SetBandwidth | sp.Cancel], dict[str, Any]],
                          *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Answer requests on `path` until cancelled; `apply` carries one out and says how."""
-    if os.path.exists(path):
-        os.unlink(path)  # a dead process's, of the same pid
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(4)
+    sock = await private_unix_socket(path, 4)  # (a dead process's of the same pid replaced)
     owner = os.getuid()
 
     async def handle(stream: trio.SocketStream) -> None:
