@@ -11,7 +11,6 @@ their JSON reports make the per-VM records of this one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ from .evacuation import PAST_COMMIT, Candidate, Evacuation, Outcome, hands_over
 from .ownership import HANDING_OFF, OWNER, RETIRED
 from .steering import steer
 from .transport import parse_hostport
-from .vmrecords import RecordDir
+from .vmrecords import RecordDir, read_json
 
 TICK = 0.25  # s between looks at the running migrations
 PROBE_TIMEOUT = 2.0  # s: a destination that does not take a connection in this is down
@@ -208,7 +207,7 @@ class Evacuator:
     def _outcome(self, r: Running) -> tuple[Outcome, str, dict[str, Any] | None]:
         """What became of the VM, by its report and, above all, by this host's record of it
         (the truth a dead migrate process cannot misstate)."""
-        doc = _read_json(r.report)
+        doc = read_json(r.report)
         error = (doc or {}).get("error") or _last_error(r.log)
         if r.signalled:  # (a process stopped while it started ends in KeyboardInterrupt)
             error = "stopped with the evacuation" + (
@@ -231,7 +230,7 @@ class Evacuator:
 
     async def _tick(self) -> None:
         for r in list(self.running.values()):
-            doc = _read_json(os.path.join(self.opts.status_dir, f"{r.proc.pid}.json"))
+            doc = read_json(os.path.join(self.opts.status_dir, f"{r.proc.pid}.json"))
             if doc:
                 r.status = doc
                 phase = doc.get("phase", "")
@@ -410,15 +409,6 @@ async def _reachable(to: str) -> bool:
         return False
     await stream.aclose()
     return True
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _last_error(log: str) -> str:

@@ -44,6 +44,16 @@ def vms(three_hosts: tuple[Mount, ...]) -> Iterator[dict[str, subprocess.Popen[b
         p.wait()
 
 
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """Its output once it ends; killed (its pipes closed) if a check fails before."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def evacuate(src: Mount, key: Path, to: str, *args: str, netns: str | None = None,
              **kw: object) -> subprocess.Popen[str]:
     pre = ["ip", "netns", "exec", netns] if netns else []
@@ -80,11 +90,8 @@ def test_evacuate_four_vms_to_two_destinations_one_dies_midway(
         wait_for(lambda: held1.exists() and held3.exists(), 60, "vm1 and vm3 held on B")
         sb.kill()
         release3.touch()
-        out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        out, err = finish(proc)
     assert proc.returncode == 1, out + err
     last = err.strip().splitlines()[-1]
     assert "3 of 4 VMs moved" in last and "vm1 unsettled" in last and "resolve" in last, err
@@ -141,11 +148,8 @@ def test_ctrl_c_lets_those_past_their_commit_finish_and_starts_none(
         wait_for(held.exists, 60, "vm1 held in the resume hook")
         proc.send_signal(signal.SIGINT)
         release.touch()
-        out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        out, err = finish(proc)
     assert proc.returncode == 1, out + err
     assert "stopping: no new migration starts" in err and "vm1 past their Commit" in err, err
     doc = json.loads(report.read_text())
