@@ -125,6 +125,15 @@ def warm_set(absent: Iterable[Extent], heat_runs: Iterable[tuple[int, int, float
     return to_extents(blocks[warm].tolist()), to_extents(blocks[~warm].tolist())
 
 
+def warm_budget_blocks(measured: float, cap_mb_s: float | None, warm_ms: float,
+                       block_size: int) -> int:
+    """Blocks the link moves in `warm_ms` at the rate measured so far (bytes/s), never past
+    the cap: the measured rate counts bytes into the socket's buffer, and bursts past a
+    cap, and the downtime is the user's."""
+    rate = min(measured, cap_mb_s * 1e6) if cap_mb_s else measured
+    return int(rate * warm_ms / 1000 / block_size)
+
+
 def split_memory(dirty: dict[int, list[Extent]], heat: dict[int, Any], budget_blocks: int,
                  ppb: int, region_blocks: int, first: dict[int, Iterable[int]] | None = None
                  ) -> tuple[dict[int, list[Extent]], dict[int, list[Extent]]]:

@@ -45,6 +45,7 @@ from .plan import (
     initial_order,
     split_memory,
     union_extents,
+    warm_budget_blocks,
 )
 from .postcopy import SourcePostcopy, from_wire, memory_files, warm_hints
 from .reconnect import keep_trying
@@ -361,7 +362,8 @@ class Source:
         if self.use_postcopy and any(union.get(fid) for fid in self.memory_ids):
             absent, warm = split_memory(
                 {fid: union.get(fid, []) for fid in self.memory_ids}, heat,
-                int(bandwidth * self.opts.warm_set_ms / 1000 / self.block_size),
+                warm_budget_blocks(bandwidth, self.opts.bandwidth_mb_s, self.opts.warm_set_ms,
+                                   self.block_size),
                 self.block_size // self.page_size, max(1, FAULT_REGION // self.block_size),
                 first)
             self.report.warm_set_pages = sum(c for e in warm.values() for _f, c in e)
