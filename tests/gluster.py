@@ -77,11 +77,11 @@ def volume(workdir: Path, server_ns: str, addr: str, clients: dict[str, Path],
     run_before = set(os.listdir(RUN)) if RUN.is_dir() else set()
     vols_before = set(os.listdir(RUN / "vols")) if (RUN / "vols").is_dir() else set()
     socket_before = SOCKET.exists()
-    cli = ["ip", "netns", "exec", server_ns, "gluster", "--mode=script"]
+    cli = ["nsenter", f"--net=/run/netns/{server_ns}", "gluster", "--mode=script"]
     times: dict[str, float] = {}
     mounted: list[Path] = []
     t0 = time.monotonic()
-    glusterd = subprocess.Popen(["ip", "netns", "exec", server_ns, "glusterd", "-N", "-f",
+    glusterd = subprocess.Popen(["nsenter", f"--net=/run/netns/{server_ns}", "glusterd", "-N", "-f",
                                  str(vol), "-l", str(workdir / "glusterd.log")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from .conftest import Mount, together
-from .hosts import MIGRATOR, Server, digest, hold_until, stopped, vm_records, wait_for
+from .hosts import (
+    MIGRATOR,
+    Server,
+    digest,
+    hold_until,
+    in_netns,
+    stopped,
+    vm_records,
+    wait_for,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -56,7 +65,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
 
 def evacuate(src: Mount, key: Path, to: str, *args: str, netns: str | None = None,
              **kw: object) -> subprocess.Popen[str]:
-    pre = ["ip", "netns", "exec", netns] if netns else []
+    pre = in_netns(netns)
     return subprocess.Popen([*pre, *MIGRATOR, "evacuate", "--mount", str(src.mnt), "--to", to,
                              "--key-file", str(key), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)  # type: ignore[call-overload]

@@ -30,6 +30,7 @@ from .hosts import (
     digest_log,
     fill_source,
     hold_until,
+    in_netns,
     migrate,
     read_json,
     state,
@@ -173,7 +174,7 @@ def test_fault_matrix(phase: str, fault: str, cache_mode: str,
     if fault in CUT_S:
         ns_a, ns_b, veth = request.getfixturevalue("netns_pair")
         host = "10.231.77.2"
-    in_a = ["ip", "netns", "exec", ns_a] if ns_a else []
+    in_a = in_netns(ns_a)
     postcopy = phase.startswith("postcopy")
     subprocess.run([*SIMVM, "create", str(src.mnt), "--unit", "65536", "--disk-size",
                     "48M" if phase == "initial-copy" else "8M", "--mem-size", "4M"],

@@ -28,6 +28,7 @@ from .conftest import Mount
 from .hosts import (
     MIGRATOR,
     Server,
+    in_netns,
 )
 from .test_postcopy import completed_from_the_spill_alone, stop_dest_on_resume, vm
 
@@ -70,7 +71,7 @@ def test_the_destination_completes_from_the_gluster_volume_alone(
     s = Server(dst, key, "--resume-cmd", stop_dest_on_resume(), "--io-timeout", "5",
                "--spill", str(spill_b), netns=b, listen=f"{DEST_ADDR}:0")
     servers.append(s)
-    m = subprocess.Popen(["ip", "netns", "exec", a, *MIGRATOR, "migrate", "--mount",
+    m = subprocess.Popen([*in_netns(a), *MIGRATOR, "migrate", "--mount",
                           str(src.mnt), "--to", f"{DEST_ADDR}:{s.port}", "--key-file", str(key),
                           "--suspend", f"pid:{vm.pid}", "--postcopy", "--spill",
                           str(spill_a), "--spill-bandwidth", "50", "disk.raw", "vm.mem"],

@@ -26,6 +26,7 @@ from .hosts import (
     assert_source_whole,
     digest,
     fill_source,
+    in_netns,
     last_line,
     layout_digest,
     migrate,
@@ -709,7 +710,7 @@ def test_network_cut_mid_copy(hosts: tuple[Mount, Mount], key: Path, servers: li
     status = tmp_path / "status.json"
     s = Server(dst, key, "--io-timeout", "3", netns=b, listen="10.231.77.2:0")
     servers.append(s)
-    proc = subprocess.Popen(["ip", "netns", "exec", a, *MIGRATOR, "migrate", "--mount",
+    proc = subprocess.Popen([*in_netns(a), *MIGRATOR, "migrate", "--mount",
                              str(src.mnt), "--to", f"10.231.77.2:{s.port}", "--key-file",
                              str(key), "--bandwidth", "10", "--io-timeout", "3", "--suspend",
                              f"pid:{idle_vm.pid}", "--status-file", str(status),
