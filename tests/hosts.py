@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import xxhash
 
+from migrator.simvm.format import read_header
+
 from .conftest import Mount
 
 pytestmark = pytest.mark.mount
@@ -179,6 +181,16 @@ def read_json(path: Path) -> dict[str, object]:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return {}
+
+
+def wait_writing(src: Mount, vm: subprocess.Popen[bytes], mib: int = 2) -> None:
+    """Until the simulated VM on `src` has written `mib` MiB (its header counts its writes):
+    it runs, and there is data to copy, when the migration starts."""
+    def wrote() -> bool:
+        assert vm.poll() is None, vm.returncode
+        h = read_header(src.mnt)
+        return h.total_writes * h.unit_size >= mib << 20
+    wait_for(wrote, 30, f"the VM to write {mib} MiB")
 
 
 def wait_mid_copy(status: Path, proc: subprocess.Popen[str], sent: float = 1e6) -> None:

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from migrator.simvm.format import read_header
-
 from .conftest import Mount, together
 from .hosts import (
     MIGRATOR,
@@ -38,19 +36,10 @@ from .hosts import (
     vm_record,
     wait_for,
     wait_mid_copy,
+    wait_writing,
 )
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
-
-
-def wait_writing(src: Mount, vm: subprocess.Popen[bytes], mib: int = 2) -> None:
-    """Until the simulated VM on `src` has written `mib` MiB (its header counts its writes):
-    it runs, and there is data to copy, when the migration starts."""
-    def wrote() -> bool:
-        assert vm.poll() is None, vm.returncode
-        h = read_header(src.mnt)
-        return h.total_writes * h.unit_size >= mib << 20
-    wait_for(wrote, 30, f"the VM to write {mib} MiB")
 
 
 def proc_state(pid: int) -> str | None:

@@ -37,6 +37,7 @@ from .hosts import (
     vm_records,
     wait_for,
     wait_mid_copy,
+    wait_writing,
 )
 
 pytestmark = pytest.mark.mount
@@ -83,7 +84,7 @@ def test_live_vm_migrates_with_no_lost_write(hosts: tuple[Mount, Mount], key: Pa
     vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "20"],
                           stdout=subprocess.DEVNULL)
     try:
-        time.sleep(1.5)
+        wait_writing(src, vm, 8)
         s = Server(dst, key)
         servers.append(s)
         report = tmp_path / "report.json"

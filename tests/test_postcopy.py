@@ -36,6 +36,7 @@ from .hosts import (
     state,
     stopped,
     wait_for,
+    wait_writing,
 )
 
 pytestmark = pytest.mark.mount
@@ -68,7 +69,7 @@ def vm(hosts: tuple[Mount, Mount]) -> Iterator[subprocess.Popen[bytes]]:
                     "--unit", "65536"], check=True, capture_output=True)
     proc = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "60", "--hot-fraction",
                              "0.5"], stdout=subprocess.DEVNULL)
-    time.sleep(1.0)
+    wait_writing(src, proc, 12)  # (its memory is dirty: there is something to post-copy)
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -201,16 +202,16 @@ def test_postcopy_auto_comes_after_the_throttle(hosts: tuple[Mount, Mount], key:
     slowed (auto-converge, here up to 30 %), then its memory goes post-copy with the throttle
     undone; completed, verified, and the destination holds the suspend point."""
     src, dst = hosts
-    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "8M", "--mem-size", "24M",
+    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "2M", "--mem-size", "8M",
                     "--unit", "65536"], check=True, capture_output=True)
     vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "40", "--hot-fraction",
                            "0.5", "--mem-share", "0.99"], stdout=subprocess.DEVNULL)
-    time.sleep(1.0)
+    wait_writing(src, vm, 4)
     s = Server(dst, key, "--resume-cmd", "true")
     servers.append(s)
     report = tmp_path / "report.json"
     m = Migration(src, s.port, key, vm.pid, "--postcopy=auto", "--max-throttle", "30",
-                  "--bandwidth", "6", "--spill", str(tmp_path / "spill"), "--report",
+                  "--bandwidth", "12", "--spill", str(tmp_path / "spill"), "--report",
                   str(report))
     try:
         rc, out = m.finish()
