@@ -54,7 +54,7 @@ from .transport import Channel
 log = logging.getLogger(__name__)
 
 THREAD_WRITE = 1 << 20  # writes at least this large go to a worker thread
-SOURCE_LOST_WAIT = 10.0  # s the session waits for the daemon to complete from the spill
+SOURCE_LOST_WAIT = 10.0  # s at most without a block arriving in the spill (or the io timeout)
 DIGEST_LOG_DELAY = 0.05  # s after Commit at most before the digest log is written
 # States in which the source's Blocks are fetched pages for lazy mode, not copy data.
 _FETCH_STATES = {p.State.RESUMING, p.State.POSTCOPY, p.State.POSTCOPY_END}
@@ -475,7 +475,8 @@ class DestSession:
         assert self.pc is not None
         with trio.CancelScope() as scope:
             self.waiting_for_source = scope
-            found, news = await self.pc.source_lost(SOURCE_LOST_WAIT)
+            found, news = await self.pc.source_lost(min(SOURCE_LOST_WAIT,
+                                                        self.ch.io_timeout))
         self.waiting_for_source = None
         if scope.cancelled_caught:
             return SessionOutcome(False, f"source lost ({why}); it came back and goes on in a "

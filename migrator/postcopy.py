@@ -504,20 +504,27 @@ class DestPostcopy:
         if self.on_digests is not None:
             self.on_digests()  # before PostcopyDone: the source's Digests come after it
 
-    async def source_lost(self, wait: float) -> tuple[int, cp.News]:
+    async def source_lost(self, quiet: float) -> tuple[int, cp.News]:
         """The daemon completes from the spill area alone (as pages keep arriving there);
-        wait up to `wait` s for it to finish, or to name what will never come. Returns
-        (pages found in the area at once, the news at the end)."""
+        wait for it to finish, or to name what will never come, as long as blocks arrive:
+        `quiet` s without one end the wait. Returns (pages found in the area at once, the
+        news at the end)."""
         ctl = await self._connect()
         try:
             out = await self._call(ctl, cp.LazySourceLost(self.announce.migration))
             assert isinstance(out, cp.SourceLostReply)
             news = out.news
-            with trio.move_on_after(wait):
-                while not news.done and not news.missing_count:
-                    got = await self._call(ctl, cp.LazyWait(1.0, self.announce.migration))
-                    assert isinstance(got, cp.News)
-                    news = got
+            last = time.monotonic()
+            while not news.done and not news.missing_count:
+                left = last + quiet - time.monotonic()
+                if left <= 0:
+                    break
+                got = await self._call(ctl, cp.LazyWait(min(1.0, left),
+                                                        self.announce.migration))
+                assert isinstance(got, cp.News)
+                if got.remaining < news.remaining:
+                    last = time.monotonic()
+                news = got
             await self._report(ctl)
         finally:
             await ctl.aclose()
