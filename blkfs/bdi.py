@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 
 from .runtime import unescape_mount_path
+from .settings import DEFAULT_DIRTY_LIMIT as DEFAULT_DIRTY_LIMIT
 
 SYSFS_BDI = "/sys/class/bdi"
-DEFAULT_DIRTY_LIMIT = 1 << 30  # bytes a writeback mount may hold dirty in the page cache
 
 
 def bdi_name(mountinfo: str, mountpoint: str) -> str | None:

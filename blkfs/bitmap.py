@@ -24,37 +24,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .settings import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
+from .settings import MAX_BLOCK_SIZE as MAX_BLOCK_SIZE
+from .settings import MIN_BLOCK_SIZE as MIN_BLOCK_SIZE
+from .settings import check_block_size as check_block_size
+from .settings import parse_size as parse_size
+
 Extent = tuple[int, int]
 
-MIN_BLOCK_SIZE = 4096
-MAX_BLOCK_SIZE = 1 << 20
-DEFAULT_BLOCK_SIZE = 64 * 1024
 PAGE_SIZE = 4096  # the smallest page: a guest page
 MAX_PAGES_PER_BLOCK = 16  # a page mask fits 16 bits
-
-
-def check_block_size(size: int) -> int:
-    """Return log2(size), or raise ValueError if size is not an allowed block size."""
-    if size < MIN_BLOCK_SIZE or size > MAX_BLOCK_SIZE or size & (size - 1):
-        raise ValueError(f"block size {size} is not a power of two between 4K and 1M")
-    return size.bit_length() - 1
-
-
-def parse_size(text: str) -> int:
-    """Parse '64K', '1M', '4096', '2G' (binary units) into bytes."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num = t.rstrip("KMGT")
-    unit = t[len(num) :]
-    if not num or unit not in units:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 4096, 64K, 1M)")
-    try:
-        value = int(num)
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 4096, 64K, 1M)") from None
-    if value < 0:
-        raise ValueError(f"size {text!r} is negative")
-    return value * units[unit]
 
 
 def page_shift(shift: int) -> int:

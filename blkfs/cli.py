@@ -5,22 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from . import ctlproto as cp
 from . import package_version
-from .bdi import DEFAULT_DIRTY_LIMIT
-from .bitmap import DEFAULT_BLOCK_SIZE, check_block_size, parse_size
 from .cliutil import OneLineParser, human_bytes, non_negative, positive, size_text
-from .control import ControlClient, ControlError, flush_file
-from .heat import DEFAULT_HALF_LIFE, DEFAULT_STATIC_HEAT
-from .mount import MountOptions, QuietError
 from .runtime import FSTYPE, DaemonInfo, mount_fstype, process_gone
+from .settings import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DIRTY_LIMIT,
+    DEFAULT_HALF_LIFE,
+    DEFAULT_STATIC_HEAT,
+    MountOptions,
+    QuietError,
+    check_block_size,
+    parse_size,
+)
+
+if TYPE_CHECKING:
+    from .client import ControlClient
+
+# The commands that talk to a daemon import its client and the wire format (ctlproto, numpy)
+# when they run, `mount` the daemon itself only in the daemon's own process: `blkfs mount`
+# costs a process start and argparse, not 0.5 s of imports (a test suite mounts hundreds).
 
 PROG = "blkfs"
 # Where the migrator keeps what this host knows of each VM on the mount (migrator.stores
@@ -28,6 +38,12 @@ PROG = "blkfs"
 # incomplete copy is never taken for a VM's whole files, nor a retired one for the VM.
 VM_RECORDS = os.path.join(".blkfs", "vms")
 START_TIMEOUT = 30.0
+
+
+def _client(mountpoint: str, timeout: float = 60.0) -> ControlClient:
+    from .client import ControlClient
+
+    return ControlClient.for_mount(mountpoint, timeout)
 
 
 def _block_size(text: str) -> int:
@@ -245,12 +261,61 @@ def _mount_options(a: argparse.Namespace) -> MountOptions:
     )
 
 
-def cmd_mount(a: argparse.Namespace) -> int:
-    from .mount import check_mount_args, run_daemon
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or os.path.commonpath([child, parent]) == parent
 
+
+def check_mount_args(opts: MountOptions) -> None:
+    """Refuse, with advice, anything that would fail or misbehave after mounting."""
+    check_block_size(opts.block_size)
+    if not os.path.exists(opts.backing):
+        raise QuietError(
+            f"backing directory {opts.backing} does not exist: create it or "
+            "give the directory that holds the VM files"
+        )
+    if not os.path.isdir(opts.backing):
+        raise QuietError(
+            f"{opts.backing} is not a directory: give the directory that holds the VM files"
+        )
+    fstype = mount_fstype(opts.mountpoint)
+    if fstype is not None:
+        hint = (
+            f"blkfs umount {opts.mountpoint}"
+            if fstype == FSTYPE
+            else f"umount {opts.mountpoint}"
+        )
+        raise QuietError(
+            f"{opts.mountpoint} is busy: a {fstype} filesystem is already mounted "
+            f"there; unmount it first ({hint}) or choose another directory"
+        )
+    if not os.path.isdir(opts.mountpoint):
+        raise QuietError(
+            f"mount point {opts.mountpoint} does not exist or is not a directory: "
+            f"create it first (mkdir -p {opts.mountpoint})"
+        )
+    b, m = os.path.realpath(opts.backing), os.path.realpath(opts.mountpoint)
+    if _inside(m, b) or _inside(b, m):
+        raise QuietError(
+            "the mount point and the backing directory must not contain each other: "
+            "choose a mount point outside the backing directory"
+        )
+    if shutil.which("fusermount3") is None:
+        raise QuietError(
+            "fusermount3 is missing: install the fuse3 package (apt-get install fuse3)"
+        )
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise QuietError(
+            "/dev/fuse is not usable here: load the fuse module (modprobe fuse) or "
+            "run where FUSE is allowed"
+        )
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
     opts = _mount_options(a)
     check_mount_args(opts)
     if a.fg or a.ready_fd is not None:
+        from .mount import run_daemon
+
         return run_daemon(opts, a.ready_fd, foreground=a.fg)
     r, w = os.pipe()
     args = [
@@ -337,7 +402,9 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
 def _check_postcopy_before_umount(a: argparse.Namespace) -> None:
     """Unmounting a mount whose incoming post-copy still waits for pages would leave its
     files incomplete and its readers hanging: refuse, or with --force say what is lost."""
-    with ControlClient.for_mount(a.mountpoint, timeout=10) as c:
+    from . import ctlproto as cp
+
+    with _client(a.mountpoint, timeout=10) as c:
         st = c.call(cp.Info())
         waiting = st.postcopy_absent - st.postcopy_missing
         if waiting <= 0:
@@ -469,7 +536,9 @@ def _vm_records(backing: str) -> list[dict[str, Any]]:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    with ControlClient.for_mount(a.mountpoint) as c:
+    from . import ctlproto as cp
+
+    with _client(a.mountpoint) as c:
         st = c.call(cp.Status(static_heat=a.static_heat))
     vms = _vm_records(st.backing)
     if a.json:
@@ -527,6 +596,8 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def _flush(mountpoint: str, rel: str) -> None:
     """Writes still in the page cache (mmap) reach the daemon before the swap."""
+    from .client import flush_file
+
     path = os.path.join(mountpoint, rel)
     try:
         flush_file(path)
@@ -537,8 +608,10 @@ def _flush(mountpoint: str, rel: str) -> None:
 
 
 def cmd_dirty(a: argparse.Namespace) -> int:
+    from . import ctlproto as cp
+
     rel = _rel(a.mountpoint, a.file)
-    with ControlClient.for_mount(a.mountpoint) as c:
+    with _client(a.mountpoint) as c:
         if a.swap and not a.no_flush:
             _flush(a.mountpoint, rel)
         d = c.call(cp.Dirty(rel, swap=a.swap, pages=a.pages))
@@ -557,8 +630,12 @@ def cmd_dirty(a: argparse.Namespace) -> int:
 
 
 def cmd_heat(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import ctlproto as cp
+
     rel = _rel(a.mountpoint, a.file)
-    with ControlClient.for_mount(a.mountpoint) as c:
+    with _client(a.mountpoint) as c:
         h = c.call(cp.Heat(rel, static_heat=a.static_heat))
     runs = h.heat_runs()
     if a.json:
@@ -584,8 +661,10 @@ def cmd_heat(a: argparse.Namespace) -> int:
 
 
 def cmd_freeze(a: argparse.Namespace) -> int:
+    from . import ctlproto as cp
+
     files = tuple(_rel(a.mountpoint, f) for f in a.files)
-    with ControlClient.for_mount(a.mountpoint) as c:
+    with _client(a.mountpoint) as c:
         r = c.call(cp.Freeze(files))
     what = ", ".join(files) if files else "all files"
     print(
@@ -595,15 +674,19 @@ def cmd_freeze(a: argparse.Namespace) -> int:
 
 
 def cmd_thaw(a: argparse.Namespace) -> int:
+    from . import ctlproto as cp
+
     files = tuple(_rel(a.mountpoint, f) for f in a.files)
-    with ControlClient.for_mount(a.mountpoint) as c:
+    with _client(a.mountpoint) as c:
         c.call(cp.Thaw(files))
     print(f"blkfs: thawed {', '.join(files) if files else 'all files'}")
     return 0
 
 
 def cmd_spill(a: argparse.Namespace) -> int:
-    with ControlClient.for_mount(a.mountpoint) as c:
+    from . import ctlproto as cp
+
+    with _client(a.mountpoint) as c:
         if a.give_up:
             n = c.call(cp.LazyGiveUp(a.migration)).count
             print(f"blkfs: gave up {n} absent blocks: reads of them fail with EIO; the files "
@@ -659,7 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)
-    except (QuietError, ControlError) as exc:
+    except Exception as exc:
+        wire = sys.modules.get("blkfs.ctlproto")  # (a ControlError comes after its import)
+        if not isinstance(exc, QuietError) and not (wire and isinstance(exc, wire.ControlError)):
+            raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exitcode", 1)
     except KeyboardInterrupt:

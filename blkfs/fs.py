@@ -37,11 +37,12 @@ from pyfuse3 import FUSEError
 
 from .lazy import BlockMissing, LazyMode
 from .registry import Registry
+from .settings import META_DIR
 from .tracker import FileKey, FileTracker
 
 log = logging.getLogger(__name__)
 
-META_NAME = b".blkfs"  # hidden metadata dir at the backing root
+META_NAME = META_DIR.encode()  # hidden metadata dir at the backing root
 SPILL_NAME = b".spill"  # read-only view of the spill area at the mount root
 ATTR_TIMEOUT = 60.0  # the daemon is the only writer: cache attributes and entries
 _STRIP_FLAGS = os.O_DIRECT | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOCTTY

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from .bitmap import CHUNK_BLOCKS, CHUNK_MASK, CHUNK_SHIFT, Extent
+from .settings import DEFAULT_HALF_LIFE as DEFAULT_HALF_LIFE
+from .settings import DEFAULT_STATIC_HEAT as DEFAULT_STATIC_HEAT
 
-DEFAULT_HALF_LIFE = 60.0
-DEFAULT_STATIC_HEAT = 1.0
 _RESCALE_EXP = 512.0
 _NEGLIGIBLE = 1e-9  # heat below this is dropped at rescale/snapshot time
 _TOLERANCE = 1.0 + 1e-9  # a block written once has heat 1 up to rounding

@@ -20,104 +20,26 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 import signal
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
 from . import control
-from .bdi import DEFAULT_DIRTY_LIMIT, apply_budget
+from .bdi import apply_budget
 from .bitmap import check_block_size
-from .fs import META_NAME, BlkFS
+from .fs import BlkFS
 from .registry import Registry
-from .runtime import FSTYPE, DaemonInfo, default_socket, ensure_runtime_dir, mount_fstype
+from .runtime import DaemonInfo, default_socket, ensure_runtime_dir
+from .settings import MountOptions as MountOptions
+from .settings import QuietError as QuietError
 from .tracker import load_state, save_state
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "blkfs.log"
 LOCK_FILE = "lock"
-
-
-class QuietError(Exception):
-    """A user error: printed as one line, no traceback."""
-
-    def __init__(self, msg: str, exitcode: int = 1) -> None:
-        super().__init__(msg)
-        self.exitcode = exitcode
-
-
-@dataclass
-class MountOptions:
-    backing: str
-    mountpoint: str
-    block_size: int
-    half_life: float
-    static_heat: float
-    tracking: bool = True
-    xattr: bool = False
-    allow_other: bool = False
-    control: str | None = None
-    debug: bool = False
-    spill: str | None = None  # a spill area to show read-only as MOUNTPOINT/.spill
-    writeback: bool = False  # the kernel's writeback cache (docs/tracking.md, "Writeback")
-    dirty_limit: int = DEFAULT_DIRTY_LIMIT  # bytes a writeback mount may hold dirty
-
-    @property
-    def meta_dir(self) -> str:
-        return os.path.join(self.backing, META_NAME.decode())
-
-
-def _inside(child: str, parent: str) -> bool:
-    return child == parent or os.path.commonpath([child, parent]) == parent
-
-
-def check_mount_args(opts: MountOptions) -> None:
-    """Refuse, with advice, anything that would fail or misbehave after mounting."""
-    check_block_size(opts.block_size)
-    if not os.path.exists(opts.backing):
-        raise QuietError(
-            f"backing directory {opts.backing} does not exist: create it or "
-            "give the directory that holds the VM files"
-        )
-    if not os.path.isdir(opts.backing):
-        raise QuietError(
-            f"{opts.backing} is not a directory: give the directory that holds the VM files"
-        )
-    fstype = mount_fstype(opts.mountpoint)
-    if fstype is not None:
-        hint = (
-            f"blkfs umount {opts.mountpoint}"
-            if fstype == FSTYPE
-            else f"umount {opts.mountpoint}"
-        )
-        raise QuietError(
-            f"{opts.mountpoint} is busy: a {fstype} filesystem is already mounted "
-            f"there; unmount it first ({hint}) or choose another directory"
-        )
-    if not os.path.isdir(opts.mountpoint):
-        raise QuietError(
-            f"mount point {opts.mountpoint} does not exist or is not a directory: "
-            f"create it first (mkdir -p {opts.mountpoint})"
-        )
-    b, m = os.path.realpath(opts.backing), os.path.realpath(opts.mountpoint)
-    if _inside(m, b) or _inside(b, m):
-        raise QuietError(
-            "the mount point and the backing directory must not contain each other: "
-            "choose a mount point outside the backing directory"
-        )
-    if shutil.which("fusermount3") is None:
-        raise QuietError(
-            "fusermount3 is missing: install the fuse3 package (apt-get install fuse3)"
-        )
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise QuietError(
-            "/dev/fuse is not usable here: load the fuse module (modprobe fuse) or "
-            "run where FUSE is allowed"
-        )
 
 
 def _take_lock(meta: str) -> int:

@@ -22,11 +22,12 @@ from typing import Any
 
 import trio
 
+from .settings import META_DIR
 from .tracker import FileIdentity, FileKey, FileTracker, SavedState
 
 log = logging.getLogger(__name__)
 
-META_NAME = ".blkfs"  # hidden metadata dir at the backing root
+META_NAME = META_DIR  # hidden metadata dir at the backing root
 
 
 class Registry:

@@ -12,7 +12,8 @@ PACKAGES = ("blkfs", "migrator")
 # Pure: no FUSE, no trio, no sockets, no processes - testable in microseconds.  A pure package
 # (PURE_PACKAGES) is pure in every module of it.
 PURE_PACKAGES = {"migrator.protocol"}
-PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.absent", "blkfs.spill", "blkfs.ctlproto",
+PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.settings", "blkfs.absent", "blkfs.spill",
+        "blkfs.ctlproto",
         "blkfs.tracker", "blkfs.cliutil", "migrator.plan", "migrator.protocol",
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
         "migrator.lineage", "migrator.quiet", "migrator.defaults", "migrator.errors",

@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from blkfs.bitmap import parse_size
 from blkfs.cliutil import OneLineParser
+from blkfs.settings import parse_size
 
 from .check import check
 from .format import SimVMError, read_header
