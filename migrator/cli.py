@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     _postcopy_flags(m)
     _reporting_flags(m)
     _baseline_flags(m)
+    m.add_argument("--hold", action="store_true",
+                   help="start, then wait for a 'go' on the control socket before connecting "
+                   "('migrator evacuate' keeps its next migration ready so: its start then "
+                   "costs no process start and no imports)")
 
     y = sub.add_parser(
         "sync", help="source: keep a replica of FILEs on a 'migrator serve', ahead of a "
@@ -387,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("id", nargs="?", metavar="ID", help=ID_HELP)
     se.add_argument("--bandwidth", required=True, type=_cap, metavar="MB/s|none",
                     help="the new cap, or 'none' for no cap")
+
+    go = sub.add_parser("go", help="start a migrate that waits (--hold)",
+                        description="Sends a migrate started with --hold on its way, through "
+                        "its control socket: to --to if given (else the one it was started "
+                        "with), at --bandwidth if given.")
+    go.add_argument("id", nargs="?", metavar="ID", help=ID_HELP)
+    go.add_argument("--to", metavar="HOST:PORT", help="the destination's 'migrator serve' "
+                    "(default: the --to of the migrate)")
+    go.add_argument("--bandwidth", type=_cap, default=False, metavar="MB/s|none",
+                    help="its cap (default: its own --bandwidth)")
 
     k = sub.add_parser("keygen", help="write a new shared key file (mode 0600) to copy to "
                        "both hosts", description="Writes a new random 256-bit key (hex) to "
@@ -529,22 +544,35 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
         f"migrator: {text}")))
 
+    where = {"mount": os.path.abspath(a.mount), "to": a.to}
+    go = trio.Event() if a.hold else None
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signals, nursery.cancel_scope, src, console)
-            nursery.start_soon(LiveProgress(src.progress, console).run)
+            if go is not None:
+                src.progress.phase = "held"
             for path in status_paths:  # (the runtime dir's: 'migrator status', set, cancel)
-                nursery.start_soon(partial(keep_status_file, extra={
-                    "mount": os.path.abspath(a.mount), "to": a.to}), src.progress, src.report,
-                    path)
+                nursery.start_soon(partial(keep_status_file, extra=where), src.progress,
+                                   src.report, path)
             run = trio.CancelScope()  # (a cancel through the socket: not its own answer's)
             await nursery.start(serve_steering, steering_socket(status_paths[0]),
-                                partial(_steer_source, src, run))
+                                partial(_steer_source, src, run, go, where))
             try:
                 with run:
+                    if go is not None:
+                        await go.wait()  # (cancelled meanwhile: nothing was sent)
+                        src.progress.phase = "connecting"
+                    nursery.start_soon(LiveProgress(src.progress, console).run)
                     await src.run()
             finally:
                 nursery.cancel_scope.cancel()
+                if go is not None and not go.is_set():
+                    src.report.status, src.report.error = "failed", (
+                        f"{src.cancelled_by or 'stopped'} while held: nothing was sent, the VM "
+                        "runs here")
+                    if a.report:
+                        src.report.write(a.report)
 
     status_paths = [_own_status_file(), *([os.path.abspath(a.status_file)] if a.status_file
                                           else [])]
@@ -566,11 +594,26 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _steer_source(src: Any, scope: trio.CancelScope, req: Any) -> dict[str, Any]:
+def _steer_source(src: Any, scope: trio.CancelScope, go: trio.Event | None,
+                  where: dict[str, Any], req: Any) -> dict[str, Any]:
     """A request of the control socket (steerproto), in the migration's own trio loop: no
     Commit can go out between the look at commit_sent and the cancel."""
-    from .steerproto import Cancel
+    from .steerproto import UNCHANGED, Cancel, Go
 
+    if isinstance(req, Go):
+        if go is None or go.is_set():
+            return {"ok": False, "error": "not held (started without --hold, or gone already)"}
+        if req.to is not None:
+            try:
+                parse_hostport(req.to)
+            except MigrationError as exc:
+                return {"ok": False, "error": str(exc)}
+            src.opts.to = where["to"] = req.to
+        if req.mb_s != UNCHANGED:  # (its cap from the start, as --bandwidth would be)
+            src.opts.bandwidth_mb_s = src.progress.cap_mb_s = req.mb_s
+        src.report.started_at = time.time()
+        go.set()
+        return {"ok": True, "to": src.opts.to}
     if isinstance(req, Cancel):
         if req.unless_committed and src.handoff is not None and src.handoff.commit_sent:
             return {"ok": True, "cancelled": False, "why": "past its Commit: it finishes"}
@@ -894,16 +937,15 @@ def _steer(doc: dict[str, Any], request: bytes) -> dict[str, Any]:
     try:
         answer = trio.run(steer, sock, request)
     except (OSError, ValueError, trio.TooSlowError) as exc:
-        raise MigrationError(f"migration {str(doc.get('migration'))[:8]} (pid {doc['pid']}) "
-                             f"does not answer on {sock}: {exc}") from None
+        raise MigrationError(f"{_named(doc)} does not answer on {sock}: {exc}") from None
     if not answer.get("ok"):
-        raise MigrationError(f"migration {str(doc.get('migration'))[:8]}: "
-                             f"{answer.get('error')}")
+        raise MigrationError(f"{_named(doc)}: {answer.get('error')}")
     return answer
 
 
 def _named(doc: dict[str, Any]) -> str:
-    return (f"migration {str(doc.get('migration'))[:8]}"
+    mig = doc.get("migration")
+    return (f"migration {str(mig)[:8] if mig else '(not started yet)'}"
             + (f" of {doc['vm']}" if doc.get("vm") else "") + f" (pid {doc.get('pid')})")
 
 
@@ -938,6 +980,19 @@ def cmd_set(a: argparse.Namespace) -> int:
     print(f"migrator set: {_named(doc)}: bandwidth cap "
           f"{'none' if was is None else f'{was:g} MB/s'} -> "
           f"{'none' if a.bandwidth is None else f'{a.bandwidth:g} MB/s'}")
+    return 0
+
+
+def cmd_go(a: argparse.Namespace) -> int:
+    from .steerproto import UNCHANGED, go
+
+    doc = _one_running(a.id, "start")
+    if doc.get("phase") != "held":
+        raise MigrationError(f"{_named(doc)} is not held: it runs already")
+    if a.to is not None:
+        parse_hostport(a.to)
+    answer = _steer(doc, go(a.to, UNCHANGED if a.bandwidth is False else a.bandwidth))
+    print(f"migrator go: {_named(doc)} sets out to {answer.get('to')}")
     return 0
 
 
@@ -1016,6 +1071,7 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "sync": cmd_sync,
             "evacuate": cmd_evacuate, "status": cmd_status, "cancel": cmd_cancel,
             "set": cmd_set,
+            "go": cmd_go,
             "resolve": cmd_resolve, "demo": cmd_demo, "keygen": cmd_keygen}
 
 

@@ -139,6 +139,19 @@ class Running:
     phases: dict[str, float] = field(default_factory=dict)  # when each was first seen
 
 
+@dataclass
+class Spare:
+    """A migrate process started --hold for the VM that goes next: its start (a process and
+    its imports, 0.5-1 s of a busy core) is over before a place is free, and its go is a line
+    on its control socket (scripts/bench_evacuate.py)."""
+
+    name: str
+    attempt: int
+    proc: trio.Process
+    report: str
+    log: str
+
+
 class Evacuator:
     def __init__(self, opts: EvacuateOptions, candidates: list[Candidate],
                  console: Console) -> None:
@@ -152,8 +165,12 @@ class Evacuator:
         self.wake = trio.Event()
         self.interrupted = 0
         self.said: dict[str, str] = {}  # the last phase said, per VM
+        self.spare: Spare | None = None
 
     # A migrate process, its arguments and its end
+
+    def _socket(self, pid: int) -> str:
+        return os.path.join(self.opts.status_dir, f"{pid}.sock")
 
     def _argv(self, c: Candidate, to: str, report: str, share: float | None) -> list[str]:
         # Its files (named once, where no record knows them yet) first: a bare --postcopy in
@@ -168,22 +185,83 @@ class Evacuator:
             argv += ["--bandwidth", f"{share:g}"]
         return argv
 
-    async def _start(self, nursery: trio.Nursery, c: Candidate, to: str) -> None:
-        n = len(self.evac.vms[c.name].attempts)
+    async def _spawn(self, c: Candidate, to: str, n: int, share: float | None,
+                     hold: bool = False) -> tuple[trio.Process, str, str]:
         report = os.path.join(self.work, f"{c.name}.{n}.json")
         log = os.path.join(self.work, f"{c.name}.{n}.log")
+        with open(log, "wb") as out:
+            proc = await trio.lowlevel.open_process(
+                [*self._argv(c, to, report, share), *(["--hold"] if hold else [])],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        return proc, report, log
+
+    async def _start(self, nursery: trio.Nursery, c: Candidate, to: str) -> None:
+        n = len(self.evac.vms[c.name].attempts)
         phases = {r.name: r.status.get("phase", "") for r in self.running.values()}
         phases[c.name] = "connecting"
         share = self._shares(phases).get(c.name)
-        with open(log, "wb") as out:
-            proc = await trio.lowlevel.open_process(
-                self._argv(c, to, report, share), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+        proc, report, log = (await self._take_spare(c.name, n, to, share)
+                             or await self._spawn(c, to, n, share))
         r = Running(c.name, to, proc, report, log, n, share=share, told=share,
                     started=time.monotonic() - self.t0)
         self.running[c.name] = r
         self._say(r, "started" + (f", at most {share:g} MB/s" if share else ""))
         nursery.start_soon(self._wait, r)
+
+    async def _prepare_spare(self) -> None:
+        """Start the next VM's process, held, once the running ones are under way (not
+        while they start: it would take their CPU)."""
+        if self.spare is not None and self.spare.name not in self.evac.queue:
+            await self._drop_spare()  # (its VM was settled or stopped meanwhile)
+        if self.spare is not None or any(
+                r.status.get("phase", "connecting") in ("connecting", "held")
+                for r in self.running.values()):
+            return
+        up = self.evac.upcoming()
+        if up is not None:
+            c, to, n = up
+            proc, report, log = await self._spawn(c, to, n, None, hold=True)
+            self.spare = Spare(c.name, n, proc, report, log)
+
+    async def _take_spare(self, name: str, n: int, to: str, share: float | None
+                          ) -> tuple[trio.Process, str, str] | None:
+        """The held process of VM `name`, sent on its way (to `to`, at `share`), if there
+        is one that answers; else None (and it is gone)."""
+        spare = self.spare
+        if spare is None or spare.name != name:
+            return None
+        if spare.attempt == n:
+            with trio.move_on_after(5):  # (still importing: its socket comes soon)
+                while spare.proc.poll() is None:
+                    try:
+                        answer = await steer(self._socket(spare.proc.pid), sp.go(to, share),
+                                             timeout=2.0)
+                    except (OSError, ValueError, trio.TooSlowError):
+                        await trio.sleep(0.05)
+                        continue
+                    if answer.get("ok"):
+                        self.spare = None
+                        return spare.proc, spare.report, spare.log
+                    break
+        await self._drop_spare()
+        return None
+
+    async def _drop_spare(self) -> None:
+        """No use for the held process: it ends (it sent nothing) and leaves no trace."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            spare.proc.terminate()  # (held: SIGTERM ends it, nothing sent)
+        with trio.move_on_after(5):
+            await spare.proc.wait()
+        if spare.proc.poll() is None:
+            spare.proc.kill()
+            await spare.proc.wait()
+        for path in (spare.report, spare.log):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def _wait(self, r: Running) -> None:
         await r.proc.wait()
@@ -240,12 +318,13 @@ class Evacuator:
                     self._say(r, phase)
                 if hands_over(doc, doc.get("mbps") or r.share):
                     self.evac.release(r.name)  # (the next one starts at once)
+        await self._prepare_spare()
         if self.opts.bandwidth_mb_s is None:
             return
         want = self._shares({r.name: r.status.get("phase", "") for r in self.running.values()})
         for r in list(self.running.values()):
             if want[r.name] != r.told:
-                sock = os.path.join(self.opts.status_dir, f"{r.proc.pid}.sock")
+                sock = self._socket(r.proc.pid)
                 try:
                     answer = await steer(sock, sp.set_bandwidth(want[r.name]), timeout=1.0)
                 except (OSError, ValueError, trio.TooSlowError):
@@ -300,6 +379,7 @@ class Evacuator:
                         await self._start(nursery, *nxt)
                     if live is not None:
                         live.update(self.view())
+            await self._drop_spare()
             nursery.cancel_scope.cancel()
 
     async def _stop(self, r: Running, anyway: bool) -> None:
@@ -307,7 +387,7 @@ class Evacuator:
         process decides, through its control socket (steerproto.Cancel); one that does not
         answer yet has barely started, and SIGINT stops it as it would a migrate."""
         try:
-            answer = await steer(os.path.join(self.opts.status_dir, f"{r.proc.pid}.sock"),
+            answer = await steer(self._socket(r.proc.pid),
                                  sp.cancel(unless_committed=not anyway), timeout=2.0)
             r.signalled = bool(answer.get("cancelled"))
         except (OSError, ValueError, trio.TooSlowError):
@@ -331,8 +411,11 @@ class Evacuator:
                       + (f"; {', '.join(past)} past their Commit finish (Ctrl-C again to "
                          "stop them too)" if past else ""), file=sys.stderr, flush=True)
                 self.wake.set()
+                await self._drop_spare()
 
     def close(self) -> None:
+        if self.spare is not None and self.spare.proc.poll() is None:  # (run() ended early)
+            self.spare.proc.kill()
         shutil.rmtree(self.work, ignore_errors=True)
 
     # The end: the summary and the report

@@ -161,6 +161,18 @@ class Evacuation:
             return vm.candidate, to
         return None
 
+    def upcoming(self) -> tuple[Candidate, str, int] | None:
+        """What next_start will start once a place is free (the VM, where it would go now,
+        and its attempt's number), changing nothing: evacuate makes its process ready."""
+        if self.stopping:
+            return None
+        for name in self.queue:
+            vm = self.vms[name]
+            to = self._where(vm)
+            if to is not None:
+                return vm.candidate, to, len(vm.attempts) + 1
+        return None
+
     def _why_nowhere(self, vm: VMState) -> str:
         if vm.attempts:
             return f"failed on {', '.join(a.to for a in vm.attempts)}: {vm.attempts[-1].error}"

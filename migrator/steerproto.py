@@ -3,6 +3,9 @@ way. `migrator evacuate` re-divides its bandwidth budget with it as migrations s
 
     {"op": "set", "bandwidth_mb_s": 50.0}     -> {"ok": true, "bandwidth_mb_s": 50.0}
     {"op": "set", "bandwidth_mb_s": null}     -> no cap
+    {"op": "go", "to": "HOST:PORT", "bandwidth_mb_s": 50.0}
+                                              -> {"ok": true}: a migrate started with --hold
+        sets out now, to there (its --to if none), at most that fast (unchanged if absent)
     {"op": "cancel", "unless_committed": true} -> {"ok": true, "cancelled": true} before the
         Commit (the VM runs on here), {"ok": true, "cancelled": false} past it (it finishes):
         decided in the migration's own process, where no Commit can slip in between
@@ -33,27 +36,47 @@ class Cancel:
     unless_committed: bool  # past its Commit, a migration finishes (False: stop it anyway)
 
 
-def parse_request(line: bytes) -> SetBandwidth | Cancel:
+UNCHANGED = "unchanged"  # Go.mb_s when the request names no bandwidth
+
+
+@dataclass(frozen=True)
+class Go:
+    to: str | None  # None: the --to it was started with
+    mb_s: float | str | None = UNCHANGED
+
+
+def _bandwidth(mb_s: object) -> float | None:
+    if mb_s is None:
+        return None
+    if isinstance(mb_s, bool) or not isinstance(mb_s, (int, float)) or not (
+            math.isfinite(mb_s) and mb_s > 0):
+        raise SteerError(f"bandwidth_mb_s must be a positive number or null, not {mb_s!r}")
+    return float(mb_s)
+
+
+def parse_request(line: bytes) -> SetBandwidth | Cancel | Go:
     try:
         doc = json.loads(line)
     except ValueError:
         raise SteerError("not a JSON request") from None
+    if isinstance(doc, dict) and doc.get("op") == "go":
+        if set(doc) - {"op", "to", "bandwidth_mb_s"}:
+            raise SteerError("'go' takes to and bandwidth_mb_s and nothing else")
+        to = doc.get("to")
+        if to is not None and (not isinstance(to, str) or not to or len(to) > 300):
+            raise SteerError(f"to must be HOST:PORT, not {to!r}")
+        return Go(to, _bandwidth(doc["bandwidth_mb_s"]) if "bandwidth_mb_s" in doc
+                  else UNCHANGED)
     if isinstance(doc, dict) and doc.get("op") == "cancel":
         if set(doc) - {"op", "unless_committed"} or not isinstance(
                 doc.get("unless_committed", False), bool):
             raise SteerError("'cancel' takes unless_committed (true or false) and nothing else")
         return Cancel(bool(doc.get("unless_committed", False)))
     if not isinstance(doc, dict) or doc.get("op") != "set":
-        raise SteerError("unknown request (only 'set' and 'cancel' are understood)")
+        raise SteerError("unknown request (only 'set', 'go' and 'cancel' are understood)")
     if set(doc) - {"op", "bandwidth_mb_s"} or "bandwidth_mb_s" not in doc:
         raise SteerError("'set' takes bandwidth_mb_s and nothing else")
-    mb_s = doc["bandwidth_mb_s"]
-    if mb_s is None:
-        return SetBandwidth(None)
-    if isinstance(mb_s, bool) or not isinstance(mb_s, (int, float)) or not (
-            math.isfinite(mb_s) and mb_s > 0):
-        raise SteerError(f"bandwidth_mb_s must be a positive number or null, not {mb_s!r}")
-    return SetBandwidth(float(mb_s))
+    return SetBandwidth(_bandwidth(doc["bandwidth_mb_s"]))
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -66,3 +89,12 @@ def set_bandwidth(mb_s: float | None) -> bytes:
 
 def cancel(unless_committed: bool = True) -> bytes:
     return encode({"op": "cancel", "unless_committed": unless_committed})
+
+
+def go(to: str | None = None, mb_s: float | str | None = UNCHANGED) -> bytes:
+    doc: dict[str, Any] = {"op": "go"}
+    if to is not None:
+        doc["to"] = to
+    if mb_s != UNCHANGED:
+        doc["bandwidth_mb_s"] = mb_s
+    return encode(doc)

@@ -17,6 +17,7 @@ from .hosts import (
     digest,
     hold_until,
     read_json,
+    state,
     stopped,
     vm_records,
     wait_for,
@@ -138,5 +139,55 @@ def test_cancel_before_the_commit_and_past_it(hosts: tuple[Mount, Mount], key: P
             m.kill()
             m.communicate()
     assert m.returncode == 0, err
+    for n, d in before.items():
+        assert digest(dst.mnt / n) == d
+
+
+def test_a_held_migration_sends_nothing_until_its_go(hosts: tuple[Mount, Mount], key: Path,
+                                                     servers: list[Server], tmp_path: Path,
+                                                     idle_vm: subprocess.Popen[bytes]) -> None:
+    """--hold (evacuate's next migration, ready): it waits, connected to nothing, until a
+    'go' names where and how fast; cancelled while held, it sent nothing and the VM runs on."""
+    src, dst = hosts
+    before = fill(src, 4)
+    s = Server(dst, key, once=False)
+    servers.append(s)
+    status = tmp_path / "status.json"
+    m = start(src, 1, key, idle_vm, tmp_path, "--hold")  # (port 1: nothing listens there)
+    try:
+        wait_for(lambda: read_json(status).get("phase") == "held", 30, "held")
+        assert "held" in cli("status").stdout
+        r = cli("go", "--to", "nowhere")
+        assert r.returncode == 1 and "bad address" in r.stderr, r.stderr
+        r = cli("cancel")
+        assert r.returncode == 0, r.stderr
+        _, err = m.communicate(timeout=30)
+    finally:
+        if m.poll() is None:
+            m.kill()
+            m.communicate()
+    assert m.returncode == 1 and "while held: nothing was sent, the VM runs here" in err, err
+    assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
+    assert state(dst) is None and os.listdir(dst.mnt) == []
+    assert not stopped(idle_vm.pid) and idle_vm.poll() is None
+    # Held again, then sent on its way to the real port, capped: it completes.
+    status.unlink()  # (the last status stays there: the first one's, held)
+    m = start(src, 1, key, idle_vm, tmp_path, "--hold")
+    try:
+        wait_for(lambda: read_json(status).get("phase") == "held", 30, "held")
+        r = cli("go", "--to", f"127.0.0.1:{s.port}", "--bandwidth", "50")
+        assert r.returncode == 0 and f"sets out to 127.0.0.1:{s.port}" in r.stdout, r
+        r = cli("go")
+        assert r.returncode == 1 and (  # it runs already (or it is done: 4 MiB at 50 MB/s)
+            "not held" in r.stderr or "no running migration" in r.stderr), r
+        _, err = m.communicate(timeout=60)
+    finally:
+        if m.poll() is None:
+            m.kill()
+            m.communicate()
+    assert m.returncode == 0, err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verified"] and rep["bandwidth_steps"] == [], rep
+    assert read_json(status)["bandwidth_cap_mb_s"] == 50
     for n, d in before.items():
         assert digest(dst.mnt / n) == d

@@ -19,6 +19,12 @@ def test_cancel_before_the_commit_or_anyway() -> None:
     assert sp.parse_request(b'{"op": "cancel"}') == sp.Cancel(False)
 
 
+def test_go_names_its_destination_and_cap_or_keeps_them() -> None:
+    assert sp.parse_request(sp.go("10.0.0.2:7070", 25.0)) == sp.Go("10.0.0.2:7070", 25.0)
+    assert sp.parse_request(sp.go(mb_s=None)) == sp.Go(None, None)  # no cap
+    assert sp.parse_request(sp.go()) == sp.Go(None, sp.UNCHANGED)
+
+
 @pytest.mark.parametrize(("line", "says"), [
     (b"GET / HTTP/1.1", "not a JSON request"),
     (b"[1, 2]", "unknown request"),
@@ -33,6 +39,10 @@ def test_cancel_before_the_commit_or_anyway() -> None:
     (b'{"op": "set", "bandwidth_mb_s": "fast"}', "positive number"),
     (b'{"op": "set", "bandwidth_mb_s": NaN}', "positive number"),
     (b'{"op": "set", "bandwidth_mb_s": Infinity}', "positive number"),
+    (b'{"op": "go", "to": 7070}', "HOST:PORT"),
+    (b'{"op": "go", "to": ""}', "HOST:PORT"),
+    (b'{"op": "go", "bandwidth_mb_s": 0}', "positive number"),
+    (b'{"op": "go", "now": true}', "nothing else"),
 ])
 def test_anything_else_is_refused_with_its_reason(line: bytes, says: str) -> None:
     with pytest.raises(sp.SteerError, match=says):
