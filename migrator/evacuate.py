@@ -208,6 +208,8 @@ class Evacuator:
         self.running[c.name] = r
         self._say(r, "started" + (f", at most {share:g} MB/s" if share else ""))
         nursery.start_soon(self._wait, r)
+        if self.evac.stopping:  # (Ctrl-C while it started: the stop did not see it)
+            await self._stop(r, anyway=self.interrupted > 1)
 
     async def _prepare_spare(self) -> None:
         """Start the next VM's process, held, once the running ones are under way (not

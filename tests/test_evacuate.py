@@ -165,7 +165,7 @@ def test_ctrl_c_lets_those_past_their_commit_finish_and_starts_none(
     by = {r["vm"]: r for r in doc["vms"]}
     assert doc["interrupted"] and by["vm1"]["outcome"] == "moved" and by["vm1"]["verified"]
     for n in ("vm2", "vm3"):
-        assert by[n]["outcome"] == "stayed" and "stopped" in by[n]["why_here"], by[n]
+        assert by[n]["outcome"] == "stayed" and "stopped" in by[n]["why_here"], (err, by[n])
     assert by["vm2"]["attempts"] and not by["vm4"]["attempts"]
     assert by["vm4"]["outcome"] == "stayed" and "not started" in by["vm4"]["why_here"]
     roles = {r["name"]: r["role"] for r in vm_records(src)}
