@@ -165,7 +165,7 @@ class Evacuator:
         self.wake = trio.Event()
         self.interrupted = 0
         self.said: dict[str, str] = {}  # the last phase said, per VM
-        self.spare: Spare | None = None
+        self.spares: dict[str, Spare] = {}  # by VM: the next ones, ready (--hold)
 
     # A migrate process, its arguments and its end
 
@@ -211,27 +211,26 @@ class Evacuator:
         if self.evac.stopping:  # (Ctrl-C while it started: the stop did not see it)
             await self._stop(r, anyway=self.interrupted > 1)
 
-    async def _prepare_spare(self) -> None:
-        """Start the next VM's process, held, once the running ones are under way (not
-        while they start: it would take their CPU)."""
-        if self.spare is not None and self.spare.name not in self.evac.queue:
-            await self._drop_spare()  # (its VM was settled or stopped meanwhile)
-        if self.spare is not None or any(
-                r.status.get("phase", "connecting") in ("connecting", "held")
-                for r in self.running.values()):
+    async def _prepare_spares(self) -> None:
+        """Start the next VMs' processes, held, as many as may run at once, once the running
+        ones are under way (not while they start: they would share its CPU), one a tick."""
+        for name in [n for n in self.spares if n not in self.evac.queue]:
+            await self._drop_spare(name)  # (its VM was settled or stopped meanwhile)
+        if any(r.status.get("phase", "connecting") in ("connecting", "held")
+               for r in self.running.values()):
             return
-        up = self.evac.upcoming()
-        if up is not None:
-            c, to, n = up
-            proc, report, log = await self._spawn(c, to, n, None, hold=True)
-            self.spare = Spare(c.name, n, proc, report, log)
+        for c, to, n in self.evac.upcoming(self.opts.parallel):
+            if c.name not in self.spares:
+                proc, report, log = await self._spawn(c, to, n, None, hold=True)
+                self.spares[c.name] = Spare(c.name, n, proc, report, log)
+                return
 
     async def _take_spare(self, name: str, n: int, to: str, share: float | None
                           ) -> tuple[trio.Process, str, str] | None:
         """The held process of VM `name`, sent on its way (to `to`, at `share`), if there
         is one that answers; else None (and it is gone)."""
-        spare = self.spare
-        if spare is None or spare.name != name:
+        spare = self.spares.get(name)
+        if spare is None:
             return None
         if spare.attempt == n:
             with trio.move_on_after(5):  # (still importing: its socket comes soon)
@@ -243,15 +242,15 @@ class Evacuator:
                         await trio.sleep(0.05)
                         continue
                     if answer.get("ok"):
-                        self.spare = None
+                        del self.spares[name]
                         return spare.proc, spare.report, spare.log
                     break
-        await self._drop_spare()
+        await self._drop_spare(name)
         return None
 
-    async def _drop_spare(self) -> None:
+    async def _drop_spare(self, name: str) -> None:
         """No use for the held process: it ends (it sent nothing) and leaves no trace."""
-        spare, self.spare = self.spare, None
+        spare = self.spares.pop(name, None)
         if spare is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -320,7 +319,7 @@ class Evacuator:
                     self._say(r, phase)
                 if hands_over(doc, doc.get("mbps") or r.share):
                     self.evac.release(r.name)  # (the next one starts at once)
-        await self._prepare_spare()
+        await self._prepare_spares()
         if self.opts.bandwidth_mb_s is None:
             return
         want = self._shares({r.name: r.status.get("phase", "") for r in self.running.values()})
@@ -381,7 +380,8 @@ class Evacuator:
                         await self._start(nursery, *nxt)
                     if live is not None:
                         live.update(self.view())
-            await self._drop_spare()
+            for name in list(self.spares):
+                await self._drop_spare(name)
             nursery.cancel_scope.cancel()
 
     async def _stop(self, r: Running, anyway: bool) -> None:
@@ -413,11 +413,13 @@ class Evacuator:
                       + (f"; {', '.join(past)} past their Commit finish (Ctrl-C again to "
                          "stop them too)" if past else ""), file=sys.stderr, flush=True)
                 self.wake.set()
-                await self._drop_spare()
+                for name in list(self.spares):
+                    await self._drop_spare(name)
 
     def close(self) -> None:
-        if self.spare is not None and self.spare.proc.poll() is None:  # (run() ended early)
-            self.spare.proc.kill()
+        for spare in self.spares.values():  # (run() ended early)
+            if spare.proc.poll() is None:
+                spare.proc.kill()
         shutil.rmtree(self.work, ignore_errors=True)
 
     # The end: the summary and the report

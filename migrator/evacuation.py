@@ -161,17 +161,22 @@ class Evacuation:
             return vm.candidate, to
         return None
 
-    def upcoming(self) -> tuple[Candidate, str, int] | None:
-        """What next_start will start once a place is free (the VM, where it would go now,
-        and its attempt's number), changing nothing: evacuate makes its process ready."""
+    def upcoming(self, n: int = 1) -> list[tuple[Candidate, str, int]]:
+        """The next `n` VMs next_start will start as places free (each VM, where it would go
+        now, and its attempt's number), changing nothing: evacuate makes their processes
+        ready. The first is the one next_start returns; the others' destinations are
+        guesses (the load changes meanwhile)."""
         if self.stopping:
-            return None
+            return []
+        out = []
         for name in self.queue:
             vm = self.vms[name]
             to = self._where(vm)
             if to is not None:
-                return vm.candidate, to, len(vm.attempts) + 1
-        return None
+                out.append((vm.candidate, to, len(vm.attempts) + 1))
+                if len(out) == n:
+                    break
+        return out
 
     def _why_nowhere(self, vm: VMState) -> str:
         if vm.attempts:
