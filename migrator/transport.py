@@ -127,6 +127,8 @@ class Channel:
         self.limit = limit_bytes_per_s
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._first_bytes = b""  # what the peer began with (a stranger is named by them)
+        self._heard = False  # a frame of ours came from the peer
         self._t0 = time.monotonic()
         self._paced_from = 0  # bytes_sent when the cap last changed (set_limit)
         self._send_lock = trio.Lock()
@@ -307,8 +309,9 @@ class Channel:
             except p.ProtocolError as exc:
                 if eof and isinstance(exc, p.PeerClosed):  # gone, not lying
                     raise ConnectionLost(f"connection to the peer lost: {exc}") from None
-                raise _bad_peer(exc) from None
+                raise self._stranger(exc) from None
             if ev is not p.NEED_DATA:
+                self._heard = True
                 if isinstance(ev, p.Abort):
                     raise _aborted(ev)
                 return ev
@@ -320,12 +323,23 @@ class Channel:
                                      "network cut or peer stuck") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ConnectionLost(f"connection to the peer lost: {exc}") from None
+            if len(self._first_bytes) < 16:
+                self._first_bytes += data[:16 - len(self._first_bytes)]
             self.bytes_received += len(data)
             eof = not data
             try:
                 self.conn.receive_data(data)
             except p.ProtocolError as exc:
-                raise _bad_peer(exc) from None
+                raise self._stranger(exc) from None
+
+    def _stranger(self, exc: p.ProtocolError) -> BadPeer:
+        """A frame that is no frame of ours before the handshake ended: a peer that speaks
+        another protocol (an HTTP client or server, ssh...), named by its first bytes."""
+        if self._handshaking and not self._heard and not isinstance(
+                exc, (p.AuthenticationError, p.MismatchError)):
+            return BadPeer(f"the peer does not speak the migrator protocol (it began with "
+                           f"{self._first_bytes!r}): is that address a migrator's?")
+        return _bad_peer(exc)
 
     async def expect(self, *types: type[E]) -> E:
         ev = await self.receive()

@@ -131,7 +131,8 @@ def test_status_shows_a_running_migration_and_nothing_after(
     mig = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                             f"127.0.0.1:{s.port}", "--key-file", str(key), "--suspend",
                             f"pid:{idle_vm.pid}", "--bandwidth", "3", "--report", str(report),
-                            "disk.raw"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--json", "disk.raw"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     try:
         seen: list[dict[str, object]] = []
         deadline = time.monotonic() + 20
@@ -153,8 +154,9 @@ def test_status_shows_a_running_migration_and_nothing_after(
         assert doc["status"] == "active" and doc["data_bytes"] == 12 << 20
         assert doc["mount"] == str(src.mnt)
         assert "initial copy" in line and "MB/s" in line, line
-        _, err = mig.communicate(timeout=60)
+        out, err = mig.communicate(timeout=60)
         assert mig.returncode == 0, err
+        assert json.loads(out) == json.loads(report.read_text())  # --json: the report alone
     finally:
         if mig.poll() is None:
             mig.kill()
@@ -204,6 +206,9 @@ def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: P
     r = migrate(src, port, key, "disk.raw")
     assert r.returncode == 1 and "cannot connect" in last_line(r)
     assert "migrator serve" in last_line(r)
+    r = migrate(src, port, key, "disk.raw", "--json")  # a failure's report, on stdout
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and doc["status"] == "failed" and "cannot connect" in doc["error"]
     r = migrate(src, port, key, "nope.raw")
     assert r.returncode == 1 and "no such file" in last_line(r)
     loose = tmp_path / "loose-key"
@@ -592,6 +597,8 @@ def test_garbage_from_a_fake_destination(hosts: tuple[Mount, Mount], key: Path,
     r = migrate(src, srv.getsockname()[1], key, "disk.raw", "--suspend", f"pid:{idle_vm.pid}")
     srv.close()
     assert r.returncode == 1 and "bad peer" in last_line(r), r.stderr
+    assert "does not speak the migrator protocol (it began with b'HTTP/1.1 200 OK" in last_line(
+        r), r.stderr  # (issue 26: it said "unknown frame type 0x48")
     assert_source_whole(src, before, idle_vm)
 
 
@@ -897,11 +904,13 @@ def test_status_of_a_migration_whose_process_died(tmp_path: Path) -> None:
     env = dict(os.environ, BLKFS_RUNTIME_DIR=str(run))
     r = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1, r
-    assert "m-123" in r.stdout and f"process {dead.pid} is gone" in r.stdout
+    assert "m-123 (died)" in r.stdout and f"process {dead.pid} is gone" in r.stdout, r.stdout
+    assert "died in dirty rounds" in r.stdout and "(active)" not in r.stdout
     assert "migrator resolve --mount /mnt/vms" in r.stdout
     js = json.loads(subprocess.run([*MIGRATOR, "status", "--json"], capture_output=True,
                                    text=True, env=env).stdout)
-    assert js[0]["running"] is False
+    assert js[0]["running"] is False and (js[0]["status"], js[0]["died_in"]) == (
+        "died", "dirty rounds")
     junk = run / "migrations" / "1.json"
     junk.write_text("{not json")  # someone's junk beside it: skipped, said, not fatal
     r = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True, env=env)
