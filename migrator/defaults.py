@@ -12,6 +12,7 @@ import tempfile
 
 # The link
 IO_TIMEOUT = 60.0  # s of no progress: the network is cut or the peer is stuck
+MIN_BANDWIDTH_MB_S = 0.01  # the lowest cap (10 kB/s): below it not even the handshake goes out
 
 # When to switch over (plan.Policy)
 DOWNTIME_MS = 50.0  # the expected downtime the last dirty set may cost

@@ -20,6 +20,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .defaults import MIN_BANDWIDTH_MB_S
+
 PARALLEL = 2  # migrations at once (OpenStack's max_concurrent_live_migrations is 1, vSphere 8)
 ROUNDS_GUESS = 3  # the hot set is sent about this many times before the switchover
 # A phase's weight in the shares (1 if not named): converging ones twice, so that they end and
@@ -75,7 +77,8 @@ def shares(total_mb_s: float | None, phases: dict[str, str]) -> dict[str, float 
         return dict.fromkeys(phases)
     weights = {vm: WEIGHTS.get(phase, 1.0) for vm, phase in phases.items()}
     whole = sum(weights.values())
-    return {vm: round(total_mb_s * w / whole, 3) for vm, w in weights.items()}
+    return {vm: max(MIN_BANDWIDTH_MB_S, round(total_mb_s * w / whole, 3))
+            for vm, w in weights.items()}
 
 
 class Outcome(enum.Enum):

@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .defaults import MIN_BANDWIDTH_MB_S
+
 MAX_LINE = 4096  # a request longer than this is not one of ours
 
 
@@ -49,8 +51,9 @@ def _bandwidth(mb_s: object) -> float | None:
     if mb_s is None:
         return None
     if isinstance(mb_s, bool) or not isinstance(mb_s, (int, float)) or not (
-            math.isfinite(mb_s) and mb_s > 0):
-        raise SteerError(f"bandwidth_mb_s must be a positive number or null, not {mb_s!r}")
+            math.isfinite(mb_s) and mb_s >= MIN_BANDWIDTH_MB_S):
+        raise SteerError(f"bandwidth_mb_s must be a number of at least {MIN_BANDWIDTH_MB_S:g} "
+                         f"or null, not {mb_s!r}")
     return float(mb_s)
 
 

@@ -26,3 +26,18 @@ def test_every_command_says_what_it_does(mod: object) -> None:
     sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
     bare = [name for name, p in sub.choices.items() if not p.description]
     assert not bare, f"no description in --help: {bare}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["migrate", "--mount", "/m", "--to", "h:1", "--key-file", "k", "--bandwidth", "1e-9"],
+    ["sync", "--mount", "/m", "--to", "h:1", "--key-file", "k", "--bandwidth", "0.001"],
+    ["set", "--bandwidth", "1e-9"],
+])
+def test_a_cap_too_low_to_move_a_handshake_is_refused(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """(issue 26) 1e-9 MB/s ended as "the peer did not complete the handshake"."""
+    with pytest.raises(SystemExit) as e:
+        migrator_cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "too low: at least 0.01 MB/s" in err, err
+    assert len(err.splitlines()) == 1
