@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +124,7 @@ def _link_flags(parser: argparse.ArgumentParser, *, bandwidth: float | None = No
     `timeout_*`: see _io_timeout_flag."""
     g = parser.add_argument_group("link")
     default = NO_CAP if bandwidth is None else f"default {bandwidth:g}{bandwidth_why}"
-    g.add_argument("--bandwidth", type=positive, default=bandwidth, metavar="MB/s",
+    g.add_argument("--bandwidth", type=_bandwidth, default=bandwidth, metavar="MB/s",
                    help=f"cap {capped} ({default})")
     _io_timeout_flag(g, timeout_then, timeout_after)
     g.add_argument("--compress", choices=("zstd", "lz4"),
@@ -210,12 +212,16 @@ def _postcopy_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _reporting_flags(parser: argparse.ArgumentParser, *, when: str = "",
-                     status_file: bool = True) -> None:
+                     status_file: bool = True, json_out: bool = True) -> None:
     """The JSON report (written `when`) and, for a migration, where its live status goes."""
     g = parser.add_argument_group("reporting")
     g.add_argument("--report", metavar="PATH",
                    help=f"write the JSON report here{when} (default: none; the summary is "
                    "printed)")
+    if json_out:
+        g.add_argument("--json", action="store_true",
+                       help="print the JSON report on stdout instead of the summary (also on "
+                       "a failure; the live line and errors stay on stderr)")
     if status_file:
         g.add_argument("--status-file", metavar="PATH",
                        help="keep a JSON status (phase, round, dirty blocks, bytes, expected "
@@ -336,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     _link_flags(e, capped="all the migrations together, shared by weight")
     _copy_flags(e)
     _postcopy_flags(e)
-    _reporting_flags(e, when=" at the end, a record per VM", status_file=False)
+    _reporting_flags(e, when=" at the end, a record per VM", status_file=False,
+                     json_out=False)
     _bench_flags(e)
 
     r = sub.add_parser(
@@ -419,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mem-size", default="64M", help="simulated VM memory (default 64M)")
     d.add_argument("--write-rate", type=float, default=20.0, metavar="MB/s",
                    help="how fast the VM writes (default 20)")
-    d.add_argument("--bandwidth", type=positive, metavar="MB/s", help="cap the link bandwidth")
+    d.add_argument("--bandwidth", type=_bandwidth, metavar="MB/s",
+                   help="cap the link bandwidth")
     d.add_argument("--report", default="reports/migrate-demo.json", metavar="PATH",
                    help="JSON report (default reports/migrate-demo.json)")
     d.add_argument("--vm", choices=("sim", "qemu"), default="sim",
@@ -431,8 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _bandwidth(text: str) -> float:
+    mb_s = positive(text)
+    if mb_s < defaults.MIN_BANDWIDTH_MB_S:  # (1e-9 MB/s: not even the handshake goes out)
+        raise argparse.ArgumentTypeError(
+            f"{text} MB/s is too low: at least {defaults.MIN_BANDWIDTH_MB_S:g} MB/s (10 kB/s)")
+    return mb_s
+
+
 def _cap(text: str) -> float | None:
-    return None if text.lower() in ("none", "off", "0") else positive(text)
+    return None if text.lower() in ("none", "off", "0") else _bandwidth(text)
 
 
 def _at_least_one(text: str) -> int:
@@ -585,9 +601,11 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(status_paths[0])  # (--status-file's stays: its last status)
-        if src.report.files:  # got past the handshake: there is something to summarize
+        if a.json:
+            print(json.dumps(src.report.to_json(), indent=1), flush=True)
+        elif src.report.files:  # got past the handshake: there is something to summarize
             print_summary(src.report, out_console())
-        if a.report:
+        if a.report and not a.json:
             print(f"JSON report: {a.report}")
     if src.report.status != "completed":
         raise MigrationError(src.report.error or "the migration did not complete")
@@ -676,9 +694,11 @@ def cmd_sync(a: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(status_path)
-        if syncer.sync.files:
+        if a.json:
+            print(json.dumps(asdict(syncer.sync), indent=1), flush=True)
+        elif syncer.sync.files:
             print_sync_summary(syncer.sync, out_console())
-        if a.report:
+        if a.report and not a.json:
             print(f"JSON report: {a.report}")
     if syncer.sync.status != "stopped":
         raise MigrationError(syncer.sync.error or "the sync did not run")
@@ -854,6 +874,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         pid = doc.get("pid")
         doc["running"] = isinstance(pid, int) and not process_gone(pid) and doc.get(
             "status") in RUNNING
+        if not doc["running"] and doc.get("status") in RUNNING:  # (killed: it never ended)
+            doc["status"], doc["died_in"] = "died", doc.get("phase")
         docs.append(doc)
     vms = None
     if a.mount:
@@ -881,11 +903,12 @@ def cmd_status(a: argparse.Namespace) -> int:
             print("migrator: no migration is running on this host (as this user)")
         return 0
     for doc in docs:
-        gone = "" if doc["running"] or doc.get("status") not in RUNNING else (
-            f" [its process {doc.get('pid')} is gone: the replica there keeps its last epoch "
-            "(the VM never left); run the sync again, or migrate]" if doc.get("kind") == "sync"
-            else f" [its process {doc.get('pid')} is gone: it did not finish; 'migrator "
-            f"resolve --mount {doc.get('mount')}' says where the VM runs]")
+        gone = "" if doc.get("status") != "died" else (
+            f" [died in {doc.get('died_in')}: its process {doc.get('pid')} is gone; the replica "
+            "there keeps its last epoch (the VM never left); run the sync again, or migrate]"
+            if doc.get("kind") == "sync" else f" [died in {doc.get('died_in')}: its process "
+            f"{doc.get('pid')} is gone, it did not finish; 'migrator resolve --mount "
+            f"{doc.get('mount')}' says where the VM runs]")
         print(status_line(doc) + gone)
     return 0
 

@@ -142,7 +142,7 @@ def test_a_sync_killed_loses_nothing_but_time(hosts: tuple[Mount, Mount], key: P
     sy.kill()
     sy.communicate()
     st = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
-    assert f"its process {sy.pid} is gone: the replica there keeps its last epoch" in st, st
+    assert f"its process {sy.pid} is gone; the replica there keeps its last epoch" in st, st
     wait_for(lambda: (state(dst) or {}).get("stopped_at"))
     st = state(dst)
     assert st is not None and st["status"] == "replica" and st["replica"]["sync_round"] is None, st
