@@ -454,7 +454,10 @@ def print_sync_summary(s: SyncReport, console: Console) -> None:
           if s.lineage_detail and s.lineage_detail != "no replica here" else []),
         ("time", f"{s.total_s:.1f} s"
                  + (f" at most {s.bandwidth_mb_s:g} MB/s" if s.bandwidth_mb_s else "")),
-        ("next", f"'migrator migrate --to {s.to} ...' sends only what changed since"),
+        *([("next", f"'migrator migrate --to {s.to} ...' sends only what changed since")]
+          if s.status == "stopped" and s.epoch is not None else
+          [("next", "the replica there keeps its last whole epoch: run the sync again once "
+                    "the error above is mended")] if s.epoch is not None else []),
     ]
     for k, v in rows:
         t.add_row(k, v)
