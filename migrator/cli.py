@@ -811,7 +811,12 @@ def _vm_files(a: argparse.Namespace) -> list[str]:
 
     check_blkfs_mount(os.path.abspath(a.mount))
     if a.files:
-        return [mount_relative(a.mount, f) for f in a.files]
+        rels = [mount_relative(a.mount, f) for f in a.files]
+        for rel in dict.fromkeys(r for r in rels if rels.count(r) > 1):
+            given = [f for f, r in zip(a.files, rels, strict=True) if r == rel]
+            raise MigrationError(f"{rel} is named twice: as {' and '.join(given)} (one file "
+                                 "by two paths: name it once)")
+        return rels
     if not a.vm:
         raise MigrationError("name the VM's files (FILE...), or the VM (--vm NAME)")
     records = _records(a.mount)

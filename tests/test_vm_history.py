@@ -23,6 +23,7 @@ from .hosts import (
     MIGRATOR,
     Server,
     digest,
+    last_line,
     migrate,
     stopped,
     vm_record,
@@ -173,6 +174,9 @@ def test_a_file_named_by_an_absolute_path_or_a_symlink_is_the_same_file(
     assert r.returncode == 1 and "is not a file under the mount" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert vm_record(src) == {}  # nothing recorded, nothing handed off
+    r = migrate(src, s.port, key, str(link), "vms/disk.raw", "--vm", "web")  # one file, twice
+    assert r.returncode == 1 and (f"vms/disk.raw is named twice: as {link} and vms/disk.raw"
+                                  in last_line(r)), r.stderr
     r = migrate(src, s.port, key, str(src.mnt / "vms" / "disk.raw"), "--vm", "web")
     assert r.returncode == 0, r.stderr
     assert s.finish()[0] == 0
