@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {size_text(DEFAULT_BLOCK_SIZE)})",
     )
     m.add_argument("--fg", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument("--nonempty", action="store_true",
+                   help="mount over a mount point that holds files (they are hidden, not "
+                   "lost, until the unmount)")
     m.add_argument(
         "--control",
         metavar="PATH",
@@ -258,6 +261,7 @@ def _mount_options(a: argparse.Namespace) -> MountOptions:
         spill=os.path.abspath(a.spill) if a.spill else None,
         writeback=a.writeback,
         dirty_limit=a.dirty_limit,
+        nonempty=a.nonempty,
     )
 
 
@@ -292,6 +296,13 @@ def check_mount_args(opts: MountOptions) -> None:
         raise QuietError(
             f"mount point {opts.mountpoint} does not exist or is not a directory: "
             f"create it first (mkdir -p {opts.mountpoint})"
+        )
+    held = [] if opts.nonempty else sorted(os.listdir(opts.mountpoint))
+    if held:  # (mounted over, they would vanish from sight without a word)
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise QuietError(
+            f"mount point {opts.mountpoint} is not empty ({shown}): the mount would hide "
+            "them; choose an empty directory, or --nonempty to mount over them anyway"
         )
     b, m = os.path.realpath(opts.backing), os.path.realpath(opts.mountpoint)
     if _inside(m, b) or _inside(b, m):
@@ -339,6 +350,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         for flag, on in (
             ("--no-tracking", not opts.tracking),
             ("--xattr", opts.xattr),
+            ("--nonempty", opts.nonempty),
             ("--allow-other", opts.allow_other),
             ("--debug", opts.debug),
         )

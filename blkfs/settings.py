@@ -63,6 +63,7 @@ class MountOptions:
     debug: bool = False
     spill: str | None = None  # a spill area to show read-only as MOUNTPOINT/.spill
     writeback: bool = False  # the kernel's writeback cache (docs/tracking.md, "Writeback")
+    nonempty: bool = False  # mount over files in the mount point (hidden until the unmount)
     dirty_limit: int = DEFAULT_DIRTY_LIMIT  # bytes a writeback mount may hold dirty
 
     @property

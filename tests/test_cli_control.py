@@ -50,6 +50,11 @@ def test_bad_arguments(tmp_path: Path, runtime_dir: Path) -> None:
     (tmp_path / "b" / "inner").mkdir()
     one_line_error(run_blkfs("mount", str(tmp_path / "b"), str(tmp_path / "b" / "inner")),
                    "must not contain each other")
+    full = tmp_path / "full"  # (issue 26: mounted over, its files vanished without a word)
+    full.mkdir()
+    (full / "keep.img").write_bytes(b"k")
+    one_line_error(run_blkfs("mount", str(tmp_path / "b"), str(full)), "is not empty",
+                   "keep.img", "--nonempty")
     one_line_error(run_blkfs("umount", str(tmp_path / "m")), "not mounted")
     one_line_error(run_blkfs("status", str(tmp_path / "m")), "not mounted", "blkfs mount")
     one_line_error(run_blkfs("status", str(tmp_path / "nowhere")), "does not exist")
@@ -66,6 +71,14 @@ def test_errors_against_a_mount(mount_factory: Callable[..., Mount], tmp_path: P
     other = tmp_path / "m2"
     other.mkdir()
     one_line_error(run_blkfs("mount", str(m.backing), str(other)), "already served")
+    (other / "keep.img").write_bytes(b"k")  # --nonempty: hidden while mounted, there after
+    (tmp_path / "b2").mkdir()
+    run_blkfs("mount", str(tmp_path / "b2"), str(other), "--nonempty", check=True)
+    try:
+        assert os.listdir(other) == []
+    finally:
+        run_blkfs("umount", str(other), check=True)
+    assert (other / "keep.img").read_bytes() == b"k"
     fd = os.open(m.path("f"), os.O_RDONLY)
     try:
         one_line_error(run_blkfs("umount", str(m.mnt)), "busy", "fuser")

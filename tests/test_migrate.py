@@ -197,8 +197,8 @@ def test_wrong_key_is_refused_before_any_data(hosts: tuple[Mount, Mount], key: P
 
 
 def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: Path,
-                                       tmp_path: Path) -> None:
-    src, _ = freeze_hosts
+                                       servers: list[Server], tmp_path: Path) -> None:
+    src, dst = freeze_hosts
     fill_source(src, 1)
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
@@ -221,6 +221,11 @@ def test_closed_port_and_bad_arguments(freeze_hosts: tuple[Mount, Mount], key: P
     r = subprocess.run([*MIGRATOR, "serve", "--mount", str(tmp_path), "--listen", "127.0.0.1:0",
                         "--key-file", str(key)], capture_output=True, text=True)
     assert r.returncode == 1 and "not a blkfs mount" in last_line(r)
+    s = Server(dst, key, once=False)  # (issue 26: SIGTERM ended it without a word)
+    servers.append(s)
+    s.proc.send_signal(signal.SIGTERM)
+    rc, out = s.finish()
+    assert rc == 128 + signal.SIGTERM and "migrator serve: stopped by SIGTERM" in out, out
 
 
 @pytest.mark.slow
