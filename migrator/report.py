@@ -59,6 +59,7 @@ class Progress:
 @dataclass
 class MigrationReport:
     status: str = "setup"  # setup | active | completed | failed
+    phase: str = ""  # the phase it ended in (connecting, initial copy ... verifying)
     error: str | None = None
     migration: str = ""  # its id in both sides' ownership records
     vm: str = ""  # the VM's id (ownership.py), the same on every host that held it
@@ -97,12 +98,13 @@ class MigrationReport:
     lineage_files: list[str] = field(default_factory=list)
     lineage_blocks: int = 0  # blocks of those files not sent, nor read, nor digested
     lineage_detail: str = ""  # why a replica was not (wholly) used, if it was named
-    blocks_per_s: float = 0.0  # blocks sent per second, initial copy to resume
+    # A figure that was never measured (the migration ended before) is None, never 0
+    blocks_per_s: float | None = None  # blocks sent per second, initial copy to resume
     dirty_rate_mb_s: float | None = None  # the last round's: how fast the VM dirtied blocks
     spill_bytes: int = 0  # post-copy pages written into the spill area
     static_blocks: int = 0
     dynamic_blocks: int = 0
-    initial_copy_s: float = 0.0
+    initial_copy_s: float | None = None
     rounds: list[RoundStats] = field(default_factory=list)
     dirty_sync_count: int = 0
     last_set_pages: int = 0
@@ -112,12 +114,12 @@ class MigrationReport:
     throttle_max_pct: int | None = None
     throttle_s: float | None = None
     throttle_steps: list[tuple[float, int]] = field(default_factory=list)
-    mbps: float = 0.0
+    mbps: float | None = None  # the rate measured over what was sent
     # The cap as it was changed while the migration ran (its control socket: evacuate's
     # shares): (s since the start, MB/s or None for none)
     bandwidth_steps: list[tuple[float, float | None]] = field(default_factory=list)
     verified: bool = False
-    verify_s: float = 0.0
+    verify_s: float | None = None
     mismatched_blocks: int = 0  # verification: blocks that differ on the destination
     verify_detail: str = ""  # the first of them, by file and block
     source_vm: str = ""
@@ -138,7 +140,7 @@ class MigrationReport:
     postcopy: PostcopyStats | None = None  # the destination daemon's figures, as it sent them
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self)  # (with the phase it ended in: "phase")
         ratio = self.bytes_sent / self.data_bytes if self.data_bytes else None
         d["bytes_sent_ratio"] = None if ratio is None else round(ratio, 4)
         return d
@@ -168,6 +170,8 @@ def write_json(path: str, doc: Any) -> None:
 
 
 def print_summary(r: MigrationReport, console: Console) -> None:
+    """The summary: every value in it was measured; a row of what never happened (a
+    verification of a migration that failed in its initial copy) is left out."""
     ok = r.status == "completed" and r.verified
     head = "[bold green]migration completed[/]" if ok else f"[bold red]migration {r.status}[/]"
     console.print(head + (f": {r.error}" if r.error else ""))
@@ -178,10 +182,13 @@ def print_summary(r: MigrationReport, console: Console) -> None:
     edt = "-" if r.expected_downtime_ms is None else f"{r.expected_downtime_ms:.1f} ms"
     rows = [
         ("files", ", ".join(f"{f['name']} ({human_bytes(f['size'])})" for f in r.files)),
-        ("total time", f"{r.total_s:.2f} s (initial copy {r.initial_copy_s:.2f} s)"),
-        ("downtime", f"{dt} (expected {edt}; "
-                     + ", ".join(f"{k} {v:.1f}" for k, v in r.downtime_breakdown_ms.items())
-                     + ")"),
+        *([("ended in", f"{r.phase or 'its start'}")] if not ok else []),
+        ("total time", f"{r.total_s:.2f} s" + (
+            f" (initial copy {r.initial_copy_s:.2f} s)" if r.initial_copy_s is not None
+            else " (the initial copy did not finish)")),
+        *([("downtime", f"{dt} (expected {edt}; "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in r.downtime_breakdown_ms.items())
+                        + ")")] if r.downtime_ms is not None or r.downtime_breakdown_ms else []),
         ("data / sent", f"{human_bytes(r.data_bytes)} / {human_bytes(r.bytes_sent)}"
                         + (f" ({r.bytes_sent / r.data_bytes:.3f}x)" if r.data_bytes else "")),
         *([("by kind", ", ".join(f"{k} {human_bytes(v)}" for k, v in (
@@ -199,23 +206,28 @@ def print_summary(r: MigrationReport, console: Console) -> None:
             "travelled (every block verified)")] if "digests" in r.delta else []),
         *([("replica not used", r.lineage_detail)]  # (said when there was one to use)
           if r.lineage_detail and r.lineage_detail != "no replica here" else []),
-        ("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} dynamic"),
-        ("rounds", (f"{len(r.rounds)}: " + _few(str(x.dirty_pages) for x in r.rounds)
-                    + f" dirty pages of {human_bytes(r.page_size)} (the VM dirtying " + _few(
-                        f"{x.dirty_rate_mb_s:.1f}" for x in r.rounds) + " MB/s)"
-                    if r.rounds else "none")
-                   + f"; last set {r.last_set_pages} pages"),
+        *([("initial copy", f"{r.static_blocks} static blocks, then {r.dynamic_blocks} "
+            "dynamic")] if r.initial_copy_s is not None else []),
+        *([("rounds", (f"{len(r.rounds)}: " + _few(str(x.dirty_pages) for x in r.rounds)
+                       + f" dirty pages of {human_bytes(r.page_size)} (the VM dirtying " + _few(
+                           f"{x.dirty_rate_mb_s:.1f}" for x in r.rounds) + " MB/s)"
+                       if r.rounds else "none")
+           + (f"; last set {r.last_set_pages} pages" if r.switchover_reason else ""))]
+          if r.rounds or r.switchover_reason else []),
         *([("by phase", "before the downtime {}, during it {}, after it {}".format(
             *(human_bytes(r.bytes_by_phase.get(k, 0))
               for k in ("before_downtime", "during_downtime", "after_downtime"))))]
           if r.bytes_by_phase else []),
-        ("switchover", r.switchover_reason or "-"),
+        *([("switchover", r.switchover_reason)] if r.switchover_reason else []),
         *([("auto-converge", f"the VM slowed by up to {r.throttle_max_pct} % for "
             f"{r.throttle_s or 0:.1f} s (steps: " + ", ".join(
                 f"{pct} % at {t:g} s" for t, pct in r.throttle_steps) + ")")]
           if r.throttle_max_pct else []),
-        ("bandwidth", f"{r.mbps:.0f} MB/s, {r.blocks_per_s:.0f} blocks/s"),
-        ("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)"),
+        *([("bandwidth", f"{r.mbps:.0f} MB/s" + (
+            f", {r.blocks_per_s:.0f} blocks/s" if r.blocks_per_s is not None else ""))]
+          if r.mbps is not None else []),
+        *([("verified", f"{'yes' if r.verified else 'NO'} ({r.verify_s:.2f} s, after resume)")]
+          if r.verify_s is not None else []),
     ]
     pc = r.postcopy
     if r.postcopy_files and pc is not None:

@@ -626,7 +626,8 @@ class Source:
             raise
         finally:
             r.total_s = round(time.monotonic() - t0, 3)
-            if planner is not None:
+            r.phase = "done" if r.status == "completed" else self.progress.phase
+            if planner is not None and planner.bandwidth > 0:
                 r.mbps = round(planner.bandwidth / 1e6, 1)
             r.bytes_sent = self.progress.sent
             self._bytes_by_phase(time.monotonic())

@@ -242,7 +242,7 @@ def test_failure_mid_copy_leaves_the_source_whole(
     proc = subprocess.Popen([*MIGRATOR, "migrate", "--mount", str(src.mnt), "--to",
                              f"127.0.0.1:{s.port}", "--key-file", str(key), "--bandwidth", "10",
                              "--status-file", str(status), "--suspend", f"pid:{idle_vm.pid}",
-                             "disk.raw", "vm.mem"],
+                             "--report", str(tmp_path / "report.json"), "disk.raw", "vm.mem"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_mid_copy(status, proc)  # 36 MiB at 10 MB/s: the fault falls into the copy
     if how == "kill-destination":
@@ -251,9 +251,18 @@ def test_failure_mid_copy_leaves_the_source_whole(
         proc.send_signal(signal.SIGTERM)
     else:
         proc.kill()
-    _, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     if how != "kill9-source":
+        # (issue 26) Only what was measured: it ended in its initial copy, so no verification,
+        # no rate of 0 MB/s, no "initial copy 0.00 s"; absent in the report, not 0.
+        flat = " ".join(out.split())
+        assert "ended in initial copy" in flat and "the initial copy did not finish" in flat
+        assert "verified" not in flat and "0 MB/s" not in flat and "switchover" not in flat
+        rep = json.loads((tmp_path / "report.json").read_text())
+        assert rep["status"] == "failed" and rep["phase"] == "initial copy", rep
+        assert rep["initial_copy_s"] is None and rep["verify_s"] is None, rep
+        assert rep["bytes_sent"] > 0
         line = err.strip().splitlines()[-1]
         assert line.startswith("migrator: error:"), err
         assert ("interrupted" in line) if how == "sigterm-source" else ("lost" in line or
