@@ -613,9 +613,17 @@ class DestSession:
     async def _on_switchover(self, ev: p.Switchover) -> None:
         self.t_switch = time.monotonic()
 
+    async def _set_attrs(self, attrs: tuple[p.FileAttrs, ...]) -> None:
+        """The files as they left (mode, owner, times, user xattrs), before the VM starts."""
+        if not attrs:  # (an older test engine's source says none)
+            return
+        for problem in await trio.to_thread.run_sync(self.store.set_attrs, attrs):
+            log.warning("%s", problem)
+
     async def _on_commit(self, ev: p.Commit) -> None:
         pc = self.pc
         assert self._nursery is not None
+        await self._set_attrs(ev.attrs)
         if pc is not None:
             t = time.monotonic()
             await pc.begun.wait()  # before the VM can read anything

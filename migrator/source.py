@@ -440,8 +440,9 @@ class Source:
         assert self.ch is not None and self.handoff is not None
         if self.ch.peer_closed():  # (then the VM runs on here rather than wait, suspended)
             raise ConnectionLost("the destination closed the connection before the Commit")
+        attrs = self._store.attrs()  # (the files as they are at the suspend point)
         self.handoff.commit_sent = True  # before the send: once it starts, it may arrive
-        await self.ch.send(p.Commit(self.handoff.generation))
+        await self.ch.send(p.Commit(self.handoff.generation, attrs))
 
     @property
     def spilling(self) -> bool:

@@ -30,6 +30,7 @@ from blkfs.runtime import FSTYPE, DaemonInfo, mount_fstype
 from . import ownership as own
 from . import protocol as p
 from .delta import file_digests
+from .fileattrs import apply_attrs, file_attrs
 from .space import SpaceNeed
 from .transport import MigrationError
 from .vmrecords import RESERVED, RecordDir, VMRecords, mount_relative
@@ -109,6 +110,11 @@ class SourceFiles(Protocol):
         """This host's records of the mount's VMs."""
         ...
 
+    def attrs(self) -> tuple[p.FileAttrs, ...]:
+        """Each file's mode, owner, times and user xattrs now (at the suspend point: the
+        destination sets them before the VM starts there)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -161,6 +167,11 @@ class DestFiles(Protocol):
         ...
 
     def create(self, manifest: p.Manifest) -> None: ...
+
+    def set_attrs(self, attrs: tuple[p.FileAttrs, ...]) -> list[str]:
+        """Give the files the source's attributes (Commit.attrs); what could not be set, in
+        words (the migration goes on: e.g. no chown for a serve that is not root)."""
+        ...
 
     def write(self, file_id: int, offset: int, data: bytes | memoryview) -> None:
         """Sync (it may run in a worker thread): what the daemon must learn of it waits for
@@ -289,6 +300,13 @@ class BlkfsSource:
 
     def allocated(self, file_id: int) -> int:
         return os.fstat(self.fds[file_id]).st_blocks * 512
+
+    def attrs(self) -> tuple[p.FileAttrs, ...]:
+        # (a few fstat and listxattr calls on the backing files: microseconds, in the downtime)
+        out = []
+        for file_id, fd in enumerate(self.fds):
+            out.append(file_attrs(file_id, fd, self.names[file_id]))
+        return tuple(out)
 
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         return os.pread(self.fds[file_id], length, offset)
@@ -487,6 +505,15 @@ class MountDest:
             if backing is not None:
                 self._open_direct(f.file_id, fd, os.path.join(
                     backing, os.path.relpath(path, self.mount)))
+
+    def set_attrs(self, attrs: tuple[p.FileAttrs, ...]) -> list[str]:
+        problems = []
+        for a in attrs:
+            name = self.names.get(a.file_id)
+            if name is not None:
+                problems += apply_attrs(self._target(name), self.direct.get(
+                    a.file_id, self.fds.get(a.file_id)), a, name)
+        return problems
 
     def _open_direct(self, file_id: int, mount_fd: int, path: str) -> None:
         """The backing file, if it is the very file the mount shows (else: through FUSE)."""

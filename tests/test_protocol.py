@@ -897,7 +897,7 @@ def test_wire_format_is_fixed() -> None:
     assert encode(Manifest(BS, (FileEntry(0, "é", 1),))) == frame(FrameType.MANIFEST, (
         '{"block_size":4096,"files":[{"file_id":0,"name":"é","size":1,"allocated":0}],"migration":"","delta":false,"replica":false,"lineage":"","lineage_files":[],"vm":"","vm_name":"","generation":0}'
         .encode()))
-    assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x10" + b'{"generation":7}'
+    assert encode(Commit(7)) == b"\x0a\x00\x00\x00\x1b" + b'{"generation":7,"attrs":[]}'
 
 
 def test_a_manifest_too_big_for_a_frame_is_refused_on_send() -> None:

@@ -26,6 +26,7 @@ from migrator.protocol import (
     Done,
     Event,
     Fetch,
+    FileAttrs,
     FileEntry,
     FrameType,
     Held,
@@ -61,11 +62,11 @@ from migrator.protocol import (
 # payload is shown above it as text)
 FROZEN: dict[FrameType, tuple[Event, str]] = {
     FrameType.HELLO: (
-        Hello(10, "source", bytes(range(32)), True),
-        # {"version":10,"role":"source","nonce":"000102030405060708090a0b0c0d0e0f10111213141516171
+        Hello(11, "source", bytes(range(32)), True),
+        # {"version":11,"role":"source","nonce":"000102030405060708090a0b0c0d0e0f10111213141516171
         # 8191a1b1c1d1e1f","sealed":true}
         "0100000077"
-        "7b2276657273696f6e223a31302c22726f6c65223a22736f75726365222c226e6f6e6365223a2230"
+        "7b2276657273696f6e223a31312c22726f6c65223a22736f75726365222c226e6f6e6365223a2230"
         "30303130323033303430353036303730383039306130623063306430653066313031313132313331"
         "3431353136313731383139316131623163316431653166222c227365616c6564223a747275657d"),
     FrameType.AUTH: (
@@ -122,10 +123,16 @@ FROZEN: dict[FrameType, tuple[Event, str]] = {
         "0900000002"
         "7b7d"),
     FrameType.COMMIT: (
-        Commit(3),
-        # {"generation":3}
-        "0a00000010"
-        "7b2267656e65726174696f6e223a337d"),
+        Commit(3, (FileAttrs(0, 0o644, 1000, 1000, 1700000000000000000, 1700000001000000000,
+                             (("user.a", b"\x01"),)),)),
+        # {"generation":3,"attrs":[{"file_id":0,"mode":420,"uid":1000,"gid":1000,"atime_ns":
+        # 1700000000000000000,"mtime_ns":1700000001000000000,"xattrs":[["user.a","01"]]}]}
+        "0a000000a2"
+        "7b2267656e65726174696f6e223a332c226174747273223a5b7b2266696c655f6964223a302c226d"
+        "6f6465223a3432302c22756964223a313030302c22676964223a313030302c226174696d655f6e73"
+        "223a313730303030303030303030303030303030302c226d74696d655f6e73223a31373030303030"
+        "3030313030303030303030302c22786174747273223a5b5b22757365722e61222c223031225d5d7d"
+        "5d7d"),
     FrameType.RESUMED: (
         Resumed(12.5),
         # {"ms":12.5}

@@ -33,6 +33,7 @@ from .events import (
     Done,
     Event,
     Fetch,
+    FileAttrs,
     FileEntry,
     Held,
     Hello,
@@ -258,6 +259,7 @@ def check_event(event: Event) -> None:
                                     "8 MiB")
         case Commit():
             check_int(event.generation, 0, MAX_COUNT, "Commit.generation")
+            check_attrs(event.attrs)
         case Query():
             check_text(event.migration, 64, "Query.migration")
         case Zero():
@@ -343,6 +345,9 @@ def encode_parts(event: Event) -> tuple[int, list[bytes | bytearray | memoryview
             obj[name] = obj[name].hex()
         if "files" in obj:
             obj["files"] = [asdict(entry) for entry in obj["files"]]
+        if isinstance(event, Commit):
+            obj["attrs"] = [{**asdict(a), "xattrs": [[n, v.hex()] for n, v in a.xattrs]}
+                            for a in event.attrs]
         if "stats" in obj:
             obj["stats"] = asdict(obj["stats"])
         parts = [json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()]
@@ -427,6 +432,8 @@ def decode_payload(cls: type[Event], payload: bytes) -> Event:
             args[key] = _unhex(args[key], f"{name}.{key}")
         if "files" in args:
             args["files"] = _files(args["files"])
+        if cls is Commit:
+            args["attrs"] = _attrs(args["attrs"])
         for key in ("lineage_files", "accepted"):
             if key in args and type(args[key]) is list:
                 args[key] = tuple(args[key])
@@ -485,6 +492,53 @@ def _pair_list(value: object, what: str) -> tuple[tuple[int, int], ...]:
     if not all(type(x) is list and len(x) == 2 for x in value):
         raise ProtocolError(f"{what} must be a list of [a, b] pairs")
     return tuple((x[0], x[1]) for x in value)
+
+
+MAX_XATTRS = 64  # user.* extended attributes carried for one file
+MAX_XATTR_VALUE = 65536  # the kernel's limit for one value
+
+
+def check_attrs(attrs: object) -> None:
+    if type(attrs) is not tuple or len(attrs) > MAX_FILES:
+        raise ProtocolError("Commit.attrs must be a tuple of at most MAX_FILES FileAttrs")
+    ids: set[int] = set()
+    for a in attrs:
+        if type(a) is not FileAttrs:
+            raise ProtocolError(f"Commit.attrs entry {show(a)} is not a FileAttrs")
+        check_int(a.file_id, 0, MAX_FILES - 1, "FileAttrs.file_id")
+        if a.file_id in ids:
+            raise ProtocolError(f"Commit.attrs has file_id {a.file_id} twice")
+        ids.add(a.file_id)
+        check_int(a.mode, 0, 0o7777, "FileAttrs.mode")
+        check_int(a.uid, 0, U32, "FileAttrs.uid")
+        check_int(a.gid, 0, U32, "FileAttrs.gid")
+        check_int(a.atime_ns, 0, U64, "FileAttrs.atime_ns")
+        check_int(a.mtime_ns, 0, U64, "FileAttrs.mtime_ns")
+        if type(a.xattrs) is not tuple or len(a.xattrs) > MAX_XATTRS:
+            raise ProtocolError(f"FileAttrs.xattrs must be a tuple of at most {MAX_XATTRS}")
+        for x in a.xattrs:
+            if (type(x) is not tuple or len(x) != 2 or type(x[0]) is not str
+                    or not x[0].startswith("user.") or not 5 < len(x[0]) <= 255
+                    or "\0" in x[0] or type(x[1]) is not bytes
+                    or len(x[1]) > MAX_XATTR_VALUE):
+                raise ProtocolError(f"FileAttrs.xattrs entry {show(x)} is not a (user.NAME, "
+                                    "value) pair")
+
+
+def _attrs(value: object) -> tuple[FileAttrs, ...]:
+    if type(value) is not list or len(value) > MAX_FILES:
+        raise ProtocolError("Commit.attrs must be a list of at most MAX_FILES objects")
+    keys = [f.name for f in fields(FileAttrs)]
+    out = []
+    for item in value:
+        args = _exact_keys(item, keys, "Commit.attrs entry")
+        xs = args["xattrs"]
+        if type(xs) is not list or not all(type(x) is list and len(x) == 2
+                                            and type(x[1]) is str for x in xs):
+            raise ProtocolError("FileAttrs.xattrs must be a list of [name, hex] pairs")
+        args["xattrs"] = tuple((x[0], _unhex(x[1], "FileAttrs.xattrs")) for x in xs)
+        out.append(FileAttrs(**args))  # type: ignore[arg-type]
+    return tuple(out)
 
 
 def _files(value: object) -> tuple[FileEntry, ...]:

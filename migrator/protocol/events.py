@@ -195,6 +195,21 @@ class Switchover:
 
 
 @dataclass(frozen=True, slots=True)
+class FileAttrs:
+    """A migrated file's attributes at the suspend point (its permission bits, owner, times
+    in ns, and user.* extended attributes): the destination sets them before the VM starts
+    there, so the files arrive as they left."""
+
+    file_id: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     """The handoff: the last set is sent and the source has durably given the VM up (its
     ownership record says so); the destination may take it, as ownership generation
@@ -205,6 +220,7 @@ class Commit:
     ambiguous and settled by `migrator resolve`, never by guessing."""
 
     generation: int = 0
+    attrs: tuple[FileAttrs, ...] = ()  # the files' attributes at the suspend point
 
 
 @dataclass(frozen=True, slots=True)

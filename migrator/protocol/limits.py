@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-PROTOCOL_VERSION = 10  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
+PROTOCOL_VERSION = 11  # 2: the handoff (Manifest.migration, Commit.epoch, Query/Answer);
 # 3: Reattach, Zero; 4: Packed; 5: sealed frames (Hello.sealed), Held (Manifest.delta);
 # 6: replica sessions (Manifest.replica, migrator sync), Lineage (Manifest.lineage);
 # 7: VM identity (Manifest.vm, vm_name, generation; Abort.owner_generation)
@@ -17,6 +17,7 @@ PROTOCOL_VERSION = 10  # 2: the handoff (Manifest.migration, Commit.epoch, Query
 # 9: Pages (the rounds send dirty pages, not whole blocks)
 # 10: FileEntry.allocated (the destination's space check counts a thin image's data),
 #     ZeroDigests, HeldZero (a thin image's holes are verified, and said held, as runs)
+# 11: Commit.attrs (each file's mode, owner, times and user xattrs at the suspend point)
 MAX_PAYLOAD = 8 * 2**20 + 64  # one Blocks frame of MAX_BLOCKS_DATA plus its header, with room
 HEADER = struct.Struct(">BI")  # frame type, payload length
 TAG_SIZE = 16  # AES-GCM's tag, after each sealed payload

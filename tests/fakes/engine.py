@@ -168,9 +168,13 @@ class MemorySource:
         self.epochs = [0] * len(self.data)  # blkfs epochs: a swap ends one
         self.ended: dict[int, int] = {}
         self.trust = True
+        self.file_attrs: tuple[p.FileAttrs, ...] = ()  # what attrs() says (none by default)
 
     def size(self, file_id: int) -> int:
         return len(self.data[file_id])
+
+    def attrs(self) -> tuple[p.FileAttrs, ...]:
+        return self.file_attrs
 
     def allocated(self, file_id: int) -> int:
         return len(self.data[file_id])  # (dense)
@@ -260,6 +264,7 @@ class MemoryDest:
         self.fail_after_writes = fail_after_writes
         self.reattached: str | None = None
         self.own: dict[str, tuple[int, set[int]]] = {}  # name -> this mount's (epoch, dirty)
+        self.attrs: dict[int, p.FileAttrs] = {}  # Commit.attrs, by file id
 
     async def prepare(self, manifest: p.Manifest, holder: str) -> None:
         pass
@@ -269,6 +274,10 @@ class MemoryDest:
 
     async def postcopy_absent(self) -> int:
         return 0
+
+    def set_attrs(self, attrs: tuple[p.FileAttrs, ...]) -> list[str]:
+        self.attrs = {a.file_id: a for a in attrs}
+        return []
 
     def create(self, manifest: p.Manifest) -> None:
         for f in manifest.files:
