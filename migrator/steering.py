@@ -67,11 +67,15 @@ async def steer(path: str, request: bytes, timeout: float = 5.0) -> dict[str, An
     with trio.fail_after(timeout):
         stream = await trio.open_unix_socket(path)
         async with stream:
-            await stream.send_all(request)
             buf = b""
-            while b"\n" not in buf:
-                data = await stream.receive_some(sp.MAX_LINE)
-                if not data:
-                    raise OSError(f"{path}: closed without an answer")
-                buf += data
+            try:
+                await stream.send_all(request)
+                while b"\n" not in buf:
+                    data = await stream.receive_some(sp.MAX_LINE)
+                    if not data:
+                        raise OSError(f"{path}: closed without an answer")
+                    buf += data
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # (a migration that ends as we ask: seen as a crash of evacuate under load)
+                raise OSError(f"{path}: the connection broke: {exc}") from None
     return dict(json.loads(buf.split(b"\n", 1)[0]))

@@ -191,3 +191,34 @@ def test_a_held_migration_sends_nothing_until_its_go(hosts: tuple[Mount, Mount],
     assert read_json(status)["bandwidth_cap_mb_s"] == 50
     for n, d in before.items():
         assert digest(dst.mnt / n) == d
+
+
+def test_a_migration_that_ends_as_it_is_asked_is_an_oserror(tmp_path: Path) -> None:
+    """steer's callers (evacuate's ticks, its stop) catch OSError: a socket that closes
+    mid-request was a trio.BrokenResourceError, and it ended an evacuation under load with
+    VMs still running."""
+    import socket as so
+    import threading
+
+    import trio
+
+    from migrator.steering import steer
+
+    path = str(tmp_path / "m.sock")
+    srv = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = srv.accept()
+        conn.setsockopt(so.SOL_SOCKET, so.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # (a reset: the request's send or the read breaks)
+
+    t = threading.Thread(target=hang_up)
+    t.start()
+    try:
+        with pytest.raises(OSError):
+            trio.run(steer, path, b'{"op": "cancel"}\n' * 100000, 5.0)
+    finally:
+        t.join()
+        srv.close()
