@@ -857,8 +857,6 @@ def steering_socket(status_file: str) -> str:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    import json
-
     from blkfs.runtime import process_gone
 
     from .report import RUNNING, status_line
@@ -930,8 +928,6 @@ def cmd_status(a: argparse.Namespace) -> int:
 def _running_docs() -> list[dict[str, Any]]:
     """The status documents of this host's running migrations and syncs (their processes
     alive)."""
-    import json
-
     from blkfs.runtime import process_gone
 
     from .report import RUNNING
