@@ -26,6 +26,7 @@ from blkfs.control import ControlError
 
 from . import defaults
 from . import protocol as p
+from .deadlines import Deadlines, OnTimeout
 from .errors import MigrationError, first_error
 from .evacuation import PARALLEL
 from .plan import OnStall, Policy
@@ -168,6 +169,21 @@ def _switchover_flags(parser: argparse.ArgumentParser, *, suspend: bool = True) 
                    default=defaults.CONVERGE_TIMEOUT_S,
                    help="--on-stall converge: rounds that have not met the downtime target after "
                    f"S seconds stop the migration (default {defaults.CONVERGE_TIMEOUT_S:g})")
+    g.add_argument("--timeout", type=positive, metavar="S",
+                   help="S seconds after it set out, do what --on-timeout says (default: no "
+                   "timeout)")
+    g.add_argument("--on-timeout", choices=[t.value for t in OnTimeout],
+                   default=defaults.ON_TIMEOUT,
+                   help="abort: stop, the VM runs on here; suspend: switch over at the end of "
+                   "the initial copy or of the round under way, whatever the downtime; "
+                   "postcopy: the same, the memory going post-copy (needs --postcopy auto); "
+                   f"as virsh migrate --timeout (default {defaults.ON_TIMEOUT})")
+    g.add_argument("--progress-timeout", type=non_negative, metavar="S",
+                   default=defaults.PROGRESS_TIMEOUT_S,
+                   help="stop a migration whose remaining data (the rest of the initial copy, "
+                   "or the last dirty set) has not become smaller for S seconds, the VM running "
+                   "on here; a step of auto-converge counts as progress (default "
+                   f"{defaults.PROGRESS_TIMEOUT_S:g}, as KubeVirt's progressTimeout; 0: never)")
     g.add_argument("--max-throttle", type=percentage, metavar="PCT",
                    default=defaults.THROTTLE_MAX,
                    help="auto-converge: while the VM dirties faster than the link moves, slow "
@@ -392,13 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="past its Commit too: its VM's copy here stays suspended and the "
                    "handoff unsettled ('migrator resolve' settles it)")
-    se = sub.add_parser("set", help="change a running migrate: its bandwidth cap",
-                        description="Changes a running migration through its control socket, "
-                        "within a second: shown on its live line and status, and in its "
-                        "report (bandwidth_steps).")
+    se = sub.add_parser("set", help="change a running migrate: its bandwidth cap, downtime "
+                        "target, post-copy", description="Changes a running migration through "
+                        "its control socket: shown on its live line and status, and in its "
+                        "report (bandwidth_steps, downtime_steps, switchover_reason). As "
+                        "virsh's migrate-setspeed, migrate-setmaxdowntime and migrate-postcopy.")
     se.add_argument("id", nargs="?", metavar="ID", help=ID_HELP)
-    se.add_argument("--bandwidth", required=True, type=_cap, metavar="MB/s|none",
-                    help="the new cap, or 'none' for no cap")
+    se.add_argument("--bandwidth", type=_cap, default=False, metavar="MB/s|none",
+                    help="the new cap, or 'none' for no cap (within a second)")
+    se.add_argument("--downtime", type=positive, metavar="MS",
+                    help="the new downtime target (as --downtime-ms), from the rounds' next "
+                    "decision on")
+    se.add_argument("--postcopy", action="store_true",
+                    help="switch over at the end of the initial copy or of the round under "
+                    "way, the memory left to post-copy (a migrate started with --postcopy "
+                    "auto or on)")
 
     go = sub.add_parser("go", help="start a migrate that waits (--hold)",
                         description="Sends a migrate started with --hold on its way, through "
@@ -545,6 +569,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from .report import LiveProgress, keep_status_file
     from .source import Source
     from .steering import serve_steering
+    from .watchdog import watch_deadlines
 
     console = Console(stderr=True)
     key = read_key(a.key_file)
@@ -554,6 +579,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         raise MigrationError("--postcopy and --stop-and-copy exclude each other")
     if a.spill_slots < 1:
         raise MigrationError("--spill-slots must be at least 1")
+    if a.on_timeout == "postcopy" and a.postcopy == "off":
+        raise MigrationError("--on-timeout postcopy needs --postcopy auto (the spill area is "
+                             "made at the start)")
+    deadlines = Deadlines(a.timeout, OnTimeout(a.on_timeout), a.progress_timeout or None)
     opts = MigrateOptions(mount=a.mount, to=a.to, key=key, files=a.files, policy=_policy(a),
                           bandwidth_mb_s=a.bandwidth, static_heat=a.static_heat,
                           report_path=a.report, stop_and_copy=a.stop_and_copy,
@@ -566,8 +595,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                           compress=a.compress, plaintext=_warn_plaintext(a),
                           delta=not a.no_delta, lineage=not a.no_lineage, vm_name=a.vm,
                           max_throttle=a.max_throttle, converge_timeout=a.converge_timeout)
-    src = Source(opts, adapter, SourceHooks(notify=lambda text: console.print(
-        f"migrator: {text}")))
+    def notify(text: str) -> None:
+        console.print(f"migrator: {text}")
+
+    src = Source(opts, adapter, SourceHooks(notify=notify))
 
     where = {"mount": os.path.abspath(a.mount), "to": a.to}
     go = trio.Event() if a.hold else None
@@ -589,6 +620,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                         await go.wait()  # (cancelled meanwhile: nothing was sent)
                         src.progress.phase = "connecting"
                     nursery.start_soon(LiveProgress(src.progress, console).run)
+                    nursery.start_soon(watch_deadlines, src, deadlines,
+                                       partial(_stop_before_commit, src, run), notify)
                     await src.run()
             finally:
                 nursery.cancel_scope.cancel()
@@ -621,10 +654,23 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_before_commit(src: Any, scope: trio.CancelScope, why: str,
+                        abandon: bool = False) -> bool:
+    """Stop the migration unless its Commit went out (then it finishes); whether it stopped.
+    In the migration's own trio loop: no Commit can go out between the look and the cancel.
+    `abandon`: the peer takes no data, the link is closed at once (no Abort reaches it)."""
+    if src.handoff is not None and src.handoff.commit_sent:
+        return False
+    src.cancelled_by = why
+    scope.cancel()
+    if abandon and src.ch is not None:
+        src.ch.abandon()
+    return True
+
+
 def _steer_source(src: Any, scope: trio.CancelScope, go: trio.Event | None,
                   where: dict[str, Any], req: Any) -> dict[str, Any]:
-    """A request of the control socket (steerproto), in the migration's own trio loop: no
-    Commit can go out between the look at commit_sent and the cancel."""
+    """A request of the control socket (steerproto), in the migration's own trio loop."""
     from .steerproto import UNCHANGED, Cancel, Go
 
     if isinstance(req, Go):
@@ -642,13 +688,24 @@ def _steer_source(src: Any, scope: trio.CancelScope, go: trio.Event | None,
         go.set()
         return {"ok": True, "to": src.opts.to}
     if isinstance(req, Cancel):
-        if req.unless_committed and src.handoff is not None and src.handoff.commit_sent:
+        why = "cancelled ('migrator cancel', or its evacuation stopped)"
+        if not req.unless_committed:
+            src.cancelled_by = why
+            scope.cancel()
+        elif not _stop_before_commit(src, scope, why):
             return {"ok": True, "cancelled": False, "why": "past its Commit: it finishes"}
-        src.cancelled_by = "cancelled ('migrator cancel', or its evacuation stopped)"
-        scope.cancel()
         return {"ok": True, "cancelled": True}
-    src.set_bandwidth(req.mb_s)
-    return {"ok": True, "bandwidth_mb_s": req.mb_s}
+    if req.postcopy:  # (first: refused, it changes nothing else either)
+        cannot = src.switch_over_soon(True, "asked to go post-copy ('migrator set "
+                                            "--postcopy')")
+        if cannot:
+            return {"ok": False, "error": f"cannot go post-copy: {cannot}"}
+    if req.downtime_ms is not None:
+        src.set_downtime(req.downtime_ms)
+    if req.mb_s != UNCHANGED:
+        src.set_bandwidth(req.mb_s)
+    return {"ok": True, "bandwidth_mb_s": src.opts.bandwidth_mb_s,
+            "downtime_ms": src.progress.downtime_target_ms, "postcopy": req.postcopy}
 
 
 def cmd_sync(a: argparse.Namespace) -> int:
@@ -1002,17 +1059,29 @@ def cmd_cancel(a: argparse.Namespace) -> int:
 
 
 def cmd_set(a: argparse.Namespace) -> int:
-    from .steerproto import set_bandwidth
+    from .steerproto import UNCHANGED, set_
 
+    if a.bandwidth is False and a.downtime is None and not a.postcopy:
+        raise MigrationError("nothing to set: give --bandwidth, --downtime or --postcopy")
     doc = _one_running(a.id, "change")
     if doc.get("kind") == "sync":
-        raise MigrationError(f"the sync {_named(doc)} takes its cap at its start: stop it "
-                             "and start it with --bandwidth")
-    was = doc.get("bandwidth_cap_mb_s")
-    _steer(doc, set_bandwidth(a.bandwidth))
-    print(f"migrator set: {_named(doc)}: bandwidth cap "
-          f"{'none' if was is None else f'{was:g} MB/s'} -> "
-          f"{'none' if a.bandwidth is None else f'{a.bandwidth:g} MB/s'}")
+        raise MigrationError(f"the sync {_named(doc)} takes its settings at its start: stop "
+                             "it and start it with them")
+    _steer(doc, set_(UNCHANGED if a.bandwidth is False else a.bandwidth, a.downtime,
+                     a.postcopy))
+    if a.bandwidth is not False:
+        was = doc.get("bandwidth_cap_mb_s")
+        print(f"migrator set: {_named(doc)}: bandwidth cap "
+              f"{'none' if was is None else f'{was:g} MB/s'} -> "
+              f"{'none' if a.bandwidth is None else f'{a.bandwidth:g} MB/s'}")
+    if a.downtime is not None:
+        was = doc.get("downtime_target_ms")
+        print(f"migrator set: {_named(doc)}: downtime target "
+              f"{'by --threshold-blocks' if was is None else f'{was:g} ms'} -> "
+              f"{a.downtime:g} ms, from its next round on")
+    if a.postcopy:
+        print(f"migrator set: {_named(doc)}: switches over into post-copy at the end of "
+              "its initial copy or of the round under way")
     return 0
 
 

@@ -20,6 +20,8 @@ POSTCOPY_DOWNTIME_MS = 20.0  # the same once memory goes post-copy: only the dis
 MAX_ROUNDS = 30  # rounds before the rounds count as not converging (converge: go on)
 ON_STALL = "converge"  # or "switchover", "abort": when the rounds stop converging
 CONVERGE_TIMEOUT_S = 300.0  # converge: rounds that long without meeting the target stop
+ON_TIMEOUT = "suspend"  # --timeout's action, as virsh's: or "abort", "postcopy"
+PROGRESS_TIMEOUT_S = 150.0  # no less data left for this long: stop (KubeVirt's progressTimeout)
 # Auto-converge (QEMU's cpu-throttle-initial/-increment/-tailslow and max): the VM's share of
 # time taken away, in steps, while it dirties more than half of what a round moves
 THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99

@@ -48,6 +48,7 @@ class Progress:
     expected_downtime_ms: float | None = None  # the last set at the measured bandwidth
     throttle_pct: int = 0  # auto-converge: how much the VM is slowed now
     cap_mb_s: float | None = None  # the bandwidth cap now (--bandwidth, migrator set)
+    downtime_target_ms: float | None = None  # the rounds' target now (--downtime-ms, set)
     vm_name: str = ""
 
     @property
@@ -118,6 +119,10 @@ class MigrationReport:
     # The cap as it was changed while the migration ran (its control socket: evacuate's
     # shares): (s since the start, MB/s or None for none)
     bandwidth_steps: list[tuple[float, float | None]] = field(default_factory=list)
+    # The downtime target (--downtime-ms; None under --threshold-blocks) and its changes
+    # ('migrator set --downtime'): (s since the start, ms)
+    downtime_target_ms: float | None = None
+    downtime_steps: list[tuple[float, float]] = field(default_factory=list)
     verified: bool = False
     verify_s: float | None = None
     mismatched_blocks: int = 0  # verification: blocks that differ on the destination
@@ -268,6 +273,7 @@ def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> d
         "blocks_sent": report.blocks_sent, "bytes_by_kind": report.bytes_by_kind,
         "dirty_rate_mb_s": report.dirty_rate_mb_s,
         "expected_downtime_ms": report.expected_downtime_ms,
+        "downtime_target_ms": progress.downtime_target_ms,
         "throttle_pct": progress.throttle_pct,
         "downtime_ms": report.downtime_ms, "spill_flushed": progress.spill_flushed,
         "source_vm": report.source_vm, "error": report.error,
@@ -306,7 +312,9 @@ def status_line(doc: dict[str, Any]) -> str:
     if doc.get("downtime_ms") is not None:
         parts.append(f"downtime {doc['downtime_ms']:g} ms")
     elif doc.get("expected_downtime_ms") is not None:
-        parts.append(f"expected downtime {doc['expected_downtime_ms']:g} ms")
+        parts.append(f"expected downtime {doc['expected_downtime_ms']:g} ms"
+                     + (f" (target {doc['downtime_target_ms']:g})"
+                        if doc.get("downtime_target_ms") is not None else ""))
     if doc.get("error"):
         parts.append(f"error: {doc['error']}")
     return f"{doc.get('migration') or '?'} ({doc.get('status')}): " + ", ".join(parts)
@@ -372,6 +380,8 @@ class LiveProgress:
                     info += f", VM slowed {p.throttle_pct} %"
                 if p.expected_downtime_ms is not None and p.phase == "dirty rounds":
                     info += f", expected downtime {p.expected_downtime_ms:.0f} ms"
+                    if p.downtime_target_ms is not None:
+                        info += f" (target {p.downtime_target_ms:g})"
                 if p.phase == "initial copy" and total and mbps > 0:
                     info += f", ETA {max(0.0, (total - sent) / 1e6 / mbps):.1f} s"
                 shown = max(shown, min(sent, total or sent))

@@ -49,6 +49,9 @@ class Migration(Protocol):
     page_size: int
     t_epoch: float
     _store: Any
+    switch_now: tuple[bool, str] | None
+
+    def target_changed(self) -> None: ...
 
     def _phase(self, phase: str) -> None: ...
 
@@ -103,7 +106,9 @@ class DirtyRounds:
             decision = planner.decide(prog.pending, dirty_rate * 1e6)
             r.expected_downtime_ms = prog.expected_downtime_ms = round(
                 planner.expected_downtime_ms(prog.pending), 2)
-            if decision.verdict is not Verdict.SWITCHOVER or decision.stalled:
+            if m.switch_now is not None:  # (migrator set --postcopy, --timeout)
+                decision = await self._switch_now(sets, *m.switch_now)
+            elif decision.verdict is not Verdict.SWITCHOVER or decision.stalled:
                 decision = await self._not_converging(decision, prog.pending * m.page_size,
                                                       moved)
                 if decision is WENT_POSTCOPY:
@@ -117,6 +122,31 @@ class DirtyRounds:
                 raise MigrationError(f"{decision.reason}: aborting as asked (--on-stall abort); "
                                      "the VM runs on here")
             moved = await self._round(sets, dirty_rate)
+
+    async def _switch_now(self, sets: Sets, postcopy: bool, why: str) -> Decision:
+        """Switch over whatever the downtime, as asked: the memory's dirty set left for
+        post-copy if `postcopy` (and not already)."""
+        m = self.m
+        m.switch_now = None
+        if postcopy and not m.use_postcopy and m.memory_ids:
+            await self._go_postcopy(why)
+            self._hold_memory(sets)
+            m.progress.pending = self._pending(sets)
+        expect = self.planner.expected_downtime_ms(m.progress.pending)
+        how = "into post-copy" if m.use_postcopy else "(memory pre-copy)"
+        m.hooks.notify(f"{why}: switching over {how}, expected downtime {expect:.0f} ms")
+        return Decision(Verdict.SWITCHOVER, f"{why}: switched over {how}, expected downtime "
+                        f"{expect:.0f} ms", stalled=True)
+
+    async def _go_postcopy(self, reason: str) -> None:
+        """From now on memory goes post-copy; the disks go on converging alone."""
+        m = self.m
+        m.use_postcopy = True
+        self.planner.enter_postcopy()
+        m.target_changed()
+        m.report.postcopy_reason = reason
+        await self._unthrottle()  # (its memory is no longer iterated: the VM runs free)
+        self.auto.reset()
 
     async def _not_converging(self, decision: Decision, dirtied: int, moved: int) -> Decision:
         """A set over the target: slow the VM down, go post-copy, or act on --on-stall."""
@@ -138,11 +168,7 @@ class DirtyRounds:
             return Decision(Verdict.CONTINUE, decision.reason)  # (the next step comes)
         if m.opts.postcopy == "auto" and not m.use_postcopy and m.memory_ids:
             # Memory outruns the link: it goes post-copy; the disks go on converging alone.
-            m.use_postcopy = True
-            self.planner.enter_postcopy()
-            m.report.postcopy_reason = decision.reason
-            await self._unthrottle()  # (its memory is no longer iterated: the VM runs free)
-            self.auto.reset()
+            await self._go_postcopy(decision.reason)
             m.hooks.notify(f"not converging ({decision.reason}): memory goes post-copy")
             return WENT_POSTCOPY
         expect = self.planner.expected_downtime_ms(m.progress.pending)

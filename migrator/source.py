@@ -52,6 +52,7 @@ from .reconnect import keep_trying
 from .report import MigrationReport, Progress
 from .rounds import DirtyRounds
 from .sending import Sender
+from .steered import Steerable
 from .stores import SourceFiles, opened
 from .transport import Channel
 from .verifying import retired_lineage, verification_digests
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 Extent = tuple[int, int]
 
 
-class Source:
+class Source(Steerable):
     def __init__(self, opts: MigrateOptions, adapter: VMAdapter,
                  hooks: SourceHooks | None = None) -> None:
         self.opts = opts
@@ -97,6 +98,11 @@ class Source:
         self.lineage_ok: set[int] = set()
         self.my_digests: dict[int, BlockDigests] = {}  # the verification's, of this copy
         self.pc: SourcePostcopy | None = None
+        self.planner: RoundPlanner | None = None  # once the initial copy begins
+        # Switch over at the rounds' next decision, whatever the downtime ('migrator set
+        # --postcopy', --timeout): (with the memory post-copy?, why)
+        self.switch_now: tuple[bool, str] | None = None
+        self.target_changed()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -154,13 +160,6 @@ class Source:
         return Channel(await self.hooks.connect(self.opts), "source", self.opts.key,
                        mb_s * 1e6 if mb_s else None, self.opts.io_timeout,
                        sealed=not self.opts.plaintext)
-
-    def set_bandwidth(self, mb_s: float | None) -> None:
-        """A new cap, from now on and on any channel a reattach opens (migrator set)."""
-        self.opts.bandwidth_mb_s = self.progress.cap_mb_s = mb_s
-        self.report.bandwidth_steps.append((round(time.time() - self.report.started_at, 2), mb_s))
-        if self.ch is not None:
-            self.ch.set_limit(mb_s * 1e6 if mb_s else None)
 
     # -- phases -----------------------------------------------------------------
 
@@ -609,9 +608,11 @@ class Source:
             await self._what_the_destination_holds(man)
             r.setup_ms = round((time.monotonic() - t0) * 1000, 2)
             r.status = "active"
-            planner = RoundPlanner(self.opts.policy, self.block_size, self.page_size)
+            planner = self.planner = RoundPlanner(self.opts.policy, self.block_size,
+                                                  self.page_size)
             if self.use_postcopy:
                 planner.enter_postcopy()
+                self.target_changed()
             if self.opts.stop_and_copy:
                 await self._suspend()
             await self._initial_copy(planner)

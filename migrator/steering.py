@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve_steering(path: str,
-                         apply: Callable[[sp.SetBandwidth | sp.Cancel], dict[str, Any]],
+                         apply: Callable[[sp.Set | sp.Cancel | sp.Go], dict[str, Any]],
                          *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Answer requests on `path` until cancelled; `apply` carries one out and says how."""
     sock = await private_unix_socket(path, 4)  # (a dead process's of the same pid replaced)

@@ -3,6 +3,11 @@ way. `migrator evacuate` re-divides its bandwidth budget with it as migrations s
 
     {"op": "set", "bandwidth_mb_s": 50.0}     -> {"ok": true, "bandwidth_mb_s": 50.0}
     {"op": "set", "bandwidth_mb_s": null}     -> no cap
+    {"op": "set", "downtime_ms": 200}         -> the rounds' downtime target from their next
+                                                 decision on (--downtime-ms)
+    {"op": "set", "postcopy": true}           -> switch over into post-copy at the end of the
+                                                 round under way (QEMU's migrate-start-postcopy)
+        (one "set" may carry any of the three; it carries at least one)
     {"op": "go", "to": "HOST:PORT", "bandwidth_mb_s": 50.0}
                                               -> {"ok": true}: a migrate started with --hold
         sets out now, to there (its --to if none), at most that fast (unchanged if absent)
@@ -28,17 +33,19 @@ class SteerError(ValueError):
     """A request the socket refuses; its text goes back to the client."""
 
 
+UNCHANGED = "unchanged"  # Set.mb_s and Go.mb_s when the request names no bandwidth
+
+
 @dataclass(frozen=True)
-class SetBandwidth:
-    mb_s: float | None  # None: no cap
+class Set:
+    mb_s: float | str | None = UNCHANGED  # None: no cap
+    downtime_ms: float | None = None  # None: unchanged
+    postcopy: bool = False  # True: go post-copy now
 
 
 @dataclass(frozen=True)
 class Cancel:
     unless_committed: bool  # past its Commit, a migration finishes (False: stop it anyway)
-
-
-UNCHANGED = "unchanged"  # Go.mb_s when the request names no bandwidth
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def _bandwidth(mb_s: object) -> float | None:
     return float(mb_s)
 
 
-def parse_request(line: bytes) -> SetBandwidth | Cancel | Go:
+def parse_request(line: bytes) -> Set | Cancel | Go:
     try:
         doc = json.loads(line)
     except ValueError:
@@ -77,9 +84,17 @@ def parse_request(line: bytes) -> SetBandwidth | Cancel | Go:
         return Cancel(bool(doc.get("unless_committed", False)))
     if not isinstance(doc, dict) or doc.get("op") != "set":
         raise SteerError("unknown request (only 'set', 'go' and 'cancel' are understood)")
-    if set(doc) - {"op", "bandwidth_mb_s"} or "bandwidth_mb_s" not in doc:
-        raise SteerError("'set' takes bandwidth_mb_s and nothing else")
-    return SetBandwidth(_bandwidth(doc["bandwidth_mb_s"]))
+    fields = {"bandwidth_mb_s", "downtime_ms", "postcopy"}
+    if set(doc) - {"op"} - fields or not set(doc) & fields:
+        raise SteerError("'set' takes bandwidth_mb_s, downtime_ms or postcopy and nothing else")
+    downtime = doc.get("downtime_ms")
+    if downtime is not None and (isinstance(downtime, bool) or not isinstance(
+            downtime, (int, float)) or not (math.isfinite(downtime) and downtime > 0)):
+        raise SteerError(f"downtime_ms must be a number of milliseconds > 0, not {downtime!r}")
+    if doc.get("postcopy", False) is not True and "postcopy" in doc:
+        raise SteerError("postcopy takes true (go post-copy now) and nothing else")
+    return Set(_bandwidth(doc["bandwidth_mb_s"]) if "bandwidth_mb_s" in doc else UNCHANGED,
+               None if downtime is None else float(downtime), bool(doc.get("postcopy")))
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -88,6 +103,18 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 def set_bandwidth(mb_s: float | None) -> bytes:
     return encode({"op": "set", "bandwidth_mb_s": mb_s})
+
+
+def set_(mb_s: float | str | None = UNCHANGED, downtime_ms: float | None = None,
+         postcopy: bool = False) -> bytes:
+    doc: dict[str, Any] = {"op": "set"}
+    if mb_s != UNCHANGED:
+        doc["bandwidth_mb_s"] = mb_s
+    if downtime_ms is not None:
+        doc["downtime_ms"] = downtime_ms
+    if postcopy:
+        doc["postcopy"] = True
+    return encode(doc)
 
 
 def cancel(unless_committed: bool = True) -> bytes:

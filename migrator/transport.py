@@ -384,6 +384,14 @@ class Channel:
                     trio.ClosedResourceError, OSError):
                 pass
 
+    def abandon(self) -> None:
+        """Close the link now, a frame half sent or not: for a peer that takes no data (the
+        progress timeout), whom no Abort would reach. A frame's send waits up to --io-timeout
+        for it otherwise, even under a cancel (see send)."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None:
+            sock.close()  # (trio wakes the task waiting on it: ClosedResourceError)
+
     async def aclose(self) -> None:
         with trio.move_on_after(2):
             await self.stream.aclose()

@@ -18,7 +18,7 @@ PURE = {"blkfs.bitmap", "blkfs.heat", "blkfs.settings", "blkfs.absent", "blkfs.s
         "migrator.ownership", "migrator.digestlog", "migrator.zeros", "migrator.delta",
         "migrator.lineage", "migrator.quiet", "migrator.defaults", "migrator.errors",
         "migrator.simvm.format", "migrator.blockdigests", "migrator.space",
-        "migrator.evacuation", "migrator.steerproto"}
+        "migrator.evacuation", "migrator.steerproto", "migrator.deadlines"}
 IO_MODULES = {"pyfuse3", "trio", "socket", "subprocess", "select", "signal"}
 FUSE_ONLY = {"blkfs.fs", "blkfs.mount"}  # the only ones that may import pyfuse3
 

@@ -18,6 +18,7 @@ import trio
 
 from migrator.options import MigrateOptions
 from migrator.plan import AutoConverge, OnStall, Policy
+from migrator.source import Source
 from migrator.throttle import Throttle, ThrottleError
 
 from .fakes.engine import (
@@ -244,3 +245,66 @@ def test_a_killed_migrator_never_leaves_the_vm_slowed() -> None:
             p.wait()
         assert migrator.stdout is not None
         migrator.stdout.close()
+
+
+# -- steered while it runs (migrator set, --timeout) ------------------------------------------
+
+
+async def test_a_switchover_asked_for_ends_rounds_that_would_never_converge(
+        autojump_clock: Any) -> None:
+    """(migrator set --postcopy, --timeout suspend) The rounds switch over at their next
+    decision, whatever the downtime, and say so; the migration completes, verified."""
+    vm = FakeVM([30])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    said: list[str] = []
+
+    async def steer(source: Source) -> None:
+        while source.progress.round < 3:
+            await trio.sleep(0.01)
+        assert source.switch_over_soon(False, "--timeout 9 s reached") is None
+
+    source, _, _ = await migrate(src, vm, dest, converge_options(converge_timeout=1e6),
+                                 notify=said.append, steer=steer)
+    r = source.report
+    assert r.status == "completed" and r.verified, r.error
+    assert r.switchover_reason.startswith("--timeout 9 s reached: switched over (memory "
+                                          "pre-copy), expected downtime"), r.switchover_reason
+    assert any(s.startswith("--timeout 9 s reached: switching over") for s in said), said
+    assert source.progress.round in (3, 4)  # (the next decision, not later)
+
+
+async def test_a_switchover_that_cannot_be_is_refused_with_its_reason(
+        autojump_clock: Any) -> None:
+    vm = FakeVM([30, 30, 0])  # (it converges)
+    src, dest = MemorySource(files(), vm), MemoryDest()
+    answers: list[str | None] = []
+
+    async def steer(source: Source) -> None:
+        answers.append(source.switch_over_soon(True, "asked"))  # started with --postcopy off
+
+    source, _, _ = await migrate(src, vm, dest, converge_options(), steer=steer)
+    assert answers[0] is not None and "--postcopy off" in answers[0]
+    assert source.switch_now is None and source.report.status == "completed"
+    assert source.switch_over_soon(False, "asked") == ("it is past its rounds already "
+                                                       "(verifying)")
+    assert source.switch_now is None
+
+
+async def test_a_new_downtime_target_counts_from_the_next_decision(autojump_clock: Any) -> None:
+    """(migrator set --downtime) A target no round can meet, then one every round meets: it
+    switches over by the new one, which the report and status carry."""
+    vm = FakeVM([30])
+    src, dest = MemorySource(files(), vm), MemoryDest()
+
+    async def steer(source: Source) -> None:
+        assert source.progress.downtime_target_ms == 1e-6
+        while source.progress.round < 2:
+            await trio.sleep(0.01)
+        source.set_downtime(1e9)
+
+    source, _, _ = await migrate(src, vm, dest, converge_options(
+        policy=Policy(downtime_ms=1e-6, max_rounds=1000), converge_timeout=1e6), steer=steer)
+    r = source.report
+    assert r.status == "completed" and r.verified, r.error
+    assert "<= 1e+09 ms" in r.switchover_reason, r.switchover_reason
+    assert r.downtime_target_ms == 1e9 and [ms for _, ms in r.downtime_steps] == [1e9]

@@ -3,9 +3,12 @@ socket, as a person would (real mounts, real processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from .conftest import Mount
 from .hosts import (
     MIGRATOR,
+    SIMVM,
     Server,
     digest,
     hold_until,
@@ -22,6 +26,7 @@ from .hosts import (
     vm_records,
     wait_for,
     wait_mid_copy,
+    wait_writing,
 )
 
 pytestmark = pytest.mark.mount
@@ -51,6 +56,40 @@ def start(src: Mount, port: int, key: Path, vm: subprocess.Popen[bytes], tmp_pat
                              f"pid:{vm.pid}", "--status-file", str(tmp_path / "status.json"),
                              "--report", str(tmp_path / "report.json"), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def running(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """A migrate process that is never left behind, whatever the test asserts."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def busy_vm(hosts: tuple[Mount, Mount]) -> Iterator[subprocess.Popen[bytes]]:
+    """A simulated VM writing 5 MiB/s into its disk and memory on the source mount: under a
+    2 MB/s cap (NEVER) its rounds never meet a target of a microsecond."""
+    src = hosts[0]
+    subprocess.run([*SIMVM, "create", str(src.mnt), "--disk-size", "2M", "--mem-size", "2M",
+                    "--unit", "65536"], check=True, capture_output=True)
+    vm = subprocess.Popen([*SIMVM, "run", str(src.mnt), "--rate", "5"],
+                          stdout=subprocess.DEVNULL)
+    try:
+        wait_writing(src, vm, 1)
+        yield vm
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait()
+
+
+def check_vm(dst: Mount) -> None:
+    chk = subprocess.run([*SIMVM, "check", str(dst.mnt)], capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
 
 
 def fill(src: Mount, mib: int) -> dict[str, str]:
@@ -222,3 +261,132 @@ def test_a_migration_that_ends_as_it_is_asked_is_an_oserror(tmp_path: Path) -> N
     finally:
         t.join()
         srv.close()
+
+
+NEVER = ("--downtime-ms", "0.001", "--max-throttle", "0", "--converge-timeout", "600",
+         "--bandwidth", "2")
+
+
+def test_set_downtime_lets_rounds_that_never_met_their_target_switch_over(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        busy_vm: subprocess.Popen[bytes]) -> None:
+    """(virsh migrate-setmaxdowntime) A target no round meets, then `migrator set --downtime`:
+    the rounds switch over by the new one, shown in the status and the report."""
+    src, dst = hosts
+    s = Server(dst, key)
+    servers.append(s)
+    status = tmp_path / "status.json"
+    with running(start(src, s.port, key, busy_vm, tmp_path, *NEVER)) as m:
+        wait_for(lambda: read_json(status).get("round", 0) >= 3, 60, "three rounds")  # type: ignore[operator]
+        st = read_json(status)
+        assert st["downtime_target_ms"] == 0.001 and st["phase"] == "dirty rounds", st
+        r = cli("set", "--downtime", "0")
+        assert r.returncode == 2 and "'0' is not a positive number" in r.stderr, r.stderr
+        r = cli("set")
+        assert r.returncode == 1 and "nothing to set" in r.stderr, r.stderr
+        r = cli("set", "--postcopy")
+        assert r.returncode == 1 and ("cannot go post-copy: started with --postcopy off"
+                                      in r.stderr), r.stderr
+        r = cli("set", "--downtime", "60000")
+        assert r.returncode == 0, r.stderr
+        assert "downtime target 0.001 ms -> 60000 ms, from its next round on" in r.stdout
+        _, err = m.communicate(timeout=60)
+    assert m.returncode == 0, err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verified"] and rep["downtime_target_ms"] == 60000, rep
+    assert [ms for _, ms in rep["downtime_steps"]] == [60000], rep["downtime_steps"]
+    assert "<= 60000 ms" in rep["switchover_reason"], rep["switchover_reason"]
+    check_vm(dst)
+
+
+def test_timeout_abort_stops_it_running_here_and_suspend_switches_over(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        busy_vm: subprocess.Popen[bytes]) -> None:
+    """(virsh migrate --timeout) abort: one line, the VM runs on here, still this host's;
+    suspend (the default): rounds that would never converge switch over when it is up."""
+    src, dst = hosts
+    s = Server(dst, key, once=False)
+    servers.append(s)
+    r = cli("migrate", "disk.raw", "vm.mem", "--mount", str(src.mnt), "--to", "127.0.0.1:1",
+            "--key-file", str(key), "--on-timeout", "postcopy", "--timeout", "5")
+    assert r.returncode == 1 and "--on-timeout postcopy needs --postcopy auto" in r.stderr, r
+    with running(start(src, s.port, key, busy_vm, tmp_path, "--bandwidth", "1", "--timeout",
+                       "1", "--on-timeout", "abort")) as m:
+        _, err = m.communicate(timeout=30)
+    assert m.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        "migrator: error: --timeout 1 s reached (--on-timeout abort): stopped before the "
+        "switchover, the VM runs on here"), err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["status"] == "failed" and rep["phase"] in ("initial copy", "dirty rounds"), rep
+    assert rep["downtime_ms"] is None, rep  # (never suspended)
+    assert busy_vm.poll() is None and not stopped(busy_vm.pid)
+    assert {r["name"]: r["role"] for r in vm_records(src)}.popitem()[1] == "owner"
+    with running(start(src, s.port, key, busy_vm, tmp_path, *NEVER, "--timeout", "2")) as m:
+        _, err = m.communicate(timeout=60)
+    assert m.returncode == 0, err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verified"], rep
+    assert rep["switchover_reason"].startswith(
+        "--timeout 2 s reached (--on-timeout suspend): switched over (memory pre-copy), "
+        "expected downtime"), rep["switchover_reason"]
+    flat = " ".join(err.split())  # (the console wraps its lines)
+    assert "--timeout 2 s reached: switching over at the end of this round" in flat, err
+    check_vm(dst)
+
+
+def test_a_destination_that_stops_taking_data_meets_the_progress_timeout(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        idle_vm: subprocess.Popen[bytes]) -> None:
+    """(KubeVirt's progressTimeout) serve stopped (SIGSTOP) mid-copy: its TCP is alive, so
+    --io-timeout (60 s) would wait; no less data left for --progress-timeout stops it, one
+    line, the VM and its files as they were."""
+    src, dst = hosts
+    before = fill(src, 48)
+    s = Server(dst, key)
+    servers.append(s)
+    with running(start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "8",
+                       "--progress-timeout", "2")) as m:
+        wait_mid_copy(tmp_path / "status.json", m, sent=2e6)
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            _, err = m.communicate(timeout=30)
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+    assert m.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("migrator: error: no progress for 2 s: "), err
+    assert last.endswith("(--progress-timeout; 0: never): stopped before the switchover, "
+                         "the VM runs on here"), err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["status"] == "failed" and rep["phase"] == "initial copy", rep
+    assert not stopped(idle_vm.pid) and idle_vm.poll() is None
+    for n, d in before.items():
+        assert digest(src.mnt / n) == d
+    assert {r["name"]: r["role"] for r in vm_records(src)}.popitem()[1] == "owner"
+
+
+def test_set_postcopy_switches_over_into_post_copy_at_once(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        busy_vm: subprocess.Popen[bytes]) -> None:
+    """(virsh migrate-postcopy) A --postcopy auto migration whose rounds go on: `migrator set
+    --postcopy` ends them at the round under way, its memory going post-copy; the VM whole."""
+    src, dst = hosts
+    s = Server(dst, key, "--resume-cmd", "true")
+    servers.append(s)
+    status = tmp_path / "status.json"
+    with running(start(src, s.port, key, busy_vm, tmp_path, *NEVER, "--postcopy=auto",
+                       "--spill", str(tmp_path / "spill"))) as m:
+        wait_for(lambda: read_json(status).get("round", 0) >= 2, 60, "two rounds")  # type: ignore[operator]
+        r = cli("set", "--postcopy")
+        assert r.returncode == 0, r.stderr
+        assert "switches over into post-copy at the end of" in r.stdout, r.stdout
+        _, err = m.communicate(timeout=60)
+    assert m.returncode == 0, err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verified"], rep
+    asked = "asked to go post-copy ('migrator set --postcopy')"
+    assert rep["postcopy_reason"] == asked, rep["postcopy_reason"]
+    assert rep["switchover_reason"].startswith(f"{asked}: switched over into post-copy"), rep
+    assert rep["postcopy_pages"] > 0, rep
+    check_vm(dst)

@@ -8,9 +8,15 @@ from migrator import steerproto as sp
 
 
 def test_set_takes_a_positive_cap_or_none() -> None:
-    assert sp.parse_request(sp.set_bandwidth(12.5)) == sp.SetBandwidth(12.5)
-    assert sp.parse_request(sp.set_bandwidth(None)) == sp.SetBandwidth(None)
-    assert sp.parse_request(b'{"op": "set", "bandwidth_mb_s": 3}') == sp.SetBandwidth(3.0)
+    assert sp.parse_request(sp.set_bandwidth(12.5)) == sp.Set(12.5)
+    assert sp.parse_request(sp.set_bandwidth(None)) == sp.Set(None)
+    assert sp.parse_request(b'{"op": "set", "bandwidth_mb_s": 3}') == sp.Set(3.0)
+
+
+def test_set_takes_a_downtime_target_and_post_copy_leaving_the_rest() -> None:
+    assert sp.parse_request(sp.set_(downtime_ms=200)) == sp.Set(sp.UNCHANGED, 200.0)
+    assert sp.parse_request(sp.set_(postcopy=True)) == sp.Set(sp.UNCHANGED, None, True)
+    assert sp.parse_request(sp.set_(None, 80, True)) == sp.Set(None, 80.0, True)
 
 
 def test_cancel_before_the_commit_or_anyway() -> None:
@@ -31,7 +37,12 @@ def test_go_names_its_destination_and_cap_or_keeps_them() -> None:
     (b'{"op": "stop"}', "unknown request"),
     (b'{"op": "cancel", "unless_committed": 1}', "true or false"),
     (b'{"op": "cancel", "now": true}', "nothing else"),
-    (b'{"op": "set"}', "takes bandwidth_mb_s"),
+    (b'{"op": "set"}', "takes bandwidth_mb_s, downtime_ms or postcopy"),
+    (b'{"op": "set", "downtime_ms": 0}', "milliseconds > 0"),
+    (b'{"op": "set", "downtime_ms": "short"}', "milliseconds > 0"),
+    (b'{"op": "set", "downtime_ms": true}', "milliseconds > 0"),
+    (b'{"op": "set", "postcopy": false}', "takes true"),
+    (b'{"op": "set", "postcopy": 1}', "takes true"),
     (b'{"op": "set", "bandwidth_mb_s": 1, "x": 2}', "nothing else"),
     (b'{"op": "set", "bandwidth_mb_s": 0}', "at least 0.01"),
     (b'{"op": "set", "bandwidth_mb_s": -4}', "at least 0.01"),

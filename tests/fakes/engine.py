@@ -380,9 +380,12 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
                   wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
                   notify: Callable[[str], None] = lambda text: None,
                   throttle: Callable[[int], Any] | None = None,
+                  steer: Callable[[Source], Awaitable[None]] | None = None,
                   ) -> tuple[Source, SessionOutcome | None, float]:
     """Run both ends; returns the source (its report), the destination's outcome and the
-    migration's time on the (virtual) clock. `wrap` wraps the source's end of the link."""
+    migration's time on the (virtual) clock. `wrap` wraps the source's end of the link;
+    `steer` runs beside the migration (as its control socket's requests would), cancelled
+    when it ends."""
     left, right = trio.testing.memory_stream_pair()
     link = wrap(left) if wrap is not None else left
     source = Source(opts, vm, SourceHooks(open_files=lambda o: src,
@@ -401,12 +404,23 @@ async def migrate(src: MemorySource, vm: FakeVM, dest: MemoryDest, opts: Migrate
             outcome.append(await serve_one(right, sopts, Sessions(), "memory"))
 
     t0 = trio.current_time()
+    steering = trio.CancelScope()
+
+    async def steered() -> None:
+        with steering:
+            assert steer is not None
+            await steer(source)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(destination)
+        if steer is not None:
+            nursery.start_soon(steered)
         try:
             await source.run()
         except* (MigrationError, AdapterError, p.ProtocolError):
             pass  # the report says it: source.report.error (a send's inside a nursery's group)
+        finally:
+            steering.cancel()
     return source, (outcome[0] if outcome else None), trio.current_time() - t0
 
 
