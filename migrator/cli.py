@@ -533,9 +533,35 @@ def cmd_serve(a: argparse.Namespace) -> int:
                         say=_say("migrator serve"), force=a.force,
                         plaintext=_warn_plaintext(a))
 
+    lock = _one_serve_per_mount(mount)
     signal.signal(signal.SIGTERM, _serve_terminated)
-    ok = trio.run(_serve_main, opts, host, port, a.once, mount)
+    try:
+        ok = trio.run(_serve_main, opts, host, port, a.once, mount)
+    finally:
+        os.close(lock)
     return 0 if ok or not a.once else 1
+
+
+def _one_serve_per_mount(mount: str) -> int:
+    """A lock held while serve runs (its fd): a second serve on the same mount is refused at
+    its start, not when two sessions come to overlap. One serve takes many sessions at once."""
+    import fcntl
+
+    from blkfs.runtime import ensure_runtime_dir, mount_key
+
+    path = os.path.join(ensure_runtime_dir(), mount_key(os.path.realpath(mount)) + ".serve")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise MigrationError(f"another 'migrator serve' (pid {pid}) takes migrations into "
+                             f"{mount} already: one serve per mount takes them all (stop it "
+                             "first to start this one)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _serve_terminated(signum: int, frame: object) -> None:
