@@ -500,9 +500,37 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def vm_line(rec: dict[str, Any], now: float) -> str:
+def arriving(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The status of the incoming migration of a VM whose role here is incoming, as its
+    `migrator serve` keeps it (<runtime dir>/migrations/incoming-ID.json); None if no live
+    serve takes it."""
+    from .runtime import process_gone, runtime_dir
+
+    mig = rec.get("migration")
+    if rec.get("role") != "incoming" or not isinstance(mig, str) or "/" in mig:
+        return None
+    try:
+        with open(os.path.join(runtime_dir(), "migrations", f"incoming-{mig}.json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    pid = doc.get("pid") if isinstance(doc, dict) else None
+    return doc if isinstance(pid, int) and not process_gone(pid) else None
+
+
+def _arriving_tail(peer: str, incoming: dict[str, Any] | None) -> str:
+    if not incoming:
+        return (f"from {peer}; NOT RUNNABLE: no serve on this host takes it now (its serve is "
+                "gone; it will not finish)")
+    got = human_bytes(incoming.get("bytes_received") or 0)
+    size = human_bytes(incoming.get("data_bytes") or 0)
+    return (f"arriving from {peer} (serve pid {incoming.get('pid')}: {incoming.get('phase')}, "
+            f"{got} received of {size}); not runnable yet")
+
+
+def vm_line(rec: dict[str, Any], now: float, incoming: dict[str, Any] | None = None) -> str:
     """What this host knows of one VM of the mount, in one line (the record is migrator's;
-    `migrator status --mount` says the same)."""
+    `migrator status --mount` says the same); `incoming`: its arriving() status."""
     name, role, gen = rec.get("name", "?"), rec.get("role", "?"), rec.get("generation", "?")
     peer = rec.get("peer") or "?"
     head = f"VM {name}: {role} at generation {gen}"
@@ -528,7 +556,7 @@ def vm_line(rec: dict[str, Any], now: float) -> str:
                 else ""),
             "handing-off": f"handed to {peer}, unsettled ('migrator resolve' settles it)",
             "retired": f"it runs at {peer}; this copy is history, not runnable",
-            "incoming": f"arriving from {peer}; not runnable yet",
+            "incoming": _arriving_tail(peer, incoming),
             "incomplete": f"from {peer}; NOT RUNNABLE (the migration did not finish)"}
     return f"{head}: {tail.get(str(role), '?')}"
 
@@ -576,7 +604,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         con.print(f"post-copy {what}: {st.postcopy_absent} blocks absent, "
                   f"{st.postcopy_missing} of them given up (see: blkfs spill {a.mountpoint})")
     for rec in vms:
-        line = vm_line(rec, time.time())
+        line = vm_line(rec, time.time(), arriving(rec))
         con.print(f"[bold yellow]{line}[/]" if rec.get("role") not in ("owner",) else line,
                   highlight=False, soft_wrap=True)  # (a line to grep, whole when piped)
     if st.trust_lost:

@@ -578,8 +578,13 @@ async def _serve_main(opts: ServeOptions, host: str, port: int, once: bool, moun
 
     result: list[bool] = []
 
+    from .report import keep_incoming_status
+
+    watch = partial(keep_incoming_status, directory=_status_dir(), mount=mount)
+
     async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        result.append(await serve(opts, host, port, once, task_status=task_status))
+        result.append(await serve(opts, host, port, once, task_status=task_status,
+                                  watch=watch))
 
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(run)
@@ -967,6 +972,14 @@ def cmd_status(a: argparse.Namespace) -> int:
                   file=sys.stderr)
             continue
         pid = doc.get("pid")
+        if doc.get("kind") == "incoming":
+            if not isinstance(pid, int) or process_gone(pid):  # (its serve was killed)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                continue
+            doc["running"] = True
+            docs.append(doc)
+            continue
         doc["running"] = isinstance(pid, int) and not process_gone(pid) and doc.get(
             "status") in RUNNING
         if not doc["running"] and doc.get("status") in RUNNING:  # (killed: it never ended)
@@ -989,8 +1002,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1))
         return 0
     if vms is not None:
+        arriving = {d.get("migration") for d in docs if d.get("kind") == "incoming"}
         for rec in vms:
-            print(describe(rec))
+            print(describe(rec, rec.migration in arriving))
         if not vms:
             print(f"migrator: no VM known on {a.mount} yet (none migrated to or from it)")
     if not docs:

@@ -105,6 +105,7 @@ class DestSession:
         self.digests_saved = False
         self.held_blocks = 0  # blocks this host held before and said so (delta)
         self.vm_id = self.vm_name = ""  # the VM a Manifest named (the serve's one per VM)
+        self.peer = "?"  # where it comes from (for 'migrator status' here)
         self.replica = False  # a migrator sync session: a replica kept, never a VM
         self.sent_since_ack = False  # replica: data arrived after the last acknowledged epoch
         self.lineage: tuple[list[int], str] | None = None  # (files accepted, why not others)
@@ -358,6 +359,7 @@ class DestSession:
         """The session to its end: its record, or None if it only answered (a Query, or a
         Reattach this host cannot take)."""
         ch = self.ch
+        self.peer = peer
         if man is None:
             man = await self.greet()
         if isinstance(man, p.Query):

@@ -484,9 +484,9 @@ def settle(answer_status: str) -> str | None:
     return {OWNER: "retire", REFUSED: "resume"}.get(answer_status)
 
 
-def describe(rec: VMRecord) -> str:
+def describe(rec: VMRecord, arriving: bool = True) -> str:
     """One line for a person on this host; `resolve`, `migrator status` and `blkfs status`
-    say the same."""
+    say the same. `arriving`: an incoming VM's serve still takes it (its status is live)."""
     head = f"VM {rec.name} ({', '.join(rec.files)}): {rec.role} at generation {rec.generation}"
     if rec.split_brain:
         sb = rec.split_brain
@@ -500,7 +500,9 @@ def describe(rec: VMRecord) -> str:
         HANDING_OFF: f"handed to {rec.peer}, unsettled: 'migrator resolve' settles it",
         RETIRED: f"runs at {rec.peer}; this copy is history (migrate it back from there)",
         REPLICA: f"a replica kept by sync from {rec.peer}, not runnable",
-        INCOMING: f"arriving from {rec.peer}, not runnable yet",
+        INCOMING: f"arriving from {rec.peer}, not runnable yet" if arriving else (
+            f"from {rec.peer}, NOT RUNNABLE: no serve on this host takes it now (its serve is "
+            "gone; it will not finish)"),
         INCOMPLETE: f"from {rec.peer}, not runnable: the migration did not finish",
     }[rec.role]
     return f"{head}: {tail}" + (f" [{rec.detail}]" if rec.detail and rec.role != OWNER else "")

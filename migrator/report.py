@@ -284,8 +284,60 @@ def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> d
 RUNNING = ("setup", "active", "syncing")  # statuses of a process that is not done
 
 
+def incoming_doc(session: Any, mount: str) -> dict[str, Any]:
+    """What `migrator status` on the destination shows of one incoming session."""
+    files = list(session.files.values())
+    phase = ("replica (migrator sync)" if session.replica else "receiving"
+             if not session.resumed.is_set() else "resumed here, finishing (post-copy, "
+             "verification)")
+    return {"kind": "incoming", "status": "incoming", "pid": os.getpid(),
+            "migration": session.migration, "vm": session.vm_name, "from": session.peer,
+            "mount": mount, "phase": phase, "files": [f.entry.name for f in files],
+            "bytes_received": session.ch.bytes_received,
+            "data_bytes": sum(f.size for f in files), "blocks_written":
+            session.rx.blocks_written, "updated_at": time.time()}
+
+
+async def keep_incoming_status(sessions: Any, directory: str, mount: str,
+                               interval: float = 0.5) -> None:
+    """One status file per incoming session in `directory` (incoming-MIGRATION.json), as
+    keep_status_file is for a migrate: current twice a second, removed when it leaves."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    mine: set[str] = set()
+    try:
+        while True:
+            now = set()
+            for session in list(sessions.running):
+                if session.dest_record is None:
+                    continue  # (before its Manifest: nothing to say yet)
+                path = os.path.join(directory, f"incoming-{session.migration}.json")
+                now.add(path)
+                await trio.to_thread.run_sync(_replace_file, path,
+                                              json.dumps(incoming_doc(session, mount)))
+            for path in mine - now:
+                _unlink(path)
+            mine = now
+            await trio.sleep(interval)
+    finally:
+        for path in mine:
+            _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def status_line(doc: dict[str, Any]) -> str:
     """One line for a status document (`migrator status`)."""
+    if doc.get("kind") == "incoming":
+        got, size = doc.get("bytes_received") or 0, doc.get("data_bytes") or 0
+        return (f"incoming {doc.get('migration') or '?'} of VM {doc.get('vm') or '?'} from "
+                f"{doc.get('from')} into {doc.get('mount')} (serve pid {doc.get('pid')}): "
+                f"{doc.get('phase')}, {human_bytes(got)} received of {human_bytes(size)} of "
+                f"data, {doc.get('blocks_written') or 0} blocks written; not runnable yet")
     if doc.get("kind") == "sync":
         lag = doc.get("lag_s")
         parts = [f"{doc.get('phase')}",

@@ -141,16 +141,23 @@ class Sender:
                     pieces = await self.run_sync(read, first, count)
                 else:  # a thread hop costs more than a small page-cache read
                     pieces = read(first, count)
+                if clear:  # (what the destination holds goes nowhere: left no more)
+                    gone(count - sum(_blocks(data, bs) for _, data in pieces))
                 for piece in pieces:
                     await tx.send(piece)
-                if clear and self.progress.page_size:  # (migrator status: what is left)
-                    per = bs // self.progress.page_size
-                    self.progress.pending = max(0, self.progress.pending - count * per)
+
+        def gone(nblocks: int) -> None:
+            """The initial copy's blocks that left (or need not): what `migrator status` and
+            the progress timeout count as left, as they go out, not as they are read ahead."""
+            if clear and self.progress.page_size:
+                per = bs // self.progress.page_size
+                self.progress.pending = max(0, self.progress.pending - nblocks * per)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             async with rx:
                 async for first, data in rx:
+                    gone(_blocks(data, bs))  # (its frame goes out now)
                     if isinstance(data, int):  # a zero run: a few bytes on the wire
                         await ch.send(p.Zero(f.file_id, first, data))
                         blocks += data
@@ -244,3 +251,11 @@ class Sender:
                     self.report.bytes_sent = self.progress.sent
         self.report.pages_sent += npages
         return npages, nbytes
+
+
+def _blocks(data: bytes | int | tuple[bytes, bytes], bs: int) -> int:
+    """Blocks of a piece the reader hands the sender (a zero run's count, or data)."""
+    if isinstance(data, int):
+        return data
+    raw = data[0] if isinstance(data, tuple) else data
+    return (len(raw) + bs - 1) // bs

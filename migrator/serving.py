@@ -353,9 +353,11 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 async def serve(opts: ServeOptions, host: str, port: int, once: bool,
-                task_status: Any = trio.TASK_STATUS_IGNORED) -> bool:
+                task_status: Any = trio.TASK_STATUS_IGNORED,
+                watch: Callable[[Sessions], Awaitable[None]] | None = None) -> bool:
     """Accept migrations until cancelled (reports the bound port through task_status); with
-    `once`, one, and return whether it completed."""
+    `once`, one, and return whether it completed. `watch` runs beside, on the sessions (the
+    incoming status 'migrator status' reads)."""
     # One session at a time for --once, and where the resume starts one QEMU command line
     # (its files are fixed): any number else, one per VM.
     sessions = Sessions(limit=1 if once or opts.qemu else None)
@@ -404,4 +406,6 @@ async def serve(opts: ServeOptions, host: str, port: int, once: bool,
     async with trio.open_nursery() as nursery:
         for ln in listeners:
             nursery.start_soon(accept_loop, ln, nursery)
+        if watch is not None:
+            nursery.start_soon(watch, sessions)
     return completed

@@ -390,3 +390,42 @@ def test_set_postcopy_switches_over_into_post_copy_at_once(
     assert rep["switchover_reason"].startswith(f"{asked}: switched over into post-copy"), rep
     assert rep["postcopy_pages"] > 0, rep
     check_vm(dst)
+
+
+def test_the_destination_shows_an_incoming_migration_as_it_arrives_and_once_its_serve_died(
+        hosts: tuple[Mount, Mount], key: Path, servers: list[Server], tmp_path: Path,
+        idle_vm: subprocess.Popen[bytes]) -> None:
+    """(issue 26) `migrator status` and `blkfs status` on the destination: one arriving now
+    is "incoming" with its progress; once its serve is killed, "no serve takes it now"."""
+    from .conftest import run_blkfs
+
+    src, dst = hosts
+    fill(src, 32)
+    s = Server(dst, key)
+    servers.append(s)
+    with running(start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "6")) as m:
+        wait_mid_copy(tmp_path / "status.json", m, sent=2e6)
+        wait_for(lambda: "incoming " in cli("status").stdout, 10, "the incoming status")
+        out = cli("status").stdout
+        line = next(ln for ln in out.splitlines() if ln.startswith("incoming "))
+        assert "of VM disk from 127.0.0.1:" in line, line
+        assert (f" into {dst.mnt} (serve pid {s.proc.pid}): "
+                "receiving, ") in line and " received of 34.0 MiB of data" in line, out
+        assert line.endswith("not runnable yet"), line
+        mine = cli("status", "--mount", str(dst.mnt)).stdout
+        assert "VM disk" in mine and "arriving from" in mine and "no serve" not in mine, mine
+        assert "incoming " in mine, mine  # (the same line, under its mount)
+        st = run_blkfs("status", str(dst.mnt)).stdout
+        assert "arriving from 127.0.0.1 " in st, st
+        assert f"(serve pid {s.proc.pid}: receiving, " in st, st
+        # (the source counts what left, not what it read ahead: at most a frame apart)
+        mid = read_json(tmp_path / "status.json")
+        assert mid["remaining_bytes"] >= mid["data_bytes"] - mid["bytes_sent"] - (9 << 20), mid
+        s.kill()
+        _, err = m.communicate(timeout=60)
+    assert m.returncode == 1, err
+    st = run_blkfs("status", str(dst.mnt)).stdout
+    assert "NOT RUNNABLE: no serve on this host takes it now (its serve is gone" in st, st
+    out = cli("status", "--mount", str(dst.mnt)).stdout
+    assert not any(ln.startswith("incoming ") for ln in out.splitlines()), out
+    assert "NOT RUNNABLE: no serve on this host takes it now" in out, out
