@@ -358,8 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _link_flags(e, capped="all the migrations together, shared by weight")
     _copy_flags(e)
     _postcopy_flags(e)
-    _reporting_flags(e, when=" at the end, a record per VM", status_file=False,
-                     json_out=False)
+    _reporting_flags(e, when=" at the end, a record per VM", status_file=False)
     _bench_flags(e)
 
     r = sub.add_parser(
@@ -804,7 +803,7 @@ def cmd_sync(a: argparse.Namespace) -> int:
 
 # Evacuate's own flags; every other one goes to each migrate as it was given
 EVACUATE_OWN = {"cmd", "mount", "to", "key_file", "vm", "parallel", "suspend", "dry_run",
-                "report", "bandwidth", "help"}
+                "report", "bandwidth", "help", "json"}
 
 
 def _pass_through(parser: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
@@ -850,12 +849,16 @@ def cmd_evacuate(a: argparse.Namespace) -> int:
     sub = build_parser()._subparsers._group_actions[0].choices["evacuate"]  # type: ignore[union-attr]
     opts = EvacuateOptions(mount, to, os.path.abspath(a.key_file), a.vm or [], a.parallel,
                            a.bandwidth, suspend, by_vm, _pass_through(sub, a),
-                           a.report, _status_dir())
+                           a.report, _status_dir(), json_out=a.json)
     candidates, skipped = find_candidates(opts)
+    say = sys.stderr if a.json else sys.stdout  # (--json: stdout is the report's alone)
     for line in skipped:
-        print(f"migrator evacuate: left out {line}", flush=True)
+        print(f"migrator evacuate: left out {line}", file=say, flush=True)
     if not candidates:
-        print(f"migrator evacuate: nothing to evacuate: no VM runs from {a.mount}")
+        print(f"migrator evacuate: nothing to evacuate: no VM runs from {a.mount}", file=say)
+        if a.json:
+            print(json.dumps({"mount": mount, "destinations": to, "moved": 0, "stayed": 0,
+                              "unsettled": 0, "skipped": skipped, "vms": []}, indent=1))
         return 0
     if a.dry_run:
         for i, c in enumerate(order(candidates), 1):
@@ -870,8 +873,11 @@ def cmd_evacuate(a: argparse.Namespace) -> int:
         doc = ev.report(skipped)
         if a.report:
             write_json(a.report, doc)
-        print_evacuation(doc, out_console())
-        if a.report:
+        if a.json:
+            print(json.dumps(doc, indent=1), flush=True)
+        else:
+            print_evacuation(doc, out_console())
+        if a.report and not a.json:
             print(f"JSON report: {a.report}")
     if doc["moved"] < len(doc["vms"]):
         here = [r["vm"] for r in doc["vms"] if r["outcome"] == "stayed"]

@@ -55,6 +55,7 @@ class EvacuateOptions:
     migrate_args: list[str] = field(default_factory=list)  # passed to every migrate
     report_path: str | None = None
     status_dir: str = ""  # the runtime directory's migrations/ (cli._status_dir)
+    json_out: bool = False  # --json: stdout is the report's; the lines go to stderr
 
 
 # -- which VMs --------------------------------------------------------------------------
@@ -335,7 +336,8 @@ class Evacuator:
 
     def _say(self, r: Running, text: str) -> None:
         if not self.console.is_terminal:
-            print(f"migrator evacuate: {r.name} -> {r.to}: {text}", flush=True)
+            print(f"migrator evacuate: {r.name} -> {r.to}: {text}", flush=True,
+                  file=sys.stderr if self.opts.json_out else sys.stdout)
         else:
             self.console.print(f"{r.name} -> {r.to}: {text}")
 

@@ -212,12 +212,15 @@ def test_bad_input_is_one_line_and_moves_nothing(three_hosts: tuple[Mount, ...],
     # A closed port: every VM fails before its Commit and runs on here, untouched
     suspend = [f"--suspend={n}=pid:{p.pid}" for n, p in vms.items()]
     r = subprocess.run([*MIGRATOR, "evacuate", "--mount", str(src.mnt), "--to", "127.0.0.1:1",
-                        "--key-file", str(key), "--vm", "vm1", "--vm", "vm2", *suspend],
-                       capture_output=True, text=True, timeout=60)
+                        "--key-file", str(key), "--vm", "vm1", "--vm", "vm2", *suspend,
+                        "--json"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         "migrator: error: 0 of 2 VMs moved; vm1, vm2 still run here"), r.stderr
-    assert "cannot connect to 127.0.0.1:1" in r.stdout, r.stdout
+    assert "cannot connect to 127.0.0.1:1" in r.stderr, r.stderr  # (--json: stdout is JSON)
+    doc = json.loads(r.stdout)
+    assert doc["moved"] == 0 and doc["stayed"] == 2, doc
+    assert [v["outcome"] for v in doc["vms"]] == ["stayed", "stayed"], doc
     for n, d in before.items():
         assert digest(src.mnt / n / "disk.raw") == d
     assert not any(stopped(p.pid) for p in vms.values())
