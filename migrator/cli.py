@@ -407,11 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="past its Commit too: its VM's copy here stays suspended and the "
                    "handoff unsettled ('migrator resolve' settles it)")
-    se = sub.add_parser("set", help="change a running migrate: its bandwidth cap, downtime "
-                        "target, post-copy", description="Changes a running migration through "
-                        "its control socket: shown on its live line and status, and in its "
-                        "report (bandwidth_steps, downtime_steps, switchover_reason). As "
-                        "virsh's migrate-setspeed, migrate-setmaxdowntime and migrate-postcopy.")
+    se = sub.add_parser("set", help="change a running migrate (or sync): its bandwidth cap, "
+                        "downtime target, post-copy", description="Changes a running "
+                        "migration through its control socket: shown on its live line and "
+                        "status, and in its report (bandwidth_steps, downtime_steps, "
+                        "switchover_reason). As virsh's migrate-setspeed, "
+                        "migrate-setmaxdowntime and migrate-postcopy. A sync takes a new "
+                        "--bandwidth only.")
     se.add_argument("id", nargs="?", metavar="ID", help=ID_HELP)
     se.add_argument("--bandwidth", type=_cap, default=False, metavar="MB/s|none",
                     help="the new cap, or 'none' for no cap (within a second)")
@@ -771,9 +773,25 @@ def cmd_sync(a: argparse.Namespace) -> int:
 
     status_path = _own_status_file()
 
+    def steered(req: Any) -> dict[str, Any]:  # (its control socket: migrator set, cancel)
+        from .steerproto import UNCHANGED, Cancel, Go
+
+        if isinstance(req, Cancel):
+            syncer.stop()
+            return {"ok": True, "cancelled": True}
+        if isinstance(req, Go) or req.downtime_ms is not None or req.postcopy:
+            return {"ok": False, "error": "a sync takes only a new --bandwidth (it never "
+                    "switches over)"}
+        if req.mb_s != UNCHANGED:
+            syncer.set_bandwidth(req.mb_s)
+        return {"ok": True, "bandwidth_mb_s": syncer.opts.bandwidth_mb_s}
+
     async def main() -> None:
+        from .steering import serve_steering
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_signals)
+            await nursery.start(serve_steering, steering_socket(status_path), steered)
             nursery.start_soon(LiveSyncLine(syncer, console).run)
             nursery.start_soon(partial(keep_status_file, more=now), syncer.progress,
                                syncer.report, status_path, 0.5)
@@ -1110,9 +1128,9 @@ def cmd_set(a: argparse.Namespace) -> int:
     if a.bandwidth is False and a.downtime is None and not a.postcopy:
         raise MigrationError("nothing to set: give --bandwidth, --downtime or --postcopy")
     doc = _one_running(a.id, "change")
-    if doc.get("kind") == "sync":
-        raise MigrationError(f"the sync {_named(doc)} takes its settings at its start: stop "
-                             "it and start it with them")
+    if doc.get("kind") == "sync" and (a.downtime is not None or a.postcopy):
+        raise MigrationError(f"the sync {_named(doc)} takes only a new --bandwidth: it never "
+                             "switches over")
     _steer(doc, set_(UNCHANGED if a.bandwidth is False else a.bandwidth, a.downtime,
                      a.postcopy))
     if a.bandwidth is not False:

@@ -78,6 +78,18 @@ def test_a_synced_replica_then_a_migration_that_sends_only_the_change(
         assert "REPLICA, NOT RUNNABLE" in st and "syncing" in st, st
         st = subprocess.run([*MIGRATOR, "status"], capture_output=True, text=True).stdout
         assert "sync " in st and "replica at epoch" in st and "lag" in st, st
+        # (issue 26) its cap changed while it runs, through its control socket
+        r = subprocess.run([*MIGRATOR, "set", "--bandwidth", "50"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and "bandwidth cap 100 MB/s -> 50 MB/s" in r.stdout, r
+        r = subprocess.run([*MIGRATOR, "set", "--downtime", "10"], capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and "takes only a new --bandwidth" in r.stderr, r
+        def cap() -> object:
+            docs = json.loads(subprocess.run([*MIGRATOR, "status", "--json"],
+                                             capture_output=True, text=True).stdout)
+            return docs[0].get("bandwidth_cap_mb_s")
+        wait_for(lambda: cap() == 50, 10, "the new cap in its status")
         # One migration at a time per mount: a migrate beside the sync is refused, in a line.
         r = migrate(src, s.port, key, "disk.raw", "vm.mem", "--suspend", f"pid:{vm.pid}")
         assert r.returncode == 1 and "one migration at a time per VM" in last_line(r), r
