@@ -263,11 +263,15 @@ def _few(items: Iterable[str], head: int = 4, tail: int = 3) -> str:
 def status_doc(progress: Progress, report: MigrationReport, elapsed: float) -> dict[str, Any]:
     """What `migrator status` shows: query-migrate's fields, in the report's words."""
     sent = progress.sent
+    left = progress.pending * progress.page_size if progress.page_size else None
+    rate = sent / elapsed if elapsed > 0 else 0.0
+    eta = (round(left / rate, 1) if progress.phase == "initial copy" and left is not None
+           and rate > 0 else None)  # (of the initial copy: the rounds' end is not a rate's)
     return {
         "migration": progress.migration, "vm": report.vm_name or progress.vm_name,
         "status": report.status, "phase": progress.phase, "bandwidth_cap_mb_s": progress.cap_mb_s,
         "round": progress.round, "dirty_pages": progress.pending,
-        "remaining_bytes": progress.pending * progress.page_size if progress.page_size else None,
+        "remaining_bytes": left, "initial_copy_eta_s": eta,
         "bytes_sent": sent, "data_bytes": progress.total,
         "mbps": round(sent / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
         "blocks_sent": report.blocks_sent, "bytes_by_kind": report.bytes_by_kind,
@@ -357,6 +361,8 @@ def status_line(doc: dict[str, Any]) -> str:
         parts.append(f"{human_bytes(doc['remaining_bytes'])} remaining")
     parts.append(f"sent {human_bytes(doc.get('bytes_sent') or 0)} of "
                  f"{human_bytes(doc.get('data_bytes') or 0)} at {doc.get('mbps', 0):g} MB/s")
+    if doc.get("initial_copy_eta_s") is not None:
+        parts.append(f"initial copy done in ~{doc['initial_copy_eta_s']:g} s")
     if doc.get("dirty_rate_mb_s") is not None:
         parts.append(f"dirtied at {doc['dirty_rate_mb_s']:g} MB/s")
     if doc.get("throttle_pct"):

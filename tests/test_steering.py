@@ -115,6 +115,10 @@ def test_set_lifts_the_cap_of_a_running_migration(hosts: tuple[Mount, Mount], ke
         wait_for(lambda: read_json(tmp_path / "status.json").get("blocks_sent", 0) > 0, 30)
         st = read_json(tmp_path / "status.json")
         assert 0 < st["remaining_bytes"] < st["data_bytes"], st
+        # (50 MiB at 8 MB/s: about 6 s in all; what is left of it, at the rate so far)
+        assert 0 < st["initial_copy_eta_s"] < 30, st  # type: ignore[operator]
+        line = cli("status").stdout
+        assert " remaining, " in line and "initial copy done in ~" in line, line
         r = cli("set", "--bandwidth", "fast")
         assert r.returncode == 2 and "fast" in r.stderr
         r = cli("set", str(m.pid), "--bandwidth", "none")
