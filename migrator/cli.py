@@ -686,18 +686,22 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_before_commit(src: Any, scope: trio.CancelScope, why: str,
-                        abandon: bool = False) -> bool:
+def _stop_before_commit(src: Any, scope: trio.CancelScope, why: str) -> bool:
     """Stop the migration unless its Commit went out (then it finishes); whether it stopped.
-    In the migration's own trio loop: no Commit can go out between the look and the cancel.
-    `abandon`: the peer takes no data, the link is closed at once (no Abort reaches it)."""
+    In the migration's own trio loop: no Commit can go out between the look and the cancel."""
     if src.handoff is not None and src.handoff.commit_sent:
         return False
     src.cancelled_by = why
     scope.cancel()
-    if abandon and src.ch is not None:
-        src.ch.abandon()
+    _hurry(src)
     return True
+
+
+def _hurry(src: Any) -> None:
+    """A stopped migration's frame under way gets a few seconds, not the rest of
+    --io-timeout: a peer that takes no data would hold the stop (Channel.hurry)."""
+    if src is not None and src.ch is not None:
+        src.ch.hurry(defaults.STOP_GRACE_S)
 
 
 def _steer_source(src: Any, scope: trio.CancelScope, go: trio.Event | None,
@@ -724,6 +728,7 @@ def _steer_source(src: Any, scope: trio.CancelScope, go: trio.Event | None,
         if not req.unless_committed:
             src.cancelled_by = why
             scope.cancel()
+            _hurry(src)
         elif not _stop_before_commit(src, scope, why):
             return {"ok": True, "cancelled": False, "why": "past its Commit: it finishes"}
         return {"ok": True, "cancelled": True}
@@ -1216,6 +1221,7 @@ async def _cancel_on_signals(scope: trio.CancelScope, src: Any = None,
                               "stopping now loses them. Ctrl-C again to stop anyway.[/]")
                 continue
             scope.cancel()
+            _hurry(src)
             return
 
 

@@ -12,6 +12,7 @@ import tempfile
 
 # The link
 IO_TIMEOUT = 60.0  # s of no progress: the network is cut or the peer is stuck
+STOP_GRACE_S = 3.0  # a stopped migration's frame under way may take this long, then the link goes
 MIN_BANDWIDTH_MB_S = 0.01  # the lowest cap (10 kB/s): below it not even the handshake goes out
 
 # When to switch over (plan.Policy)

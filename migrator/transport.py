@@ -132,6 +132,7 @@ class Channel:
         self._t0 = time.monotonic()
         self._paced_from = 0  # bytes_sent when the cap last changed (set_limit)
         self._send_lock = trio.Lock()
+        self._frame: trio.CancelScope | None = None  # the shield of a frame going out
         self._early: deque[p.Event] = deque()  # events read while sending (see _listen)
         self._receiving = False  # a task waits in receive(): it reads the socket itself
         self._listening: trio.CancelScope | None = None  # a send's _listen runs
@@ -252,8 +253,17 @@ class Channel:
                 raise ConnectionLost(f"connection to the peer lost: {self.conn.why}")
             data = self.conn.send(event)
             try:
-                with trio.CancelScope(shield=True), trio.fail_after(self.io_timeout):
-                    await self._send_listening(data)
+                try:
+                    with trio.CancelScope(shield=True) as self._frame, trio.fail_after(
+                            self.io_timeout):
+                        await self._send_listening(data)
+                    hurried = self._frame.cancelled_caught
+                finally:
+                    self._frame = None
+                if hurried:  # (hurry: half a frame may have gone out; nothing may follow)
+                    self.abandon()
+                    raise ConnectionLost("the peer took no data while the migration stopped: "
+                                         "the link was closed")
             except trio.TooSlowError:
                 raise ConnectionLost(f"the peer took no data for {self.io_timeout:g} s: "
                                      "network cut or peer stuck") from None
@@ -384,10 +394,16 @@ class Channel:
                     trio.ClosedResourceError, OSError):
                 pass
 
+    def hurry(self, grace: float) -> None:
+        """The migration stops: a frame still going out gets `grace` seconds more, not the
+        rest of --io-timeout (a peer that takes no data would hold the stop that long); past
+        them the link is abandoned, as no Abort could follow half a frame."""
+        if self._frame is not None:
+            self._frame.deadline = min(self._frame.deadline, trio.current_time() + grace)
+
     def abandon(self) -> None:
-        """Close the link now, a frame half sent or not: for a peer that takes no data (the
-        progress timeout), whom no Abort would reach. A frame's send waits up to --io-timeout
-        for it otherwise, even under a cancel (see send)."""
+        """Close the link now, a frame half sent or not (hurry's end): no Abort could follow
+        half a frame, and a peer that takes no data would not read one."""
         sock = getattr(self.stream, "socket", None)
         if sock is not None:
             sock.close()  # (trio wakes the task waiting on it: ClosedResourceError)

@@ -22,10 +22,10 @@ def remaining(progress: Any) -> int | None:
     return int(progress.pending * progress.page_size)
 
 
-async def watch_deadlines(src: Any, deadlines: Deadlines, stop: Callable[..., object],
+async def watch_deadlines(src: Any, deadlines: Deadlines, stop: Callable[[str], object],
                           notify: Callable[[str], None]) -> None:
-    """Until cancelled: `stop(why, abandon)` a migration whose time is up (abort; `abandon`
-    the link of one that made no progress: its peer may take no data), or have its rounds
+    """Until cancelled: `stop(why)` a migration whose time is up (abort; a frame under way
+    to a peer that takes no data gets a few seconds: Channel.hurry), or have its rounds
     switch over at their next decision (suspend, postcopy)."""
     started = trio.current_time()
     while True:
@@ -37,7 +37,7 @@ async def watch_deadlines(src: Any, deadlines: Deadlines, stop: Callable[..., ob
         if due.action is OnTimeout.ABORT:
             why = due.reason if due.progress else f"{due.reason} (--on-timeout abort)"
             notify(f"{why}: stopping")
-            stop(f"{why}: stopped before the switchover, the VM runs on here", due.progress)
+            stop(f"{why}: stopped before the switchover, the VM runs on here")
             continue  # (past its Commit already it finishes: the other deadline may follow)
         cannot = src.switch_over_soon(due.action is OnTimeout.POSTCOPY,
                                       f"{due.reason} (--on-timeout {due.action.value})")

@@ -347,7 +347,7 @@ def test_a_destination_that_stops_taking_data_meets_the_progress_timeout(
     line, the VM and its files as they were."""
     src, dst = hosts
     before = fill(src, 48)
-    s = Server(dst, key)
+    s = Server(dst, key, once=False)
     servers.append(s)
     with running(start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "8",
                        "--progress-timeout", "2")) as m:
@@ -368,6 +368,38 @@ def test_a_destination_that_stops_taking_data_meets_the_progress_timeout(
     for n, d in before.items():
         assert digest(src.mnt / n) == d
     assert {r["name"]: r["role"] for r in vm_records(src)}.popitem()[1] == "owner"
+    # `migrator cancel` of one stuck the same way: its frame under way gets 3 s, not the
+    # rest of --io-timeout (60 s), then the link goes
+    with running(start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "8",
+                       "--progress-timeout", "0")) as m:
+        wait_mid_copy(tmp_path / "status.json", m, sent=2e6)
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: stalled(tmp_path / "status.json"), 20, "the link to stall")
+            r = cli("cancel")
+            assert r.returncode == 0 and "its VM runs on here" in r.stdout, r
+            _, err = m.communicate(timeout=20)
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+    assert m.returncode == 1 and err.strip().splitlines()[-1].startswith(
+        "migrator: error: cancelled"), err
+    assert not stopped(idle_vm.pid) and idle_vm.poll() is None
+    for n, d in before.items():
+        assert digest(src.mnt / n) == d
+
+
+def stalled(status: Path) -> bool:
+    """Nothing more sent nor left for 2 s (frames of up to 8 MiB at 8 MB/s: the peer takes no
+    data, the socket buffers are full, a frame hangs half sent)."""
+    import time
+
+    def now() -> tuple[object, object]:
+        st = read_json(status)
+        return st.get("bytes_sent"), st.get("remaining_bytes")
+
+    was = now()
+    time.sleep(2)
+    return now() == was
 
 
 def test_set_postcopy_switches_over_into_post_copy_at_once(
