@@ -611,9 +611,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         raise MigrationError("--postcopy and --stop-and-copy exclude each other")
     if a.spill_slots < 1:
         raise MigrationError("--spill-slots must be at least 1")
-    if a.on_timeout == "postcopy" and a.postcopy == "off":
-        raise MigrationError("--on-timeout postcopy needs --postcopy auto (the spill area is "
-                             "made at the start)")
+    _check_on_timeout(a)
     deadlines = Deadlines(a.timeout, OnTimeout(a.on_timeout), a.progress_timeout or None)
     opts = MigrateOptions(mount=a.mount, to=a.to, key=key, files=a.files, policy=_policy(a),
                           bandwidth_mb_s=a.bandwidth, static_heat=a.static_heat,
@@ -684,6 +682,12 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if src.report.status != "completed":
         raise MigrationError(src.report.error or "the migration did not complete")
     return 0
+
+
+def _check_on_timeout(a: argparse.Namespace) -> None:
+    if a.on_timeout == "postcopy" and a.postcopy == "off":
+        raise MigrationError("--on-timeout postcopy needs --postcopy auto (the spill area is "
+                             "made at the start)")
 
 
 def _stop_before_commit(src: Any, scope: trio.CancelScope, why: str) -> bool:
@@ -860,6 +864,7 @@ def cmd_evacuate(a: argparse.Namespace) -> int:
     check_blkfs_mount(mount)
     to = check_destinations(a.to)
     read_key(a.key_file)  # one line now, rather than once per VM
+    _check_on_timeout(a)
     _warn_plaintext(a)
     suspend, by_vm = "", {}
     for spec in a.suspend or ():

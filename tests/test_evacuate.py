@@ -202,6 +202,8 @@ def test_bad_input_is_one_line_and_moves_nothing(three_hosts: tuple[Mount, ...],
     assert rc == 1 and "no VM named vm9" in err and "vm1, vm2" in err
     rc, _, err = run("--suspend", "vm9=pid:1")
     assert rc == 1 and "--suspend names vm9" in err
+    rc, _, err = run("--on-timeout", "postcopy", "--timeout", "60")
+    assert rc == 1 and "--on-timeout postcopy needs --postcopy auto" in err, err
     rc, _, err = run("--parallel", "0")
     assert rc == 2 and "at least 1" in err
     rc, out, err = run("--dry-run")
