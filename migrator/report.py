@@ -9,6 +9,7 @@ snake_case with their unit as a suffix.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from blkfs.cliutil import human_bytes
 from blkfs.ctlproto import PostcopyStats
 
 from .plan import RoundStats
+
+log = logging.getLogger(__name__)
 
 
 class _Counted(Protocol):
@@ -316,8 +319,11 @@ async def keep_incoming_status(sessions: Any, directory: str, mount: str,
                     continue  # (before its Manifest: nothing to say yet)
                 path = os.path.join(directory, f"incoming-{session.migration}.json")
                 now.add(path)
-                await trio.to_thread.run_sync(_replace_file, path,
-                                              json.dumps(incoming_doc(session, mount)))
+                try:
+                    await trio.to_thread.run_sync(_replace_file, path,
+                                                  json.dumps(incoming_doc(session, mount)))
+                except Exception:  # (a status is no reason to stop serving: say it, go on)
+                    log.exception("cannot keep the incoming status %s", path)
             for path in mine - now:
                 _unlink(path)
             mine = now

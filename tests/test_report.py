@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from migrator.report import SyncReport, print_sync_summary
@@ -27,3 +29,23 @@ def test_only_a_sync_that_stopped_well_advises_the_migration() -> None:
     assert "sends only what changed" not in failed and "keeps its last whole epoch" in failed
     never = summary(SyncReport(status="failed", error="refused", to="h:1", files=files))
     assert "next" not in never.split()
+
+
+async def test_an_incoming_status_that_cannot_be_kept_is_logged_and_serve_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """(keep_incoming_status runs in serve's nursery: an error there must not end serve)"""
+    import trio
+
+    from migrator.report import keep_incoming_status
+
+    class Broken:  # a session whose figures cannot be read
+        dest_record = object()
+        migration = "m1"
+
+    class Sessions:
+        def __init__(self) -> None:
+            self.running = [Broken()]
+
+    with trio.move_on_after(0.3):
+        await keep_incoming_status(Sessions(), str(tmp_path), "/mnt", interval=0.05)
+    assert "cannot keep the incoming status" in caplog.text, caplog.text
