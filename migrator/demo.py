@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from blkfs.bitmap import parse_size
 
+from .report import out_console
+
 PY = sys.executable
-console = Console()
+console = out_console()  # (into a log: lines whole, never wrapped)
 
 
 class DemoError(Exception):
