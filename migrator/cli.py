@@ -690,10 +690,12 @@ def _check_on_timeout(a: argparse.Namespace) -> None:
                              "made at the start)")
 
 
-def _stop_before_commit(src: Any, scope: trio.CancelScope, why: str) -> bool:
-    """Stop the migration unless its Commit went out (then it finishes); whether it stopped.
-    In the migration's own trio loop: no Commit can go out between the look and the cancel."""
-    if src.handoff is not None and src.handoff.commit_sent:
+def _stop_before_commit(src: Any, scope: trio.CancelScope, why: str,
+                        anyway: bool = False) -> bool:
+    """Stop the migration unless its Commit went out (then it finishes; `anyway`: stop it
+    still); whether it stopped. In the migration's own trio loop: no Commit can go out
+    between the look and the cancel."""
+    if not anyway and src.handoff is not None and src.handoff.commit_sent:
         return False
     src.cancelled_by = why
     scope.cancel()
@@ -728,12 +730,8 @@ def _steer_source(src: Any, scope: trio.CancelScope, go: trio.Event | None,
         go.set()
         return {"ok": True, "to": src.opts.to}
     if isinstance(req, Cancel):
-        why = "cancelled ('migrator cancel', or its evacuation stopped)"
-        if not req.unless_committed:
-            src.cancelled_by = why
-            scope.cancel()
-            _hurry(src)
-        elif not _stop_before_commit(src, scope, why):
+        if not _stop_before_commit(src, scope, "cancelled ('migrator cancel', or its "
+                                   "evacuation stopped)", anyway=not req.unless_committed):
             return {"ok": True, "cancelled": False, "why": "past its Commit: it finishes"}
         return {"ok": True, "cancelled": True}
     if req.postcopy:  # (first: refused, it changes nothing else either)

@@ -107,8 +107,8 @@ def test_set_lifts_the_cap_of_a_running_migration(hosts: tuple[Mount, Mount], ke
     servers.append(s)
     r = cli("set", "--bandwidth", "none")
     assert r.returncode == 1 and "no running migration" in r.stderr, r.stderr
-    m = start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "8")  # 6 s at 8 MB/s
-    try:
+    # (6 s at 8 MB/s)
+    with running(start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "8")) as m:
         wait_mid_copy(tmp_path / "status.json", m, sent=1e6)
         assert read_json(tmp_path / "status.json")["bandwidth_cap_mb_s"] == 8
         # (issue 26) the initial copy is counted as it goes: blocks sent, what is left
@@ -127,10 +127,6 @@ def test_set_lifts_the_cap_of_a_running_migration(hosts: tuple[Mount, Mount], ke
         wait_for(lambda: read_json(tmp_path / "status.json").get("bandwidth_cap_mb_s", 8)
                  is None or m.poll() is not None, 10, "the cap lifted")
         _, err = m.communicate(timeout=30)  # the rest at full speed
-    finally:
-        if m.poll() is None:
-            m.kill()
-            m.communicate()
     assert m.returncode == 0, err
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["verified"] and [c for _, c in rep["bandwidth_steps"]] == [None], rep
@@ -149,16 +145,11 @@ def test_cancel_before_the_commit_and_past_it(hosts: tuple[Mount, Mount], key: P
     s = Server(dst, key, "--resume-cmd", f"touch {held}; {hold_until(release, 60)}",
                once=False)
     servers.append(s)
-    m = start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "4")
-    try:
+    with running(start(src, s.port, key, idle_vm, tmp_path, "--bandwidth", "4")) as m:
         wait_mid_copy(tmp_path / "status.json", m, sent=1e6)
         r = cli("cancel")
         assert r.returncode == 0 and "before its Commit, its VM runs on here" in r.stdout, r
         _, err = m.communicate(timeout=30)
-    finally:
-        if m.poll() is None:
-            m.kill()
-            m.communicate()
     assert m.returncode == 1
     assert err.strip().splitlines()[-1] == (
         "migrator: error: cancelled ('migrator cancel', or its evacuation stopped)"), err
@@ -169,18 +160,15 @@ def test_cancel_before_the_commit_and_past_it(hosts: tuple[Mount, Mount], key: P
         assert digest(src.mnt / n) == d
     assert {r["name"]: r["role"] for r in vm_records(src)}.popitem()[1] == "owner"
     # Past its Commit: it finishes
-    m = start(src, s.port, key, idle_vm, tmp_path)
     try:
-        wait_for(held.exists, 60, "the resume hook")
-        r = cli("cancel")
-        assert r.returncode == 1 and "is past its Commit and finishes" in r.stdout, r
-        release.touch()
-        _, err = m.communicate(timeout=60)
+        with running(start(src, s.port, key, idle_vm, tmp_path)) as m:
+            wait_for(held.exists, 60, "the resume hook")
+            r = cli("cancel")
+            assert r.returncode == 1 and "is past its Commit and finishes" in r.stdout, r
+            release.touch()
+            _, err = m.communicate(timeout=60)
     finally:
         release.touch()
-        if m.poll() is None:
-            m.kill()
-            m.communicate()
     assert m.returncode == 0, err
     for n, d in before.items():
         assert digest(dst.mnt / n) == d
@@ -196,8 +184,8 @@ def test_a_held_migration_sends_nothing_until_its_go(hosts: tuple[Mount, Mount],
     s = Server(dst, key, once=False)
     servers.append(s)
     status = tmp_path / "status.json"
-    m = start(src, 1, key, idle_vm, tmp_path, "--hold")  # (port 1: nothing listens there)
-    try:
+    # (port 1: nothing listens there)
+    with running(start(src, 1, key, idle_vm, tmp_path, "--hold")) as m:
         wait_for(lambda: read_json(status).get("phase") == "held", 30, "held")
         assert "held" in cli("status").stdout
         r = cli("go", "--to", "nowhere")
@@ -205,18 +193,13 @@ def test_a_held_migration_sends_nothing_until_its_go(hosts: tuple[Mount, Mount],
         r = cli("cancel")
         assert r.returncode == 0, r.stderr
         _, err = m.communicate(timeout=30)
-    finally:
-        if m.poll() is None:
-            m.kill()
-            m.communicate()
     assert m.returncode == 1 and "while held: nothing was sent, the VM runs here" in err, err
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
     assert state(dst) is None and os.listdir(dst.mnt) == []
     assert not stopped(idle_vm.pid) and idle_vm.poll() is None
     # Held again, then sent on its way to the real port, capped: it completes.
     status.unlink()  # (the last status stays there: the first one's, held)
-    m = start(src, 1, key, idle_vm, tmp_path, "--hold")
-    try:
+    with running(start(src, 1, key, idle_vm, tmp_path, "--hold")) as m:
         wait_for(lambda: read_json(status).get("phase") == "held", 30, "held")
         r = cli("go", "--to", f"127.0.0.1:{s.port}", "--bandwidth", "50")
         assert r.returncode == 0 and f"sets out to 127.0.0.1:{s.port}" in r.stdout, r
@@ -224,10 +207,6 @@ def test_a_held_migration_sends_nothing_until_its_go(hosts: tuple[Mount, Mount],
         assert r.returncode == 1 and (  # it runs already (or it is done: 4 MiB at 50 MB/s)
             "not held" in r.stderr or "no running migration" in r.stderr), r
         _, err = m.communicate(timeout=60)
-    finally:
-        if m.poll() is None:
-            m.kill()
-            m.communicate()
     assert m.returncode == 0, err
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["verified"] and rep["bandwidth_steps"] == [], rep
